@@ -1,0 +1,263 @@
+//! `Ladder`: one side's price levels, in price order, found by price in near-constant time.
+//!
+//! Levels are addressed by a `key` that grows toward the better price (the tick index for bids,
+//! its complement for asks). Keys are grouped in pages of 64; each page has an occupancy bitmap
+//! and the level slot of each occupied key. Only the short directory of non-empty pages is kept
+//! sorted, so creating a level deep in the book moves a few page entries instead of every level
+//! above it, and the best level (or the next one) is a bit scan away. Pages and levels live in
+//! slabs with free lists: once warm, nothing here allocates. This module must never know about
+//! orders beyond the queue heads and totals a level carries.
+
+/// End of an intrusive list, and "no level".
+pub(super) const NIL: u32 = u32::MAX;
+
+const SLOT_BITS: u32 = 6;
+const SLOTS: usize = 1 << SLOT_BITS;
+
+/// One price level: its FIFO of orders (by slab index) and its totals.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Level {
+    pub key: u64,
+    pub price: u64,
+    /// Sum of shown quantity.
+    pub shown: u64,
+    /// Sum of leaves (hidden iceberg quantity included).
+    pub total: u64,
+    pub count: u32,
+    pub head: u32,
+    pub tail: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Page {
+    bits: u64,
+    slots: [u32; SLOTS],
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Ladder {
+    /// `(page id, page slot)` in ascending page id: the best page is last.
+    dir: Vec<(u64, u32)>,
+    pages: Vec<Page>,
+    free_pages: Vec<u32>,
+    levels: Vec<Level>,
+    free_levels: Vec<u32>,
+    len: usize,
+}
+
+impl Ladder {
+    pub fn reserve(&mut self, levels: usize) {
+        self.levels.reserve(levels);
+        self.free_levels.reserve(levels);
+        self.pages.reserve(levels / 4 + 16);
+        self.free_pages.reserve(levels / 4 + 16);
+        self.dir.reserve(levels / 4 + 16);
+    }
+
+    /// Number of levels.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Position of page `id` in the directory; most lookups hit the last few pages.
+    #[inline]
+    fn dir_find(&self, id: u64) -> Result<usize, usize> {
+        let n = self.dir.len();
+        for i in (n.saturating_sub(2)..n).rev() {
+            let found = self.dir[i].0;
+            if found == id {
+                return Ok(i);
+            }
+            if found < id {
+                return Err(i + 1);
+            }
+        }
+        self.dir[..n.saturating_sub(2)].binary_search_by_key(&id, |&(p, _)| p)
+    }
+
+    /// The level with this key.
+    #[inline]
+    pub fn get(&self, key: u64) -> Option<u32> {
+        let i = self.dir_find(key >> SLOT_BITS).ok()?;
+        let page = &self.pages[self.dir[i].1 as usize];
+        let bit = (key & (SLOTS as u64 - 1)) as u32;
+        (page.bits & (1 << bit) != 0).then(|| page.slots[bit as usize])
+    }
+
+    #[inline]
+    pub fn level(&self, li: u32) -> &Level {
+        &self.levels[li as usize]
+    }
+
+    #[inline]
+    pub fn level_mut(&mut self, li: u32) -> &mut Level {
+        &mut self.levels[li as usize]
+    }
+
+    /// The best level.
+    #[inline]
+    pub fn best(&self) -> Option<u32> {
+        let &(_, p) = self.dir.last()?;
+        let page = &self.pages[p as usize];
+        Some(page.slots[(63 - page.bits.leading_zeros()) as usize])
+    }
+
+    /// The level with this key, created empty if there is none.
+    pub fn get_or_insert(&mut self, key: u64, price: u64) -> u32 {
+        let id = key >> SLOT_BITS;
+        let bit = (key & (SLOTS as u64 - 1)) as usize;
+        let p = match self.dir_find(id) {
+            Ok(i) => self.dir[i].1,
+            Err(i) => {
+                let page = Page {
+                    bits: 0,
+                    slots: [NIL; SLOTS],
+                };
+                let p = match self.free_pages.pop() {
+                    Some(p) => {
+                        self.pages[p as usize] = page;
+                        p
+                    }
+                    None => {
+                        self.pages.push(page);
+                        (self.pages.len() - 1) as u32
+                    }
+                };
+                self.dir.insert(i, (id, p));
+                p
+            }
+        };
+        let page = &self.pages[p as usize];
+        if page.bits & (1 << bit) != 0 {
+            return page.slots[bit];
+        }
+        let level = Level {
+            key,
+            price,
+            shown: 0,
+            total: 0,
+            count: 0,
+            head: NIL,
+            tail: NIL,
+        };
+        let li = match self.free_levels.pop() {
+            Some(li) => {
+                self.levels[li as usize] = level;
+                li
+            }
+            None => {
+                self.levels.push(level);
+                (self.levels.len() - 1) as u32
+            }
+        };
+        let page = &mut self.pages[p as usize];
+        page.bits |= 1 << bit;
+        page.slots[bit] = li;
+        self.len += 1;
+        li
+    }
+
+    /// Removes the (empty) level with this key.
+    pub fn remove(&mut self, key: u64) {
+        let Ok(i) = self.dir_find(key >> SLOT_BITS) else {
+            return;
+        };
+        let p = self.dir[i].1;
+        let bit = (key & (SLOTS as u64 - 1)) as usize;
+        let page = &mut self.pages[p as usize];
+        if page.bits & (1 << bit) == 0 {
+            return;
+        }
+        page.bits &= !(1 << bit);
+        let li = page.slots[bit];
+        page.slots[bit] = NIL;
+        let empty = page.bits == 0;
+        self.free_levels.push(li);
+        self.len -= 1;
+        if empty {
+            self.dir.remove(i);
+            self.free_pages.push(p);
+        }
+    }
+
+    /// Levels from the best down.
+    pub fn iter(&self) -> impl Iterator<Item = &Level> + '_ {
+        self.dir.iter().rev().flat_map(move |&(_, p)| {
+            let page = &self.pages[p as usize];
+            BitsDown(page.bits).map(move |bit| &self.levels[page.slots[bit as usize] as usize])
+        })
+    }
+
+    /// Checks that every occupied slot points at a level with the key of its position.
+    pub fn check(&self) -> Result<(), String> {
+        let mut count = 0;
+        for w in self.dir.windows(2) {
+            if w[0].0 >= w[1].0 {
+                return Err("ladder pages out of order".into());
+            }
+        }
+        for &(id, p) in &self.dir {
+            let page = &self.pages[p as usize];
+            if page.bits == 0 {
+                return Err(format!("ladder page {id} is empty but listed"));
+            }
+            for bit in BitsDown(page.bits) {
+                let level = &self.levels[page.slots[bit as usize] as usize];
+                if level.key != (id << SLOT_BITS) | u64::from(bit) {
+                    return Err(format!("level {} sits at the wrong key", level.price));
+                }
+                count += 1;
+            }
+        }
+        if count != self.len {
+            return Err(format!("ladder counts {} levels, holds {count}", self.len));
+        }
+        Ok(())
+    }
+}
+
+/// The set bits of a word, highest first.
+struct BitsDown(u64);
+
+impl Iterator for BitsDown {
+    type Item = u32;
+    #[inline]
+    fn next(&mut self) -> Option<u32> {
+        if self.0 == 0 {
+            return None;
+        }
+        let bit = 63 - self.0.leading_zeros();
+        self.0 &= !(1u64 << bit);
+        Some(bit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_levels_in_key_order() {
+        let mut ladder = Ladder::default();
+        let keys = [5u64, 700, 64, 63, 1 << 40, 6, 65, 4096, 0];
+        for &k in &keys {
+            let li = ladder.get_or_insert(k, k * 10);
+            assert_eq!(ladder.level(li).key, k);
+            assert_eq!(ladder.get_or_insert(k, k * 10), li);
+        }
+        ladder.check().unwrap();
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let order: Vec<u64> = ladder.iter().map(|l| l.key).collect();
+        assert_eq!(order, sorted);
+        assert_eq!(ladder.best().map(|li| ladder.level(li).key), Some(1 << 40));
+        ladder.remove(1 << 40);
+        ladder.remove(4096);
+        ladder.remove(12345);
+        assert_eq!(ladder.best().map(|li| ladder.level(li).key), Some(700));
+        assert_eq!(ladder.get(64).map(|li| ladder.level(li).price), Some(640));
+        assert_eq!(ladder.get(4096), None);
+        assert_eq!(ladder.len(), keys.len() - 2);
+        ladder.check().unwrap();
+    }
+}

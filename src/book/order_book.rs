@@ -1,0 +1,1615 @@
+//! `OrderBook`: the fast book the engine runs, following the rules in the `book` module doc.
+//!
+//! Layout: each side is a `Ladder` of price levels (see `ladder`: pages of 64 ticks with an
+//! occupancy bitmap, so the best level and a level by price are found in a few steps). A level
+//! holds an intrusive FIFO of orders that live in one slab (`Vec<Order>` plus a free list); an
+//! order is found by oid through a hash index, by `(account, cid)` through another, and an
+//! account's orders form a second intrusive list for `cancel_all`. Waiting stops sit in two
+//! `BTreeMap`s in trigger order; GTD expiries in a min-heap with lazy deletion.
+//!
+//! Once warm (slab, maps and the caller's event buffer at their working size) a command
+//! allocates nothing. This file must never read a clock, log, draw random numbers that reach the
+//! output, or let a map's iteration order decide anything the book emits.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use super::command::{Amend, Command, NewOrder, Op, OrderRef};
+use super::event::{
+    Accepted, Amended, CancelReason, Cancelled, Event, OrderTag, RejectReason, Rejected, Trade,
+    Triggered,
+};
+use super::ladder::{Ladder, NIL};
+use super::num::{Price, Qty};
+use super::snapshot::{
+    BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION, StateHash,
+};
+use super::spec::MarketSpec;
+use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
+
+/// Engine-generated keys (oids, exchange-assigned accounts): a fixed seed is enough.
+type FixedState = foldhash::fast::FixedState;
+/// Client-chosen keys (cids): a per-process random seed, so collisions cannot be precomputed.
+/// The seed never reaches the output: no map here is iterated to decide what is emitted.
+type SeededState = foldhash::fast::RandomState;
+
+#[derive(Clone, Debug)]
+struct Order {
+    // Queue links within the level (unused while parked as a stop).
+    prev: u32,
+    next: u32,
+    leaves: u64,
+    /// Shown part; equals `leaves` unless an iceberg.
+    visible: u64,
+    /// Limit price (0 for market types).
+    price: u64,
+    oid: u64,
+    account: u32,
+    side: Side,
+    order_type: OrderType,
+    tif: Tif,
+    stp: StpMode,
+    /// A stop order waiting for its trigger.
+    parked: bool,
+    qty: u64,
+    filled: u64,
+    /// Iceberg peak; 0 when not an iceberg.
+    display: u64,
+    stop_price: u64,
+    expire_at: Option<Timestamp>,
+    cid: Option<Cid>,
+    acct_prev: u32,
+    acct_next: u32,
+}
+
+#[derive(Clone, Debug)]
+struct AccountSlot {
+    name: Account,
+    /// Open orders (resting and stops); the slot is freed at 0.
+    open: u32,
+    head: u32,
+    tail: u32,
+}
+
+/// An order while it executes: a new order (not yet in the slab) or one taken out of its level
+/// or the stops (`slot` set).
+struct Taker {
+    oid: OrderId,
+    cid: Option<Cid>,
+    account: Account,
+    account_id: Option<u32>,
+    side: Side,
+    order_type: OrderType,
+    tif: Tif,
+    stp: StpMode,
+    price: u64,
+    qty: u64,
+    filled: u64,
+    rem: u64,
+    display: u64,
+    stop_price: u64,
+    expire_at: Option<Timestamp>,
+    slot: Option<u32>,
+}
+
+impl Taker {
+    #[inline]
+    fn tag(&self) -> OrderTag {
+        OrderTag {
+            oid: self.oid,
+            cid: self.cid,
+            account: self.account,
+        }
+    }
+}
+
+/// Where an event comes from: the command's sequence and timestamp.
+#[derive(Clone, Copy)]
+struct At {
+    seq: Seq,
+    ts: Timestamp,
+}
+
+/// The ladder key of a price on `side`: its tick index, complemented for asks, so that on both
+/// sides a larger key is a better price.
+#[inline]
+fn key_of(side: Side, price: u64, tick: u64) -> u64 {
+    let t = price / tick;
+    match side {
+        Side::Buy => t,
+        Side::Sell => !t,
+    }
+}
+
+/// The fast, deterministic limit order book of one market.
+#[derive(Clone, Debug)]
+pub struct OrderBook {
+    spec: MarketSpec,
+    halted: bool,
+    last_trade_price: Option<u64>,
+    last_input: Option<(Seq, u16)>,
+    trade_n: u32,
+    bids: Ladder,
+    asks: Ladder,
+    orders: Vec<Order>,
+    free: Vec<u32>,
+    by_oid: HashMap<u64, u32, FixedState>,
+    by_cid: HashMap<(u32, Cid), u32, SeededState>,
+    accounts: Vec<AccountSlot>,
+    accounts_free: Vec<u32>,
+    account_index: HashMap<Account, u32, FixedState>,
+    /// Buy stops by (stop price, oid): the first is the next to trigger.
+    buy_stops: BTreeMap<(u64, u64), u32>,
+    /// Sell stops by (!stop price, oid): the first (highest stop) is the next to trigger.
+    sell_stops: BTreeMap<(u64, u64), u32>,
+    expiries: BinaryHeap<Reverse<(Timestamp, u64)>>,
+    gtd_open: usize,
+}
+
+impl OrderBook {
+    pub fn new(spec: MarketSpec) -> OrderBook {
+        OrderBook {
+            spec,
+            halted: false,
+            last_trade_price: None,
+            last_input: None,
+            trade_n: 0,
+            bids: Ladder::default(),
+            asks: Ladder::default(),
+            orders: Vec::new(),
+            free: Vec::new(),
+            by_oid: HashMap::with_hasher(FixedState::default()),
+            by_cid: HashMap::with_hasher(SeededState::default()),
+            accounts: Vec::new(),
+            accounts_free: Vec::new(),
+            account_index: HashMap::with_hasher(FixedState::default()),
+            buy_stops: BTreeMap::new(),
+            sell_stops: BTreeMap::new(),
+            expiries: BinaryHeap::new(),
+            gtd_open: 0,
+        }
+    }
+
+    /// A book with room for `orders` open orders before any container grows.
+    pub fn with_capacity(spec: MarketSpec, orders: usize) -> OrderBook {
+        let mut book = OrderBook::new(spec);
+        book.orders.reserve(orders);
+        book.free.reserve(orders);
+        book.by_oid.reserve(orders);
+        book.by_cid.reserve(orders);
+        book.bids.reserve(1024);
+        book.asks.reserve(1024);
+        book
+    }
+
+    pub fn spec(&self) -> &MarketSpec {
+        &self.spec
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    pub fn last_trade_price(&self) -> Option<Price> {
+        self.last_trade_price.map(Price)
+    }
+
+    /// The last applied `(seq, pos)`.
+    pub fn last_input(&self) -> Option<(Seq, u16)> {
+        self.last_input
+    }
+
+    pub fn best_bid(&self) -> Option<Price> {
+        self.bids.best().map(|li| Price(self.bids.level(li).price))
+    }
+
+    pub fn best_ask(&self) -> Option<Price> {
+        self.asks.best().map(|li| Price(self.asks.level(li).price))
+    }
+
+    /// Number of price levels on one side.
+    pub fn level_count(&self, side: Side) -> usize {
+        self.ladder(side).len()
+    }
+
+    /// Resting orders (stops excluded).
+    pub fn order_count(&self) -> usize {
+        self.by_oid.len() - self.stop_count()
+    }
+
+    /// Stop orders waiting for their trigger.
+    pub fn stop_count(&self) -> usize {
+        self.buy_stops.len() + self.sell_stops.len()
+    }
+
+    /// The best `levels` levels of one side, best first.
+    pub fn depth(&self, side: Side, levels: usize) -> Vec<L2Level> {
+        self.ladder(side)
+            .iter()
+            .take(levels)
+            .map(|l| L2Level {
+                price: Price(l.price),
+                qty: Qty(l.shown),
+                orders: l.count,
+            })
+            .collect()
+    }
+
+    fn ladder(&self, side: Side) -> &Ladder {
+        match side {
+            Side::Buy => &self.bids,
+            Side::Sell => &self.asks,
+        }
+    }
+
+    fn ladder_mut(&mut self, side: Side) -> &mut Ladder {
+        match side {
+            Side::Buy => &mut self.bids,
+            Side::Sell => &mut self.asks,
+        }
+    }
+
+    /// Applies one command, appending its events to `out`.
+    pub fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>) {
+        let at = At {
+            seq: cmd.seq,
+            ts: cmd.ts,
+        };
+        if self
+            .last_input
+            .is_some_and(|last| (cmd.seq, cmd.pos) <= last)
+        {
+            self.reject(cmd, at, RejectReason::SequenceNotIncreasing, None, out);
+            return;
+        }
+        if self.last_input.map(|(seq, _)| seq) != Some(cmd.seq) {
+            self.trade_n = 0;
+        }
+        self.last_input = Some((cmd.seq, cmd.pos));
+        self.expire(at, out);
+        match &cmd.op {
+            Op::New(order) => self.on_new(cmd, at, order, out),
+            Op::Cancel(target) => self.on_cancel(cmd, at, *target, out),
+            Op::Amend(amend) => self.on_amend(cmd, at, amend, out),
+            Op::CancelAll => self.on_cancel_all(cmd, at, out),
+            Op::Halt { cancel_orders } => {
+                if self.halted {
+                    self.reject(cmd, at, RejectReason::AlreadyHalted, None, out);
+                } else {
+                    self.halted = true;
+                    if *cancel_orders {
+                        self.cancel_everything(at, CancelReason::Halt, out);
+                    }
+                }
+            }
+            Op::Resume => {
+                if self.halted {
+                    self.halted = false;
+                } else {
+                    self.reject(cmd, at, RejectReason::NotHalted, None, out);
+                }
+            }
+        }
+        self.trigger_stops(at, out);
+        // A crossed book at rest is never acceptable: stop rather than trade on it.
+        if let (Some(b), Some(a)) = (self.best_bid(), self.best_ask()) {
+            assert!(b < a, "book crossed at rest: bid {} >= ask {}", b.0, a.0);
+        }
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check_invariants() {
+            panic!(
+                "invariant broken after seq {} pos {}: {e}",
+                cmd.seq, cmd.pos
+            );
+        }
+    }
+
+    // ----- rejections ---------------------------------------------------------------------
+
+    /// Pushes a rejection; `found` is the target order of a cancel or amend if it was found.
+    fn reject(
+        &self,
+        cmd: &Command,
+        at: At,
+        reason: RejectReason,
+        found: Option<u32>,
+        out: &mut Vec<Event>,
+    ) {
+        let found_order = found.map(|i| &self.orders[i as usize]);
+        let target = |r: &OrderRef| match *r {
+            OrderRef::Oid(oid) => (
+                Some(oid),
+                found_order
+                    .filter(|o| self.accounts[o.account as usize].name == cmd.account)
+                    .and_then(|o| o.cid),
+            ),
+            OrderRef::Cid(cid) => (found_order.map(|o| OrderId(o.oid)), Some(cid)),
+        };
+        let (oid, cid, price, qty) = match &cmd.op {
+            Op::New(o) => (
+                Some(OrderId::from_input(cmd.seq, cmd.pos)),
+                o.cid,
+                o.price,
+                Some(o.qty),
+            ),
+            Op::Cancel(r) => {
+                let (oid, cid) = target(r);
+                (oid, cid, None, None)
+            }
+            Op::Amend(a) => {
+                let (oid, cid) = target(&a.target);
+                (oid, cid, a.price, a.qty)
+            }
+            Op::CancelAll | Op::Halt { .. } | Op::Resume => (None, None, None, None),
+        };
+        out.push(Event::Rejected(Rejected {
+            seq: at.seq,
+            ts: at.ts,
+            op: cmd.op.kind(),
+            oid,
+            cid,
+            account: cmd.account,
+            reason,
+            price,
+            qty,
+        }));
+    }
+
+    // ----- new ----------------------------------------------------------------------------
+
+    fn check_new(&self, cmd: &Command, o: &NewOrder) -> Result<(), RejectReason> {
+        use RejectReason as R;
+        let spec = &self.spec;
+        if self.halted {
+            return Err(R::Halted);
+        }
+        let qty = o.qty.0;
+        if qty == 0 {
+            return Err(R::QtyZero);
+        }
+        if !qty.is_multiple_of(spec.lot.0) {
+            return Err(R::QtyNotOnLot);
+        }
+        if qty < spec.min_qty.0 {
+            return Err(R::QtyBelowMin);
+        }
+        if spec.max_qty.is_some_and(|max| qty > max.0) {
+            return Err(R::QtyAboveMax);
+        }
+        if o.order_type.has_limit_price() {
+            match o.price {
+                None => return Err(R::PriceMissing),
+                Some(Price(0)) => return Err(R::PriceZero),
+                Some(p) if p.0 % spec.tick.0 != 0 => return Err(R::PriceNotOnTick),
+                Some(_) => {}
+            }
+        } else if o.price.is_some() {
+            return Err(R::PriceNotAllowed);
+        }
+        if o.order_type.is_stop() {
+            match o.stop_price {
+                None => return Err(R::StopPriceMissing),
+                Some(p) if p.0 == 0 || p.0 % spec.tick.0 != 0 => return Err(R::StopPriceInvalid),
+                Some(_) => {}
+            }
+        } else if o.stop_price.is_some() {
+            return Err(R::StopPriceNotAllowed);
+        }
+        if !o.order_type.has_limit_price() && !matches!(o.tif, Tif::Ioc | Tif::Fok) {
+            return Err(R::TifNotAllowed);
+        }
+        if let Some(d) = o.display_qty
+            && (!o.order_type.has_limit_price()
+                || !o.tif.rests()
+                || d.0 == 0
+                || d.0 % spec.lot.0 != 0
+                || d.0 > qty)
+            {
+                return Err(R::DisplayQtyInvalid);
+            }
+        match (o.tif, o.expire_at) {
+            (Tif::Gtd, None) => return Err(R::ExpireAtMissing),
+            (Tif::Gtd, Some(t)) if t <= cmd.ts => return Err(R::ExpireAtInPast),
+            (Tif::Gtd, Some(_)) | (_, None) => {}
+            (_, Some(_)) => return Err(R::ExpireAtNotAllowed),
+        }
+        if let Some(cid) = o.cid
+            && let Some(&acct) = self.account_index.get(&cmd.account)
+                && self.by_cid.contains_key(&(acct, cid)) {
+                    return Err(R::DuplicateCid);
+                }
+        if o.order_type == OrderType::Limit
+            && let Some(p) = o.price
+                && !self.in_band(o.side, p.0) {
+                    return Err(R::PriceOutOfBand);
+                }
+        let may_stay = o.order_type.is_stop() || o.tif.rests();
+        if may_stay && self.by_oid.len() >= spec.orders_max as usize {
+            return Err(R::BookFull);
+        }
+        Ok(())
+    }
+
+    fn on_new(&mut self, cmd: &Command, at: At, o: &NewOrder, out: &mut Vec<Event>) {
+        if let Err(reason) = self.check_new(cmd, o) {
+            self.reject(cmd, at, reason, None, out);
+            return;
+        }
+        let oid = OrderId::from_input(cmd.seq, cmd.pos);
+        let stp = o.stp.unwrap_or(self.spec.stp_default);
+        out.push(Event::Accepted(Accepted {
+            seq: at.seq,
+            ts: at.ts,
+            order: OrderTag {
+                oid,
+                cid: o.cid,
+                account: cmd.account,
+            },
+            side: o.side,
+            order_type: o.order_type,
+            tif: o.tif,
+            price: o.price,
+            qty: o.qty,
+            stop_price: o.stop_price,
+            display_qty: o.display_qty,
+            expire_at: o.expire_at,
+            stp,
+        }));
+        let mut taker = Taker {
+            oid,
+            cid: o.cid,
+            account: cmd.account,
+            account_id: self.account_index.get(&cmd.account).copied(),
+            side: o.side,
+            order_type: o.order_type,
+            tif: o.tif,
+            stp,
+            price: o.price.map_or(0, |p| p.0),
+            qty: o.qty.0,
+            filled: 0,
+            rem: o.qty.0,
+            display: o.display_qty.map_or(0, |d| d.0),
+            stop_price: o.stop_price.map_or(0, |p| p.0),
+            expire_at: o.expire_at,
+            slot: None,
+        };
+        if o.order_type.is_stop() {
+            let idx = self.store(&taker);
+            self.orders[idx as usize].parked = true;
+            self.stops_mut(taker.side).insert(stop_key(&taker), idx);
+            return;
+        }
+        self.execute(&mut taker, at, out);
+    }
+
+    // ----- execution ----------------------------------------------------------------------
+
+    /// The band bounds around the reference price for an order of `side`.
+    fn band_limit(&self, side: Side) -> Option<u64> {
+        let bps = u128::from(self.spec.price_band_bps?);
+        let opposite = self.ladder(side.opposite());
+        let reference = self
+            .last_trade_price
+            .or_else(|| opposite.best().map(|li| opposite.level(li).price))?;
+        let r = u128::from(reference);
+        Some(match side {
+            Side::Buy => u64::try_from(r * (10_000 + bps) / 10_000).unwrap_or(u64::MAX),
+            Side::Sell => u64::try_from((r * (10_000 - bps)).div_ceil(10_000)).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn in_band(&self, side: Side, price: u64) -> bool {
+        match (side, self.band_limit(side)) {
+            (_, None) => true,
+            (Side::Buy, Some(hi)) => price <= hi,
+            (Side::Sell, Some(lo)) => price >= lo,
+        }
+    }
+
+    /// The lowest opposite-ladder key a taker accepts.
+    fn min_key(&self, t: &Taker) -> u64 {
+        let tick = self.spec.tick.0;
+        if t.order_type.has_limit_price() {
+            return key_of(t.side.opposite(), t.price, tick);
+        }
+        match (t.side, self.band_limit(t.side)) {
+            (_, None) => 0,
+            // A buy takes asks up to `hi`: tick index at most floor(hi / tick).
+            (Side::Buy, Some(hi)) => key_of(Side::Sell, hi, tick),
+            // A sell takes bids down to `lo`: tick index at least ceil(lo / tick).
+            (Side::Sell, Some(lo)) => lo.div_ceil(tick),
+        }
+    }
+
+    /// Whether the best level of `ladder` is at or above `min_key`.
+    fn reaches(ladder: &Ladder, min_key: u64) -> bool {
+        ladder
+            .best()
+            .is_some_and(|li| ladder.level(li).key >= min_key)
+    }
+
+    fn execute(&mut self, t: &mut Taker, at: At, out: &mut Vec<Event>) {
+        let min_key = self.min_key(t);
+        let crosses = Self::reaches(self.ladder(t.side.opposite()), min_key);
+        if t.tif == Tif::PostOnly {
+            if crosses {
+                self.cancel_taker(t, at, CancelReason::PostOnlyWouldCross, out);
+                self.finish(t);
+            } else {
+                self.rest(t);
+            }
+            return;
+        }
+        if t.tif == Tif::Fok && !self.fok_fillable(t, min_key) {
+            self.cancel_taker(t, at, CancelReason::FokUnfilled, out);
+            self.finish(t);
+            return;
+        }
+        if crosses && !self.match_taker(t, min_key, at, out) {
+            self.finish(t);
+            return;
+        }
+        if t.rem == 0 {
+            self.finish(t);
+        } else if !t.order_type.has_limit_price() {
+            self.cancel_taker(t, at, CancelReason::MarketRemainder, out);
+            self.finish(t);
+        } else if t.tif.rests() {
+            self.rest(t);
+        } else {
+            debug_assert!(
+                t.tif == Tif::Ioc,
+                "a fok order passed its check but did not fill"
+            );
+            self.cancel_taker(t, at, CancelReason::IocRemainder, out);
+            self.finish(t);
+        }
+    }
+
+    fn fok_fillable(&self, t: &Taker, min_key: u64) -> bool {
+        let stp = match t.account_id {
+            Some(_) => t.stp,
+            // The account has no open order, so it cannot meet itself.
+            None => StpMode::None,
+        };
+        let mut sum: u64 = 0;
+        for level in self.ladder(t.side.opposite()).iter() {
+            if level.key < min_key {
+                break;
+            }
+            match stp {
+                StpMode::None => sum = sum.saturating_add(level.total),
+                StpMode::CancelOldest => {
+                    let mut i = level.head;
+                    while i != NIL {
+                        let o = &self.orders[i as usize];
+                        if Some(o.account) != t.account_id {
+                            sum = sum.saturating_add(o.leaves);
+                        }
+                        i = o.next;
+                    }
+                }
+                StpMode::CancelNewest | StpMode::CancelBoth | StpMode::DecrementAndCancel => {
+                    let mut i = level.head;
+                    while i != NIL {
+                        let o = &self.orders[i as usize];
+                        if Some(o.account) == t.account_id {
+                            return false;
+                        }
+                        i = o.next;
+                    }
+                    sum = sum.saturating_add(level.total);
+                }
+            }
+            if sum >= t.rem {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The match loop. Returns false when self-trade prevention ended the taker.
+    fn match_taker(&mut self, t: &mut Taker, min_key: u64, at: At, out: &mut Vec<Event>) -> bool {
+        let opposite = t.side.opposite();
+        while t.rem > 0 {
+            let ladder = match opposite {
+                Side::Buy => &mut self.bids,
+                Side::Sell => &mut self.asks,
+            };
+            let Some(li) = ladder.best() else { break };
+            let level = ladder.level_mut(li);
+            if level.key < min_key {
+                break;
+            }
+            let mi = level.head;
+            let maker = &mut self.orders[mi as usize];
+            if t.stp != StpMode::None && Some(maker.account) == t.account_id {
+                if !self.self_trade(t, mi, at, out) {
+                    return false;
+                }
+                continue;
+            }
+            let fill = t.rem.min(maker.visible);
+            maker.visible -= fill;
+            maker.leaves -= fill;
+            maker.filled += fill;
+            level.shown -= fill;
+            level.total -= fill;
+            t.rem -= fill;
+            t.filled += fill;
+            self.trade_n += 1;
+            self.last_trade_price = Some(maker.price);
+            out.push(Event::Trade(Trade {
+                seq: at.seq,
+                ts: at.ts,
+                trade_n: self.trade_n,
+                price: Price(maker.price),
+                qty: Qty(fill),
+                taker_side: t.side,
+                maker: OrderTag {
+                    oid: OrderId(maker.oid),
+                    cid: maker.cid,
+                    account: self.accounts[maker.account as usize].name,
+                },
+                maker_leaves: Qty(maker.leaves),
+                taker: t.tag(),
+                taker_leaves: Qty(t.rem),
+            }));
+            if maker.leaves == 0 {
+                self.unlink_level(opposite, mi);
+                self.release(mi);
+            } else if maker.visible == 0 {
+                // Iceberg: show the next peak and go to the back of the level.
+                let show = maker.display.min(maker.leaves);
+                maker.visible = show;
+                level.shown += show;
+                if level.count > 1 {
+                    self.unlink_level(opposite, mi);
+                    self.link_level(opposite, mi);
+                }
+            }
+        }
+        true
+    }
+
+    /// Self-trade prevention between taker `t` and maker `mi` of the same account.
+    /// Returns false when the taker is ended.
+    fn self_trade(&mut self, t: &mut Taker, mi: u32, at: At, out: &mut Vec<Event>) -> bool {
+        match t.stp {
+            StpMode::None => true,
+            StpMode::CancelNewest => {
+                self.cancel_taker(t, at, CancelReason::Stp, out);
+                false
+            }
+            StpMode::CancelOldest => {
+                self.cancel_order(mi, at, CancelReason::Stp, out);
+                true
+            }
+            StpMode::CancelBoth => {
+                self.cancel_order(mi, at, CancelReason::Stp, out);
+                self.cancel_taker(t, at, CancelReason::Stp, out);
+                false
+            }
+            StpMode::DecrementAndCancel => {
+                let maker = &self.orders[mi as usize];
+                let d = t.rem.min(maker.leaves);
+                if d == maker.leaves {
+                    self.cancel_order(mi, at, CancelReason::Stp, out);
+                } else {
+                    self.reduce_resting(mi, d);
+                    let maker = &self.orders[mi as usize];
+                    out.push(Event::Cancelled(Cancelled {
+                        seq: at.seq,
+                        ts: at.ts,
+                        order: self.tag(mi),
+                        side: maker.side,
+                        reason: CancelReason::Stp,
+                        qty: Qty(d),
+                        leaves: Qty(maker.leaves),
+                    }));
+                }
+                t.rem -= d;
+                t.qty -= d;
+                out.push(Event::Cancelled(Cancelled {
+                    seq: at.seq,
+                    ts: at.ts,
+                    order: t.tag(),
+                    side: t.side,
+                    reason: CancelReason::Stp,
+                    qty: Qty(d),
+                    leaves: Qty(t.rem),
+                }));
+                t.rem > 0
+            }
+        }
+    }
+
+    /// Takes `d` (< leaves) off a resting order's leaves and total, keeping its place.
+    fn reduce_resting(&mut self, idx: u32, d: u64) {
+        let o = &mut self.orders[idx as usize];
+        o.leaves -= d;
+        o.qty -= d;
+        let shown = o.visible.min(o.leaves);
+        let hidden_drop = o.visible - shown;
+        o.visible = shown;
+        let (side, price) = (o.side, o.price);
+        let key = key_of(side, price, self.spec.tick.0);
+        let ladder = self.ladder_mut(side);
+        if let Some(li) = ladder.get(key) {
+            let level = ladder.level_mut(li);
+            level.total -= d;
+            level.shown -= hidden_drop;
+        }
+    }
+
+    /// Cancels the rest of the taker (no book change; `finish` releases its slot if any).
+    fn cancel_taker(&mut self, t: &mut Taker, at: At, reason: CancelReason, out: &mut Vec<Event>) {
+        out.push(Event::Cancelled(Cancelled {
+            seq: at.seq,
+            ts: at.ts,
+            order: t.tag(),
+            side: t.side,
+            reason,
+            qty: Qty(t.rem),
+            leaves: Qty(0),
+        }));
+        t.rem = 0;
+    }
+
+    /// Ends a taker that does not rest: frees its slot if it had one.
+    fn finish(&mut self, t: &Taker) {
+        if let Some(slot) = t.slot {
+            self.release(slot);
+        }
+    }
+
+    /// Puts the taker's remainder at the back of its level.
+    fn rest(&mut self, t: &Taker) {
+        let idx = match t.slot {
+            Some(idx) => idx,
+            None => self.store(t),
+        };
+        let o = &mut self.orders[idx as usize];
+        o.parked = false;
+        o.qty = t.qty;
+        o.filled = t.filled;
+        o.leaves = t.rem;
+        o.price = t.price;
+        o.visible = if t.display > 0 {
+            t.display.min(t.rem)
+        } else {
+            t.rem
+        };
+        self.link_level(t.side, idx);
+    }
+
+    // ----- the slab and its indexes -------------------------------------------------------
+
+    /// Stores a new order in the slab and every index (not yet on a level or in the stops).
+    fn store(&mut self, t: &Taker) -> u32 {
+        // Reuse the id looked up on entry unless matching closed the account's last order.
+        let account = match t.account_id {
+            Some(id)
+                if self.accounts[id as usize].open > 0
+                    && self.accounts[id as usize].name == t.account =>
+            {
+                id
+            }
+            _ => self.intern(t.account),
+        };
+        let order = Order {
+            prev: NIL,
+            next: NIL,
+            leaves: t.rem,
+            visible: t.rem,
+            price: t.price,
+            oid: t.oid.0,
+            account,
+            side: t.side,
+            order_type: t.order_type,
+            tif: t.tif,
+            stp: t.stp,
+            parked: false,
+            qty: t.qty,
+            filled: t.filled,
+            display: t.display,
+            stop_price: t.stop_price,
+            expire_at: t.expire_at,
+            cid: t.cid,
+            acct_prev: NIL,
+            acct_next: NIL,
+        };
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                self.orders[idx as usize] = order;
+                idx
+            }
+            None => {
+                self.orders.push(order);
+                (self.orders.len() - 1) as u32
+            }
+        };
+        self.by_oid.insert(t.oid.0, idx);
+        if let Some(cid) = t.cid {
+            self.by_cid.insert((account, cid), idx);
+        }
+        if let Some(at) = t.expire_at {
+            self.gtd_open += 1;
+            self.expiries.push(Reverse((at, t.oid.0)));
+        }
+        // Append to the account's list (oid order: orders are stored in command order).
+        let slot = &mut self.accounts[account as usize];
+        slot.open += 1;
+        let tail = slot.tail;
+        slot.tail = idx;
+        if tail == NIL {
+            slot.head = idx;
+        } else {
+            self.orders[tail as usize].acct_next = idx;
+            self.orders[idx as usize].acct_prev = tail;
+        }
+        idx
+    }
+
+    fn intern(&mut self, name: Account) -> u32 {
+        if let Some(&id) = self.account_index.get(&name) {
+            return id;
+        }
+        let slot = AccountSlot {
+            name,
+            open: 0,
+            head: NIL,
+            tail: NIL,
+        };
+        let id = match self.accounts_free.pop() {
+            Some(id) => {
+                self.accounts[id as usize] = slot;
+                id
+            }
+            None => {
+                self.accounts.push(slot);
+                (self.accounts.len() - 1) as u32
+            }
+        };
+        self.account_index.insert(name, id);
+        id
+    }
+
+    /// Removes an order that is on no level and in no stop map from every index.
+    fn release(&mut self, idx: u32) {
+        let o = &self.orders[idx as usize];
+        let (oid, cid, account, expire_at) = (o.oid, o.cid, o.account, o.expire_at);
+        let (prev, next) = (o.acct_prev, o.acct_next);
+        self.by_oid.remove(&oid);
+        if let Some(cid) = cid {
+            self.by_cid.remove(&(account, cid));
+        }
+        if prev == NIL {
+            self.accounts[account as usize].head = next;
+        } else {
+            self.orders[prev as usize].acct_next = next;
+        }
+        if next == NIL {
+            self.accounts[account as usize].tail = prev;
+        } else {
+            self.orders[next as usize].acct_prev = prev;
+        }
+        let slot = &mut self.accounts[account as usize];
+        slot.open -= 1;
+        if slot.open == 0 {
+            let name = slot.name;
+            self.account_index.remove(&name);
+            self.accounts_free.push(account);
+        }
+        if expire_at.is_some() {
+            self.gtd_open -= 1;
+            if self.expiries.len() > 2 * self.gtd_open + 1024 {
+                self.compact_expiries();
+            }
+        }
+        self.free.push(idx);
+    }
+
+    fn compact_expiries(&mut self) {
+        let mut heap = std::mem::take(&mut self.expiries).into_vec();
+        heap.retain(|Reverse((_, oid))| self.by_oid.contains_key(oid));
+        self.expiries = BinaryHeap::from(heap);
+    }
+
+    fn link_level(&mut self, side: Side, idx: u32) {
+        let price = self.orders[idx as usize].price;
+        let key = key_of(side, price, self.spec.tick.0);
+        let ladder = match side {
+            Side::Buy => &mut self.bids,
+            Side::Sell => &mut self.asks,
+        };
+        let li = ladder.get_or_insert(key, price);
+        let level = ladder.level_mut(li);
+        let o = &mut self.orders[idx as usize];
+        level.shown += o.visible;
+        level.total += o.leaves;
+        level.count += 1;
+        o.next = NIL;
+        o.prev = level.tail;
+        let tail = level.tail;
+        level.tail = idx;
+        if tail == NIL {
+            level.head = idx;
+        } else {
+            self.orders[tail as usize].next = idx;
+        }
+    }
+
+    fn unlink_level(&mut self, side: Side, idx: u32) {
+        let o = &self.orders[idx as usize];
+        let (prev, next, price, visible, leaves) = (o.prev, o.next, o.price, o.visible, o.leaves);
+        let key = key_of(side, price, self.spec.tick.0);
+        let ladder = match side {
+            Side::Buy => &mut self.bids,
+            Side::Sell => &mut self.asks,
+        };
+        let Some(li) = ladder.get(key) else {
+            debug_assert!(false, "resting order {idx} has no level");
+            return;
+        };
+        let level = ladder.level_mut(li);
+        if prev == NIL {
+            level.head = next;
+        } else {
+            self.orders[prev as usize].next = next;
+        }
+        if next == NIL {
+            level.tail = prev;
+        } else {
+            self.orders[next as usize].prev = prev;
+        }
+        level.shown -= visible;
+        level.total -= leaves;
+        level.count -= 1;
+        if level.count == 0 {
+            ladder.remove(key);
+        }
+    }
+
+    fn stops_mut(&mut self, side: Side) -> &mut BTreeMap<(u64, u64), u32> {
+        match side {
+            Side::Buy => &mut self.buy_stops,
+            Side::Sell => &mut self.sell_stops,
+        }
+    }
+
+    fn tag(&self, idx: u32) -> OrderTag {
+        let o = &self.orders[idx as usize];
+        OrderTag {
+            oid: OrderId(o.oid),
+            cid: o.cid,
+            account: self.accounts[o.account as usize].name,
+        }
+    }
+
+    /// Takes an open order out of its level or the stops, and out of every index.
+    fn remove(&mut self, idx: u32) {
+        let o = &self.orders[idx as usize];
+        if o.parked {
+            let (side, key) = (o.side, order_stop_key(o));
+            self.stops_mut(side).remove(&key);
+        } else {
+            self.unlink_level(o.side, idx);
+        }
+        self.release(idx);
+    }
+
+    /// Cancels an open order whole.
+    fn cancel_order(&mut self, idx: u32, at: At, reason: CancelReason, out: &mut Vec<Event>) {
+        let o = &self.orders[idx as usize];
+        out.push(Event::Cancelled(Cancelled {
+            seq: at.seq,
+            ts: at.ts,
+            order: self.tag(idx),
+            side: o.side,
+            reason,
+            qty: Qty(o.leaves),
+            leaves: Qty(0),
+        }));
+        self.remove(idx);
+    }
+
+    fn taker_from(&self, idx: u32) -> Taker {
+        let o = &self.orders[idx as usize];
+        Taker {
+            oid: OrderId(o.oid),
+            cid: o.cid,
+            account: self.accounts[o.account as usize].name,
+            account_id: Some(o.account),
+            side: o.side,
+            order_type: o.order_type,
+            tif: o.tif,
+            stp: o.stp,
+            price: o.price,
+            qty: o.qty,
+            filled: o.filled,
+            rem: o.leaves,
+            display: o.display,
+            stop_price: o.stop_price,
+            expire_at: o.expire_at,
+            slot: Some(idx),
+        }
+    }
+
+    // ----- cancel, amend, cancel_all, expiry, stops ----------------------------------------
+
+    /// Finds the target of a cancel or amend sent by `cmd.account`.
+    fn lookup(&self, cmd: &Command, target: OrderRef) -> Result<u32, (RejectReason, Option<u32>)> {
+        match target {
+            OrderRef::Oid(oid) => {
+                let &idx = self
+                    .by_oid
+                    .get(&oid.0)
+                    .ok_or((RejectReason::UnknownOrder, None))?;
+                let owner = self.accounts[self.orders[idx as usize].account as usize].name;
+                if owner != cmd.account {
+                    return Err((RejectReason::NotOwner, None));
+                }
+                Ok(idx)
+            }
+            OrderRef::Cid(cid) => self
+                .account_index
+                .get(&cmd.account)
+                .and_then(|acct| self.by_cid.get(&(*acct, cid)))
+                .copied()
+                .ok_or((RejectReason::UnknownOrder, None)),
+        }
+    }
+
+    fn on_cancel(&mut self, cmd: &Command, at: At, target: OrderRef, out: &mut Vec<Event>) {
+        match self.lookup(cmd, target) {
+            Ok(idx) => self.cancel_order(idx, at, CancelReason::User, out),
+            Err((reason, found)) => self.reject(cmd, at, reason, found, out),
+        }
+    }
+
+    fn check_amend(
+        &self,
+        cmd: &Command,
+        a: &Amend,
+    ) -> Result<(u32, u64, u64), (RejectReason, Option<u32>)> {
+        use RejectReason as R;
+        if self.halted {
+            return Err((R::Halted, None));
+        }
+        let idx = self.lookup(cmd, a.target)?;
+        let fail = |r| Err((r, Some(idx)));
+        let o = &self.orders[idx as usize];
+        if o.parked {
+            return fail(R::NotAmendable);
+        }
+        if a.qty.is_none() && a.price.is_none() {
+            return fail(R::NothingToAmend);
+        }
+        if let Some(q) = a.qty {
+            if q.0 == 0 {
+                return fail(R::QtyZero);
+            }
+            if q.0 % self.spec.lot.0 != 0 {
+                return fail(R::QtyNotOnLot);
+            }
+            if self.spec.max_qty.is_some_and(|max| q > max) {
+                return fail(R::QtyAboveMax);
+            }
+        }
+        if let Some(p) = a.price {
+            if p.0 == 0 {
+                return fail(R::PriceZero);
+            }
+            if p.0 % self.spec.tick.0 != 0 {
+                return fail(R::PriceNotOnTick);
+            }
+        }
+        let qty = a.qty.map_or(o.qty, |q| q.0);
+        let price = a.price.map_or(o.price, |p| p.0);
+        if qty == o.qty && price == o.price {
+            return fail(R::NothingToAmend);
+        }
+        if price != o.price {
+            if !self.in_band(o.side, price) {
+                return fail(R::PriceOutOfBand);
+            }
+            let tick = self.spec.tick.0;
+            let crosses = Self::reaches(
+                self.ladder(o.side.opposite()),
+                key_of(o.side.opposite(), price, tick),
+            );
+            if o.tif == Tif::PostOnly && crosses {
+                return fail(R::PostOnlyWouldCross);
+            }
+        }
+        Ok((idx, qty, price))
+    }
+
+    fn on_amend(&mut self, cmd: &Command, at: At, a: &Amend, out: &mut Vec<Event>) {
+        let (idx, qty, price) = match self.check_amend(cmd, a) {
+            Ok(v) => v,
+            Err((reason, found)) => return self.reject(cmd, at, reason, found, out),
+        };
+        let o = &self.orders[idx as usize];
+        let (side, filled, old_qty, old_price, display) =
+            (o.side, o.filled, o.qty, o.price, o.display);
+        let amended = |book: &OrderBook, leaves: u64, priority_kept: bool| {
+            Event::Amended(Amended {
+                seq: at.seq,
+                ts: at.ts,
+                order: book.tag(idx),
+                side,
+                price: Price(price),
+                qty: Qty(qty),
+                leaves: Qty(leaves),
+                priority_kept,
+            })
+        };
+        if qty <= filled {
+            out.push(amended(self, 0, false));
+            self.remove(idx);
+            return;
+        }
+        let leaves = qty - filled;
+        if price == old_price && qty < old_qty {
+            let d = old_qty - qty;
+            self.reduce_resting(idx, d);
+            out.push(amended(self, leaves, true));
+            return;
+        }
+        self.unlink_level(side, idx);
+        let o = &mut self.orders[idx as usize];
+        o.qty = qty;
+        o.leaves = leaves;
+        o.price = price;
+        o.visible = if display > 0 {
+            display.min(leaves)
+        } else {
+            leaves
+        };
+        out.push(amended(self, leaves, false));
+        if price == old_price {
+            self.link_level(side, idx);
+        } else {
+            let mut t = self.taker_from(idx);
+            self.execute(&mut t, at, out);
+        }
+    }
+
+    fn on_cancel_all(&mut self, cmd: &Command, at: At, out: &mut Vec<Event>) {
+        let Some(&acct) = self.account_index.get(&cmd.account) else {
+            return;
+        };
+        let mut idx = self.accounts[acct as usize].head;
+        while idx != NIL {
+            // Read the next link first: cancelling frees this slot (and, last, the account).
+            let next = self.orders[idx as usize].acct_next;
+            self.cancel_order(idx, at, CancelReason::CancelAll, out);
+            idx = next;
+        }
+    }
+
+    /// Cancels every open order in oid order (halt with `cancel_orders`).
+    fn cancel_everything(&mut self, at: At, reason: CancelReason, out: &mut Vec<Event>) {
+        let mut all: Vec<(u64, u32)> = self.by_oid.iter().map(|(&oid, &idx)| (oid, idx)).collect();
+        all.sort_unstable();
+        for (_, idx) in all {
+            self.cancel_order(idx, at, reason, out);
+        }
+    }
+
+    fn expire(&mut self, at: At, out: &mut Vec<Event>) {
+        while let Some(&Reverse((expire_at, oid))) = self.expiries.peek() {
+            if expire_at > at.ts {
+                break;
+            }
+            self.expiries.pop();
+            if let Some(&idx) = self.by_oid.get(&oid) {
+                self.cancel_order(idx, at, CancelReason::Expired, out);
+            }
+        }
+    }
+
+    fn trigger_stops(&mut self, at: At, out: &mut Vec<Event>) {
+        while !self.halted {
+            let Some(last) = self.last_trade_price else {
+                return;
+            };
+            let buy = self
+                .buy_stops
+                .first_key_value()
+                .filter(|((stop, _), _)| *stop <= last)
+                .map(|(&(_, oid), &idx)| (oid, idx));
+            let sell = self
+                .sell_stops
+                .first_key_value()
+                .filter(|((inv, _), _)| !*inv >= last)
+                .map(|(&(_, oid), &idx)| (oid, idx));
+            let idx = match (buy, sell) {
+                (Some(b), Some(s)) => {
+                    if b.0 < s.0 {
+                        b.1
+                    } else {
+                        s.1
+                    }
+                }
+                (Some(b), None) => b.1,
+                (None, Some(s)) => s.1,
+                (None, None) => return,
+            };
+            let o = &mut self.orders[idx as usize];
+            o.parked = false;
+            let (side, key, stop_price, order_type) =
+                (o.side, order_stop_key(o), o.stop_price, o.order_type);
+            self.stops_mut(side).remove(&key);
+            out.push(Event::Triggered(Triggered {
+                seq: at.seq,
+                ts: at.ts,
+                order: self.tag(idx),
+                side,
+                order_type,
+                stop_price: Price(stop_price),
+                last_price: Price(last),
+            }));
+            let mut t = self.taker_from(idx);
+            self.execute(&mut t, at, out);
+        }
+    }
+
+    // ----- snapshot, restore, hash, invariants ---------------------------------------------
+
+    fn record(&self, idx: u32) -> OrderRecord {
+        let o = &self.orders[idx as usize];
+        OrderRecord {
+            oid: OrderId(o.oid),
+            account: self.accounts[o.account as usize].name,
+            cid: o.cid,
+            side: o.side,
+            order_type: o.order_type,
+            tif: o.tif,
+            price: o.order_type.has_limit_price().then_some(Price(o.price)),
+            stop_price: o.order_type.is_stop().then_some(Price(o.stop_price)),
+            qty: Qty(o.qty),
+            filled: Qty(o.filled),
+            leaves: Qty(o.leaves),
+            visible: Qty(o.visible),
+            display_qty: (o.display > 0).then_some(Qty(o.display)),
+            expire_at: o.expire_at,
+            stp: o.stp,
+        }
+    }
+
+    fn side_records(&self, side: Side) -> Vec<OrderRecord> {
+        let mut records = Vec::new();
+        for level in self.ladder(side).iter() {
+            let mut i = level.head;
+            while i != NIL {
+                records.push(self.record(i));
+                i = self.orders[i as usize].next;
+            }
+        }
+        records
+    }
+
+    /// The canonical content of the book.
+    pub fn snapshot(&self) -> BookSnapshot {
+        let mut stops: Vec<OrderRecord> = self
+            .buy_stops
+            .values()
+            .chain(self.sell_stops.values())
+            .map(|&i| self.record(i))
+            .collect();
+        stops.sort_by_key(|r| r.oid);
+        BookSnapshot {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            spec: self.spec.clone(),
+            halted: self.halted,
+            last_trade_price: self.last_trade_price.map(Price),
+            last_input: self.last_input,
+            trade_n: self.trade_n,
+            bids: self.side_records(Side::Buy),
+            asks: self.side_records(Side::Sell),
+            stops,
+        }
+    }
+
+    pub fn state_hash(&self) -> StateHash {
+        self.snapshot().state_hash()
+    }
+
+    /// Rebuilds a book from a snapshot, checking that it is consistent.
+    pub fn restore(s: &BookSnapshot) -> Result<OrderBook, RestoreError> {
+        let bad = |m: String| RestoreError::Inconsistent(m);
+        if s.format_version != SNAPSHOT_FORMAT_VERSION {
+            return Err(RestoreError::Version {
+                found: s.format_version,
+                expected: SNAPSHOT_FORMAT_VERSION,
+            });
+        }
+        match s.spec.to_input().validate() {
+            Ok(spec) if spec == s.spec => {}
+            Ok(_) => return Err(bad("the market spec does not round-trip".into())),
+            Err(e) => return Err(bad(format!("the market spec is invalid: {e}"))),
+        }
+        let mut book =
+            OrderBook::with_capacity(s.spec.clone(), s.bids.len() + s.asks.len() + s.stops.len());
+        book.halted = s.halted;
+        book.last_trade_price = s.last_trade_price.map(|p| p.0);
+        book.last_input = s.last_input;
+        book.trade_n = s.trade_n;
+        // Orders go into the slab in oid order (so account lists are in oid order, as live),
+        // then onto their levels in snapshot (queue) order.
+        let mut all: Vec<(&OrderRecord, u8)> = Vec::new();
+        all.extend(s.bids.iter().map(|r| (r, 0)));
+        all.extend(s.asks.iter().map(|r| (r, 1)));
+        all.extend(s.stops.iter().map(|r| (r, 2)));
+        let mut by_oid_order: Vec<usize> = (0..all.len()).collect();
+        by_oid_order.sort_by_key(|&i| all[i].0.oid);
+        let mut slots = vec![NIL; all.len()];
+        for &i in &by_oid_order {
+            let (r, list) = all[i];
+            let expected_side = match list {
+                0 => Some(Side::Buy),
+                1 => Some(Side::Sell),
+                _ => None,
+            };
+            if expected_side.is_some_and(|side| side != r.side) {
+                return Err(bad(format!("order {} is listed on the wrong side", r.oid)));
+            }
+            if list == 2 && !r.order_type.is_stop() {
+                return Err(bad(format!(
+                    "order {} is listed as a stop but is not one",
+                    r.oid
+                )));
+            }
+            if list != 2 && r.price.is_none() {
+                return Err(bad(format!("order {} rests without a limit price", r.oid)));
+            }
+            if r.leaves.0 == 0 || r.filled.0.checked_add(r.leaves.0) != Some(r.qty.0) {
+                return Err(bad(format!(
+                    "order {} does not add up: filled + leaves != qty",
+                    r.oid
+                )));
+            }
+            if book.by_oid.contains_key(&r.oid.0) {
+                return Err(bad(format!("order {} appears twice", r.oid)));
+            }
+            if r.cid.is_some_and(|cid| {
+                book.account_index
+                    .get(&r.account)
+                    .is_some_and(|a| book.by_cid.contains_key(&(*a, cid)))
+            }) {
+                return Err(bad(format!(
+                    "order {} repeats an open cid of its account",
+                    r.oid
+                )));
+            }
+            let t = Taker {
+                oid: r.oid,
+                cid: r.cid,
+                account: r.account,
+                account_id: None,
+                side: r.side,
+                order_type: r.order_type,
+                tif: r.tif,
+                stp: r.stp,
+                price: r.price.map_or(0, |p| p.0),
+                qty: r.qty.0,
+                filled: r.filled.0,
+                rem: r.leaves.0,
+                display: r.display_qty.map_or(0, |d| d.0),
+                stop_price: r.stop_price.map_or(0, |p| p.0),
+                expire_at: r.expire_at,
+                slot: None,
+            };
+            let idx = book.store(&t);
+            book.orders[idx as usize].visible = r.visible.0;
+            slots[i] = idx;
+        }
+        for (i, &(r, list)) in all.iter().enumerate() {
+            let idx = slots[i];
+            if list == 2 {
+                book.orders[idx as usize].parked = true;
+                let key = order_stop_key(&book.orders[idx as usize]);
+                book.stops_mut(r.side).insert(key, idx);
+            } else {
+                book.link_level(r.side, idx);
+            }
+        }
+        // Queue order must follow the listing: best price first on each side.
+        for (side, list) in [(Side::Buy, &s.bids), (Side::Sell, &s.asks)] {
+            let listed: Vec<OrderId> = list.iter().map(|r| r.oid).collect();
+            let rebuilt: Vec<OrderId> = book.side_records(side).iter().map(|r| r.oid).collect();
+            if listed != rebuilt {
+                return Err(bad(format!(
+                    "{} are not listed best price first",
+                    side.as_str()
+                )));
+            }
+        }
+        book.check_invariants().map_err(bad)?;
+        if let (Some(b), Some(a)) = (book.best_bid(), book.best_ask())
+            && b >= a {
+                return Err(bad(format!(
+                    "the book is crossed: bid {} >= ask {}",
+                    b.0, a.0
+                )));
+            }
+        Ok(book)
+    }
+
+    /// Checks every structural invariant; O(open orders). Run after every command in debug
+    /// builds and tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = 0usize;
+        let mut per_account = vec![0u32; self.accounts.len()];
+        for side in [Side::Buy, Side::Sell] {
+            let ladder = self.ladder(side);
+            ladder.check()?;
+            let mut last_key = None;
+            for level in ladder.iter() {
+                if last_key.is_some_and(|k| k <= level.key) {
+                    return Err(format!("{} levels out of order", side.as_str()));
+                }
+                last_key = Some(level.key);
+                let tick = self.spec.tick.0;
+                if level.key != key_of(side, level.price, tick)
+                    || level.price % tick != 0
+                    || level.count == 0
+                {
+                    return Err(format!(
+                        "level {} has a bad key, is off the tick, or is empty",
+                        level.price
+                    ));
+                }
+                let (mut shown, mut total, mut count) = (0u64, 0u64, 0u32);
+                let mut prev = NIL;
+                let mut i = level.head;
+                while i != NIL {
+                    let o = &self.orders[i as usize];
+                    if o.prev != prev || o.side != side || o.price != level.price || o.parked {
+                        return Err(format!(
+                            "order {} is badly linked in level {}",
+                            o.oid, level.price
+                        ));
+                    }
+                    if o.leaves == 0 || o.visible == 0 || o.visible > o.leaves {
+                        return Err(format!(
+                            "order {} rests with leaves {} shown {}",
+                            o.oid, o.leaves, o.visible
+                        ));
+                    }
+                    if (o.display == 0 && o.visible != o.leaves)
+                        || (o.display > 0 && o.visible > o.display)
+                    {
+                        return Err(format!(
+                            "order {} shows {} of display {}",
+                            o.oid, o.visible, o.display
+                        ));
+                    }
+                    if o.filled + o.leaves != o.qty {
+                        return Err(format!(
+                            "order {}: filled {} + leaves {} != qty {}",
+                            o.oid, o.filled, o.leaves, o.qty
+                        ));
+                    }
+                    if self.by_oid.get(&o.oid) != Some(&i) {
+                        return Err(format!("order {} is not indexed", o.oid));
+                    }
+                    shown += o.visible;
+                    total += o.leaves;
+                    count += 1;
+                    per_account[o.account as usize] += 1;
+                    prev = i;
+                    i = o.next;
+                }
+                if prev != level.tail
+                    || shown != level.shown
+                    || total != level.total
+                    || count != level.count
+                {
+                    return Err(format!(
+                        "level {} totals disagree with its orders",
+                        level.price
+                    ));
+                }
+                seen += count as usize;
+            }
+        }
+        if let (Some(b), Some(a)) = (self.best_bid(), self.best_ask())
+            && b >= a {
+                return Err(format!("crossed: bid {} >= ask {}", b.0, a.0));
+            }
+        for (side, stops) in [(Side::Buy, &self.buy_stops), (Side::Sell, &self.sell_stops)] {
+            for (key, &i) in stops {
+                let o = &self.orders[i as usize];
+                if !o.parked
+                    || o.side != side
+                    || order_stop_key(o) != *key
+                    || self.by_oid.get(&o.oid) != Some(&i)
+                {
+                    return Err(format!("stop {} is badly indexed", o.oid));
+                }
+                if o.filled != 0 || o.leaves != o.qty {
+                    return Err(format!("stop {} has fills before its trigger", o.oid));
+                }
+                per_account[o.account as usize] += 1;
+                seen += 1;
+            }
+        }
+        if seen != self.by_oid.len() {
+            return Err(format!(
+                "{} orders indexed, {} on the book",
+                self.by_oid.len(),
+                seen
+            ));
+        }
+        for (&(acct, cid), &i) in &self.by_cid {
+            let o = &self.orders[i as usize];
+            if o.account != acct || o.cid != Some(cid) || self.by_oid.get(&o.oid) != Some(&i) {
+                return Err(format!("cid {cid} is badly indexed"));
+            }
+        }
+        let with_cid = self
+            .by_oid
+            .values()
+            .filter(|&&i| self.orders[i as usize].cid.is_some())
+            .count();
+        if with_cid != self.by_cid.len() {
+            return Err("cid index size disagrees with the orders".into());
+        }
+        for (name, &id) in &self.account_index {
+            let slot = &self.accounts[id as usize];
+            if slot.name != *name || slot.open == 0 || slot.open != per_account[id as usize] {
+                return Err(format!(
+                    "account {name} counts {} open, found {}",
+                    slot.open, per_account[id as usize]
+                ));
+            }
+            let (mut n, mut prev, mut i, mut last_oid) = (0u32, NIL, slot.head, 0u64);
+            while i != NIL {
+                let o = &self.orders[i as usize];
+                if o.account != id || o.acct_prev != prev || o.oid <= last_oid {
+                    return Err(format!(
+                        "account {name}'s order list is broken at {}",
+                        o.oid
+                    ));
+                }
+                n += 1;
+                last_oid = o.oid;
+                prev = i;
+                i = o.acct_next;
+            }
+            if n != slot.open || prev != slot.tail {
+                return Err(format!(
+                    "account {name}'s order list holds {n}, expected {}",
+                    slot.open
+                ));
+            }
+        }
+        let gtd = self
+            .by_oid
+            .values()
+            .filter(|&&i| self.orders[i as usize].expire_at.is_some())
+            .count();
+        if gtd != self.gtd_open {
+            return Err(format!("{gtd} gtd orders open, counted {}", self.gtd_open));
+        }
+        Ok(())
+    }
+}
+
+fn stop_key(t: &Taker) -> (u64, u64) {
+    match t.side {
+        Side::Buy => (t.stop_price, t.oid.0),
+        Side::Sell => (!t.stop_price, t.oid.0),
+    }
+}
+
+fn order_stop_key(o: &Order) -> (u64, u64) {
+    match o.side {
+        Side::Buy => (o.stop_price, o.oid),
+        Side::Sell => (!o.stop_price, o.oid),
+    }
+}

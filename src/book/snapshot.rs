@@ -1,0 +1,175 @@
+//! The canonical content of a book: what a snapshot holds, what the state hash covers, and
+//! what two books must agree on to be the same book.
+//!
+//! `BookSnapshot` is plain data (serde), encoded by the caller (MessagePack on the bus). The
+//! hash is FNV-1a 64 over a fixed byte layout written here, so it is stable across machines,
+//! Rust versions and serde formats. This module must never depend on how a book stores its
+//! orders: any book that can list its orders in canonical order can be snapshotted and hashed.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::num::{Price, Qty};
+use super::spec::MarketSpec;
+use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
+
+/// Bumped whenever the snapshot layout changes; restore refuses other versions.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+
+/// One open order, with everything needed to rebuild it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    pub oid: OrderId,
+    pub account: Account,
+    pub cid: Option<Cid>,
+    pub side: Side,
+    pub order_type: OrderType,
+    pub tif: Tif,
+    pub price: Option<Price>,
+    pub stop_price: Option<Price>,
+    /// Total quantity (after amends), filled included.
+    pub qty: Qty,
+    pub filled: Qty,
+    pub leaves: Qty,
+    /// The part shown on the book (equals `leaves` unless an iceberg).
+    pub visible: Qty,
+    pub display_qty: Option<Qty>,
+    pub expire_at: Option<Timestamp>,
+    pub stp: StpMode,
+}
+
+/// The whole state of a book.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookSnapshot {
+    pub format_version: u32,
+    pub spec: MarketSpec,
+    pub halted: bool,
+    pub last_trade_price: Option<Price>,
+    /// The last applied input `(seq, pos)`.
+    pub last_input: Option<(Seq, u16)>,
+    /// Fills so far within `last_input.0` (for trade ids).
+    pub trade_n: u32,
+    /// Resting bids, best price first, oldest first within a price.
+    pub bids: Vec<OrderRecord>,
+    /// Resting asks, best price first, oldest first within a price.
+    pub asks: Vec<OrderRecord>,
+    /// Stop orders waiting for their trigger, in oid order.
+    pub stops: Vec<OrderRecord>,
+}
+
+/// A stable 64-bit hash of a book's canonical content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StateHash(pub u64);
+
+impl fmt::Display for StateHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One level of the aggregated (L2) book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L2Level {
+    pub price: Price,
+    /// Shown quantity at this price (hidden iceberg quantity excluded).
+    pub qty: Qty,
+    pub orders: u32,
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "snapshot format version {found} is not supported; this build reads version {expected}"
+    )]
+    Version { found: u32, expected: u32 },
+    #[error("snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
+    }
+    fn opt(&mut self, v: Option<u64>) {
+        match v {
+            None => self.bytes(&[0]),
+            Some(v) => {
+                self.bytes(&[1]);
+                self.u64(v);
+            }
+        }
+    }
+}
+
+fn hash_order(h: &mut Fnv, o: &OrderRecord) {
+    h.u64(o.oid.0);
+    h.str(o.account.as_str());
+    h.str(o.cid.as_ref().map_or("", |c| c.as_str()));
+    h.str(o.side.as_str());
+    h.str(o.order_type.as_str());
+    h.str(o.tif.as_str());
+    h.opt(o.price.map(|p| p.0));
+    h.opt(o.stop_price.map(|p| p.0));
+    h.u64(o.qty.0);
+    h.u64(o.filled.0);
+    h.u64(o.leaves.0);
+    h.u64(o.visible.0);
+    h.opt(o.display_qty.map(|q| q.0));
+    h.opt(o.expire_at);
+    h.str(o.stp.as_str());
+}
+
+impl BookSnapshot {
+    /// FNV-1a 64 over the spec, the market state and every open order in canonical order.
+    pub fn state_hash(&self) -> StateHash {
+        let mut h = Fnv::new();
+        let s = &self.spec;
+        h.str(&s.symbol);
+        h.str(&s.base_token);
+        h.str(&s.quote_token);
+        h.u64(u64::from(s.price_decimals));
+        h.u64(u64::from(s.size_decimals));
+        h.u64(s.tick.0);
+        h.u64(s.lot.0);
+        h.u64(s.min_qty.0);
+        h.opt(s.max_qty.map(|q| q.0));
+        h.opt(s.price_band_bps.map(u64::from));
+        h.str(s.stp_default.as_str());
+        h.u64(u64::from(s.orders_max));
+        h.u64(u64::from(self.halted));
+        h.opt(self.last_trade_price.map(|p| p.0));
+        h.opt(self.last_input.map(|(seq, _)| seq));
+        h.opt(self.last_input.map(|(_, pos)| u64::from(pos)));
+        h.u64(u64::from(self.trade_n));
+        for (tag, orders) in [
+            ("bids", &self.bids),
+            ("asks", &self.asks),
+            ("stops", &self.stops),
+        ] {
+            h.str(tag);
+            h.u64(orders.len() as u64);
+            for o in orders.iter() {
+                hash_order(&mut h, o);
+            }
+        }
+        StateHash(h.0)
+    }
+}

@@ -1,0 +1,329 @@
+//! The market spec: what a market trades and the rules its orders must meet.
+//!
+//! `MarketSpecInput` is the form people write (config files, `market.add`, `agora replay
+//! --market`): decimal strings, optional fields with defaults. `MarketSpec` is the validated,
+//! integer form the book runs on. Validation names every field it refuses; this module must
+//! never accept a spec under which some order could not be checked exactly.
+
+use serde::{Deserialize, Serialize};
+
+use super::num::{DECIMALS_MAX, DecimalError, Price, Qty, format_decimal, parse_decimal, pow10};
+use super::types::StpMode;
+
+/// Default cap on open orders (resting and stop) in one market.
+pub const ORDERS_MAX_DEFAULT: u32 = 1_000_000;
+
+/// The most symbols characters; a symbol names a NATS subject token and a stream.
+pub const SYMBOL_LEN_MAX: usize = 32;
+
+/// A market spec as written by people: decimal strings, defaults filled in by `validate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketSpecInput {
+    pub symbol: String,
+    #[serde(default)]
+    pub base_token: Option<String>,
+    #[serde(default)]
+    pub quote_token: Option<String>,
+    pub price_decimals: u8,
+    pub size_decimals: u8,
+    /// Smallest price step; default one unit of the last price decimal.
+    #[serde(default)]
+    pub tick_size: Option<String>,
+    /// Smallest quantity step; default one unit of the last size decimal.
+    #[serde(default)]
+    pub lot_size: Option<String>,
+    /// Smallest order quantity; default one lot.
+    #[serde(default)]
+    pub min_qty: Option<String>,
+    /// Largest order quantity; default none.
+    #[serde(default)]
+    pub max_qty: Option<String>,
+    /// Price protection band in percent (up to 2 decimals), e.g. `"5"` or `"2.5"`.
+    #[serde(default)]
+    pub price_band_pct: Option<String>,
+    /// Self-trade prevention applied when an order names none; default `none`.
+    #[serde(default)]
+    pub stp_default: Option<StpMode>,
+    /// Cap on open orders in the market; default 1,000,000.
+    #[serde(default)]
+    pub orders_max: Option<u32>,
+}
+
+/// A validated market spec, in integer units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketSpec {
+    pub symbol: String,
+    pub base_token: String,
+    pub quote_token: String,
+    pub price_decimals: u8,
+    pub size_decimals: u8,
+    pub tick: Price,
+    pub lot: Qty,
+    pub min_qty: Qty,
+    pub max_qty: Option<Qty>,
+    /// Price band in basis points of the reference price (`price_band_pct` × 100).
+    pub price_band_bps: Option<u32>,
+    pub stp_default: StpMode,
+    pub orders_max: u32,
+}
+
+/// A spec field that broke a rule: which field, the value, and what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn err(field: &'static str, message: String) -> SpecError {
+    SpecError { field, message }
+}
+
+impl MarketSpecInput {
+    /// The seed style spec with every optional field left to its default.
+    pub fn new(symbol: &str, price_decimals: u8, size_decimals: u8) -> MarketSpecInput {
+        MarketSpecInput {
+            symbol: symbol.to_string(),
+            base_token: None,
+            quote_token: None,
+            price_decimals,
+            size_decimals,
+            tick_size: None,
+            lot_size: None,
+            min_qty: None,
+            max_qty: None,
+            price_band_pct: None,
+            stp_default: None,
+            orders_max: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<MarketSpec, SpecError> {
+        let symbol = self.symbol.as_str();
+        validate_symbol(symbol)?;
+        for (field, value) in [
+            ("price_decimals", self.price_decimals),
+            ("size_decimals", self.size_decimals),
+        ] {
+            if value > DECIMALS_MAX {
+                return Err(err(
+                    field,
+                    format!("{field} = {value} in {symbol}; at most {DECIMALS_MAX} are allowed"),
+                ));
+            }
+        }
+        let (base, quote) = tokens_of(symbol);
+        let base_token = self.base_token.clone().unwrap_or(base);
+        let quote_token = self.quote_token.clone().unwrap_or(quote);
+        for (field, token) in [("base_token", &base_token), ("quote_token", &quote_token)] {
+            if token.is_empty()
+                || token.len() > SYMBOL_LEN_MAX
+                || token.chars().any(|c| c.is_whitespace())
+            {
+                return Err(err(
+                    field,
+                    format!(
+                        "{field} {token:?} in {symbol} must be 1 to {SYMBOL_LEN_MAX} characters without spaces"
+                    ),
+                ));
+            }
+        }
+        let pd = self.price_decimals;
+        let sd = self.size_decimals;
+        let amount = |field: &'static str,
+                      value: &Option<String>,
+                      decimals: u8|
+         -> Result<Option<u64>, SpecError> {
+            let Some(text) = value else { return Ok(None) };
+            let units = parse_decimal(text, decimals)
+                .map_err(|e: DecimalError| err(field, e.describe(field, text, symbol)))?;
+            if units == 0 {
+                return Err(err(
+                    field,
+                    format!("{field} {text} in {symbol} must be above zero"),
+                ));
+            }
+            Ok(Some(units))
+        };
+        let tick = amount("tick_size", &self.tick_size, pd)?.unwrap_or(1);
+        let lot = amount("lot_size", &self.lot_size, sd)?.unwrap_or(1);
+        let min_qty = amount("min_qty", &self.min_qty, sd)?.unwrap_or(lot);
+        let max_qty = amount("max_qty", &self.max_qty, sd)?;
+        if min_qty % lot != 0 {
+            return Err(err(
+                "min_qty",
+                format!(
+                    "min_qty {} in {symbol} is not a multiple of lot_size {}",
+                    format_decimal(min_qty, sd),
+                    format_decimal(lot, sd)
+                ),
+            ));
+        }
+        if let Some(max) = max_qty
+            && (max % lot != 0 || max < min_qty) {
+                return Err(err(
+                    "max_qty",
+                    format!(
+                        "max_qty {} in {symbol} must be a multiple of lot_size {} and at least min_qty {}",
+                        format_decimal(max, sd),
+                        format_decimal(lot, sd),
+                        format_decimal(min_qty, sd)
+                    ),
+                ));
+            }
+        let price_band_bps = match &self.price_band_pct {
+            None => None,
+            Some(text) => {
+                let bps = parse_decimal(text, 2).map_err(|e| {
+                    err("price_band_pct", e.describe("price_band_pct", text, symbol))
+                })?;
+                if bps == 0 || bps >= 10_000 {
+                    return Err(err(
+                        "price_band_pct",
+                        format!("price_band_pct {text} in {symbol} must be above 0 and below 100"),
+                    ));
+                }
+                Some(bps as u32)
+            }
+        };
+        let orders_max = self.orders_max.unwrap_or(ORDERS_MAX_DEFAULT);
+        if orders_max == 0 || orders_max >= u32::MAX - 1 {
+            return Err(err(
+                "orders_max",
+                format!(
+                    "orders_max {orders_max} in {symbol} must be between 1 and {}",
+                    u32::MAX - 2
+                ),
+            ));
+        }
+        Ok(MarketSpec {
+            symbol: symbol.to_string(),
+            base_token,
+            quote_token,
+            price_decimals: pd,
+            size_decimals: sd,
+            tick: Price(tick),
+            lot: Qty(lot),
+            min_qty: Qty(min_qty),
+            max_qty: max_qty.map(Qty),
+            price_band_bps,
+            stp_default: self.stp_default.unwrap_or_default(),
+            orders_max,
+        })
+    }
+}
+
+impl MarketSpec {
+    /// The written form of this spec, every field explicit (what `market.add` would take).
+    pub fn to_input(&self) -> MarketSpecInput {
+        MarketSpecInput {
+            symbol: self.symbol.clone(),
+            base_token: Some(self.base_token.clone()),
+            quote_token: Some(self.quote_token.clone()),
+            price_decimals: self.price_decimals,
+            size_decimals: self.size_decimals,
+            tick_size: Some(self.fmt_price(self.tick)),
+            lot_size: Some(self.fmt_qty(self.lot)),
+            min_qty: Some(self.fmt_qty(self.min_qty)),
+            max_qty: self.max_qty.map(|q| self.fmt_qty(q)),
+            price_band_pct: self.price_band_bps.map(|b| format_decimal(u64::from(b), 2)),
+            stp_default: Some(self.stp_default),
+            orders_max: Some(self.orders_max),
+        }
+    }
+
+    pub fn fmt_price(&self, p: Price) -> String {
+        format_decimal(p.0, self.price_decimals)
+    }
+
+    pub fn fmt_qty(&self, q: Qty) -> String {
+        format_decimal(q.0, self.size_decimals)
+    }
+
+    /// Units of one whole quote token per price unit (for display only).
+    pub fn price_scale(&self) -> u64 {
+        pow10(self.price_decimals)
+    }
+}
+
+/// A symbol must be a single NATS subject token and fit a JetStream stream name:
+/// 1-32 of `A-Z 0-9 - _`.
+pub fn validate_symbol(symbol: &str) -> Result<(), SpecError> {
+    if symbol.is_empty() || symbol.len() > SYMBOL_LEN_MAX {
+        return Err(err(
+            "symbol",
+            format!("symbol {symbol:?} must be 1 to {SYMBOL_LEN_MAX} characters long"),
+        ));
+    }
+    if let Some(c) = symbol
+        .chars()
+        .find(|c| !(c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    {
+        return Err(err(
+            "symbol",
+            format!(
+                "symbol {symbol:?} contains {c:?}; use upper-case letters, digits, '-' and '_' (e.g. BTC-USDC)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `BTC-USDC` → (`BTC`, `USDC`); a symbol without a dash is its own base and has quote `?`.
+fn tokens_of(symbol: &str) -> (String, String) {
+    match symbol.split_once('-') {
+        Some((b, q)) if !b.is_empty() && !q.is_empty() => (b.to_string(), q.to_string()),
+        _ => (symbol.to_string(), "QUOTE".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_spec_defaults() {
+        let spec = MarketSpecInput::new("BTC-USDC", 2, 8).validate().unwrap();
+        assert_eq!(spec.base_token, "BTC");
+        assert_eq!(spec.quote_token, "USDC");
+        assert_eq!(spec.tick, Price(1));
+        assert_eq!(spec.lot, Qty(1));
+        assert_eq!(spec.min_qty, Qty(1));
+        assert_eq!(spec.max_qty, None);
+        assert_eq!(spec.stp_default, StpMode::None);
+        assert_eq!(spec.to_input().validate().unwrap(), spec);
+    }
+
+    #[test]
+    fn refuses_bad_fields_by_name() {
+        let mut input = MarketSpecInput::new("btc-usdc", 2, 8);
+        assert_eq!(input.validate().unwrap_err().field, "symbol");
+        input.symbol = "BTC-USDC".into();
+        input.tick_size = Some("0.001".into());
+        let e = input.validate().unwrap_err();
+        assert_eq!(e.field, "tick_size");
+        assert_eq!(
+            e.message,
+            "tick_size 0.001 has 3 decimals; BTC-USDC allows 2"
+        );
+        input.tick_size = Some("0".into());
+        assert_eq!(input.validate().unwrap_err().field, "tick_size");
+        input.tick_size = Some("0.50".into());
+        input.lot_size = Some("0.001".into());
+        input.min_qty = Some("0.0015".into());
+        assert_eq!(input.validate().unwrap_err().field, "min_qty");
+        input.min_qty = Some("0.002".into());
+        input.max_qty = Some("0.001".into());
+        assert_eq!(input.validate().unwrap_err().field, "max_qty");
+        input.max_qty = None;
+        input.price_band_pct = Some("100".into());
+        assert_eq!(input.validate().unwrap_err().field, "price_band_pct");
+        input.price_band_pct = Some("2.5".into());
+        let spec = input.validate().unwrap();
+        assert_eq!(spec.price_band_bps, Some(250));
+        assert_eq!(spec.tick, Price(50));
+        input.price_decimals = 19;
+        assert_eq!(input.validate().unwrap_err().field, "price_decimals");
+    }
+}

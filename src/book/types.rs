@@ -1,0 +1,318 @@
+//! The small typed values every command and event is made of: sides, order types, times in
+//! force, self-trade modes, and the identities (`OrderId`, `Account`, `Cid`, `Seq`).
+//!
+//! Identities that come from clients (`Account`, `Cid`) are short strings stored inline, so a
+//! command or an event never allocates. This module must never accept a value that could not
+//! travel as a NATS subject token (accounts) or that holds control characters (cids).
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The input sequence: the JetStream stream sequence of the message that carried a command
+/// (in `agora replay`, the line number).
+pub type Seq = u64;
+
+/// Nanoseconds since the Unix epoch, assigned by the stream (never read from a clock here).
+pub type Timestamp = u64;
+
+/// How many commands one batch message may carry at most; positions are `0..BATCH_COMMANDS_MAX`.
+pub const BATCH_COMMANDS_MAX: u16 = 1000;
+
+/// The engine's order id: `seq * 1000 + position inside the batch message` (0 for a single
+/// command). Unique per market, the same on every replay, and computable by a client from the
+/// publish acknowledgement.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct OrderId(pub u64);
+
+impl OrderId {
+    pub fn from_input(seq: Seq, pos: u16) -> OrderId {
+        OrderId(
+            seq.saturating_mul(u64::from(BATCH_COMMANDS_MAX))
+                .saturating_add(u64::from(pos)),
+        )
+    }
+}
+
+impl fmt::Display for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Buy,
+    Sell,
+}
+
+impl Side {
+    pub fn opposite(self) -> Side {
+        match self {
+            Side::Buy => Side::Sell,
+            Side::Sell => Side::Buy,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Buy => "buy",
+            Side::Sell => "sell",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderType {
+    Limit,
+    Market,
+    StopLimit,
+    StopMarket,
+}
+
+impl OrderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderType::Limit => "limit",
+            OrderType::Market => "market",
+            OrderType::StopLimit => "stop_limit",
+            OrderType::StopMarket => "stop_market",
+        }
+    }
+    pub fn is_stop(self) -> bool {
+        matches!(self, OrderType::StopLimit | OrderType::StopMarket)
+    }
+    pub fn has_limit_price(self) -> bool {
+        matches!(self, OrderType::Limit | OrderType::StopLimit)
+    }
+}
+
+/// Time in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tif {
+    /// Good till cancelled: the remainder rests.
+    Gtc,
+    /// Immediate or cancel: the remainder is cancelled (`ioc_remainder`).
+    Ioc,
+    /// Fill or kill: fills completely at once or is cancelled whole (`fok_unfilled`).
+    Fok,
+    /// Good till date: rests until the first command whose timestamp reaches `expire_at`.
+    Gtd,
+    /// Rests without taking; cancelled (`post_only_would_cross`) if it would trade on entry.
+    PostOnly,
+}
+
+impl Tif {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tif::Gtc => "gtc",
+            Tif::Ioc => "ioc",
+            Tif::Fok => "fok",
+            Tif::Gtd => "gtd",
+            Tif::PostOnly => "post_only",
+        }
+    }
+    /// Whether an order with this time in force may rest on the book.
+    pub fn rests(self) -> bool {
+        matches!(self, Tif::Gtc | Tif::Gtd | Tif::PostOnly)
+    }
+}
+
+/// Self-trade prevention: what happens when a taker meets a resting order of its own account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StpMode {
+    /// The two orders trade with each other.
+    #[default]
+    None,
+    /// The taker's remainder is cancelled; the resting order stays.
+    CancelNewest,
+    /// The resting order is cancelled; the taker goes on matching.
+    CancelOldest,
+    /// Both are cancelled.
+    CancelBoth,
+    /// Both are reduced by the smaller of the two; whichever reaches zero is cancelled.
+    DecrementAndCancel,
+}
+
+impl StpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StpMode::None => "none",
+            StpMode::CancelNewest => "cancel_newest",
+            StpMode::CancelOldest => "cancel_oldest",
+            StpMode::CancelBoth => "cancel_both",
+            StpMode::DecrementAndCancel => "decrement_and_cancel",
+        }
+    }
+}
+
+/// Longest account name or client order id, in bytes.
+pub const SHORT_STR_MAX: usize = 36;
+
+/// A string of at most `SHORT_STR_MAX` bytes stored inline (no heap). Bytes past `len` are
+/// always zero, so equality may compare the whole array.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ShortStr {
+    len: u8,
+    bytes: [u8; SHORT_STR_MAX],
+}
+
+impl std::hash::Hash for ShortStr {
+    /// Only the used bytes: most ids are short, and short inputs take the hasher's fast path.
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.bytes[..self.len as usize]);
+    }
+}
+
+impl ShortStr {
+    fn new_unchecked(s: &str) -> ShortStr {
+        let mut bytes = [0u8; SHORT_STR_MAX];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        ShortStr {
+            len: s.len() as u8,
+            bytes,
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        // Only ever built from a validated ASCII `&str`, so this cannot fail; fall back to ""
+        // rather than panic.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+    }
+}
+
+/// Why an account name or client order id was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdError {
+    Empty,
+    TooLong { len: usize },
+    BadChar { ch: char },
+}
+
+impl IdError {
+    pub fn describe(&self, field: &str, input: &str) -> String {
+        let shown: String = input.chars().take(SHORT_STR_MAX + 8).collect();
+        match self {
+            IdError::Empty => format!("{field} is empty; send 1 to {SHORT_STR_MAX} characters"),
+            IdError::TooLong { len } => {
+                format!("{field} {shown:?}... is {len} bytes long; the limit is {SHORT_STR_MAX}")
+            }
+            IdError::BadChar { ch } => match field {
+                "account" => format!(
+                    "account {shown:?} contains {ch:?}; use only letters, digits, '-' and '_'"
+                ),
+                _ => {
+                    format!("{field} {shown:?} contains {ch:?}; use printable ASCII without spaces")
+                }
+            },
+        }
+    }
+}
+
+fn check_short(s: &str, allowed: impl Fn(u8) -> bool) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if let Some(ch) = s.chars().find(|c| !c.is_ascii() || !allowed(*c as u8)) {
+        return Err(IdError::BadChar { ch });
+    }
+    if s.len() > SHORT_STR_MAX {
+        return Err(IdError::TooLong { len: s.len() });
+    }
+    Ok(())
+}
+
+macro_rules! short_id {
+    ($name:ident, $doc:literal, $allowed:expr) => {
+        #[doc = $doc]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(ShortStr);
+
+        impl $name {
+            pub fn new(s: &str) -> Result<$name, IdError> {
+                check_short(s, $allowed)?;
+                Ok($name(ShortStr::new_unchecked(s)))
+            }
+            pub fn as_str(&self) -> &str {
+                self.0.as_str()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.as_str())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::new(&s)
+                    .map_err(|e| serde::de::Error::custom(e.describe(stringify!($name), &s)))
+            }
+        }
+    };
+}
+
+short_id!(
+    Account,
+    "An account name: 1-36 of `A-Z a-z 0-9 - _`, so it can stand as a NATS subject token.",
+    |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+);
+
+short_id!(
+    Cid,
+    "A client order id: 1-36 bytes of printable ASCII without spaces.",
+    |b: u8| b.is_ascii_graphic()
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_validate() {
+        assert!(Account::new("acct-1_A").is_ok());
+        assert_eq!(Account::new(""), Err(IdError::Empty));
+        assert_eq!(Account::new("a.b"), Err(IdError::BadChar { ch: '.' }));
+        assert_eq!(Account::new("a>b"), Err(IdError::BadChar { ch: '>' }));
+        assert_eq!(Account::new("a b"), Err(IdError::BadChar { ch: ' ' }));
+        assert_eq!(
+            Account::new(&"a".repeat(37)),
+            Err(IdError::TooLong { len: 37 })
+        );
+        assert!(Cid::new("5f1c2a9e-0b7d-4c1e-9f3a-2d6b8e4c7a10").is_ok());
+        assert!(Cid::new("x.y:z/1").is_ok());
+        assert_eq!(Cid::new("a b"), Err(IdError::BadChar { ch: ' ' }));
+        assert_eq!(Cid::new("é"), Err(IdError::BadChar { ch: 'é' }));
+        assert_eq!(Cid::new("a\u{0}"), Err(IdError::BadChar { ch: '\u{0}' }));
+        assert_eq!(
+            Cid::new("c1").map(|c| c.as_str().to_string()),
+            Ok("c1".to_string())
+        );
+    }
+
+    #[test]
+    fn order_ids_follow_the_input() {
+        assert_eq!(OrderId::from_input(42, 0), OrderId(42_000));
+        assert_eq!(OrderId::from_input(42, 7), OrderId(42_007));
+    }
+}

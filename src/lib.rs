@@ -1,0 +1,4 @@
+pub mod book;
+pub mod replay;
+pub mod wire;
+pub mod workload;

@@ -1,0 +1,193 @@
+//! The `agora` command: `replay` drives a book offline from a command file; `generate` writes
+//! seeded, realistic order flow as such a file. This file parses arguments and reports errors;
+//! it must never hold logic that a library module could own and test.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use figment::providers::{Format, Toml};
+
+use agora::book::{MarketSpec, MarketSpecInput, OrderBook, Side};
+use agora::replay;
+use agora::wire::{WireBook, WireCommandOut};
+use agora::workload::{self, FlowParams};
+
+#[derive(Parser)]
+#[command(name = "agora", version, about = "A matching runtime for exchanges")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply a file of JSON-lines commands to one book, offline; print every event as JSON.
+    Replay(ReplayArgs),
+    /// Write seeded, realistic order flow as a JSON-lines command file.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct MarketArgs {
+    /// Market spec file (TOML with the fields of a market spec); overrides the flags below.
+    #[arg(long, value_name = "FILE.toml")]
+    market: Option<PathBuf>,
+    #[arg(long, default_value = "REPLAY")]
+    symbol: String,
+    #[arg(long, default_value_t = 2)]
+    price_decimals: u8,
+    #[arg(long, default_value_t = 0)]
+    size_decimals: u8,
+    #[arg(long, default_value = "0.01")]
+    tick_size: String,
+    #[arg(long, default_value = "1")]
+    lot_size: String,
+}
+
+impl MarketArgs {
+    fn spec(&self) -> Result<MarketSpec> {
+        let input: MarketSpecInput = match &self.market {
+            Some(path) => {
+                if !path.exists() {
+                    bail!("market file {} does not exist", path.display());
+                }
+                Figment::from(Toml::file(path)).extract().with_context(|| {
+                    format!("market file {} is not a valid market spec", path.display())
+                })?
+            }
+            None => MarketSpecInput {
+                tick_size: Some(self.tick_size.clone()),
+                lot_size: Some(self.lot_size.clone()),
+                ..MarketSpecInput::new(&self.symbol, self.price_decimals, self.size_decimals)
+            },
+        };
+        input
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid market spec: {e} (field {})", e.field))
+    }
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// JSON-lines command file (gzip is read transparently).
+    file: PathBuf,
+    #[command(flatten)]
+    market: MarketArgs,
+    /// Write the events here instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Add the final top-N L2 levels of each side as one JSON line at the end.
+    #[arg(long, value_name = "N")]
+    book: Option<usize>,
+    /// Time only the book over K repetitions (fresh book each) and print rates and latencies.
+    #[arg(long, value_name = "K")]
+    bench: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Orders resting on the book before the flow starts.
+    #[arg(long, default_value_t = 1_000)]
+    resting: usize,
+    /// Ticks over which passive orders spread from the top of the book.
+    #[arg(long, default_value_t = 400)]
+    spread_ticks: u64,
+    /// Commands of flow after the resting orders.
+    #[arg(long, default_value_t = 100_000)]
+    commands: usize,
+    #[arg(long, default_value_t = 200)]
+    accounts: u32,
+    /// Mix in every order type and rule (stops, icebergs, GTD, amends, STP, halts, bad input).
+    #[arg(long)]
+    full_mix: bool,
+    /// Write here instead of standard output (`.gz` is gzip-compressed).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+fn writer(path: Option<&Path>) -> Result<Box<dyn Write>> {
+    Ok(match path {
+        None => Box::new(BufWriter::new(io::stdout().lock())),
+        Some(p) => {
+            let file = File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
+            if p.extension().is_some_and(|e| e == "gz") {
+                Box::new(BufWriter::new(flate2::write::GzEncoder::new(
+                    file,
+                    flate2::Compression::default(),
+                )))
+            } else {
+                Box::new(BufWriter::new(file))
+            }
+        }
+    })
+}
+
+fn replay_cmd(args: ReplayArgs) -> Result<()> {
+    let spec = args.market.spec()?;
+    let reader = replay::open_input(&args.file)?;
+    let inputs = replay::read_inputs(reader, &spec)?;
+    if let Some(k) = args.bench {
+        let report = replay::bench(&spec, &inputs, k)?;
+        report.print(&mut io::stdout().lock())?;
+        return Ok(());
+    }
+    let mut out = writer(args.out.as_deref())?;
+    let mut book = OrderBook::new(spec);
+    let summary = replay::run(&mut book, &inputs, &mut out)?;
+    if let Some(n) = args.book {
+        serde_json::to_writer(&mut out, &WireBook::new(&book, n))?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    let rate = summary.commands as f64 / summary.seconds.max(1e-9);
+    eprintln!("commands: {}", summary.commands);
+    eprintln!("events: {}", summary.events);
+    eprintln!("trades: {}", summary.trades);
+    eprintln!("rejected: {}", summary.rejected);
+    eprintln!(
+        "resting_orders: {} (bid levels {}, ask levels {})",
+        book.order_count(),
+        book.level_count(Side::Buy),
+        book.level_count(Side::Sell)
+    );
+    eprintln!("commands_per_sec: {rate:.0} (including JSON output)");
+    eprintln!("state_hash: {}", book.state_hash());
+    Ok(())
+}
+
+fn generate_cmd(args: GenerateArgs) -> Result<()> {
+    let params = FlowParams {
+        seed: args.seed,
+        resting: args.resting,
+        spread_ticks: args.spread_ticks.max(1),
+        commands: args.commands,
+        accounts: args.accounts.max(1),
+        full_mix: args.full_mix,
+    };
+    let w = workload::generate(&params);
+    let mut out = writer(args.out.as_deref())?;
+    for cmd in w.prefill.iter().chain(&w.commands) {
+        serde_json::to_writer(&mut out, &WireCommandOut::from_command(&w.spec, cmd, true))?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Replay(args) => replay_cmd(args),
+        Cmd::Generate(args) => generate_cmd(args),
+    };
+    if let Err(e) = result {
+        eprintln!("agora: {e:#}");
+        std::process::exit(1);
+    }
+}

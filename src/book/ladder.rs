@@ -76,7 +76,7 @@ impl Ladder {
     }
 
     /// The level with this key.
-    #[inline]
+    #[cfg(test)]
     pub fn get(&self, key: u64) -> Option<u32> {
         let i = self.dir_find(key >> SLOT_BITS).ok()?;
         let page = &self.pages[self.dir[i].1 as usize];

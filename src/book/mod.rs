@@ -100,6 +100,7 @@
 
 pub mod command;
 pub mod event;
+mod index;
 mod ladder;
 pub mod num;
 pub mod reference;

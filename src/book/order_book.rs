@@ -12,7 +12,10 @@
 //! output, or let a map's iteration order decide anything the book emits.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
+use std::hash::BuildHasher;
+
+use super::index::SlotIndex;
 
 use super::command::{Amend, Command, NewOrder, Op, OrderRef};
 use super::event::{
@@ -27,6 +30,10 @@ use super::snapshot::{
 use super::spec::MarketSpec;
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
+/// Debug builds check every invariant after each command up to this many open orders.
+#[cfg(debug_assertions)]
+const DEBUG_CHECK_ORDERS_MAX: usize = 20_000;
+
 /// Engine-generated keys (oids, exchange-assigned accounts): a fixed seed is enough.
 type FixedState = foldhash::fast::FixedState;
 /// Client-chosen keys (cids): a per-process random seed, so collisions cannot be precomputed.
@@ -38,6 +45,8 @@ struct Order {
     // Queue links within the level (unused while parked as a stop).
     prev: u32,
     next: u32,
+    /// Slot of the order's level in its side's ladder (levels never move while they exist).
+    level: u32,
     leaves: u64,
     /// Shown part; equals `leaves` unless an iceberg.
     visible: u64,
@@ -58,6 +67,8 @@ struct Order {
     stop_price: u64,
     expire_at: Option<Timestamp>,
     cid: Option<Cid>,
+    /// Hash of (account slot, cid) in `by_cid`, kept so removal never hashes again.
+    cid_hash: u64,
     acct_prev: u32,
     acct_next: u32,
 }
@@ -90,6 +101,8 @@ struct Taker {
     stop_price: u64,
     expire_at: Option<Timestamp>,
     slot: Option<u32>,
+    /// Hash of the cid under slot `account_id`, when already computed.
+    cid_hash: Option<u64>,
 }
 
 impl Taker {
@@ -114,7 +127,8 @@ struct At {
 /// sides a larger key is a better price.
 #[inline]
 fn key_of(side: Side, price: u64, tick: u64) -> u64 {
-    let t = price / tick;
+    // Most markets quote in whole units of their last decimal: skip the division then.
+    let t = if tick == 1 { price } else { price / tick };
     match side {
         Side::Buy => t,
         Side::Sell => !t,
@@ -133,11 +147,16 @@ pub struct OrderBook {
     asks: Ladder,
     orders: Vec<Order>,
     free: Vec<u32>,
-    by_oid: HashMap<u64, u32, FixedState>,
-    by_cid: HashMap<(u32, Cid), u32, SeededState>,
+    /// Open orders (resting and stops) by oid; entries are slab slots.
+    by_oid: SlotIndex,
+    /// Open orders with a cid, by (account slot, cid); entries are slab slots.
+    by_cid: SlotIndex,
+    oid_hasher: FixedState,
+    cid_hasher: SeededState,
     accounts: Vec<AccountSlot>,
     accounts_free: Vec<u32>,
-    account_index: HashMap<Account, u32, FixedState>,
+    /// Accounts with open orders, by name; entries are account slots.
+    account_index: SlotIndex,
     /// Buy stops by (stop price, oid): the first is the next to trigger.
     buy_stops: BTreeMap<(u64, u64), u32>,
     /// Sell stops by (!stop price, oid): the first (highest stop) is the next to trigger.
@@ -158,11 +177,13 @@ impl OrderBook {
             asks: Ladder::default(),
             orders: Vec::new(),
             free: Vec::new(),
-            by_oid: HashMap::with_hasher(FixedState::default()),
-            by_cid: HashMap::with_hasher(SeededState::default()),
+            by_oid: SlotIndex::default(),
+            by_cid: SlotIndex::default(),
+            oid_hasher: FixedState::default(),
+            cid_hasher: SeededState::default(),
             accounts: Vec::new(),
             accounts_free: Vec::new(),
-            account_index: HashMap::with_hasher(FixedState::default()),
+            account_index: SlotIndex::default(),
             buy_stops: BTreeMap::new(),
             sell_stops: BTreeMap::new(),
             expiries: BinaryHeap::new(),
@@ -175,8 +196,8 @@ impl OrderBook {
         let mut book = OrderBook::new(spec);
         book.orders.reserve(orders);
         book.free.reserve(orders);
-        book.by_oid.reserve(orders);
-        book.by_cid.reserve(orders);
+        book.by_oid = SlotIndex::with_capacity(orders);
+        book.by_cid = SlotIndex::with_capacity(orders);
         book.bids.reserve(1024);
         book.asks.reserve(1024);
         book
@@ -214,7 +235,7 @@ impl OrderBook {
 
     /// Resting orders (stops excluded).
     pub fn order_count(&self) -> usize {
-        self.by_oid.len() - self.stop_count()
+        self.open_count() - self.stop_count()
     }
 
     /// Stop orders waiting for their trigger.
@@ -291,12 +312,12 @@ impl OrderBook {
             }
         }
         self.trigger_stops(at, out);
-        // A crossed book at rest is never acceptable: stop rather than trade on it.
-        if let (Some(b), Some(a)) = (self.best_bid(), self.best_ask()) {
-            assert!(b < a, "book crossed at rest: bid {} >= ask {}", b.0, a.0);
-        }
+        // Debug builds walk the whole book after every command while it is small enough for
+        // that to stay usable, and every 1024th command beyond; tests call it explicitly.
         #[cfg(debug_assertions)]
-        if let Err(e) = self.check_invariants() {
+        if (self.open_count() <= DEBUG_CHECK_ORDERS_MAX || cmd.seq.is_multiple_of(1024))
+            && let Err(e) = self.check_invariants()
+        {
             panic!(
                 "invariant broken after seq {} pos {}: {e}",
                 cmd.seq, cmd.pos
@@ -357,7 +378,13 @@ impl OrderBook {
 
     // ----- new ----------------------------------------------------------------------------
 
-    fn check_new(&self, cmd: &Command, o: &NewOrder) -> Result<(), RejectReason> {
+    /// Checks a new order; on success returns the sender's account slot (if it has open orders)
+    /// and the hash of the order's cid under that slot.
+    fn check_new(
+        &self,
+        cmd: &Command,
+        o: &NewOrder,
+    ) -> Result<(Option<u32>, Option<u64>), RejectReason> {
         use RejectReason as R;
         let spec = &self.spec;
         if self.halted {
@@ -367,7 +394,7 @@ impl OrderBook {
         if qty == 0 {
             return Err(R::QtyZero);
         }
-        if !qty.is_multiple_of(spec.lot.0) {
+        if !on_step(qty, spec.lot.0) {
             return Err(R::QtyNotOnLot);
         }
         if qty < spec.min_qty.0 {
@@ -380,7 +407,7 @@ impl OrderBook {
             match o.price {
                 None => return Err(R::PriceMissing),
                 Some(Price(0)) => return Err(R::PriceZero),
-                Some(p) if p.0 % spec.tick.0 != 0 => return Err(R::PriceNotOnTick),
+                Some(p) if !on_step(p.0, spec.tick.0) => return Err(R::PriceNotOnTick),
                 Some(_) => {}
             }
         } else if o.price.is_some() {
@@ -389,7 +416,9 @@ impl OrderBook {
         if o.order_type.is_stop() {
             match o.stop_price {
                 None => return Err(R::StopPriceMissing),
-                Some(p) if p.0 == 0 || p.0 % spec.tick.0 != 0 => return Err(R::StopPriceInvalid),
+                Some(p) if p.0 == 0 || !on_step(p.0, spec.tick.0) => {
+                    return Err(R::StopPriceInvalid);
+                }
                 Some(_) => {}
             }
         } else if o.stop_price.is_some() {
@@ -402,39 +431,45 @@ impl OrderBook {
             && (!o.order_type.has_limit_price()
                 || !o.tif.rests()
                 || d.0 == 0
-                || d.0 % spec.lot.0 != 0
+                || !on_step(d.0, spec.lot.0)
                 || d.0 > qty)
-            {
-                return Err(R::DisplayQtyInvalid);
-            }
+        {
+            return Err(R::DisplayQtyInvalid);
+        }
         match (o.tif, o.expire_at) {
             (Tif::Gtd, None) => return Err(R::ExpireAtMissing),
             (Tif::Gtd, Some(t)) if t <= cmd.ts => return Err(R::ExpireAtInPast),
             (Tif::Gtd, Some(_)) | (_, None) => {}
             (_, Some(_)) => return Err(R::ExpireAtNotAllowed),
         }
-        if let Some(cid) = o.cid
-            && let Some(&acct) = self.account_index.get(&cmd.account)
-                && self.by_cid.contains_key(&(acct, cid)) {
-                    return Err(R::DuplicateCid);
-                }
+        let account_id = self.find_account(&cmd.account);
+        // The cid's hash under the account's current slot, kept for `store`.
+        let mut cid_hash = None;
+        if let (Some(cid), Some(acct)) = (o.cid, account_id) {
+            let hash = self.cid_hasher.hash_one((acct, cid));
+            if self.find_cid_hashed(acct, cid, hash).is_some() {
+                return Err(R::DuplicateCid);
+            }
+            cid_hash = Some(hash);
+        }
         if o.order_type == OrderType::Limit
             && let Some(p) = o.price
-                && !self.in_band(o.side, p.0) {
-                    return Err(R::PriceOutOfBand);
-                }
+            && !self.in_band(o.side, p.0)
+        {
+            return Err(R::PriceOutOfBand);
+        }
         let may_stay = o.order_type.is_stop() || o.tif.rests();
-        if may_stay && self.by_oid.len() >= spec.orders_max as usize {
+        if may_stay && self.open_count() >= spec.orders_max as usize {
             return Err(R::BookFull);
         }
-        Ok(())
+        Ok((account_id, cid_hash))
     }
 
     fn on_new(&mut self, cmd: &Command, at: At, o: &NewOrder, out: &mut Vec<Event>) {
-        if let Err(reason) = self.check_new(cmd, o) {
-            self.reject(cmd, at, reason, None, out);
-            return;
-        }
+        let (account_id, cid_hash) = match self.check_new(cmd, o) {
+            Ok(found) => found,
+            Err(reason) => return self.reject(cmd, at, reason, None, out),
+        };
         let oid = OrderId::from_input(cmd.seq, cmd.pos);
         let stp = o.stp.unwrap_or(self.spec.stp_default);
         out.push(Event::Accepted(Accepted {
@@ -459,7 +494,7 @@ impl OrderBook {
             oid,
             cid: o.cid,
             account: cmd.account,
-            account_id: self.account_index.get(&cmd.account).copied(),
+            account_id,
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
@@ -472,6 +507,7 @@ impl OrderBook {
             stop_price: o.stop_price.map_or(0, |p| p.0),
             expire_at: o.expire_at,
             slot: None,
+            cid_hash,
         };
         if o.order_type.is_stop() {
             let idx = self.store(&taker);
@@ -732,14 +768,10 @@ impl OrderBook {
         let shown = o.visible.min(o.leaves);
         let hidden_drop = o.visible - shown;
         o.visible = shown;
-        let (side, price) = (o.side, o.price);
-        let key = key_of(side, price, self.spec.tick.0);
-        let ladder = self.ladder_mut(side);
-        if let Some(li) = ladder.get(key) {
-            let level = ladder.level_mut(li);
-            level.total -= d;
-            level.shown -= hidden_drop;
-        }
+        let (side, li) = (o.side, o.level);
+        let level = self.ladder_mut(side).level_mut(li);
+        level.total -= d;
+        level.shown -= hidden_drop;
     }
 
     /// Cancels the rest of the taker (no book change; `finish` releases its slot if any).
@@ -765,6 +797,21 @@ impl OrderBook {
 
     /// Puts the taker's remainder at the back of its level.
     fn rest(&mut self, t: &Taker) {
+        // Only resting can cross a book: check it here, once, in every build. A crash beats a
+        // crossed book that goes on trading.
+        let opposite = self.ladder(t.side.opposite());
+        if let Some(li) = opposite.best() {
+            let best = opposite.level(li).price;
+            let crosses = match t.side {
+                Side::Buy => t.price >= best,
+                Side::Sell => t.price <= best,
+            };
+            assert!(
+                !crosses,
+                "order {} would rest at {} across the best {}",
+                t.oid, t.price, best
+            );
+        }
         let idx = match t.slot {
             Some(idx) => idx,
             None => self.store(t),
@@ -800,6 +847,7 @@ impl OrderBook {
         let order = Order {
             prev: NIL,
             next: NIL,
+            level: NIL,
             leaves: t.rem,
             visible: t.rem,
             price: t.price,
@@ -816,6 +864,11 @@ impl OrderBook {
             stop_price: t.stop_price,
             expire_at: t.expire_at,
             cid: t.cid,
+            cid_hash: match (t.cid, t.cid_hash) {
+                (None, _) => 0,
+                (Some(_), Some(hash)) if t.account_id == Some(account) => hash,
+                (Some(cid), _) => self.cid_hasher.hash_one((account, cid)),
+            },
             acct_prev: NIL,
             acct_next: NIL,
         };
@@ -829,9 +882,14 @@ impl OrderBook {
                 (self.orders.len() - 1) as u32
             }
         };
-        self.by_oid.insert(t.oid.0, idx);
-        if let Some(cid) = t.cid {
-            self.by_cid.insert((account, cid), idx);
+        let (orders, oid_hasher) = (&self.orders, &self.oid_hasher);
+        self.by_oid.insert(oid_hasher.hash_one(t.oid.0), idx, |s| {
+            oid_hasher.hash_one(orders[s as usize].oid)
+        });
+        if t.cid.is_some() {
+            let hash = orders[idx as usize].cid_hash;
+            self.by_cid
+                .insert(hash, idx, |s| orders[s as usize].cid_hash);
         }
         if let Some(at) = t.expire_at {
             self.gtd_open += 1;
@@ -852,7 +910,7 @@ impl OrderBook {
     }
 
     fn intern(&mut self, name: Account) -> u32 {
-        if let Some(&id) = self.account_index.get(&name) {
+        if let Some(id) = self.find_account(&name) {
             return id;
         }
         let slot = AccountSlot {
@@ -871,18 +929,60 @@ impl OrderBook {
                 (self.accounts.len() - 1) as u32
             }
         };
-        self.account_index.insert(name, id);
+        let (accounts, hasher) = (&self.accounts, &self.oid_hasher);
+        self.account_index.insert(hasher.hash_one(name), id, |a| {
+            hasher.hash_one(accounts[a as usize].name)
+        });
         id
+    }
+
+    // ----- index lookups --------------------------------------------------------------------
+
+    #[inline]
+    fn find_oid(&self, oid: u64) -> Option<u32> {
+        let orders = &self.orders;
+        self.by_oid.find(self.oid_hasher.hash_one(oid), |s| {
+            orders[s as usize].oid == oid
+        })
+    }
+
+    #[inline]
+    fn find_cid(&self, account: u32, cid: Cid) -> Option<u32> {
+        self.find_cid_hashed(account, cid, self.cid_hasher.hash_one((account, cid)))
+    }
+
+    #[inline]
+    fn find_cid_hashed(&self, account: u32, cid: Cid, hash: u64) -> Option<u32> {
+        let orders = &self.orders;
+        self.by_cid.find(hash, |s| {
+            let o = &orders[s as usize];
+            o.account == account && o.cid == Some(cid)
+        })
+    }
+
+    #[inline]
+    fn find_account(&self, name: &Account) -> Option<u32> {
+        let accounts = &self.accounts;
+        self.account_index
+            .find(self.oid_hasher.hash_one(name), |a| {
+                accounts[a as usize].name == *name
+            })
+    }
+
+    /// Open orders, resting and stops.
+    #[inline]
+    fn open_count(&self) -> usize {
+        self.by_oid.len()
     }
 
     /// Removes an order that is on no level and in no stop map from every index.
     fn release(&mut self, idx: u32) {
         let o = &self.orders[idx as usize];
-        let (oid, cid, account, expire_at) = (o.oid, o.cid, o.account, o.expire_at);
-        let (prev, next) = (o.acct_prev, o.acct_next);
-        self.by_oid.remove(&oid);
-        if let Some(cid) = cid {
-            self.by_cid.remove(&(account, cid));
+        let (oid, account, expire_at, cid_hash) = (o.oid, o.account, o.expire_at, o.cid_hash);
+        let (prev, next, has_cid) = (o.acct_prev, o.acct_next, o.cid.is_some());
+        self.by_oid.remove(self.oid_hasher.hash_one(oid), idx);
+        if has_cid {
+            self.by_cid.remove(cid_hash, idx);
         }
         if prev == NIL {
             self.accounts[account as usize].head = next;
@@ -897,8 +997,8 @@ impl OrderBook {
         let slot = &mut self.accounts[account as usize];
         slot.open -= 1;
         if slot.open == 0 {
-            let name = slot.name;
-            self.account_index.remove(&name);
+            let hash = self.oid_hasher.hash_one(slot.name);
+            self.account_index.remove(hash, account);
             self.accounts_free.push(account);
         }
         if expire_at.is_some() {
@@ -912,7 +1012,7 @@ impl OrderBook {
 
     fn compact_expiries(&mut self) {
         let mut heap = std::mem::take(&mut self.expiries).into_vec();
-        heap.retain(|Reverse((_, oid))| self.by_oid.contains_key(oid));
+        heap.retain(|Reverse((_, oid))| self.find_oid(*oid).is_some());
         self.expiries = BinaryHeap::from(heap);
     }
 
@@ -926,6 +1026,7 @@ impl OrderBook {
         let li = ladder.get_or_insert(key, price);
         let level = ladder.level_mut(li);
         let o = &mut self.orders[idx as usize];
+        o.level = li;
         level.shown += o.visible;
         level.total += o.leaves;
         level.count += 1;
@@ -942,15 +1043,10 @@ impl OrderBook {
 
     fn unlink_level(&mut self, side: Side, idx: u32) {
         let o = &self.orders[idx as usize];
-        let (prev, next, price, visible, leaves) = (o.prev, o.next, o.price, o.visible, o.leaves);
-        let key = key_of(side, price, self.spec.tick.0);
+        let (prev, next, li, visible, leaves) = (o.prev, o.next, o.level, o.visible, o.leaves);
         let ladder = match side {
             Side::Buy => &mut self.bids,
             Side::Sell => &mut self.asks,
-        };
-        let Some(li) = ladder.get(key) else {
-            debug_assert!(false, "resting order {idx} has no level");
-            return;
         };
         let level = ladder.level_mut(li);
         if prev == NIL {
@@ -967,6 +1063,7 @@ impl OrderBook {
         level.total -= leaves;
         level.count -= 1;
         if level.count == 0 {
+            let key = level.key;
             ladder.remove(key);
         }
     }
@@ -1033,6 +1130,7 @@ impl OrderBook {
             stop_price: o.stop_price,
             expire_at: o.expire_at,
             slot: Some(idx),
+            cid_hash: Some(o.cid_hash),
         }
     }
 
@@ -1042,9 +1140,8 @@ impl OrderBook {
     fn lookup(&self, cmd: &Command, target: OrderRef) -> Result<u32, (RejectReason, Option<u32>)> {
         match target {
             OrderRef::Oid(oid) => {
-                let &idx = self
-                    .by_oid
-                    .get(&oid.0)
+                let idx = self
+                    .find_oid(oid.0)
                     .ok_or((RejectReason::UnknownOrder, None))?;
                 let owner = self.accounts[self.orders[idx as usize].account as usize].name;
                 if owner != cmd.account {
@@ -1053,10 +1150,8 @@ impl OrderBook {
                 Ok(idx)
             }
             OrderRef::Cid(cid) => self
-                .account_index
-                .get(&cmd.account)
-                .and_then(|acct| self.by_cid.get(&(*acct, cid)))
-                .copied()
+                .find_account(&cmd.account)
+                .and_then(|acct| self.find_cid(acct, cid))
                 .ok_or((RejectReason::UnknownOrder, None)),
         }
     }
@@ -1178,7 +1273,7 @@ impl OrderBook {
     }
 
     fn on_cancel_all(&mut self, cmd: &Command, at: At, out: &mut Vec<Event>) {
-        let Some(&acct) = self.account_index.get(&cmd.account) else {
+        let Some(acct) = self.find_account(&cmd.account) else {
             return;
         };
         let mut idx = self.accounts[acct as usize].head;
@@ -1192,7 +1287,11 @@ impl OrderBook {
 
     /// Cancels every open order in oid order (halt with `cancel_orders`).
     fn cancel_everything(&mut self, at: At, reason: CancelReason, out: &mut Vec<Event>) {
-        let mut all: Vec<(u64, u32)> = self.by_oid.iter().map(|(&oid, &idx)| (oid, idx)).collect();
+        let mut all: Vec<(u64, u32)> = self
+            .by_oid
+            .iter()
+            .map(|idx| (self.orders[idx as usize].oid, idx))
+            .collect();
         all.sort_unstable();
         for (_, idx) in all {
             self.cancel_order(idx, at, reason, out);
@@ -1205,13 +1304,16 @@ impl OrderBook {
                 break;
             }
             self.expiries.pop();
-            if let Some(&idx) = self.by_oid.get(&oid) {
+            if let Some(idx) = self.find_oid(oid) {
                 self.cancel_order(idx, at, CancelReason::Expired, out);
             }
         }
     }
 
     fn trigger_stops(&mut self, at: At, out: &mut Vec<Event>) {
+        if self.buy_stops.is_empty() && self.sell_stops.is_empty() {
+            return;
+        }
         while !self.halted {
             let Some(last) = self.last_trade_price else {
                 return;
@@ -1372,13 +1474,12 @@ impl OrderBook {
                     r.oid
                 )));
             }
-            if book.by_oid.contains_key(&r.oid.0) {
+            if book.find_oid(r.oid.0).is_some() {
                 return Err(bad(format!("order {} appears twice", r.oid)));
             }
             if r.cid.is_some_and(|cid| {
-                book.account_index
-                    .get(&r.account)
-                    .is_some_and(|a| book.by_cid.contains_key(&(*a, cid)))
+                book.find_account(&r.account)
+                    .is_some_and(|a| book.find_cid(a, cid).is_some())
             }) {
                 return Err(bad(format!(
                     "order {} repeats an open cid of its account",
@@ -1402,6 +1503,7 @@ impl OrderBook {
                 stop_price: r.stop_price.map_or(0, |p| p.0),
                 expire_at: r.expire_at,
                 slot: None,
+                cid_hash: None,
             };
             let idx = book.store(&t);
             book.orders[idx as usize].visible = r.visible.0;
@@ -1430,12 +1532,13 @@ impl OrderBook {
         }
         book.check_invariants().map_err(bad)?;
         if let (Some(b), Some(a)) = (book.best_bid(), book.best_ask())
-            && b >= a {
-                return Err(bad(format!(
-                    "the book is crossed: bid {} >= ask {}",
-                    b.0, a.0
-                )));
-            }
+            && b >= a
+        {
+            return Err(bad(format!(
+                "the book is crossed: bid {} >= ask {}",
+                b.0, a.0
+            )));
+        }
         Ok(book)
     }
 
@@ -1494,7 +1597,7 @@ impl OrderBook {
                             o.oid, o.filled, o.leaves, o.qty
                         ));
                     }
-                    if self.by_oid.get(&o.oid) != Some(&i) {
+                    if self.find_oid(o.oid) != Some(i) {
                         return Err(format!("order {} is not indexed", o.oid));
                     }
                     shown += o.visible;
@@ -1518,16 +1621,17 @@ impl OrderBook {
             }
         }
         if let (Some(b), Some(a)) = (self.best_bid(), self.best_ask())
-            && b >= a {
-                return Err(format!("crossed: bid {} >= ask {}", b.0, a.0));
-            }
+            && b >= a
+        {
+            return Err(format!("crossed: bid {} >= ask {}", b.0, a.0));
+        }
         for (side, stops) in [(Side::Buy, &self.buy_stops), (Side::Sell, &self.sell_stops)] {
             for (key, &i) in stops {
                 let o = &self.orders[i as usize];
                 if !o.parked
                     || o.side != side
                     || order_stop_key(o) != *key
-                    || self.by_oid.get(&o.oid) != Some(&i)
+                    || self.find_oid(o.oid) != Some(i)
                 {
                     return Err(format!("stop {} is badly indexed", o.oid));
                 }
@@ -1538,30 +1642,35 @@ impl OrderBook {
                 seen += 1;
             }
         }
-        if seen != self.by_oid.len() {
+        if seen != self.open_count() {
             return Err(format!(
                 "{} orders indexed, {} on the book",
-                self.by_oid.len(),
+                self.open_count(),
                 seen
             ));
         }
-        for (&(acct, cid), &i) in &self.by_cid {
+        for i in self.by_cid.iter() {
             let o = &self.orders[i as usize];
-            if o.account != acct || o.cid != Some(cid) || self.by_oid.get(&o.oid) != Some(&i) {
-                return Err(format!("cid {cid} is badly indexed"));
+            let found = o.cid.and_then(|cid| self.find_cid(o.account, cid));
+            if found != Some(i) || self.find_oid(o.oid) != Some(i) {
+                return Err(format!("order {} is badly indexed by cid", o.oid));
             }
         }
         let with_cid = self
             .by_oid
-            .values()
-            .filter(|&&i| self.orders[i as usize].cid.is_some())
+            .iter()
+            .filter(|&i| self.orders[i as usize].cid.is_some())
             .count();
         if with_cid != self.by_cid.len() {
             return Err("cid index size disagrees with the orders".into());
         }
-        for (name, &id) in &self.account_index {
+        for id in self.account_index.iter() {
             let slot = &self.accounts[id as usize];
-            if slot.name != *name || slot.open == 0 || slot.open != per_account[id as usize] {
+            let name = slot.name;
+            if self.find_account(&name) != Some(id)
+                || slot.open == 0
+                || slot.open != per_account[id as usize]
+            {
                 return Err(format!(
                     "account {name} counts {} open, found {}",
                     slot.open, per_account[id as usize]
@@ -1590,14 +1699,20 @@ impl OrderBook {
         }
         let gtd = self
             .by_oid
-            .values()
-            .filter(|&&i| self.orders[i as usize].expire_at.is_some())
+            .iter()
+            .filter(|&i| self.orders[i as usize].expire_at.is_some())
             .count();
         if gtd != self.gtd_open {
             return Err(format!("{gtd} gtd orders open, counted {}", self.gtd_open));
         }
         Ok(())
     }
+}
+
+/// Whether `value` is a whole number of `step`s (no division for the common step of 1).
+#[inline]
+fn on_step(value: u64, step: u64) -> bool {
+    step == 1 || value.is_multiple_of(step)
 }
 
 fn stop_key(t: &Taker) -> (u64, u64) {

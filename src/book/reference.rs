@@ -79,13 +79,7 @@ fn tag(o: &OrderRecord) -> OrderTag {
     }
 }
 
-fn push_cancelled(
-    out: &mut Vec<Event>,
-    ctx: Ctx,
-    o: &OrderRecord,
-    reason: CancelReason,
-    qty: Qty,
-) {
+fn push_cancelled(out: &mut Vec<Event>, ctx: Ctx, o: &OrderRecord, reason: CancelReason, qty: Qty) {
     out.push(Event::Cancelled(Cancelled {
         seq: ctx.seq,
         ts: ctx.ts,
@@ -147,7 +141,10 @@ impl ReferenceBook {
             ts: cmd.ts,
         };
         // (1) Sequence.
-        if self.last_input.is_some_and(|last| (cmd.seq, cmd.pos) <= last) {
+        if self
+            .last_input
+            .is_some_and(|last| (cmd.seq, cmd.pos) <= last)
+        {
             self.reject_unsequenced(ctx, cmd, out);
             return;
         }
@@ -244,6 +241,7 @@ impl ReferenceBook {
             qty: new.qty,
             filled: Qty::ZERO,
             leaves: new.qty,
+            // Set again when the order rests or waits.
             visible: new.qty,
             display_qty: new.display_qty,
             expire_at: new.expire_at,
@@ -281,7 +279,7 @@ impl ReferenceBook {
         if qty == 0 {
             return Err(R::QtyZero);
         }
-        if qty % spec.lot.0 != 0 {
+        if !qty.is_multiple_of(spec.lot.0) {
             return Err(R::QtyNotOnLot);
         }
         if qty < spec.min_qty.0 {
@@ -295,7 +293,7 @@ impl ReferenceBook {
             match new.price {
                 None => return Err(R::PriceMissing),
                 Some(Price(0)) => return Err(R::PriceZero),
-                Some(p) if p.0 % spec.tick.0 != 0 => return Err(R::PriceNotOnTick),
+                Some(p) if !p.0.is_multiple_of(spec.tick.0) => return Err(R::PriceNotOnTick),
                 Some(_) => {}
             }
         } else if new.price.is_some() {
@@ -304,7 +302,7 @@ impl ReferenceBook {
         if new.order_type.is_stop() {
             match new.stop_price {
                 None => return Err(R::StopPriceMissing),
-                Some(p) if p.0 == 0 || p.0 % spec.tick.0 != 0 => {
+                Some(p) if p.0 == 0 || !p.0.is_multiple_of(spec.tick.0) => {
                     return Err(R::StopPriceInvalid);
                 }
                 Some(_) => {}
@@ -319,7 +317,7 @@ impl ReferenceBook {
             let valid = priced
                 && new.tif.rests()
                 && display.0 > 0
-                && display.0 % spec.lot.0 == 0
+                && display.0.is_multiple_of(spec.lot.0)
                 && display <= new.qty;
             if !valid {
                 return Err(R::DisplayQtyInvalid);
@@ -449,6 +447,7 @@ impl ReferenceBook {
         } else {
             match taker.tif {
                 Tif::Gtc | Tif::Gtd => self.rest(taker),
+                // A fok that passed its check fills whole; post_only never gets here.
                 Tif::Ioc | Tif::Fok | Tif::PostOnly => {
                     self.cancel_taker(ctx, &mut taker, CancelReason::IocRemainder, out)
                 }
@@ -485,7 +484,7 @@ impl ReferenceBook {
                 return false;
             }
             for oid in level {
-                if taker.stp == StpMode::CancelOldest && own(oid) && false {
+                if taker.stp == StpMode::CancelOldest && own(oid) {
                     continue;
                 }
                 sum += u128::from(self.orders[oid].leaves.0);
@@ -520,7 +519,9 @@ impl ReferenceBook {
                     StpMode::CancelNewest => {
                         self.cancel_taker(ctx, taker, CancelReason::Stp, out);
                     }
-                    StpMode::CancelOldest => self.cancel_resting(ctx, maker_oid, CancelReason::Stp, out),
+                    StpMode::CancelOldest => {
+                        self.cancel_resting(ctx, maker_oid, CancelReason::Stp, out)
+                    }
                     StpMode::CancelBoth => {
                         self.cancel_resting(ctx, maker_oid, CancelReason::Stp, out);
                         self.cancel_taker(ctx, taker, CancelReason::Stp, out);
@@ -597,15 +598,11 @@ impl ReferenceBook {
                 let o = &self.orders[oid];
                 let stop = o.stop_price.expect("a stop order has a stop price");
                 match o.side {
-                    Side::Buy if stop <= last => {
-                        if buy.is_none_or(|(best, _)| stop < best) {
-                            buy = Some((stop, *oid));
-                        }
+                    Side::Buy if stop <= last && buy.is_none_or(|(best, _)| stop < best) => {
+                        buy = Some((stop, *oid));
                     }
-                    Side::Sell if stop >= last => {
-                        if sell.is_none_or(|(best, _)| stop > best) {
-                            sell = Some((stop, *oid));
-                        }
+                    Side::Sell if stop >= last && sell.is_none_or(|(best, _)| stop > best) => {
+                        sell = Some((stop, *oid));
                     }
                     _ => {}
                 }
@@ -685,7 +682,13 @@ impl ReferenceBook {
     }
 
     /// Cancels the whole of an open order (resting or waiting stop).
-    fn cancel_resting(&mut self, ctx: Ctx, oid: OrderId, reason: CancelReason, out: &mut Vec<Event>) {
+    fn cancel_resting(
+        &mut self,
+        ctx: Ctx,
+        oid: OrderId,
+        reason: CancelReason,
+        out: &mut Vec<Event>,
+    ) {
         let mut order = self.remove(oid);
         let qty = order.leaves;
         order.leaves = Qty::ZERO;
@@ -771,7 +774,7 @@ impl ReferenceBook {
             if qty.0 == 0 {
                 return fail(R::QtyZero);
             }
-            if qty.0 % self.spec.lot.0 != 0 {
+            if !qty.0.is_multiple_of(self.spec.lot.0) {
                 return fail(R::QtyNotOnLot);
             }
             if self.spec.max_qty.is_some_and(|max| qty > max) {
@@ -782,7 +785,7 @@ impl ReferenceBook {
             if price.0 == 0 {
                 return fail(R::PriceZero);
             }
-            if price.0 % self.spec.tick.0 != 0 {
+            if !price.0.is_multiple_of(self.spec.tick.0) {
                 return fail(R::PriceNotOnTick);
             }
         }
@@ -820,7 +823,12 @@ impl ReferenceBook {
     fn halt(&mut self, ctx: Ctx, account: Account, cancel_orders: bool, out: &mut Vec<Event>) {
         if self.halted {
             let reason = RejectReason::AlreadyHalted;
-            out.push(Event::Rejected(rejection(ctx, OpKind::Halt, account, reason)));
+            out.push(Event::Rejected(rejection(
+                ctx,
+                OpKind::Halt,
+                account,
+                reason,
+            )));
             return;
         }
         self.halted = true;
@@ -836,7 +844,12 @@ impl ReferenceBook {
     fn resume(&mut self, ctx: Ctx, account: Account, out: &mut Vec<Event>) {
         if !self.halted {
             let reason = RejectReason::NotHalted;
-            out.push(Event::Rejected(rejection(ctx, OpKind::Resume, account, reason)));
+            out.push(Event::Rejected(rejection(
+                ctx,
+                OpKind::Resume,
+                account,
+                reason,
+            )));
             return;
         }
         self.halted = false;
@@ -1034,9 +1047,7 @@ impl ReferenceBook {
                 )));
             }
             if previous.is_some_and(|p| p >= oid) {
-                return Err(inconsistent(format!(
-                    "stops are not in oid order at {oid}"
-                )));
+                return Err(inconsistent(format!("stops are not in oid order at {oid}")));
             }
             previous = Some(oid);
             book.stops.insert(oid);
@@ -1134,7 +1145,11 @@ impl ReferenceBook {
             return Err(format!("crossed at rest: bid {} >= ask {}", bid.0, ask.0));
         }
         let cids = self.orders.values().filter(|o| o.cid.is_some()).count();
-        let gtds = self.orders.values().filter(|o| o.expire_at.is_some()).count();
+        let gtds = self
+            .orders
+            .values()
+            .filter(|o| o.expire_at.is_some())
+            .count();
         if cids != self.cids.len() || gtds != self.expiries.len() {
             return Err("the cid or expiry index disagrees with the orders".to_string());
         }

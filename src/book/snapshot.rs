@@ -32,7 +32,8 @@ pub struct OrderRecord {
     pub qty: Qty,
     pub filled: Qty,
     pub leaves: Qty,
-    /// The part shown on the book (equals `leaves` unless an iceberg).
+    /// The part shown on the book: equals `leaves` unless a resting iceberg, and always for a
+    /// stop waiting for its trigger (an iceberg's peak is set when it comes to rest).
     pub visible: Qty,
     pub display_qty: Option<Qty>,
     pub expire_at: Option<Timestamp>,

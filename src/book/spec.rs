@@ -161,17 +161,18 @@ impl MarketSpecInput {
             ));
         }
         if let Some(max) = max_qty
-            && (max % lot != 0 || max < min_qty) {
-                return Err(err(
-                    "max_qty",
-                    format!(
-                        "max_qty {} in {symbol} must be a multiple of lot_size {} and at least min_qty {}",
-                        format_decimal(max, sd),
-                        format_decimal(lot, sd),
-                        format_decimal(min_qty, sd)
-                    ),
-                ));
-            }
+            && (max % lot != 0 || max < min_qty)
+        {
+            return Err(err(
+                "max_qty",
+                format!(
+                    "max_qty {} in {symbol} must be a multiple of lot_size {} and at least min_qty {}",
+                    format_decimal(max, sd),
+                    format_decimal(lot, sd),
+                    format_decimal(min_qty, sd)
+                ),
+            ));
+        }
         let price_band_bps = match &self.price_band_pct {
             None => None,
             Some(text) => {

@@ -1,0 +1,2324 @@
+//! Oracle tests of the book: seeded random command streams go into the fast
+//! [`OrderBook`] and the naive [`ReferenceBook`]; every event, snapshot and state hash must
+//! match, every order's quantity must be conserved, and snapshot/restore or a second run must
+//! change nothing. Also hand-written `reference_*` scenarios with their events spelled out.
+//!
+//! Every failure message names its seed. `AGORA_ORACLE_SEED=<seed>` runs that one seed,
+//! `AGORA_ORACLE_COMMANDS=<n>` sets how many commands a test applies in all (soak runs). This
+//! file must never draw randomness from anything but its own seeded generator, nor read a clock.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+
+use agora::book::num::format_decimal;
+use agora::book::reference::ReferenceBook;
+use agora::book::snapshot::SNAPSHOT_FORMAT_VERSION;
+use agora::book::{
+    Account, Amend, BookSnapshot, CancelReason, Cid, Command, Event, MarketSpec, MarketSpecInput,
+    NewOrder, Op, OrderBook, OrderId, OrderRef, OrderTag, OrderType, Price, Qty, RejectReason,
+    RestoreError, Side, StpMode, Tif,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Seeded generator
+// ---------------------------------------------------------------------------------------------
+
+/// SplitMix64: small, fast, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5eed_f00d_a60a_u64)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+    /// True with probability `per_mille / 1000`.
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+    /// One of `items`, by integer weights.
+    fn weighted<T: Copy>(&mut self, items: &[(T, u64)]) -> T {
+        let total: u64 = items.iter().map(|(_, w)| w).sum();
+        let mut r = self.below(total);
+        for &(item, w) in items {
+            if r < w {
+                return item;
+            }
+            r -= w;
+        }
+        unreachable!("weights sum to total")
+    }
+}
+
+const ACCOUNT_NAMES: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
+const MS: u64 = 1_000_000;
+const STP_MODES: [StpMode; 5] = [
+    StpMode::None,
+    StpMode::CancelNewest,
+    StpMode::CancelOldest,
+    StpMode::CancelBoth,
+    StpMode::DecrementAndCancel,
+];
+
+/// A market spec drawn from the seed: tick, lot, min and max, band, stp default, orders max.
+fn random_spec(rng: &mut Rng) -> MarketSpec {
+    let mut input = MarketSpecInput::new("TEST-USD", 2, 3);
+    let tick = rng.pick(&[1u64, 1, 5, 25]);
+    let lot = rng.pick(&[1u64, 10, 10, 100]);
+    let min_qty = lot * rng.pick(&[1u64, 1, 2, 3]);
+    input.tick_size = Some(format_decimal(tick, 2));
+    input.lot_size = Some(format_decimal(lot, 3));
+    input.min_qty = Some(format_decimal(min_qty, 3));
+    if rng.chance(500) {
+        input.max_qty = Some(format_decimal(lot * rng.pick(&[25u64, 60, 200]), 3));
+    }
+    if rng.chance(500) {
+        input.price_band_pct = Some(rng.pick(&["0.5", "1", "2.5", "10"]).to_string());
+    }
+    if rng.chance(600) {
+        input.stp_default = Some(rng.pick(&STP_MODES));
+    }
+    if rng.chance(250) {
+        input.orders_max = Some(rng.pick(&[12u32, 40]));
+    }
+    input.validate().expect("generated spec is valid")
+}
+
+/// A new order the generator sent that may still be open (it may rest or wait).
+#[derive(Clone, Copy)]
+struct Sent {
+    oid: OrderId,
+    account: usize,
+    cid: Option<Cid>,
+}
+
+/// An order open on the book, as the events tell it, so cancels and amends can aim at it.
+#[derive(Clone, Copy)]
+struct Open {
+    oid: OrderId,
+    account: usize,
+    cid: Option<Cid>,
+    side: Side,
+    price: Option<Price>,
+    qty: u64,
+    filled: u64,
+    /// A stop still waiting for its trigger.
+    waiting: bool,
+}
+
+/// Seeded stream of commands for one market. Besides its seed it sees the events of the book
+/// it feeds (`observe`), to aim cancels and amends at open orders; books that agree on every
+/// event therefore get the same commands.
+struct Gen {
+    rng: Rng,
+    spec: MarketSpec,
+    accounts: Vec<Account>,
+    seq: u64,
+    pos: u16,
+    batch_left: u16,
+    ts: u64,
+    /// The price everything concentrates around, in ticks; it drifts.
+    mid: i64,
+    /// Whether the generator believes the market halted (it sent a halt and no resume since).
+    halted: bool,
+    recent: VecDeque<Sent>,
+    next_cid: u64,
+    /// Open orders (resting and stops), in a deterministic order, and where each one is.
+    open: Vec<Open>,
+    open_at: HashMap<OrderId, usize>,
+    /// Per mille of commands that cancel, and that amend; low on some seeds so books grow deep.
+    cancels: u64,
+    amends: u64,
+    /// Per mille of limit prices that cross the mid.
+    aggressive: u64,
+    /// How far from the mid passive prices go, in ticks.
+    spread: i64,
+    /// Deep seeds: rarer cancel_all, halts and jumps of the mid, so the book grows.
+    deep: bool,
+    /// The last trade price the events showed, in ticks: the mid drifts back towards it, so a
+    /// price band never locks the market up.
+    last_trade: Option<i64>,
+}
+
+impl Gen {
+    fn new(seed: u64) -> Gen {
+        let mut rng = Rng::new(seed);
+        let spec = random_spec(&mut rng);
+        let accounts_n = rng.range(3, 5) as usize;
+        let deep = rng.chance(300);
+        let (cancels, amends, aggressive) = if deep { (50, 80, 200) } else { (150, 170, 350) };
+        let accounts = ACCOUNT_NAMES[..accounts_n]
+            .iter()
+            .map(|a| Account::new(a).unwrap())
+            .collect();
+        Gen {
+            rng,
+            spec,
+            accounts,
+            seq: 0,
+            pos: 0,
+            batch_left: 0,
+            ts: 1_700_000_000_000_000_000,
+            mid: 2_000,
+            halted: false,
+            recent: VecDeque::new(),
+            next_cid: 0,
+            open: Vec::new(),
+            open_at: HashMap::new(),
+            cancels,
+            amends,
+            aggressive,
+            spread: if deep { 30 } else { 8 },
+            deep,
+            last_trade: None,
+        }
+    }
+
+    /// Follows the book's events to know which orders are open, their qty, fills and price.
+    fn observe(&mut self, events: &[Event]) {
+        for e in events {
+            match e {
+                Event::Accepted(a) => {
+                    let account = self
+                        .accounts
+                        .iter()
+                        .position(|x| *x == a.order.account)
+                        .expect("a generated account");
+                    self.open_at.insert(a.order.oid, self.open.len());
+                    self.open.push(Open {
+                        oid: a.order.oid,
+                        account,
+                        cid: a.order.cid,
+                        side: a.side,
+                        price: a.price,
+                        qty: a.qty.0,
+                        filled: 0,
+                        waiting: a.order_type.is_stop(),
+                    });
+                }
+                Event::Trade(t) => {
+                    self.last_trade = Some((t.price.0 / self.spec.tick.0) as i64);
+                    for (oid, leaves) in
+                        [(t.maker.oid, t.maker_leaves), (t.taker.oid, t.taker_leaves)]
+                    {
+                        if let Some(o) = self.open_mut(oid) {
+                            o.filled += t.qty.0;
+                        }
+                        if leaves.0 == 0 {
+                            self.close(oid);
+                        }
+                    }
+                }
+                Event::Cancelled(c) if c.leaves.0 == 0 => self.close(c.order.oid),
+                Event::Triggered(t) => {
+                    if let Some(o) = self.open_mut(t.order.oid) {
+                        o.waiting = false;
+                    }
+                }
+                Event::Amended(m) => {
+                    if let Some(o) = self.open_mut(m.order.oid) {
+                        o.qty = m.qty.0;
+                        o.price = Some(m.price);
+                    }
+                    if m.leaves.0 == 0 {
+                        self.close(m.order.oid);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn open_mut(&mut self, oid: OrderId) -> Option<&mut Open> {
+        let at = *self.open_at.get(&oid)?;
+        Some(&mut self.open[at])
+    }
+
+    fn close(&mut self, oid: OrderId) {
+        if let Some(at) = self.open_at.remove(&oid) {
+            self.open.swap_remove(at);
+            if let Some(moved) = self.open.get(at) {
+                self.open_at.insert(moved.oid, at);
+            }
+        }
+    }
+
+    fn next_command(&mut self) -> Command {
+        if !self.rng.chance(200) {
+            self.ts += MS * self.rng.range(1, 5) as u64;
+        }
+        if self.rng.chance(120) {
+            self.mid += self.rng.range(-1, 1);
+        }
+        if self.rng.chance(if self.deep { 1 } else { 4 }) {
+            self.mid += self.rng.range(-15, 15);
+        }
+        if let Some(last) = self.last_trade
+            && (self.mid - last).abs() > 6
+            && self.rng.chance(100)
+        {
+            self.mid += (last - self.mid).signum();
+        }
+        self.mid = self.mid.max(60);
+
+        let stale;
+        let (seq, pos) = if self.batch_left > 0 {
+            self.batch_left -= 1;
+            self.pos += 1;
+            stale = false;
+            (self.seq, self.pos)
+        } else if self.seq > 1 && self.rng.chance(4) {
+            stale = true;
+            if self.rng.chance(500) {
+                (self.seq, self.pos)
+            } else {
+                let back = 1 + self.rng.below((self.seq - 1).min(3));
+                (self.seq - back, self.rng.below(3) as u16)
+            }
+        } else {
+            stale = false;
+            self.seq += if self.rng.chance(30) {
+                self.rng.range(2, 6) as u64
+            } else {
+                1
+            };
+            self.pos = 0;
+            if self.rng.chance(40) {
+                self.batch_left = self.rng.range(1, 7) as u16;
+            }
+            (self.seq, 0)
+        };
+        let (account, op) = self.op(seq, pos, stale);
+        Command {
+            seq,
+            pos,
+            ts: self.ts,
+            account: self.accounts[account],
+            op,
+        }
+    }
+
+    fn any_account(&mut self) -> usize {
+        self.rng.below(self.accounts.len() as u64) as usize
+    }
+
+    fn op(&mut self, seq: u64, pos: u16, stale: bool) -> (usize, Op) {
+        let account = self.any_account();
+        if self.halted && self.rng.chance(250) {
+            if !stale {
+                self.halted = false;
+            }
+            return (account, Op::Resume);
+        }
+        if self.halted && self.rng.chance(30) {
+            let cancel_orders = self.rng.chance(500);
+            return (account, Op::Halt { cancel_orders });
+        }
+        let r = self.rng.below(1000);
+        let (cancel_end, amend_end) = (7 + self.cancels, 7 + self.cancels + self.amends);
+        match r {
+            0..=1 if !self.deep || self.rng.chance(250) => {
+                if !stale {
+                    self.halted = true;
+                }
+                let cancel_orders = self.rng.chance(300);
+                (account, Op::Halt { cancel_orders })
+            }
+            2 => {
+                if !stale {
+                    self.halted = false;
+                }
+                (account, Op::Resume)
+            }
+            3..=6 if !self.deep || r == 3 => (account, Op::CancelAll),
+            _ if r < cancel_end => {
+                let (sender, target, _) = self.target();
+                (sender, Op::Cancel(target))
+            }
+            _ if r < amend_end => self.amend(),
+            _ => (account, self.new_order(account, seq, pos, stale)),
+        }
+    }
+
+    /// A price in units near the mid: mostly passive, often crossing, rarely far away.
+    fn price_near(&mut self, side: Side) -> Price {
+        let offset = if self.rng.chance(30) {
+            self.rng.range(-60, 60)
+        } else if self.rng.chance(self.aggressive) {
+            -self.rng.range(0, 4)
+        } else {
+            self.rng.range(0, self.spread)
+        };
+        let ticks = match side {
+            Side::Buy => self.mid - offset,
+            Side::Sell => self.mid + offset,
+        };
+        Price(ticks.max(1) as u64 * self.spec.tick.0)
+    }
+
+    /// A stop price in ticks: mostly beyond the mid in the direction that triggers it later,
+    /// sometimes already reached.
+    fn stop_ticks(&mut self, side: Side) -> i64 {
+        let away = if self.rng.chance(200) {
+            -self.rng.range(1, 4)
+        } else {
+            self.rng.range(0, 6)
+        };
+        let ticks = match side {
+            Side::Buy => self.mid + away,
+            Side::Sell => self.mid - away,
+        };
+        ticks.max(1)
+    }
+
+    fn qty(&mut self) -> Qty {
+        let lots = match self.rng.below(100) {
+            0..=59 => self.rng.range(1, 5),
+            60..=94 => self.rng.range(1, 20),
+            _ => self.rng.range(30, 120),
+        } as u64;
+        Qty((lots * self.spec.lot.0).max(self.spec.min_qty.0))
+    }
+
+    fn cid_for(&mut self, account: usize) -> Option<Cid> {
+        if self.rng.chance(250) {
+            return None;
+        }
+        if self.rng.chance(70) {
+            let own = self.rng.chance(800);
+            let reused = self
+                .recent
+                .iter()
+                .rev()
+                .take(40)
+                .find(|s| s.cid.is_some() && (s.account == account) == own)
+                .and_then(|s| s.cid);
+            if reused.is_some() {
+                return reused;
+            }
+        }
+        self.next_cid += 1;
+        Some(Cid::new(&format!("c-{}", self.next_cid)).unwrap())
+    }
+
+    fn new_order(&mut self, account: usize, seq: u64, pos: u16, stale: bool) -> Op {
+        let tick = self.spec.tick.0;
+        let side = if self.rng.chance(500) {
+            Side::Buy
+        } else {
+            Side::Sell
+        };
+        let order_type = self.rng.weighted(&[
+            (OrderType::Limit, 60),
+            (OrderType::Market, 12),
+            (OrderType::StopLimit, 15),
+            (OrderType::StopMarket, 13),
+        ]);
+        let tif = if order_type.has_limit_price() {
+            self.rng.weighted(&[
+                (Tif::Gtc, 40),
+                (Tif::Ioc, 15),
+                (Tif::Fok, 12),
+                (Tif::Gtd, 18),
+                (Tif::PostOnly, 15),
+            ])
+        } else if self.rng.chance(700) {
+            Tif::Ioc
+        } else {
+            Tif::Fok
+        };
+        let qty = self.qty();
+        let stop_ticks = order_type.is_stop().then(|| self.stop_ticks(side));
+        let price = match order_type {
+            OrderType::Limit => Some(self.price_near(side)),
+            OrderType::StopLimit => {
+                let stop = stop_ticks.unwrap_or(1);
+                let off = self.rng.range(-2, 4);
+                let ticks = match side {
+                    Side::Buy => stop + off,
+                    Side::Sell => stop - off,
+                };
+                Some(Price(ticks.max(1) as u64 * tick))
+            }
+            OrderType::Market | OrderType::StopMarket => None,
+        };
+        let display_qty = (order_type.has_limit_price() && tif.rests() && self.rng.chance(220))
+            .then(|| {
+                let lots = qty.0 / self.spec.lot.0;
+                Qty(self.rng.range(1, lots as i64) as u64 * self.spec.lot.0)
+            });
+        let expire_at = (tif == Tif::Gtd).then(|| {
+            if self.rng.chance(40) {
+                self.ts - self.rng.below(3) * MS
+            } else {
+                self.ts + MS * self.rng.range(1, 80) as u64
+            }
+        });
+        let stp = if self.rng.chance(550) {
+            None
+        } else {
+            Some(self.rng.pick(&STP_MODES))
+        };
+        let cid = self.cid_for(account);
+        let mut new = NewOrder {
+            cid,
+            side,
+            order_type,
+            tif,
+            price,
+            qty,
+            stop_price: stop_ticks.map(|t| Price(t as u64 * tick)),
+            display_qty,
+            expire_at,
+            stp,
+        };
+        if self.rng.chance(35) {
+            self.break_a_rule(&mut new);
+        }
+        let may_stay =
+            new.order_type.is_stop() || (new.order_type == OrderType::Limit && new.tif.rests());
+        if !stale && may_stay {
+            self.recent.push_back(Sent {
+                oid: OrderId::from_input(seq, pos),
+                account,
+                cid: new.cid,
+            });
+            if self.recent.len() > 300 {
+                self.recent.pop_front();
+            }
+        }
+        Op::New(new)
+    }
+
+    /// Makes one field of a new order invalid (or merely unusual).
+    fn break_a_rule(&mut self, new: &mut NewOrder) {
+        let lot = self.spec.lot.0;
+        let tick = self.spec.tick.0;
+        let mid = self.mid as u64 * tick;
+        match self.rng.below(17) {
+            0 => new.qty = Qty(0),
+            1 => new.qty = Qty(new.qty.0 + 1),
+            2 => new.qty = Qty(self.spec.min_qty.0 - lot),
+            3 => new.qty = Qty(self.spec.max_qty.map_or(0, |m| m.0) + lot),
+            4 => new.price = None,
+            5 => new.price = Some(Price(0)),
+            6 => new.price = Some(Price(mid + 1)),
+            7 => new.stop_price = None,
+            8 => new.stop_price = Some(Price(0)),
+            9 => new.stop_price = Some(Price(mid + 1)),
+            10 => {
+                new.tif = self
+                    .rng
+                    .pick(&[Tif::Gtc, Tif::Ioc, Tif::Fok, Tif::Gtd, Tif::PostOnly])
+            }
+            11 => new.display_qty = Some(Qty(new.qty.0 + lot)),
+            12 => new.display_qty = Some(Qty(0)),
+            13 => {
+                new.tif = Tif::Gtd;
+                new.expire_at = None;
+            }
+            14 => new.expire_at = Some(self.ts),
+            15 => new.expire_at = Some(self.ts + 1_000 * MS),
+            _ => {
+                new.tif = Tif::Ioc;
+                new.display_qty = Some(Qty(lot));
+            }
+        }
+    }
+
+    /// Who sends a cancel or amend, and for which order (with what the events say of it): mostly
+    /// the owner of an open order, sometimes another account, an order that has closed, or one
+    /// that never was.
+    fn target(&mut self) -> (usize, OrderRef, Option<Open>) {
+        let r = self.rng.below(1000);
+        let (owner, oid, cid, open) = if !self.open.is_empty() && r < 850 {
+            let mut o = self.open[self.rng.below(self.open.len() as u64) as usize];
+            if o.waiting && self.rng.chance(700) {
+                // Mostly aim at resting orders: a second draw.
+                o = self.open[self.rng.below(self.open.len() as u64) as usize];
+            }
+            (o.account, o.oid, o.cid, Some(o))
+        } else if !self.recent.is_empty() && r < 960 {
+            let n = self.recent.len() as u64;
+            let sent = self.recent[(n - 1 - self.rng.below(n.min(64))) as usize];
+            (sent.account, sent.oid, sent.cid, None)
+        } else {
+            let sender = self.any_account();
+            let target = if self.rng.chance(500) {
+                OrderRef::Oid(OrderId(self.rng.below(5_000)))
+            } else {
+                OrderRef::Cid(Cid::new("never-sent").unwrap())
+            };
+            return (sender, target, None);
+        };
+        let sender = if self.rng.chance(900) {
+            owner
+        } else {
+            self.any_account()
+        };
+        let target = match cid {
+            Some(cid) if self.rng.chance(350) => OrderRef::Cid(cid),
+            _ => OrderRef::Oid(oid),
+        };
+        (sender, target, open)
+    }
+
+    fn amend(&mut self) -> (usize, Op) {
+        let (sender, target, open) = self.target();
+        let lot = self.spec.lot.0;
+        let tick = self.spec.tick.0;
+        let (with_qty, with_price) = match self.rng.below(100) {
+            0..=44 => (true, false),
+            45..=79 => (false, true),
+            80..=95 => (true, true),
+            _ => (false, false),
+        };
+        let (qty_lots, filled_lots) = open.map_or((5, 0), |o| (o.qty / lot, o.filled / lot));
+        let qty = with_qty.then(|| match self.rng.below(100) {
+            0 => Qty(0),
+            1 => Qty(lot * 3 + 1),
+            2 => Qty(self.spec.max_qty.map_or(0, |m| m.0) + lot),
+            3..=42 => Qty(self.rng.range(
+                filled_lots as i64 + 1,
+                qty_lots.max(filled_lots + 2) as i64 - 1,
+            ) as u64
+                * lot),
+            43..=72 => Qty((qty_lots + self.rng.range(1, 10) as u64) * lot),
+            73..=82 => Qty(filled_lots.max(1) * lot),
+            _ => Qty(self.rng.range(1, 25) as u64 * lot),
+        });
+        let price = with_price.then(|| match self.rng.below(100) {
+            0 => Price(0),
+            1 => Price(self.mid as u64 * tick + 1),
+            2..=59 => match open.and_then(|o| o.price) {
+                Some(p) => Price(
+                    (p.0 as i64 + self.rng.range(-3, 3) * tick as i64).max(tick as i64) as u64,
+                ),
+                None => self.price_near(Side::Buy),
+            },
+            _ => {
+                let side = open.map_or(Side::Buy, |o| o.side);
+                self.price_near(side)
+            }
+        });
+        (sender, Op::Amend(Amend { target, qty, price }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scale, seeds and failure context
+// ---------------------------------------------------------------------------------------------
+
+fn env_u64(name: &str) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    Some(
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={text:?} is not an unsigned integer")),
+    )
+}
+
+/// Commands per seed.
+fn per_seed() -> u64 {
+    if cfg!(debug_assertions) {
+        4_000
+    } else {
+        20_000
+    }
+}
+
+/// The seeds a test runs, and the commands for each: `AGORA_ORACLE_SEED` gives one seed;
+/// otherwise `total` commands (or `AGORA_ORACLE_COMMANDS`) spread over consecutive seeds
+/// from `first`.
+fn plan(first: u64, total_release: u64, total_debug: u64) -> Vec<(u64, u64)> {
+    let env_total = env_u64("AGORA_ORACLE_COMMANDS");
+    if let Some(seed) = env_u64("AGORA_ORACLE_SEED") {
+        return vec![(seed, env_total.unwrap_or(per_seed()))];
+    }
+    let default_total = if cfg!(debug_assertions) {
+        total_debug
+    } else {
+        total_release
+    };
+    let total = env_total.unwrap_or(default_total);
+    let n = total.div_ceil(per_seed()).max(1);
+    (0..n)
+        .map(|i| {
+            (
+                first + i,
+                per_seed().min(total - (i * per_seed()).min(total)).max(1),
+            )
+        })
+        .collect()
+}
+
+fn replay_hint(seed: u64) -> String {
+    format!(
+        "replay with: AGORA_ORACLE_SEED={seed} cargo test --release --test oracle -- --nocapture"
+    )
+}
+
+/// Runs one seed's body; if anything in it panics (a book included), says which seed and
+/// which command it was at before passing the panic on.
+fn with_seed_context(seed: u64, body: impl FnOnce(&RefCell<(u64, Option<Command>)>)) {
+    let at = RefCell::new((0u64, None));
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| body(&at))) {
+        let (index, cmd) = at.borrow().clone();
+        eprintln!(
+            "\n*** seed {seed}: panicked at command #{index}: {cmd:?}\n*** {}\n",
+            replay_hint(seed)
+        );
+        resume_unwind(panic);
+    }
+}
+
+fn render_events(events: &[Event]) -> String {
+    let mut s = String::new();
+    for (i, e) in events.iter().enumerate() {
+        let _ = writeln!(s, "    [{i}] {e:?}");
+    }
+    if events.is_empty() {
+        s.push_str("    (none)\n");
+    }
+    s
+}
+
+fn assert_same_events(
+    seed: u64,
+    index: u64,
+    cmd: &Command,
+    (left_name, left): (&str, &[Event]),
+    (right_name, right): (&str, &[Event]),
+) {
+    if left == right {
+        return;
+    }
+    let first = left
+        .iter()
+        .zip(right)
+        .position(|(a, b)| a != b)
+        .unwrap_or(left.len().min(right.len()));
+    panic!(
+        "seed {seed}: events differ at command #{index} (first difference at event [{first}])\n  \
+         command: {cmd:?}\n  {left_name}:\n{}  {right_name}:\n{}  {}",
+        render_events(left),
+        render_events(right),
+        replay_hint(seed)
+    );
+}
+
+fn assert_same_snapshot(
+    seed: u64,
+    index: u64,
+    (left_name, left): (&str, &BookSnapshot),
+    (right_name, right): (&str, &BookSnapshot),
+) {
+    if left == right {
+        return;
+    }
+    let mut diff = String::new();
+    if left.halted != right.halted
+        || left.last_trade_price != right.last_trade_price
+        || left.last_input != right.last_input
+        || left.trade_n != right.trade_n
+    {
+        let _ = writeln!(
+            diff,
+            "    market state: {left_name} halted={} last={:?} input={:?} n={}; {right_name} halted={} last={:?} input={:?} n={}",
+            left.halted,
+            left.last_trade_price,
+            left.last_input,
+            left.trade_n,
+            right.halted,
+            right.last_trade_price,
+            right.last_input,
+            right.trade_n
+        );
+    }
+    for (name, l, r) in [
+        ("bids", &left.bids, &right.bids),
+        ("asks", &left.asks, &right.asks),
+        ("stops", &left.stops, &right.stops),
+    ] {
+        if l.len() != r.len() {
+            let _ = writeln!(diff, "    {name}: {} vs {} orders", l.len(), r.len());
+        }
+        if let Some(i) = l.iter().zip(r).position(|(a, b)| a != b) {
+            let _ = writeln!(
+                diff,
+                "    {name}[{i}]:\n      {left_name}: {:?}\n      {right_name}: {:?}",
+                l[i], r[i]
+            );
+        }
+    }
+    panic!(
+        "seed {seed}: snapshots differ after command #{index}\n{diff}  {}",
+        replay_hint(seed)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantity accounting from events
+// ---------------------------------------------------------------------------------------------
+
+/// What the events say about one open order.
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    /// The quantity the order's events must add up to: its accepted qty, or after an amend
+    /// the new total (at least what was filled).
+    base: u64,
+    /// The order's total qty: accepted, amended, less stp decrements.
+    total: u64,
+    fills: u64,
+    /// Cancelled since `base` was set.
+    cancelled: u64,
+    leaves: u64,
+}
+
+/// Keeps every open order's fills, cancels and leaves as the events tell them, and checks
+/// that they add up: fills + cancelled + leaves == base, and each event's `leaves` agrees.
+#[derive(Default)]
+struct Ledger {
+    open: HashMap<OrderId, Tracked>,
+}
+
+impl Ledger {
+    fn observe(&mut self, events: &[Event]) -> Result<(), String> {
+        for e in events {
+            self.event(e)
+                .map_err(|m| format!("{m}\n    in event {e:?}"))?;
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, oid: OrderId) -> Result<&mut Tracked, String> {
+        self.open
+            .get_mut(&oid)
+            .ok_or_else(|| format!("event about order {oid}, which is not open"))
+    }
+
+    fn reduce(&mut self, oid: OrderId, qty: Qty, leaves: Qty, fill: bool) -> Result<(), String> {
+        let a = self.get(oid)?;
+        if qty.0 == 0 || qty.0 > a.leaves {
+            return Err(format!(
+                "order {oid}: quantity {} against leaves {}",
+                qty.0, a.leaves
+            ));
+        }
+        a.leaves -= qty.0;
+        if fill {
+            a.fills += qty.0;
+        } else {
+            a.cancelled += qty.0;
+        }
+        if a.leaves != leaves.0 {
+            return Err(format!(
+                "order {oid}: event says leaves {}, the ledger {}",
+                leaves.0, a.leaves
+            ));
+        }
+        self.close_if_done(oid)
+    }
+
+    fn close_if_done(&mut self, oid: OrderId) -> Result<(), String> {
+        let a = self.get(oid)?;
+        if a.fills + a.cancelled + a.leaves != a.base {
+            return Err(format!("order {oid}: quantity not conserved: {a:?}"));
+        }
+        if a.leaves == 0 {
+            self.open.remove(&oid);
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, e: &Event) -> Result<(), String> {
+        match e {
+            Event::Accepted(a) => {
+                let fresh = Tracked {
+                    base: a.qty.0,
+                    total: a.qty.0,
+                    fills: 0,
+                    cancelled: 0,
+                    leaves: a.qty.0,
+                };
+                if self.open.insert(a.order.oid, fresh).is_some() {
+                    return Err(format!("order {} accepted twice", a.order.oid));
+                }
+                Ok(())
+            }
+            Event::Rejected(_) => Ok(()),
+            Event::Triggered(t) => self.get(t.order.oid).map(|_| ()),
+            Event::Trade(t) => {
+                if t.maker.oid == t.taker.oid {
+                    return Err("an order traded with itself".into());
+                }
+                self.reduce(t.maker.oid, t.qty, t.maker_leaves, true)?;
+                self.reduce(t.taker.oid, t.qty, t.taker_leaves, true)
+            }
+            Event::Cancelled(c) => {
+                // A partial (stp decrement) cancel takes the quantity off the order's total.
+                if c.leaves.0 > 0 {
+                    let a = self.get(c.order.oid)?;
+                    a.total = a.total.saturating_sub(c.qty.0);
+                }
+                self.reduce(c.order.oid, c.qty, c.leaves, false)
+            }
+            Event::Amended(m) => {
+                let oid = m.order.oid;
+                let a = self.get(oid)?;
+                let expected = m.qty.0.saturating_sub(a.fills);
+                if m.leaves.0 != expected {
+                    return Err(format!(
+                        "order {oid}: amended to {} with {} filled gives leaves {expected}, not {}",
+                        m.qty.0, a.fills, m.leaves.0
+                    ));
+                }
+                a.total = m.qty.0;
+                a.base = m.qty.0.max(a.fills);
+                a.cancelled = 0;
+                a.leaves = expected;
+                self.close_if_done(oid)
+            }
+        }
+    }
+
+    /// The book's open orders are exactly the ledger's, with the same quantities.
+    fn check_snapshot(&self, s: &BookSnapshot) -> Result<(), String> {
+        let records: Vec<_> = s.bids.iter().chain(&s.asks).chain(&s.stops).collect();
+        if records.len() != self.open.len() {
+            return Err(format!(
+                "the book holds {} open orders, the events leave {} open",
+                records.len(),
+                self.open.len()
+            ));
+        }
+        for r in records {
+            let Some(a) = self.open.get(&r.oid) else {
+                return Err(format!("order {} is open but its events closed it", r.oid));
+            };
+            if (r.qty.0, r.filled.0, r.leaves.0) != (a.total, a.fills, a.leaves)
+                || r.filled.0 + r.leaves.0 != r.qty.0
+            {
+                return Err(format!(
+                    "order {}: record qty/filled/leaves {}/{}/{}, events {}/{}/{}",
+                    r.oid, r.qty.0, r.filled.0, r.leaves.0, a.total, a.fills, a.leaves
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test 1: the fast book against the reference book
+// ---------------------------------------------------------------------------------------------
+
+const COMPARE_EVERY: u64 = 500;
+
+fn compare_books(seed: u64, index: u64, fast: &OrderBook, reference: &ReferenceBook) {
+    let (fs, rs) = (fast.snapshot(), reference.snapshot());
+    assert_same_snapshot(seed, index, ("reference", &rs), ("fast", &fs));
+    assert_eq!(
+        fast.state_hash(),
+        reference.state_hash(),
+        "seed {seed}: state hashes differ after command #{index}; {}",
+        replay_hint(seed)
+    );
+    assert_eq!(
+        fast.state_hash(),
+        fs.state_hash(),
+        "seed {seed}: fast state_hash != snapshot's"
+    );
+    assert_eq!(
+        (fast.best_bid(), fast.best_ask(), fast.order_count()),
+        (
+            reference.best_bid(),
+            reference.best_ask(),
+            reference.order_count()
+        ),
+        "seed {seed}: best bid/ask or order count differ after command #{index}; {}",
+        replay_hint(seed)
+    );
+    for side in [Side::Buy, Side::Sell] {
+        assert_eq!(
+            fast.depth(side, 8),
+            reference.depth(side, 8),
+            "seed {seed}: {} depth differs after command #{index}; {}",
+            side.as_str(),
+            replay_hint(seed)
+        );
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    commands: u64,
+    events: u64,
+    trades: u64,
+}
+
+fn run_oracle_seed(seed: u64, commands: u64, tally: &mut Tally) {
+    with_seed_context(seed, |at| {
+        let mut generator = Gen::new(seed);
+        let mut fast = OrderBook::new(generator.spec.clone());
+        let mut reference = ReferenceBook::new(generator.spec.clone());
+        let mut ledger = Ledger::default();
+        let (mut fast_events, mut reference_events) = (Vec::new(), Vec::new());
+        for index in 0..commands {
+            let cmd = generator.next_command();
+            *at.borrow_mut() = (index, Some(cmd.clone()));
+            fast_events.clear();
+            reference_events.clear();
+            reference.apply(&cmd, &mut reference_events);
+            fast.apply(&cmd, &mut fast_events);
+            generator.observe(&reference_events);
+            assert_same_events(
+                seed,
+                index,
+                &cmd,
+                ("reference", &reference_events),
+                ("fast", &fast_events),
+            );
+            if let Err(e) = fast.check_invariants() {
+                panic!(
+                    "seed {seed}: fast book invariant broken after command #{index} {cmd:?}: {e}\n  {}",
+                    replay_hint(seed)
+                );
+            }
+            if let Err(e) = ledger.observe(&reference_events) {
+                panic!(
+                    "seed {seed}: accounting after command #{index} {cmd:?}: {e}\n  {}",
+                    replay_hint(seed)
+                );
+            }
+            tally.events += reference_events.len() as u64;
+            tally.trades += reference_events
+                .iter()
+                .filter(|e| matches!(e, Event::Trade(_)))
+                .count() as u64;
+            if (index + 1) % COMPARE_EVERY == 0 || index + 1 == commands {
+                compare_books(seed, index, &fast, &reference);
+                if let Err(e) = ledger.check_snapshot(&reference.snapshot()) {
+                    panic!(
+                        "seed {seed}: after command #{index}: {e}\n  {}",
+                        replay_hint(seed)
+                    );
+                }
+            }
+        }
+        tally.commands += commands;
+    });
+}
+
+#[test]
+fn oracle_fast_book_matches_reference() {
+    let plan = plan(1, 1_000_000, 120_000);
+    let mut tally = Tally::default();
+    for &(seed, commands) in &plan {
+        run_oracle_seed(seed, commands, &mut tally);
+    }
+    eprintln!(
+        "oracle: {} seeds, {} commands, {} events, {} trades",
+        plan.len(),
+        tally.commands,
+        tally.events,
+        tally.trades
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test 2 and 4: snapshot, MessagePack round trip, restore, and go on identically
+// ---------------------------------------------------------------------------------------------
+
+/// What both books offer for the round-trip test.
+trait Book: Sized {
+    const NAME: &'static str;
+    fn new(spec: MarketSpec) -> Self;
+    fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>);
+    fn snapshot(&self) -> BookSnapshot;
+    fn restore(s: &BookSnapshot) -> Result<Self, RestoreError>;
+    fn state_hash(&self) -> agora::book::StateHash;
+}
+
+impl Book for OrderBook {
+    const NAME: &'static str = "fast";
+    fn new(spec: MarketSpec) -> Self {
+        OrderBook::new(spec)
+    }
+    fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>) {
+        OrderBook::apply(self, cmd, out)
+    }
+    fn snapshot(&self) -> BookSnapshot {
+        OrderBook::snapshot(self)
+    }
+    fn restore(s: &BookSnapshot) -> Result<Self, RestoreError> {
+        OrderBook::restore(s)
+    }
+    fn state_hash(&self) -> agora::book::StateHash {
+        OrderBook::state_hash(self)
+    }
+}
+
+impl Book for ReferenceBook {
+    const NAME: &'static str = "reference";
+    fn new(spec: MarketSpec) -> Self {
+        ReferenceBook::new(spec)
+    }
+    fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>) {
+        ReferenceBook::apply(self, cmd, out)
+    }
+    fn snapshot(&self) -> BookSnapshot {
+        ReferenceBook::snapshot(self)
+    }
+    fn restore(s: &BookSnapshot) -> Result<Self, RestoreError> {
+        ReferenceBook::restore(s)
+    }
+    fn state_hash(&self) -> agora::book::StateHash {
+        ReferenceBook::state_hash(self)
+    }
+}
+
+/// Snapshots `book` at random points, round-trips the snapshot through MessagePack, restores
+/// it (as a `B` and as a `ReferenceBook`), and feeds the same next commands to all three:
+/// events and hashes must stay the same.
+fn run_restore_seed<B: Book>(seed: u64, commands: u64) -> u64 {
+    let mut restores = 0;
+    with_seed_context(seed, |at| {
+        let mut generator = Gen::new(seed);
+        let mut choices = Rng::new(seed ^ 0xdead_beef);
+        let mut book = B::new(generator.spec.clone());
+        let mut restored: Option<(B, ReferenceBook, u64)> = None;
+        let mut next_restore = choices.range(50, 1_500) as u64;
+        let (mut events, mut restored_events) = (Vec::new(), Vec::new());
+        for index in 0..commands {
+            if index == next_restore {
+                let snapshot = book.snapshot();
+                let bytes = rmp_serde::to_vec_named(&snapshot).expect("snapshot encodes");
+                let decoded: BookSnapshot =
+                    rmp_serde::from_slice(&bytes).expect("snapshot decodes");
+                assert_eq!(
+                    decoded, snapshot,
+                    "seed {seed}: MessagePack changed the snapshot"
+                );
+                let copy = B::restore(&decoded).unwrap_or_else(|e| {
+                    panic!(
+                        "seed {seed}: {} restore refused its own snapshot at command #{index}: {e}\n  {}",
+                        B::NAME,
+                        replay_hint(seed)
+                    )
+                });
+                assert_same_snapshot(
+                    seed,
+                    index,
+                    ("original", &snapshot),
+                    ("restored", &copy.snapshot()),
+                );
+                assert_eq!(
+                    copy.state_hash(),
+                    book.state_hash(),
+                    "seed {seed}: hash after restore"
+                );
+                let oracle = ReferenceBook::restore(&decoded).unwrap_or_else(|e| {
+                    panic!(
+                        "seed {seed}: the reference book refused the {} book's snapshot at command #{index}: {e}\n  {}",
+                        B::NAME,
+                        replay_hint(seed)
+                    )
+                });
+                assert_same_snapshot(
+                    seed,
+                    index,
+                    ("original", &snapshot),
+                    ("restored as reference", &oracle.snapshot()),
+                );
+                restores += 1;
+                restored = Some((copy, oracle, index + choices.range(20, 800) as u64));
+                next_restore = index + choices.range(100, 2_000) as u64;
+            }
+            let cmd = generator.next_command();
+            *at.borrow_mut() = (index, Some(cmd.clone()));
+            events.clear();
+            book.apply(&cmd, &mut events);
+            generator.observe(&events);
+            if let Some((copy, oracle, until)) = &mut restored {
+                restored_events.clear();
+                copy.apply(&cmd, &mut restored_events);
+                assert_same_events(
+                    seed,
+                    index,
+                    &cmd,
+                    ("original", &events),
+                    ("restored", &restored_events),
+                );
+                restored_events.clear();
+                oracle.apply(&cmd, &mut restored_events);
+                assert_same_events(
+                    seed,
+                    index,
+                    &cmd,
+                    ("original", &events),
+                    ("restored as reference", &restored_events),
+                );
+                if index >= *until || index + 1 == commands {
+                    assert_eq!(
+                        oracle.state_hash(),
+                        book.state_hash(),
+                        "seed {seed}: reference restored from the {} book drifted by command #{index}; {}",
+                        B::NAME,
+                        replay_hint(seed)
+                    );
+                    assert_eq!(
+                        copy.state_hash(),
+                        book.state_hash(),
+                        "seed {seed}: {} restored book's hash drifted by command #{index}; {}",
+                        B::NAME,
+                        replay_hint(seed)
+                    );
+                    restored = None;
+                }
+            }
+        }
+    });
+    restores
+}
+
+#[test]
+fn oracle_fast_restore_goes_on_identically() {
+    let plan = plan(1_001, 200_000, 40_000);
+    let restores: u64 = plan
+        .iter()
+        .map(|&(seed, n)| run_restore_seed::<OrderBook>(seed, n))
+        .sum();
+    assert!(restores > 0);
+    let mut s = OrderBook::new(Gen::new(1).spec).snapshot();
+    s.format_version = SNAPSHOT_FORMAT_VERSION + 1;
+    assert!(matches!(
+        OrderBook::restore(&s),
+        Err(RestoreError::Version { .. })
+    ));
+}
+
+#[test]
+fn reference_restore_goes_on_identically() {
+    let plan = plan(2_001, 200_000, 40_000);
+    let restores: u64 = plan
+        .iter()
+        .map(|&(seed, n)| run_restore_seed::<ReferenceBook>(seed, n))
+        .sum();
+    assert!(restores > 0);
+    let mut s = ReferenceBook::new(Gen::new(1).spec).snapshot();
+    s.format_version = SNAPSHOT_FORMAT_VERSION + 1;
+    assert!(matches!(
+        ReferenceBook::restore(&s),
+        Err(RestoreError::Version { found, expected })
+            if found == SNAPSHOT_FORMAT_VERSION + 1 && expected == SNAPSHOT_FORMAT_VERSION
+    ));
+}
+
+/// The reference book refuses snapshots that break the book's invariants, naming the break.
+#[test]
+fn reference_restore_refuses_inconsistent_snapshots() {
+    let mut s = Script::plain();
+    s.order("a", limit(Side::Buy, 99, 5));
+    s.order("a", limit(Side::Buy, 98, 5));
+    s.order("b", limit(Side::Sell, 101, 5));
+    s.order("b", stop(Side::Sell, OrderType::StopMarket, 90, None, 1));
+    s.order("b", stop(Side::Sell, OrderType::StopMarket, 91, None, 1));
+    let good = s.book.snapshot();
+    assert!(ReferenceBook::restore(&good).is_ok());
+    let refused = |change: &dyn Fn(&mut BookSnapshot), says: &str| {
+        let mut bad = good.clone();
+        change(&mut bad);
+        match ReferenceBook::restore(&bad) {
+            Err(RestoreError::Inconsistent(message)) => {
+                assert!(message.contains(says), "{message:?} should say {says:?}")
+            }
+            other => panic!("expected a refusal saying {says:?}, got {other:?}"),
+        }
+    };
+    refused(&|b| b.bids.swap(0, 1), "best price first");
+    refused(&|b| b.asks[0].price = Some(Price(99)), "crossed");
+    refused(&|b| b.asks[0].side = Side::Buy, "list");
+    refused(&|b| b.bids[1].oid = b.bids[0].oid, "twice");
+    refused(&|b| b.stops.swap(0, 1), "oid order");
+    refused(&|b| b.bids[0].leaves = Qty(0), "add up");
+    refused(&|b| b.bids[0].visible = Qty(4), "shows");
+    refused(&|b| b.bids[0].tif = Tif::Ioc, "cannot rest");
+    refused(&|b| b.stops[0].order_type = OrderType::Limit, "no stop");
+    refused(&|b| b.bids[0].expire_at = Some(1), "gtd");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test 3: determinism
+// ---------------------------------------------------------------------------------------------
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// One run of a seed on a fresh book: a digest of each command's events, and the final hash.
+fn digest_run<B: Book>(seed: u64, commands: u64) -> (Vec<u64>, agora::book::StateHash) {
+    let mut digests = Vec::with_capacity(commands as usize);
+    let mut hash = None;
+    with_seed_context(seed, |at| {
+        let mut generator = Gen::new(seed);
+        let mut book = B::new(generator.spec.clone());
+        let mut events = Vec::new();
+        for index in 0..commands {
+            let cmd = generator.next_command();
+            *at.borrow_mut() = (index, Some(cmd.clone()));
+            events.clear();
+            book.apply(&cmd, &mut events);
+            generator.observe(&events);
+            digests.push(fnv(format!("{events:?}").as_bytes()));
+        }
+        hash = Some(book.state_hash());
+    });
+    (digests, hash.expect("the run finished"))
+}
+
+fn check_determinism<B: Book>(first: u64) {
+    for (seed, commands) in plan(first, 100_000, 24_000) {
+        let (first_run, first_hash) = digest_run::<B>(seed, commands);
+        let (second_run, second_hash) = digest_run::<B>(seed, commands);
+        if let Some(index) = first_run.iter().zip(&second_run).position(|(a, b)| a != b) {
+            panic!(
+                "seed {seed}: {} book's events differ between two runs at command #{index}; {}",
+                B::NAME,
+                replay_hint(seed)
+            );
+        }
+        assert_eq!(
+            first_hash,
+            second_hash,
+            "seed {seed}: {} book's state hash differs between two runs; {}",
+            B::NAME,
+            replay_hint(seed)
+        );
+    }
+}
+
+#[test]
+fn oracle_fast_book_is_deterministic() {
+    check_determinism::<OrderBook>(3_001);
+}
+
+#[test]
+fn reference_is_deterministic() {
+    check_determinism::<ReferenceBook>(3_001);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference book and the generator on their own
+// ---------------------------------------------------------------------------------------------
+
+/// The reference book on random streams: its invariants hold, quantities are conserved, and
+/// the streams reach every rule (every reason a book can give, every event, both amend kinds).
+#[test]
+fn reference_random_streams_conserve_and_cover_every_rule() {
+    let mut rejects: BTreeSet<&str> = BTreeSet::new();
+    let mut cancels: BTreeSet<&str> = BTreeSet::new();
+    let mut kinds: BTreeSet<&str> = BTreeSet::new();
+    let mut partial_stp = false;
+    let mut priority = BTreeSet::new();
+    let mut tally = Tally::default();
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut max_open = 0;
+    for (seed, commands) in plan(4_001, 400_000, 60_000) {
+        with_seed_context(seed, |at| {
+            let mut generator = Gen::new(seed);
+            let mut book = ReferenceBook::new(generator.spec.clone());
+            let mut ledger = Ledger::default();
+            let mut events = Vec::new();
+            for index in 0..commands {
+                let cmd = generator.next_command();
+                *at.borrow_mut() = (index, Some(cmd.clone()));
+                events.clear();
+                book.apply(&cmd, &mut events);
+                generator.observe(&events);
+                if let Err(e) = book.check_invariants() {
+                    panic!("seed {seed}: invariant broken after #{index} {cmd:?}: {e}");
+                }
+                if let Err(e) = ledger.observe(&events) {
+                    panic!("seed {seed}: accounting after #{index} {cmd:?}: {e}");
+                }
+                let triggered = events
+                    .iter()
+                    .filter(|e| matches!(e, Event::Triggered(_)))
+                    .count();
+                if triggered > 1 {
+                    *counts.entry("cascades of 2+ stops".into()).or_default() += 1;
+                }
+                max_open = max_open.max(book.order_count());
+                for e in &events {
+                    kinds.insert(e.type_name());
+                    let key = match e {
+                        Event::Rejected(r) => format!("rejected {}", r.reason.as_str()),
+                        Event::Cancelled(c) => format!("cancelled {}", c.reason.as_str()),
+                        Event::Amended(m) => format!("amended kept={}", m.priority_kept),
+                        Event::Accepted(a) => {
+                            format!("accepted {} {}", a.order_type.as_str(), a.tif.as_str())
+                        }
+                        _ => e.type_name().to_string(),
+                    };
+                    *counts.entry(key).or_default() += 1;
+                    match e {
+                        Event::Rejected(r) => {
+                            rejects.insert(r.reason.as_str());
+                        }
+                        Event::Cancelled(c) => {
+                            cancels.insert(c.reason.as_str());
+                            partial_stp |= c.leaves.0 > 0;
+                        }
+                        Event::Amended(m) => {
+                            priority.insert(m.priority_kept);
+                        }
+                        Event::Trade(_) => tally.trades += 1,
+                        _ => {}
+                    }
+                }
+                tally.events += events.len() as u64;
+                let at_check = (index + 1) % COMPARE_EVERY == 0 || index + 1 == commands;
+                if at_check && let Err(e) = ledger.check_snapshot(&book.snapshot()) {
+                    panic!("seed {seed}: after #{index}: {e}");
+                }
+            }
+            tally.commands += commands;
+        });
+    }
+    eprintln!(
+        "reference: {} commands, {} events, {} trades, at most {max_open} resting orders",
+        tally.commands, tally.events, tally.trades
+    );
+    for (key, n) in &counts {
+        eprintln!("  {n:>8}  {key}");
+    }
+    if std::env::var_os("AGORA_ORACLE_SEED").is_some() {
+        // One seed's market cannot reach every rule (its spec may have no max, no band...).
+        return;
+    }
+    let wire_only = [
+        RejectReason::Malformed,
+        RejectReason::InvalidField,
+        RejectReason::BatchTooLarge,
+    ];
+    let missing: Vec<_> = RejectReason::ALL
+        .iter()
+        .filter(|r| !wire_only.contains(r) && !rejects.contains(r.as_str()))
+        .map(|r| r.as_str())
+        .collect();
+    assert!(missing.is_empty(), "the streams never hit: {missing:?}");
+    let all_cancels = [
+        CancelReason::User,
+        CancelReason::IocRemainder,
+        CancelReason::FokUnfilled,
+        CancelReason::MarketRemainder,
+        CancelReason::PostOnlyWouldCross,
+        CancelReason::Stp,
+        CancelReason::Halt,
+        CancelReason::Expired,
+        CancelReason::CancelAll,
+    ];
+    let missing: Vec<_> = all_cancels
+        .iter()
+        .filter(|c| !cancels.contains(c.as_str()))
+        .map(|c| c.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the streams never cancel for: {missing:?}"
+    );
+    assert_eq!(kinds.len(), 6, "event kinds seen: {kinds:?}");
+    assert!(partial_stp, "decrement_and_cancel never left an order open");
+    assert_eq!(
+        priority.len(),
+        2,
+        "amends seen only with priority_kept {priority:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-written reference scenarios, events spelled out
+// ---------------------------------------------------------------------------------------------
+
+/// One command's events in a compact, complete-enough text form.
+fn line(e: &Event) -> String {
+    let who = |t: &OrderTag| match t.cid {
+        Some(cid) => format!("{}:{}:{}", t.oid, t.account, cid),
+        None => format!("{}:{}", t.oid, t.account),
+    };
+    let opt = |p: Option<u64>| p.map_or("-".to_string(), |p| p.to_string());
+    match e {
+        Event::Accepted(a) => {
+            let mut s = format!(
+                "accepted {} {} {} {} {}x{} stp={}",
+                who(&a.order),
+                a.side.as_str(),
+                a.order_type.as_str(),
+                a.tif.as_str(),
+                opt(a.price.map(|p| p.0)),
+                a.qty.0,
+                a.stp.as_str()
+            );
+            if let Some(stop) = a.stop_price {
+                let _ = write!(s, " stop={}", stop.0);
+            }
+            if let Some(d) = a.display_qty {
+                let _ = write!(s, " display={}", d.0);
+            }
+            if let Some(at) = a.expire_at {
+                let _ = write!(s, " expire={at}");
+            }
+            s
+        }
+        Event::Rejected(r) => format!(
+            "rejected {} {} {} oid={} cid={} price={} qty={}",
+            r.op.as_str(),
+            r.reason.as_str(),
+            r.account,
+            opt(r.oid.map(|o| o.0)),
+            r.cid.map_or("-".to_string(), |c| c.to_string()),
+            opt(r.price.map(|p| p.0)),
+            opt(r.qty.map(|q| q.0)),
+        ),
+        Event::Trade(t) => format!(
+            "trade {}-{} {}@{} {} maker={} leaves={} taker={} leaves={}",
+            t.seq,
+            t.trade_n,
+            t.qty.0,
+            t.price.0,
+            t.taker_side.as_str(),
+            who(&t.maker),
+            t.maker_leaves.0,
+            who(&t.taker),
+            t.taker_leaves.0
+        ),
+        Event::Cancelled(c) => format!(
+            "cancelled {} {} {} qty={} leaves={}",
+            who(&c.order),
+            c.side.as_str(),
+            c.reason.as_str(),
+            c.qty.0,
+            c.leaves.0
+        ),
+        Event::Amended(m) => format!(
+            "amended {} {} {}x{} leaves={} kept={}",
+            who(&m.order),
+            m.side.as_str(),
+            m.price.0,
+            m.qty.0,
+            m.leaves.0,
+            m.priority_kept
+        ),
+        Event::Triggered(t) => format!(
+            "triggered {} {} {} stop={} last={}",
+            who(&t.order),
+            t.side.as_str(),
+            t.order_type.as_str(),
+            t.stop_price.0,
+            t.last_price.0
+        ),
+    }
+}
+
+/// A script against the reference book: each command takes the next seq (pos 0) and a ts one
+/// millisecond later unless given.
+struct Script {
+    book: ReferenceBook,
+    seq: u64,
+    ts: u64,
+}
+
+fn acct(name: &str) -> Account {
+    Account::new(name).unwrap()
+}
+
+fn cid(name: &str) -> Cid {
+    Cid::new(name).unwrap()
+}
+
+fn limit(side: Side, price: u64, qty: u64) -> NewOrder {
+    NewOrder::limit(side, Price(price), Qty(qty))
+}
+
+fn stop(
+    side: Side,
+    order_type: OrderType,
+    stop_price: u64,
+    price: Option<u64>,
+    qty: u64,
+) -> NewOrder {
+    NewOrder {
+        order_type,
+        tif: if price.is_some() { Tif::Gtc } else { Tif::Ioc },
+        price: price.map(Price),
+        stop_price: Some(Price(stop_price)),
+        ..NewOrder::limit(side, Price(0), Qty(qty))
+    }
+}
+
+impl Script {
+    fn new(spec: MarketSpec) -> Script {
+        Script {
+            book: ReferenceBook::new(spec),
+            seq: 0,
+            ts: 1_000 * MS,
+        }
+    }
+
+    fn plain() -> Script {
+        Script::new(MarketSpecInput::new("BTC-USDC", 0, 0).validate().unwrap())
+    }
+
+    fn at(&mut self, seq: u64, pos: u16, ts: u64, account: &str, op: Op) -> Vec<String> {
+        let cmd = Command {
+            seq,
+            pos,
+            ts,
+            account: acct(account),
+            op,
+        };
+        let mut out = Vec::new();
+        self.book.apply(&cmd, &mut out);
+        self.book.check_invariants().unwrap();
+        out.iter().map(line).collect()
+    }
+
+    fn run(&mut self, account: &str, op: Op) -> Vec<String> {
+        self.seq += 1;
+        self.ts += MS;
+        self.at(self.seq, 0, self.ts, account, op)
+    }
+
+    fn order(&mut self, account: &str, order: NewOrder) -> Vec<String> {
+        self.run(account, Op::New(order))
+    }
+
+    /// The book drawn as `bids | asks`, one order per entry: `oid:leaves/visible@price`.
+    fn book(&self) -> String {
+        let s = self.book.snapshot();
+        let side = |orders: &[agora::book::OrderRecord]| {
+            orders
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{}:{}/{}@{}",
+                        o.oid,
+                        o.leaves.0,
+                        o.visible.0,
+                        o.price.map_or(0, |p| p.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!("{} | {}", side(&s.bids), side(&s.asks))
+    }
+}
+
+#[test]
+fn reference_limit_orders_cross_at_the_maker_price() {
+    let mut s = Script::plain();
+    assert_eq!(
+        s.order("a", limit(Side::Sell, 100, 10)),
+        ["accepted 1000:a sell limit gtc 100x10 stp=none"]
+    );
+    assert_eq!(
+        s.order("b", limit(Side::Buy, 101, 4)),
+        [
+            "accepted 2000:b buy limit gtc 101x4 stp=none",
+            "trade 2-1 4@100 buy maker=1000:a leaves=6 taker=2000:b leaves=0",
+        ]
+    );
+    assert_eq!(
+        s.order("b", limit(Side::Buy, 100, 9)),
+        [
+            "accepted 3000:b buy limit gtc 100x9 stp=none",
+            "trade 3-1 6@100 buy maker=1000:a leaves=0 taker=3000:b leaves=3",
+        ]
+    );
+    assert_eq!(s.book(), "3000:3/3@100 | ");
+    assert_eq!(s.book.best_bid(), Some(Price(100)));
+    assert_eq!(s.book.best_ask(), None);
+    assert_eq!(s.book.order_count(), 1);
+}
+
+#[test]
+fn reference_iceberg_shows_its_peak_and_requeues() {
+    let mut s = Script::plain();
+    let iceberg = NewOrder {
+        display_qty: Some(Qty(3)),
+        ..limit(Side::Sell, 100, 10)
+    };
+    s.order("a", iceberg);
+    s.order("c", limit(Side::Sell, 100, 5));
+    assert_eq!(s.book(), " | 1000:10/3@100 2000:5/5@100");
+    assert_eq!(
+        s.book.depth(Side::Sell, 5),
+        [agora::book::L2Level {
+            price: Price(100),
+            qty: Qty(8),
+            orders: 2
+        }]
+    );
+    assert_eq!(
+        s.order("b", limit(Side::Buy, 100, 4)),
+        [
+            "accepted 3000:b buy limit gtc 100x4 stp=none",
+            "trade 3-1 3@100 buy maker=1000:a leaves=7 taker=3000:b leaves=1",
+            "trade 3-2 1@100 buy maker=2000:c leaves=4 taker=3000:b leaves=0",
+        ]
+    );
+    assert_eq!(s.book(), " | 2000:4/4@100 1000:7/3@100");
+}
+
+#[test]
+fn reference_self_trade_prevention_modes() {
+    let modes = [
+        (
+            StpMode::CancelNewest,
+            vec!["cancelled 2000:a buy stp qty=8 leaves=0"],
+            " | 1000:5/5@100 1500:3/3@101",
+        ),
+        (
+            StpMode::CancelOldest,
+            vec![
+                "cancelled 1000:a sell stp qty=5 leaves=0",
+                "trade 2-1 3@101 buy maker=1500:b leaves=0 taker=2000:a leaves=5",
+            ],
+            "2000:5/5@101 | ",
+        ),
+        (
+            StpMode::CancelBoth,
+            vec![
+                "cancelled 1000:a sell stp qty=5 leaves=0",
+                "cancelled 2000:a buy stp qty=8 leaves=0",
+            ],
+            " | 1500:3/3@101",
+        ),
+        (
+            StpMode::DecrementAndCancel,
+            vec![
+                "cancelled 1000:a sell stp qty=5 leaves=0",
+                "cancelled 2000:a buy stp qty=5 leaves=3",
+                "trade 2-1 3@101 buy maker=1500:b leaves=0 taker=2000:a leaves=0",
+            ],
+            " | ",
+        ),
+        (
+            StpMode::None,
+            vec![
+                "trade 2-1 5@100 buy maker=1000:a leaves=0 taker=2000:a leaves=3",
+                "trade 2-2 3@101 buy maker=1500:b leaves=0 taker=2000:a leaves=0",
+            ],
+            " | ",
+        ),
+    ];
+    for (mode, expected, book) in modes {
+        let mut s = Script::plain();
+        s.order("a", limit(Side::Sell, 100, 5));
+        s.at(1, 500, s.ts, "b", Op::New(limit(Side::Sell, 101, 3)));
+        let taker = NewOrder {
+            stp: Some(mode),
+            ..limit(Side::Buy, 101, 8)
+        };
+        let events = s.order("a", taker);
+        assert_eq!(
+            events[0],
+            format!("accepted 2000:a buy limit gtc 101x8 stp={}", mode.as_str())
+        );
+        assert_eq!(events[1..], expected, "stp {}", mode.as_str());
+        assert_eq!(s.book(), book, "stp {}", mode.as_str());
+    }
+}
+
+#[test]
+fn reference_decrement_shrinks_the_maker_and_its_peak() {
+    let mut s = Script::plain();
+    let iceberg = NewOrder {
+        display_qty: Some(Qty(4)),
+        ..limit(Side::Sell, 100, 10)
+    };
+    s.order("a", iceberg);
+    let taker = NewOrder {
+        stp: Some(StpMode::DecrementAndCancel),
+        tif: Tif::Ioc,
+        ..limit(Side::Buy, 100, 7)
+    };
+    assert_eq!(
+        s.order("a", taker)[1..],
+        [
+            "cancelled 1000:a sell stp qty=7 leaves=3",
+            "cancelled 2000:a buy stp qty=7 leaves=0",
+        ]
+    );
+    // The maker keeps its place and loses 7 from its total as well.
+    assert_eq!(s.book(), " | 1000:3/3@100");
+    let maker = &s.book.snapshot().asks[0];
+    assert_eq!(
+        (maker.qty, maker.filled, maker.leaves),
+        (Qty(3), Qty(0), Qty(3))
+    );
+}
+
+#[test]
+fn reference_market_default_stp_is_the_effective_mode() {
+    let mut input = MarketSpecInput::new("BTC-USDC", 0, 0);
+    input.stp_default = Some(StpMode::CancelNewest);
+    let mut s = Script::new(input.validate().unwrap());
+    s.order("a", limit(Side::Sell, 100, 5));
+    assert_eq!(
+        s.order("a", limit(Side::Buy, 100, 2)),
+        [
+            "accepted 2000:a buy limit gtc 100x2 stp=cancel_newest",
+            "cancelled 2000:a buy stp qty=2 leaves=0",
+        ]
+    );
+}
+
+#[test]
+fn reference_stops_trigger_and_cascade() {
+    let mut s = Script::plain();
+    s.order("m", limit(Side::Sell, 100, 1));
+    s.order("m", limit(Side::Sell, 102, 1));
+    assert_eq!(
+        s.order("a", stop(Side::Buy, OrderType::StopMarket, 100, None, 1)),
+        ["accepted 3000:a buy stop_market ioc -x1 stp=none stop=100"]
+    );
+    s.order(
+        "b",
+        stop(Side::Buy, OrderType::StopLimit, 102, Some(102), 2),
+    );
+    s.order("c", stop(Side::Sell, OrderType::StopMarket, 90, None, 1));
+    assert_eq!(s.book.order_count(), 2);
+    assert_eq!(
+        s.order("t", limit(Side::Buy, 100, 1)),
+        [
+            "accepted 6000:t buy limit gtc 100x1 stp=none",
+            "trade 6-1 1@100 buy maker=1000:m leaves=0 taker=6000:t leaves=0",
+            "triggered 3000:a buy stop_market stop=100 last=100",
+            "trade 6-2 1@102 buy maker=2000:m leaves=0 taker=3000:a leaves=0",
+            "triggered 4000:b buy stop_limit stop=102 last=102",
+        ]
+    );
+    assert_eq!(s.book(), "4000:2/2@102 | ");
+    assert_eq!(s.book.snapshot().stops.len(), 1);
+    // A stop already reached by the last trade (102) triggers at once, though nothing traded.
+    assert_eq!(
+        s.order("d", stop(Side::Buy, OrderType::StopMarket, 101, None, 1)),
+        [
+            "accepted 7000:d buy stop_market ioc -x1 stp=none stop=101",
+            "triggered 7000:d buy stop_market stop=101 last=102",
+            "cancelled 7000:d buy market_remainder qty=1 leaves=0",
+        ]
+    );
+    // Trades down to 90 reach the sell stop at 90.
+    s.order("m", limit(Side::Buy, 90, 1));
+    assert_eq!(
+        s.order("m", limit(Side::Sell, 90, 3)),
+        [
+            "accepted 9000:m sell limit gtc 90x3 stp=none",
+            "trade 9-1 2@102 sell maker=4000:b leaves=0 taker=9000:m leaves=1",
+            "trade 9-2 1@90 sell maker=8000:m leaves=0 taker=9000:m leaves=0",
+            "triggered 5000:c sell stop_market stop=90 last=90",
+            "cancelled 5000:c sell market_remainder qty=1 leaves=0",
+        ]
+    );
+    assert_eq!(s.book(), " | ");
+    assert!(s.book.snapshot().stops.is_empty());
+}
+
+#[test]
+fn reference_sell_stop_triggers_into_the_band() {
+    let mut input = MarketSpecInput::new("BTC-USDC", 0, 0);
+    input.price_band_pct = Some("1".into());
+    let mut s = Script::new(input.validate().unwrap());
+    s.order("m", limit(Side::Buy, 1000, 1));
+    s.order("m", limit(Side::Buy, 995, 1));
+    s.order("m", limit(Side::Buy, 989, 5));
+    s.order("c", stop(Side::Sell, OrderType::StopMarket, 1000, None, 3));
+    assert_eq!(
+        s.order("t", NewOrder::market(Side::Sell, Qty(1))),
+        [
+            "accepted 5000:t sell market ioc -x1 stp=none",
+            "trade 5-1 1@1000 sell maker=1000:m leaves=0 taker=5000:t leaves=0",
+            "triggered 4000:c sell stop_market stop=1000 last=1000",
+            // Band from the last trade 1000 at 1%: sells go no lower than 990.
+            "trade 5-2 1@995 sell maker=2000:m leaves=0 taker=4000:c leaves=2",
+            "cancelled 4000:c sell market_remainder qty=2 leaves=0",
+        ]
+    );
+    // A limit buy more than 1% above the last trade (995) is out of the band; the passive
+    // side is never limited.
+    assert_eq!(
+        s.order("b", limit(Side::Buy, 1005, 1)),
+        ["rejected new price_out_of_band b oid=6000 cid=- price=1005 qty=1"]
+    );
+    assert_eq!(
+        s.order("b", limit(Side::Buy, 1004, 1)),
+        ["accepted 7000:b buy limit gtc 1004x1 stp=none"]
+    );
+    assert_eq!(
+        s.order("b", limit(Side::Sell, 10, 1))[0],
+        "rejected new price_out_of_band b oid=8000 cid=- price=10 qty=1"
+    );
+}
+
+#[test]
+fn reference_sequence_batches_and_trade_ids() {
+    let mut s = Script::plain();
+    s.order("m", limit(Side::Sell, 100, 5));
+    // A batch: same seq, positions 0 and 1; the trade counter goes on across it.
+    assert_eq!(
+        s.at(7, 0, s.ts, "a", Op::New(limit(Side::Buy, 100, 1)))[1],
+        "trade 7-1 1@100 buy maker=1000:m leaves=4 taker=7000:a leaves=0"
+    );
+    assert_eq!(
+        s.at(7, 1, s.ts, "a", Op::New(limit(Side::Buy, 100, 1)))[1],
+        "trade 7-2 1@100 buy maker=1000:m leaves=3 taker=7001:a leaves=0"
+    );
+    let late = NewOrder {
+        cid: Some(cid("x1")),
+        ..limit(Side::Buy, 100, 2)
+    };
+    assert_eq!(
+        s.at(7, 1, s.ts, "a", Op::New(late.clone())),
+        ["rejected new sequence_not_increasing a oid=7001 cid=x1 price=100 qty=2"]
+    );
+    assert_eq!(
+        s.at(6, 9, s.ts, "a", Op::Cancel(OrderRef::Cid(cid("x1")))),
+        ["rejected cancel sequence_not_increasing a oid=- cid=x1 price=- qty=-"]
+    );
+    assert_eq!(
+        s.at(8, 0, s.ts, "a", Op::New(late))[1],
+        "trade 8-1 2@100 buy maker=1000:m leaves=1 taker=8000:a:x1 leaves=0"
+    );
+    let snapshot = s.book.snapshot();
+    assert_eq!(snapshot.last_input, Some((8, 0)));
+    assert_eq!(snapshot.trade_n, 1);
+}
+
+#[test]
+fn reference_gtd_orders_expire_before_the_operation() {
+    let mut s = Script::plain();
+    let gtd = |expire_at| NewOrder {
+        tif: Tif::Gtd,
+        expire_at: Some(expire_at),
+        ..limit(Side::Sell, 100, 1)
+    };
+    let t0 = s.ts;
+    s.order("a", gtd(t0 + 5 * MS));
+    s.order("b", gtd(t0 + 4 * MS));
+    assert_eq!(
+        s.order("a", gtd(s.ts + MS)),
+        ["rejected new expire_at_in_past a oid=3000 cid=- price=100 qty=1"]
+    );
+    assert_eq!(
+        s.at(9, 0, t0 + 10 * MS, "c", Op::New(limit(Side::Buy, 100, 1))),
+        [
+            "cancelled 2000:b sell expired qty=1 leaves=0",
+            "cancelled 1000:a sell expired qty=1 leaves=0",
+            "accepted 9000:c buy limit gtc 100x1 stp=none",
+        ]
+    );
+}
+
+#[test]
+fn reference_fok_counts_before_it_trades() {
+    let mut s = Script::plain();
+    s.order("m", limit(Side::Sell, 100, 2));
+    s.order("a", limit(Side::Sell, 101, 2));
+    s.order("m", limit(Side::Sell, 102, 2));
+    let fok = |qty, price, stp| NewOrder {
+        tif: Tif::Fok,
+        stp: Some(stp),
+        ..limit(Side::Buy, price, qty)
+    };
+    assert_eq!(
+        s.order("a", fok(5, 102, StpMode::CancelOldest))[1],
+        "cancelled 4000:a buy fok_unfilled qty=5 leaves=0"
+    );
+    assert_eq!(
+        s.order("a", fok(3, 102, StpMode::CancelNewest))[1],
+        "cancelled 5000:a buy fok_unfilled qty=3 leaves=0"
+    );
+    assert_eq!(
+        s.order("a", fok(4, 102, StpMode::CancelOldest))[1..],
+        [
+            "trade 6-1 2@100 buy maker=1000:m leaves=0 taker=6000:a leaves=2",
+            "cancelled 2000:a sell stp qty=2 leaves=0",
+            "trade 6-2 2@102 buy maker=3000:m leaves=0 taker=6000:a leaves=0",
+        ]
+    );
+}
+
+#[test]
+fn reference_post_only_and_market_remainders() {
+    let mut s = Script::plain();
+    s.order("m", limit(Side::Sell, 100, 2));
+    let post = |price| NewOrder {
+        tif: Tif::PostOnly,
+        ..limit(Side::Buy, price, 1)
+    };
+    assert_eq!(
+        s.order("a", post(100))[1],
+        "cancelled 2000:a buy post_only_would_cross qty=1 leaves=0"
+    );
+    assert_eq!(s.order("a", post(99)).len(), 1);
+    assert_eq!(
+        s.order("b", NewOrder::market(Side::Buy, Qty(5)))[1..],
+        [
+            "trade 4-1 2@100 buy maker=1000:m leaves=0 taker=4000:b leaves=3",
+            "cancelled 4000:b buy market_remainder qty=3 leaves=0",
+        ]
+    );
+    let ioc = NewOrder {
+        tif: Tif::Ioc,
+        ..limit(Side::Sell, 99, 3)
+    };
+    assert_eq!(
+        s.order("b", ioc)[1..],
+        [
+            "trade 5-1 1@99 sell maker=3000:a leaves=0 taker=5000:b leaves=2",
+            "cancelled 5000:b sell ioc_remainder qty=2 leaves=0",
+        ]
+    );
+}
+
+#[test]
+fn reference_amend_keeps_or_loses_priority() {
+    let mut s = Script::plain();
+    let with_cid = |name, price, qty| NewOrder {
+        cid: Some(cid(name)),
+        ..limit(Side::Sell, price, qty)
+    };
+    s.order("a", with_cid("a1", 100, 10));
+    s.order("b", with_cid("b1", 100, 5));
+    s.order("t", limit(Side::Buy, 100, 2));
+    let amend = |target, qty: Option<u64>, price: Option<u64>| {
+        Op::Amend(Amend {
+            target,
+            qty: qty.map(Qty),
+            price: price.map(Price),
+        })
+    };
+    // Lower qty: priority kept, leaves = qty - filled.
+    assert_eq!(
+        s.run("a", amend(OrderRef::Cid(cid("a1")), Some(6), None)),
+        ["amended 1000:a:a1 sell 100x6 leaves=4 kept=true"]
+    );
+    assert_eq!(s.book(), " | 1000:4/4@100 2000:5/5@100");
+    // Higher qty: to the back.
+    assert_eq!(
+        s.run("a", amend(OrderRef::Oid(OrderId(1000)), Some(9), None)),
+        ["amended 1000:a:a1 sell 100x9 leaves=7 kept=false"]
+    );
+    assert_eq!(s.book(), " | 2000:5/5@100 1000:7/7@100");
+    // Rejections carry the oid, the sender's cid, and the amend's price and qty.
+    assert_eq!(
+        s.run("a", amend(OrderRef::Oid(OrderId(1000)), Some(9), None)),
+        ["rejected amend nothing_to_amend a oid=1000 cid=a1 price=- qty=9"]
+    );
+    assert_eq!(
+        s.run("b", amend(OrderRef::Oid(OrderId(1000)), None, Some(99))),
+        ["rejected amend not_owner b oid=1000 cid=- price=99 qty=-"]
+    );
+    assert_eq!(
+        s.run("b", amend(OrderRef::Cid(cid("a1")), Some(1), None)),
+        ["rejected amend unknown_order b oid=- cid=a1 price=- qty=1"]
+    );
+    // A new price trades as a taker.
+    s.order("t", limit(Side::Buy, 98, 3));
+    assert_eq!(
+        s.run("a", amend(OrderRef::Cid(cid("a1")), None, Some(98))),
+        [
+            "amended 1000:a:a1 sell 98x9 leaves=7 kept=false",
+            "trade 10-1 3@98 sell maker=9000:t leaves=0 taker=1000:a:a1 leaves=4",
+        ]
+    );
+    assert_eq!(s.book(), " | 1000:4/4@98 2000:5/5@100");
+    // At or below the filled quantity, the order ends.
+    assert_eq!(
+        s.run("a", amend(OrderRef::Oid(OrderId(1000)), Some(5), None)),
+        ["amended 1000:a:a1 sell 98x5 leaves=0 kept=false"]
+    );
+    assert_eq!(s.book(), " | 2000:5/5@100");
+}
+
+#[test]
+fn reference_cancels_halt_and_resume() {
+    let mut s = Script::plain();
+    let with_cid = |name, price| NewOrder {
+        cid: Some(cid(name)),
+        ..limit(Side::Buy, price, 1)
+    };
+    s.order("a", with_cid("x", 90));
+    s.order("b", with_cid("x", 91));
+    assert_eq!(
+        s.order("a", with_cid("x", 92)),
+        ["rejected new duplicate_cid a oid=3000 cid=x price=92 qty=1"]
+    );
+    s.order("a", stop(Side::Sell, OrderType::StopMarket, 80, None, 1));
+    assert_eq!(
+        s.run("b", Op::Cancel(OrderRef::Oid(OrderId(1000)))),
+        ["rejected cancel not_owner b oid=1000 cid=- price=- qty=-"]
+    );
+    assert_eq!(
+        s.run(
+            "a",
+            Op::Halt {
+                cancel_orders: false
+            }
+        ),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        s.run(
+            "a",
+            Op::Halt {
+                cancel_orders: true
+            }
+        ),
+        ["rejected halt already_halted a oid=- cid=- price=- qty=-"]
+    );
+    assert_eq!(
+        s.order("a", limit(Side::Buy, 90, 1)),
+        ["rejected new halted a oid=8000 cid=- price=90 qty=1"]
+    );
+    assert_eq!(
+        s.run("a", Op::CancelAll),
+        [
+            "cancelled 1000:a:x buy cancel_all qty=1 leaves=0",
+            "cancelled 4000:a sell cancel_all qty=1 leaves=0",
+        ]
+    );
+    assert_eq!(s.run("a", Op::CancelAll), Vec::<String>::new());
+    assert_eq!(
+        s.run("b", Op::Cancel(OrderRef::Cid(cid("x")))),
+        ["cancelled 2000:b:x buy user qty=1 leaves=0"]
+    );
+    assert_eq!(s.run("a", Op::Resume), Vec::<String>::new());
+    assert_eq!(
+        s.run("a", Op::Resume),
+        ["rejected resume not_halted a oid=- cid=- price=- qty=-"]
+    );
+}
+
+#[test]
+fn reference_new_order_checks_in_order() {
+    let mut input = MarketSpecInput::new("BTC-USDC", 0, 0);
+    input.tick_size = Some("5".into());
+    input.lot_size = Some("10".into());
+    input.min_qty = Some("20".into());
+    input.max_qty = Some("100".into());
+    input.orders_max = Some(1);
+    let mut s = Script::new(input.validate().unwrap());
+    let reason = |s: &mut Script, order: NewOrder| {
+        let events = s.order("a", order);
+        match events[0].strip_prefix("rejected new ") {
+            Some(rest) => rest.split(' ').next().unwrap().to_string(),
+            None => events[0].split(' ').next().unwrap().to_string(),
+        }
+    };
+    let base = || limit(Side::Buy, 100, 20);
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                qty: Qty(0),
+                price: None,
+                ..base()
+            }
+        ),
+        "qty_zero"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                qty: Qty(25),
+                ..base()
+            }
+        ),
+        "qty_not_on_lot"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                qty: Qty(10),
+                ..base()
+            }
+        ),
+        "qty_below_min"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                qty: Qty(110),
+                ..base()
+            }
+        ),
+        "qty_above_max"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                price: None,
+                ..base()
+            }
+        ),
+        "price_missing"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                price: Some(Price(0)),
+                ..base()
+            }
+        ),
+        "price_zero"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                price: Some(Price(101)),
+                ..base()
+            }
+        ),
+        "price_not_on_tick"
+    );
+    let market = || NewOrder {
+        qty: Qty(20),
+        ..NewOrder::market(Side::Buy, Qty(20))
+    };
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                price: Some(Price(100)),
+                ..market()
+            }
+        ),
+        "price_not_allowed"
+    );
+    let stop_market = || stop(Side::Buy, OrderType::StopMarket, 100, None, 20);
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                stop_price: None,
+                ..stop_market()
+            }
+        ),
+        "stop_price_missing"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                stop_price: Some(Price(101)),
+                ..stop_market()
+            }
+        ),
+        "stop_price_invalid"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                stop_price: Some(Price(100)),
+                ..base()
+            }
+        ),
+        "stop_price_not_allowed"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                tif: Tif::Gtc,
+                ..market()
+            }
+        ),
+        "tif_not_allowed"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                tif: Tif::Ioc,
+                display_qty: Some(Qty(10)),
+                ..base()
+            }
+        ),
+        "display_qty_invalid"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                display_qty: Some(Qty(30)),
+                ..base()
+            }
+        ),
+        "display_qty_invalid"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                tif: Tif::Gtd,
+                ..base()
+            }
+        ),
+        "expire_at_missing"
+    );
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                expire_at: Some(1),
+                ..base()
+            }
+        ),
+        "expire_at_not_allowed"
+    );
+    assert_eq!(reason(&mut s, base()), "accepted");
+    // One open order is the market's maximum; a market order (which never rests) still goes.
+    assert_eq!(
+        reason(
+            &mut s,
+            NewOrder {
+                price: Some(Price(95)),
+                ..base()
+            }
+        ),
+        "book_full"
+    );
+    assert_eq!(reason(&mut s, market()), "accepted");
+}

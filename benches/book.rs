@@ -1,1 +1,65 @@
-fn main() {}
+//! The book alone on the seeded workloads of BENCHMARKS.md: (a) ~1,000 resting orders and
+//! (b) ~100,000, each with the cancel-heavy mix (~55% limit, ~10% market, ~35% cancel, ~25% of
+//! commands trading). The fast book runs beside the naive reference book as the baseline.
+//! `cargo bench --bench book`; results and the machine go into BENCHMARKS.md.
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+
+use agora::book::Event;
+use agora::book::reference::ReferenceBook;
+use agora::workload::{self, FlowParams, Workload};
+
+const SEED: u64 = 42;
+const COMMANDS: usize = 200_000;
+
+fn reference_prefilled(w: &Workload) -> ReferenceBook {
+    let mut book = ReferenceBook::new(w.spec.clone());
+    let mut events = Vec::new();
+    for cmd in &w.prefill {
+        events.clear();
+        book.apply(cmd, &mut events);
+    }
+    book
+}
+
+fn run(c: &mut Criterion, name: &str, params: FlowParams) {
+    let w = workload::generate(&params);
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Elements(w.commands.len() as u64));
+    group.sample_size(10);
+    group.bench_function("fast", |b| {
+        b.iter_batched_ref(
+            || (w.prefilled_book(), Vec::<Event>::with_capacity(4096)),
+            |(book, events)| {
+                for cmd in &w.commands {
+                    events.clear();
+                    book.apply(black_box(cmd), events);
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("reference", |b| {
+        b.iter_batched_ref(
+            || (reference_prefilled(&w), Vec::<Event>::with_capacity(4096)),
+            |(book, events)| {
+                for cmd in &w.commands {
+                    events.clear();
+                    book.apply(black_box(cmd), events);
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+fn books(c: &mut Criterion) {
+    run(c, "a_1k_resting", FlowParams::small_book(SEED, COMMANDS));
+    run(c, "b_100k_resting", FlowParams::large_book(SEED, COMMANDS));
+}
+
+criterion_group!(benches, books);
+criterion_main!(benches);

@@ -1,4 +1,5 @@
 pub mod book;
+pub mod fuzzing;
 pub mod replay;
 pub mod wire;
 pub mod workload;

@@ -11,9 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::{Format, Toml};
 
+use agora::book::reference::ReferenceBook;
 use agora::book::{MarketSpec, MarketSpecInput, OrderBook, Side};
 use agora::replay;
-use agora::wire::{WireBook, WireCommandOut};
+use agora::wire::WireBook;
 use agora::workload::{self, FlowParams};
 
 #[derive(Parser)]
@@ -86,6 +87,9 @@ struct ReplayArgs {
     /// Time only the book over K repetitions (fresh book each) and print rates and latencies.
     #[arg(long, value_name = "K")]
     bench: Option<usize>,
+    /// With --bench: also time the naive reference book on the same commands, as a baseline.
+    #[arg(long, requires = "bench")]
+    baseline: bool,
 }
 
 #[derive(Args)]
@@ -106,6 +110,9 @@ struct GenerateArgs {
     /// Mix in every order type and rule (stops, icebergs, GTD, amends, STP, halts, bad input).
     #[arg(long)]
     full_mix: bool,
+    /// Percent of cancels aimed at one of the 64 most recently placed open orders (0-100).
+    #[arg(long, default_value_t = workload::YOUNG_CANCEL_PCT_DEFAULT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    young_cancel_pct: u8,
     /// Write here instead of standard output (`.gz` is gzip-compressed).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -133,8 +140,26 @@ fn replay_cmd(args: ReplayArgs) -> Result<()> {
     let reader = replay::open_input(&args.file)?;
     let inputs = replay::read_inputs(reader, &spec)?;
     if let Some(k) = args.bench {
-        let report = replay::bench(&spec, &inputs, k)?;
-        report.print(&mut io::stdout().lock())?;
+        let commands = replay::commands(&inputs);
+        let report = replay::bench::<OrderBook>(&spec, &commands, k)?;
+        let mut stdout = io::stdout().lock();
+        report.print(&mut stdout, "")?;
+        if args.baseline {
+            let baseline = replay::bench::<ReferenceBook>(&spec, &commands, k)?;
+            baseline.print(&mut stdout, "baseline_")?;
+            writeln!(
+                stdout,
+                "speedup_vs_baseline: {:.2}",
+                report.commands_per_sec_median / baseline.commands_per_sec_median.max(1e-9)
+            )?;
+            if baseline.state_hash != report.state_hash {
+                bail!(
+                    "the reference book ended in another state ({} vs {}): that is a bug",
+                    baseline.state_hash,
+                    report.state_hash
+                );
+            }
+        }
         return Ok(());
     }
     let mut out = writer(args.out.as_deref())?;
@@ -169,13 +194,11 @@ fn generate_cmd(args: GenerateArgs) -> Result<()> {
         commands: args.commands,
         accounts: args.accounts.max(1),
         full_mix: args.full_mix,
+        young_cancel_pct: args.young_cancel_pct,
     };
     let w = workload::generate(&params);
     let mut out = writer(args.out.as_deref())?;
-    for cmd in w.prefill.iter().chain(&w.commands) {
-        serde_json::to_writer(&mut out, &WireCommandOut::from_command(&w.spec, cmd, true))?;
-        out.write_all(b"\n")?;
-    }
+    workload::write_jsonl(&w, &mut out)?;
     out.flush()?;
     Ok(())
 }

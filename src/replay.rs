@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use flate2::read::MultiGzDecoder;
 use hdrhistogram::Histogram;
 
-use crate::book::{Account, Command, Event, MarketSpec, OrderBook, StateHash};
+use crate::book::{Account, Command, Event, MarketSpec, Matching, OrderBook, StateHash};
 use crate::wire::{self, DecodeContext, EventView, RejectView, WireReject};
 
 /// One input line, decoded.
@@ -131,67 +131,86 @@ pub fn run(book: &mut OrderBook, inputs: &[Input], out: &mut impl Write) -> Resu
     Ok(summary)
 }
 
-/// What `--bench` measured.
+/// What `--bench` measured for one book.
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub commands: usize,
     pub repetitions: usize,
     pub commands_per_sec_median: f64,
     pub commands_per_sec_all: Vec<f64>,
-    /// Per-command latency (ns) from one extra timed pass: p50, p99, p99.9, p99.99, max.
+    /// Per-command latency (ns) from one extra timed pass: p50, p99, p99.9, p99.99, max. Each
+    /// includes reading the clock twice (tens of ns).
     pub latency_ns: [u64; 5],
     pub state_hash: StateHash,
 }
 
 impl BenchReport {
-    pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
-        writeln!(out, "commands: {}", self.commands)?;
-        writeln!(out, "repetitions: {}", self.repetitions)?;
+    /// Prints `key: value` lines, each key prefixed by `prefix` (empty for the main book).
+    pub fn print(&self, out: &mut impl Write, prefix: &str) -> io::Result<()> {
+        writeln!(out, "{prefix}commands: {}", self.commands)?;
+        writeln!(out, "{prefix}repetitions: {}", self.repetitions)?;
         let runs: Vec<String> = self
             .commands_per_sec_all
             .iter()
             .map(|r| format!("{r:.0}"))
             .collect();
-        writeln!(out, "commands_per_sec_runs: {}", runs.join(" "))?;
+        writeln!(out, "{prefix}commands_per_sec_runs: {}", runs.join(" "))?;
         writeln!(
             out,
-            "commands_per_sec_median: {:.0}",
+            "{prefix}commands_per_sec_median: {:.0}",
             self.commands_per_sec_median
         )?;
         let [p50, p99, p999, p9999, max] = self.latency_ns;
-        writeln!(out, "latency_ns_p50: {p50}")?;
-        writeln!(out, "latency_ns_p99: {p99}")?;
-        writeln!(out, "latency_ns_p99.9: {p999}")?;
-        writeln!(out, "latency_ns_p99.99: {p9999}")?;
-        writeln!(out, "latency_ns_max: {max}")?;
-        writeln!(out, "state_hash: {}", self.state_hash)
+        writeln!(out, "{prefix}latency_ns_p50: {p50}")?;
+        writeln!(out, "{prefix}latency_ns_p99: {p99}")?;
+        writeln!(out, "{prefix}latency_ns_p99.9: {p999}")?;
+        writeln!(out, "{prefix}latency_ns_p99.99: {p9999}")?;
+        writeln!(out, "{prefix}latency_ns_max: {max}")?;
+        writeln!(out, "{prefix}state_hash: {}", self.state_hash)
     }
 }
 
-/// Times only the book: `repetitions` runs over the parsed commands, each on a fresh book,
-/// then one more run timing every command on its own for the latency percentiles.
-pub fn bench(spec: &MarketSpec, inputs: &[Input], repetitions: usize) -> Result<BenchReport> {
-    if repetitions == 0 {
-        bail!("--bench needs at least 1 repetition");
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
-    let commands: Vec<&Command> = inputs
+}
+
+/// The commands of `inputs`, without the lines that did not decode.
+pub fn commands(inputs: &[Input]) -> Vec<&Command> {
+    inputs
         .iter()
         .filter_map(|i| match i {
             Input::Command(c) => Some(c),
             Input::Reject(_) => None,
         })
-        .collect();
+        .collect()
+}
+
+/// Times only the book `B`: `repetitions` runs over the commands, each on a fresh book, then
+/// one more run timing every command on its own for the latency percentiles.
+pub fn bench<B: Matching>(
+    spec: &MarketSpec,
+    commands: &[&Command],
+    repetitions: usize,
+) -> Result<BenchReport> {
+    if repetitions == 0 {
+        bail!("--bench needs at least 1 repetition");
+    }
     if commands.is_empty() {
         bail!("the file holds no valid command to time");
     }
-    let capacity = commands.len().min(1 << 16);
     let mut events: Vec<Event> = Vec::with_capacity(1024);
     let mut rates = Vec::with_capacity(repetitions);
     let mut hash = None;
     for _ in 0..repetitions {
-        let mut book = OrderBook::with_capacity(spec.clone(), capacity);
+        let mut book = B::with_spec(spec.clone());
         let started = Instant::now();
-        for cmd in &commands {
+        for cmd in commands {
             events.clear();
             book.apply(cmd, &mut events);
         }
@@ -201,25 +220,18 @@ pub fn bench(spec: &MarketSpec, inputs: &[Input], repetitions: usize) -> Result<
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .context("cannot build the latency histogram")?;
-    let mut book = OrderBook::with_capacity(spec.clone(), capacity);
-    for cmd in &commands {
+    let mut book = B::with_spec(spec.clone());
+    for cmd in commands {
         events.clear();
         let started = Instant::now();
         book.apply(cmd, &mut events);
         let ns = started.elapsed().as_nanos() as u64;
         latency.saturating_record(ns.max(1));
     }
-    let mut sorted = rates.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2]
-    } else {
-        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
-    };
     Ok(BenchReport {
         commands: commands.len(),
         repetitions,
-        commands_per_sec_median: median,
+        commands_per_sec_median: median(&rates),
         commands_per_sec_all: rates,
         latency_ns: [
             latency.value_at_quantile(0.5),

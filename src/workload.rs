@@ -52,7 +52,16 @@ pub struct FlowParams {
     /// Mix in every order type and rule (stops, icebergs, GTD, amends, STP, halts, bad input);
     /// otherwise the benchmark mix: ~55% limit, ~10% market, ~35% cancel.
     pub full_mix: bool,
+    /// Percent of cancels aimed at one of the most recently placed open orders (most orders
+    /// die young); the rest pick uniformly among all open orders. 0 = all uniform.
+    pub young_cancel_pct: u8,
 }
+
+/// How many of the most recently placed orders count as young.
+const YOUNG_WINDOW: usize = 64;
+
+/// Default share of cancels aimed at young orders.
+pub const YOUNG_CANCEL_PCT_DEFAULT: u8 = 80;
 
 impl FlowParams {
     /// Workload (a): ~1,000 resting orders over a few hundred levels.
@@ -64,6 +73,7 @@ impl FlowParams {
             commands,
             accounts: 200,
             full_mix: false,
+            young_cancel_pct: YOUNG_CANCEL_PCT_DEFAULT,
         }
     }
 
@@ -76,6 +86,7 @@ impl FlowParams {
             commands,
             accounts: 2_000,
             full_mix: false,
+            young_cancel_pct: YOUNG_CANCEL_PCT_DEFAULT,
         }
     }
 }
@@ -126,6 +137,8 @@ struct Generator {
     accounts: Vec<Account>,
     live: Vec<Live>,
     live_index: HashMap<OrderId, usize>,
+    /// The most recently placed orders that rested (oldest first); some may have closed since.
+    young: std::collections::VecDeque<OrderId>,
     pending: HashMap<OrderId, Live>,
     seq: u64,
     ts: u64,
@@ -150,6 +163,7 @@ impl Generator {
             accounts,
             live: Vec::new(),
             live_index: HashMap::new(),
+            young: std::collections::VecDeque::with_capacity(YOUNG_WINDOW + 1),
             pending: HashMap::new(),
             seq: 0,
             ts: 1_700_000_000_000_000_000,
@@ -178,6 +192,10 @@ impl Generator {
                     if let Some(l) = self.pending.remove(&a.order.oid) {
                         self.live_index.insert(l.oid, self.live.len());
                         self.live.push(l);
+                        self.young.push_back(l.oid);
+                        if self.young.len() > YOUNG_WINDOW {
+                            self.young.pop_front();
+                        }
                     }
                 }
                 Event::Trade(t) => {
@@ -279,11 +297,28 @@ impl Generator {
         self.new_order(account, order)
     }
 
-    fn cancel(&mut self) -> Option<Command> {
+    /// A cancel target: usually a young order (if one is still open), else any open order.
+    fn cancel_target(&mut self) -> Option<Live> {
         if self.live.is_empty() {
             return None;
         }
-        let target = self.live[self.rng.below(self.live.len() as u64) as usize];
+        if !self.young.is_empty()
+            && self
+                .rng
+                .chance(u64::from(self.params.young_cancel_pct) * 10)
+        {
+            for _ in 0..4 {
+                let oid = self.young[self.rng.below(self.young.len() as u64) as usize];
+                if let Some(&i) = self.live_index.get(&oid) {
+                    return Some(self.live[i]);
+                }
+            }
+        }
+        Some(self.live[self.rng.below(self.live.len() as u64) as usize])
+    }
+
+    fn cancel(&mut self) -> Option<Command> {
+        let target = self.cancel_target()?;
         let by = if self.rng.chance(500) {
             OrderRef::Oid(target.oid)
         } else {
@@ -308,10 +343,9 @@ impl Generator {
         if r < 100 {
             self.market(account)
         } else if r < 650 {
-            if many
-                && let Some(c) = self.cancel() {
-                    return c;
-                }
+            if many && let Some(c) = self.cancel() {
+                return c;
+            }
             if self.rng.chance(270) {
                 self.marketable(account)
             } else {
@@ -514,4 +548,15 @@ pub fn generate(params: &FlowParams) -> Workload {
         prefill,
         commands,
     }
+}
+
+/// Writes the workload (prefill, then flow) as JSON lines of wire commands with their `ts`,
+/// the format `agora replay` reads.
+pub fn write_jsonl(w: &Workload, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    for cmd in w.prefill.iter().chain(&w.commands) {
+        let line = crate::wire::WireCommandOut::from_command(&w.spec, cmd, true);
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
 }

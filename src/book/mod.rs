@@ -120,3 +120,34 @@ pub use order_book::OrderBook;
 pub use snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, StateHash};
 pub use spec::{MarketSpec, MarketSpecInput, SpecError};
 pub use types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
+
+/// What both books offer a driver (replay, benches): a fresh book, commands in, events out.
+pub trait Matching {
+    fn with_spec(spec: MarketSpec) -> Self;
+    fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>);
+    fn state_hash(&self) -> StateHash;
+}
+
+impl Matching for OrderBook {
+    fn with_spec(spec: MarketSpec) -> OrderBook {
+        OrderBook::with_capacity(spec, 1024)
+    }
+    fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>) {
+        OrderBook::apply(self, cmd, out)
+    }
+    fn state_hash(&self) -> StateHash {
+        OrderBook::state_hash(self)
+    }
+}
+
+impl Matching for reference::ReferenceBook {
+    fn with_spec(spec: MarketSpec) -> reference::ReferenceBook {
+        reference::ReferenceBook::new(spec)
+    }
+    fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>) {
+        reference::ReferenceBook::apply(self, cmd, out)
+    }
+    fn state_hash(&self) -> StateHash {
+        reference::ReferenceBook::state_hash(self)
+    }
+}

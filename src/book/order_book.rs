@@ -60,14 +60,14 @@ struct Order {
     stp: StpMode,
     /// A stop order waiting for its trigger.
     parked: bool,
+    /// Total quantity; what is filled is `qty - leaves`.
     qty: u64,
-    filled: u64,
     /// Iceberg peak; 0 when not an iceberg.
     display: u64,
     stop_price: u64,
     expire_at: Option<Timestamp>,
     cid: Option<Cid>,
-    /// Hash of (account slot, cid) in `by_cid`, kept so removal never hashes again.
+    /// Hash of (account, cid) in `by_cid`, kept so removal never hashes again.
     cid_hash: u64,
     acct_prev: u32,
     acct_next: u32,
@@ -101,7 +101,7 @@ struct Taker {
     stop_price: u64,
     expire_at: Option<Timestamp>,
     slot: Option<u32>,
-    /// Hash of the cid under slot `account_id`, when already computed.
+    /// Hash of (account, cid), when already computed.
     cid_hash: Option<u64>,
 }
 
@@ -378,13 +378,8 @@ impl OrderBook {
 
     // ----- new ----------------------------------------------------------------------------
 
-    /// Checks a new order; on success returns the sender's account slot (if it has open orders)
-    /// and the hash of the order's cid under that slot.
-    fn check_new(
-        &self,
-        cmd: &Command,
-        o: &NewOrder,
-    ) -> Result<(Option<u32>, Option<u64>), RejectReason> {
+    /// Checks a new order; on success returns the hash of its cid (if any), for `store`.
+    fn check_new(&self, cmd: &Command, o: &NewOrder) -> Result<Option<u64>, RejectReason> {
         use RejectReason as R;
         let spec = &self.spec;
         if self.halted {
@@ -442,12 +437,11 @@ impl OrderBook {
             (Tif::Gtd, Some(_)) | (_, None) => {}
             (_, Some(_)) => return Err(R::ExpireAtNotAllowed),
         }
-        let account_id = self.find_account(&cmd.account);
-        // The cid's hash under the account's current slot, kept for `store`.
+        // The cid's hash, kept for `store`.
         let mut cid_hash = None;
-        if let (Some(cid), Some(acct)) = (o.cid, account_id) {
-            let hash = self.cid_hasher.hash_one((acct, cid));
-            if self.find_cid_hashed(acct, cid, hash).is_some() {
+        if let Some(cid) = o.cid {
+            let hash = self.cid_hasher.hash_one((cmd.account, cid));
+            if self.find_cid_hashed(&cmd.account, cid, hash).is_some() {
                 return Err(R::DuplicateCid);
             }
             cid_hash = Some(hash);
@@ -462,12 +456,12 @@ impl OrderBook {
         if may_stay && self.open_count() >= spec.orders_max as usize {
             return Err(R::BookFull);
         }
-        Ok((account_id, cid_hash))
+        Ok(cid_hash)
     }
 
     fn on_new(&mut self, cmd: &Command, at: At, o: &NewOrder, out: &mut Vec<Event>) {
-        let (account_id, cid_hash) = match self.check_new(cmd, o) {
-            Ok(found) => found,
+        let cid_hash = match self.check_new(cmd, o) {
+            Ok(hash) => hash,
             Err(reason) => return self.reject(cmd, at, reason, None, out),
         };
         let oid = OrderId::from_input(cmd.seq, cmd.pos);
@@ -494,7 +488,7 @@ impl OrderBook {
             oid,
             cid: o.cid,
             account: cmd.account,
-            account_id,
+            account_id: None,
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
@@ -603,11 +597,8 @@ impl OrderBook {
     }
 
     fn fok_fillable(&self, t: &Taker, min_key: u64) -> bool {
-        let stp = match t.account_id {
-            Some(_) => t.stp,
-            // The account has no open order, so it cannot meet itself.
-            None => StpMode::None,
-        };
+        let stp = t.stp;
+        let own = |o: &Order| self.accounts[o.account as usize].name == t.account;
         let mut sum: u64 = 0;
         for level in self.ladder(t.side.opposite()).iter() {
             if level.key < min_key {
@@ -619,7 +610,7 @@ impl OrderBook {
                     let mut i = level.head;
                     while i != NIL {
                         let o = &self.orders[i as usize];
-                        if Some(o.account) != t.account_id {
+                        if !own(o) {
                             sum = sum.saturating_add(o.leaves);
                         }
                         i = o.next;
@@ -629,7 +620,7 @@ impl OrderBook {
                     let mut i = level.head;
                     while i != NIL {
                         let o = &self.orders[i as usize];
-                        if Some(o.account) == t.account_id {
+                        if own(o) {
                             return false;
                         }
                         i = o.next;
@@ -659,7 +650,7 @@ impl OrderBook {
             }
             let mi = level.head;
             let maker = &mut self.orders[mi as usize];
-            if t.stp != StpMode::None && Some(maker.account) == t.account_id {
+            if t.stp != StpMode::None && self.accounts[maker.account as usize].name == t.account {
                 if !self.self_trade(t, mi, at, out) {
                     return false;
                 }
@@ -668,7 +659,7 @@ impl OrderBook {
             let fill = t.rem.min(maker.visible);
             maker.visible -= fill;
             maker.leaves -= fill;
-            maker.filled += fill;
+
             level.shown -= fill;
             level.total -= fill;
             t.rem -= fill;
@@ -819,7 +810,7 @@ impl OrderBook {
         let o = &mut self.orders[idx as usize];
         o.parked = false;
         o.qty = t.qty;
-        o.filled = t.filled;
+
         o.leaves = t.rem;
         o.price = t.price;
         o.visible = if t.display > 0 {
@@ -859,15 +850,15 @@ impl OrderBook {
             stp: t.stp,
             parked: false,
             qty: t.qty,
-            filled: t.filled,
+
             display: t.display,
             stop_price: t.stop_price,
             expire_at: t.expire_at,
             cid: t.cid,
             cid_hash: match (t.cid, t.cid_hash) {
                 (None, _) => 0,
-                (Some(_), Some(hash)) if t.account_id == Some(account) => hash,
-                (Some(cid), _) => self.cid_hasher.hash_one((account, cid)),
+                (Some(_), Some(hash)) => hash,
+                (Some(cid), None) => self.cid_hasher.hash_one((t.account, cid)),
             },
             acct_prev: NIL,
             acct_next: NIL,
@@ -947,16 +938,18 @@ impl OrderBook {
     }
 
     #[inline]
-    fn find_cid(&self, account: u32, cid: Cid) -> Option<u32> {
-        self.find_cid_hashed(account, cid, self.cid_hasher.hash_one((account, cid)))
+    fn find_cid(&self, account: &Account, cid: Cid) -> Option<u32> {
+        self.find_cid_hashed(account, cid, self.cid_hasher.hash_one((*account, cid)))
     }
 
+    /// The open order of `account` with this cid; cids are indexed by (account name, cid), so
+    /// no account lookup comes first.
     #[inline]
-    fn find_cid_hashed(&self, account: u32, cid: Cid, hash: u64) -> Option<u32> {
-        let orders = &self.orders;
+    fn find_cid_hashed(&self, account: &Account, cid: Cid, hash: u64) -> Option<u32> {
+        let (orders, accounts) = (&self.orders, &self.accounts);
         self.by_cid.find(hash, |s| {
             let o = &orders[s as usize];
-            o.account == account && o.cid == Some(cid)
+            o.cid == Some(cid) && accounts[o.account as usize].name == *account
         })
     }
 
@@ -1124,7 +1117,7 @@ impl OrderBook {
             stp: o.stp,
             price: o.price,
             qty: o.qty,
-            filled: o.filled,
+            filled: o.qty - o.leaves,
             rem: o.leaves,
             display: o.display,
             stop_price: o.stop_price,
@@ -1150,8 +1143,7 @@ impl OrderBook {
                 Ok(idx)
             }
             OrderRef::Cid(cid) => self
-                .find_account(&cmd.account)
-                .and_then(|acct| self.find_cid(acct, cid))
+                .find_cid(&cmd.account, cid)
                 .ok_or((RejectReason::UnknownOrder, None)),
         }
     }
@@ -1228,7 +1220,7 @@ impl OrderBook {
         };
         let o = &self.orders[idx as usize];
         let (side, filled, old_qty, old_price, display) =
-            (o.side, o.filled, o.qty, o.price, o.display);
+            (o.side, o.qty - o.leaves, o.qty, o.price, o.display);
         let amended = |book: &OrderBook, leaves: u64, priority_kept: bool| {
             Event::Amended(Amended {
                 seq: at.seq,
@@ -1373,7 +1365,7 @@ impl OrderBook {
             price: o.order_type.has_limit_price().then_some(Price(o.price)),
             stop_price: o.order_type.is_stop().then_some(Price(o.stop_price)),
             qty: Qty(o.qty),
-            filled: Qty(o.filled),
+            filled: Qty(o.qty - o.leaves),
             leaves: Qty(o.leaves),
             visible: Qty(o.visible),
             display_qty: (o.display > 0).then_some(Qty(o.display)),
@@ -1477,10 +1469,9 @@ impl OrderBook {
             if book.find_oid(r.oid.0).is_some() {
                 return Err(bad(format!("order {} appears twice", r.oid)));
             }
-            if r.cid.is_some_and(|cid| {
-                book.find_account(&r.account)
-                    .is_some_and(|a| book.find_cid(a, cid).is_some())
-            }) {
+            if r.cid
+                .is_some_and(|cid| book.find_cid(&r.account, cid).is_some())
+            {
                 return Err(bad(format!(
                     "order {} repeats an open cid of its account",
                     r.oid
@@ -1591,10 +1582,12 @@ impl OrderBook {
                             o.oid, o.visible, o.display
                         ));
                     }
-                    if o.filled + o.leaves != o.qty {
+                    // Filled is `qty - leaves`, so quantity is conserved by construction as
+                    // long as leaves never exceed the total.
+                    if o.leaves > o.qty {
                         return Err(format!(
-                            "order {}: filled {} + leaves {} != qty {}",
-                            o.oid, o.filled, o.leaves, o.qty
+                            "order {}: leaves {} exceed qty {}",
+                            o.oid, o.leaves, o.qty
                         ));
                     }
                     if self.find_oid(o.oid) != Some(i) {
@@ -1635,7 +1628,7 @@ impl OrderBook {
                 {
                     return Err(format!("stop {} is badly indexed", o.oid));
                 }
-                if o.filled != 0 || o.leaves != o.qty {
+                if o.leaves != o.qty {
                     return Err(format!("stop {} has fills before its trigger", o.oid));
                 }
                 per_account[o.account as usize] += 1;
@@ -1651,7 +1644,8 @@ impl OrderBook {
         }
         for i in self.by_cid.iter() {
             let o = &self.orders[i as usize];
-            let found = o.cid.and_then(|cid| self.find_cid(o.account, cid));
+            let name = self.accounts[o.account as usize].name;
+            let found = o.cid.and_then(|cid| self.find_cid(&name, cid));
             if found != Some(i) || self.find_oid(o.oid) != Some(i) {
                 return Err(format!("order {} is badly indexed by cid", o.oid));
             }

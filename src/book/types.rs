@@ -190,6 +190,8 @@ impl std::hash::Hash for ShortStr {
     /// Only the used bytes: most ids are short, and short inputs take the hasher's fast path.
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The length first, so that (account, cid) pairs hash unambiguously.
+        state.write_u8(self.len);
         state.write(&self.bytes[..self.len as usize]);
     }
 }

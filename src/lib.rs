@@ -1,4 +1,5 @@
 pub mod book;
+pub mod bus;
 pub mod fuzzing;
 pub mod replay;
 pub mod wire;

@@ -1,0 +1,18 @@
+//! Everything NATS: subject names, connections, JetStream streams and KV buckets, and the
+//! local `nats-server` that tests (and a node started without a NATS URL) run.
+//!
+//! The wire format of the messages themselves is in `crate::wire`; the rules of matching are
+//! in `crate::book`. This module must never decide anything about an order: it moves bytes
+//! and reports, in words an operator can act on, what went wrong with NATS.
+
+pub mod error;
+pub mod server;
+pub mod streams;
+pub mod subjects;
+
+pub use error::BusError;
+pub use server::LocalServer;
+pub use streams::{
+    Buckets, StreamSettings, connect, ensure_buckets, ensure_core_streams, ensure_market_stream,
+};
+pub use subjects::Subjects;

@@ -1,0 +1,213 @@
+//! `LocalServer`: a `nats-server` child process with JetStream, on a free loopback port, with its
+//! own data directory; stopped by its pid when dropped. Tests start one each; a node started
+//! without a NATS URL runs one for itself.
+//!
+//! This module must never leave a server running after its owner is gone, and never guess that
+//! a server is up: it waits until the server answers on its port.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::error::BusError;
+
+/// How long a starting server may take to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct LocalServer {
+    child: Option<Child>,
+    binary: PathBuf,
+    port: u16,
+    data_dir: PathBuf,
+}
+
+/// A port that was free a moment ago on the loopback interface.
+pub fn free_port() -> Result<u16, BusError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| BusError::ServerStart {
+        reason: format!("cannot find a free loopback port: {e}"),
+        log: String::new(),
+    })?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| BusError::ServerStart {
+            reason: format!("cannot read the free port: {e}"),
+            log: String::new(),
+        })
+}
+
+/// The `nats-server` binary: `$AGORA_NATS_SERVER` if set, else the one on `PATH`.
+pub fn default_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("AGORA_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file());
+    on_path.unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+impl LocalServer {
+    /// Starts the default binary on a free port with JetStream storing under `data_dir`.
+    pub fn start(data_dir: &Path) -> Result<LocalServer, BusError> {
+        LocalServer::start_with(&default_binary(), free_port()?, data_dir)
+    }
+
+    /// Starts `binary` on `port` with JetStream storing under `data_dir`, and waits until it
+    /// answers.
+    pub fn start_with(binary: &Path, port: u16, data_dir: &Path) -> Result<LocalServer, BusError> {
+        let mut server = LocalServer {
+            child: None,
+            binary: binary.to_path_buf(),
+            port,
+            data_dir: data_dir.to_path_buf(),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.join("nats-server.log")
+    }
+
+    fn log_tail(&self) -> String {
+        match std::fs::read_to_string(self.log_path()) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
+                format!("\n  last lines of {}:\n  {tail}", self.log_path().display())
+            }
+            Err(_) => String::new(),
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), BusError> {
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| BusError::ServerStart {
+            reason: format!("cannot create {}: {e}", self.data_dir.display()),
+            log: String::new(),
+        })?;
+        let child = Command::new(&self.binary)
+            .arg("--addr")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--jetstream")
+            .arg("--store_dir")
+            .arg(self.data_dir.join("jetstream"))
+            .arg("--log")
+            .arg(self.log_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                    BusError::ServerMissing {
+                        path: self.binary.clone(),
+                    }
+                }
+                _ => BusError::ServerStart {
+                    reason: format!("cannot run {}: {e}", self.binary.display()),
+                    log: String::new(),
+                },
+            })?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Waits until the server greets a client on its port (or has exited).
+    fn wait_ready(&mut self) -> Result<(), BusError> {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(BusError::ServerStart {
+                    reason: format!("it exited at once ({status}) on port {}", self.port),
+                    log: self.log_tail(),
+                });
+            }
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut line = String::new();
+                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > START_TIMEOUT {
+                self.kill();
+                return Err(BusError::ServerStart {
+                    reason: format!("no answer on port {} within {START_TIMEOUT:?}", self.port),
+                    log: self.log_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: `kill` with a pid we own and a valid signal number has no memory effects.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server and starts it again on the same port and data (a NATS restart).
+    pub fn restart(&mut self) -> Result<(), BusError> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

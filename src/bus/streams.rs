@@ -1,0 +1,174 @@
+//! Connecting, and the JetStream streams and KV buckets Agora needs.
+//!
+//! Streams: `ORDERS_<MARKET>` (one per market, created with the market: the source of truth),
+//! `EVENTS` (the journals), `EXECS` (execution reports), `TRADES` (the tape). The shared streams
+//! keep a duplicate window well above any failover time, so republished outputs with the same
+//! `Nats-Msg-Id` are dropped. Buckets: `agora_markets` (specs), `agora_placement` (owners),
+//! `agora_nodes` (heartbeats, short TTL). Creating is idempotent: an existing stream or bucket
+//! is opened as it is. This module must never delete or reconfigure an existing stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use super::error::BusError;
+use super::subjects::Subjects;
+
+/// Storage settings shared by Agora's streams (from configuration).
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// File storage (the default) survives a server restart; memory is for tests and benches.
+    pub memory: bool,
+    /// Replicas of each stream (R3 in production; 1 on a single server).
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
+    pub duplicate_window: Duration,
+    /// How long a node heartbeat lives in `agora_nodes` without renewal.
+    pub heartbeat_ttl: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> StreamSettings {
+        StreamSettings {
+            memory: false,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            heartbeat_ttl: Duration::from_secs(3),
+        }
+    }
+}
+
+impl StreamSettings {
+    fn storage(&self) -> stream::StorageType {
+        if self.memory {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        }
+    }
+}
+
+/// Connects to `url` (one or more, comma-separated), failing at once with a message naming the
+/// address when nothing answers.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| BusError::Connect {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    name: String,
+    subjects: Vec<String>,
+    settings: &StreamSettings,
+) -> Result<stream::Stream, BusError> {
+    js.get_or_create_stream(stream::Config {
+        name: name.clone(),
+        subjects,
+        storage: settings.storage(),
+        num_replicas: settings.replicas,
+        duplicate_window: settings.duplicate_window,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::Stream {
+        name,
+        reason: e.to_string(),
+    })
+}
+
+/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>`.
+pub async fn ensure_market_stream(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    market: &str,
+    settings: &StreamSettings,
+) -> Result<stream::Stream, BusError> {
+    Subjects::check_token("market", market)?;
+    ensure_stream(
+        js,
+        subjects.orders_stream(market),
+        vec![subjects.orders(market)],
+        settings,
+    )
+    .await
+}
+
+/// The shared streams: journals, execution reports, the trade tape.
+pub async fn ensure_core_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<(), BusError> {
+    let p = subjects.prefix();
+    ensure_stream(
+        js,
+        subjects.events_stream(),
+        vec![format!("{p}.events.>")],
+        settings,
+    )
+    .await?;
+    ensure_stream(
+        js,
+        subjects.execs_stream(),
+        vec![format!("{p}.execs.>")],
+        settings,
+    )
+    .await?;
+    ensure_stream(
+        js,
+        subjects.trades_stream(),
+        vec![format!("{p}.trades.>")],
+        settings,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The buckets: market specs, placement, node heartbeats.
+pub struct Buckets {
+    pub markets: kv::Store,
+    pub placement: kv::Store,
+    pub nodes: kv::Store,
+}
+
+pub async fn ensure_buckets(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<Buckets, BusError> {
+    let open = |name: &str, history: i64, max_age: Duration| {
+        let bucket = subjects.bucket(name);
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            history,
+            max_age,
+            storage: settings.storage(),
+            num_replicas: settings.replicas,
+            ..Default::default()
+        };
+        async move {
+            match js.get_key_value(bucket.clone()).await {
+                Ok(store) => Ok(store),
+                Err(_) => js
+                    .create_key_value(config)
+                    .await
+                    .map_err(|e| BusError::Bucket {
+                        bucket,
+                        reason: e.to_string(),
+                    }),
+            }
+        }
+    };
+    Ok(Buckets {
+        markets: open("markets", 5, Duration::ZERO).await?,
+        placement: open("placement", 5, Duration::ZERO).await?,
+        nodes: open("nodes", 1, settings.heartbeat_ttl).await?,
+    })
+}

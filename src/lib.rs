@@ -1,3 +1,4 @@
+pub mod actors;
 pub mod book;
 pub mod bus;
 pub mod fuzzing;

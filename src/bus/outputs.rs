@@ -183,9 +183,11 @@ struct LevelChange {
 #[derive(Serialize)]
 struct BookDelta<'a> {
     market: &'a str,
-    /// Per-market book sequence: +1 per delta message, so a gap means a missed delta.
-    book_seq: u64,
-    last_seq: Seq,
+    /// The last input sequence this delta includes.
+    seq: Seq,
+    /// `seq` of the previous delta: a consumer whose last seen `seq` differs missed a delta
+    /// and asks `<prefix>.book.<MARKET>.snapshot` for the whole book.
+    prev_seq: Seq,
     changes: Vec<LevelChange>,
 }
 
@@ -230,7 +232,7 @@ pub fn top_changes(before: &Top, after: &Top) -> Vec<(Side, L2Level)> {
 }
 
 /// One processed batch: input sequences `first_seq..=last_seq`, its entries in order, the top
-/// of book before and after it, and the number of the L2 delta it would publish.
+/// of book before and after it, and the `seq` of the previous L2 delta.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
     pub first_seq: Seq,
@@ -238,7 +240,7 @@ pub struct Batch<'a> {
     pub entries: &'a [Entry],
     pub before: &'a Top,
     pub after: &'a Top,
-    pub book_seq: u64,
+    pub prev_book_seq: Seq,
 }
 
 /// Builds the messages of one batch.
@@ -249,7 +251,7 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
         entries,
         before,
         after,
-        book_seq,
+        prev_book_seq,
     } = *batch;
     let market = spec.symbol.as_str();
     let journal = Outgoing {
@@ -368,8 +370,8 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
         msg_id: None,
         payload: encode(&BookDelta {
             market,
-            book_seq,
-            last_seq,
+            seq: last_seq,
+            prev_seq: prev_book_seq,
             changes: changes
                 .into_iter()
                 .map(|(side, l)| LevelChange {
@@ -466,7 +468,7 @@ mod tests {
             entries: &entries,
             before: &before,
             after: &after,
-            book_seq: 7,
+            prev_book_seq: 0,
         };
         let out = build(&subjects, &spec, &batch);
 
@@ -529,7 +531,8 @@ mod tests {
         assert!(!tape_text.contains("maker-a") && !tape_text.contains("taker-b"));
 
         let delta = decode(&out.book.expect("the book changed").payload);
-        assert_eq!(delta["book_seq"], 7);
+        assert_eq!(delta["seq"], 4);
+        assert_eq!(delta["prev_seq"], 0);
         assert_eq!(delta["changes"].as_array().map(Vec::len), Some(1));
         assert_eq!(delta["changes"][0]["side"], "sell");
         assert_eq!(delta["changes"][0]["price"], "100.00");
@@ -558,7 +561,7 @@ mod tests {
                 entries: &e1,
                 before: &b1,
                 after: &a1,
-                book_seq: 1,
+                prev_book_seq: 0,
             },
         );
         let y = build(
@@ -570,7 +573,7 @@ mod tests {
                 entries: &e2,
                 before: &b2,
                 after: &a2,
-                book_seq: 1,
+                prev_book_seq: 0,
             },
         );
         assert_eq!(x.journal, y.journal);
@@ -603,7 +606,7 @@ mod tests {
                 entries: &entries,
                 before: &empty,
                 after: &empty,
-                book_seq: 1,
+                prev_book_seq: 0,
             },
         );
         assert!(out.execs.is_empty());

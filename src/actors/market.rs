@@ -1,0 +1,485 @@
+//! `MarketActor`: the actor that owns one market's book (through `MarketCore`), and the driver
+//! that feeds it from the market's order stream and publishes what it produces.
+//!
+//! The driver takes batches from a JetStream pull consumer (never a plain subscription, which
+//! drops messages when its buffer fills), hands each batch to the actor through its bounded
+//! mailbox (so overload shows as back-pressure), then publishes the journal message fenced with
+//! `Nats-Expected-Last-Subject-Sequence`, and only once it is acknowledged the derived views,
+//! pipelined. On start it recovers: it reads the journal's last batch, replays the stream up to
+//! it silently, republishes that batch's derived views (JetStream drops what had landed) and
+//! goes on from the next sequence. No command is lost or applied twice; no output is published
+//! twice. This module must never publish a derived view before its journal message, nor go on
+//! after the fence says another owner wrote the journal.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    context::PublishErrorKind,
+};
+use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::core::{Incoming, MarketCore};
+use crate::book::{MarketSpec, Seq, StateHash};
+use crate::bus::outputs::{BatchOutputs, Outgoing};
+use crate::bus::{BusError, Subjects};
+
+/// How a market takes its input.
+#[derive(Clone, Debug)]
+pub struct MarketSettings {
+    /// Most stream messages processed as one batch (one journal message).
+    pub fetch_max: usize,
+    /// Most commands one batch message (`op: batch`) may carry.
+    pub batch_max: u16,
+}
+
+impl Default for MarketSettings {
+    fn default() -> MarketSettings {
+        MarketSettings {
+            fetch_max: 256,
+            batch_max: 100,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MarketError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{market}: {what}: {reason}")]
+    Nats {
+        market: String,
+        what: &'static str,
+        reason: String,
+    },
+    #[error(
+        "{market}: the journal was extended by another owner (at stream sequence {found}); this node no longer owns the market and stopped without publishing"
+    )]
+    Fenced { market: String, found: u64 },
+    #[error("{market}: the market actor is gone")]
+    ActorGone { market: String },
+}
+
+/// The actor: owns the market's pure core. Its mailbox is bounded; the driver awaits each send.
+pub struct MarketActor {
+    core: MarketCore,
+}
+
+impl Actor for MarketActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(16);
+    }
+}
+
+/// Apply a batch and return what it sends.
+#[derive(Message)]
+#[rtype(result = "Option<BatchOutputs>")]
+pub struct Process(pub Vec<Incoming>);
+
+/// Apply messages already processed before (recovery): nothing is built.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replay(pub Vec<Incoming>);
+
+/// The last applied stream sequence and the book's state hash.
+#[derive(Message)]
+#[rtype(result = "(Seq, StateHash)")]
+pub struct State;
+
+impl Handler<Process> for MarketActor {
+    type Result = Option<BatchOutputs>;
+    fn handle(&mut self, msg: Process, _: &mut Self::Context) -> Self::Result {
+        self.core.process(&msg.0)
+    }
+}
+
+impl Handler<Replay> for MarketActor {
+    type Result = ();
+    fn handle(&mut self, msg: Replay, _: &mut Self::Context) {
+        self.core.replay(&msg.0);
+    }
+}
+
+impl Handler<State> for MarketActor {
+    type Result = MessageResult<State>;
+    fn handle(&mut self, _: State, _: &mut Self::Context) -> Self::Result {
+        MessageResult((self.core.last_seq(), self.core.book().state_hash()))
+    }
+}
+
+/// A running market: its actor, and the driver to stop or await.
+pub struct RunningMarket {
+    pub market: String,
+    pub addr: Addr<MarketActor>,
+    stop: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<Result<(), MarketError>>,
+}
+
+impl RunningMarket {
+    /// Asks the driver to stop at the next batch boundary (its outputs published) and waits.
+    pub async fn stop(self) -> Result<(), MarketError> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits for the driver to end (it ends by itself when fenced or on an error).
+    pub async fn join(self) -> Result<(), MarketError> {
+        match self.driver.await {
+            Ok(result) => result,
+            Err(e) => Err(MarketError::Nats {
+                market: self.market,
+                what: "driver task",
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// The head of a journal message: which input sequences it covers.
+#[derive(Deserialize)]
+struct JournalHead {
+    first_seq: Seq,
+    last_seq: Seq,
+}
+
+struct Driver {
+    market: String,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    subjects: Subjects,
+    orders: jetstream::stream::Stream,
+    events: jetstream::stream::Stream,
+    addr: Addr<MarketActor>,
+    /// Stream sequence of our last journal message (the fence), `None` before the first.
+    journal_seq: Option<u64>,
+    settings: MarketSettings,
+}
+
+fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> MarketError {
+    MarketError::Nats {
+        market: market.to_string(),
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn incoming(market: &str, m: &jetstream::Message) -> Result<Incoming, MarketError> {
+    let info = m
+        .info()
+        .map_err(|e| nats_err(market, "reading a message's metadata", e))?;
+    let json = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Content-Type"))
+        .is_some_and(|v| v.as_str().starts_with("application/json"));
+    Ok(Incoming {
+        seq: info.stream_sequence,
+        ts: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+        payload: m.payload.to_vec(),
+        json,
+    })
+}
+
+/// Starts the market: creates its actor on the current arbiter, recovers it from the streams,
+/// and starts its driver.
+pub async fn start(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    subjects: Subjects,
+    spec: MarketSpec,
+    settings: MarketSettings,
+) -> Result<RunningMarket, MarketError> {
+    let market = spec.symbol.clone();
+    let core = MarketCore::new(subjects.clone(), spec, settings.batch_max);
+    let addr = MarketActor { core }.start();
+    let orders = js
+        .get_stream(subjects.orders_stream(&market))
+        .await
+        .map_err(|e| nats_err(&market, "opening the order stream", e))?;
+    let events = js
+        .get_stream(subjects.events_stream())
+        .await
+        .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
+    let mut driver = Driver {
+        market: market.clone(),
+        js,
+        client,
+        subjects,
+        orders,
+        events,
+        addr: addr.clone(),
+        journal_seq: None,
+        settings,
+    };
+    driver.recover().await?;
+    let (stop, stopped) = watch::channel(false);
+    let handle = actix_rt::spawn(async move { driver.run(stopped).await });
+    Ok(RunningMarket {
+        market,
+        addr,
+        stop,
+        driver: handle,
+    })
+}
+
+impl Driver {
+    async fn send<M>(&self, msg: M) -> Result<M::Result, MarketError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        MarketActor: Handler<M>,
+    {
+        self.addr
+            .send(msg)
+            .await
+            .map_err(|_| MarketError::ActorGone {
+                market: self.market.clone(),
+            })
+    }
+
+    /// Reads the journal's last batch, replays the stream up to it, republishes its views.
+    async fn recover(&mut self) -> Result<(), MarketError> {
+        let subject = self.subjects.events(&self.market);
+        let head = match self.events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => {
+                self.journal_seq = Some(last.sequence);
+                let head: JournalHead = rmp_serde::from_slice(&last.payload)
+                    .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
+                Some(head)
+            }
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                None
+            }
+            Err(e) => return Err(nats_err(&self.market, "reading the journal", e)),
+        };
+        let Some(head) = head else { return Ok(()) };
+        // Everything before the last batch, silently; then the last batch again, to rebuild its
+        // outputs byte for byte and republish the derived views.
+        self.replay_range(1, head.first_seq.saturating_sub(1))
+            .await?;
+        let mut last_batch = Vec::new();
+        self.read_range_into(head.first_seq, head.last_seq, &mut last_batch)
+            .await?;
+        if let Some(out) = self.send(super::market::Process(last_batch)).await? {
+            self.publish_views(&out, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Replays stream messages `from..=to` into the actor, in chunks, building nothing.
+    async fn replay_range(&self, from: Seq, to: Seq) -> Result<(), MarketError> {
+        let mut next = from;
+        while next <= to {
+            let mut chunk = Vec::new();
+            self.read_chunk(next, to, &mut chunk).await?;
+            next = chunk.last().map_or(to + 1, |m| m.seq + 1);
+            self.send(Replay(chunk)).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_range_into(
+        &self,
+        from: Seq,
+        to: Seq,
+        out: &mut Vec<Incoming>,
+    ) -> Result<(), MarketError> {
+        let mut next = from;
+        while next <= to {
+            let before = out.len();
+            self.read_chunk(next, to, out).await?;
+            next = out.last().map_or(to + 1, |m| m.seq + 1);
+            if out.len() == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to 1,000 messages from `from`, none past `to`.
+    async fn read_chunk(
+        &self,
+        from: Seq,
+        to: Seq,
+        out: &mut Vec<Incoming>,
+    ) -> Result<(), MarketError> {
+        let consumer = self
+            .orders
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
+        let want = usize::try_from((to - from + 1).min(1000)).unwrap_or(1000);
+        let mut batch = consumer
+            .fetch()
+            .max_messages(want)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
+        let mut got = 0;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
+            let msg = incoming(&self.market, &m)?;
+            if msg.seq > to {
+                break;
+            }
+            out.push(msg);
+            got += 1;
+        }
+        if got == 0 {
+            return Err(nats_err(
+                &self.market,
+                "replaying the order stream",
+                format!(
+                    "messages {from}..={to} are missing from {}",
+                    self.subjects.orders_stream(&self.market)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The live loop: batch, process, publish; until stopped, fenced or failed.
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
+        let (last, _) = self.send(State).await?;
+        let consumer = self
+            .orders
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: last + 1,
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(&self.market, "creating the order consumer", e))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.settings.fetch_max)
+            .messages()
+            .await
+            .map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
+        loop {
+            let first = tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let Some(first) = first else { return Ok(()) };
+            let first =
+                first.map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
+            let mut batch = vec![incoming(&self.market, &first)?];
+            // Take whatever else is already here, without waiting: batches grow under load only.
+            while batch.len() < self.settings.fetch_max {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(incoming(&self.market, &m)?),
+                    Some(Some(Err(e))) => {
+                        return Err(nats_err(&self.market, "consuming the order stream", e));
+                    }
+                    _ => break,
+                }
+            }
+            if let Some(out) = self.send(Process(batch)).await? {
+                self.publish_journal(&out.journal).await?;
+                self.publish_views(&out, true).await?;
+            }
+            if *stop.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Publishes the journal message, fenced on our previous one.
+    async fn publish_journal(&mut self, journal: &Outgoing) -> Result<(), MarketError> {
+        let msg_id = journal.msg_id.clone().unwrap_or_default();
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            self.journal_seq.unwrap_or(0).to_string().as_str(),
+        );
+        let sent = self
+            .js
+            .publish_with_headers(
+                journal.subject.clone(),
+                headers,
+                journal.payload.clone().into(),
+            )
+            .await
+            .map_err(|e| nats_err(&self.market, "publishing the journal", e))?;
+        match sent.await {
+            Ok(ack) => {
+                self.journal_seq = Some(ack.sequence);
+                Ok(())
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                // Either our own retried publish had landed, or another owner wrote: look.
+                let last = self
+                    .events
+                    .get_last_raw_message_by_subject(&journal.subject)
+                    .await
+                    .map_err(|e| nats_err(&self.market, "reading the journal after a fence", e))?;
+                let ours = last
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .is_some_and(|v| v.as_str() == msg_id);
+                if ours {
+                    self.journal_seq = Some(last.sequence);
+                    Ok(())
+                } else {
+                    Err(MarketError::Fenced {
+                        market: self.market.clone(),
+                        found: last.sequence,
+                    })
+                }
+            }
+            Err(e) => Err(nats_err(&self.market, "publishing the journal", e)),
+        }
+    }
+
+    /// Publishes the derived views: reports and tape through JetStream (pipelined, acks awaited
+    /// together), book deltas and unreadable messages on core NATS (`live` only: a recovering
+    /// owner republishes only what JetStream can deduplicate).
+    async fn publish_views(&self, out: &BatchOutputs, live: bool) -> Result<(), MarketError> {
+        let mut acks = Vec::new();
+        for o in out.execs.iter().chain(out.trades.iter()) {
+            let mut headers = HeaderMap::new();
+            if let Some(id) = &o.msg_id {
+                headers.insert("Nats-Msg-Id", id.as_str());
+            }
+            acks.push(
+                self.js
+                    .publish_with_headers(o.subject.clone(), headers, o.payload.clone().into())
+                    .await
+                    .map_err(|e| nats_err(&self.market, "publishing reports", e))?,
+            );
+        }
+        if live {
+            for o in out.book.iter().chain(out.rejects.iter()) {
+                self.client
+                    .publish(o.subject.clone(), o.payload.clone().into())
+                    .await
+                    .map_err(|e| nats_err(&self.market, "publishing book updates", e))?;
+            }
+        }
+        let acks = acks.into_iter().map(std::future::IntoFuture::into_future);
+        for ack in futures::future::join_all(acks).await {
+            ack.map_err(|e| nats_err(&self.market, "publishing reports", e))?;
+        }
+        Ok(())
+    }
+}

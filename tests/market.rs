@@ -1,0 +1,301 @@
+//! A market actor against a real nats-server: orders in on the market's stream, journal,
+//! execution reports, tape and book out; stopped and restarted mid-flow, it loses and repeats
+//! nothing, and its book equals an offline replay of the stream.
+
+use std::time::{Duration, Instant};
+
+use agora::actors::market::{self, MarketSettings, State};
+use agora::actors::{Incoming, MarketCore};
+use agora::book::MarketSpecInput;
+use agora::bus::{self, LocalServer, StreamSettings, Subjects};
+use agora::wire::WireCommandOut;
+use agora::workload::{self, FlowParams};
+use async_nats::jetstream;
+use serde_json::{Value, json};
+
+struct Env {
+    _server: LocalServer,
+    _dir: tempfile::TempDir,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+async fn env(market: &str) -> Env {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = LocalServer::start(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client.clone());
+    let subjects = Subjects::default();
+    let settings = StreamSettings::default();
+    bus::ensure_core_streams(&js, &subjects, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    bus::ensure_market_stream(&js, &subjects, market, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Env {
+        _server: server,
+        _dir: dir,
+        client,
+        js,
+        subjects,
+    }
+}
+
+async fn publish_json(env: &Env, market: &str, value: &Value) -> u64 {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let bytes = serde_json::to_vec(value).expect("json");
+    env.js
+        .publish_with_headers(env.subjects.orders(market), headers, bytes.into())
+        .await
+        .expect("publish sent")
+        .await
+        .expect("publish acknowledged")
+        .sequence
+}
+
+/// The journal's last covered input sequence, once it reaches `seq` (panics after 20 s).
+async fn wait_journal(env: &Env, market: &str, seq: u64) {
+    let started = Instant::now();
+    let events = env
+        .js
+        .get_stream(env.subjects.events_stream())
+        .await
+        .expect("EVENTS");
+    loop {
+        if let Ok(last) = events
+            .get_last_raw_message_by_subject(&env.subjects.events(market))
+            .await
+        {
+            let head: Value = rmp_serde::from_slice(&last.payload).expect("journal decodes");
+            if head["last_seq"].as_u64() >= Some(seq) {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the journal never reached {seq}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every message of a stream, decoded.
+async fn read_all(env: &Env, stream: &str) -> Vec<(String, Value)> {
+    let mut s = env.js.get_stream(stream).await.expect("stream");
+    let last = s.info().await.expect("info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push((
+                m.subject.to_string(),
+                rmp_serde::from_slice(&m.payload).expect("decodes"),
+            ));
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn orders_in_give_journal_reports_tape_out() {
+    let env = env("BTC-USDC").await;
+    let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("spec");
+    let running = market::start(
+        env.js.clone(),
+        env.client.clone(),
+        env.subjects.clone(),
+        spec,
+        MarketSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    publish_json(&env, "BTC-USDC", &json!({"op":"new","account":"alice","cid":"a1","side":"sell","price":"65000.00","qty":"0.5"})).await;
+    publish_json(
+        &env,
+        "BTC-USDC",
+        &json!({"op":"new","account":"bob","cid":"b1","side":"buy","price":"65000.00","qty":"0.2"}),
+    )
+    .await;
+    publish_json(
+        &env,
+        "BTC-USDC",
+        &json!({"op":"new","account":"bob","cid":"b2","side":"buy","price":"65000.005","qty":"1"}),
+    )
+    .await;
+    wait_journal(&env, "BTC-USDC", 3).await;
+
+    let execs = read_all(&env, "EXECS").await;
+    let reports = |who: &str| -> Vec<Value> {
+        execs
+            .iter()
+            .filter(|(subject, _)| subject == &format!("agora.execs.{who}.BTC-USDC"))
+            .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let bob = reports("bob");
+    let fill = bob
+        .iter()
+        .find(|r| r["type"] == "fill")
+        .expect("bob has a fill");
+    assert_eq!(fill["liquidity"], "taker");
+    assert_eq!(fill["qty"], "0.20000000");
+    assert_eq!(fill["price"], "65000.00");
+    let bad = bob
+        .iter()
+        .find(|r| r["type"] == "rejected")
+        .expect("bob's bad price is rejected");
+    assert_eq!(bad["reason"], "invalid_field");
+    assert_eq!(
+        bad["message"],
+        "price 65000.005 has 3 decimals; BTC-USDC allows 2"
+    );
+    let alice = reports("alice");
+    assert!(
+        alice.iter().any(|r| r["type"] == "fill"
+            && r["liquidity"] == "maker"
+            && r["leaves"] == "0.30000000")
+    );
+
+    let tape = read_all(&env, "TRADES").await;
+    assert_eq!(tape.len(), 1);
+    assert_eq!(tape[0].1["trades"][0]["qty"], "0.20000000");
+
+    let (last, _) = running.addr.send(State).await.expect("actor answers");
+    assert_eq!(last, 3);
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The reports an offline replay of the stream gives, one batch per message.
+fn offline_reports(
+    spec: &agora::book::MarketSpec,
+    msgs: &[Incoming],
+) -> (Vec<String>, agora::book::StateHash) {
+    let mut core = MarketCore::new(Subjects::default(), spec.clone(), 100);
+    let mut reports = Vec::new();
+    for m in msgs {
+        if let Some(out) = core.process(std::slice::from_ref(m)) {
+            for x in out.execs {
+                let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
+                for r in v["reports"].as_array().cloned().unwrap_or_default() {
+                    reports.push(r.to_string());
+                }
+            }
+        }
+    }
+    reports.sort();
+    (reports, core.book().state_hash())
+}
+
+#[actix_rt::test]
+async fn a_restarted_market_loses_and_repeats_nothing() {
+    let env = env("SAMPLE-USD").await;
+    let w = workload::generate(&FlowParams {
+        seed: 11,
+        resting: 40,
+        spread_ticks: 50,
+        commands: 360,
+        accounts: 6,
+        full_mix: true,
+        young_cancel_pct: 80,
+    });
+    let spec = MarketSpecInput::new("SAMPLE-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    let lines: Vec<Value> = w
+        .prefill
+        .iter()
+        .chain(&w.commands)
+        .map(|c| {
+            serde_json::to_value(WireCommandOut::from_command(&w.spec, c, false)).expect("json")
+        })
+        .collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+
+    let start = || {
+        market::start(
+            env.js.clone(),
+            env.client.clone(),
+            env.subjects.clone(),
+            spec.clone(),
+            MarketSettings::default(),
+        )
+    };
+    let running = start().await.unwrap_or_else(|e| panic!("{e}"));
+    for line in first {
+        publish_json(&env, "SAMPLE-USD", line).await;
+    }
+    wait_journal(&env, "SAMPLE-USD", first.len() as u64).await;
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // Orders keep arriving while no one owns the market: they wait in the stream.
+    for line in &second[..second.len() / 2] {
+        publish_json(&env, "SAMPLE-USD", line).await;
+    }
+    let running = start().await.unwrap_or_else(|e| panic!("{e}"));
+    for line in &second[second.len() / 2..] {
+        publish_json(&env, "SAMPLE-USD", line).await;
+    }
+    wait_journal(&env, "SAMPLE-USD", lines.len() as u64).await;
+    let (last, hash) = running.addr.send(State).await.expect("actor answers");
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(last, lines.len() as u64);
+
+    // Offline: the same stream messages (with their stream timestamps) through a fresh core.
+    let mut orders = env
+        .js
+        .get_stream(env.subjects.orders_stream("SAMPLE-USD"))
+        .await
+        .expect("stream");
+    let n = orders.info().await.expect("info").state.last_sequence;
+    let mut msgs = Vec::new();
+    for seq in 1..=n {
+        let m = orders.get_raw_message(seq).await.expect("message");
+        msgs.push(Incoming {
+            seq,
+            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
+            payload: m.payload.to_vec(),
+            json: true,
+        });
+    }
+    let (expected, offline_hash) = offline_reports(&spec, &msgs);
+    assert_eq!(
+        hash, offline_hash,
+        "the restarted market's book differs from an offline replay"
+    );
+
+    let mut published: Vec<String> = read_all(&env, "EXECS")
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .map(|r| r.to_string())
+        .collect();
+    published.sort();
+    assert_eq!(
+        published.len(),
+        expected.len(),
+        "reports lost or duplicated across the restart"
+    );
+    assert!(
+        published == expected,
+        "the published reports differ from an offline replay"
+    );
+
+    // The journal covers every input exactly once, in order.
+    let journal = read_all(&env, "EVENTS").await;
+    let mut next = 1;
+    for (_, batch) in &journal {
+        assert_eq!(
+            batch["first_seq"].as_u64(),
+            Some(next),
+            "journal batches must be contiguous"
+        );
+        next = batch["last_seq"].as_u64().expect("last_seq") + 1;
+    }
+    assert_eq!(next, lines.len() as u64 + 1);
+}

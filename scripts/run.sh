@@ -1,29 +1,15 @@
 #!/usr/bin/env bash
-# The main job: build agora and replay the committed sample order flow through one book,
-# offline. Events go to target/replay/events.jsonl; the final book and a summary are shown.
-# Any arguments replace the defaults, e.g.:  bash scripts/run.sh my-commands.jsonl --book 10
+# The main job: an Agora node with its own nats-server (JetStream data under ./data/nats) and the
+# seed markets BTC-USDC, ETH-USDC and SOL-USDC, in the foreground; Ctrl-C stops it cleanly.
+# Arguments go to `agora node` (e.g. --nats-url nats://host:4222 to use a running NATS).
+# Offline instead: target/release/agora replay samples/sample.jsonl --market samples/sample-market.toml
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "cargo is not installed: install Rust 1.89 or newer (https://rustup.rs), then run this again." >&2
-  exit 1
-fi
-
+. scripts/lib.sh
+need_cargo
+need_nats_server
+need_python_client
 cargo build --release --quiet
-mkdir -p target/replay
-if [ "$#" -gt 0 ]; then
-  exec target/release/agora replay "$@"
-fi
-
-events=target/replay/events.jsonl
-target/release/agora replay samples/sample.jsonl --market samples/sample-market.toml --book 5 --out "$events"
-echo
-echo "first events (all $(wc -l < "$events") lines are in $events):"
-head -n 4 "$events"
-echo
-echo "final book (top 5 levels):"
-tail -n 1 "$events"
-echo
-echo "the book alone, timed over 5 repetitions:"
-target/release/agora replay samples/sample.jsonl --market samples/sample-market.toml --bench 5
+echo "==> starting the node; from another terminal, place orders and see the fills with:"
+echo "    python3 examples/python/place_order.py <the NATS URL printed below>"
+exec target/release/agora node "$@"

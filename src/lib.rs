@@ -1,7 +1,9 @@
 pub mod actors;
 pub mod book;
 pub mod bus;
+pub mod config;
 pub mod fuzzing;
+pub mod node;
 pub mod replay;
 pub mod wire;
 pub mod workload;

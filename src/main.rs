@@ -1,6 +1,7 @@
-//! The `agora` command: `replay` drives a book offline from a command file; `generate` writes
-//! seeded, realistic order flow as such a file. This file parses arguments and reports errors;
-//! it must never hold logic that a library module could own and test.
+//! The `agora` command: `node` runs a node of the runtime; `replay` drives a book offline from a
+//! command file; `generate` writes seeded, realistic order flow as such a file. This file parses
+//! arguments and reports errors; it must never hold logic that a library module could own and
+//! test.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -13,9 +14,10 @@ use figment::providers::{Format, Toml};
 
 use agora::book::reference::ReferenceBook;
 use agora::book::{MarketSpec, MarketSpecInput, OrderBook, Side};
-use agora::replay;
+use agora::config::{Config, Overrides};
 use agora::wire::WireBook;
 use agora::workload::{self, FlowParams};
+use agora::{node, replay};
 
 #[derive(Parser)]
 #[command(name = "agora", version, about = "A matching runtime for exchanges")]
@@ -26,6 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run a node: markets consume their order streams on NATS and publish journal, reports,
+    /// trades and book updates. Without a NATS URL it starts its own nats-server.
+    Node(NodeArgs),
     /// Apply a file of JSON-lines commands to one book, offline; print every event as JSON.
     Replay(ReplayArgs),
     /// Write seeded, realistic order flow as a JSON-lines command file.
@@ -70,6 +75,22 @@ impl MarketArgs {
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid market spec: {e} (field {})", e.field))
     }
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Configuration file (TOML), over the built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// NATS URL(s), comma-separated; empty: start a local nats-server.
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
+    /// This node's id (default: generated once and kept in the data dir).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Where the node keeps its id and, in embedded mode, the NATS data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -203,9 +224,44 @@ fn generate_cmd(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+fn node_cmd(args: NodeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let overrides = Overrides {
+        node_id: args.node_id,
+        nats_url: args.nats_url,
+        data_dir: args.data_dir,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    actix_rt::System::new().block_on(node::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Node(args) => node_cmd(args),
         Cmd::Replay(args) => replay_cmd(args),
         Cmd::Generate(args) => generate_cmd(args),
     };

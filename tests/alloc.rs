@@ -73,7 +73,7 @@ fn check(name: &str, params: FlowParams) {
 fn no_heap_allocation_per_command_once_warm() {
     // Debug builds check every invariant after each command; keep them to the small book.
     if cfg!(debug_assertions) {
-        check("a (small book)", FlowParams::small_book(7, 40_000));
+        check("a (small book)", FlowParams::small_book(7, 10_000));
     } else {
         check("a (1k resting)", FlowParams::small_book(7, 400_000));
         check("b (100k resting)", FlowParams::large_book(7, 400_000));

@@ -122,7 +122,39 @@ pub struct RunningMarket {
     driver: tokio::task::JoinHandle<Result<(), MarketError>>,
 }
 
+/// Stops a market (the part of `RunningMarket` a supervisor keeps).
+#[derive(Clone)]
+pub struct MarketControl {
+    pub market: String,
+    pub addr: Addr<MarketActor>,
+    stop: watch::Sender<bool>,
+}
+
+impl MarketControl {
+    /// Asks the driver to stop at the next batch boundary, its outputs published.
+    pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 impl RunningMarket {
+    /// The control half, and the driver to await.
+    pub fn split(
+        self,
+    ) -> (
+        MarketControl,
+        tokio::task::JoinHandle<Result<(), MarketError>>,
+    ) {
+        (
+            MarketControl {
+                market: self.market,
+                addr: self.addr,
+                stop: self.stop,
+            },
+            self.driver,
+        )
+    }
+
     /// Asks the driver to stop at the next batch boundary (its outputs published) and waits.
     pub async fn stop(self) -> Result<(), MarketError> {
         let _ = self.stop.send(true);

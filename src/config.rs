@@ -1,0 +1,283 @@
+//! Configuration: `config/default.toml` (compiled in, so `agora node` works from any
+//! directory), then `--config FILE`, then `AGORA_*` environment variables, then flags.
+//!
+//! A bad value is refused before anything starts, with the key, the value and what is allowed.
+//! This module must never read configuration after start-up or from anywhere else.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::book::{MarketSpec, MarketSpecInput};
+use crate::bus::{StreamSettings, Subjects};
+
+/// Top-level keys that `AGORA_*` environment variables may set (`AGORA_MARKET__FETCH_MAX`).
+const ENV_KEYS: &[&str] = &[
+    "node_id", "nats_url", "data_dir", "prefix", "streams", "market",
+];
+
+/// The defaults, as shipped.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node_id: String,
+    pub nats_url: String,
+    pub data_dir: PathBuf,
+    pub prefix: String,
+    pub streams: StreamsConfig,
+    pub market: MarketConfig,
+    pub markets: Vec<MarketSpecInput>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    pub replicas: usize,
+    pub memory: bool,
+    pub duplicate_window_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketConfig {
+    pub fetch_max: usize,
+    pub batch_max: u16,
+    pub arbiters: usize,
+}
+
+/// Values given on the command line; `None` leaves the configured value.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A configuration that cannot run, with what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads the layers in order and checks the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(
+                // Only this configuration's own keys: other AGORA_* variables (test settings,
+                // the nats-server path) are not configuration.
+                Env::prefixed("AGORA_")
+                    .filter(|key| {
+                        let first = key.as_str().split("__").next().unwrap_or("");
+                        ENV_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
+                    })
+                    .split("__"),
+            )
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        Subjects::new(&self.prefix).map_err(|e| ConfigError(format!("prefix: {e}")))?;
+        if !self.node_id.is_empty() && Subjects::check_token("node_id", &self.node_id).is_err() {
+            return Err(ConfigError(format!(
+                "node_id {:?}: use letters, digits, '-' and '_' only",
+                self.node_id
+            )));
+        }
+        if self.streams.replicas == 0 || self.streams.replicas > 5 {
+            return Err(ConfigError(format!(
+                "streams.replicas = {}: JetStream allows 1 to 5",
+                self.streams.replicas
+            )));
+        }
+        if self.market.fetch_max == 0 || self.market.fetch_max > 10_000 {
+            return Err(ConfigError(format!(
+                "market.fetch_max = {}: use 1 to 10000",
+                self.market.fetch_max
+            )));
+        }
+        if self.market.batch_max == 0
+            || self.market.batch_max > crate::book::types::BATCH_COMMANDS_MAX
+        {
+            return Err(ConfigError(format!(
+                "market.batch_max = {}: use 1 to {}",
+                self.market.batch_max,
+                crate::book::types::BATCH_COMMANDS_MAX
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for input in &self.markets {
+            input
+                .validate()
+                .map_err(|e| ConfigError(format!("markets: {e} (field {})", e.field)))?;
+            if !seen.insert(input.symbol.clone()) {
+                return Err(ConfigError(format!(
+                    "markets: {} is listed twice",
+                    input.symbol
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The validated market specs.
+    pub fn market_specs(&self) -> Vec<MarketSpec> {
+        self.markets
+            .iter()
+            .filter_map(|m| m.validate().ok())
+            .collect()
+    }
+
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(&self.prefix).unwrap_or_default()
+    }
+
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            memory: self.streams.memory,
+            replicas: self.streams.replicas,
+            duplicate_window: std::time::Duration::from_secs(self.streams.duplicate_window_secs),
+            ..StreamSettings::default()
+        }
+    }
+
+    /// This node's id: configured, or generated once and kept in `<data_dir>/node-id`.
+    pub fn node_id(&self) -> Result<String, ConfigError> {
+        if !self.node_id.is_empty() {
+            return Ok(self.node_id.clone());
+        }
+        let path = self.data_dir.join("node-id");
+        if let Ok(id) = std::fs::read_to_string(&path) {
+            let id = id.trim().to_string();
+            if !id.is_empty() {
+                return Ok(id);
+            }
+        }
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+            ConfigError(format!(
+                "cannot create data_dir {}: {e}",
+                self.data_dir.display()
+            ))
+        })?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = format!(
+            "node-{:08x}",
+            (nanos as u64 ^ u64::from(std::process::id())) & 0xffff_ffff
+        );
+        std::fs::write(&path, &id)
+            .map_err(|e| ConfigError(format!("cannot write {}: {e}", path.display())))?;
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+// figment::Jail's closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    // Every test that reads the environment runs in a figment Jail: serialized, and with the
+    // process environment restored afterwards.
+
+    #[test]
+    fn the_defaults_load_and_hold_the_seed_markets() {
+        figment::Jail::expect_with(|_| {
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let symbols: Vec<String> = config.markets.iter().map(|m| m.symbol.clone()).collect();
+            assert_eq!(symbols, ["BTC-USDC", "ETH-USDC", "SOL-USDC"]);
+            assert_eq!(config.prefix, "agora");
+            assert!(config.nats_url.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn files_and_flags_override_and_bad_values_name_their_key() {
+        figment::Jail::expect_with(|jail| {
+            let file = jail.directory().join("node.toml");
+            let write = |text: &str| std::fs::write(&file, text).map_err(|e| e.to_string());
+            write("nats_url = \"nats://10.0.0.1:4222\"\n[market]\nfetch_max = 64\n")?;
+            let overrides = Overrides {
+                nats_url: Some("nats://127.0.0.1:4333".into()),
+                ..Overrides::default()
+            };
+            let config = Config::load(Some(&file), &overrides).map_err(|e| e.to_string())?;
+            assert_eq!(config.nats_url, "nats://127.0.0.1:4333");
+            assert_eq!(config.market.fetch_max, 64);
+            let refused = |text: &str, needle: &str| -> Result<(), String> {
+                write(text)?;
+                let err = match Config::load(Some(&file), &Overrides::default()) {
+                    Ok(_) => return Err(format!("{text:?} was accepted")),
+                    Err(e) => e.to_string(),
+                };
+                assert!(err.contains(needle), "{err}");
+                Ok(())
+            };
+            refused("[market]\nfetch_max = \"lots\"\n", "fetch_max")?;
+            refused("[market]\nfetch_max = 0\n", "market.fetch_max = 0")?;
+            refused(
+                "[[markets]]\nsymbol = \"btc\"\nprice_decimals = 2\nsize_decimals = 8\n",
+                "symbol",
+            )?;
+            refused("fetch_maxx = 3\n", "fetch_maxx")?;
+            let missing = jail.directory().join("missing.toml");
+            let err = Config::load(Some(&missing), &Overrides::default())
+                .err()
+                .map(|e| e.to_string());
+            assert!(err.is_some_and(|e| e.contains("does not exist")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_variables_set_their_keys_and_others_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AGORA_NATS_URL", "nats://127.0.0.1:4999");
+            jail.set_env("AGORA_MARKET__FETCH_MAX", "32");
+            jail.set_env("AGORA_NATS_SERVER", "/opt/nats-server");
+            jail.set_env("AGORA_ORACLE_SEED", "7");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.nats_url, "nats://127.0.0.1:4999");
+            assert_eq!(config.market.fetch_max, 32);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_generated_node_id_is_kept() {
+        figment::Jail::expect_with(|jail| {
+            let overrides = Overrides {
+                data_dir: Some(jail.directory().to_path_buf()),
+                ..Overrides::default()
+            };
+            let config = Config::load(None, &overrides).map_err(|e| e.to_string())?;
+            let first = config.node_id().map_err(|e| e.to_string())?;
+            assert!(first.starts_with("node-"));
+            assert_eq!(config.node_id().map_err(|e| e.to_string())?, first);
+            Ok(())
+        });
+    }
+}

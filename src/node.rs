@@ -1,0 +1,141 @@
+//! `agora node`: one node of the runtime. Connects to NATS (or starts its own nats-server when
+//! none is configured), creates the shared streams and buckets, creates the configured markets
+//! if missing, runs them under a `Supervisor`, and on SIGINT/SIGTERM stops every market at a
+//! batch boundary with its outputs published, then exits.
+//!
+//! This module must never match orders or build messages: it wires configuration, bus and
+//! actors together and reports what it did.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use actix::Actor;
+use async_nats::jetstream;
+
+use crate::actors::{MarketSettings, Shutdown, StartMarket, Supervisor};
+use crate::book::{MarketSpec, MarketSpecInput};
+use crate::bus::{self, BusError, LocalServer};
+use crate::config::{Config, ConfigError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Market(String),
+}
+
+/// Where the node's NATS is, and the server it started if it started one.
+struct Nats {
+    url: String,
+    local: Option<LocalServer>,
+}
+
+async fn nats(config: &Config) -> Result<Nats, NodeError> {
+    if !config.nats_url.is_empty() {
+        return Ok(Nats {
+            url: config.nats_url.clone(),
+            local: None,
+        });
+    }
+    let dir: PathBuf = config.data_dir.join("nats");
+    let start_dir = dir.clone();
+    let server = tokio::task::spawn_blocking(move || LocalServer::start(&start_dir))
+        .await
+        .map_err(|e| NodeError::Market(format!("starting nats-server: {e}")))??;
+    println!(
+        "started nats-server at {} (JetStream data in {}); it stops with this node",
+        server.url(),
+        dir.display()
+    );
+    Ok(Nats {
+        url: server.url(),
+        local: Some(server),
+    })
+}
+
+/// The market's stored spec if it has one (it may have been changed since), else the
+/// configured one, stored.
+async fn spec_for(
+    store: &jetstream::kv::Store,
+    configured: MarketSpec,
+) -> Result<MarketSpec, NodeError> {
+    let key = configured.symbol.clone();
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        NodeError::Market(format!("{key}: {what} the stored spec: {e}"))
+    };
+    match store.get(&key).await {
+        Ok(Some(bytes)) => {
+            let input: MarketSpecInput =
+                serde_json::from_slice(&bytes).map_err(|e| fail("cannot read", &e))?;
+            let stored = input.validate().map_err(|e| fail("cannot use", &e))?;
+            if stored != configured {
+                tracing::warn!(market = %key, "the stored spec differs from the configuration; keeping the stored one");
+            }
+            Ok(stored)
+        }
+        Ok(None) => {
+            let bytes = serde_json::to_vec(&configured.to_input())
+                .map_err(|e| fail("cannot encode", &e))?;
+            store
+                .create(&key, bytes.into())
+                .await
+                .map_err(|e| fail("cannot store", &e))?;
+            Ok(configured)
+        }
+        Err(e) => Err(fail("cannot read", &e)),
+    }
+}
+
+/// Runs the node until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let node_id = config.node_id()?;
+    let mut nats = nats(&config).await?;
+    let client = bus::connect(&nats.url, &format!("agora-node-{node_id}")).await?;
+    let js = jetstream::new(client.clone());
+    let subjects = config.subjects();
+    let streams = config.stream_settings();
+    bus::ensure_core_streams(&js, &subjects, &streams).await?;
+    let buckets = bus::ensure_buckets(&js, &subjects, &streams).await?;
+    let settings = MarketSettings {
+        fetch_max: config.market.fetch_max,
+        batch_max: config.market.batch_max,
+    };
+    let supervisor = Supervisor::new(
+        js.clone(),
+        client.clone(),
+        subjects.clone(),
+        settings,
+        config.market.arbiters,
+    )
+    .start();
+    let mut symbols = Vec::new();
+    for configured in config.market_specs() {
+        let spec = spec_for(&buckets.markets, configured).await?;
+        bus::ensure_market_stream(&js, &subjects, &spec.symbol, &streams).await?;
+        symbols.push(spec.symbol.clone());
+        supervisor
+            .send(StartMarket(spec))
+            .await
+            .map_err(|e| NodeError::Market(format!("the supervisor is gone: {e}")))?
+            .map_err(NodeError::Market)?;
+    }
+    println!(
+        "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>",
+        nats.url,
+        symbols.join(", "),
+        subjects.prefix()
+    );
+    shutdown.await;
+    println!("agora node {node_id} stopping: finishing the current batches");
+    let _ = supervisor.send(Shutdown).await;
+    let _ = client.flush().await;
+    drop(client);
+    if let Some(mut server) = nats.local.take() {
+        let _ = tokio::task::spawn_blocking(move || server.stop()).await;
+    }
+    println!("agora node {node_id} stopped");
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! The `agora node` binary, as an operator runs it: against a test-started nats-server with a
+//! configuration file, and in embedded mode with a nats-server of its own. Orders flow; SIGTERM
+//! stops it at a batch boundary with exit status 0; a restarted node goes on where it stopped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agora::bus::{self, LocalServer};
+use async_nats::jetstream;
+use serde_json::{Value, json};
+
+struct Node {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Node {
+    fn start(args: &[&str]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .arg("node")
+            .args(args)
+            .env("AGORA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("agora node starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Node { child, lines }
+    }
+
+    /// The first stdout line containing `needle` (panics after 30 s).
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("agora node never printed {needle:?}"),
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status (panics if it takes over 20 s).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a pid we own and a valid signal.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agora node did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn publish(js: &jetstream::Context, market: &str, value: Value) {
+    let bytes = rmp_serde::to_vec_named(&value).expect("msgpack");
+    js.publish(format!("agora.orders.{market}"), bytes.into())
+        .await
+        .expect("publish sent")
+        .await
+        .expect("publish acknowledged");
+}
+
+async fn journal_last_seq(js: &jetstream::Context, market: &str) -> Option<u64> {
+    let events = js.get_stream("EVENTS").await.ok()?;
+    let last = events
+        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
+        .await
+        .ok()?;
+    let head: Value = rmp_serde::from_slice(&last.payload).ok()?;
+    head["last_seq"].as_u64()
+}
+
+async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {
+    let started = Instant::now();
+    while journal_last_seq(js, market).await < Some(seq) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "journal never reached {seq}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn order(account: &str, cid: &str, side: &str, price: &str) -> Value {
+    json!({"op": "new", "account": account, "cid": cid, "side": side, "price": price, "qty": "1"})
+}
+
+#[tokio::test]
+async fn a_node_runs_stops_on_sigterm_and_resumes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "node_id = \"n1\"\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    )
+    .expect("write config");
+    let data = dir.path().join("data");
+    let args = [
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--nats-url",
+        &server.url(),
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ];
+    let node = Node::start(&args);
+    let ready = node.wait_line("ready");
+    assert!(
+        ready.contains("agora node n1 ready") && ready.contains("TEST-USD"),
+        "{ready}"
+    );
+
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
+    publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
+    wait_journal(&js, "TEST-USD", 2).await;
+    let status = node.terminate();
+    assert!(status.success(), "agora node exited with {status}");
+
+    // Orders that arrive while the node is down wait in the stream.
+    publish(&js, "TEST-USD", order("carol", "c1", "sell", "11.00")).await;
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    publish(&js, "TEST-USD", order("dave", "d1", "buy", "11.00")).await;
+    wait_journal(&js, "TEST-USD", 4).await;
+    assert!(node.terminate().success());
+
+    // Two trades on the tape, each once.
+    let mut tape = js.get_stream("TRADES").await.expect("TRADES");
+    let n = tape.info().await.expect("info").state.messages;
+    let mut trades = Vec::new();
+    for seq in 1..=n {
+        let m = tape.get_raw_message(seq).await.expect("message");
+        let v: Value = rmp_serde::from_slice(&m.payload).expect("decodes");
+        trades.extend(v["trades"].as_array().cloned().unwrap_or_default());
+    }
+    let ids: Vec<&str> = trades
+        .iter()
+        .filter_map(|t| t["trade_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["2-1", "4-1"]);
+}
+
+#[tokio::test]
+async fn a_node_without_a_nats_url_runs_its_own_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let node = Node::start(&["--data-dir", data.to_str().expect("utf-8 path")]);
+    let started = node.wait_line("started nats-server at ");
+    let url = started
+        .split_whitespace()
+        .find(|w| w.starts_with("nats://"))
+        .expect("the line names the URL")
+        .to_string();
+    let ready = node.wait_line("ready");
+    assert!(ready.contains("BTC-USDC, ETH-USDC, SOL-USDC"), "{ready}");
+
+    let client = bus::connect(&url, "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    publish(&js, "ETH-USDC", order("alice", "a1", "sell", "3000.00")).await;
+    wait_journal(&js, "ETH-USDC", 1).await;
+    assert!(
+        data.join("node-id").is_file(),
+        "the generated node id is kept"
+    );
+    assert!(node.terminate().success());
+
+    // The embedded server stopped with the node.
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nats-server outlived the node"
+    );
+}

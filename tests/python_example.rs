@@ -1,0 +1,56 @@
+//! `examples/python/place_order.py`, run as a user would, against an `agora node` that started
+//! its own nats-server: it places orders and prints its fill.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_python_example_places_orders_and_prints_its_fill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["node", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("AGORA_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("agora node starts");
+    let stdout = node.stdout.take().expect("piped");
+    let mut url = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(u) = line.split_whitespace().find(|w| w.starts_with("nats://")) {
+            url.get_or_insert_with(|| u.trim_end_matches(';').to_string());
+        }
+        if line.contains("ready") || Instant::now() > deadline {
+            break;
+        }
+    }
+    let url = url.expect("the node printed its NATS URL");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/python/place_order.py"
+    );
+    let output = Command::new("python3")
+        .arg(example)
+        .arg(&url)
+        .output()
+        .expect("python3 runs");
+    let _ = node.kill();
+    let _ = node.wait();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the example failed: {}\n{}",
+        text,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("bob buy accepted by the stream at seq 2 (oid 2000)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fill buy 0.20000000 @ 65000.00 taker"),
+        "{text}"
+    );
+}

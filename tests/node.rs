@@ -207,3 +207,133 @@ async fn a_node_without_a_nats_url_runs_its_own_server() {
         "nats-server outlived the node"
     );
 }
+
+/// Every report in EXECS (sorted, as JSON text), and an offline replay's, for the stream as
+/// it stands.
+async fn reports_and_offline(
+    js: &jetstream::Context,
+    market: &str,
+    spec: &agora::book::MarketSpec,
+) -> (Vec<String>, Vec<String>) {
+    use agora::actors::{Incoming, MarketCore};
+    let mut orders = js
+        .get_stream(format!("ORDERS_{market}"))
+        .await
+        .expect("orders stream");
+    let n = orders.info().await.expect("info").state.last_sequence;
+    let mut core = MarketCore::new(agora::bus::Subjects::default(), spec.clone(), 100);
+    let mut expected = Vec::new();
+    for seq in 1..=n {
+        let m = orders.get_raw_message(seq).await.expect("message");
+        let msg = Incoming {
+            seq,
+            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
+            payload: m.payload.to_vec(),
+            json: false,
+        };
+        if let Some(out) = core.process(std::slice::from_ref(&msg)) {
+            for x in out.execs {
+                let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
+                expected.extend(
+                    v["reports"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(Value::to_string),
+                );
+            }
+        }
+    }
+    let mut execs = js.get_stream("EXECS").await.expect("EXECS");
+    let last = execs.info().await.expect("info").state.last_sequence;
+    let mut published = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = execs.get_raw_message(seq).await {
+            let v: Value = rmp_serde::from_slice(&m.payload).expect("decodes");
+            published.extend(
+                v["reports"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(Value::to_string),
+            );
+        }
+    }
+    expected.sort();
+    published.sort();
+    (published, expected)
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "node_id = \"n1\"\n[market]\nfetch_max = 16\n[[markets]]\nsymbol = \"SAMPLE-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    )
+    .expect("write config");
+    let data = dir.path().join("data");
+    let args = [
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--nats-url",
+        &server.url(),
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ];
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    let w = agora::workload::generate(&agora::workload::FlowParams {
+        seed: 5,
+        resting: 50,
+        spread_ticks: 40,
+        commands: 1950,
+        accounts: 8,
+        full_mix: true,
+        young_cancel_pct: 80,
+    });
+    let lines: Vec<Value> = w
+        .prefill
+        .iter()
+        .chain(&w.commands)
+        .map(|c| {
+            serde_json::to_value(agora::wire::WireCommandOut::from_command(&w.spec, c, false))
+                .expect("json")
+        })
+        .collect();
+
+    let mut node = Node::start(&args);
+    node.wait_line("ready");
+    for (i, line) in lines.iter().enumerate() {
+        publish(&js, "SAMPLE-USD", line.clone()).await;
+        // Kill the node twice while orders are flowing, and start it again.
+        if i == 700 || i == 1400 {
+            let _ = node.child.kill(); // SIGKILL: no clean shutdown
+            let _ = node.child.wait();
+            node = Node::start(&args);
+            node.wait_line("ready");
+        }
+    }
+    wait_journal(&js, "SAMPLE-USD", lines.len() as u64).await;
+    assert!(node.terminate().success());
+
+    let spec = agora::book::MarketSpecInput::new("SAMPLE-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    let (published, expected) = reports_and_offline(&js, "SAMPLE-USD", &spec).await;
+    assert_eq!(
+        published.len(),
+        expected.len(),
+        "reports lost or duplicated across two kills"
+    );
+    assert!(
+        published == expected,
+        "the published reports differ from an offline replay of the stream"
+    );
+}

@@ -1,8 +1,16 @@
+//! Agora: a matching runtime for exchanges. `book` is the pure order book, `wire` the wire
+//! format, `replay`/`workload`/`fuzzing` the offline tools; with the `runtime` feature
+//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime.
+
+#[cfg(feature = "runtime")]
 pub mod actors;
 pub mod book;
+#[cfg(feature = "runtime")]
 pub mod bus;
+#[cfg(feature = "runtime")]
 pub mod config;
 pub mod fuzzing;
+#[cfg(feature = "runtime")]
 pub mod node;
 pub mod replay;
 pub mod wire;

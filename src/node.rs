@@ -102,6 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let settings = MarketSettings {
         fetch_max: config.market.fetch_max,
         batch_max: config.market.batch_max,
+        node_id: node_id.clone(),
     };
     let supervisor = Supervisor::new(
         js.clone(),

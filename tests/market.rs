@@ -106,12 +106,21 @@ async fn orders_in_give_journal_reports_tape_out() {
     let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
         .validate()
         .expect("spec");
+    let mut status = env
+        .client
+        .subscribe("agora.status.BTC-USDC")
+        .await
+        .expect("subscribe");
+    let settings = MarketSettings {
+        node_id: "n1".into(),
+        ..MarketSettings::default()
+    };
     let running = market::start(
         env.js.clone(),
         env.client.clone(),
         env.subjects.clone(),
         spec,
-        MarketSettings::default(),
+        settings,
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
@@ -168,7 +177,33 @@ async fn orders_in_give_journal_reports_tape_out() {
 
     let (last, _) = running.addr.send(State).await.expect("actor answers");
     assert_eq!(last, 3);
+
+    // The whole book on request, with the sequence it reflects.
+    let reply = env
+        .client
+        .request("agora.book.BTC-USDC.snapshot", "".into())
+        .await
+        .expect("a market answers book snapshot requests");
+    let book: Value = rmp_serde::from_slice(&reply.payload).expect("decodes");
+    assert_eq!(book["seq"], 3);
+    assert_eq!(book["asks"][0]["price"], "65000.00");
+    assert_eq!(book["asks"][0]["qty"], "0.30000000");
+    assert_eq!(book["bids"].as_array().map(Vec::len), Some(0));
+
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    // Announced when it started consuming and when it stopped.
+    let mut states = Vec::new();
+    while states.len() < 2 {
+        let next = futures::StreamExt::next(&mut status);
+        let msg = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("status announced")
+            .expect("subscription open");
+        let v: Value = rmp_serde::from_slice(&msg.payload).expect("decodes");
+        assert_eq!(v["node"], "n1");
+        states.push(v["state"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(states, ["active", "stopped"]);
 }
 
 /// The reports an offline replay of the stream gives, one batch per message.
@@ -298,4 +333,164 @@ async fn a_restarted_market_loses_and_repeats_nothing() {
         next = batch["last_seq"].as_u64().expect("last_seq") + 1;
     }
     assert_eq!(next, lines.len() as u64 + 1);
+}
+
+#[actix_rt::test]
+async fn bad_input_is_rejected_clearly_and_the_market_goes_on() {
+    let env = env("BTC-USDC").await;
+    let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("spec");
+    let mut rejects = env
+        .client
+        .subscribe("agora.rejects.BTC-USDC")
+        .await
+        .expect("subscribe");
+    let running = market::start(
+        env.js.clone(),
+        env.client.clone(),
+        env.subjects.clone(),
+        spec,
+        MarketSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let publish_raw = |bytes: Vec<u8>| {
+        let js = env.js.clone();
+        async move {
+            js.publish("agora.orders.BTC-USDC", bytes.into())
+                .await
+                .expect("sent")
+                .await
+                .expect("acknowledged")
+        }
+    };
+    // Not MessagePack at all: no account can be read, so it goes to the rejects subject.
+    publish_raw(b"\xc1\xff garbage".to_vec()).await;
+    // Too large (over 64 KiB).
+    publish_raw(vec![0x90; 70_000]).await;
+    // Readable, but wrong: each is rejected to its account with the rule it broke.
+    let msgpack = |v: Value| rmp_serde::to_vec_named(&v).expect("encode");
+    publish_raw(msgpack(
+        json!({"op": "new", "account": "carol", "side": "buy", "price": "1.00"}),
+    ))
+    .await;
+    publish_raw(msgpack(
+        json!({"op": "new", "account": "carol", "side": "buy", "price": "1.00", "qty": true}),
+    ))
+    .await;
+    publish_raw(msgpack(
+        json!({"op": "new", "account": "carol", "side": "buy", "price": "1.001", "qty": "1"}),
+    ))
+    .await;
+    // And the market goes on.
+    publish_raw(msgpack(json!({"op": "new", "account": "carol", "cid": "ok", "side": "buy", "price": "1.00", "qty": "1"}))).await;
+    wait_journal(&env, "BTC-USDC", 6).await;
+
+    let mut unreadable = Vec::new();
+    while unreadable.len() < 2 {
+        let next = futures::StreamExt::next(&mut rejects);
+        let msg = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("unreadable messages are published")
+            .expect("subscription open");
+        let v: Value = rmp_serde::from_slice(&msg.payload).expect("decodes");
+        unreadable.extend(v["events"].as_array().cloned().unwrap_or_default());
+    }
+    assert_eq!(unreadable[0]["reason"], "malformed");
+    assert_eq!(unreadable[0]["seq"], 1);
+    assert!(
+        unreadable[1]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the limit is 65536"),
+        "{}",
+        unreadable[1]
+    );
+
+    let carol: Vec<Value> = read_all(&env, "EXECS")
+        .await
+        .into_iter()
+        .filter(|(subject, _)| subject == "agora.execs.carol.BTC-USDC")
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let messages: Vec<&str> = carol.iter().filter_map(|r| r["message"].as_str()).collect();
+    assert_eq!(
+        messages,
+        [
+            "qty is missing; send the order quantity as a decimal string",
+            "qty is true; send a decimal string such as \"1.5\"",
+            "price 1.001 has 3 decimals; BTC-USDC allows 2",
+        ]
+    );
+    assert!(
+        carol
+            .iter()
+            .any(|r| r["type"] == "accepted" && r["cid"] == "ok")
+    );
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[actix_rt::test]
+async fn two_markets_on_two_arbiters_trade_in_parallel() {
+    use actix::Actor;
+    use agora::actors::{ListMarkets, Shutdown, StartMarket, Supervisor};
+    let env = env("AAA-USD").await;
+    bus::ensure_market_stream(
+        &env.js,
+        &env.subjects,
+        "BBB-USD",
+        &StreamSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let supervisor = Supervisor::new(
+        env.js.clone(),
+        env.client.clone(),
+        env.subjects.clone(),
+        MarketSettings::default(),
+        2,
+    )
+    .start();
+    for symbol in ["AAA-USD", "BBB-USD"] {
+        let spec = MarketSpecInput::new(symbol, 2, 0).validate().expect("spec");
+        supervisor
+            .send(StartMarket(spec))
+            .await
+            .expect("supervisor answers")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let flow = |market: &'static str| {
+        let env = &env;
+        async move {
+            for i in 0..100u32 {
+                let side = if i % 2 == 0 { "sell" } else { "buy" };
+                let order = json!({"op": "new", "account": format!("acct-{}", i % 3), "side": side, "price": "10.00", "qty": "1"});
+                publish_json(env, market, &order).await;
+            }
+        }
+    };
+    futures::join!(flow("AAA-USD"), flow("BBB-USD"));
+    wait_journal(&env, "AAA-USD", 100).await;
+    wait_journal(&env, "BBB-USD", 100).await;
+    let markets = supervisor
+        .send(ListMarkets)
+        .await
+        .expect("supervisor answers");
+    let arbiters: Vec<usize> = markets.iter().map(|m| m.arbiter).collect();
+    assert_eq!(arbiters, [0, 1], "one market per arbiter");
+    assert!(
+        markets.iter().all(|m| m.running && m.last_seq == 100),
+        "{markets:?}"
+    );
+    let tape = read_all(&env, "TRADES").await;
+    for market in ["AAA-USD", "BBB-USD"] {
+        let trades: usize = tape
+            .iter()
+            .filter(|(subject, _)| subject == &format!("agora.trades.{market}"))
+            .map(|(_, v)| v["trades"].as_array().map_or(0, Vec::len))
+            .sum();
+        assert_eq!(trades, 50, "{market}: each buy meets the sell before it");
+    }
+    supervisor.send(Shutdown).await.expect("supervisor answers");
 }

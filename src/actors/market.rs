@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::core::{Incoming, MarketCore};
 use crate::book::{MarketSpec, Seq, StateHash};
-use crate::bus::outputs::{BatchOutputs, Outgoing};
+use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, Subjects};
 
 /// How a market takes its input.
@@ -36,6 +36,8 @@ pub struct MarketSettings {
     pub fetch_max: usize,
     /// Most commands one batch message (`op: batch`) may carry.
     pub batch_max: u16,
+    /// The node running the market, named in its status announcements.
+    pub node_id: String,
 }
 
 impl Default for MarketSettings {
@@ -43,6 +45,7 @@ impl Default for MarketSettings {
         MarketSettings {
             fetch_max: 256,
             batch_max: 100,
+            node_id: String::new(),
         }
     }
 }
@@ -93,6 +96,11 @@ pub struct Replay(pub Vec<Incoming>);
 #[rtype(result = "(Seq, StateHash)")]
 pub struct State;
 
+/// The whole L2 book and the stream sequence it reflects.
+#[derive(Message)]
+#[rtype(result = "(Seq, Top)")]
+pub struct L2Book;
+
 impl Handler<Process> for MarketActor {
     type Result = Option<BatchOutputs>;
     fn handle(&mut self, msg: Process, _: &mut Self::Context) -> Self::Result {
@@ -104,6 +112,16 @@ impl Handler<Replay> for MarketActor {
     type Result = ();
     fn handle(&mut self, msg: Replay, _: &mut Self::Context) {
         self.core.replay(&msg.0);
+    }
+}
+
+impl Handler<L2Book> for MarketActor {
+    type Result = MessageResult<L2Book>;
+    fn handle(&mut self, _: L2Book, _: &mut Self::Context) -> Self::Result {
+        MessageResult((
+            self.core.last_seq(),
+            outputs::top(self.core.book(), usize::MAX),
+        ))
     }
 }
 
@@ -171,6 +189,86 @@ impl RunningMarket {
                 reason: e.to_string(),
             }),
         }
+    }
+}
+
+/// A market's state as announced on `<prefix>.status.<MARKET>`.
+#[derive(serde::Serialize)]
+struct Status<'a> {
+    market: &'a str,
+    node: &'a str,
+    epoch: u64,
+    state: &'static str,
+}
+
+/// The answer to `<prefix>.book.<MARKET>.snapshot`.
+#[derive(serde::Serialize)]
+struct BookSnapshotReply<'a> {
+    market: &'a str,
+    /// The stream sequence the book reflects: apply deltas whose `seq` is above it.
+    seq: Seq,
+    bids: Vec<crate::wire::WireLevel>,
+    asks: Vec<crate::wire::WireLevel>,
+}
+
+/// Answers full-book requests on `<prefix>.book.<MARKET>.snapshot` until `stop`.
+async fn serve_book_snapshots(
+    driver: &Driver,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, MarketError> {
+    let mut requests = driver
+        .client
+        .subscribe(driver.subjects.book_snapshot(&driver.market))
+        .await
+        .map_err(|e| nats_err(&driver.market, "subscribing to book snapshot requests", e))?;
+    let (client, addr, market) = (
+        driver.client.clone(),
+        driver.addr.clone(),
+        driver.market.clone(),
+    );
+    Ok(actix_rt::spawn(async move {
+        loop {
+            let request = tokio::select! {
+                _ = stop.changed() => break,
+                r = requests.next() => r,
+            };
+            let Some(request) = request else { break };
+            let Some(reply) = request.reply else { continue };
+            let Ok((seq, top)) = addr.send(L2Book).await else {
+                break;
+            };
+            let spec = match addr.send(SpecOf).await {
+                Ok(spec) => spec,
+                Err(_) => break,
+            };
+            let level = |l: &crate::book::L2Level| crate::wire::WireLevel {
+                price: spec.fmt_price(l.price),
+                qty: spec.fmt_qty(l.qty),
+                orders: l.orders,
+            };
+            let body = BookSnapshotReply {
+                market: &market,
+                seq,
+                bids: top.bids.iter().map(level).collect(),
+                asks: top.asks.iter().map(level).collect(),
+            };
+            if let Ok(bytes) = rmp_serde::to_vec_named(&body) {
+                let _ = client.publish(reply, bytes.into()).await;
+            }
+        }
+        let _ = requests.unsubscribe().await;
+    }))
+}
+
+/// The market's spec.
+#[derive(Message)]
+#[rtype(result = "MarketSpec")]
+pub struct SpecOf;
+
+impl Handler<SpecOf> for MarketActor {
+    type Result = MessageResult<SpecOf>;
+    fn handle(&mut self, _: SpecOf, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.core.spec().clone())
     }
 }
 
@@ -252,7 +350,16 @@ pub async fn start(
     };
     driver.recover().await?;
     let (stop, stopped) = watch::channel(false);
-    let handle = actix_rt::spawn(async move { driver.run(stopped).await });
+    let responder = serve_book_snapshots(&driver, stopped.clone()).await?;
+    driver.announce("active").await;
+    let handle = actix_rt::spawn(async move {
+        let result = driver.run(stopped).await;
+        let _ = responder.await;
+        driver
+            .announce(if result.is_ok() { "stopped" } else { "failed" })
+            .await;
+        result
+    });
     Ok(RunningMarket {
         market,
         addr,
@@ -386,7 +493,24 @@ impl Driver {
     }
 
     /// The live loop: batch, process, publish; until stopped, fenced or failed.
-    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
+    /// Publishes the market's state on `<prefix>.status.<MARKET>` (best effort).
+    async fn announce(&self, state: &'static str) {
+        let status = Status {
+            market: &self.market,
+            node: &self.settings.node_id,
+            epoch: 0,
+            state,
+        };
+        if let Ok(bytes) = rmp_serde::to_vec_named(&status) {
+            let _ = self
+                .client
+                .publish(self.subjects.status(&self.market), bytes.into())
+                .await;
+            let _ = self.client.flush().await;
+        }
+    }
+
+    async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
         let (last, _) = self.send(State).await?;
         let consumer = self
             .orders

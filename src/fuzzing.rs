@@ -46,6 +46,7 @@ pub fn decode_and_apply(data: &[u8]) {
             ts,
             default_account: None,
             batch_max: 50,
+            operator: flags & 2 == 2,
         };
         for cmd in wire::decode(message, flags & 1 == 1, &ctx)
             .into_iter()

@@ -9,6 +9,8 @@ pub mod book;
 pub mod bus;
 #[cfg(feature = "runtime")]
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod control;
 pub mod fuzzing;
 #[cfg(feature = "runtime")]
 pub mod node;

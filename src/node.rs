@@ -16,6 +16,7 @@ use crate::actors::{MarketSettings, Shutdown, StartMarket, Supervisor};
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{self, BusError, LocalServer};
 use crate::config::{Config, ConfigError};
+use crate::control::Control;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -89,6 +90,26 @@ async fn spec_for(
     }
 }
 
+/// Every spec in the markets bucket.
+async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, NodeError> {
+    use futures::StreamExt;
+    let fail = |e: &dyn std::fmt::Display| {
+        NodeError::Market(format!("cannot list the stored markets: {e}"))
+    };
+    let mut keys = store.keys().await.map_err(|e| fail(&e))?;
+    let mut specs = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| fail(&e))?;
+        if let Ok(Some(bytes)) = store.get(&key).await {
+            match serde_json::from_slice::<MarketSpecInput>(&bytes).map(|i| i.validate()) {
+                Ok(Ok(spec)) => specs.push(spec),
+                _ => tracing::warn!(market = %key, "the stored spec cannot be used; skipped"),
+            }
+        }
+    }
+    Ok(specs)
+}
+
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node_id = config.node_id()?;
@@ -112,9 +133,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.market.arbiters,
     )
     .start();
-    let mut symbols = Vec::new();
+    let mut specs = Vec::new();
     for configured in config.market_specs() {
-        let spec = spec_for(&buckets.markets, configured).await?;
+        specs.push(spec_for(&buckets.markets, configured).await?);
+    }
+    // Markets added at run time (market.add) are in the bucket too: they come back.
+    for spec in stored_specs(&buckets.markets).await? {
+        if !specs.iter().any(|s| s.symbol == spec.symbol) {
+            specs.push(spec);
+        }
+    }
+    let mut symbols = Vec::new();
+    for spec in specs {
         bus::ensure_market_stream(&js, &subjects, &spec.symbol, &streams).await?;
         symbols.push(spec.symbol.clone());
         supervisor
@@ -123,6 +153,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| NodeError::Market(format!("the supervisor is gone: {e}")))?
             .map_err(NodeError::Market)?;
     }
+    let (stop_control, control_stopped) = tokio::sync::watch::channel(false);
+    let control = Control {
+        js: js.clone(),
+        client: client.clone(),
+        subjects: subjects.clone(),
+        streams: streams.clone(),
+        markets: buckets.markets.clone(),
+        supervisor: supervisor.clone(),
+        node_id: node_id.clone(),
+        started: std::time::Instant::now(),
+    };
+    let control = actix_rt::spawn(control.serve(control_stopped));
     println!(
         "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>",
         nats.url,
@@ -131,6 +173,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     shutdown.await;
     println!("agora node {node_id} stopping: finishing the current batches");
+    let _ = stop_control.send(true);
+    let _ = control.await;
     let _ = supervisor.send(Shutdown).await;
     let _ = client.flush().await;
     drop(client);

@@ -59,6 +59,7 @@ pub fn read_inputs(reader: impl BufRead, spec: &MarketSpec) -> Result<Vec<Input>
                     ts,
                     default_account,
                     batch_max: crate::book::types::BATCH_COMMANDS_MAX,
+                    operator: true,
                 };
                 cmd.into_commands(&ctx)
             }

@@ -80,6 +80,9 @@ pub struct DecodeContext<'a> {
     pub default_account: Option<Account>,
     /// Most commands one batch may carry (at most `BATCH_COMMANDS_MAX`).
     pub batch_max: u16,
+    /// Whether the message came from the operators' subject: only then may it halt or resume
+    /// the market (`agora replay` files are the operator's own).
+    pub operator: bool,
 }
 
 /// Decodes a JSON document into a wire command.
@@ -408,6 +411,16 @@ impl WireCommand {
                 }
             }
             OpKind::CancelAll => Op::CancelAll,
+            OpKind::Halt | OpKind::Resume if !ctx.operator => {
+                return Err(f.fail(
+                    RejectReason::NotPermitted,
+                    format!(
+                        "{} is an operator command; operators send it with `agora ctl market.{}`",
+                        op.as_str(),
+                        op.as_str()
+                    ),
+                ));
+            }
             OpKind::Halt => Op::Halt {
                 cancel_orders: self.cancel_orders.unwrap_or(false),
             },

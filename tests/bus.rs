@@ -90,6 +90,7 @@ async fn orders_land_in_their_market_stream_and_retries_are_dropped() {
         ts: 0,
         default_account: None,
         batch_max: 100,
+        operator: false,
     };
     let decoded = agora::wire::decode(&raw.payload, false, &ctx);
     assert_eq!(decoded.len(), 1);

@@ -296,6 +296,7 @@ async fn a_restarted_market_loses_and_repeats_nothing() {
             ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
             payload: m.payload.to_vec(),
             json: true,
+            operator: m.subject.as_str() == "agora.admin.SAMPLE-USD",
         });
     }
     let (expected, offline_hash) = offline_reports(&spec, &msgs);

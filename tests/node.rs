@@ -230,6 +230,7 @@ async fn reports_and_offline(
             ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
             payload: m.payload.to_vec(),
             json: false,
+            operator: m.subject.as_str() == format!("agora.admin.{market}"),
         };
         if let Some(out) = core.process(std::slice::from_ref(&msg)) {
             for x in out.execs {

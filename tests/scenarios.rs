@@ -265,6 +265,7 @@ fn run(s: &Scenario) -> Result<(), String> {
                     ts,
                     default_account: None,
                     batch_max: 100,
+                    operator: true,
                 };
                 let mut got = Vec::new();
                 for decoded in wire::decode(&bytes, true, &ctx) {

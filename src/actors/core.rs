@@ -23,6 +23,8 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     /// Sent with `Content-Type: application/json`; MessagePack otherwise.
     pub json: bool,
+    /// Published on the operators' subject (`<prefix>.admin.<MARKET>`), not the orders one.
+    pub operator: bool,
 }
 
 pub struct MarketCore {
@@ -72,6 +74,7 @@ impl MarketCore {
             ts: msg.ts,
             default_account: None,
             batch_max: self.batch_max,
+            operator: msg.operator,
         };
         for decoded in wire::decode(&msg.payload, msg.json, &ctx) {
             match decoded {

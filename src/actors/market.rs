@@ -71,6 +71,23 @@ pub enum MarketError {
 /// The actor: owns the market's pure core. Its mailbox is bounded; the driver awaits each send.
 pub struct MarketActor {
     core: MarketCore,
+    /// Messages applied, and when, for the rate `market.list` shows (the shell may read the
+    /// clock; the core never does).
+    applied: std::collections::VecDeque<(std::time::Instant, usize)>,
+}
+
+impl MarketActor {
+    fn count(&mut self, n: usize) {
+        let now = std::time::Instant::now();
+        self.applied.push_back((now, n));
+        while self
+            .applied
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(10))
+        {
+            self.applied.pop_front();
+        }
+    }
 }
 
 impl Actor for MarketActor {
@@ -96,6 +113,23 @@ pub struct Replay(pub Vec<Incoming>);
 #[rtype(result = "(Seq, StateHash)")]
 pub struct State;
 
+/// What `market.list` shows of a market.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct MarketStats {
+    pub last_seq: Seq,
+    pub halted: bool,
+    pub resting_orders: usize,
+    pub stop_orders: usize,
+    pub bid_levels: usize,
+    pub ask_levels: usize,
+    /// Commands applied per second over the last ten seconds.
+    pub commands_per_sec: f64,
+}
+
+#[derive(Message)]
+#[rtype(result = "MarketStats")]
+pub struct Stats;
+
 /// The whole L2 book and the stream sequence it reflects.
 #[derive(Message)]
 #[rtype(result = "(Seq, Top)")]
@@ -104,6 +138,7 @@ pub struct L2Book;
 impl Handler<Process> for MarketActor {
     type Result = Option<BatchOutputs>;
     fn handle(&mut self, msg: Process, _: &mut Self::Context) -> Self::Result {
+        self.count(msg.0.len());
         self.core.process(&msg.0)
     }
 }
@@ -112,6 +147,29 @@ impl Handler<Replay> for MarketActor {
     type Result = ();
     fn handle(&mut self, msg: Replay, _: &mut Self::Context) {
         self.core.replay(&msg.0);
+    }
+}
+
+impl Handler<Stats> for MarketActor {
+    type Result = MessageResult<Stats>;
+    fn handle(&mut self, _: Stats, _: &mut Self::Context) -> Self::Result {
+        let now = std::time::Instant::now();
+        let recent: usize = self
+            .applied
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= Duration::from_secs(10))
+            .map(|(_, n)| n)
+            .sum();
+        let book = self.core.book();
+        MessageResult(MarketStats {
+            last_seq: self.core.last_seq(),
+            halted: book.is_halted(),
+            resting_orders: book.order_count(),
+            stop_orders: book.stop_count(),
+            bid_levels: book.level_count(crate::book::Side::Buy),
+            ask_levels: book.level_count(crate::book::Side::Sell),
+            commands_per_sec: recent as f64 / 10.0,
+        })
     }
 }
 
@@ -287,6 +345,8 @@ struct Driver {
     orders: jetstream::stream::Stream,
     events: jetstream::stream::Stream,
     addr: Addr<MarketActor>,
+    /// `<prefix>.admin.<MARKET>`: messages from it may halt and resume the market.
+    admin_subject: String,
     /// Stream sequence of our last journal message (the fence), `None` before the first.
     journal_seq: Option<u64>,
     settings: MarketSettings,
@@ -300,7 +360,11 @@ fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> Mark
     }
 }
 
-fn incoming(market: &str, m: &jetstream::Message) -> Result<Incoming, MarketError> {
+fn incoming(
+    market: &str,
+    admin_subject: &str,
+    m: &jetstream::Message,
+) -> Result<Incoming, MarketError> {
     let info = m
         .info()
         .map_err(|e| nats_err(market, "reading a message's metadata", e))?;
@@ -314,6 +378,7 @@ fn incoming(market: &str, m: &jetstream::Message) -> Result<Incoming, MarketErro
         ts: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
         payload: m.payload.to_vec(),
         json,
+        operator: m.subject.as_str() == admin_subject,
     })
 }
 
@@ -328,7 +393,11 @@ pub async fn start(
 ) -> Result<RunningMarket, MarketError> {
     let market = spec.symbol.clone();
     let core = MarketCore::new(subjects.clone(), spec, settings.batch_max);
-    let addr = MarketActor { core }.start();
+    let addr = MarketActor {
+        core,
+        applied: std::collections::VecDeque::new(),
+    }
+    .start();
     let orders = js
         .get_stream(subjects.orders_stream(&market))
         .await
@@ -337,6 +406,7 @@ pub async fn start(
         .get_stream(subjects.events_stream())
         .await
         .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
+    let admin_subject = subjects.admin(&market);
     let mut driver = Driver {
         market: market.clone(),
         js,
@@ -345,6 +415,7 @@ pub async fn start(
         orders,
         events,
         addr: addr.clone(),
+        admin_subject,
         journal_seq: None,
         settings,
     };
@@ -472,7 +543,7 @@ impl Driver {
         let mut got = 0;
         while let Some(m) = batch.next().await {
             let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-            let msg = incoming(&self.market, &m)?;
+            let msg = incoming(&self.market, &self.admin_subject, &m)?;
             if msg.seq > to {
                 break;
             }
@@ -538,11 +609,13 @@ impl Driver {
             let Some(first) = first else { return Ok(()) };
             let first =
                 first.map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
-            let mut batch = vec![incoming(&self.market, &first)?];
+            let mut batch = vec![incoming(&self.market, &self.admin_subject, &first)?];
             // Take whatever else is already here, without waiting: batches grow under load only.
             while batch.len() < self.settings.fetch_max {
                 match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(incoming(&self.market, &m)?),
+                    Some(Some(Ok(m))) => {
+                        batch.push(incoming(&self.market, &self.admin_subject, &m)?)
+                    }
                     Some(Some(Err(e))) => {
                         return Err(nats_err(&self.market, "consuming the order stream", e));
                     }

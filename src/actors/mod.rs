@@ -11,4 +11,4 @@ pub mod supervisor;
 
 pub use self::core::{Incoming, MarketCore};
 pub use market::{MarketActor, MarketControl, MarketError, MarketSettings, RunningMarket};
-pub use supervisor::{ListMarkets, MarketInfo, Shutdown, StartMarket, Supervisor};
+pub use supervisor::{ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket, Supervisor};

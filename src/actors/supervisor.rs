@@ -13,7 +13,7 @@ use actix::prelude::*;
 use async_nats::jetstream;
 use tokio::sync::{oneshot, watch};
 
-use super::market::{self, MarketControl, MarketError, MarketSettings, State};
+use super::market::{self, MarketControl, MarketError, MarketSettings};
 use crate::book::{MarketSpec, Seq};
 use crate::bus::Subjects;
 
@@ -75,6 +75,11 @@ impl Actor for Supervisor {
 #[rtype(result = "Result<(), String>")]
 pub struct StartMarket(pub MarketSpec);
 
+/// Stop one market at a batch boundary, wait for it, and forget it. Answers whether it ran.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct StopMarket(pub String);
+
 /// Stop every market at a batch boundary and wait for them.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -85,13 +90,15 @@ pub struct Shutdown;
 #[rtype(result = "Vec<MarketInfo>")]
 pub struct ListMarkets;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct MarketInfo {
     pub symbol: String,
     pub running: bool,
     pub arbiter: usize,
     pub restarts: u32,
     pub last_seq: Seq,
+    /// The market's own figures, while it runs.
+    pub stats: Option<market::MarketStats>,
 }
 
 #[derive(Message)]
@@ -232,6 +239,26 @@ impl Handler<Shutdown> for Supervisor {
     }
 }
 
+impl Handler<StopMarket> for Supervisor {
+    type Result = ResponseActFuture<Self, bool>;
+
+    fn handle(&mut self, msg: StopMarket, _: &mut Self::Context) -> Self::Result {
+        let Some(entry) = self.markets.remove(&msg.0) else {
+            return Box::pin(fut::ready(false));
+        };
+        if let Some(control) = &entry.control {
+            control.request_stop();
+        }
+        let done = entry.done.clone();
+        Box::pin(fut::wrap_future::<_, Self>(async move {
+            if let Some(mut done) = done {
+                let _ = done.wait_for(|d| *d).await;
+            }
+            true
+        }))
+    }
+}
+
 impl Handler<ListMarkets> for Supervisor {
     type Result = ResponseActFuture<Self, Vec<MarketInfo>>;
 
@@ -244,16 +271,17 @@ impl Handler<ListMarkets> for Supervisor {
         Box::pin(fut::wrap_future::<_, Self>(async move {
             let mut out = Vec::with_capacity(entries.len());
             for (symbol, control, arbiter, restarts) in entries {
-                let last_seq = match &control {
-                    Some(c) => c.addr.send(State).await.map_or(0, |(seq, _)| seq),
-                    None => 0,
+                let stats = match &control {
+                    Some(c) => c.addr.send(market::Stats).await.ok(),
+                    None => None,
                 };
                 out.push(MarketInfo {
                     symbol,
                     running: control.is_some(),
                     arbiter,
                     restarts,
-                    last_seq,
+                    last_seq: stats.as_ref().map_or(0, |s| s.last_seq),
+                    stats,
                 });
             }
             out

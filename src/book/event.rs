@@ -259,6 +259,8 @@ reject_reasons! {
     NotHalted = "not_halted",
     /// The amended price would trade against the book, and the order is post-only.
     PostOnlyWouldCross = "post_only_would_cross",
+    /// Only operators may send this command (halt, resume); they use `agora ctl`.
+    NotPermitted = "not_permitted",
 }
 
 impl RejectReason {
@@ -299,6 +301,7 @@ impl RejectReason {
             RejectReason::AlreadyHalted => format!("{m} is halted already"),
             RejectReason::NotHalted => format!("{m} is not halted"),
             RejectReason::PostOnlyWouldCross => "the new price would trade against the book and the order is post_only; the order is unchanged".into(),
+            RejectReason::NotPermitted => "only operators may send this command; they use agora ctl".into(),
         }
     }
 }

@@ -83,7 +83,8 @@ async fn ensure_stream(
     })
 }
 
-/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>`.
+/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>` (clients)
+/// and `<prefix>.admin.<MARKET>` (operators).
 pub async fn ensure_market_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -94,7 +95,7 @@ pub async fn ensure_market_stream(
     ensure_stream(
         js,
         subjects.orders_stream(market),
-        vec![subjects.orders(market)],
+        vec![subjects.orders(market), subjects.admin(market)],
         settings,
     )
     .await

@@ -73,6 +73,11 @@ impl Subjects {
     pub fn orders(&self, market: &str) -> String {
         format!("{}.orders.{market}", self.prefix)
     }
+    /// Where operators' commands for a market go (halt, resume): in the market's order stream,
+    /// sequenced with the orders, and writable only by operators (NATS permissions).
+    pub fn admin(&self, market: &str) -> String {
+        format!("{}.admin.{market}", self.prefix)
+    }
     /// The market's journal: one message per processed batch.
     pub fn events(&self, market: &str) -> String {
         format!("{}.events.{market}", self.prefix)

@@ -83,19 +83,19 @@ struct AccountSlot {
 }
 
 /// An order while it executes: a new order (not yet in the slab) or one taken out of its level
-/// or the stops (`slot` set).
-struct Taker {
+/// or the stops (`slot` set). Its identity is borrowed (from the command, or from a copy the
+/// caller holds), so a taker that never rests never copies its account name and cid; one that
+/// rests is written to the slab once, by `store`.
+struct Taker<'a> {
     oid: OrderId,
-    cid: Option<Cid>,
-    account: Account,
-    account_id: Option<u32>,
+    cid: &'a Option<Cid>,
+    account: &'a Account,
     side: Side,
     order_type: OrderType,
     tif: Tif,
     stp: StpMode,
     price: u64,
     qty: u64,
-    filled: u64,
     rem: u64,
     display: u64,
     stop_price: u64,
@@ -105,13 +105,23 @@ struct Taker {
     cid_hash: Option<u64>,
 }
 
-impl Taker {
+impl Taker<'_> {
     #[inline]
     fn tag(&self) -> OrderTag {
         OrderTag {
             oid: self.oid,
-            cid: self.cid,
-            account: self.account,
+            cid: *self.cid,
+            account: *self.account,
+        }
+    }
+
+    /// What the order shows when it rests with its current remainder.
+    #[inline]
+    fn visible(&self) -> u64 {
+        if self.display > 0 {
+            self.display.min(self.rem)
+        } else {
+            self.rem
         }
     }
 }
@@ -486,16 +496,14 @@ impl OrderBook {
         }));
         let mut taker = Taker {
             oid,
-            cid: o.cid,
-            account: cmd.account,
-            account_id: None,
+            cid: &o.cid,
+            account: &cmd.account,
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
             stp,
             price: o.price.map_or(0, |p| p.0),
             qty: o.qty.0,
-            filled: 0,
             rem: o.qty.0,
             display: o.display_qty.map_or(0, |d| d.0),
             stop_price: o.stop_price.map_or(0, |p| p.0),
@@ -504,8 +512,7 @@ impl OrderBook {
             cid_hash,
         };
         if o.order_type.is_stop() {
-            let idx = self.store(&taker);
-            self.orders[idx as usize].parked = true;
+            let idx = self.store(&taker, taker.rem, true);
             self.stops_mut(taker.side).insert(stop_key(&taker), idx);
             return;
         }
@@ -598,7 +605,7 @@ impl OrderBook {
 
     fn fok_fillable(&self, t: &Taker, min_key: u64) -> bool {
         let stp = t.stp;
-        let own = |o: &Order| self.accounts[o.account as usize].name == t.account;
+        let own = |o: &Order| self.accounts[o.account as usize].name == *t.account;
         let mut sum: u64 = 0;
         for level in self.ladder(t.side.opposite()).iter() {
             if level.key < min_key {
@@ -650,7 +657,7 @@ impl OrderBook {
             }
             let mi = level.head;
             let maker = &mut self.orders[mi as usize];
-            if t.stp != StpMode::None && self.accounts[maker.account as usize].name == t.account {
+            if t.stp != StpMode::None && self.accounts[maker.account as usize].name == *t.account {
                 if !self.self_trade(t, mi, at, out) {
                     return false;
                 }
@@ -663,7 +670,6 @@ impl OrderBook {
             level.shown -= fill;
             level.total -= fill;
             t.rem -= fill;
-            t.filled += fill;
             self.trade_n += 1;
             self.last_trade_price = Some(maker.price);
             out.push(Event::Trade(Trade {
@@ -804,43 +810,32 @@ impl OrderBook {
             );
         }
         let idx = match t.slot {
-            Some(idx) => idx,
-            None => self.store(t),
-        };
-        let o = &mut self.orders[idx as usize];
-        o.parked = false;
-        o.qty = t.qty;
-
-        o.leaves = t.rem;
-        o.price = t.price;
-        o.visible = if t.display > 0 {
-            t.display.min(t.rem)
-        } else {
-            t.rem
+            Some(idx) => {
+                let o = &mut self.orders[idx as usize];
+                o.parked = false;
+                o.qty = t.qty;
+                o.leaves = t.rem;
+                o.price = t.price;
+                o.visible = t.visible();
+                idx
+            }
+            None => self.store(t, t.visible(), false),
         };
         self.link_level(t.side, idx);
     }
 
     // ----- the slab and its indexes -------------------------------------------------------
 
-    /// Stores a new order in the slab and every index (not yet on a level or in the stops).
-    fn store(&mut self, t: &Taker) -> u32 {
-        // Reuse the id looked up on entry unless matching closed the account's last order.
-        let account = match t.account_id {
-            Some(id)
-                if self.accounts[id as usize].open > 0
-                    && self.accounts[id as usize].name == t.account =>
-            {
-                id
-            }
-            _ => self.intern(t.account),
-        };
+    /// Stores a new order in the slab and every index (not yet on a level or in the stops),
+    /// with what it shows and whether it waits as a stop.
+    fn store(&mut self, t: &Taker, visible: u64, parked: bool) -> u32 {
+        let account = self.intern(t.account);
         let order = Order {
             prev: NIL,
             next: NIL,
             level: NIL,
             leaves: t.rem,
-            visible: t.rem,
+            visible,
             price: t.price,
             oid: t.oid.0,
             account,
@@ -848,17 +843,16 @@ impl OrderBook {
             order_type: t.order_type,
             tif: t.tif,
             stp: t.stp,
-            parked: false,
+            parked,
             qty: t.qty,
-
             display: t.display,
             stop_price: t.stop_price,
             expire_at: t.expire_at,
-            cid: t.cid,
+            cid: *t.cid,
             cid_hash: match (t.cid, t.cid_hash) {
                 (None, _) => 0,
                 (Some(_), Some(hash)) => hash,
-                (Some(cid), None) => self.cid_hasher.hash_one((t.account, cid)),
+                (Some(cid), None) => self.cid_hasher.hash_one((*t.account, *cid)),
             },
             acct_prev: NIL,
             acct_next: NIL,
@@ -900,12 +894,12 @@ impl OrderBook {
         idx
     }
 
-    fn intern(&mut self, name: Account) -> u32 {
-        if let Some(id) = self.find_account(&name) {
+    fn intern(&mut self, name: &Account) -> u32 {
+        if let Some(id) = self.find_account(name) {
             return id;
         }
         let slot = AccountSlot {
-            name,
+            name: *name,
             open: 0,
             head: NIL,
             tail: NIL,
@@ -921,7 +915,7 @@ impl OrderBook {
             }
         };
         let (accounts, hasher) = (&self.accounts, &self.oid_hasher);
-        self.account_index.insert(hasher.hash_one(name), id, |a| {
+        self.account_index.insert(hasher.hash_one(*name), id, |a| {
             hasher.hash_one(accounts[a as usize].name)
         });
         id
@@ -1104,20 +1098,24 @@ impl OrderBook {
         self.remove(idx);
     }
 
-    fn taker_from(&self, idx: u32) -> Taker {
+    /// The identity of an open order, for a taker made from it to borrow.
+    fn identity(&self, idx: u32) -> (Account, Option<Cid>) {
+        let o = &self.orders[idx as usize];
+        (self.accounts[o.account as usize].name, o.cid)
+    }
+
+    fn taker_from<'a>(&self, idx: u32, identity: &'a (Account, Option<Cid>)) -> Taker<'a> {
         let o = &self.orders[idx as usize];
         Taker {
             oid: OrderId(o.oid),
-            cid: o.cid,
-            account: self.accounts[o.account as usize].name,
-            account_id: Some(o.account),
+            cid: &identity.1,
+            account: &identity.0,
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
             stp: o.stp,
             price: o.price,
             qty: o.qty,
-            filled: o.qty - o.leaves,
             rem: o.leaves,
             display: o.display,
             stop_price: o.stop_price,
@@ -1259,7 +1257,8 @@ impl OrderBook {
         if price == old_price {
             self.link_level(side, idx);
         } else {
-            let mut t = self.taker_from(idx);
+            let identity = self.identity(idx);
+            let mut t = self.taker_from(idx, &identity);
             self.execute(&mut t, at, out);
         }
     }
@@ -1346,7 +1345,8 @@ impl OrderBook {
                 stop_price: Price(stop_price),
                 last_price: Price(last),
             }));
-            let mut t = self.taker_from(idx);
+            let identity = self.identity(idx);
+            let mut t = self.taker_from(idx, &identity);
             self.execute(&mut t, at, out);
         }
     }
@@ -1479,16 +1479,14 @@ impl OrderBook {
             }
             let t = Taker {
                 oid: r.oid,
-                cid: r.cid,
-                account: r.account,
-                account_id: None,
+                cid: &r.cid,
+                account: &r.account,
                 side: r.side,
                 order_type: r.order_type,
                 tif: r.tif,
                 stp: r.stp,
                 price: r.price.map_or(0, |p| p.0),
                 qty: r.qty.0,
-                filled: r.filled.0,
                 rem: r.leaves.0,
                 display: r.display_qty.map_or(0, |d| d.0),
                 stop_price: r.stop_price.map_or(0, |p| p.0),
@@ -1496,8 +1494,7 @@ impl OrderBook {
                 slot: None,
                 cid_hash: None,
             };
-            let idx = book.store(&t);
-            book.orders[idx as usize].visible = r.visible.0;
+            let idx = book.store(&t, r.visible.0, false);
             slots[i] = idx;
         }
         for (i, &(r, list)) in all.iter().enumerate() {

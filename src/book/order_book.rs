@@ -567,13 +567,20 @@ impl OrderBook {
 
     fn execute(&mut self, t: &mut Taker, at: At, out: &mut Vec<Event>) {
         let min_key = self.min_key(t);
-        let crosses = Self::reaches(self.ladder(t.side.opposite()), min_key);
+        let opposite = self.ladder(t.side.opposite());
+        let (crosses, mut opposite_best) = match opposite.best() {
+            Some(li) => {
+                let level = opposite.level(li);
+                (level.key >= min_key, Some(level.price))
+            }
+            None => (false, None),
+        };
         if t.tif == Tif::PostOnly {
             if crosses {
                 self.cancel_taker(t, at, CancelReason::PostOnlyWouldCross, out);
                 self.finish(t);
             } else {
-                self.rest(t);
+                self.rest(t, opposite_best);
             }
             return;
         }
@@ -582,9 +589,14 @@ impl OrderBook {
             self.finish(t);
             return;
         }
-        if crosses && !self.match_taker(t, min_key, at, out) {
-            self.finish(t);
-            return;
+        if crosses {
+            match self.match_taker(t, min_key, at, out) {
+                Some(best) => opposite_best = best,
+                None => {
+                    self.finish(t);
+                    return;
+                }
+            }
         }
         if t.rem == 0 {
             self.finish(t);
@@ -592,7 +604,7 @@ impl OrderBook {
             self.cancel_taker(t, at, CancelReason::MarketRemainder, out);
             self.finish(t);
         } else if t.tif.rests() {
-            self.rest(t);
+            self.rest(t, opposite_best);
         } else {
             debug_assert!(
                 t.tif == Tif::Ioc,
@@ -642,8 +654,16 @@ impl OrderBook {
         false
     }
 
-    /// The match loop. Returns false when self-trade prevention ended the taker.
-    fn match_taker(&mut self, t: &mut Taker, min_key: u64, at: At, out: &mut Vec<Event>) -> bool {
+    /// The match loop. Returns None when self-trade prevention ended the taker; else the price
+    /// of the best opposite level once the loop stopped with quantity left (None when that
+    /// side is empty, or when the taker filled).
+    fn match_taker(
+        &mut self,
+        t: &mut Taker,
+        min_key: u64,
+        at: At,
+        out: &mut Vec<Event>,
+    ) -> Option<Option<u64>> {
         let opposite = t.side.opposite();
         while t.rem > 0 {
             let ladder = match opposite {
@@ -653,13 +673,13 @@ impl OrderBook {
             let Some(li) = ladder.best() else { break };
             let level = ladder.level_mut(li);
             if level.key < min_key {
-                break;
+                return Some(Some(level.price));
             }
             let mi = level.head;
             let maker = &mut self.orders[mi as usize];
             if t.stp != StpMode::None && self.accounts[maker.account as usize].name == *t.account {
                 if !self.self_trade(t, mi, at, out) {
-                    return false;
+                    return None;
                 }
                 continue;
             }
@@ -702,7 +722,7 @@ impl OrderBook {
                 }
             }
         }
-        true
+        Some(None)
     }
 
     /// Self-trade prevention between taker `t` and maker `mi` of the same account.
@@ -792,13 +812,18 @@ impl OrderBook {
         }
     }
 
-    /// Puts the taker's remainder at the back of its level.
-    fn rest(&mut self, t: &Taker) {
+    /// Puts the taker's remainder at the back of its level. `opposite_best` is the price of the
+    /// best opposite level, as `execute` last read it (nothing changes that side in between).
+    fn rest(&mut self, t: &Taker, opposite_best: Option<u64>) {
         // Only resting can cross a book: check it here, once, in every build. A crash beats a
         // crossed book that goes on trading.
-        let opposite = self.ladder(t.side.opposite());
-        if let Some(li) = opposite.best() {
-            let best = opposite.level(li).price;
+        debug_assert_eq!(
+            opposite_best,
+            self.ladder(t.side.opposite())
+                .best()
+                .map(|li| self.ladder(t.side.opposite()).level(li).price)
+        );
+        if let Some(best) = opposite_best {
             let crosses = match t.side {
                 Side::Buy => t.price >= best,
                 Side::Sell => t.price <= best,

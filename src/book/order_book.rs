@@ -449,8 +449,8 @@ impl OrderBook {
         }
         // The cid's hash, kept for `store`.
         let mut cid_hash = None;
-        if let Some(cid) = o.cid {
-            let hash = self.cid_hasher.hash_one((cmd.account, cid));
+        if let Some(cid) = &o.cid {
+            let hash = self.cid_hash(&cmd.account, cid);
             if self.find_cid_hashed(&cmd.account, cid, hash).is_some() {
                 return Err(R::DuplicateCid);
             }
@@ -877,7 +877,7 @@ impl OrderBook {
             cid_hash: match (t.cid, t.cid_hash) {
                 (None, _) => 0,
                 (Some(_), Some(hash)) => hash,
-                (Some(cid), None) => self.cid_hasher.hash_one((*t.account, *cid)),
+                (Some(cid), None) => self.cid_hash(t.account, cid),
             },
             acct_prev: NIL,
             acct_next: NIL,
@@ -940,7 +940,7 @@ impl OrderBook {
             }
         };
         let (accounts, hasher) = (&self.accounts, &self.oid_hasher);
-        self.account_index.insert(hasher.hash_one(*name), id, |a| {
+        self.account_index.insert(hasher.hash_one(name), id, |a| {
             hasher.hash_one(accounts[a as usize].name)
         });
         id
@@ -956,19 +956,26 @@ impl OrderBook {
         })
     }
 
+    /// The hash of (account, cid) in `by_cid`; hashed through references, so neither id is
+    /// copied first.
     #[inline]
-    fn find_cid(&self, account: &Account, cid: Cid) -> Option<u32> {
-        self.find_cid_hashed(account, cid, self.cid_hasher.hash_one((*account, cid)))
+    fn cid_hash(&self, account: &Account, cid: &Cid) -> u64 {
+        self.cid_hasher.hash_one((account, cid))
+    }
+
+    #[inline]
+    fn find_cid(&self, account: &Account, cid: &Cid) -> Option<u32> {
+        self.find_cid_hashed(account, cid, self.cid_hash(account, cid))
     }
 
     /// The open order of `account` with this cid; cids are indexed by (account name, cid), so
     /// no account lookup comes first.
     #[inline]
-    fn find_cid_hashed(&self, account: &Account, cid: Cid, hash: u64) -> Option<u32> {
+    fn find_cid_hashed(&self, account: &Account, cid: &Cid, hash: u64) -> Option<u32> {
         let (orders, accounts) = (&self.orders, &self.accounts);
         self.by_cid.find(hash, |s| {
             let o = &orders[s as usize];
-            o.cid == Some(cid) && accounts[o.account as usize].name == *account
+            o.cid.as_ref() == Some(cid) && accounts[o.account as usize].name == *account
         })
     }
 
@@ -1159,14 +1166,14 @@ impl OrderBook {
                 let idx = self
                     .find_oid(oid.0)
                     .ok_or((RejectReason::UnknownOrder, None))?;
-                let owner = self.accounts[self.orders[idx as usize].account as usize].name;
-                if owner != cmd.account {
+                let owner = &self.accounts[self.orders[idx as usize].account as usize].name;
+                if *owner != cmd.account {
                     return Err((RejectReason::NotOwner, None));
                 }
                 Ok(idx)
             }
             OrderRef::Cid(cid) => self
-                .find_cid(&cmd.account, cid)
+                .find_cid(&cmd.account, &cid)
                 .ok_or((RejectReason::UnknownOrder, None)),
         }
     }
@@ -1495,7 +1502,7 @@ impl OrderBook {
                 return Err(bad(format!("order {} appears twice", r.oid)));
             }
             if r.cid
-                .is_some_and(|cid| book.find_cid(&r.account, cid).is_some())
+                .is_some_and(|cid| book.find_cid(&r.account, &cid).is_some())
             {
                 return Err(bad(format!(
                     "order {} repeats an open cid of its account",
@@ -1667,7 +1674,7 @@ impl OrderBook {
         for i in self.by_cid.iter() {
             let o = &self.orders[i as usize];
             let name = self.accounts[o.account as usize].name;
-            let found = o.cid.and_then(|cid| self.find_cid(&name, cid));
+            let found = o.cid.and_then(|cid| self.find_cid(&name, &cid));
             if found != Some(i) || self.find_oid(o.oid) != Some(i) {
                 return Err(format!("order {} is badly indexed by cid", o.oid));
             }

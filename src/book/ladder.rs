@@ -26,6 +26,9 @@ pub(super) struct Level {
     pub count: u32,
     pub head: u32,
     pub tail: u32,
+    /// Slot of the level's page (pages never move while they hold a level), so removing a
+    /// level needs no directory search unless its page empties.
+    page: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -139,6 +142,7 @@ impl Ladder {
             count: 0,
             head: NIL,
             tail: NIL,
+            page: p,
         };
         let li = match self.free_levels.pop() {
             Some(li) => {
@@ -157,24 +161,22 @@ impl Ladder {
         li
     }
 
-    /// Removes the (empty) level with this key.
-    pub fn remove(&mut self, key: u64) {
-        let Ok(i) = self.dir_find(key >> SLOT_BITS) else {
-            return;
-        };
-        let p = self.dir[i].1;
+    /// Removes the (empty) level in slot `li`.
+    pub fn remove(&mut self, li: u32) {
+        let level = &self.levels[li as usize];
+        let (key, p) = (level.key, level.page);
         let bit = (key & (SLOTS as u64 - 1)) as usize;
         let page = &mut self.pages[p as usize];
-        if page.bits & (1 << bit) == 0 {
-            return;
-        }
+        debug_assert!(page.bits & (1 << bit) != 0 && page.slots[bit] == li);
         page.bits &= !(1 << bit);
-        let li = page.slots[bit];
         page.slots[bit] = NIL;
         let empty = page.bits == 0;
         self.free_levels.push(li);
         self.len -= 1;
         if empty {
+            let Ok(i) = self.dir_find(key >> SLOT_BITS) else {
+                unreachable!("the page of level {key} is not in the directory");
+            };
             self.dir.remove(i);
             self.free_pages.push(p);
         }
@@ -205,6 +207,9 @@ impl Ladder {
                 let level = &self.levels[page.slots[bit as usize] as usize];
                 if level.key != (id << SLOT_BITS) | u64::from(bit) {
                     return Err(format!("level {} sits at the wrong key", level.price));
+                }
+                if level.page != p {
+                    return Err(format!("level {} names the wrong page", level.price));
                 }
                 count += 1;
             }
@@ -251,9 +256,8 @@ mod tests {
         let order: Vec<u64> = ladder.iter().map(|l| l.key).collect();
         assert_eq!(order, sorted);
         assert_eq!(ladder.best().map(|li| ladder.level(li).key), Some(1 << 40));
-        ladder.remove(1 << 40);
-        ladder.remove(4096);
-        ladder.remove(12345);
+        ladder.remove(ladder.get(1 << 40).unwrap());
+        ladder.remove(ladder.get(4096).unwrap());
         assert_eq!(ladder.best().map(|li| ladder.level(li).key), Some(700));
         assert_eq!(ladder.get(64).map(|li| ladder.level(li).price), Some(640));
         assert_eq!(ladder.get(4096), None);

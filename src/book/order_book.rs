@@ -1082,8 +1082,7 @@ impl OrderBook {
         level.total -= leaves;
         level.count -= 1;
         if level.count == 0 {
-            let key = level.key;
-            ladder.remove(key);
+            ladder.remove(li);
         }
     }
 

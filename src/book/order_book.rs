@@ -521,9 +521,16 @@ impl OrderBook {
 
     // ----- execution ----------------------------------------------------------------------
 
-    /// The band bounds around the reference price for an order of `side`.
+    /// The band bounds around the reference price for an order of `side`. Inline up to the
+    /// check for a band, which most markets do without.
+    #[inline(always)]
     fn band_limit(&self, side: Side) -> Option<u64> {
-        let bps = u128::from(self.spec.price_band_bps?);
+        let bps = self.spec.price_band_bps?;
+        self.band_limit_bps(side, bps)
+    }
+
+    fn band_limit_bps(&self, side: Side, bps: u32) -> Option<u64> {
+        let bps = u128::from(bps);
         let opposite = self.ladder(side.opposite());
         let reference = self
             .last_trade_price
@@ -535,6 +542,7 @@ impl OrderBook {
         })
     }
 
+    #[inline]
     fn in_band(&self, side: Side, price: u64) -> bool {
         match (side, self.band_limit(side)) {
             (_, None) => true,

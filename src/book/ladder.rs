@@ -46,6 +46,9 @@ pub(super) struct Ladder {
     levels: Vec<Level>,
     free_levels: Vec<u32>,
     len: usize,
+    /// The best level, kept up to date by `get_or_insert` and `remove`: every taker reads it,
+    /// and the match loop once per fill.
+    best: Option<u32>,
 }
 
 impl Ladder {
@@ -100,6 +103,11 @@ impl Ladder {
     /// The best level.
     #[inline]
     pub fn best(&self) -> Option<u32> {
+        self.best
+    }
+
+    /// The best level, found from the pages.
+    fn find_best(&self) -> Option<u32> {
         let &(_, p) = self.dir.last()?;
         let page = &self.pages[p as usize];
         Some(page.slots[(63 - page.bits.leading_zeros()) as usize])
@@ -158,6 +166,12 @@ impl Ladder {
         page.bits |= 1 << bit;
         page.slots[bit] = li;
         self.len += 1;
+        if self
+            .best
+            .is_none_or(|best| key > self.levels[best as usize].key)
+        {
+            self.best = Some(li);
+        }
         li
     }
 
@@ -179,6 +193,9 @@ impl Ladder {
             };
             self.dir.remove(i);
             self.free_pages.push(p);
+        }
+        if self.best == Some(li) {
+            self.best = self.find_best();
         }
     }
 
@@ -216,6 +233,9 @@ impl Ladder {
         }
         if count != self.len {
             return Err(format!("ladder counts {} levels, holds {count}", self.len));
+        }
+        if self.best != self.find_best() {
+            return Err("ladder's best level is out of date".into());
         }
         Ok(())
     }

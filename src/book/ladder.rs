@@ -26,6 +26,9 @@ pub(super) struct Level {
     pub count: u32,
     pub head: u32,
     pub tail: u32,
+    /// Slot of the level's page (pages never move while they hold a level), so removing a
+    /// level needs no directory search unless its page empties.
+    page: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +46,9 @@ pub(super) struct Ladder {
     levels: Vec<Level>,
     free_levels: Vec<u32>,
     len: usize,
+    /// The best level, kept up to date by `get_or_insert` and `remove`: every taker reads it,
+    /// and the match loop once per fill.
+    best: Option<u32>,
 }
 
 impl Ladder {
@@ -97,6 +103,11 @@ impl Ladder {
     /// The best level.
     #[inline]
     pub fn best(&self) -> Option<u32> {
+        self.best
+    }
+
+    /// The best level, found from the pages.
+    fn find_best(&self) -> Option<u32> {
         let &(_, p) = self.dir.last()?;
         let page = &self.pages[p as usize];
         Some(page.slots[(63 - page.bits.leading_zeros()) as usize])
@@ -139,6 +150,7 @@ impl Ladder {
             count: 0,
             head: NIL,
             tail: NIL,
+            page: p,
         };
         let li = match self.free_levels.pop() {
             Some(li) => {
@@ -154,29 +166,36 @@ impl Ladder {
         page.bits |= 1 << bit;
         page.slots[bit] = li;
         self.len += 1;
+        if self
+            .best
+            .is_none_or(|best| key > self.levels[best as usize].key)
+        {
+            self.best = Some(li);
+        }
         li
     }
 
-    /// Removes the (empty) level with this key.
-    pub fn remove(&mut self, key: u64) {
-        let Ok(i) = self.dir_find(key >> SLOT_BITS) else {
-            return;
-        };
-        let p = self.dir[i].1;
+    /// Removes the (empty) level in slot `li`.
+    pub fn remove(&mut self, li: u32) {
+        let level = &self.levels[li as usize];
+        let (key, p) = (level.key, level.page);
         let bit = (key & (SLOTS as u64 - 1)) as usize;
         let page = &mut self.pages[p as usize];
-        if page.bits & (1 << bit) == 0 {
-            return;
-        }
+        debug_assert!(page.bits & (1 << bit) != 0 && page.slots[bit] == li);
         page.bits &= !(1 << bit);
-        let li = page.slots[bit];
         page.slots[bit] = NIL;
         let empty = page.bits == 0;
         self.free_levels.push(li);
         self.len -= 1;
         if empty {
+            let Ok(i) = self.dir_find(key >> SLOT_BITS) else {
+                unreachable!("the page of level {key} is not in the directory");
+            };
             self.dir.remove(i);
             self.free_pages.push(p);
+        }
+        if self.best == Some(li) {
+            self.best = self.find_best();
         }
     }
 
@@ -206,11 +225,17 @@ impl Ladder {
                 if level.key != (id << SLOT_BITS) | u64::from(bit) {
                     return Err(format!("level {} sits at the wrong key", level.price));
                 }
+                if level.page != p {
+                    return Err(format!("level {} names the wrong page", level.price));
+                }
                 count += 1;
             }
         }
         if count != self.len {
             return Err(format!("ladder counts {} levels, holds {count}", self.len));
+        }
+        if self.best != self.find_best() {
+            return Err("ladder's best level is out of date".into());
         }
         Ok(())
     }
@@ -251,9 +276,8 @@ mod tests {
         let order: Vec<u64> = ladder.iter().map(|l| l.key).collect();
         assert_eq!(order, sorted);
         assert_eq!(ladder.best().map(|li| ladder.level(li).key), Some(1 << 40));
-        ladder.remove(1 << 40);
-        ladder.remove(4096);
-        ladder.remove(12345);
+        ladder.remove(ladder.get(1 << 40).unwrap());
+        ladder.remove(ladder.get(4096).unwrap());
         assert_eq!(ladder.best().map(|li| ladder.level(li).key), Some(700));
         assert_eq!(ladder.get(64).map(|li| ladder.level(li).price), Some(640));
         assert_eq!(ladder.get(4096), None);

@@ -83,19 +83,19 @@ struct AccountSlot {
 }
 
 /// An order while it executes: a new order (not yet in the slab) or one taken out of its level
-/// or the stops (`slot` set).
-struct Taker {
+/// or the stops (`slot` set). Its identity is borrowed (from the command, or from a copy the
+/// caller holds), so a taker that never rests never copies its account name and cid; one that
+/// rests is written to the slab once, by `store`.
+struct Taker<'a> {
     oid: OrderId,
-    cid: Option<Cid>,
-    account: Account,
-    account_id: Option<u32>,
+    cid: &'a Option<Cid>,
+    account: &'a Account,
     side: Side,
     order_type: OrderType,
     tif: Tif,
     stp: StpMode,
     price: u64,
     qty: u64,
-    filled: u64,
     rem: u64,
     display: u64,
     stop_price: u64,
@@ -105,13 +105,23 @@ struct Taker {
     cid_hash: Option<u64>,
 }
 
-impl Taker {
+impl Taker<'_> {
     #[inline]
     fn tag(&self) -> OrderTag {
         OrderTag {
             oid: self.oid,
-            cid: self.cid,
-            account: self.account,
+            cid: *self.cid,
+            account: *self.account,
+        }
+    }
+
+    /// What the order shows when it rests with its current remainder.
+    #[inline]
+    fn visible(&self) -> u64 {
+        if self.display > 0 {
+            self.display.min(self.rem)
+        } else {
+            self.rem
         }
     }
 }
@@ -439,8 +449,8 @@ impl OrderBook {
         }
         // The cid's hash, kept for `store`.
         let mut cid_hash = None;
-        if let Some(cid) = o.cid {
-            let hash = self.cid_hasher.hash_one((cmd.account, cid));
+        if let Some(cid) = &o.cid {
+            let hash = self.cid_hash(&cmd.account, cid);
             if self.find_cid_hashed(&cmd.account, cid, hash).is_some() {
                 return Err(R::DuplicateCid);
             }
@@ -486,16 +496,14 @@ impl OrderBook {
         }));
         let mut taker = Taker {
             oid,
-            cid: o.cid,
-            account: cmd.account,
-            account_id: None,
+            cid: &o.cid,
+            account: &cmd.account,
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
             stp,
             price: o.price.map_or(0, |p| p.0),
             qty: o.qty.0,
-            filled: 0,
             rem: o.qty.0,
             display: o.display_qty.map_or(0, |d| d.0),
             stop_price: o.stop_price.map_or(0, |p| p.0),
@@ -504,8 +512,7 @@ impl OrderBook {
             cid_hash,
         };
         if o.order_type.is_stop() {
-            let idx = self.store(&taker);
-            self.orders[idx as usize].parked = true;
+            let idx = self.store(&taker, taker.rem, true);
             self.stops_mut(taker.side).insert(stop_key(&taker), idx);
             return;
         }
@@ -514,9 +521,16 @@ impl OrderBook {
 
     // ----- execution ----------------------------------------------------------------------
 
-    /// The band bounds around the reference price for an order of `side`.
+    /// The band bounds around the reference price for an order of `side`. Inline up to the
+    /// check for a band, which most markets do without.
+    #[inline(always)]
     fn band_limit(&self, side: Side) -> Option<u64> {
-        let bps = u128::from(self.spec.price_band_bps?);
+        let bps = self.spec.price_band_bps?;
+        self.band_limit_bps(side, bps)
+    }
+
+    fn band_limit_bps(&self, side: Side, bps: u32) -> Option<u64> {
+        let bps = u128::from(bps);
         let opposite = self.ladder(side.opposite());
         let reference = self
             .last_trade_price
@@ -528,6 +542,7 @@ impl OrderBook {
         })
     }
 
+    #[inline]
     fn in_band(&self, side: Side, price: u64) -> bool {
         match (side, self.band_limit(side)) {
             (_, None) => true,
@@ -560,13 +575,20 @@ impl OrderBook {
 
     fn execute(&mut self, t: &mut Taker, at: At, out: &mut Vec<Event>) {
         let min_key = self.min_key(t);
-        let crosses = Self::reaches(self.ladder(t.side.opposite()), min_key);
+        let opposite = self.ladder(t.side.opposite());
+        let (crosses, mut opposite_best) = match opposite.best() {
+            Some(li) => {
+                let level = opposite.level(li);
+                (level.key >= min_key, Some(level.price))
+            }
+            None => (false, None),
+        };
         if t.tif == Tif::PostOnly {
             if crosses {
                 self.cancel_taker(t, at, CancelReason::PostOnlyWouldCross, out);
                 self.finish(t);
             } else {
-                self.rest(t);
+                self.rest(t, opposite_best);
             }
             return;
         }
@@ -575,9 +597,14 @@ impl OrderBook {
             self.finish(t);
             return;
         }
-        if crosses && !self.match_taker(t, min_key, at, out) {
-            self.finish(t);
-            return;
+        if crosses {
+            match self.match_taker(t, min_key, at, out) {
+                Some(best) => opposite_best = best,
+                None => {
+                    self.finish(t);
+                    return;
+                }
+            }
         }
         if t.rem == 0 {
             self.finish(t);
@@ -585,7 +612,7 @@ impl OrderBook {
             self.cancel_taker(t, at, CancelReason::MarketRemainder, out);
             self.finish(t);
         } else if t.tif.rests() {
-            self.rest(t);
+            self.rest(t, opposite_best);
         } else {
             debug_assert!(
                 t.tif == Tif::Ioc,
@@ -598,7 +625,7 @@ impl OrderBook {
 
     fn fok_fillable(&self, t: &Taker, min_key: u64) -> bool {
         let stp = t.stp;
-        let own = |o: &Order| self.accounts[o.account as usize].name == t.account;
+        let own = |o: &Order| self.accounts[o.account as usize].name == *t.account;
         let mut sum: u64 = 0;
         for level in self.ladder(t.side.opposite()).iter() {
             if level.key < min_key {
@@ -635,8 +662,16 @@ impl OrderBook {
         false
     }
 
-    /// The match loop. Returns false when self-trade prevention ended the taker.
-    fn match_taker(&mut self, t: &mut Taker, min_key: u64, at: At, out: &mut Vec<Event>) -> bool {
+    /// The match loop. Returns None when self-trade prevention ended the taker; else the price
+    /// of the best opposite level once the loop stopped with quantity left (None when that
+    /// side is empty, or when the taker filled).
+    fn match_taker(
+        &mut self,
+        t: &mut Taker,
+        min_key: u64,
+        at: At,
+        out: &mut Vec<Event>,
+    ) -> Option<Option<u64>> {
         let opposite = t.side.opposite();
         while t.rem > 0 {
             let ladder = match opposite {
@@ -646,13 +681,13 @@ impl OrderBook {
             let Some(li) = ladder.best() else { break };
             let level = ladder.level_mut(li);
             if level.key < min_key {
-                break;
+                return Some(Some(level.price));
             }
             let mi = level.head;
             let maker = &mut self.orders[mi as usize];
-            if t.stp != StpMode::None && self.accounts[maker.account as usize].name == t.account {
+            if t.stp != StpMode::None && self.accounts[maker.account as usize].name == *t.account {
                 if !self.self_trade(t, mi, at, out) {
-                    return false;
+                    return None;
                 }
                 continue;
             }
@@ -663,7 +698,6 @@ impl OrderBook {
             level.shown -= fill;
             level.total -= fill;
             t.rem -= fill;
-            t.filled += fill;
             self.trade_n += 1;
             self.last_trade_price = Some(maker.price);
             out.push(Event::Trade(Trade {
@@ -696,7 +730,7 @@ impl OrderBook {
                 }
             }
         }
-        true
+        Some(None)
     }
 
     /// Self-trade prevention between taker `t` and maker `mi` of the same account.
@@ -786,13 +820,18 @@ impl OrderBook {
         }
     }
 
-    /// Puts the taker's remainder at the back of its level.
-    fn rest(&mut self, t: &Taker) {
+    /// Puts the taker's remainder at the back of its level. `opposite_best` is the price of the
+    /// best opposite level, as `execute` last read it (nothing changes that side in between).
+    fn rest(&mut self, t: &Taker, opposite_best: Option<u64>) {
         // Only resting can cross a book: check it here, once, in every build. A crash beats a
         // crossed book that goes on trading.
-        let opposite = self.ladder(t.side.opposite());
-        if let Some(li) = opposite.best() {
-            let best = opposite.level(li).price;
+        debug_assert_eq!(
+            opposite_best,
+            self.ladder(t.side.opposite())
+                .best()
+                .map(|li| self.ladder(t.side.opposite()).level(li).price)
+        );
+        if let Some(best) = opposite_best {
             let crosses = match t.side {
                 Side::Buy => t.price >= best,
                 Side::Sell => t.price <= best,
@@ -804,43 +843,32 @@ impl OrderBook {
             );
         }
         let idx = match t.slot {
-            Some(idx) => idx,
-            None => self.store(t),
-        };
-        let o = &mut self.orders[idx as usize];
-        o.parked = false;
-        o.qty = t.qty;
-
-        o.leaves = t.rem;
-        o.price = t.price;
-        o.visible = if t.display > 0 {
-            t.display.min(t.rem)
-        } else {
-            t.rem
+            Some(idx) => {
+                let o = &mut self.orders[idx as usize];
+                o.parked = false;
+                o.qty = t.qty;
+                o.leaves = t.rem;
+                o.price = t.price;
+                o.visible = t.visible();
+                idx
+            }
+            None => self.store(t, t.visible(), false),
         };
         self.link_level(t.side, idx);
     }
 
     // ----- the slab and its indexes -------------------------------------------------------
 
-    /// Stores a new order in the slab and every index (not yet on a level or in the stops).
-    fn store(&mut self, t: &Taker) -> u32 {
-        // Reuse the id looked up on entry unless matching closed the account's last order.
-        let account = match t.account_id {
-            Some(id)
-                if self.accounts[id as usize].open > 0
-                    && self.accounts[id as usize].name == t.account =>
-            {
-                id
-            }
-            _ => self.intern(t.account),
-        };
+    /// Stores a new order in the slab and every index (not yet on a level or in the stops),
+    /// with what it shows and whether it waits as a stop.
+    fn store(&mut self, t: &Taker, visible: u64, parked: bool) -> u32 {
+        let account = self.intern(t.account);
         let order = Order {
             prev: NIL,
             next: NIL,
             level: NIL,
             leaves: t.rem,
-            visible: t.rem,
+            visible,
             price: t.price,
             oid: t.oid.0,
             account,
@@ -848,17 +876,16 @@ impl OrderBook {
             order_type: t.order_type,
             tif: t.tif,
             stp: t.stp,
-            parked: false,
+            parked,
             qty: t.qty,
-
             display: t.display,
             stop_price: t.stop_price,
             expire_at: t.expire_at,
-            cid: t.cid,
+            cid: *t.cid,
             cid_hash: match (t.cid, t.cid_hash) {
                 (None, _) => 0,
                 (Some(_), Some(hash)) => hash,
-                (Some(cid), None) => self.cid_hasher.hash_one((t.account, cid)),
+                (Some(cid), None) => self.cid_hash(t.account, cid),
             },
             acct_prev: NIL,
             acct_next: NIL,
@@ -900,12 +927,12 @@ impl OrderBook {
         idx
     }
 
-    fn intern(&mut self, name: Account) -> u32 {
-        if let Some(id) = self.find_account(&name) {
+    fn intern(&mut self, name: &Account) -> u32 {
+        if let Some(id) = self.find_account(name) {
             return id;
         }
         let slot = AccountSlot {
-            name,
+            name: *name,
             open: 0,
             head: NIL,
             tail: NIL,
@@ -937,19 +964,26 @@ impl OrderBook {
         })
     }
 
+    /// The hash of (account, cid) in `by_cid`; hashed through references, so neither id is
+    /// copied first.
     #[inline]
-    fn find_cid(&self, account: &Account, cid: Cid) -> Option<u32> {
-        self.find_cid_hashed(account, cid, self.cid_hasher.hash_one((*account, cid)))
+    fn cid_hash(&self, account: &Account, cid: &Cid) -> u64 {
+        self.cid_hasher.hash_one((account, cid))
+    }
+
+    #[inline]
+    fn find_cid(&self, account: &Account, cid: &Cid) -> Option<u32> {
+        self.find_cid_hashed(account, cid, self.cid_hash(account, cid))
     }
 
     /// The open order of `account` with this cid; cids are indexed by (account name, cid), so
     /// no account lookup comes first.
     #[inline]
-    fn find_cid_hashed(&self, account: &Account, cid: Cid, hash: u64) -> Option<u32> {
+    fn find_cid_hashed(&self, account: &Account, cid: &Cid, hash: u64) -> Option<u32> {
         let (orders, accounts) = (&self.orders, &self.accounts);
         self.by_cid.find(hash, |s| {
             let o = &orders[s as usize];
-            o.cid == Some(cid) && accounts[o.account as usize].name == *account
+            o.cid.as_ref() == Some(cid) && accounts[o.account as usize].name == *account
         })
     }
 
@@ -1056,8 +1090,7 @@ impl OrderBook {
         level.total -= leaves;
         level.count -= 1;
         if level.count == 0 {
-            let key = level.key;
-            ladder.remove(key);
+            ladder.remove(li);
         }
     }
 
@@ -1104,20 +1137,24 @@ impl OrderBook {
         self.remove(idx);
     }
 
-    fn taker_from(&self, idx: u32) -> Taker {
+    /// The identity of an open order, for a taker made from it to borrow.
+    fn identity(&self, idx: u32) -> (Account, Option<Cid>) {
+        let o = &self.orders[idx as usize];
+        (self.accounts[o.account as usize].name, o.cid)
+    }
+
+    fn taker_from<'a>(&self, idx: u32, identity: &'a (Account, Option<Cid>)) -> Taker<'a> {
         let o = &self.orders[idx as usize];
         Taker {
             oid: OrderId(o.oid),
-            cid: o.cid,
-            account: self.accounts[o.account as usize].name,
-            account_id: Some(o.account),
+            cid: &identity.1,
+            account: &identity.0,
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
             stp: o.stp,
             price: o.price,
             qty: o.qty,
-            filled: o.qty - o.leaves,
             rem: o.leaves,
             display: o.display,
             stop_price: o.stop_price,
@@ -1136,14 +1173,14 @@ impl OrderBook {
                 let idx = self
                     .find_oid(oid.0)
                     .ok_or((RejectReason::UnknownOrder, None))?;
-                let owner = self.accounts[self.orders[idx as usize].account as usize].name;
-                if owner != cmd.account {
+                let owner = &self.accounts[self.orders[idx as usize].account as usize].name;
+                if *owner != cmd.account {
                     return Err((RejectReason::NotOwner, None));
                 }
                 Ok(idx)
             }
             OrderRef::Cid(cid) => self
-                .find_cid(&cmd.account, cid)
+                .find_cid(&cmd.account, &cid)
                 .ok_or((RejectReason::UnknownOrder, None)),
         }
     }
@@ -1259,7 +1296,8 @@ impl OrderBook {
         if price == old_price {
             self.link_level(side, idx);
         } else {
-            let mut t = self.taker_from(idx);
+            let identity = self.identity(idx);
+            let mut t = self.taker_from(idx, &identity);
             self.execute(&mut t, at, out);
         }
     }
@@ -1346,7 +1384,8 @@ impl OrderBook {
                 stop_price: Price(stop_price),
                 last_price: Price(last),
             }));
-            let mut t = self.taker_from(idx);
+            let identity = self.identity(idx);
+            let mut t = self.taker_from(idx, &identity);
             self.execute(&mut t, at, out);
         }
     }
@@ -1470,7 +1509,7 @@ impl OrderBook {
                 return Err(bad(format!("order {} appears twice", r.oid)));
             }
             if r.cid
-                .is_some_and(|cid| book.find_cid(&r.account, cid).is_some())
+                .is_some_and(|cid| book.find_cid(&r.account, &cid).is_some())
             {
                 return Err(bad(format!(
                     "order {} repeats an open cid of its account",
@@ -1479,16 +1518,14 @@ impl OrderBook {
             }
             let t = Taker {
                 oid: r.oid,
-                cid: r.cid,
-                account: r.account,
-                account_id: None,
+                cid: &r.cid,
+                account: &r.account,
                 side: r.side,
                 order_type: r.order_type,
                 tif: r.tif,
                 stp: r.stp,
                 price: r.price.map_or(0, |p| p.0),
                 qty: r.qty.0,
-                filled: r.filled.0,
                 rem: r.leaves.0,
                 display: r.display_qty.map_or(0, |d| d.0),
                 stop_price: r.stop_price.map_or(0, |p| p.0),
@@ -1496,8 +1533,7 @@ impl OrderBook {
                 slot: None,
                 cid_hash: None,
             };
-            let idx = book.store(&t);
-            book.orders[idx as usize].visible = r.visible.0;
+            let idx = book.store(&t, r.visible.0, false);
             slots[i] = idx;
         }
         for (i, &(r, list)) in all.iter().enumerate() {
@@ -1651,7 +1687,7 @@ impl OrderBook {
         for i in self.by_cid.iter() {
             let o = &self.orders[i as usize];
             let name = self.accounts[o.account as usize].name;
-            let found = o.cid.and_then(|cid| self.find_cid(&name, cid));
+            let found = o.cid.and_then(|cid| self.find_cid(&name, &cid));
             if found != Some(i) || self.find_oid(o.oid) != Some(i) {
                 return Err(format!("order {} is badly indexed by cid", o.oid));
             }

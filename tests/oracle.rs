@@ -1421,6 +1421,7 @@ fn reference_random_streams_conserve_and_cover_every_rule() {
         RejectReason::Malformed,
         RejectReason::InvalidField,
         RejectReason::BatchTooLarge,
+        RejectReason::NotPermitted,
     ];
     let missing: Vec<_> = RejectReason::ALL
         .iter()

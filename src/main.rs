@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Cmd {
     /// Run a node: markets consume their order streams on NATS and publish journal, reports,
     /// trades and book updates. Without a NATS URL it starts its own nats-server.
     Node(NodeArgs),
+    /// Send a control request (`agora.ctl.<verb>`) to the nodes and print the reply as JSON.
+    Ctl(CtlArgs),
     /// Apply a file of JSON-lines commands to one book, offline; print every event as JSON.
     Replay(ReplayArgs),
     /// Write seeded, realistic order flow as a JSON-lines command file.
@@ -91,6 +94,28 @@ struct NodeArgs {
     /// Where the node keeps its id and, in embedded mode, the NATS data.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// market.add, market.remove, market.halt, market.resume, market.list or node.list.
+    verb: String,
+    /// The market, for market.remove, market.halt and market.resume.
+    symbol: Option<String>,
+    /// For market.add: the market spec (TOML with the fields of a market spec).
+    #[arg(long, value_name = "FILE.toml")]
+    spec: Option<PathBuf>,
+    /// For market.halt: also cancel every open order.
+    #[arg(long)]
+    cancel_orders: bool,
+    #[arg(long, env = "AGORA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// First token of the subjects.
+    #[arg(long, default_value = "agora")]
+    prefix: String,
+    /// How long to wait for the reply.
+    #[arg(long, default_value_t = 15)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -240,6 +265,73 @@ async fn shutdown_signal() {
     }
 }
 
+fn ctl_cmd(args: CtlArgs) -> Result<()> {
+    let body = match args.verb.as_str() {
+        "market.add" => {
+            let Some(path) = &args.spec else {
+                bail!("market.add needs --spec FILE.toml (the fields of a market spec)");
+            };
+            if !path.is_file() {
+                bail!("market spec file {} does not exist", path.display());
+            }
+            let input: MarketSpecInput = Figment::from(Toml::file(path))
+                .extract()
+                .with_context(|| format!("{} is not a valid market spec", path.display()))?;
+            serde_json::to_value(input)?
+        }
+        "market.remove" | "market.halt" | "market.resume" => {
+            let Some(symbol) = &args.symbol else {
+                bail!(
+                    "{} needs the market's symbol, e.g. `agora ctl {} BTC-USDC`",
+                    args.verb,
+                    args.verb
+                );
+            };
+            let mut body = serde_json::json!({ "symbol": symbol });
+            if args.cancel_orders {
+                body["cancel_orders"] = serde_json::json!(true);
+            }
+            body
+        }
+        _ => serde_json::json!({}),
+    };
+    let subjects = agora::bus::Subjects::new(&args.prefix)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply: serde_json::Value = runtime.block_on(async {
+        let client = agora::bus::connect(&args.nats_url, "agora-ctl").await?;
+        let payload = rmp_serde::to_vec_named(&body)?;
+        let request = client.request(subjects.ctl(&args.verb), payload.into());
+        let reply = tokio::time::timeout(Duration::from_secs(args.timeout_secs), request)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no node answered {} within {} s",
+                    subjects.ctl(&args.verb),
+                    args.timeout_secs
+                )
+            })?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no node answered {}: {e}; is a node running against {}?",
+                    subjects.ctl(&args.verb),
+                    args.nats_url
+                )
+            })?;
+        Ok::<_, anyhow::Error>(rmp_serde::from_slice(&reply.payload)?)
+    })?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    if reply["ok"] != serde_json::json!(true) {
+        bail!(
+            "refused: {}: {}",
+            reply["error"].as_str().unwrap_or("?"),
+            reply["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 fn node_cmd(args: NodeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
@@ -262,6 +354,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Node(args) => node_cmd(args),
+        Cmd::Ctl(args) => ctl_cmd(args),
         Cmd::Replay(args) => replay_cmd(args),
         Cmd::Generate(args) => generate_cmd(args),
     };

@@ -22,6 +22,8 @@ pub struct LocalServer {
     binary: PathBuf,
     port: u16,
     data_dir: PathBuf,
+    /// A nats-server configuration file (users, permissions), if any.
+    config: Option<PathBuf>,
 }
 
 /// A port that was free a moment ago on the loopback interface.
@@ -62,11 +64,27 @@ impl LocalServer {
     /// Starts `binary` on `port` with JetStream storing under `data_dir`, and waits until it
     /// answers.
     pub fn start_with(binary: &Path, port: u16, data_dir: &Path) -> Result<LocalServer, BusError> {
+        LocalServer::start_full(binary, port, data_dir, None)
+    }
+
+    /// Starts the default binary on a free port with a nats-server configuration file (for
+    /// users and permissions); the port, address and JetStream store are set here.
+    pub fn start_with_config(data_dir: &Path, config: &Path) -> Result<LocalServer, BusError> {
+        LocalServer::start_full(&default_binary(), free_port()?, data_dir, Some(config))
+    }
+
+    fn start_full(
+        binary: &Path,
+        port: u16,
+        data_dir: &Path,
+        config: Option<&Path>,
+    ) -> Result<LocalServer, BusError> {
         let mut server = LocalServer {
             child: None,
             binary: binary.to_path_buf(),
             port,
             data_dir: data_dir.to_path_buf(),
+            config: config.map(Path::to_path_buf),
         };
         server.spawn()?;
         Ok(server)
@@ -92,7 +110,11 @@ impl LocalServer {
             reason: format!("cannot create {}: {e}", self.data_dir.display()),
             log: String::new(),
         })?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--addr")
             .arg("127.0.0.1")
             .arg("--port")

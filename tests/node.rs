@@ -17,7 +17,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(args: &[&str]) -> Node {
+    fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_agora"))
             .arg("node")
             .args(args)
@@ -106,6 +106,23 @@ async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {
     }
 }
 
+/// A nats-server for the test, and the `agora node` arguments that point a node at it with
+/// `config` (TOML) as its configuration file and a data directory under `dir`.
+fn server_and_args(dir: &std::path::Path, config: &str) -> (LocalServer, Vec<String>) {
+    let server = LocalServer::start(&dir.join("nats")).unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.join("node.toml");
+    std::fs::write(&path, config).expect("write config");
+    let args = vec![
+        "--config".to_string(),
+        path.to_string_lossy().into_owned(),
+        "--nats-url".to_string(),
+        server.url(),
+        "--data-dir".to_string(),
+        dir.join("data").to_string_lossy().into_owned(),
+    ];
+    (server, args)
+}
+
 fn order(account: &str, cid: &str, side: &str, price: &str) -> Value {
     json!({"op": "new", "account": account, "cid": cid, "side": side, "price": price, "qty": "1"})
 }
@@ -113,22 +130,10 @@ fn order(account: &str, cid: &str, side: &str, price: &str) -> Value {
 #[tokio::test]
 async fn a_node_runs_stops_on_sigterm_and_resumes() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
+    let (server, args) = server_and_args(
+        dir.path(),
         "node_id = \"n1\"\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
-    )
-    .expect("write config");
-    let data = dir.path().join("data");
-    let args = [
-        "--config",
-        config.to_str().expect("utf-8 path"),
-        "--nats-url",
-        &server.url(),
-        "--data-dir",
-        data.to_str().expect("utf-8 path"),
-    ];
+    );
     let node = Node::start(&args);
     let ready = node.wait_line("ready");
     assert!(
@@ -270,22 +275,10 @@ async fn reports_and_offline(
 #[tokio::test]
 async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
+    let (server, args) = server_and_args(
+        dir.path(),
         "node_id = \"n1\"\n[market]\nfetch_max = 16\n[[markets]]\nsymbol = \"SAMPLE-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
-    )
-    .expect("write config");
-    let data = dir.path().join("data");
-    let args = [
-        "--config",
-        config.to_str().expect("utf-8 path"),
-        "--nats-url",
-        &server.url(),
-        "--data-dir",
-        data.to_str().expect("utf-8 path"),
-    ];
+    );
     let client = bus::connect(&server.url(), "test")
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -272,27 +272,23 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
     for entry in entries {
         match entry {
             Entry::Event(Event::Trade(t)) => {
-                let maker_side = t.taker_side.opposite();
-                per_account
-                    .entry(t.maker.account.as_str())
-                    .or_default()
-                    .push(Report::Fill {
-                        trade: t,
-                        order: &t.maker,
-                        side: maker_side,
-                        maker: true,
-                        leaves: t.maker_leaves,
-                    });
-                per_account
-                    .entry(t.taker.account.as_str())
-                    .or_default()
-                    .push(Report::Fill {
-                        trade: t,
-                        order: &t.taker,
-                        side: t.taker_side,
-                        maker: false,
-                        leaves: t.taker_leaves,
-                    });
+                // One report per side, each to its own account.
+                let sides = [
+                    (&t.maker, t.taker_side.opposite(), true, t.maker_leaves),
+                    (&t.taker, t.taker_side, false, t.taker_leaves),
+                ];
+                for (order, side, maker, leaves) in sides {
+                    per_account
+                        .entry(order.account.as_str())
+                        .or_default()
+                        .push(Report::Fill {
+                            trade: t,
+                            order,
+                            side,
+                            maker,
+                            leaves,
+                        });
+                }
                 tape.push(TapeTrade {
                     trade_id: format!("{}-{}", t.seq, t.trade_n),
                     ts: t.ts,

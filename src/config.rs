@@ -15,7 +15,13 @@ use crate::bus::{StreamSettings, Subjects};
 
 /// Top-level keys that `AGORA_*` environment variables may set (`AGORA_MARKET__FETCH_MAX`).
 const ENV_KEYS: &[&str] = &[
-    "node_id", "nats_url", "data_dir", "prefix", "streams", "market",
+    "node_id",
+    "nats_url",
+    "data_dir",
+    "prefix",
+    "streams",
+    "market",
+    "snapshots",
 ];
 
 /// The defaults, as shipped.
@@ -30,7 +36,15 @@ pub struct Config {
     pub prefix: String,
     pub streams: StreamsConfig,
     pub market: MarketConfig,
+    pub snapshots: SnapshotsConfig,
     pub markets: Vec<MarketSpecInput>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    pub every_commands: u64,
+    pub every_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -123,6 +137,12 @@ impl Config {
                 "market.batch_max = {}: use 1 to {}",
                 self.market.batch_max,
                 crate::book::types::BATCH_COMMANDS_MAX
+            )));
+        }
+        if self.snapshots.every_secs > 86_400 {
+            return Err(ConfigError(format!(
+                "snapshots.every_secs = {}: use 0 (off) to 86400",
+                self.snapshots.every_secs
             )));
         }
         let mut seen = std::collections::BTreeSet::new();

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use actix::Actor;
 use async_nats::jetstream;
 
-use crate::actors::{MarketSettings, Shutdown, StartMarket, Supervisor};
+use crate::actors::{MarketBus, MarketSettings, Shutdown, StartMarket, Supervisor};
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::{self, BusError, LocalServer};
+use crate::bus::{self, BusError, LocalServer, SnapshotStore};
 use crate::config::{Config, ConfigError};
 use crate::control::Control;
 
@@ -120,19 +120,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let streams = config.stream_settings();
     bus::ensure_core_streams(&js, &subjects, &streams).await?;
     let buckets = bus::ensure_buckets(&js, &subjects, &streams).await?;
+    let snapshots = SnapshotStore::open(&js, &subjects, &streams).await?;
     let settings = MarketSettings {
         fetch_max: config.market.fetch_max,
         batch_max: config.market.batch_max,
         node_id: node_id.clone(),
+        epoch: 0,
+        snapshot_every_commands: config.snapshots.every_commands,
+        snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
     };
-    let supervisor = Supervisor::new(
-        js.clone(),
-        client.clone(),
-        subjects.clone(),
-        settings,
-        config.market.arbiters,
-    )
-    .start();
+    let bus = MarketBus {
+        client: client.clone(),
+        js: js.clone(),
+        subjects: subjects.clone(),
+        snapshots: Some(snapshots),
+    };
+    let supervisor = Supervisor::new(bus, settings, config.market.arbiters).start();
     let mut specs = Vec::new();
     for configured in config.market_specs() {
         specs.push(spec_for(&buckets.markets, configured).await?);

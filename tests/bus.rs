@@ -170,3 +170,98 @@ fn the_server_stops_with_its_owner_and_restarts_on_its_port() {
     let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
     assert!(!alive, "nats-server {pid} outlived its owner");
 }
+
+/// Bytes that do not compress, so their size is what is stored.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshots_go_inline_or_to_the_object_store_and_replace_each_other() {
+    use agora::bus::snapshots::{INLINE_MAX, Placed};
+    use agora::bus::{SnapshotBlob, SnapshotStore};
+    let (server, _dir) = server();
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    let subjects = Subjects::default();
+    let store = SnapshotStore::open(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.load("BTC-USDC").await.expect("load"), None);
+    let blob = |seq: u64, len: usize| SnapshotBlob {
+        last_seq: seq,
+        epoch: 1,
+        bytes: noise(len, seq),
+        encoding: "test".into(),
+    };
+    let objects = js
+        .get_object_store(subjects.bucket("snapshots"))
+        .await
+        .expect("object store");
+    let object_names = || async {
+        use futures::StreamExt;
+        let mut names: Vec<String> = objects
+            .list()
+            .await
+            .expect("list")
+            .filter_map(|o| async move { o.ok().map(|o| o.name) })
+            .collect()
+            .await;
+        names.sort();
+        names
+    };
+
+    // Small: in the KV value itself.
+    let small = blob(10, 1000);
+    assert_eq!(
+        store.save("BTC-USDC", &small).await.expect("save"),
+        Placed::Inline
+    );
+    assert_eq!(store.load("BTC-USDC").await.expect("load"), Some(small));
+
+    // Large: in the object store, the KV value pointing at it.
+    let large = blob(20, INLINE_MAX + 300_000);
+    assert_eq!(
+        store.save("BTC-USDC", &large).await.expect("save"),
+        Placed::Object("BTC-USDC/20".into())
+    );
+    assert_eq!(store.load("BTC-USDC").await.expect("load"), Some(large));
+    assert_eq!(object_names().await, ["BTC-USDC/20"]);
+
+    // A newer large one replaces the object; a newer small one removes it.
+    let larger = blob(30, 2 * INLINE_MAX);
+    store.save("BTC-USDC", &larger).await.expect("save");
+    assert_eq!(store.load("BTC-USDC").await.expect("load"), Some(larger));
+    assert_eq!(object_names().await, ["BTC-USDC/30"]);
+    let small = blob(40, 10);
+    store.save("BTC-USDC", &small).await.expect("save");
+    assert_eq!(store.load("BTC-USDC").await.expect("load"), Some(small));
+    assert!(object_names().await.is_empty(), "the old object is deleted");
+
+    // Markets do not see each other's snapshots; deleting forgets one.
+    assert_eq!(store.load("ETH-USDC").await.expect("load"), None);
+    store.delete("BTC-USDC").await.expect("delete");
+    assert_eq!(store.load("BTC-USDC").await.expect("load"), None);
+    store
+        .save("BTC-USDC", &blob(50, 10))
+        .await
+        .expect("save after delete");
+    assert_eq!(
+        store
+            .load("BTC-USDC")
+            .await
+            .expect("load")
+            .map(|b| b.last_seq),
+        Some(50)
+    );
+}

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use agora::actors::market::{self, MarketSettings, State};
+use agora::actors::market::{self, MarketBus, MarketSettings, State};
 use agora::actors::{Incoming, MarketCore};
 use agora::book::MarketSpecInput;
-use agora::bus::{self, LocalServer, StreamSettings, Subjects};
+use agora::bus::{self, LocalServer, SnapshotStore, StreamSettings, Subjects};
 use agora::wire::WireCommandOut;
 use agora::workload::{self, FlowParams};
 use async_nats::jetstream;
@@ -42,6 +42,27 @@ async fn env(market: &str) -> Env {
         client,
         js,
         subjects,
+    }
+}
+
+impl Env {
+    /// What a market needs; with the snapshot store when `snapshots`.
+    async fn bus(&self, snapshots: bool) -> MarketBus {
+        let store = if snapshots {
+            Some(
+                SnapshotStore::open(&self.js, &self.subjects, &StreamSettings::default())
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+        } else {
+            None
+        };
+        MarketBus {
+            client: self.client.clone(),
+            js: self.js.clone(),
+            subjects: self.subjects.clone(),
+            snapshots: store,
+        }
     }
 }
 
@@ -115,15 +136,9 @@ async fn orders_in_give_journal_reports_tape_out() {
         node_id: "n1".into(),
         ..MarketSettings::default()
     };
-    let running = market::start(
-        env.js.clone(),
-        env.client.clone(),
-        env.subjects.clone(),
-        spec,
-        settings,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let running = market::start(env.bus(false).await, spec, settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     publish_json(&env, "BTC-USDC", &json!({"op":"new","account":"alice","cid":"a1","side":"sell","price":"65000.00","qty":"0.5"})).await;
     publish_json(
         &env,
@@ -229,6 +244,24 @@ fn offline_reports(
 
 #[actix_rt::test]
 async fn a_restarted_market_loses_and_repeats_nothing() {
+    restart_case(None, false).await;
+}
+
+#[actix_rt::test]
+async fn a_market_restarted_from_a_snapshot_loses_and_repeats_nothing() {
+    // Snapshots every 37 commands: the restart restores one and replays only what follows.
+    restart_case(Some(37), false).await;
+}
+
+#[actix_rt::test]
+async fn a_damaged_snapshot_is_passed_over_for_the_stream() {
+    restart_case(Some(37), true).await;
+}
+
+/// Stops a market mid-flow and starts it again while orders keep coming; with `snapshot_every`
+/// the market writes snapshots that often and restarts from the latest (which `damage`
+/// replaces with bytes that do not decode: the market then replays the whole stream).
+async fn restart_case(snapshot_every: Option<u64>, damage: bool) {
     let env = env("SAMPLE-USD").await;
     let w = workload::generate(&FlowParams {
         seed: 11,
@@ -252,21 +285,52 @@ async fn a_restarted_market_loses_and_repeats_nothing() {
         .collect();
     let (first, second) = lines.split_at(lines.len() / 2);
 
-    let start = || {
-        market::start(
-            env.js.clone(),
-            env.client.clone(),
-            env.subjects.clone(),
-            spec.clone(),
-            MarketSettings::default(),
-        )
+    let bus = env.bus(snapshot_every.is_some()).await;
+    let settings = MarketSettings {
+        snapshot_every_commands: snapshot_every.unwrap_or(0),
+        ..MarketSettings::default()
     };
+    let start = || market::start(bus.clone(), spec.clone(), settings.clone());
     let running = start().await.unwrap_or_else(|e| panic!("{e}"));
     for line in first {
         publish_json(&env, "SAMPLE-USD", line).await;
     }
     wait_journal(&env, "SAMPLE-USD", first.len() as u64).await;
+    if snapshot_every.is_some() {
+        let stats = running
+            .addr
+            .send(market::Stats)
+            .await
+            .expect("actor answers");
+        assert!(
+            stats.snapshot_seq > 0,
+            "no snapshot after {} commands",
+            first.len()
+        );
+    }
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    if let Some(store) = &bus.snapshots {
+        let blob = store
+            .load("SAMPLE-USD")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .expect("a snapshot at stop");
+        assert_eq!(
+            blob.last_seq,
+            first.len() as u64,
+            "a clean stop leaves a snapshot of everything applied"
+        );
+        if damage {
+            let garbage = agora::bus::SnapshotBlob {
+                bytes: b"\x1f\x8bnot really gzip".to_vec(),
+                ..blob
+            };
+            store
+                .save("SAMPLE-USD", &garbage)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 
     // Orders keep arriving while no one owns the market: they wait in the stream.
     for line in &second[..second.len() / 2] {
@@ -347,15 +411,9 @@ async fn bad_input_is_rejected_clearly_and_the_market_goes_on() {
         .subscribe("agora.rejects.BTC-USDC")
         .await
         .expect("subscribe");
-    let running = market::start(
-        env.js.clone(),
-        env.client.clone(),
-        env.subjects.clone(),
-        spec,
-        MarketSettings::default(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let running = market::start(env.bus(false).await, spec, MarketSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let publish_raw = |bytes: Vec<u8>| {
         let js = env.js.clone();
         async move {
@@ -445,14 +503,7 @@ async fn two_markets_on_two_arbiters_trade_in_parallel() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let supervisor = Supervisor::new(
-        env.js.clone(),
-        env.client.clone(),
-        env.subjects.clone(),
-        MarketSettings::default(),
-        2,
-    )
-    .start();
+    let supervisor = Supervisor::new(env.bus(true).await, MarketSettings::default(), 2).start();
     for symbol in ["AAA-USD", "BBB-USD"] {
         let spec = MarketSpecInput::new(symbol, 2, 0).validate().expect("spec");
         supervisor
@@ -494,4 +545,168 @@ async fn two_markets_on_two_arbiters_trade_in_parallel() {
         assert_eq!(trades, 50, "{market}: each buy meets the sell before it");
     }
     supervisor.send(Shutdown).await.expect("supervisor answers");
+}
+
+/// Publishes `commands` as batch messages of `per` commands each; returns the last sequence.
+async fn publish_batches(env: &Env, market: &str, commands: &[Value], per: usize) -> u64 {
+    let mut last = 0;
+    for chunk in commands.chunks(per) {
+        last = publish_json(env, market, &json!({"op": "batch", "commands": chunk})).await;
+    }
+    last
+}
+
+#[actix_rt::test]
+async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
+    let env = env("BIG-USD").await;
+    let spec = MarketSpecInput::new("BIG-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    let bus = env.bus(true).await;
+    let settings = MarketSettings {
+        batch_max: 1000,
+        snapshot_every_commands: 0,
+        snapshot_every: Duration::ZERO,
+        ..MarketSettings::default()
+    };
+    let running = market::start(bus.clone(), spec.clone(), settings.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // 100,000 resting orders on 2,000 price levels, many accounts: a snapshot over 1 MiB
+    // even compressed (about 11 bytes an order).
+    let orders: Vec<Value> = (0..100_000u32)
+        .map(|i| {
+            let (side, price) = if i % 2 == 0 {
+                ("buy", 1000 + (i / 2) % 1000)
+            } else {
+                ("sell", 3000 + (i / 2) % 1000)
+            };
+            json!({"op": "new", "account": format!("trader-{:04}", i % 997), "cid": format!("order-{i:08}"),
+                   "side": side, "price": format!("{price}.00"), "qty": format!("{}", 1 + i % 50)})
+        })
+        .collect();
+    let last = publish_batches(&env, "BIG-USD", &orders, 250).await;
+    wait_journal(&env, "BIG-USD", last).await;
+    let stats = running
+        .addr
+        .send(market::Stats)
+        .await
+        .expect("actor answers");
+    assert_eq!(stats.resting_orders, 100_000);
+    let (_, hash) = running.addr.send(State).await.expect("actor answers");
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let blob = bus
+        .snapshots
+        .as_ref()
+        .expect("store")
+        .load("BIG-USD")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("a snapshot");
+    assert_eq!(blob.last_seq, last);
+    let objects = env
+        .js
+        .get_object_store("agora_snapshots")
+        .await
+        .expect("object store");
+    let info = objects
+        .info("BIG-USD/400")
+        .await
+        .expect("the snapshot is an object");
+    assert!(
+        info.size > agora::bus::snapshots::INLINE_MAX,
+        "{}",
+        info.size
+    );
+
+    // Back from the snapshot alone: nothing after it to replay, the same book.
+    let running = market::start(bus, spec, settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (seq, restored) = running.addr.send(State).await.expect("actor answers");
+    assert_eq!((seq, restored), (last, hash));
+    let stats = running
+        .addr
+        .send(market::Stats)
+        .await
+        .expect("actor answers");
+    assert_eq!(stats.snapshot_seq, last);
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[actix_rt::test]
+async fn batch_messages_and_msg_id_retries_work_end_to_end() {
+    let env = env("BTC-USDC").await;
+    let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("spec");
+    let running = market::start(env.bus(false).await, spec, MarketSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A market maker quotes both sides in one message; one quote is bad and only it is refused.
+    let quotes = json!({"op": "batch", "account": "mm", "commands": [
+        {"op": "new", "cid": "q1", "side": "buy", "price": "64990.00", "qty": "1"},
+        {"op": "new", "cid": "q2", "side": "sell", "price": "65010.00", "qty": "1"},
+        {"op": "new", "cid": "q3", "side": "sell", "price": "65010.001", "qty": "1"},
+    ]});
+    let seq = publish_json(&env, "BTC-USDC", &quotes).await;
+    // A taker retries its publish with the same Nats-Msg-Id (its cid): JetStream keeps one.
+    let take = serde_json::to_vec(&json!({"op": "new", "account": "taker", "cid": "t1", "side": "buy", "type": "market", "qty": "0.4"})).expect("json");
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        headers.insert("Nats-Msg-Id", "t1");
+        let ack = env
+            .js
+            .publish_with_headers(
+                env.subjects.orders("BTC-USDC"),
+                headers,
+                take.clone().into(),
+            )
+            .await
+            .expect("sent")
+            .await
+            .expect("acknowledged");
+        seqs.push((ack.sequence, ack.duplicate));
+    }
+    assert_eq!(
+        seqs,
+        [(seq + 1, false), (seq + 1, true), (seq + 1, true)],
+        "retries of one Msg-Id are one message"
+    );
+    wait_journal(&env, "BTC-USDC", seq + 1).await;
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let reports: Vec<Value> = read_all(&env, "EXECS")
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let of = |cid: &str| -> Vec<String> {
+        reports
+            .iter()
+            .filter(|r| r["cid"] == cid)
+            .map(|r| r["type"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    assert_eq!(of("q1"), ["accepted"]);
+    assert_eq!(of("q2"), ["accepted", "fill"]);
+    assert_eq!(of("q3"), ["rejected"]);
+    assert_eq!(
+        of("t1"),
+        ["accepted", "fill"],
+        "one taker order, filled once"
+    );
+    // Each quote has its own id: the message's sequence and its position in the batch.
+    let oid = |cid: &str| {
+        reports
+            .iter()
+            .find(|r| r["cid"] == cid && r["type"] == "accepted")
+            .and_then(|r| r["oid"].as_u64())
+    };
+    assert_eq!(oid("q1"), Some(seq * 1000));
+    assert_eq!(oid("q2"), Some(seq * 1000 + 1));
+    assert_eq!(oid("t1"), Some((seq + 1) * 1000));
 }

@@ -277,7 +277,7 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (server, args) = server_and_args(
         dir.path(),
-        "node_id = \"n1\"\n[market]\nfetch_max = 16\n[[markets]]\nsymbol = \"SAMPLE-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+        "node_id = \"n1\"\n[market]\nfetch_max = 16\n[snapshots]\nevery_commands = 97\n[[markets]]\nsymbol = \"SAMPLE-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
     );
     let client = bus::connect(&server.url(), "test")
         .await
@@ -302,6 +302,8 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
         })
         .collect();
 
+    // Snapshots every 97 commands: each restart restores one, replays the commands after it
+    // and republishes the journal's last batch.
     let mut node = Node::start(&args);
     node.wait_line("ready");
     for (i, line) in lines.iter().enumerate() {

@@ -11,7 +11,7 @@
 //! twice. This module must never publish a derived view before its journal message, nor go on
 //! after the fence says another owner wrote the journal.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use async_nats::HeaderMap;
@@ -24,10 +24,20 @@ use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::core::{Incoming, MarketCore};
+use super::core::{self, Incoming, MarketCore, MarketSnapshot};
 use crate::book::{MarketSpec, Seq, StateHash};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
-use crate::bus::{BusError, Subjects};
+use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
+
+/// What a market talks to: NATS, JetStream, its subject names and the snapshot store.
+#[derive(Clone)]
+pub struct MarketBus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    /// Where snapshots are written and read; `None` recovers from the streams alone.
+    pub snapshots: Option<SnapshotStore>,
+}
 
 /// How a market takes its input.
 #[derive(Clone, Debug)]
@@ -38,6 +48,12 @@ pub struct MarketSettings {
     pub batch_max: u16,
     /// The node running the market, named in its status announcements.
     pub node_id: String,
+    /// The placement epoch the market runs at (0 until the cluster assigns one).
+    pub epoch: u64,
+    /// A snapshot after this many commands (0: not by count).
+    pub snapshot_every_commands: u64,
+    /// A snapshot after this long with commands since the last one (zero: not by time).
+    pub snapshot_every: Duration,
 }
 
 impl Default for MarketSettings {
@@ -46,6 +62,9 @@ impl Default for MarketSettings {
             fetch_max: 256,
             batch_max: 100,
             node_id: String::new(),
+            epoch: 0,
+            snapshot_every_commands: 100_000,
+            snapshot_every: Duration::from_secs(30),
         }
     }
 }
@@ -66,6 +85,8 @@ pub enum MarketError {
     Fenced { market: String, found: u64 },
     #[error("{market}: the market actor is gone")]
     ActorGone { market: String },
+    #[error("{market}: {reason}")]
+    Recovery { market: String, reason: String },
 }
 
 /// The actor: owns the market's pure core. Its mailbox is bounded; the driver awaits each send.
@@ -74,6 +95,8 @@ pub struct MarketActor {
     /// Messages applied, and when, for the rate `market.list` shows (the shell may read the
     /// clock; the core never does).
     applied: std::collections::VecDeque<(std::time::Instant, usize)>,
+    /// The stream sequence of the last snapshot saved.
+    snapshot_seq: Seq,
 }
 
 impl MarketActor {
@@ -124,6 +147,8 @@ pub struct MarketStats {
     pub ask_levels: usize,
     /// Commands applied per second over the last ten seconds.
     pub commands_per_sec: f64,
+    /// The stream sequence of the last snapshot saved (0: none yet).
+    pub snapshot_seq: Seq,
 }
 
 #[derive(Message)]
@@ -169,7 +194,50 @@ impl Handler<Stats> for MarketActor {
             bid_levels: book.level_count(crate::book::Side::Buy),
             ask_levels: book.level_count(crate::book::Side::Sell),
             commands_per_sec: recent as f64 / 10.0,
+            snapshot_seq: self.snapshot_seq,
         })
+    }
+}
+
+/// The market's whole state, for the snapshot store.
+#[derive(Message)]
+#[rtype(result = "MarketSnapshot")]
+pub struct TakeSnapshot {
+    pub epoch: u64,
+}
+
+impl Handler<TakeSnapshot> for MarketActor {
+    type Result = MessageResult<TakeSnapshot>;
+    fn handle(&mut self, msg: TakeSnapshot, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.core.snapshot(msg.epoch))
+    }
+}
+
+/// Replace the state with a snapshot's (recovery, before anything is applied).
+#[derive(Message)]
+#[rtype(result = "Result<(), core::SnapshotError>")]
+struct Restore(Box<MarketSnapshot>);
+
+impl Handler<Restore> for MarketActor {
+    type Result = Result<(), core::SnapshotError>;
+    fn handle(&mut self, msg: Restore, _: &mut Self::Context) -> Self::Result {
+        let subjects = self.core.subjects().clone();
+        let batch_max = self.core.batch_max();
+        self.core = MarketCore::restore(subjects, &msg.0, batch_max)?;
+        self.snapshot_seq = msg.0.last_seq;
+        Ok(())
+    }
+}
+
+/// A snapshot up to this sequence was saved.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SnapshotSaved(Seq);
+
+impl Handler<SnapshotSaved> for MarketActor {
+    type Result = ();
+    fn handle(&mut self, msg: SnapshotSaved, _: &mut Self::Context) {
+        self.snapshot_seq = self.snapshot_seq.max(msg.0);
     }
 }
 
@@ -344,12 +412,18 @@ struct Driver {
     subjects: Subjects,
     orders: jetstream::stream::Stream,
     events: jetstream::stream::Stream,
+    snapshots: Option<SnapshotStore>,
     addr: Addr<MarketActor>,
     /// `<prefix>.admin.<MARKET>`: messages from it may halt and resume the market.
     admin_subject: String,
     /// Stream sequence of our last journal message (the fence), `None` before the first.
     journal_seq: Option<u64>,
     settings: MarketSettings,
+    /// Messages applied since the last snapshot was taken, and when it was taken.
+    since_snapshot: u64,
+    snapshot_at: Instant,
+    /// The snapshot being written (one at a time, so they land in order).
+    snapshot_task: Option<tokio::task::JoinHandle<Result<Seq, String>>>,
 }
 
 fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> MarketError {
@@ -382,49 +456,63 @@ fn incoming(
     })
 }
 
-/// Starts the market: creates its actor on the current arbiter, recovers it from the streams,
-/// and starts its driver.
+/// Starts the market: creates its actor on the current arbiter, recovers it from its latest
+/// snapshot and the streams, and starts its driver.
 pub async fn start(
-    js: jetstream::Context,
-    client: async_nats::Client,
-    subjects: Subjects,
+    bus: MarketBus,
     spec: MarketSpec,
     settings: MarketSettings,
 ) -> Result<RunningMarket, MarketError> {
     let market = spec.symbol.clone();
-    let core = MarketCore::new(subjects.clone(), spec, settings.batch_max);
+    let core = MarketCore::new(bus.subjects.clone(), spec, settings.batch_max);
     let addr = MarketActor {
         core,
         applied: std::collections::VecDeque::new(),
+        snapshot_seq: 0,
     }
     .start();
-    let orders = js
-        .get_stream(subjects.orders_stream(&market))
+    let orders = bus
+        .js
+        .get_stream(bus.subjects.orders_stream(&market))
         .await
         .map_err(|e| nats_err(&market, "opening the order stream", e))?;
-    let events = js
-        .get_stream(subjects.events_stream())
+    let events = bus
+        .js
+        .get_stream(bus.subjects.events_stream())
         .await
         .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
-    let admin_subject = subjects.admin(&market);
+    let admin_subject = bus.subjects.admin(&market);
     let mut driver = Driver {
         market: market.clone(),
-        js,
-        client,
-        subjects,
+        js: bus.js,
+        client: bus.client,
+        subjects: bus.subjects,
         orders,
         events,
+        snapshots: bus.snapshots,
         addr: addr.clone(),
         admin_subject,
         journal_seq: None,
         settings,
+        since_snapshot: 0,
+        snapshot_at: Instant::now(),
+        snapshot_task: None,
     };
     driver.recover().await?;
     let (stop, stopped) = watch::channel(false);
     let responder = serve_book_snapshots(&driver, stopped.clone()).await?;
     driver.announce("active").await;
     let handle = actix_rt::spawn(async move {
-        let result = driver.run(stopped).await;
+        let mut result = driver.run(stopped).await;
+        if result.is_ok() {
+            // Stopped at a batch boundary with every output acknowledged: leave a snapshot,
+            // so the next start (here or on another node) replays nothing.
+            if let Err(e) = driver.final_snapshot().await {
+                result = Err(e);
+            }
+        } else if let Some(task) = driver.snapshot_task.take() {
+            let _ = task.await;
+        }
         let _ = responder.await;
         driver
             .announce(if result.is_ok() { "stopped" } else { "failed" })
@@ -437,6 +525,14 @@ pub async fn start(
         stop,
         driver: handle,
     })
+}
+
+/// What recovery found and did, for the log.
+#[derive(Debug, Default)]
+struct Recovered {
+    snapshot_seq: Option<Seq>,
+    replayed: u64,
+    republished: u64,
 }
 
 impl Driver {
@@ -454,8 +550,37 @@ impl Driver {
             })
     }
 
-    /// Reads the journal's last batch, replays the stream up to it, republishes its views.
+    /// The latest snapshot, or `None` when there is none or it cannot be used (then the
+    /// stream is replayed from its start, and the log says why).
+    async fn load_snapshot(&self) -> Option<MarketSnapshot> {
+        let store = self.snapshots.as_ref()?;
+        let blob = match store.load(&self.market).await {
+            Ok(blob) => blob?,
+            Err(e) => {
+                tracing::warn!(market = %self.market, "{e}; recovering from the stream alone");
+                return None;
+            }
+        };
+        let decoded =
+            tokio::task::spawn_blocking(move || core::decode_snapshot(&blob.bytes, &blob.encoding))
+                .await;
+        match decoded {
+            Ok(Ok(snapshot)) => Some(snapshot),
+            Ok(Err(e)) => {
+                tracing::warn!(market = %self.market, "{e}; recovering from the stream alone");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(market = %self.market, "decoding the snapshot failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Restores the latest usable snapshot, replays the stream from it up to the journal's last
+    /// batch, and republishes that batch's derived views (JetStream drops those that landed).
     async fn recover(&mut self) -> Result<(), MarketError> {
+        let started = Instant::now();
         let subject = self.subjects.events(&self.market);
         let head = match self.events.get_last_raw_message_by_subject(&subject).await {
             Ok(last) => {
@@ -469,62 +594,81 @@ impl Driver {
             }
             Err(e) => return Err(nats_err(&self.market, "reading the journal", e)),
         };
-        let Some(head) = head else { return Ok(()) };
-        // Everything before the last batch, silently; then the last batch again, to rebuild its
-        // outputs byte for byte and republish the derived views.
-        self.replay_range(1, head.first_seq.saturating_sub(1))
-            .await?;
-        let mut last_batch = Vec::new();
-        self.read_range_into(head.first_seq, head.last_seq, &mut last_batch)
-            .await?;
-        if let Some(out) = self.send(super::market::Process(last_batch)).await? {
-            self.publish_views(&out, false).await?;
-        }
-        Ok(())
-    }
-
-    /// Replays stream messages `from..=to` into the actor, in chunks, building nothing.
-    async fn replay_range(&self, from: Seq, to: Seq) -> Result<(), MarketError> {
-        let mut next = from;
-        while next <= to {
-            let mut chunk = Vec::new();
-            self.read_chunk(next, to, &mut chunk).await?;
-            next = chunk.last().map_or(to + 1, |m| m.seq + 1);
-            self.send(Replay(chunk)).await?;
-        }
-        Ok(())
-    }
-
-    async fn read_range_into(
-        &self,
-        from: Seq,
-        to: Seq,
-        out: &mut Vec<Incoming>,
-    ) -> Result<(), MarketError> {
-        let mut next = from;
-        while next <= to {
-            let before = out.len();
-            self.read_chunk(next, to, out).await?;
-            next = out.last().map_or(to + 1, |m| m.seq + 1);
-            if out.len() == before {
-                break;
+        let mut done = Recovered::default();
+        let mut from = 1;
+        if let Some(snapshot) = self.load_snapshot().await {
+            let seq = snapshot.last_seq;
+            // A snapshot inside the last batch cannot rebuild that batch's outputs; snapshots
+            // are taken at batch boundaries, so this means the journal and the snapshot
+            // disagree: trust the stream.
+            let usable = match &head {
+                None => true,
+                Some(h) => seq < h.first_seq || seq >= h.last_seq,
+            };
+            if usable {
+                self.send(Restore(Box::new(snapshot))).await?.map_err(|e| {
+                    MarketError::Recovery {
+                        market: self.market.clone(),
+                        reason: format!("restoring the snapshot at {seq}: {e}"),
+                    }
+                })?;
+                done.snapshot_seq = Some(seq);
+                from = seq + 1;
+            } else {
+                tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batch; recovering from the stream alone");
             }
         }
+        if let Some(head) = head
+            && head.last_seq >= from
+        {
+            // Everything before the last batch, silently; then the last batch again, to rebuild
+            // its outputs byte for byte and republish the derived views.
+            if head.first_seq > from {
+                done.replayed = self.replay_range(from, head.first_seq - 1).await?;
+            }
+            let mut last_batch = Vec::new();
+            let mut reader = self.read_range(head.first_seq, head.last_seq).await?;
+            while let Some(chunk) = reader.next_chunk().await? {
+                last_batch.extend(chunk);
+            }
+            done.republished = last_batch.len() as u64;
+            if let Some(out) = self.send(Process(last_batch)).await? {
+                self.publish_views(&out, false).await?;
+            }
+        }
+        let (last_seq, hash) = self.send(State).await?;
+        self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
+        tracing::info!(
+            market = %self.market,
+            snapshot_seq = ?done.snapshot_seq,
+            replayed = done.replayed,
+            republished = done.republished,
+            last_seq,
+            state_hash = %hash,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "market recovered"
+        );
         Ok(())
     }
 
-    /// Up to 1,000 messages from `from`, none past `to`.
-    async fn read_chunk(
-        &self,
-        from: Seq,
-        to: Seq,
-        out: &mut Vec<Incoming>,
-    ) -> Result<(), MarketError> {
+    /// Replays stream messages `from..=to` into the actor, building nothing. Returns how many.
+    async fn replay_range(&self, from: Seq, to: Seq) -> Result<u64, MarketError> {
+        let mut count = 0;
+        let mut reader = self.read_range(from, to).await?;
+        while let Some(chunk) = reader.next_chunk().await? {
+            count += chunk.len() as u64;
+            self.send(Replay(chunk)).await?;
+        }
+        Ok(count)
+    }
+
+    /// Reads stream messages `from..=to` with one consumer, in chunks.
+    async fn read_range(&self, from: Seq, to: Seq) -> Result<RangeReader, MarketError> {
         let consumer = self
             .orders
             .create_consumer(pull::Config {
                 deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
+                    start_sequence: from.max(1),
                 },
                 ack_policy: AckPolicy::None,
                 inactive_threshold: Duration::from_secs(30),
@@ -532,44 +676,31 @@ impl Driver {
             })
             .await
             .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-        let want = usize::try_from((to - from + 1).min(1000)).unwrap_or(1000);
-        let mut batch = consumer
-            .fetch()
-            .max_messages(want)
-            .expires(Duration::from_secs(2))
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(RangeReader::CHUNK)
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(5))
             .messages()
             .await
             .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-        let mut got = 0;
-        while let Some(m) = batch.next().await {
-            let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-            let msg = incoming(&self.market, &self.admin_subject, &m)?;
-            if msg.seq > to {
-                break;
-            }
-            out.push(msg);
-            got += 1;
-        }
-        if got == 0 {
-            return Err(nats_err(
-                &self.market,
-                "replaying the order stream",
-                format!(
-                    "messages {from}..={to} are missing from {}",
-                    self.subjects.orders_stream(&self.market)
-                ),
-            ));
-        }
-        Ok(())
+        Ok(RangeReader {
+            messages,
+            from,
+            next: from,
+            to,
+            market: self.market.clone(),
+            admin_subject: self.admin_subject.clone(),
+            stream: self.subjects.orders_stream(&self.market),
+        })
     }
 
-    /// The live loop: batch, process, publish; until stopped, fenced or failed.
     /// Publishes the market's state on `<prefix>.status.<MARKET>` (best effort).
     async fn announce(&self, state: &'static str) {
         let status = Status {
             market: &self.market,
             node: &self.settings.node_id,
-            epoch: 0,
+            epoch: self.settings.epoch,
             state,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&status) {
@@ -581,6 +712,81 @@ impl Driver {
         }
     }
 
+    /// Whether a snapshot is due: enough commands, or commands and enough time.
+    fn snapshot_due(&self) -> bool {
+        let s = &self.settings;
+        self.snapshots.is_some()
+            && self.since_snapshot > 0
+            && ((s.snapshot_every_commands > 0 && self.since_snapshot >= s.snapshot_every_commands)
+                || (!s.snapshot_every.is_zero() && self.snapshot_at.elapsed() >= s.snapshot_every))
+    }
+
+    /// Collects a finished snapshot write, logging how it went. Returns whether none is running.
+    async fn reap_snapshot(&mut self, wait: bool) -> bool {
+        let Some(task) = self.snapshot_task.take_if(|t| wait || t.is_finished()) else {
+            return self.snapshot_task.is_none();
+        };
+        match task.await {
+            Ok(Ok(seq)) => {
+                let _ = self.addr.send(SnapshotSaved(seq)).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(market = %self.market, "snapshot not saved: {e}; the next one is tried at the next batch");
+                // Count it as not taken, so the next batch tries again.
+                self.snapshot_at = Instant::now() - self.settings.snapshot_every;
+            }
+            Err(e) => tracing::warn!(market = %self.market, "snapshot task failed: {e}"),
+        }
+        true
+    }
+
+    /// Takes a snapshot (every output up to it is acknowledged: this runs between batches) and
+    /// writes it in the background; one write at a time.
+    async fn snapshot_if_due(&mut self) -> Result<(), MarketError> {
+        if !self.snapshot_due() || !self.reap_snapshot(false).await {
+            return Ok(());
+        }
+        let Some(store) = self.snapshots.clone() else {
+            return Ok(());
+        };
+        let snapshot = self
+            .send(TakeSnapshot {
+                epoch: self.settings.epoch,
+            })
+            .await?;
+        self.since_snapshot = 0;
+        self.snapshot_at = Instant::now();
+        let market = self.market.clone();
+        self.snapshot_task = Some(tokio::spawn(write_snapshot(store, market, snapshot)));
+        Ok(())
+    }
+
+    /// On a clean stop: waits for the write in flight and writes one more if anything changed.
+    async fn final_snapshot(&mut self) -> Result<(), MarketError> {
+        self.reap_snapshot(true).await;
+        let Some(store) = self.snapshots.clone() else {
+            return Ok(());
+        };
+        if self.since_snapshot == 0 {
+            return Ok(());
+        }
+        let snapshot = self
+            .send(TakeSnapshot {
+                epoch: self.settings.epoch,
+            })
+            .await?;
+        match write_snapshot(store, self.market.clone(), snapshot).await {
+            Ok(seq) => {
+                self.since_snapshot = 0;
+                let _ = self.addr.send(SnapshotSaved(seq)).await;
+            }
+            // The streams still hold everything: the next start replays more, that is all.
+            Err(e) => tracing::warn!(market = %self.market, "snapshot at stop not saved: {e}"),
+        }
+        Ok(())
+    }
+
+    /// The live loop: batch, process, publish; until stopped, fenced or failed.
     async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
         let (last, _) = self.send(State).await?;
         let consumer = self
@@ -601,9 +807,20 @@ impl Driver {
             .messages()
             .await
             .map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
+        let tick = if self.settings.snapshot_every.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            self.settings.snapshot_every
+        };
+        let mut timer = tokio::time::interval(tick);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 _ = stop.changed() => return Ok(()),
+                _ = timer.tick() => {
+                    self.snapshot_if_due().await?;
+                    continue;
+                }
                 m = messages.next() => m,
             };
             let Some(first) = first else { return Ok(()) };
@@ -622,10 +839,13 @@ impl Driver {
                     _ => break,
                 }
             }
+            let n = batch.len() as u64;
             if let Some(out) = self.send(Process(batch)).await? {
                 self.publish_journal(&out.journal).await?;
                 self.publish_views(&out, true).await?;
             }
+            self.since_snapshot += n;
+            self.snapshot_if_due().await?;
             if *stop.borrow() {
                 return Ok(());
             }
@@ -710,5 +930,95 @@ impl Driver {
             ack.map_err(|e| nats_err(&self.market, "publishing reports", e))?;
         }
         Ok(())
+    }
+}
+
+/// Encodes a snapshot (off the actor threads) and saves it. Returns the sequence it covers.
+async fn write_snapshot(
+    store: SnapshotStore,
+    market: String,
+    snapshot: MarketSnapshot,
+) -> Result<Seq, String> {
+    let started = Instant::now();
+    let (last_seq, epoch, orders) = (
+        snapshot.last_seq,
+        snapshot.epoch,
+        snapshot.book.bids.len() + snapshot.book.asks.len() + snapshot.book.stops.len(),
+    );
+    let bytes = tokio::task::spawn_blocking(move || core::encode_snapshot(&snapshot))
+        .await
+        .map_err(|e| e.to_string())??;
+    let size = bytes.len();
+    let blob = SnapshotBlob {
+        last_seq,
+        epoch,
+        bytes,
+        encoding: core::SNAPSHOT_ENCODING.to_string(),
+    };
+    let placed = store
+        .save(&market, &blob)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(
+        market = %market,
+        last_seq,
+        orders,
+        bytes = size,
+        placed = ?placed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "snapshot saved"
+    );
+    Ok(last_seq)
+}
+
+/// Messages `from..=to` of a market's order stream, in order, in chunks.
+struct RangeReader {
+    messages: pull::Stream,
+    from: Seq,
+    next: Seq,
+    to: Seq,
+    market: String,
+    admin_subject: String,
+    stream: String,
+}
+
+impl RangeReader {
+    const CHUNK: usize = 1000;
+
+    fn missing(&self) -> MarketError {
+        nats_err(
+            &self.market,
+            "replaying the order stream",
+            format!(
+                "messages {}..={} are not all in {}; restore its data or a snapshot covering them",
+                self.from, self.to, self.stream
+            ),
+        )
+    }
+
+    /// The next chunk, or `None` once `to` was read.
+    async fn next_chunk(&mut self) -> Result<Option<Vec<Incoming>>, MarketError> {
+        let mut chunk = Vec::new();
+        while self.next <= self.to && chunk.len() < Self::CHUNK {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+                .await
+                .map_err(|_| self.missing())?;
+            let Some(m) = m else {
+                return Err(self.missing());
+            };
+            let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
+            let msg = incoming(&self.market, &self.admin_subject, &m)?;
+            if msg.seq > self.to {
+                self.next = self.to + 1;
+                break;
+            }
+            if msg.seq != self.next {
+                // The stream lost messages (its head was removed, or a range was purged).
+                return Err(self.missing());
+            }
+            self.next = msg.seq + 1;
+            chunk.push(msg);
+        }
+        Ok((!chunk.is_empty()).then_some(chunk))
     }
 }

@@ -10,5 +10,7 @@ pub mod market;
 pub mod supervisor;
 
 pub use self::core::{Incoming, MarketCore};
-pub use market::{MarketActor, MarketControl, MarketError, MarketSettings, RunningMarket};
+pub use market::{
+    MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket,
+};
 pub use supervisor::{ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket, Supervisor};

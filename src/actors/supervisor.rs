@@ -10,12 +10,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::jetstream;
 use tokio::sync::{oneshot, watch};
 
-use super::market::{self, MarketControl, MarketError, MarketSettings};
+use super::market::{self, MarketBus, MarketControl, MarketError, MarketSettings};
 use crate::book::{MarketSpec, Seq};
-use crate::bus::Subjects;
 
 /// Wait before restarting a failed market.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -29,9 +27,7 @@ struct Entry {
 }
 
 pub struct Supervisor {
-    js: jetstream::Context,
-    client: async_nats::Client,
-    subjects: Subjects,
+    bus: MarketBus,
     settings: MarketSettings,
     arbiters: Vec<Arbiter>,
     next: usize,
@@ -41,22 +37,14 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor with `arbiters` threads for markets (0: one per core).
-    pub fn new(
-        js: jetstream::Context,
-        client: async_nats::Client,
-        subjects: Subjects,
-        settings: MarketSettings,
-        arbiters: usize,
-    ) -> Supervisor {
+    pub fn new(bus: MarketBus, settings: MarketSettings, arbiters: usize) -> Supervisor {
         let n = if arbiters == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             arbiters
         };
         Supervisor {
-            js,
-            client,
-            subjects,
+            bus,
             settings,
             arbiters: (0..n).map(|_| Arbiter::new()).collect(),
             next: 0,
@@ -134,15 +122,9 @@ impl Handler<StartMarket> for Supervisor {
             }
         };
         let (tx, rx) = oneshot::channel();
-        let (js, client, subjects, settings, start_spec) = (
-            self.js.clone(),
-            self.client.clone(),
-            self.subjects.clone(),
-            self.settings.clone(),
-            spec.clone(),
-        );
+        let (bus, settings, start_spec) = (self.bus.clone(), self.settings.clone(), spec.clone());
         let spawned = self.arbiters[arbiter].spawn(async move {
-            let started = market::start(js, client, subjects, start_spec, settings).await;
+            let started = market::start(bus, start_spec, settings).await;
             let _ = tx.send(started.map(market::RunningMarket::split));
         });
         if !spawned {

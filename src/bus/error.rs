@@ -18,6 +18,8 @@ pub enum BusError {
     Stream { name: String, reason: String },
     #[error("cannot create or open key-value bucket {bucket}: {reason}")]
     Bucket { bucket: String, reason: String },
+    #[error("snapshot store {bucket}: {reason}")]
+    Snapshot { bucket: String, reason: String },
     #[error("{what} {value:?} cannot stand in a NATS subject: {rule}")]
     Name {
         what: &'static str,

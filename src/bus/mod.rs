@@ -8,11 +8,13 @@
 pub mod error;
 pub mod outputs;
 pub mod server;
+pub mod snapshots;
 pub mod streams;
 pub mod subjects;
 
 pub use error::BusError;
 pub use server::LocalServer;
+pub use snapshots::{SnapshotBlob, SnapshotStore};
 pub use streams::{
     Buckets, StreamSettings, connect, ensure_buckets, ensure_core_streams, ensure_market_stream,
 };

@@ -1,9 +1,12 @@
 //! Agora: a matching runtime for exchanges. `book` is the pure order book, `wire` the wire
 //! format, `replay`/`workload`/`fuzzing` the offline tools; with the `runtime` feature
-//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime.
+//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime, and `bench`
+//! measures it end to end.
 
 #[cfg(feature = "runtime")]
 pub mod actors;
+#[cfg(feature = "runtime")]
+pub mod bench;
 pub mod book;
 #[cfg(feature = "runtime")]
 pub mod bus;

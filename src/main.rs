@@ -1,5 +1,6 @@
-//! The `agora` command: `node` runs a node of the runtime; `replay` drives a book offline from a
-//! command file; `generate` writes seeded, realistic order flow as such a file. This file parses
+//! The `agora` command: `node` runs a node of the runtime; `bench` measures one end to end
+//! through NATS; `replay` drives a book offline from a command file; `generate` writes seeded,
+//! realistic order flow as such a file. This file parses
 //! arguments and reports errors; it must never hold logic that a library module could own and
 //! test.
 
@@ -34,6 +35,9 @@ enum Cmd {
     Node(NodeArgs),
     /// Send a control request (`agora.ctl.<verb>`) to the nodes and print the reply as JSON.
     Ctl(CtlArgs),
+    /// Measure a node end to end through NATS (publish to execution report) against the raw
+    /// JetStream ceiling of the machine; the node runs as a child process.
+    Bench(BenchArgs),
     /// Apply a file of JSON-lines commands to one book, offline; print every event as JSON.
     Replay(ReplayArgs),
     /// Write seeded, realistic order flow as a JSON-lines command file.
@@ -116,6 +120,39 @@ struct CtlArgs {
     /// How long to wait for the reply.
     #[arg(long, default_value_t = 15)]
     timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// NATS to measure against; without it the bench starts its own nats-server.
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
+    /// Markets, each with its own flow (seed + market index).
+    #[arg(long, default_value_t = 2)]
+    markets: usize,
+    /// Commands per phase over all markets [default: 200000; 4000 with --quick].
+    #[arg(long, value_name = "N")]
+    orders: Option<usize>,
+    /// Resting orders each market starts with (published before the timed commands).
+    #[arg(long, default_value_t = 1_000)]
+    resting: usize,
+    /// Commands/s (over all markets) of the paced phase; 0: half the measured maximum.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Commands published and not yet answered, over all markets.
+    #[arg(long, default_value_t = 2_000)]
+    window: usize,
+    /// Memory streams instead of file streams (node and raw alike).
+    #[arg(long)]
+    memory: bool,
+    /// Also print the result as one JSON object (the last line of standard output).
+    #[arg(long)]
+    json: bool,
+    /// A short run (4,000 commands a phase unless --orders says otherwise), for tests.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -332,6 +369,28 @@ fn ctl_cmd(args: CtlArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_cmd(args: BenchArgs) -> Result<()> {
+    let options = agora::bench::BenchOptions {
+        nats_url: args.nats_url,
+        markets: args.markets,
+        orders: args
+            .orders
+            .unwrap_or(if args.quick { 4_000 } else { 200_000 }),
+        resting: args.resting,
+        rate: args.rate,
+        seed: args.seed,
+        window: args.window,
+        memory: args.memory,
+    };
+    let report = agora::bench::run(&options)?;
+    let mut stdout = io::stdout().lock();
+    report.print(&mut stdout)?;
+    if args.json {
+        writeln!(stdout, "{}", report.to_json())?;
+    }
+    Ok(())
+}
+
 fn node_cmd(args: NodeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
@@ -355,6 +414,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Node(args) => node_cmd(args),
         Cmd::Ctl(args) => ctl_cmd(args),
+        Cmd::Bench(args) => bench_cmd(args),
         Cmd::Replay(args) => replay_cmd(args),
         Cmd::Generate(args) => generate_cmd(args),
     };

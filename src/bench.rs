@@ -1,0 +1,1505 @@
+//! `agora bench`: the whole path through NATS, measured from outside. A node runs as a child
+//! process (this same binary, `agora node`) against a nats-server (the given one, or one started
+//! here); the bench publishes seeded, cancel-heavy flow (`crate::workload`, one flow per market)
+//! to the markets' order streams with JetStream and times each command from its publish to its
+//! first execution report. In the same run it measures the ceiling of the machine: the same
+//! payloads published to a plain stream and read back by pull consumers, with no engine between.
+//!
+//! Three phases, each on the same commands: `raw` (JetStream publish + pull consume, the
+//! ceiling), `max` (end to end as fast as the window allows) and `paced` (end to end at half the
+//! `max` rate, or at `--rate`). The window bounds the commands published and not yet answered
+//! (reported, or consumed for `raw`), so every phase is a closed loop: the rate it measures is
+//! sustained, and its latency is that of the rate, not of a backlog growing in a stream.
+//! CPU time of the node, of the nats-server (when started here) and of the bench itself is read
+//! from `/proc` around each phase, so the node's cost shows apart from NATS's.
+//!
+//! Everything it creates lives under a prefix of its own (`agora-bench-<id>`): on a shared NATS
+//! it never touches another deployment's streams, and it deletes its own when done. This module
+//! must never assert a speed (it reports, the reader judges), and never leave a process it
+//! started running.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::book::MarketSpec;
+use crate::bus::{self, LocalServer, Subjects};
+use crate::wire::WireCommandOut;
+use crate::workload::{self, FlowParams};
+
+/// How long a phase may go without a single command answered before it is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the node may take to print its `ready` line.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the node may take to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the progress line is refreshed (on a terminal).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// Messages a pull request of the raw consumers asks for: the node's default `fetch_max`.
+const RAW_FETCH_MAX: usize = 256;
+/// The p99 target of the paced phase, in microseconds.
+const P99_TARGET_US: u64 = 5_000;
+/// The share of the raw ceiling the end-to-end rate should reach.
+const RATIO_TARGET: f64 = 0.5;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// A running NATS; `None` starts a nats-server for the run in a temporary directory.
+    pub nats_url: Option<String>,
+    pub markets: usize,
+    /// Commands per phase, over all markets (each market gets an equal share).
+    pub orders: usize,
+    /// Resting orders each market starts with (published before the timed commands).
+    pub resting: usize,
+    /// Commands/s of the paced phase, over all markets; 0 means half the `max` phase's rate.
+    pub rate: f64,
+    pub seed: u64,
+    /// Commands published and not yet answered, over all markets.
+    pub window: usize,
+    /// Memory streams (node and raw) instead of file streams.
+    pub memory: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> BenchOptions {
+        BenchOptions {
+            nats_url: None,
+            markets: 2,
+            orders: 200_000,
+            resting: 1_000,
+            rate: 0.0,
+            seed: 42,
+            window: 2_000,
+            memory: false,
+        }
+    }
+}
+
+/// A bench that could not run to the end, with what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BenchError(pub String);
+
+impl BenchError {
+    fn new(message: impl Into<String>) -> BenchError {
+        BenchError(message.into())
+    }
+}
+
+impl From<bus::BusError> for BenchError {
+    fn from(e: bus::BusError) -> BenchError {
+        BenchError(e.to_string())
+    }
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+/// One phase's numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseResult {
+    /// `raw`, `max` or `paced`.
+    pub name: String,
+    /// The pace asked for (commands/s over all markets); `None` when as fast as possible.
+    pub target_rate: Option<f64>,
+    pub commands: u64,
+    pub seconds: f64,
+    pub commands_per_sec: f64,
+    /// Publish → first execution report (`raw`: publish → pull-consumed).
+    pub latency_us: Latency,
+    /// CPU time of the node per 1,000 commands.
+    pub node_cpu_ms_per_1000: f64,
+    /// CPU time of the nats-server per 1,000 commands, when it runs here.
+    pub nats_cpu_ms_per_1000: Option<f64>,
+    /// CPU time of this load generator per 1,000 commands (it shares the machine).
+    pub bench_cpu_ms_per_1000: f64,
+    /// Journal messages (batches) the node wrote for the phase's commands; `None` for `raw`
+    /// (or when the server did not say).
+    pub batches: Option<u64>,
+}
+
+/// Whether a target was met, with the number it is judged on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub met: bool,
+    pub value: f64,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub markets: usize,
+    pub orders_per_phase: u64,
+    pub resting_per_market: usize,
+    pub seed: u64,
+    pub window: usize,
+    pub storage: &'static str,
+    /// `started by the bench` or the URL given.
+    pub nats: String,
+    pub phases: Vec<PhaseResult>,
+    /// End-to-end `max` rate over the `raw` rate.
+    pub ratio: f64,
+    pub targets: Vec<Target>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+/// Runs the three phases and returns their numbers. Everything started is stopped, and
+/// everything created deleted, whether the run succeeds or not.
+pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
+    check(options)?;
+    let dir = TempDir::create()?;
+    let run_id = dir.id.clone();
+    let prefix = format!("agora-bench-{run_id}");
+    let subjects = Subjects::new(&prefix)?;
+
+    eprintln!(
+        "agora bench: generating {} commands of flow for {} markets (seed {})",
+        per_market(options) * options.markets,
+        options.markets,
+        options.seed
+    );
+    let flows = generate(options)?;
+
+    let server = match &options.nats_url {
+        Some(_) => None,
+        None => Some(LocalServer::start(&dir.path.join("nats"))?),
+    };
+    let url = match (&options.nats_url, &server) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => server.url(),
+        (None, None) => unreachable!("a server was started when no URL was given"),
+    };
+    let max_markets: Vec<String> = (1..=options.markets)
+        .map(|i| format!("BENCH{i}-USD"))
+        .collect();
+    let paced_markets: Vec<String> = (1..=options.markets)
+        .map(|i| format!("PACED{i}-USD"))
+        .collect();
+    let all: Vec<&String> = max_markets.iter().chain(&paced_markets).collect();
+    let config = node_config(
+        &url,
+        &dir.path,
+        &prefix,
+        options.memory,
+        &flows[0].spec,
+        &all,
+    )?;
+    let config_path = dir.path.join("node.toml");
+    std::fs::write(&config_path, config).map_err(|e| {
+        BenchError::new(format!(
+            "cannot write the node's configuration {}: {e}",
+            config_path.display()
+        ))
+    })?;
+    eprintln!("agora bench: starting the node under test");
+    let mut node = NodeProcess::start(&config_path, &dir.path.join("node.log"))?;
+    node.wait_ready()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::new(format!("cannot start the async runtime: {e}")))?;
+    let pids = Pids {
+        node: node.pid(),
+        nats: server.as_ref().and_then(LocalServer::pid),
+    };
+    let measured = runtime.block_on(phases(Run {
+        url: url.clone(),
+        subjects: subjects.clone(),
+        options: options.clone(),
+        flows,
+        max_markets,
+        paced_markets,
+        raw_stream: format!("AGORA_BENCH_{}_RAW", run_id.to_ascii_uppercase()),
+        pids,
+        node: &mut node,
+    }));
+    let stopped = node.stop();
+    if options.nats_url.is_some()
+        && let Err(e) = runtime.block_on(delete_run_streams(&url, &subjects, &run_id))
+    {
+        eprintln!("agora bench: {e}");
+    }
+    drop(runtime);
+    drop(server);
+    let phases = measured?;
+    stopped?;
+    Ok(report(options, phases))
+}
+
+fn check(options: &BenchOptions) -> Result<(), BenchError> {
+    if options.markets == 0 || options.markets > 64 {
+        return Err(BenchError::new(format!(
+            "--markets {}: use 1 to 64",
+            options.markets
+        )));
+    }
+    if options.orders < options.markets {
+        return Err(BenchError::new(format!(
+            "--orders {}: use at least one a market ({})",
+            options.orders, options.markets
+        )));
+    }
+    if options.window < options.markets {
+        return Err(BenchError::new(format!(
+            "--window {}: use at least one a market ({})",
+            options.window, options.markets
+        )));
+    }
+    if !options.rate.is_finite() || options.rate < 0.0 {
+        return Err(BenchError::new(format!(
+            "--rate {}: use 0 (half the maximum) or a number of commands per second",
+            options.rate
+        )));
+    }
+    Ok(())
+}
+
+fn per_market(options: &BenchOptions) -> usize {
+    options.orders.div_ceil(options.markets)
+}
+
+/// One market's generated flow, encoded as it goes on the wire.
+struct Flow {
+    spec: MarketSpec,
+    prefill: Arc<Vec<Vec<u8>>>,
+    commands: Arc<Vec<Vec<u8>>>,
+}
+
+fn generate(options: &BenchOptions) -> Result<Vec<Flow>, BenchError> {
+    let commands = per_market(options);
+    (0..options.markets)
+        .map(|m| {
+            let params = FlowParams {
+                resting: options.resting,
+                ..FlowParams::small_book(options.seed.wrapping_add(m as u64), commands)
+            };
+            let w = workload::generate(&params);
+            let encode = |cmds: &[crate::book::Command]| -> Result<Vec<Vec<u8>>, BenchError> {
+                cmds.iter()
+                    .map(|c| {
+                        rmp_serde::to_vec_named(&WireCommandOut::from_command(&w.spec, c, false))
+                            .map_err(|e| BenchError::new(format!("cannot encode a command: {e}")))
+                    })
+                    .collect()
+            };
+            Ok(Flow {
+                prefill: Arc::new(encode(&w.prefill)?),
+                commands: Arc::new(encode(&w.commands)?),
+                spec: w.spec,
+            })
+        })
+        .collect()
+}
+
+/// The node's configuration: the NATS to use, its data directory, the run's prefix and the
+/// bench markets (the generator's spec under each market's symbol).
+fn node_config(
+    url: &str,
+    dir: &Path,
+    prefix: &str,
+    memory: bool,
+    spec: &MarketSpec,
+    markets: &[&String],
+) -> Result<String, BenchError> {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut toml = format!(
+        "node_id = \"bench\"\nnats_url = {}\ndata_dir = {}\nprefix = {}\n\n[streams]\nmemory = {memory}\n",
+        quote(url),
+        quote(&dir.join("node").to_string_lossy()),
+        quote(prefix),
+    );
+    for symbol in markets {
+        let mut input = spec.to_input();
+        input.symbol = (*symbol).clone();
+        input.base_token = None;
+        input.quote_token = None;
+        let value = serde_json::to_value(&input)
+            .map_err(|e| BenchError::new(format!("cannot write the market spec: {e}")))?;
+        toml.push_str("\n[[markets]]\n");
+        if let serde_json::Value::Object(fields) = value {
+            for (key, v) in fields {
+                match v {
+                    serde_json::Value::Null => {}
+                    serde_json::Value::String(s) => {
+                        toml.push_str(&format!("{key} = {}\n", quote(&s)))
+                    }
+                    other => toml.push_str(&format!("{key} = {other}\n")),
+                }
+            }
+        }
+    }
+    Ok(toml)
+}
+
+fn report(options: &BenchOptions, phases: Vec<PhaseResult>) -> BenchReport {
+    let rate = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(0.0, |p| p.commands_per_sec)
+    };
+    let ratio = rate("max") / rate("raw").max(1e-9);
+    let mut targets = vec![Target {
+        what: format!(
+            "sustained end to end at least {:.0}% of the raw JetStream ceiling",
+            RATIO_TARGET * 100.0
+        ),
+        met: ratio >= RATIO_TARGET,
+        value: ratio,
+    }];
+    if let Some(paced) = phases.iter().find(|p| p.name == "paced") {
+        let at = if options.rate > 0.0 {
+            format!("at --rate {:.0}/s (not half the maximum)", options.rate)
+        } else {
+            format!(
+                "at half the maximum rate ({:.0}/s)",
+                paced.target_rate.unwrap_or(0.0)
+            )
+        };
+        targets.push(Target {
+            what: format!(
+                "p99 publish to report under {} ms {at}",
+                P99_TARGET_US / 1000
+            ),
+            met: paced.latency_us.p99 < P99_TARGET_US,
+            value: paced.latency_us.p99 as f64,
+        });
+    }
+    BenchReport {
+        markets: options.markets,
+        orders_per_phase: phases.first().map_or(0, |p| p.commands),
+        resting_per_market: options.resting,
+        seed: options.seed,
+        window: options.window,
+        storage: if options.memory { "memory" } else { "file" },
+        nats: options
+            .nats_url
+            .clone()
+            .unwrap_or_else(|| "started by the bench".into()),
+        phases,
+        ratio,
+        targets,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The phases
+
+struct Pids {
+    node: u32,
+    nats: Option<u32>,
+}
+
+struct Run<'a> {
+    url: String,
+    subjects: Subjects,
+    options: BenchOptions,
+    flows: Vec<Flow>,
+    max_markets: Vec<String>,
+    paced_markets: Vec<String>,
+    raw_stream: String,
+    pids: Pids,
+    node: &'a mut NodeProcess,
+}
+
+async fn phases(mut run: Run<'_>) -> Result<Vec<PhaseResult>, BenchError> {
+    let publisher = bus::connect(&run.url, "agora-bench-publisher").await?;
+    let listener = bus::connect(&run.url, "agora-bench-listener").await?;
+    // Room for every market's window of acks, so publishing never waits on the client.
+    let js = jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(run.options.window * 2 + 1024)
+        .build(publisher.clone());
+    let mut results = Vec::new();
+
+    results.push(raw_phase(&mut run, &js).await?);
+    let max = end_to_end_phase(&mut run, &js, &listener, None).await?;
+    let pace = if run.options.rate > 0.0 {
+        run.options.rate
+    } else {
+        max.commands_per_sec / 2.0
+    };
+    results.push(max);
+    results.push(end_to_end_phase(&mut run, &js, &listener, Some(pace)).await?);
+    let _ = publisher.flush().await;
+    Ok(results)
+}
+
+/// What a phase shares between its publishers, its collector and its progress line.
+struct Shared {
+    started: Instant,
+    /// Per market, per command: nanoseconds from `started` to its publish, plus one (0: not
+    /// yet published).
+    published_at: Vec<Vec<AtomicU64>>,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    answered: AtomicU64,
+    /// Per market: commands that may still be published (the window).
+    windows: Vec<Arc<Semaphore>>,
+}
+
+impl Shared {
+    fn new(counts: &[usize], window: usize) -> Arc<Shared> {
+        let per_market = (window / counts.len()).max(1);
+        Arc::new(Shared {
+            started: Instant::now(),
+            published_at: counts
+                .iter()
+                .map(|&n| (0..n).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            windows: counts
+                .iter()
+                .map(|_| Arc::new(Semaphore::new(per_market)))
+                .collect(),
+        })
+    }
+
+    fn stamp(&self, market: usize, i: usize) {
+        let ns = self.started.elapsed().as_nanos() as u64 + 1;
+        self.published_at[market][i].store(ns, Ordering::Release);
+    }
+
+    /// Microseconds from the publish of `(market, i)` to `now`, if it was published.
+    fn latency_us(&self, market: usize, i: usize, now: Instant) -> Option<u64> {
+        let at = self.published_at[market][i].load(Ordering::Acquire);
+        if at == 0 {
+            return None;
+        }
+        let now_ns = now.duration_since(self.started).as_nanos() as u64;
+        Some(now_ns.saturating_sub(at - 1) / 1_000)
+    }
+
+    /// One more command answered: counted, and its place in the window given back.
+    fn answered(&self, market: usize) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        self.windows[market].add_permits(1);
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 10 minutes at 3 significant digits; the bounds are constants, so this holds.
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|e| unreachable!("valid histogram bounds: {e}"))
+}
+
+/// How a publisher paces itself: command `i` leaves at `start + i / per_sec`.
+#[derive(Clone, Copy)]
+struct Pace {
+    start: tokio::time::Instant,
+    per_sec: f64,
+}
+
+/// What a publisher task publishes, and how.
+struct Publish {
+    js: jetstream::Context,
+    subject: String,
+    market: usize,
+    payloads: Arc<Vec<Vec<u8>>>,
+    /// The stream sequence the first publish must get (one publisher per stream, in order);
+    /// `None` when the stream is shared (raw).
+    first_seq: Option<u64>,
+    /// Give the window back on each acknowledgement (prefill) instead of on each answer.
+    release_on_ack: bool,
+    pace: Option<Pace>,
+}
+
+/// Publishes every payload in order, within the market's window, checking every ack.
+async fn publish(p: Publish, shared: Arc<Shared>) -> Result<(), BenchError> {
+    let window = shared.windows[p.market].clone();
+    let mut acks = FuturesUnordered::new();
+    let check = |(i, ack): (usize, Result<PublishAck, PublishError>)| {
+        let ack = ack.map_err(|e| {
+            BenchError::new(format!(
+                "publish #{} to {} was not acknowledged: {e}; is the nats-server overloaded or out of disk?",
+                i + 1,
+                p.subject
+            ))
+        })?;
+        if let Some(first) = p.first_seq
+            && ack.sequence != first + i as u64
+        {
+            return Err(BenchError::new(format!(
+                "publish #{} to {} was stored at stream sequence {}, expected {}: something else \
+                 publishes to {}; run the bench alone on its streams",
+                i + 1,
+                p.subject,
+                ack.sequence,
+                first + i as u64,
+                ack.stream
+            )));
+        }
+        shared.acked.fetch_add(1, Ordering::Relaxed);
+        if p.release_on_ack {
+            window.add_permits(1);
+        }
+        Ok::<(), BenchError>(())
+    };
+    for (i, payload) in p.payloads.iter().enumerate() {
+        if let Some(pace) = p.pace {
+            let due = pace.start + Duration::from_secs_f64(i as f64 / pace.per_sec);
+            let sleep = tokio::time::sleep_until(due);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut sleep => break,
+                    Some(r) = acks.next(), if !acks.is_empty() => check(r)?,
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                permit = window.acquire() => {
+                    permit
+                        .map_err(|_| BenchError::new("the publish window was closed"))?
+                        .forget();
+                    break;
+                }
+                Some(r) = acks.next(), if !acks.is_empty() => check(r)?,
+            }
+        }
+        while let Some(Some(r)) = acks.next().now_or_never() {
+            check(r)?;
+        }
+        shared.stamp(p.market, i);
+        let ack =
+            p.js.publish(p.subject.clone(), payload.clone().into())
+                .await
+                .map_err(|e| {
+                    BenchError::new(format!(
+                        "cannot publish to {}: {e}; does its stream exist?",
+                        p.subject
+                    ))
+                })?;
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        acks.push(ack.into_future().map(move |r| (i, r)));
+    }
+    while let Some(r) = acks.next().await {
+        check(r)?;
+    }
+    Ok(())
+}
+
+/// CPU time (user + system) of a process, in milliseconds, from `/proc/<pid>/stat`.
+fn cpu_ms(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the line (utime, stime) are the 12th and 13th after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    Some((utime + stime) as f64 * 1000.0 / ticks)
+}
+
+/// CPU readings of the three processes at one moment.
+#[derive(Clone, Copy)]
+struct Cpu {
+    node: Option<f64>,
+    nats: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl Cpu {
+    fn read(pids: &Pids) -> Cpu {
+        Cpu {
+            node: cpu_ms(Some(pids.node)),
+            nats: pids.nats.and_then(|pid| cpu_ms(Some(pid))),
+            bench: cpu_ms(None),
+        }
+    }
+}
+
+fn per_1000(before: Option<f64>, after: Option<f64>, commands: u64) -> Option<f64> {
+    Some((after? - before?).max(0.0) * 1000.0 / commands.max(1) as f64)
+}
+
+/// How a phase ended: its latencies and the moment its last command was answered.
+struct Collected {
+    histogram: Histogram<u64>,
+    last: Instant,
+}
+
+/// Waits for a phase's publishers and collector, printing progress, until every command is
+/// answered; fails when the node dies, a publisher fails, or nothing is answered for
+/// `STALL_TIMEOUT`.
+async fn wait_phase(
+    label: &str,
+    total: u64,
+    shared: &Shared,
+    publishers: &mut JoinSet<Result<(), BenchError>>,
+    mut collector: tokio::task::JoinHandle<Result<Collected, BenchError>>,
+    node: &mut NodeProcess,
+) -> Result<Collected, BenchError> {
+    let terminal = std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut last_answered = 0;
+    let mut last_progress = Instant::now();
+    let mut last_line = Instant::now();
+    let result = loop {
+        tokio::select! {
+            done = &mut collector => {
+                break done.map_err(|e| BenchError::new(format!("the {label} collector failed: {e}")))?;
+            }
+            Some(done) = publishers.join_next(), if !publishers.is_empty() => {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(BenchError::new(format!("a {label} publisher failed: {e}"))),
+                }
+            }
+            _ = tick.tick() => {
+                let answered = shared.answered.load(Ordering::Relaxed);
+                let elapsed = shared.started.elapsed().as_secs_f64();
+                let line = format!(
+                    "{label}: sent {} acked {} answered {answered} of {total}, {:.0}/s, {elapsed:.1} s",
+                    shared.sent.load(Ordering::Relaxed),
+                    shared.acked.load(Ordering::Relaxed),
+                    answered as f64 / elapsed.max(1e-9),
+                );
+                if terminal {
+                    eprint!("\r{line}    ");
+                } else if last_line.elapsed() >= Duration::from_secs(2) {
+                    eprintln!("{line}");
+                    last_line = Instant::now();
+                }
+                if answered != last_answered {
+                    last_answered = answered;
+                    last_progress = Instant::now();
+                }
+                if let Err(e) = node.check_alive() {
+                    break Err(e);
+                }
+                if last_progress.elapsed() > STALL_TIMEOUT {
+                    break Err(BenchError::new(format!(
+                        "{label}: {} of {total} commands got no answer, and none came for {} s; {}",
+                        total - answered,
+                        STALL_TIMEOUT.as_secs(),
+                        node.log_tail()
+                    )));
+                }
+            }
+        }
+    };
+    if terminal {
+        eprintln!();
+    }
+    collector.abort();
+    if result.is_err() {
+        publishers.abort_all();
+        return result;
+    }
+    while let Some(done) = publishers.join_next().await {
+        done.map_err(|e| BenchError::new(format!("a {label} publisher failed: {e}")))??;
+    }
+    result
+}
+
+/// Phase 1: the same payloads through JetStream alone (publish + pull consume), no engine.
+async fn raw_phase(run: &mut Run<'_>, js: &jetstream::Context) -> Result<PhaseResult, BenchError> {
+    let stream_name = run.raw_stream.clone();
+    let raw_subject = |market: &str| format!("{}.raw.{market}", run.subjects.prefix());
+    let stream = js
+        .create_stream(stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![format!("{}.raw.>", run.subjects.prefix())],
+            storage: if run.options.memory {
+                stream::StorageType::Memory
+            } else {
+                stream::StorageType::File
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BenchError::new(format!("cannot create the stream {stream_name}: {e}")))?;
+    let counts: Vec<usize> = run.flows.iter().map(|f| f.commands.len()).collect();
+    let total: u64 = counts.iter().map(|&n| n as u64).sum();
+    let mut consumers = Vec::new();
+    for market in &run.max_markets {
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: raw_subject(market),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                BenchError::new(format!("cannot create a consumer on {stream_name}: {e}"))
+            })?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(RAW_FETCH_MAX)
+            .messages()
+            .await
+            .map_err(|e| BenchError::new(format!("cannot consume {stream_name}: {e}")))?;
+        consumers.push(messages);
+    }
+    let cpu_before = Cpu::read(&run.pids);
+    let shared = Shared::new(&counts, run.options.window);
+    let collector = {
+        let shared = shared.clone();
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let mut tasks = JoinSet::new();
+            for (m, mut messages) in consumers.into_iter().enumerate() {
+                let shared = shared.clone();
+                let count = counts[m];
+                tasks.spawn(async move {
+                    let mut histogram = histogram();
+                    let mut last = Instant::now();
+                    for k in 0..count {
+                        match messages.next().await {
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                return Err(BenchError::new(format!(
+                                    "reading the raw stream: {e}"
+                                )));
+                            }
+                            None => return Err(BenchError::new("the raw consumer ended early")),
+                        }
+                        last = Instant::now();
+                        if let Some(us) = shared.latency_us(m, k, last) {
+                            histogram.saturating_record(us.max(1));
+                        }
+                        shared.answered(m);
+                    }
+                    Ok::<_, BenchError>(Collected { histogram, last })
+                });
+            }
+            merge(tasks).await
+        })
+    };
+    let mut publishers = JoinSet::new();
+    for (m, flow) in run.flows.iter().enumerate() {
+        publishers.spawn(publish(
+            Publish {
+                js: js.clone(),
+                subject: raw_subject(&run.max_markets[m]),
+                market: m,
+                payloads: flow.commands.clone(),
+                first_seq: None,
+                release_on_ack: false,
+                pace: None,
+            },
+            shared.clone(),
+        ));
+    }
+    let collected = wait_phase("raw", total, &shared, &mut publishers, collector, run.node).await;
+    let cpu_after = Cpu::read(&run.pids);
+    if let Err(e) = js.delete_stream(&stream_name).await {
+        eprintln!("agora bench: could not delete the stream {stream_name}: {e}");
+    }
+    let collected = collected?;
+    Ok(phase_result(
+        "raw",
+        None,
+        total,
+        &shared,
+        &collected,
+        (cpu_before, cpu_after),
+        None,
+    ))
+}
+
+async fn merge(mut tasks: JoinSet<Result<Collected, BenchError>>) -> Result<Collected, BenchError> {
+    let mut all = Collected {
+        histogram: histogram(),
+        last: Instant::now(),
+    };
+    let mut first = true;
+    while let Some(done) = tasks.join_next().await {
+        let c = done.map_err(|e| BenchError::new(format!("a consumer failed: {e}")))??;
+        all.histogram
+            .add(&c.histogram)
+            .map_err(|e| BenchError::new(format!("cannot merge latencies: {e:?}")))?;
+        if first || c.last > all.last {
+            all.last = c.last;
+            first = false;
+        }
+    }
+    Ok(all)
+}
+
+fn phase_result(
+    name: &str,
+    target_rate: Option<f64>,
+    commands: u64,
+    shared: &Shared,
+    collected: &Collected,
+    (before, after): (Cpu, Cpu),
+    batches: Option<u64>,
+) -> PhaseResult {
+    let seconds = collected
+        .last
+        .saturating_duration_since(shared.started)
+        .as_secs_f64()
+        .max(1e-9);
+    let h = &collected.histogram;
+    PhaseResult {
+        name: name.into(),
+        target_rate,
+        commands,
+        seconds,
+        commands_per_sec: commands as f64 / seconds,
+        latency_us: Latency {
+            p50: h.value_at_quantile(0.50),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        },
+        node_cpu_ms_per_1000: per_1000(before.node, after.node, commands).unwrap_or(0.0),
+        nats_cpu_ms_per_1000: per_1000(before.nats, after.nats, commands),
+        bench_cpu_ms_per_1000: per_1000(before.bench, after.bench, commands).unwrap_or(0.0),
+        batches,
+    }
+}
+
+/// An execution-report message, as much of it as the bench reads.
+#[derive(Deserialize)]
+struct ReportMessage {
+    market: String,
+    reports: Vec<ReportSeq>,
+}
+
+#[derive(Deserialize)]
+struct ReportSeq {
+    seq: u64,
+}
+
+/// A journal message, as much of it as the bench reads.
+#[derive(Deserialize)]
+struct JournalHead {
+    last_seq: u64,
+}
+
+/// The last input sequence in a market's journal (0 when it has none yet).
+async fn journal_last_seq(
+    events: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<u64, BenchError> {
+    match events.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => rmp_serde::from_slice::<JournalHead>(&m.payload)
+            .map(|h| h.last_seq)
+            .map_err(|e| BenchError::new(format!("the journal on {subject} cannot be read: {e}"))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(BenchError::new(format!(
+            "cannot read the journal on {subject}: {e}"
+        ))),
+    }
+}
+
+/// Waits until every market's journal reaches its sequence.
+async fn wait_journals(
+    run: &mut Run<'_>,
+    events: &jetstream::stream::Stream,
+    markets: &[String],
+    seqs: &[u64],
+) -> Result<(), BenchError> {
+    let mut last_progress = Instant::now();
+    let mut reached = vec![0; markets.len()];
+    loop {
+        let mut all = true;
+        for (m, market) in markets.iter().enumerate() {
+            if reached[m] >= seqs[m] {
+                continue;
+            }
+            let seq = journal_last_seq(events, &run.subjects.events(market)).await?;
+            if seq > reached[m] {
+                reached[m] = seq;
+                last_progress = Instant::now();
+            }
+            all &= seq >= seqs[m];
+        }
+        if all {
+            return Ok(());
+        }
+        run.node.check_alive()?;
+        if last_progress.elapsed() > STALL_TIMEOUT {
+            let stuck: Vec<String> = markets
+                .iter()
+                .zip(&reached)
+                .zip(seqs)
+                .filter(|((_, r), s)| r < s)
+                .map(|((m, r), s)| format!("{m} at {r} of {s}"))
+                .collect();
+            return Err(BenchError::new(format!(
+                "the journals stopped moving for {} s: {}; {}",
+                STALL_TIMEOUT.as_secs(),
+                stuck.join(", "),
+                run.node.log_tail()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Phases 2 and 3: commands to the node, each timed from its publish to its first execution
+/// report. `pace` is `None` for as fast as the window allows.
+async fn end_to_end_phase(
+    run: &mut Run<'_>,
+    js: &jetstream::Context,
+    listener: &async_nats::Client,
+    pace: Option<f64>,
+) -> Result<PhaseResult, BenchError> {
+    let (name, markets) = match pace {
+        None => ("max", run.max_markets.clone()),
+        Some(_) => ("paced", run.paced_markets.clone()),
+    };
+    let label = match pace {
+        None => "end to end, as fast as possible".to_string(),
+        Some(rate) => format!("end to end at {rate:.0}/s"),
+    };
+    let events_name = run.subjects.events_stream();
+    let events = js
+        .get_stream(&events_name)
+        .await
+        .map_err(|e| BenchError::new(format!("cannot open the stream {events_name}: {e}")))?;
+
+    // Every stream must be fresh: the generated cancels name orders by the stream sequence
+    // their orders will get.
+    for market in &markets {
+        let name = run.subjects.orders_stream(market);
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| BenchError::new(format!("cannot open the stream {name}: {e}")))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| BenchError::new(format!("cannot read the stream {name}: {e}")))?
+            .state
+            .last_sequence;
+        if last != 0 {
+            return Err(BenchError::new(format!(
+                "the stream {name} already holds {last} messages; the bench needs new streams"
+            )));
+        }
+    }
+
+    let market_index: HashMap<String, usize> = markets
+        .iter()
+        .enumerate()
+        .map(|(m, s)| (s.clone(), m))
+        .collect();
+    let mut subscriptions = Vec::new();
+    for market in &markets {
+        let subject = format!("{}.execs.*.{market}", run.subjects.prefix());
+        subscriptions.push(
+            listener
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| BenchError::new(format!("cannot subscribe to {subject}: {e}")))?,
+        );
+    }
+    let _ = listener.flush().await;
+    let mut reports = futures::stream::select_all(subscriptions);
+
+    // The resting orders, untimed: published, then waited for in the journals.
+    eprintln!(
+        "agora bench: {label}: prefill of {} resting orders a market",
+        run.options.resting
+    );
+    let prefill_counts: Vec<usize> = run.flows.iter().map(|f| f.prefill.len()).collect();
+    let prefill = Shared::new(&prefill_counts, run.options.window);
+    let mut publishers = JoinSet::new();
+    for (m, flow) in run.flows.iter().enumerate() {
+        publishers.spawn(publish(
+            Publish {
+                js: js.clone(),
+                subject: run.subjects.orders(&markets[m]),
+                market: m,
+                payloads: flow.prefill.clone(),
+                first_seq: Some(1),
+                release_on_ack: true,
+                pace: None,
+            },
+            prefill.clone(),
+        ));
+    }
+    while let Some(done) = publishers.join_next().await {
+        done.map_err(|e| BenchError::new(format!("a prefill publisher failed: {e}")))??;
+    }
+    let bases: Vec<u64> = prefill_counts.iter().map(|&n| n as u64).collect();
+    wait_journals(run, &events, &markets, &bases).await?;
+    let batches_before = journal_batches(&events, &run.subjects, &markets).await;
+
+    let counts: Vec<usize> = run.flows.iter().map(|f| f.commands.len()).collect();
+    let total: u64 = counts.iter().map(|&n| n as u64).sum();
+    let cpu_before = Cpu::read(&run.pids);
+    let shared = Shared::new(&counts, run.options.window);
+    let collector = {
+        let shared = shared.clone();
+        let bases = bases.clone();
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let mut histogram = histogram();
+            let mut seen: Vec<Vec<bool>> = counts.iter().map(|&n| vec![false; n]).collect();
+            let mut missing = total;
+            while let Some(message) = reports.next().await {
+                let now = Instant::now();
+                let batch: ReportMessage = rmp_serde::from_slice(&message.payload).map_err(|e| {
+                    BenchError::new(format!(
+                        "an execution report on {} cannot be read: {e}; are the bench and the node the same build?",
+                        message.subject
+                    ))
+                })?;
+                let Some(&m) = market_index.get(&batch.market) else {
+                    continue;
+                };
+                for report in batch.reports {
+                    let Some(i) = report.seq.checked_sub(bases[m] + 1) else {
+                        continue;
+                    };
+                    let i = i as usize;
+                    if i >= counts[m] || seen[m][i] {
+                        continue;
+                    }
+                    seen[m][i] = true;
+                    if let Some(us) = shared.latency_us(m, i, now) {
+                        histogram.saturating_record(us.max(1));
+                    }
+                    shared.answered(m);
+                    missing -= 1;
+                }
+                if missing == 0 {
+                    return Ok(Collected {
+                        histogram,
+                        last: now,
+                    });
+                }
+            }
+            Err(BenchError::new(
+                "the execution-report subscription ended; did the NATS connection drop?",
+            ))
+        })
+    };
+    let start = tokio::time::Instant::now();
+    let per_market_rate = pace.map(|rate| rate / markets.len() as f64);
+    for (m, flow) in run.flows.iter().enumerate() {
+        publishers.spawn(publish(
+            Publish {
+                js: js.clone(),
+                subject: run.subjects.orders(&markets[m]),
+                market: m,
+                payloads: flow.commands.clone(),
+                first_seq: Some(bases[m] + 1),
+                release_on_ack: false,
+                pace: per_market_rate.map(|per_sec| Pace { start, per_sec }),
+            },
+            shared.clone(),
+        ));
+    }
+    let collected =
+        wait_phase(&label, total, &shared, &mut publishers, collector, run.node).await?;
+    let cpu_after = Cpu::read(&run.pids);
+
+    // Every report is published after its journal message; the journal holds the phase too.
+    let ends: Vec<u64> = bases
+        .iter()
+        .zip(&counts)
+        .map(|(b, &n)| b + n as u64)
+        .collect();
+    wait_journals(run, &events, &markets, &ends).await?;
+    let batches = journal_batches(&events, &run.subjects, &markets)
+        .await
+        .zip(batches_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    Ok(phase_result(
+        name,
+        pace,
+        total,
+        &shared,
+        &collected,
+        (cpu_before, cpu_after),
+        batches,
+    ))
+}
+
+/// Journal messages written for the markets (prefill included), if the server says.
+async fn journal_batches(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    markets: &[String],
+) -> Option<u64> {
+    let mut total = 0;
+    for market in markets {
+        let subject = subjects.events(market);
+        let mut info = events.info_with_subjects(&subject).await.ok()?;
+        while let Some(Ok((_, count))) = info.next().await {
+            total += count as u64;
+        }
+    }
+    Some(total)
+}
+
+/// Deletes the streams, buckets and object stores of this run (on a NATS the bench did not
+/// start; its own server's data goes with its temporary directory).
+async fn delete_run_streams(
+    url: &str,
+    subjects: &Subjects,
+    run_id: &str,
+) -> Result<(), BenchError> {
+    let client = bus::connect(url, "agora-bench-cleanup").await?;
+    let js = jetstream::new(client);
+    let stream_prefix = format!("AGORA_BENCH_{}_", run_id.to_ascii_uppercase());
+    let bucket_prefix = subjects.bucket("");
+    let mut names = js.stream_names();
+    let mut ours = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.map_err(|e| {
+            BenchError::new(format!("cannot list the streams to delete this run's: {e}"))
+        })?;
+        if name.starts_with(&stream_prefix)
+            || name.starts_with(&format!("KV_{bucket_prefix}"))
+            || name.starts_with(&format!("OBJ_{bucket_prefix}"))
+        {
+            ours.push(name);
+        }
+    }
+    for name in ours {
+        js.delete_stream(&name).await.map_err(|e| {
+            BenchError::new(format!(
+                "cannot delete the stream {name} this run created: {e}; delete it with `nats stream rm {name}`"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and files
+
+/// The node under test: this binary's `agora node`, as a child process.
+struct NodeProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    fn start(config: &Path, log: &Path) -> Result<NodeProcess, BenchError> {
+        let exe = std::env::current_exe().map_err(|e| {
+            BenchError::new(format!("cannot find this program to start the node: {e}"))
+        })?;
+        let log_file = std::fs::File::create(log).map_err(|e| {
+            BenchError::new(format!(
+                "cannot create the node's log {}: {e}",
+                log.display()
+            ))
+        })?;
+        let mut command = Command::new(&exe);
+        command
+            .arg("node")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file));
+        // The bench's configuration file is the whole configuration: no AGORA_* variable of
+        // this shell may change it (only the log filter and the nats-server path pass).
+        for (key, _) in std::env::vars_os() {
+            let key_text = key.to_string_lossy();
+            if key_text.starts_with("AGORA_")
+                && key_text != "AGORA_LOG"
+                && key_text != "AGORA_NATS_SERVER"
+            {
+                command.env_remove(&key);
+            }
+        }
+        if std::env::var_os("AGORA_LOG").is_none() {
+            command.env("AGORA_LOG", "warn");
+        }
+        let mut child = command.spawn().map_err(|e| {
+            BenchError::new(format!(
+                "cannot start the node ({} node): {e}",
+                exe.display()
+            ))
+        })?;
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BenchError::new(
+                "the node's standard output was not captured",
+            ));
+        };
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Ok(NodeProcess {
+            child,
+            lines,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of the node's log, for an error message.
+    fn log_tail(&self) -> String {
+        match std::fs::read_to_string(&self.log) {
+            Ok(text) if !text.trim().is_empty() => {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(12)..].join("\n  ");
+                format!("the node's log ends with:\n  {tail}")
+            }
+            _ => "the node logged nothing (AGORA_LOG=info shows more)".into(),
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), BenchError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.contains(" ready: ") => return Ok(()),
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(BenchError::new(format!(
+                    "the node did not say ready within {} s; {}",
+                    READY_TIMEOUT.as_secs(),
+                    self.log_tail()
+                )));
+            }
+        }
+    }
+
+    /// An error if the node has exited.
+    fn check_alive(&mut self) -> Result<(), BenchError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(BenchError::new(format!(
+                "the node exited ({status}); {}",
+                self.log_tail()
+            ))),
+            Err(e) => Err(BenchError::new(format!("cannot watch the node: {e}"))),
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (status 0); SIGKILL after `STOP_TIMEOUT`.
+    fn stop(&mut self) -> Result<(), BenchError> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(BenchError::new(format!(
+                "the node had already exited ({status}); {}",
+                self.log_tail()
+            )));
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: `kill` with our child's pid and a valid signal has no memory effects.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(BenchError::new(format!(
+                        "the node did not stop cleanly on SIGTERM ({status}); {}",
+                        self.log_tail()
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(BenchError::new(format!("cannot watch the node: {e}"))),
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Err(BenchError::new(format!(
+            "the node did not stop within {} s of SIGTERM and was killed; {}",
+            STOP_TIMEOUT.as_secs(),
+            self.log_tail()
+        )))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The run's temporary directory (node data, its log, the nats-server's data), removed when
+/// the run ends.
+struct TempDir {
+    path: PathBuf,
+    /// A short id unique to this run, also used in its NATS names.
+    id: String,
+}
+
+impl TempDir {
+    fn create() -> Result<TempDir, BenchError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let id = format!(
+            "{:08x}",
+            (nanos ^ u64::from(std::process::id()).rotate_left(32)) & 0xffff_ffff
+        );
+        let path = std::env::temp_dir().join(format!("agora-bench-{id}"));
+        std::fs::create_dir_all(&path).map_err(|e| {
+            BenchError::new(format!(
+                "cannot create the temporary directory {}: {e}; set TMPDIR to a writable place",
+                path.display()
+            ))
+        })?;
+        Ok(TempDir { path, id })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Printing
+
+impl BenchReport {
+    /// The results as a table, then the ratio and each target, met or missed.
+    pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "agora bench: {} markets, {} commands a phase after {} resting orders a market, seed {}, \
+             window {}, {} streams, NATS {}",
+            self.markets,
+            self.orders_per_phase,
+            self.resting_per_market,
+            self.seed,
+            self.window,
+            self.storage,
+            self.nats
+        )?;
+        writeln!(
+            out,
+            "{:<26} {:>9} {:>8} {:>11} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "phase",
+            "commands",
+            "seconds",
+            "commands/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "node CPU",
+            "nats CPU",
+            "bench CPU",
+            "per batch"
+        )?;
+        let ms = |us: u64| us as f64 / 1000.0;
+        for p in &self.phases {
+            let label = match (p.name.as_str(), p.target_rate) {
+                ("raw", _) => "raw JetStream (ceiling)".to_string(),
+                (_, None) => "end to end, max".to_string(),
+                (_, Some(rate)) => format!("end to end at {rate:.0}/s"),
+            };
+            let nats = p
+                .nats_cpu_ms_per_1000
+                .map_or("-".to_string(), |v| format!("{v:.1}"));
+            let per_batch = p.batches.filter(|&b| b > 0).map_or("-".to_string(), |b| {
+                format!("{:.1}", p.commands as f64 / b as f64)
+            });
+            writeln!(
+                out,
+                "{label:<26} {:>9} {:>8.2} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>10.1} {:>10} {:>10.1} {:>9}",
+                p.commands,
+                p.seconds,
+                p.commands_per_sec,
+                ms(p.latency_us.p50),
+                ms(p.latency_us.p99),
+                ms(p.latency_us.p999),
+                ms(p.latency_us.max),
+                p.node_cpu_ms_per_1000,
+                nats,
+                p.bench_cpu_ms_per_1000,
+                per_batch,
+            )?;
+        }
+        writeln!(
+            out,
+            "(CPU: milliseconds of CPU time per 1,000 commands; per batch: commands per journal \
+             message, that is per batch the node processed)"
+        )?;
+        writeln!(
+            out,
+            "ratio, end to end max / raw ceiling: {:.2}",
+            self.ratio
+        )?;
+        for t in &self.targets {
+            let value = if t.what.starts_with("p99") {
+                format!("{:.2} ms", t.value / 1000.0)
+            } else {
+                format!("{:.0}%", t.value * 100.0)
+            };
+            writeln!(
+                out,
+                "target: {}: {} ({value})",
+                t.what,
+                if t.met { "met" } else { "MISSED" }
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}

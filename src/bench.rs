@@ -5,9 +5,10 @@
 //! first execution report. In the same run it measures the ceiling of the machine: the same
 //! payloads published to a plain stream and read back by pull consumers, with no engine between.
 //!
-//! Three phases, each on the same commands: `raw` (JetStream publish + pull consume, the
-//! ceiling), `max` (end to end as fast as the window allows) and `paced` (end to end at half the
-//! `max` rate, or at `--rate`). The window bounds the commands published and not yet answered
+//! Four phases, each on the same commands: `raw` (JetStream publish + pull consume, the
+//! ceiling), `max` (end to end as fast as the window allows), `paced` (end to end at half the
+//! `max` rate, or at `--rate`) and `raw_paced` (JetStream alone at that rate: the latency floor
+//! under `paced`). The window bounds the commands published and not yet answered
 //! (reported, or consumed for `raw`), so every phase is a closed loop: the rate it measures is
 //! sustained, and its latency is that of the rate, not of a backlog growing in a stream.
 //! CPU time of the node, of the nats-server (when started here) and of the bench itself is read
@@ -146,6 +147,8 @@ pub struct Target {
     pub what: String,
     pub met: bool,
     pub value: f64,
+    /// `ratio` or `us`.
+    pub unit: &'static str,
 }
 
 /// The result of a run.
@@ -168,7 +171,7 @@ pub struct BenchReport {
 // ---------------------------------------------------------------------------------------------
 // The run
 
-/// Runs the three phases and returns their numbers. Everything started is stopped, and
+/// Runs the four phases and returns their numbers. Everything started is stopped, and
 /// everything created deleted, whether the run succeeds or not.
 pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     check(options)?;
@@ -185,14 +188,13 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     );
     let flows = generate(options)?;
 
-    let server = match &options.nats_url {
-        Some(_) => None,
-        None => Some(LocalServer::start(&dir.path.join("nats"))?),
-    };
-    let url = match (&options.nats_url, &server) {
-        (Some(url), _) => url.clone(),
-        (None, Some(server)) => server.url(),
-        (None, None) => unreachable!("a server was started when no URL was given"),
+    let (server, url) = match &options.nats_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let server = LocalServer::start(&dir.path.join("nats"))?;
+            let url = server.url();
+            (Some(server), url)
+        }
     };
     let max_markets: Vec<String> = (1..=options.markets)
         .map(|i| format!("BENCH{i}-USD"))
@@ -372,6 +374,7 @@ fn report(options: &BenchOptions, phases: Vec<PhaseResult>) -> BenchReport {
         ),
         met: ratio >= RATIO_TARGET,
         value: ratio,
+        unit: "ratio",
     }];
     if let Some(paced) = phases.iter().find(|p| p.name == "paced") {
         let at = if options.rate > 0.0 {
@@ -389,6 +392,7 @@ fn report(options: &BenchOptions, phases: Vec<PhaseResult>) -> BenchReport {
             ),
             met: paced.latency_us.p99 < P99_TARGET_US,
             value: paced.latency_us.p99 as f64,
+            unit: "us",
         });
     }
     BenchReport {
@@ -437,7 +441,7 @@ async fn phases(mut run: Run<'_>) -> Result<Vec<PhaseResult>, BenchError> {
         .build(publisher.clone());
     let mut results = Vec::new();
 
-    results.push(raw_phase(&mut run, &js).await?);
+    results.push(raw_phase(&mut run, &js, None).await?);
     let max = end_to_end_phase(&mut run, &js, &listener, None).await?;
     let pace = if run.options.rate > 0.0 {
         run.options.rate
@@ -446,6 +450,8 @@ async fn phases(mut run: Run<'_>) -> Result<Vec<PhaseResult>, BenchError> {
     };
     results.push(max);
     results.push(end_to_end_phase(&mut run, &js, &listener, Some(pace)).await?);
+    // JetStream alone at the paced rate: the latency floor the paced phase stands on.
+    results.push(raw_phase(&mut run, &js, Some(pace)).await?);
     let _ = publisher.flush().await;
     Ok(results)
 }
@@ -732,7 +738,15 @@ async fn wait_phase(
 }
 
 /// Phase 1: the same payloads through JetStream alone (publish + pull consume), no engine.
-async fn raw_phase(run: &mut Run<'_>, js: &jetstream::Context) -> Result<PhaseResult, BenchError> {
+async fn raw_phase(
+    run: &mut Run<'_>,
+    js: &jetstream::Context,
+    pace: Option<f64>,
+) -> Result<PhaseResult, BenchError> {
+    let (name, label) = match pace {
+        None => ("raw", "raw JetStream, as fast as possible".to_string()),
+        Some(rate) => ("raw_paced", format!("raw JetStream at {rate:.0}/s")),
+    };
     let stream_name = run.raw_stream.clone();
     let raw_subject = |market: &str| format!("{}.raw.{market}", run.subjects.prefix());
     let stream = js
@@ -807,6 +821,8 @@ async fn raw_phase(run: &mut Run<'_>, js: &jetstream::Context) -> Result<PhaseRe
         })
     };
     let mut publishers = JoinSet::new();
+    let start = tokio::time::Instant::now();
+    let per_market_rate = pace.map(|rate| rate / run.flows.len() as f64);
     for (m, flow) in run.flows.iter().enumerate() {
         publishers.spawn(publish(
             Publish {
@@ -816,20 +832,20 @@ async fn raw_phase(run: &mut Run<'_>, js: &jetstream::Context) -> Result<PhaseRe
                 payloads: flow.commands.clone(),
                 first_seq: None,
                 release_on_ack: false,
-                pace: None,
+                pace: per_market_rate.map(|per_sec| Pace { start, per_sec }),
             },
             shared.clone(),
         ));
     }
-    let collected = wait_phase("raw", total, &shared, &mut publishers, collector, run.node).await;
+    let collected = wait_phase(&label, total, &shared, &mut publishers, collector, run.node).await;
     let cpu_after = Cpu::read(&run.pids);
     if let Err(e) = js.delete_stream(&stream_name).await {
         eprintln!("agora bench: could not delete the stream {stream_name}: {e}");
     }
     let collected = collected?;
     Ok(phase_result(
-        "raw",
-        None,
+        name,
+        pace,
         total,
         &shared,
         &collected,
@@ -1447,7 +1463,8 @@ impl BenchReport {
         let ms = |us: u64| us as f64 / 1000.0;
         for p in &self.phases {
             let label = match (p.name.as_str(), p.target_rate) {
-                ("raw", _) => "raw JetStream (ceiling)".to_string(),
+                ("raw", _) => "raw JetStream, max".to_string(),
+                ("raw_paced", Some(rate)) => format!("raw JetStream at {rate:.0}/s"),
                 (_, None) => "end to end, max".to_string(),
                 (_, Some(rate)) => format!("end to end at {rate:.0}/s"),
             };
@@ -1483,11 +1500,19 @@ impl BenchReport {
             "ratio, end to end max / raw ceiling: {:.2}",
             self.ratio
         )?;
+        if let Some(raw) = self.phases.iter().find(|p| p.name == "raw_paced") {
+            writeln!(
+                out,
+                "JetStream alone at the paced rate: p50 {:.2} ms, p99 {:.2} ms (the floor under the \
+                 end-to-end latency)",
+                ms(raw.latency_us.p50),
+                ms(raw.latency_us.p99)
+            )?;
+        }
         for t in &self.targets {
-            let value = if t.what.starts_with("p99") {
-                format!("{:.2} ms", t.value / 1000.0)
-            } else {
-                format!("{:.0}%", t.value * 100.0)
+            let value = match t.unit {
+                "us" => format!("{:.2} ms", t.value / 1000.0),
+                _ => format!("{:.0}%", t.value * 100.0),
             };
             writeln!(
                 out,

@@ -139,6 +139,9 @@ pub struct PhaseResult {
     /// Journal messages (batches) the node wrote for the phase's commands; `None` for `raw`
     /// (or when the server did not say).
     pub batches: Option<u64>,
+    /// Execution-report messages (one per account per batch) the node wrote for the phase's
+    /// commands; `None` for `raw`.
+    pub report_messages: Option<u64>,
 }
 
 /// Whether a target was met, with the number it is judged on.
@@ -850,7 +853,7 @@ async fn raw_phase(
         &shared,
         &collected,
         (cpu_before, cpu_after),
-        None,
+        Written::default(),
     ))
 }
 
@@ -880,7 +883,7 @@ fn phase_result(
     shared: &Shared,
     collected: &Collected,
     (before, after): (Cpu, Cpu),
-    batches: Option<u64>,
+    written: Written,
 ) -> PhaseResult {
     let seconds = collected
         .last
@@ -903,8 +906,56 @@ fn phase_result(
         node_cpu_ms_per_1000: per_1000(before.node, after.node, commands).unwrap_or(0.0),
         nats_cpu_ms_per_1000: per_1000(before.nats, after.nats, commands),
         bench_cpu_ms_per_1000: per_1000(before.bench, after.bench, commands).unwrap_or(0.0),
-        batches,
+        batches: written.batches,
+        report_messages: written.reports,
     }
+}
+
+/// What the node wrote for a phase: journal messages (one a batch) and report messages.
+#[derive(Clone, Copy, Default)]
+struct Written {
+    batches: Option<u64>,
+    reports: Option<u64>,
+}
+
+impl Written {
+    /// Messages now in the journal and report streams for `markets`, if the server says.
+    async fn count(
+        events: &jetstream::stream::Stream,
+        execs: &jetstream::stream::Stream,
+        subjects: &Subjects,
+        markets: &[String],
+    ) -> Written {
+        let journal: Vec<String> = markets.iter().map(|m| subjects.events(m)).collect();
+        let reports: Vec<String> = markets
+            .iter()
+            .map(|m| format!("{}.execs.*.{m}", subjects.prefix()))
+            .collect();
+        Written {
+            batches: count_messages(events, &journal).await,
+            reports: count_messages(execs, &reports).await,
+        }
+    }
+
+    fn since(self, before: Written) -> Written {
+        let minus = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?));
+        Written {
+            batches: minus(self.batches, before.batches),
+            reports: minus(self.reports, before.reports),
+        }
+    }
+}
+
+/// Messages in `stream` on the subjects matching `filters`, if the server says.
+async fn count_messages(stream: &jetstream::stream::Stream, filters: &[String]) -> Option<u64> {
+    let mut total = 0;
+    for filter in filters {
+        let mut info = stream.info_with_subjects(filter).await.ok()?;
+        while let Some(entry) = info.next().await {
+            total += entry.ok()?.1 as u64;
+        }
+    }
+    Some(total)
 }
 
 /// An execution-report message, as much of it as the bench reads.
@@ -1014,6 +1065,11 @@ async fn end_to_end_phase(
         .get_stream(&events_name)
         .await
         .map_err(|e| BenchError::new(format!("cannot open the stream {events_name}: {e}")))?;
+    let execs_name = run.subjects.execs_stream();
+    let execs = js
+        .get_stream(&execs_name)
+        .await
+        .map_err(|e| BenchError::new(format!("cannot open the stream {execs_name}: {e}")))?;
 
     // Every stream must be fresh: the generated cancels name orders by the stream sequence
     // their orders will get.
@@ -1081,7 +1137,7 @@ async fn end_to_end_phase(
     }
     let bases: Vec<u64> = prefill_counts.iter().map(|&n| n as u64).collect();
     wait_journals(run, &events, &markets, &bases).await?;
-    let batches_before = journal_batches(&events, &run.subjects, &markets).await;
+    let written_before = Written::count(&events, &execs, &run.subjects, &markets).await;
 
     let counts: Vec<usize> = run.flows.iter().map(|f| f.commands.len()).collect();
     let total: u64 = counts.iter().map(|&n| n as u64).sum();
@@ -1160,10 +1216,9 @@ async fn end_to_end_phase(
         .map(|(b, &n)| b + n as u64)
         .collect();
     wait_journals(run, &events, &markets, &ends).await?;
-    let batches = journal_batches(&events, &run.subjects, &markets)
+    let written = Written::count(&events, &execs, &run.subjects, &markets)
         .await
-        .zip(batches_before)
-        .map(|(after, before)| after.saturating_sub(before));
+        .since(written_before);
     Ok(phase_result(
         name,
         pace,
@@ -1171,25 +1226,8 @@ async fn end_to_end_phase(
         &shared,
         &collected,
         (cpu_before, cpu_after),
-        batches,
+        written,
     ))
-}
-
-/// Journal messages written for the markets (prefill included), if the server says.
-async fn journal_batches(
-    events: &jetstream::stream::Stream,
-    subjects: &Subjects,
-    markets: &[String],
-) -> Option<u64> {
-    let mut total = 0;
-    for market in markets {
-        let subject = subjects.events(market);
-        let mut info = events.info_with_subjects(&subject).await.ok()?;
-        while let Some(Ok((_, count))) = info.next().await {
-            total += count as u64;
-        }
-    }
-    Some(total)
 }
 
 /// Deletes the streams, buckets and object stores of this run (on a NATS the bench did not
@@ -1446,7 +1484,7 @@ impl BenchReport {
         )?;
         writeln!(
             out,
-            "{:<26} {:>9} {:>8} {:>11} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "{:<26} {:>9} {:>8} {:>11} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "phase",
             "commands",
             "seconds",
@@ -1458,7 +1496,8 @@ impl BenchReport {
             "node CPU",
             "nats CPU",
             "bench CPU",
-            "per batch"
+            "per batch",
+            "reports/cmd"
         )?;
         let ms = |us: u64| us as f64 / 1000.0;
         for p in &self.phases {
@@ -1474,9 +1513,12 @@ impl BenchReport {
             let per_batch = p.batches.filter(|&b| b > 0).map_or("-".to_string(), |b| {
                 format!("{:.1}", p.commands as f64 / b as f64)
             });
+            let reports = p.report_messages.map_or("-".to_string(), |r| {
+                format!("{:.2}", r as f64 / p.commands.max(1) as f64)
+            });
             writeln!(
                 out,
-                "{label:<26} {:>9} {:>8.2} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>10.1} {:>10} {:>10.1} {:>9}",
+                "{label:<26} {:>9} {:>8.2} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>9.1} {:>9} {:>9.1} {:>9} {:>11}",
                 p.commands,
                 p.seconds,
                 p.commands_per_sec,
@@ -1488,12 +1530,14 @@ impl BenchReport {
                 nats,
                 p.bench_cpu_ms_per_1000,
                 per_batch,
+                reports,
             )?;
         }
         writeln!(
             out,
             "(CPU: milliseconds of CPU time per 1,000 commands; per batch: commands per journal \
-             message, that is per batch the node processed)"
+             message, that is per batch the node processed; reports/cmd: execution-report \
+             messages, one per account per batch, per command)"
         )?;
         writeln!(
             out,

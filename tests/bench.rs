@@ -66,6 +66,7 @@ fn a_quick_bench_reports_every_phase() {
     // The node did the work of the end-to-end phases, in batches it journaled.
     for phase in &phases[1..3] {
         assert!(phase["batches"].as_u64() > Some(0), "{phase}");
+        assert!(phase["report_messages"].as_u64() > Some(0), "{phase}");
     }
     for phase in &phases[1..] {
         assert_eq!(phase["commands"], phases[0]["commands"]);

@@ -38,7 +38,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::book::MarketSpec;
 use crate::bus::{self, LocalServer, Subjects};
 use crate::wire::WireCommandOut;
 use crate::workload::{self, FlowParams};
@@ -206,14 +205,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         .map(|i| format!("PACED{i}-USD"))
         .collect();
     let all: Vec<&String> = max_markets.iter().chain(&paced_markets).collect();
-    let config = node_config(
-        &url,
-        &dir.path,
-        &prefix,
-        options.memory,
-        &flows[0].spec,
-        &all,
-    )?;
+    let config = node_config(&url, &dir.path, &prefix, options.memory, &all)?;
     let config_path = dir.path.join("node.toml");
     std::fs::write(&config_path, config).map_err(|e| {
         BenchError::new(format!(
@@ -221,34 +213,36 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
             config_path.display()
         ))
     })?;
-    eprintln!("agora bench: starting the node under test");
-    let mut node = NodeProcess::start(&config_path, &dir.path.join("node.log"))?;
-    node.wait_ready()?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| BenchError::new(format!("cannot start the async runtime: {e}")))?;
+    eprintln!("agora bench: starting the node under test");
+    let mut node = NodeProcess::start(&config_path, &dir.path.join("node.log"))?;
     let pids = Pids {
         node: node.pid(),
         nats: server.as_ref().and_then(LocalServer::pid),
     };
-    let measured = runtime.block_on(phases(Run {
-        url: url.clone(),
-        subjects: subjects.clone(),
-        options: options.clone(),
-        flows,
-        max_markets,
-        paced_markets,
-        raw_stream: format!("AGORA_BENCH_{}_RAW", run_id.to_ascii_uppercase()),
-        pids,
-        node: &mut node,
-    }));
+    let measured = match node.wait_ready() {
+        Ok(()) => runtime.block_on(phases(Run {
+            url: url.clone(),
+            subjects: subjects.clone(),
+            options: options.clone(),
+            flows,
+            max_markets,
+            paced_markets,
+            raw_stream: format!("AGORA_BENCH_{}_RAW", run_id.to_ascii_uppercase()),
+            pids,
+            node: &mut node,
+        })),
+        Err(e) => Err(e),
+    };
+    // Whatever happened, the node stops before its NATS does (and before its streams go).
     let stopped = node.stop();
     if options.nats_url.is_some()
         && let Err(e) = runtime.block_on(delete_run_streams(&url, &subjects, &run_id))
     {
-        eprintln!("agora bench: {e}");
+        eprintln!("agora bench: could not delete this run's streams (prefix {prefix}): {e}");
     }
     drop(runtime);
     drop(server);
@@ -291,7 +285,6 @@ fn per_market(options: &BenchOptions) -> usize {
 
 /// One market's generated flow, encoded as it goes on the wire.
 struct Flow {
-    spec: MarketSpec,
     prefill: Arc<Vec<Vec<u8>>>,
     commands: Arc<Vec<Vec<u8>>>,
 }
@@ -316,7 +309,6 @@ fn generate(options: &BenchOptions) -> Result<Vec<Flow>, BenchError> {
             Ok(Flow {
                 prefill: Arc::new(encode(&w.prefill)?),
                 commands: Arc::new(encode(&w.commands)?),
-                spec: w.spec,
             })
         })
         .collect()
@@ -329,9 +321,10 @@ fn node_config(
     dir: &Path,
     prefix: &str,
     memory: bool,
-    spec: &MarketSpec,
     markets: &[&String],
 ) -> Result<String, BenchError> {
+    // The generator's market, under each bench symbol.
+    let spec = workload::bench_spec();
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut toml = format!(
         "node_id = \"bench\"\nnats_url = {}\ndata_dir = {}\nprefix = {}\n\n[streams]\nmemory = {memory}\n",

@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::{StreamSettings, Subjects};
+use crate::bus::{NatsOptions, StreamSettings, Subjects};
 
 /// Top-level keys that `AGORA_*` environment variables may set (`AGORA_MARKET__FETCH_MAX`).
 const ENV_KEYS: &[&str] = &[
@@ -22,6 +22,7 @@ const ENV_KEYS: &[&str] = &[
     "streams",
     "market",
     "snapshots",
+    "nats",
 ];
 
 /// The defaults, as shipped.
@@ -37,6 +38,9 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub market: MarketConfig,
     pub snapshots: SnapshotsConfig,
+    /// How to authenticate to NATS, TLS, reconnecting (used with `nats_url`).
+    #[serde(default)]
+    pub nats: NatsOptions,
     pub markets: Vec<MarketSpecInput>,
 }
 
@@ -139,6 +143,7 @@ impl Config {
                 crate::book::types::BATCH_COMMANDS_MAX
             )));
         }
+        self.nats.check().map_err(ConfigError)?;
         if self.snapshots.every_secs > 86_400 {
             return Err(ConfigError(format!(
                 "snapshots.every_secs = {}: use 0 (off) to 86400",

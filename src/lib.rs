@@ -1,12 +1,15 @@
 //! Agora: a matching runtime for exchanges. `book` is the pure order book, `wire` the wire
 //! format, `replay`/`workload`/`fuzzing` the offline tools; with the `runtime` feature
-//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime.
+//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime, and `client`
+//! talks to it.
 
 #[cfg(feature = "runtime")]
 pub mod actors;
 pub mod book;
 #[cfg(feature = "runtime")]
 pub mod bus;
+#[cfg(feature = "runtime")]
+pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]

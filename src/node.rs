@@ -114,7 +114,13 @@ async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, N
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node_id = config.node_id()?;
     let mut nats = nats(&config).await?;
-    let client = bus::connect(&nats.url, &format!("agora-node-{node_id}")).await?;
+    // The embedded server has no users: the [nats] credentials are for a configured one.
+    let options = if nats.local.is_some() {
+        bus::NatsOptions::default()
+    } else {
+        config.nats.clone()
+    };
+    let client = bus::connect_with(&nats.url, &format!("agora-node-{node_id}"), &options).await?;
     let js = jetstream::new(client.clone());
     let subjects = config.subjects();
     let streams = config.stream_settings();

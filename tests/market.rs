@@ -361,6 +361,7 @@ async fn restart_case(snapshot_every: Option<u64>, damage: bool) {
             payload: m.payload.to_vec(),
             json: true,
             operator: m.subject.as_str() == "agora.admin.SAMPLE-USD",
+            account: None,
         });
     }
     let (expected, offline_hash) = offline_reports(&spec, &msgs);
@@ -709,4 +710,106 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
     assert_eq!(oid("q1"), Some(seq * 1000));
     assert_eq!(oid("q2"), Some(seq * 1000 + 1));
     assert_eq!(oid("t1"), Some((seq + 1) * 1000));
+}
+
+#[actix_rt::test]
+async fn an_accounts_own_subject_carries_only_its_commands() {
+    let env = env("BTC-USDC").await;
+    let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("spec");
+    let mut rejects = env
+        .client
+        .subscribe("agora.rejects.BTC-USDC")
+        .await
+        .expect("subscribe");
+    let running = market::start(env.bus(false).await, spec, MarketSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let publish_on = |subject: &str, value: Value| {
+        let (js, subject) = (env.js.clone(), subject.to_string());
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/json");
+            js.publish_with_headers(
+                subject,
+                headers,
+                serde_json::to_vec(&value).expect("json").into(),
+            )
+            .await
+            .expect("sent")
+            .await
+            .expect("acknowledged")
+            .sequence
+        }
+    };
+    let alice = "agora.orders.BTC-USDC.alice";
+    // No account named: it is alice's. Naming bob: refused, and the refusal goes to alice.
+    publish_on(
+        alice,
+        json!({"op": "new", "cid": "a1", "side": "buy", "price": "1.00", "qty": "1"}),
+    )
+    .await;
+    publish_on(alice, json!({"op": "new", "account": "bob", "cid": "b1", "side": "buy", "price": "1.00", "qty": "1"})).await;
+    // Batches: one naming bob is refused entirely; in another, only the command for bob is.
+    publish_on(
+        alice,
+        json!({"op": "batch", "account": "bob", "commands": [
+            {"op": "new", "cid": "a2", "side": "buy", "price": "1.00", "qty": "1"},
+        ]}),
+    )
+    .await;
+    publish_on(
+        alice,
+        json!({"op": "batch", "commands": [
+            {"op": "new", "cid": "a3", "side": "buy", "price": "1.00", "qty": "1"},
+            {"op": "cancel_all", "account": "bob"},
+        ]}),
+    )
+    .await;
+    // A subject token that is no account at all.
+    let long = format!("agora.orders.BTC-USDC.{}", "x".repeat(40));
+    let bad = publish_on(
+        &long,
+        json!({"op": "new", "account": "alice", "side": "buy", "price": "1.00", "qty": "1"}),
+    )
+    .await;
+    wait_journal(&env, "BTC-USDC", bad).await;
+    use futures::StreamExt;
+    let reject = tokio::time::timeout(Duration::from_secs(10), rejects.next())
+        .await
+        .expect("a rejection on agora.rejects")
+        .expect("message");
+    let reject: Value = rmp_serde::from_slice(&reject.payload).expect("decodes");
+    assert_eq!(reject["events"][0]["reason"], "not_permitted", "{reject}");
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let all = read_all(&env, "EXECS").await;
+    assert!(
+        all.iter()
+            .all(|(subject, _)| subject == "agora.execs.alice.BTC-USDC"),
+        "nothing reaches bob: {all:?}"
+    );
+    let reports: Vec<(String, String, String)> = all
+        .iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["type"].as_str().unwrap_or("?").to_string(),
+                r["cid"].as_str().unwrap_or("").to_string(),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("accepted", "a1", ""),
+        ("rejected", "b1", "not_permitted"),
+        ("rejected", "a2", "not_permitted"),
+        ("accepted", "a3", ""),
+        ("rejected", "", "not_permitted"),
+    ];
+    assert_eq!(
+        reports,
+        expected.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    );
 }

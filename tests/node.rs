@@ -236,6 +236,7 @@ async fn reports_and_offline(
             payload: m.payload.to_vec(),
             json: false,
             operator: m.subject.as_str() == format!("agora.admin.{market}"),
+            account: None,
         };
         if let Some(out) = core.process(std::slice::from_ref(&msg)) {
             for x in out.execs {
@@ -332,4 +333,53 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
         published == expected,
         "the published reports differ from an offline replay of the stream"
     );
+}
+
+#[tokio::test]
+async fn a_node_goes_on_after_nats_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut server, args) = server_and_args(
+        dir.path(),
+        "node_id = \"n1\"\n[nats]\nreconnect_delay_max_ms = 500\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    );
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    let url = server.url();
+    let js = jetstream::new(
+        bus::connect(&url, "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
+    wait_journal(&js, "TEST-USD", 1).await;
+
+    // NATS goes away and comes back on the same port with its data; the node reconnects
+    // (backing off up to 500 ms) and its market resumes from the streams.
+    let _server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap_or_else(|e| panic!("{e}"));
+        server
+    })
+    .await
+    .expect("restart");
+    let js = jetstream::new(
+        bus::connect(&url, "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
+    publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
+    wait_journal(&js, "TEST-USD", 3).await;
+    let (published, expected) = reports_and_offline(
+        &js,
+        "TEST-USD",
+        &agora::book::MarketSpecInput::new("TEST-USD", 2, 0)
+            .validate()
+            .expect("spec"),
+    )
+    .await;
+    assert_eq!(
+        published, expected,
+        "every report once, as an offline replay gives"
+    );
+    assert!(node.terminate().success());
 }

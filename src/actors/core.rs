@@ -27,6 +27,10 @@ pub struct Incoming {
     pub json: bool,
     /// Published on the operators' subject (`<prefix>.admin.<MARKET>`), not the orders one.
     pub operator: bool,
+    /// Published on an account's own subject (`<prefix>.orders.<MARKET>.<ACCOUNT>`): its
+    /// commands may only be for that account. `Err` holds a token that is no valid account:
+    /// the whole message is refused.
+    pub account: Option<Result<crate::book::Account, String>>,
 }
 
 /// Bumped whenever the layout of `MarketSnapshot` changes; restore refuses other versions.
@@ -169,12 +173,33 @@ impl MarketCore {
 
     /// Decodes and applies one message, appending what it produced to `entries`.
     fn apply(&mut self, msg: &Incoming, entries: &mut Vec<Entry>) {
+        let bound_account = match &msg.account {
+            None => None,
+            Some(Ok(account)) => Some(*account),
+            Some(Err(token)) => {
+                entries.push(Entry::Reject(wire::WireReject {
+                    seq: msg.seq,
+                    pos: 0,
+                    ts: msg.ts,
+                    op: None,
+                    account: None,
+                    cid: None,
+                    reason: crate::book::RejectReason::NotPermitted,
+                    message: format!(
+                        "the subject names account {token:?}, which is not a valid account (letters, digits, '-', '_'; at most 36)"
+                    ),
+                }));
+                self.last_seq = self.last_seq.max(msg.seq);
+                return;
+            }
+        };
         let spec = self.book.spec().clone();
         let ctx = DecodeContext {
             spec: &spec,
             seq: msg.seq,
             ts: msg.ts,
             default_account: None,
+            bound_account,
             batch_max: self.batch_max,
             operator: msg.operator,
         };
@@ -287,6 +312,7 @@ mod tests {
                 .expect("json"),
                 json: true,
                 operator: false,
+                account: None,
             })
             .collect();
         (w.spec, msgs)

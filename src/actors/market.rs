@@ -414,8 +414,7 @@ struct Driver {
     events: jetstream::stream::Stream,
     snapshots: Option<SnapshotStore>,
     addr: Addr<MarketActor>,
-    /// `<prefix>.admin.<MARKET>`: messages from it may halt and resume the market.
-    admin_subject: String,
+    routes: Routes,
     /// Stream sequence of our last journal message (the fence), `None` before the first.
     journal_seq: Option<u64>,
     settings: MarketSettings,
@@ -434,9 +433,27 @@ fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> Mark
     }
 }
 
+/// Which subject of the market's stream a message came on.
+#[derive(Clone)]
+struct Routes {
+    /// `<prefix>.admin.<MARKET>`: messages from it may halt and resume the market.
+    admin: String,
+    /// `<prefix>.orders.<MARKET>.`: followed by an account, the account's own subject.
+    account_orders: String,
+}
+
+impl Routes {
+    fn new(subjects: &Subjects, market: &str) -> Routes {
+        Routes {
+            admin: subjects.admin(market),
+            account_orders: format!("{}.", subjects.orders(market)),
+        }
+    }
+}
+
 fn incoming(
     market: &str,
-    admin_subject: &str,
+    routes: &Routes,
     m: &jetstream::Message,
 ) -> Result<Incoming, MarketError> {
     let info = m
@@ -452,7 +469,12 @@ fn incoming(
         ts: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
         payload: m.payload.to_vec(),
         json,
-        operator: m.subject.as_str() == admin_subject,
+        operator: m.subject.as_str() == routes.admin,
+        account: m
+            .subject
+            .as_str()
+            .strip_prefix(&routes.account_orders)
+            .map(|a| crate::book::Account::new(a).map_err(|_| a.to_string())),
     })
 }
 
@@ -481,7 +503,7 @@ pub async fn start(
         .get_stream(bus.subjects.events_stream())
         .await
         .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
-    let admin_subject = bus.subjects.admin(&market);
+    let routes = Routes::new(&bus.subjects, &market);
     let mut driver = Driver {
         market: market.clone(),
         js: bus.js,
@@ -491,7 +513,7 @@ pub async fn start(
         events,
         snapshots: bus.snapshots,
         addr: addr.clone(),
-        admin_subject,
+        routes,
         journal_seq: None,
         settings,
         since_snapshot: 0,
@@ -690,7 +712,7 @@ impl Driver {
             next: from,
             to,
             market: self.market.clone(),
-            admin_subject: self.admin_subject.clone(),
+            routes: self.routes.clone(),
             stream: self.subjects.orders_stream(&self.market),
         })
     }
@@ -826,13 +848,11 @@ impl Driver {
             let Some(first) = first else { return Ok(()) };
             let first =
                 first.map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
-            let mut batch = vec![incoming(&self.market, &self.admin_subject, &first)?];
+            let mut batch = vec![incoming(&self.market, &self.routes, &first)?];
             // Take whatever else is already here, without waiting: batches grow under load only.
             while batch.len() < self.settings.fetch_max {
                 match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => {
-                        batch.push(incoming(&self.market, &self.admin_subject, &m)?)
-                    }
+                    Some(Some(Ok(m))) => batch.push(incoming(&self.market, &self.routes, &m)?),
                     Some(Some(Err(e))) => {
                         return Err(nats_err(&self.market, "consuming the order stream", e));
                     }
@@ -978,7 +998,7 @@ struct RangeReader {
     next: Seq,
     to: Seq,
     market: String,
-    admin_subject: String,
+    routes: Routes,
     stream: String,
 }
 
@@ -1007,7 +1027,7 @@ impl RangeReader {
                 return Err(self.missing());
             };
             let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-            let msg = incoming(&self.market, &self.admin_subject, &m)?;
+            let msg = incoming(&self.market, &self.routes, &m)?;
             if msg.seq > self.to {
                 self.next = self.to + 1;
                 break;

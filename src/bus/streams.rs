@@ -48,18 +48,10 @@ impl StreamSettings {
     }
 }
 
-/// Connects to `url` (one or more, comma-separated), failing at once with a message naming the
-/// address when nothing answers.
+/// Connects to `url` (one or more, comma-separated) with no credentials, failing at once
+/// with a message naming the address when nothing answers. See `connect_with` for the rest.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .map_err(|e| BusError::Connect {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
+    super::connect::connect_with(url, name, &super::connect::NatsOptions::default()).await
 }
 
 async fn ensure_stream(
@@ -83,8 +75,8 @@ async fn ensure_stream(
     })
 }
 
-/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>` (clients)
-/// and `<prefix>.admin.<MARKET>` (operators).
+/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>` and
+/// `<prefix>.orders.<MARKET>.<ACCOUNT>` (clients) and `<prefix>.admin.<MARKET>` (operators).
 pub async fn ensure_market_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -95,7 +87,11 @@ pub async fn ensure_market_stream(
     ensure_stream(
         js,
         subjects.orders_stream(market),
-        vec![subjects.orders(market), subjects.admin(market)],
+        vec![
+            subjects.orders(market),
+            format!("{}.*", subjects.orders(market)),
+            subjects.admin(market),
+        ],
         settings,
     )
     .await

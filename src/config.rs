@@ -19,6 +19,7 @@ const ENV_KEYS: &[&str] = &[
     "nats_url",
     "data_dir",
     "prefix",
+    "http_port",
     "streams",
     "market",
     "snapshots",
@@ -35,6 +36,8 @@ pub struct Config {
     pub nats_url: String,
     pub data_dir: PathBuf,
     pub prefix: String,
+    /// `/health` and `/ready` on this port; 0: off.
+    pub http_port: u16,
     pub streams: StreamsConfig,
     pub market: MarketConfig,
     pub snapshots: SnapshotsConfig,
@@ -76,6 +79,8 @@ pub struct Overrides {
     pub nats_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
 }
 
 /// A configuration that cannot run, with what to change.

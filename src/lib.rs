@@ -18,5 +18,7 @@ pub mod fuzzing;
 #[cfg(feature = "runtime")]
 pub mod node;
 pub mod replay;
+#[cfg(feature = "runtime")]
+pub mod telemetry;
 pub mod wire;
 pub mod workload;

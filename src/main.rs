@@ -100,6 +100,9 @@ struct NodeArgs {
     /// Where the node keeps its id and, in embedded mode, the NATS data.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve /health and /ready on this HTTP port (0: off).
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -684,6 +687,7 @@ fn node_cmd(args: NodeArgs) -> Result<()> {
         node_id: args.node_id,
         nats_url: args.nats_url,
         data_dir: args.data_dir,
+        http_port: args.http_port,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     actix_rt::System::new().block_on(node::run(config, shutdown_signal()))?;

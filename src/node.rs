@@ -17,6 +17,7 @@ use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{self, BusError, LocalServer, SnapshotStore};
 use crate::config::{Config, ConfigError};
 use crate::control::Control;
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -113,6 +114,16 @@ async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, N
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node_id = config.node_id()?;
+    // The HTTP port first: a taken port stops the node before it touches anything.
+    let listener = if config.http_port == 0 {
+        None
+    } else {
+        Some(
+            telemetry::bind(config.http_port)
+                .await
+                .map_err(NodeError::Market)?,
+        )
+    };
     let mut nats = nats(&config).await?;
     // The embedded server has no users: the [nats] credentials are for a configured one.
     let options = if nats.local.is_some() {
@@ -162,7 +173,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| NodeError::Market(format!("the supervisor is gone: {e}")))?
             .map_err(NodeError::Market)?;
     }
+    let http = if let Some(listener) = listener {
+        let probes = telemetry::Probes {
+            client: client.clone(),
+            js: js.clone(),
+            subjects: subjects.clone(),
+            supervisor: supervisor.clone(),
+        };
+        Some((listener, probes))
+    } else {
+        None
+    };
     let (stop_control, control_stopped) = tokio::sync::watch::channel(false);
+    let http = http.map(|(listener, probes)| {
+        actix_rt::spawn(telemetry::serve(listener, probes, control_stopped.clone()))
+    });
     let control = Control {
         js: js.clone(),
         client: client.clone(),
@@ -174,8 +199,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started: std::time::Instant::now(),
     };
     let control = actix_rt::spawn(control.serve(control_stopped));
+    let health = if config.http_port == 0 {
+        String::new()
+    } else {
+        format!("; /health and /ready on http port {}", config.http_port)
+    };
     println!(
-        "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>",
+        "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>{health}",
         nats.url,
         symbols.join(", "),
         subjects.prefix()
@@ -184,6 +214,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     println!("agora node {node_id} stopping: finishing the current batches");
     let _ = stop_control.send(true);
     let _ = control.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     let _ = supervisor.send(Shutdown).await;
     let _ = client.flush().await;
     drop(client);

@@ -383,3 +383,83 @@ async fn a_node_goes_on_after_nats_restarts() {
     );
     assert!(node.terminate().success());
 }
+
+/// `GET path` on localhost:`port`: the status code and the JSON body.
+fn http_get(port: u16, request: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(format!("{request} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_node_answers_health_and_readiness_on_its_http_port() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, mut args) = server_and_args(
+        dir.path(),
+        "node_id = \"n1\"\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    );
+    let port = bus::server::free_port().unwrap_or_else(|e| panic!("{e}"));
+    args.extend(["--http-port".to_string(), port.to_string()]);
+    let node = Node::start(&args);
+    let ready = node.wait_line("ready");
+    assert!(ready.contains(&format!("http port {port}")), "{ready}");
+
+    let (status, body) = http_get(port, "GET /health");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["nats"], "connected");
+    let js = jetstream::new(
+        bus::connect(&server.url(), "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
+    wait_journal(&js, "TEST-USD", 1).await;
+    let (status, body) = http_get(port, "GET /ready");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["markets"][0]["market"], "TEST-USD");
+    assert_eq!(body["markets"][0]["lag"], 0);
+    let (status, body) = http_get(port, "GET /nothing-here");
+    assert_eq!(status, 404);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("/health"),
+        "{body}"
+    );
+    let (status, _) = http_get(port, "POST /ready");
+    assert_eq!(status, 405);
+
+    // A second node cannot take the same port, and says so before doing anything.
+    let other = dir.path().join("other");
+    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args([
+            "node",
+            "--nats-url",
+            &server.url(),
+            "--node-id",
+            "n2",
+            "--http-port",
+        ])
+        .arg(port.to_string())
+        .arg("--data-dir")
+        .arg(&other)
+        .env("AGORA_LOG", "error")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on HTTP port {port}")),
+        "{err}"
+    );
+    assert!(node.terminate().success());
+}

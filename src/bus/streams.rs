@@ -25,6 +25,10 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// How long a node heartbeat lives in `agora_nodes` without renewal.
     pub heartbeat_ttl: Duration,
+    /// Messages older than this leave the streams (zero: kept forever).
+    pub max_age: Duration,
+    /// Each stream keeps at most this many bytes, oldest dropped first (0: no limit).
+    pub max_bytes: u64,
 }
 
 impl Default for StreamSettings {
@@ -34,6 +38,8 @@ impl Default for StreamSettings {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             heartbeat_ttl: Duration::from_secs(3),
+            max_age: Duration::ZERO,
+            max_bytes: 0,
         }
     }
 }
@@ -66,6 +72,12 @@ async fn ensure_stream(
         storage: settings.storage(),
         num_replicas: settings.replicas,
         duplicate_window: settings.duplicate_window,
+        max_age: settings.max_age,
+        max_bytes: if settings.max_bytes == 0 {
+            -1
+        } else {
+            i64::try_from(settings.max_bytes).unwrap_or(i64::MAX)
+        },
         ..Default::default()
     })
     .await

@@ -284,12 +284,18 @@ mod tests {
                 "symbol",
             )?;
             refused("fetch_maxx = 3\n", "fetch_maxx")?;
-            refused("[streams]\nmax_age_secs = 60\n", "streams.max_age_secs = 60")?;
+            refused(
+                "[streams]\nmax_age_secs = 60\n",
+                "streams.max_age_secs = 60",
+            )?;
             refused(
                 "[nats]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n",
                 "one way to authenticate",
             )?;
-            refused("[nats]\ncreds_file = \"/nowhere.creds\"\n", "nats.creds_file")?;
+            refused(
+                "[nats]\ncreds_file = \"/nowhere.creds\"\n",
+                "nats.creds_file",
+            )?;
             refused("[snapshots]\nevery_secs = 100000\n", "snapshots.every_secs")?;
             refused("http_port = 70000\n", "http_port")?;
             let missing = jail.directory().join("missing.toml");

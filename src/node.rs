@@ -114,15 +114,15 @@ async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, N
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node_id = config.node_id()?;
-    // The HTTP port first: a taken port stops the node before it touches anything.
-    let listener = if config.http_port == 0 {
-        None
+    // The HTTP port first: a taken port stops the node before it touches anything. The
+    // recorder goes in before any market starts, so they all record into it.
+    let (listener, metrics) = if config.http_port == 0 {
+        (None, None)
     } else {
-        Some(
-            telemetry::bind(config.http_port)
-                .await
-                .map_err(NodeError::Market)?,
-        )
+        let listener = telemetry::bind(config.http_port)
+            .await
+            .map_err(NodeError::Market)?;
+        (Some(listener), telemetry::install_metrics())
     };
     let mut nats = nats(&config).await?;
     // The embedded server has no users: the [nats] credentials are for a configured one.
@@ -179,6 +179,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             js: js.clone(),
             subjects: subjects.clone(),
             supervisor: supervisor.clone(),
+            metrics: metrics.clone(),
         };
         Some((listener, probes))
     } else {
@@ -202,7 +203,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let health = if config.http_port == 0 {
         String::new()
     } else {
-        format!("; /health and /ready on http port {}", config.http_port)
+        format!(
+            "; /metrics, /health and /ready on http port {}",
+            config.http_port
+        )
     };
     println!(
         "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>{health}",

@@ -1,4 +1,5 @@
-//! The node's HTTP port (`--http-port`): `/health` and `/ready` for orchestrators.
+//! The node's HTTP port (`--http-port`): `/metrics` for Prometheus (the names are listed in
+//! `actors::metrics`), `/health` and `/ready` for orchestrators.
 //!
 //! `/health`: the process answers and its NATS connection is up. `/ready`: every market the
 //! node runs is running and caught up with its order stream (at most `READY_LAG_MAX` commands
@@ -32,6 +33,30 @@ pub struct Probes {
     pub js: jetstream::Context,
     pub subjects: Subjects,
     pub supervisor: Addr<Supervisor>,
+    /// Renders the metrics; `None` when no recorder could be installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls get `None`).
+pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let builder = PrometheusBuilder::new();
+    let builder = ["matching_latency_us", "matching_snapshot_duration_us"]
+        .into_iter()
+        .try_fold(builder, |b, name| {
+            b.set_buckets_for_metric(
+                Matcher::Full(name.into()),
+                crate::actors::metrics::LATENCY_BUCKETS_US,
+            )
+        })
+        .ok()?;
+    match builder.install_recorder() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!("metrics are off: {e}");
+            None
+        }
+    }
 }
 
 impl Probes {
@@ -149,7 +174,7 @@ async fn answer(mut stream: TcpStream, probes: &Probes) -> std::io::Result<()> {
         return respond(
             &mut stream,
             405,
-            &json!({"error": format!("{method} is not served; use GET /health or GET /ready")}),
+            &json!({"error": format!("{method} is not served; use GET /metrics, /health or /ready")}),
         )
         .await;
     }
@@ -162,15 +187,38 @@ async fn answer(mut stream: TcpStream, probes: &Probes) -> std::io::Result<()> {
             let (ok, body) = probes.ready().await;
             respond(&mut stream, if ok { 200 } else { 503 }, &body).await
         }
+        "/metrics" => match &probes.metrics {
+            Some(handle) => {
+                handle.run_upkeep();
+                respond_text(&mut stream, &handle.render()).await
+            }
+            None => {
+                respond(
+                    &mut stream,
+                    503,
+                    &json!({"error": "no metrics recorder in this process"}),
+                )
+                .await
+            }
+        },
         _ => {
             respond(
                 &mut stream,
                 404,
-                &json!({"error": format!("{path} is not served; use /health or /ready")}),
+                &json!({"error": format!("{path} is not served; use /metrics, /health or /ready")}),
             )
             .await
         }
     }
+}
+
+async fn respond_text(stream: &mut TcpStream, body: &str) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {

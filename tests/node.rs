@@ -384,6 +384,19 @@ async fn a_node_goes_on_after_nats_restarts() {
     assert!(node.terminate().success());
 }
 
+/// `GET /metrics` on localhost:`port`, as text.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
 /// `GET path` on localhost:`port`: the status code and the JSON body.
 fn http_get(port: u16, request: &str) -> (u16, Value) {
     use std::io::{Read, Write};
@@ -429,6 +442,48 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["markets"][0]["market"], "TEST-USD");
     assert_eq!(body["markets"][0]["lag"], 0);
+    // Metrics move with the flow: a trade, a resting order, a rejection.
+    publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
+    publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
+    publish(&js, "TEST-USD", order("dave", "d1", "buy", "9.001")).await;
+    wait_journal(&js, "TEST-USD", 4).await;
+    let text = scrape(port);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(value("matching_orders_processed_total"), 4.0);
+    assert_eq!(value("matching_trades_generated_total"), 1.0);
+    assert_eq!(
+        value("matching_market_orders_total{market=\"TEST-USD\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("matching_market_trades_total{market=\"TEST-USD\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("matching_market_bid_levels{market=\"TEST-USD\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("matching_market_ask_levels{market=\"TEST-USD\"}"),
+        0.0
+    );
+    assert_eq!(value("matching_orderbook_depth"), 1.0);
+    assert_eq!(
+        value("matching_rejects_total{market=\"TEST-USD\",reason=\"invalid_field\"}"),
+        1.0
+    );
+    assert_eq!(value("matching_market_running{market=\"TEST-USD\"}"), 1.0);
+    assert!(value("matching_latency_us_count") >= 1.0);
+    assert!(
+        text.contains("matching_latency_us_bucket{le=\"1000\"}"),
+        "{text}"
+    );
     let (status, body) = http_get(port, "GET /nothing-here");
     assert_eq!(status, 404);
     assert!(

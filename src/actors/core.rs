@@ -74,6 +74,45 @@ pub enum SnapshotError {
     },
 }
 
+/// What one batch did, for the metrics (counted from its entries; the book's sizes after it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Commands applied (each command of a batch message counts).
+    pub commands: u64,
+    pub trades: u64,
+    /// Rejections by reason, in order of first appearance.
+    pub rejects: Vec<(&'static str, u64)>,
+    pub resting_orders: u64,
+    pub bid_levels: u64,
+    pub ask_levels: u64,
+}
+
+impl BatchStats {
+    /// Counts trades and rejections in `entries`, and the book's sizes.
+    fn count(&mut self, entries: &[Entry], book: &OrderBook) {
+        self.trades = 0;
+        self.rejects.clear();
+        for e in entries {
+            let reason = match e {
+                Entry::Event(Event::Trade(_)) => {
+                    self.trades += 1;
+                    continue;
+                }
+                Entry::Event(Event::Rejected(r)) => r.reason.as_str(),
+                Entry::Event(_) => continue,
+                Entry::Reject(r) => r.reason.as_str(),
+            };
+            match self.rejects.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => self.rejects.push((reason, 1)),
+            }
+        }
+        self.resting_orders = book.order_count() as u64;
+        self.bid_levels = book.level_count(crate::book::Side::Buy) as u64;
+        self.ask_levels = book.level_count(crate::book::Side::Sell) as u64;
+    }
+}
+
 pub struct MarketCore {
     subjects: Subjects,
     book: OrderBook,
@@ -84,6 +123,8 @@ pub struct MarketCore {
     last_seq: Seq,
     /// `seq` of the last L2 delta built.
     book_seq: Seq,
+    /// What the last processed batch did.
+    stats: BatchStats,
 }
 
 impl MarketCore {
@@ -96,6 +137,7 @@ impl MarketCore {
             top_levels: TOP_LEVELS_DEFAULT,
             last_seq: 0,
             book_seq: 0,
+            stats: BatchStats::default(),
         }
     }
 
@@ -134,6 +176,7 @@ impl MarketCore {
             top_levels: TOP_LEVELS_DEFAULT,
             last_seq: snapshot.last_seq,
             book_seq: snapshot.book_seq,
+            stats: BatchStats::default(),
         })
     }
 
@@ -148,6 +191,11 @@ impl MarketCore {
             state_hash: self.book.state_hash(),
             book: self.book.snapshot(),
         }
+    }
+
+    /// What the last `process` did.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -189,6 +237,7 @@ impl MarketCore {
                         "the subject names account {token:?}, which is not a valid account (letters, digits, '-', '_'; at most 36)"
                     ),
                 }));
+                self.stats.commands += 1;
                 self.last_seq = self.last_seq.max(msg.seq);
                 return;
             }
@@ -203,7 +252,9 @@ impl MarketCore {
             batch_max: self.batch_max,
             operator: msg.operator,
         };
-        for decoded in wire::decode(&msg.payload, msg.json, &ctx) {
+        let decoded = wire::decode(&msg.payload, msg.json, &ctx);
+        self.stats.commands += decoded.len() as u64;
+        for decoded in decoded {
             match decoded {
                 Ok(cmd) => {
                     self.events.clear();
@@ -230,9 +281,11 @@ impl MarketCore {
         let first = msgs.first()?.seq;
         let before = outputs::top(&self.book, self.top_levels);
         let mut entries = Vec::with_capacity(msgs.len() * 2);
+        self.stats.commands = 0;
         for msg in msgs {
             self.apply(msg, &mut entries);
         }
+        self.stats.count(&entries, &self.book);
         let after = outputs::top(&self.book, self.top_levels);
         let out = outputs::build(
             &self.subjects,

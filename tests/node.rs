@@ -484,6 +484,25 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
         text.contains("matching_latency_us_bucket{le=\"1000\"}"),
         "{text}"
     );
+    // Every metric the Grafana dashboard plots is one the node exports.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/agora.json"
+    ))
+    .expect("the dashboard");
+    let mut plotted: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("matching_"))
+        .collect();
+    plotted.sort_unstable();
+    plotted.dedup();
+    assert!(plotted.len() >= 10, "{plotted:?}");
+    for name in plotted {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "the dashboard plots {name}, which the node does not export"
+        );
+    }
     let (status, body) = http_get(port, "GET /nothing-here");
     assert_eq!(status, 404);
     assert!(

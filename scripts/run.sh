@@ -12,4 +12,6 @@ need_python_client
 cargo build --release --quiet
 echo "==> starting the node; from another terminal, place orders and see the fills with:"
 echo "    python3 examples/python/place_order.py <the NATS URL printed below>"
+echo "    or: AGORA_NATS_URL=<that URL> target/release/agora order place --market BTC-USDC --account alice --side sell --price 65000.00 --qty 0.5"
+echo "        AGORA_NATS_URL=<that URL> target/release/agora watch trades --market BTC-USDC"
 exec target/release/agora node "$@"

@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::{StreamSettings, Subjects};
+use crate::bus::{NatsOptions, StreamSettings, Subjects};
 
 /// Top-level keys that `AGORA_*` environment variables may set (`AGORA_MARKET__FETCH_MAX`).
 const ENV_KEYS: &[&str] = &[
@@ -19,9 +19,11 @@ const ENV_KEYS: &[&str] = &[
     "nats_url",
     "data_dir",
     "prefix",
+    "http_port",
     "streams",
     "market",
     "snapshots",
+    "nats",
 ];
 
 /// The defaults, as shipped.
@@ -34,9 +36,14 @@ pub struct Config {
     pub nats_url: String,
     pub data_dir: PathBuf,
     pub prefix: String,
+    /// `/health` and `/ready` on this port; 0: off.
+    pub http_port: u16,
     pub streams: StreamsConfig,
     pub market: MarketConfig,
     pub snapshots: SnapshotsConfig,
+    /// How to authenticate to NATS, TLS, reconnecting (used with `nats_url`).
+    #[serde(default)]
+    pub nats: NatsOptions,
     pub markets: Vec<MarketSpecInput>,
 }
 
@@ -53,6 +60,8 @@ pub struct StreamsConfig {
     pub replicas: usize,
     pub memory: bool,
     pub duplicate_window_secs: u64,
+    pub max_age_secs: u64,
+    pub max_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,6 +81,8 @@ pub struct Overrides {
     pub nats_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
 }
 
 /// A configuration that cannot run, with what to change.
@@ -139,6 +150,14 @@ impl Config {
                 crate::book::types::BATCH_COMMANDS_MAX
             )));
         }
+        self.nats.check().map_err(ConfigError)?;
+        let s = &self.streams;
+        if s.max_age_secs != 0 && s.max_age_secs <= s.duplicate_window_secs {
+            return Err(ConfigError(format!(
+                "streams.max_age_secs = {} must be above streams.duplicate_window_secs = {} (or 0: keep forever)",
+                s.max_age_secs, s.duplicate_window_secs
+            )));
+        }
         if self.snapshots.every_secs > 86_400 {
             return Err(ConfigError(format!(
                 "snapshots.every_secs = {}: use 0 (off) to 86400",
@@ -177,6 +196,8 @@ impl Config {
             memory: self.streams.memory,
             replicas: self.streams.replicas,
             duplicate_window: std::time::Duration::from_secs(self.streams.duplicate_window_secs),
+            max_age: std::time::Duration::from_secs(self.streams.max_age_secs),
+            max_bytes: self.streams.max_bytes,
             ..StreamSettings::default()
         }
     }
@@ -263,6 +284,20 @@ mod tests {
                 "symbol",
             )?;
             refused("fetch_maxx = 3\n", "fetch_maxx")?;
+            refused(
+                "[streams]\nmax_age_secs = 60\n",
+                "streams.max_age_secs = 60",
+            )?;
+            refused(
+                "[nats]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n",
+                "one way to authenticate",
+            )?;
+            refused(
+                "[nats]\ncreds_file = \"/nowhere.creds\"\n",
+                "nats.creds_file",
+            )?;
+            refused("[snapshots]\nevery_secs = 100000\n", "snapshots.every_secs")?;
+            refused("http_port = 70000\n", "http_port")?;
             let missing = jail.directory().join("missing.toml");
             let err = Config::load(Some(&missing), &Overrides::default())
                 .err()
@@ -279,8 +314,12 @@ mod tests {
             jail.set_env("AGORA_MARKET__FETCH_MAX", "32");
             jail.set_env("AGORA_NATS_SERVER", "/opt/nats-server");
             jail.set_env("AGORA_ORACLE_SEED", "7");
+            jail.set_env("AGORA_NATS__TOKEN", "s3cret");
+            jail.set_env("AGORA_SNAPSHOTS__EVERY_COMMANDS", "500");
             let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(config.nats_url, "nats://127.0.0.1:4999");
+            assert_eq!(config.nats.token.as_deref(), Some("s3cret"));
+            assert_eq!(config.snapshots.every_commands, 500);
             assert_eq!(config.market.fetch_max, 32);
             Ok(())
         });

@@ -71,8 +71,8 @@ impl Control {
             .client
             .queue_subscribe(subject.clone(), format!("{}-ctl", self.subjects.prefix()))
             .await
-            .map_err(|e| BusError::Connect {
-                url: subject,
+            .map_err(|e| BusError::Subscribe {
+                subject,
                 reason: e.to_string(),
             })?;
         // `<prefix>.ctl.`: what follows is the verb.

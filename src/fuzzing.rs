@@ -45,6 +45,10 @@ pub fn decode_and_apply(data: &[u8]) {
             seq,
             ts,
             default_account: None,
+            // Some messages come on an account's own subject.
+            bound_account: (flags & 4 == 4)
+                .then(|| crate::book::Account::new("acct-1").ok())
+                .flatten(),
             batch_max: 50,
             operator: flags & 2 == 2,
         };

@@ -1,7 +1,7 @@
 //! Agora: a matching runtime for exchanges. `book` is the pure order book, `wire` the wire
 //! format, `replay`/`workload`/`fuzzing` the offline tools; with the `runtime` feature
-//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime, and `bench`
-//! measures it end to end.
+//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime, `client`
+//! talks to it, and `bench` measures it end to end.
 
 #[cfg(feature = "runtime")]
 pub mod actors;
@@ -11,6 +11,8 @@ pub mod book;
 #[cfg(feature = "runtime")]
 pub mod bus;
 #[cfg(feature = "runtime")]
+pub mod client;
+#[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod control;
@@ -18,5 +20,7 @@ pub mod fuzzing;
 #[cfg(feature = "runtime")]
 pub mod node;
 pub mod replay;
+#[cfg(feature = "runtime")]
+pub mod telemetry;
 pub mod wire;
 pub mod workload;

@@ -1,6 +1,6 @@
-//! The `agora` command: `node` runs a node of the runtime; `bench` measures one end to end
-//! through NATS; `replay` drives a book offline from a command file; `generate` writes seeded,
-//! realistic order flow as such a file. This file parses
+//! The `agora` command: `node` runs a node of the runtime; `ctl`, `order` and `watch` talk to
+//! it; `bench` measures one end to end through NATS; `replay` drives a book offline from a
+//! command file; `generate` writes seeded, realistic order flow as such a file. This file parses
 //! arguments and reports errors; it must never hold logic that a library module could own and
 //! test.
 
@@ -38,6 +38,12 @@ enum Cmd {
     /// Measure a node end to end through NATS (publish to execution report) against the raw
     /// JetStream ceiling of the machine; the node runs as a child process.
     Bench(BenchArgs),
+    /// Send an order command (place, cancel, amend, cancel-all) and print its reports.
+    #[command(subcommand)]
+    Order(OrderCmd),
+    /// Print a stream of execution reports, trades or book updates as JSON lines.
+    #[command(subcommand)]
+    Watch(WatchCmd),
     /// Apply a file of JSON-lines commands to one book, offline; print every event as JSON.
     Replay(ReplayArgs),
     /// Write seeded, realistic order flow as a JSON-lines command file.
@@ -98,6 +104,9 @@ struct NodeArgs {
     /// Where the node keeps its id and, in embedded mode, the NATS data.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve /health and /ready on this HTTP port (0: off).
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -112,14 +121,188 @@ struct CtlArgs {
     /// For market.halt: also cancel every open order.
     #[arg(long)]
     cancel_orders: bool,
-    #[arg(long, env = "AGORA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// First token of the subjects.
-    #[arg(long, default_value = "agora")]
-    prefix: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// How long to wait for the reply.
     #[arg(long, default_value_t = 15)]
     timeout_secs: u64,
+}
+
+/// Where NATS is and how to log in (the same `AGORA_NATS__*` variables as the node's `[nats]`).
+#[derive(Args, Clone)]
+struct ConnectArgs {
+    #[arg(long, env = "AGORA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// First token of the subjects.
+    #[arg(long, env = "AGORA_PREFIX", default_value = "agora")]
+    prefix: String,
+    /// Credentials file (JWT + nkey seed, as nsc writes it).
+    #[arg(long, env = "AGORA_NATS__CREDS_FILE", value_name = "FILE")]
+    creds: Option<PathBuf>,
+    /// File holding an nkey user seed.
+    #[arg(long, env = "AGORA_NATS__NKEY_SEED_FILE", value_name = "FILE")]
+    nkey: Option<PathBuf>,
+    #[arg(long, env = "AGORA_NATS__USER")]
+    user: Option<String>,
+    #[arg(long, env = "AGORA_NATS__PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    #[arg(long, env = "AGORA_NATS__TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate; turns TLS on.
+    #[arg(long, env = "AGORA_NATS__TLS_CA_FILE", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[arg(long, env = "AGORA_NATS__TLS_CERT_FILE", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "AGORA_NATS__TLS_KEY_FILE", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    fn options(&self) -> agora::bus::NatsOptions {
+        agora::bus::NatsOptions {
+            creds_file: self.creds.clone(),
+            nkey_seed_file: self.nkey.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            tls_ca_file: self.tls_ca.clone(),
+            tls_cert_file: self.tls_cert.clone(),
+            tls_key_file: self.tls_key.clone(),
+            ..Default::default()
+        }
+    }
+
+    async fn client(&self) -> Result<agora::client::Client> {
+        Ok(agora::client::Client::connect(&self.nats_url, &self.options(), &self.prefix).await?)
+    }
+}
+
+/// The order a cancel or amend means.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct TargetArgs {
+    /// The order's client id.
+    #[arg(long)]
+    cid: Option<String>,
+    /// The engine's order id.
+    #[arg(long)]
+    oid: Option<u64>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> agora::client::Target {
+        match (&self.cid, self.oid) {
+            (Some(cid), _) => agora::client::Target::Cid(cid.clone()),
+            (None, Some(oid)) => agora::client::Target::Oid(oid),
+            // clap requires one of the two.
+            (None, None) => agora::client::Target::Oid(0),
+        }
+    }
+}
+
+#[derive(Args)]
+struct OrderCommon {
+    #[arg(long)]
+    market: String,
+    #[arg(long, env = "AGORA_ACCOUNT")]
+    account: String,
+    /// Seconds to wait for the command's reports (0: print the stream sequence and return).
+    #[arg(long, default_value_t = 5)]
+    wait_secs: u64,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Subcommand)]
+enum OrderCmd {
+    /// Place an order.
+    Place {
+        #[command(flatten)]
+        common: OrderCommon,
+        /// buy or sell.
+        #[arg(long)]
+        side: String,
+        /// Total quantity, as a decimal string ("0.5").
+        #[arg(long)]
+        qty: String,
+        /// Limit price, as a decimal string ("65000.00"); not for market orders.
+        #[arg(long)]
+        price: Option<String>,
+        /// limit (default), market, stop_limit or stop_market.
+        #[arg(long = "type")]
+        order_type: Option<String>,
+        /// gtc (default), ioc, fok, gtd or post_only.
+        #[arg(long)]
+        tif: Option<String>,
+        #[arg(long)]
+        stop_price: Option<String>,
+        /// Iceberg: the quantity shown at a time.
+        #[arg(long)]
+        display_qty: Option<String>,
+        /// For gtd: expiry, nanoseconds since the Unix epoch.
+        #[arg(long)]
+        expire_at: Option<u64>,
+        /// Self-trade prevention: none, cancel_newest, cancel_oldest, cancel_both, decrement_and_cancel.
+        #[arg(long)]
+        stp: Option<String>,
+        /// Client order id (also the Nats-Msg-Id, so a retried publish counts once).
+        #[arg(long)]
+        cid: Option<String>,
+    },
+    /// Cancel an order (by --cid or --oid).
+    Cancel {
+        #[command(flatten)]
+        common: OrderCommon,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Amend an order (by --cid or --oid): --qty is the new total, filled included.
+    Amend {
+        #[command(flatten)]
+        common: OrderCommon,
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        qty: Option<String>,
+        #[arg(long)]
+        price: Option<String>,
+    },
+    /// Cancel every open order of the account in the market.
+    CancelAll {
+        #[command(flatten)]
+        common: OrderCommon,
+    },
+}
+
+#[derive(Subcommand)]
+enum WatchCmd {
+    /// An account's execution reports (all markets unless --market).
+    Reports {
+        #[arg(long, env = "AGORA_ACCOUNT")]
+        account: String,
+        #[arg(long)]
+        market: Option<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// A market's trade tape.
+    Trades {
+        #[arg(long)]
+        market: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// A market's L2 book: the snapshot, then each delta, as JSON lines; with --levels, the
+    /// top of the book after each change instead.
+    Book {
+        #[arg(long)]
+        market: String,
+        #[arg(long, value_name = "N")]
+        levels: Option<usize>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 #[derive(Args)]
@@ -332,12 +515,14 @@ fn ctl_cmd(args: CtlArgs) -> Result<()> {
         }
         _ => serde_json::json!({}),
     };
-    let subjects = agora::bus::Subjects::new(&args.prefix)?;
+    let subjects = agora::bus::Subjects::new(&args.connect.prefix)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let reply: serde_json::Value = runtime.block_on(async {
-        let client = agora::bus::connect(&args.nats_url, "agora-ctl").await?;
+        let client =
+            agora::bus::connect_with(&args.connect.nats_url, "agora-ctl", &args.connect.options())
+                .await?;
         let payload = rmp_serde::to_vec_named(&body)?;
         let request = client.request(subjects.ctl(&args.verb), payload.into());
         let reply = tokio::time::timeout(Duration::from_secs(args.timeout_secs), request)
@@ -353,7 +538,7 @@ fn ctl_cmd(args: CtlArgs) -> Result<()> {
                 anyhow::anyhow!(
                     "no node answered {}: {e}; is a node running against {}?",
                     subjects.ctl(&args.verb),
-                    args.nats_url
+                    args.connect.nats_url
                 )
             })?;
         Ok::<_, anyhow::Error>(rmp_serde::from_slice(&reply.payload)?)
@@ -391,6 +576,164 @@ fn bench_cmd(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn order_cmd(cmd: OrderCmd) -> Result<()> {
+    use agora::client::NewOrderRequest;
+    let common = match &cmd {
+        OrderCmd::Place { common, .. }
+        | OrderCmd::Cancel { common, .. }
+        | OrderCmd::Amend { common, .. }
+        | OrderCmd::CancelAll { common } => common,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = common.connect.client().await?;
+        let (market, account) = (common.market.as_str(), common.account.as_str());
+        // Listen before sending, so the reports cannot pass by unseen.
+        let mut reports = if common.wait_secs > 0 {
+            Some(client.reports(account, Some(market)).await?)
+        } else {
+            None
+        };
+        let sent = match &cmd {
+            OrderCmd::Place {
+                side,
+                qty,
+                price,
+                order_type,
+                tif,
+                stop_price,
+                display_qty,
+                expire_at,
+                stp,
+                cid,
+                ..
+            } => {
+                let order = NewOrderRequest {
+                    side: side.clone(),
+                    order_type: order_type.clone(),
+                    tif: tif.clone(),
+                    price: price.clone(),
+                    qty: qty.clone(),
+                    stop_price: stop_price.clone(),
+                    display_qty: display_qty.clone(),
+                    expire_at: *expire_at,
+                    stp: stp.clone(),
+                    cid: cid.clone(),
+                };
+                client.place(market, account, &order).await?
+            }
+            OrderCmd::Cancel { target, .. } => {
+                client.cancel(market, account, &target.target()).await?
+            }
+            OrderCmd::Amend {
+                target, qty, price, ..
+            } => {
+                client
+                    .amend(market, account, &target.target(), qty.as_deref(), price.as_deref())
+                    .await?
+            }
+            OrderCmd::CancelAll { .. } => client.cancel_all(market, account).await?,
+        };
+        print_json(&serde_json::json!({"sent": sent}))?;
+        if sent.duplicate {
+            eprintln!(
+                "agora: the stream already had a command with this cid (a retry): nothing new was sent"
+            );
+            return Ok(());
+        }
+        if let Some(reports) = &mut reports {
+            let wait = Duration::from_secs(common.wait_secs);
+            if let OrderCmd::CancelAll { .. } = cmd {
+                // A cancel-all with nothing to cancel has no report: ask the market instead.
+                client.wait_applied(market, sent.seq, wait).await?;
+                match reports.for_seq(sent.seq, Duration::from_millis(500)).await {
+                    Ok(found) => {
+                        for report in found {
+                            print_json(&report)?;
+                        }
+                    }
+                    Err(agora::client::ClientError::Timeout { .. }) => {
+                        eprintln!("agora: applied at seq {}; {account} had no open orders in {market}", sent.seq);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                for report in reports.for_seq(sent.seq, wait).await? {
+                    print_json(&report)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn watch_cmd(cmd: WatchCmd) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cmd {
+            WatchCmd::Reports {
+                account,
+                market,
+                connect,
+            } => {
+                let client = connect.client().await?;
+                let mut reports = client.reports(&account, market.as_deref()).await?;
+                eprintln!("agora: watching the reports of {account}");
+                while let Some(report) = reports.next().await? {
+                    print_json(&report)?;
+                }
+            }
+            WatchCmd::Trades { market, connect } => {
+                let client = connect.client().await?;
+                let mut trades = client.trades(&market).await?;
+                eprintln!("agora: watching the trades of {market}");
+                while let Some((market, trade)) = trades.next().await? {
+                    print_json(&serde_json::json!({"market": market, "trade": trade}))?;
+                }
+            }
+            WatchCmd::Book {
+                market,
+                levels,
+                connect,
+            } => {
+                use agora::client::BookUpdate;
+                let client = connect.client().await?;
+                let mut feed = client.book(&market, Duration::from_secs(5)).await?;
+                eprintln!("agora: watching the book of {market}");
+                let top = |feed: &agora::client::BookFeed<'_>, n: usize| {
+                    serde_json::json!({"market": market, "seq": feed.book().seq,
+                        "bids": feed.book().bids(n), "asks": feed.book().asks(n)})
+                };
+                print_json(&top(&feed, levels.unwrap_or(usize::MAX)))?;
+                while let Some(update) = feed.next().await? {
+                    match (levels, update) {
+                        (Some(n), _) => print_json(&top(&feed, n))?,
+                        (None, BookUpdate::Delta(delta)) => print_json(&delta)?,
+                        (None, BookUpdate::Resynced(seq)) => {
+                            eprintln!("agora: a book delta was missed; fetched the book again at seq {seq}");
+                            print_json(&top(&feed, usize::MAX))?;
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("agora: the NATS connection closed");
+        Ok(())
+    })
+}
+
 fn node_cmd(args: NodeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
@@ -403,6 +746,7 @@ fn node_cmd(args: NodeArgs) -> Result<()> {
         node_id: args.node_id,
         nats_url: args.nats_url,
         data_dir: args.data_dir,
+        http_port: args.http_port,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     actix_rt::System::new().block_on(node::run(config, shutdown_signal()))?;
@@ -415,6 +759,8 @@ fn main() {
         Cmd::Node(args) => node_cmd(args),
         Cmd::Ctl(args) => ctl_cmd(args),
         Cmd::Bench(args) => bench_cmd(args),
+        Cmd::Order(cmd) => order_cmd(cmd),
+        Cmd::Watch(cmd) => watch_cmd(cmd),
         Cmd::Replay(args) => replay_cmd(args),
         Cmd::Generate(args) => generate_cmd(args),
     };

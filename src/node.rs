@@ -17,6 +17,7 @@ use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{self, BusError, LocalServer, SnapshotStore};
 use crate::config::{Config, ConfigError};
 use crate::control::Control;
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -113,8 +114,24 @@ async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, N
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node_id = config.node_id()?;
+    // The HTTP port first: a taken port stops the node before it touches anything. The
+    // recorder goes in before any market starts, so they all record into it.
+    let (listener, metrics) = if config.http_port == 0 {
+        (None, None)
+    } else {
+        let listener = telemetry::bind(config.http_port)
+            .await
+            .map_err(NodeError::Market)?;
+        (Some(listener), telemetry::install_metrics())
+    };
     let mut nats = nats(&config).await?;
-    let client = bus::connect(&nats.url, &format!("agora-node-{node_id}")).await?;
+    // The embedded server has no users: the [nats] credentials are for a configured one.
+    let options = if nats.local.is_some() {
+        bus::NatsOptions::default()
+    } else {
+        config.nats.clone()
+    };
+    let client = bus::connect_with(&nats.url, &format!("agora-node-{node_id}"), &options).await?;
     let js = jetstream::new(client.clone());
     let subjects = config.subjects();
     let streams = config.stream_settings();
@@ -156,7 +173,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| NodeError::Market(format!("the supervisor is gone: {e}")))?
             .map_err(NodeError::Market)?;
     }
+    let http = if let Some(listener) = listener {
+        let probes = telemetry::Probes {
+            client: client.clone(),
+            js: js.clone(),
+            subjects: subjects.clone(),
+            supervisor: supervisor.clone(),
+            metrics: metrics.clone(),
+        };
+        Some((listener, probes))
+    } else {
+        None
+    };
     let (stop_control, control_stopped) = tokio::sync::watch::channel(false);
+    let http = http.map(|(listener, probes)| {
+        actix_rt::spawn(telemetry::serve(listener, probes, control_stopped.clone()))
+    });
     let control = Control {
         js: js.clone(),
         client: client.clone(),
@@ -168,8 +200,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started: std::time::Instant::now(),
     };
     let control = actix_rt::spawn(control.serve(control_stopped));
+    let health = if config.http_port == 0 {
+        String::new()
+    } else {
+        format!(
+            "; /metrics, /health and /ready on http port {}",
+            config.http_port
+        )
+    };
     println!(
-        "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>",
+        "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>{health}",
         nats.url,
         symbols.join(", "),
         subjects.prefix()
@@ -178,6 +218,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     println!("agora node {node_id} stopping: finishing the current batches");
     let _ = stop_control.send(true);
     let _ = control.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     let _ = supervisor.send(Shutdown).await;
     let _ = client.flush().await;
     drop(client);

@@ -58,6 +58,7 @@ pub fn read_inputs(reader: impl BufRead, spec: &MarketSpec) -> Result<Vec<Input>
                     seq,
                     ts,
                     default_account,
+                    bound_account: None,
                     batch_max: crate::book::types::BATCH_COMMANDS_MAX,
                     operator: true,
                 };

@@ -78,6 +78,10 @@ pub struct DecodeContext<'a> {
     pub ts: Timestamp,
     /// Used when a command names no account (`agora replay`); `None` makes `account` required.
     pub default_account: Option<Account>,
+    /// The account whose own subject (`<prefix>.orders.<MARKET>.<ACCOUNT>`) carried the
+    /// message: every command in it is for that account (one naming another is refused
+    /// `not_permitted`, and the refusal goes to the sender), and `account` may be left out.
+    pub bound_account: Option<Account>,
     /// Most commands one batch may carry (at most `BATCH_COMMANDS_MAX`).
     pub batch_max: u16,
     /// Whether the message came from the operators' subject: only then may it halt or resume
@@ -108,7 +112,7 @@ pub fn decode(
             pos: 0,
             ts: ctx.ts,
             op: None,
-            account: None,
+            account: ctx.bound_account,
             cid: None,
             reason: RejectReason::Malformed,
             message,
@@ -243,7 +247,10 @@ impl WireCommand {
         if self.op.as_deref() != Some("batch") {
             return vec![self.to_command(ctx, 0, None)];
         }
-        let batch_account = self.account.as_deref().and_then(|a| Account::new(a).ok());
+        let batch_account = match ctx.bound_account {
+            Some(bound) => Some(bound),
+            None => self.account.as_deref().and_then(|a| Account::new(a).ok()),
+        };
         let fields = Fields {
             ctx,
             pos: 0,
@@ -308,6 +315,15 @@ impl WireCommand {
             }
             None => ctx.default_account,
         };
+        // On an account's own subject, the rejection of a command naming someone else goes to
+        // the sender, never to the account it named.
+        let mut foreign = None;
+        if let Some(bound) = ctx.bound_account {
+            if f.account.is_some_and(|a| a != bound) {
+                foreign = f.account;
+            }
+            f.account = Some(bound);
+        }
         if let Some(text) = &self.cid {
             f.cid = Some(Cid::new(text).map_err(|e| f.invalid(e.describe("cid", text)))?);
         }
@@ -319,6 +335,17 @@ impl WireCommand {
         })?;
         let op = one_of("op", op_text, OPS).map_err(|m| f.invalid(m))?;
         f.op = Some(op);
+        if let (Some(named), Some(bound)) = (foreign, ctx.bound_account) {
+            return Err(f.fail(
+                RejectReason::NotPermitted,
+                format!(
+                    "this message came on the subject of account {}, so its commands are for {} only; this one names {}",
+                    bound.as_str(),
+                    bound.as_str(),
+                    named.as_str()
+                ),
+            ));
+        }
         let Some(account) = f.account else {
             return Err(
                 f.invalid("account is missing; every command names the account it is for".into())

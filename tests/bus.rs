@@ -89,6 +89,7 @@ async fn orders_land_in_their_market_stream_and_retries_are_dropped() {
         seq: raw.sequence,
         ts: 0,
         default_account: None,
+        bound_account: None,
         batch_max: 100,
         operator: false,
     };
@@ -264,4 +265,177 @@ async fn snapshots_go_inline_or_to_the_object_store_and_replace_each_other() {
             .map(|b| b.last_seq),
         Some(50)
     );
+}
+
+/// A server started with `conf` (nats-server configuration text) in a temp dir.
+fn server_with(conf: &str) -> (LocalServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("server.conf");
+    std::fs::write(&path, conf).expect("write config");
+    let server = LocalServer::start_with_config(&dir.path().join("nats"), &path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (server, dir)
+}
+
+async fn can_connect(url: &str, options: &bus::NatsOptions) -> Result<(), String> {
+    match bus::connect_with(url, "test", options).await {
+        Ok(client) => {
+            client.flush().await.map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn token_and_nkey_logins_work_and_wrong_ones_say_what_to_check() {
+    let (server, _dir) = server_with("authorization { token: \"s3cret-token\" }\n");
+    let token = |t: &str| bus::NatsOptions {
+        token: Some(t.into()),
+        ..Default::default()
+    };
+    can_connect(&server.url(), &token("s3cret-token"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = can_connect(&server.url(), &token("wrong"))
+        .await
+        .expect_err("a wrong token is refused");
+    assert!(
+        e.contains("refused the credentials") && e.contains("--token"),
+        "{e}"
+    );
+    let e = can_connect(&server.url(), &bus::NatsOptions::default())
+        .await
+        .expect_err("no token is refused");
+    assert!(e.contains("refused the credentials"), "{e}");
+
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let (server, dir) = server_with(&format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+        user.public_key()
+    ));
+    let seed_file = dir.path().join("user.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("write seed");
+    let nkey = bus::NatsOptions {
+        nkey_seed_file: Some(seed_file),
+        ..Default::default()
+    };
+    can_connect(&server.url(), &nkey)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let other = dir.path().join("other.nk");
+    std::fs::write(&other, nkeys::KeyPair::new_user().seed().expect("seed")).expect("write seed");
+    let e = can_connect(
+        &server.url(),
+        &bus::NatsOptions {
+            nkey_seed_file: Some(other),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("an unknown nkey is refused");
+    assert!(e.contains("refused the credentials"), "{e}");
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 with the openssl command.
+fn certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command (it makes the test certificates)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=agora-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test]
+async fn tls_with_the_right_ca_connects_and_without_it_says_what_to_check() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (ca, cert, key) = certificates(certs.path());
+    let (server, _dir) = server_with(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?} }}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    let url = server.url();
+    let with_ca = bus::NatsOptions {
+        tls_ca_file: Some(ca),
+        ..Default::default()
+    };
+    can_connect(&url, &with_ca)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Without the CA the server's certificate is not trusted.
+    let e = can_connect(
+        &url,
+        &bus::NatsOptions {
+            tls_required: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("an unknown CA is refused");
+    assert!(e.contains("tls_ca_file"), "{e}");
 }

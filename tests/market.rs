@@ -361,6 +361,7 @@ async fn restart_case(snapshot_every: Option<u64>, damage: bool) {
             payload: m.payload.to_vec(),
             json: true,
             operator: m.subject.as_str() == "agora.admin.SAMPLE-USD",
+            account: None,
         });
     }
     let (expected, offline_hash) = offline_reports(&spec, &msgs);
@@ -709,4 +710,258 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
     assert_eq!(oid("q1"), Some(seq * 1000));
     assert_eq!(oid("q2"), Some(seq * 1000 + 1));
     assert_eq!(oid("t1"), Some((seq + 1) * 1000));
+}
+
+#[actix_rt::test]
+async fn an_accounts_own_subject_carries_only_its_commands() {
+    let env = env("BTC-USDC").await;
+    let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
+        .validate()
+        .expect("spec");
+    let mut rejects = env
+        .client
+        .subscribe("agora.rejects.BTC-USDC")
+        .await
+        .expect("subscribe");
+    let running = market::start(env.bus(false).await, spec, MarketSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let publish_on = |subject: &str, value: Value| {
+        let (js, subject) = (env.js.clone(), subject.to_string());
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/json");
+            js.publish_with_headers(
+                subject,
+                headers,
+                serde_json::to_vec(&value).expect("json").into(),
+            )
+            .await
+            .expect("sent")
+            .await
+            .expect("acknowledged")
+            .sequence
+        }
+    };
+    let alice = "agora.orders.BTC-USDC.alice";
+    // No account named: it is alice's. Naming bob: refused, and the refusal goes to alice.
+    publish_on(
+        alice,
+        json!({"op": "new", "cid": "a1", "side": "buy", "price": "1.00", "qty": "1"}),
+    )
+    .await;
+    publish_on(alice, json!({"op": "new", "account": "bob", "cid": "b1", "side": "buy", "price": "1.00", "qty": "1"})).await;
+    // Batches: one naming bob is refused entirely; in another, only the command for bob is.
+    publish_on(
+        alice,
+        json!({"op": "batch", "account": "bob", "commands": [
+            {"op": "new", "cid": "a2", "side": "buy", "price": "1.00", "qty": "1"},
+        ]}),
+    )
+    .await;
+    publish_on(
+        alice,
+        json!({"op": "batch", "commands": [
+            {"op": "new", "cid": "a3", "side": "buy", "price": "1.00", "qty": "1"},
+            {"op": "cancel_all", "account": "bob"},
+        ]}),
+    )
+    .await;
+    // A subject token that is no account at all.
+    let long = format!("agora.orders.BTC-USDC.{}", "x".repeat(40));
+    let bad = publish_on(
+        &long,
+        json!({"op": "new", "account": "alice", "side": "buy", "price": "1.00", "qty": "1"}),
+    )
+    .await;
+    wait_journal(&env, "BTC-USDC", bad).await;
+    use futures::StreamExt;
+    let reject = tokio::time::timeout(Duration::from_secs(10), rejects.next())
+        .await
+        .expect("a rejection on agora.rejects")
+        .expect("message");
+    let reject: Value = rmp_serde::from_slice(&reject.payload).expect("decodes");
+    assert_eq!(reject["events"][0]["reason"], "not_permitted", "{reject}");
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let all = read_all(&env, "EXECS").await;
+    assert!(
+        all.iter()
+            .all(|(subject, _)| subject == "agora.execs.alice.BTC-USDC"),
+        "nothing reaches bob: {all:?}"
+    );
+    let reports: Vec<(String, String, String)> = all
+        .iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["type"].as_str().unwrap_or("?").to_string(),
+                r["cid"].as_str().unwrap_or("").to_string(),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("accepted", "a1", ""),
+        ("rejected", "b1", "not_permitted"),
+        ("rejected", "a2", "not_permitted"),
+        ("accepted", "a3", ""),
+        ("rejected", "", "not_permitted"),
+    ];
+    assert_eq!(
+        reports,
+        expected.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    );
+}
+
+#[actix_rt::test]
+async fn every_order_type_goes_through_nats() {
+    use agora::client::{Client, NewOrderRequest, Target};
+    use futures::StreamExt;
+    let env = env("SAMPLE-USD").await;
+    let spec = MarketSpecInput::new("SAMPLE-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    let running = market::start(env.bus(false).await, spec, MarketSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = Client::with_connection(env.client.clone(), env.subjects.clone());
+    let mut deltas = env
+        .client
+        .subscribe("agora.book.SAMPLE-USD")
+        .await
+        .expect("subscribe");
+    let mut mm = client
+        .reports("mm", Some("SAMPLE-USD"))
+        .await
+        .expect("mm reports");
+    let mut t = client
+        .reports("t", Some("SAMPLE-USD"))
+        .await
+        .expect("t reports");
+    let wait = Duration::from_secs(20);
+    let m = "SAMPLE-USD";
+    // Sends `order` for `who` and returns the kinds (and reasons) of its own reports.
+    macro_rules! send {
+        ($reports:expr, $who:expr, $order:expr) => {{
+            let sent = client
+                .place(m, $who, &$order)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            $reports
+                .for_seq(sent.seq, wait)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_iter()
+                .map(|r| match r.fields.get("reason").and_then(|v| v.as_str()) {
+                    Some(reason) => format!("{} {reason}", r.kind),
+                    None => r.kind,
+                })
+                .collect::<Vec<String>>()
+        }};
+    }
+    let o = |side: &str, price: &str, qty: &str| NewOrderRequest::limit(side, price, qty);
+    assert_eq!(
+        send!(mm, "mm", o("sell", "100.00", "10").cid("s1")),
+        ["accepted"]
+    );
+    assert_eq!(
+        send!(mm, "mm", o("buy", "99.00", "10").cid("b1")),
+        ["accepted"]
+    );
+    // post-only that would take; IOC; FOK too big; market.
+    assert_eq!(
+        send!(t, "t", o("buy", "100.00", "1").tif("post_only")),
+        ["accepted", "cancelled post_only_would_cross"]
+    );
+    assert_eq!(
+        send!(t, "t", o("buy", "100.00", "3").tif("ioc")),
+        ["accepted", "fill"]
+    );
+    assert_eq!(
+        send!(t, "t", o("buy", "100.00", "100").tif("fok")),
+        ["accepted", "cancelled fok_unfilled"]
+    );
+    assert_eq!(
+        send!(t, "t", NewOrderRequest::market("buy", "2")),
+        ["accepted", "fill"]
+    );
+    // An iceberg showing 2 of 10; a stop-market buy above the market; a stop-limit sell below.
+    let iceberg = NewOrderRequest {
+        display_qty: Some("2".into()),
+        ..o("sell", "101.00", "10").cid("ice")
+    };
+    assert_eq!(send!(mm, "mm", iceberg), ["accepted"]);
+    let stop_buy = NewOrderRequest {
+        order_type: Some("stop_market".into()),
+        stop_price: Some("100.50".into()),
+        ..NewOrderRequest::market("buy", "1").cid("sb")
+    };
+    assert_eq!(send!(t, "t", stop_buy), ["accepted"]);
+    let stop_sell = NewOrderRequest {
+        order_type: Some("stop_limit".into()),
+        stop_price: Some("98.00".into()),
+        ..o("sell", "97.00", "1").cid("ss")
+    };
+    assert_eq!(send!(t, "t", stop_sell), ["accepted"]);
+    // Good till a second from now (stream time), then gone when a later command comes.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    let gtd = NewOrderRequest {
+        tif: Some("gtd".into()),
+        expire_at: Some(now + 1_000_000_000),
+        ..o("buy", "95.00", "1").cid("g1")
+    };
+    assert_eq!(send!(t, "t", gtd), ["accepted"]);
+    // Take the rest at 100.00, then trade at 101.00: the stop buy triggers and fills there.
+    assert_eq!(send!(t, "t", o("buy", "100.00", "5")), ["accepted", "fill"]);
+    assert_eq!(
+        send!(t, "t", o("buy", "101.00", "1")),
+        ["accepted", "fill", "triggered", "fill"]
+    );
+    // Amend and cancel.
+    let sent = client
+        .amend(m, "mm", &Target::Cid("b1".into()), Some("4"), None)
+        .await
+        .expect("amend");
+    let r = mm.for_seq(sent.seq, wait).await.expect("reports");
+    assert_eq!(r[0].kind, "amended");
+    assert_eq!(r[0].fields["leaves"], "4");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sent = client
+        .cancel(m, "t", &Target::Cid("ss".into()))
+        .await
+        .expect("cancel");
+    let kinds: Vec<String> = t
+        .for_seq(sent.seq, wait)
+        .await
+        .expect("reports")
+        .into_iter()
+        .map(|r| format!("{} {}", r.kind, r.cid.unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["cancelled g1", "cancelled ss"],
+        "the GTD order expired first"
+    );
+
+    // The tape has every fill once; the book deltas chain without a gap.
+    let (last, _) = running.addr.send(State).await.expect("actor answers");
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    let trades: usize = read_all(&env, "TRADES")
+        .await
+        .iter()
+        .map(|(_, v)| v["trades"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(trades, 5);
+    let mut prev = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), deltas.next()).await
+    {
+        let d: Value = rmp_serde::from_slice(&msg.payload).expect("decodes");
+        assert_eq!(d["prev_seq"].as_u64(), Some(prev), "{d}");
+        prev = d["seq"].as_u64().expect("seq");
+    }
+    assert!(prev > 0 && prev <= last, "deltas up to {prev} of {last}");
 }

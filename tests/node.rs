@@ -236,6 +236,7 @@ async fn reports_and_offline(
             payload: m.payload.to_vec(),
             json: false,
             operator: m.subject.as_str() == format!("agora.admin.{market}"),
+            account: None,
         };
         if let Some(out) = core.process(std::slice::from_ref(&msg)) {
             for x in out.execs {
@@ -332,4 +333,207 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
         published == expected,
         "the published reports differ from an offline replay of the stream"
     );
+}
+
+#[tokio::test]
+async fn a_node_goes_on_after_nats_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut server, args) = server_and_args(
+        dir.path(),
+        "node_id = \"n1\"\n[nats]\nreconnect_delay_max_ms = 500\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    );
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    let url = server.url();
+    let js = jetstream::new(
+        bus::connect(&url, "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
+    wait_journal(&js, "TEST-USD", 1).await;
+
+    // NATS goes away and comes back on the same port with its data; the node reconnects
+    // (backing off up to 500 ms) and its market resumes from the streams.
+    let _server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap_or_else(|e| panic!("{e}"));
+        server
+    })
+    .await
+    .expect("restart");
+    let js = jetstream::new(
+        bus::connect(&url, "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
+    publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
+    wait_journal(&js, "TEST-USD", 3).await;
+    let (published, expected) = reports_and_offline(
+        &js,
+        "TEST-USD",
+        &agora::book::MarketSpecInput::new("TEST-USD", 2, 0)
+            .validate()
+            .expect("spec"),
+    )
+    .await;
+    assert_eq!(
+        published, expected,
+        "every report once, as an offline replay gives"
+    );
+    assert!(node.terminate().success());
+}
+
+/// `GET /metrics` on localhost:`port`, as text.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
+/// `GET path` on localhost:`port`: the status code and the JSON body.
+fn http_get(port: u16, request: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(format!("{request} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_node_answers_health_and_readiness_on_its_http_port() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, mut args) = server_and_args(
+        dir.path(),
+        "node_id = \"n1\"\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    );
+    let port = bus::server::free_port().unwrap_or_else(|e| panic!("{e}"));
+    args.extend(["--http-port".to_string(), port.to_string()]);
+    let node = Node::start(&args);
+    let ready = node.wait_line("ready");
+    assert!(ready.contains(&format!("http port {port}")), "{ready}");
+
+    let (status, body) = http_get(port, "GET /health");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["nats"], "connected");
+    let js = jetstream::new(
+        bus::connect(&server.url(), "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
+    wait_journal(&js, "TEST-USD", 1).await;
+    let (status, body) = http_get(port, "GET /ready");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["markets"][0]["market"], "TEST-USD");
+    assert_eq!(body["markets"][0]["lag"], 0);
+    // Metrics move with the flow: a trade, a resting order, a rejection.
+    publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
+    publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
+    publish(&js, "TEST-USD", order("dave", "d1", "buy", "9.001")).await;
+    wait_journal(&js, "TEST-USD", 4).await;
+    let text = scrape(port);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(value("matching_orders_processed_total"), 4.0);
+    assert_eq!(value("matching_trades_generated_total"), 1.0);
+    assert_eq!(
+        value("matching_market_orders_total{market=\"TEST-USD\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("matching_market_trades_total{market=\"TEST-USD\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("matching_market_bid_levels{market=\"TEST-USD\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("matching_market_ask_levels{market=\"TEST-USD\"}"),
+        0.0
+    );
+    assert_eq!(value("matching_orderbook_depth"), 1.0);
+    assert_eq!(
+        value("matching_rejects_total{market=\"TEST-USD\",reason=\"invalid_field\"}"),
+        1.0
+    );
+    assert_eq!(value("matching_market_running{market=\"TEST-USD\"}"), 1.0);
+    assert!(value("matching_latency_us_count") >= 1.0);
+    assert!(
+        text.contains("matching_latency_us_bucket{le=\"1000\"}"),
+        "{text}"
+    );
+    // Every metric the Grafana dashboard plots is one the node exports.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/agora.json"
+    ))
+    .expect("the dashboard");
+    let mut plotted: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("matching_"))
+        .collect();
+    plotted.sort_unstable();
+    plotted.dedup();
+    assert!(plotted.len() >= 10, "{plotted:?}");
+    for name in plotted {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "the dashboard plots {name}, which the node does not export"
+        );
+    }
+    let (status, body) = http_get(port, "GET /nothing-here");
+    assert_eq!(status, 404);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("/health"),
+        "{body}"
+    );
+    let (status, _) = http_get(port, "POST /ready");
+    assert_eq!(status, 405);
+
+    // A second node cannot take the same port, and says so before doing anything.
+    let other = dir.path().join("other");
+    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args([
+            "node",
+            "--nats-url",
+            &server.url(),
+            "--node-id",
+            "n2",
+            "--http-port",
+        ])
+        .arg(port.to_string())
+        .arg("--data-dir")
+        .arg(&other)
+        .env("AGORA_LOG", "error")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on HTTP port {port}")),
+        "{err}"
+    );
+    assert!(node.terminate().success());
 }

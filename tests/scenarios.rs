@@ -264,6 +264,7 @@ fn run(s: &Scenario) -> Result<(), String> {
                     seq,
                     ts,
                     default_account: None,
+                    bound_account: None,
                     batch_max: 100,
                     operator: true,
                 };

@@ -27,6 +27,10 @@ pub struct Incoming {
     pub json: bool,
     /// Published on the operators' subject (`<prefix>.admin.<MARKET>`), not the orders one.
     pub operator: bool,
+    /// Published on an account's own subject (`<prefix>.orders.<MARKET>.<ACCOUNT>`): its
+    /// commands may only be for that account. `Err` holds a token that is no valid account:
+    /// the whole message is refused.
+    pub account: Option<Result<crate::book::Account, String>>,
 }
 
 /// Bumped whenever the layout of `MarketSnapshot` changes; restore refuses other versions.
@@ -70,6 +74,45 @@ pub enum SnapshotError {
     },
 }
 
+/// What one batch did, for the metrics (counted from its entries; the book's sizes after it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Commands applied (each command of a batch message counts).
+    pub commands: u64,
+    pub trades: u64,
+    /// Rejections by reason, in order of first appearance.
+    pub rejects: Vec<(&'static str, u64)>,
+    pub resting_orders: u64,
+    pub bid_levels: u64,
+    pub ask_levels: u64,
+}
+
+impl BatchStats {
+    /// Counts trades and rejections in `entries`, and the book's sizes.
+    fn count(&mut self, entries: &[Entry], book: &OrderBook) {
+        self.trades = 0;
+        self.rejects.clear();
+        for e in entries {
+            let reason = match e {
+                Entry::Event(Event::Trade(_)) => {
+                    self.trades += 1;
+                    continue;
+                }
+                Entry::Event(Event::Rejected(r)) => r.reason.as_str(),
+                Entry::Event(_) => continue,
+                Entry::Reject(r) => r.reason.as_str(),
+            };
+            match self.rejects.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => self.rejects.push((reason, 1)),
+            }
+        }
+        self.resting_orders = book.order_count() as u64;
+        self.bid_levels = book.level_count(crate::book::Side::Buy) as u64;
+        self.ask_levels = book.level_count(crate::book::Side::Sell) as u64;
+    }
+}
+
 pub struct MarketCore {
     subjects: Subjects,
     book: OrderBook,
@@ -80,6 +123,8 @@ pub struct MarketCore {
     last_seq: Seq,
     /// `seq` of the last L2 delta built.
     book_seq: Seq,
+    /// What the last processed batch did.
+    stats: BatchStats,
 }
 
 impl MarketCore {
@@ -92,6 +137,7 @@ impl MarketCore {
             top_levels: TOP_LEVELS_DEFAULT,
             last_seq: 0,
             book_seq: 0,
+            stats: BatchStats::default(),
         }
     }
 
@@ -130,6 +176,7 @@ impl MarketCore {
             top_levels: TOP_LEVELS_DEFAULT,
             last_seq: snapshot.last_seq,
             book_seq: snapshot.book_seq,
+            stats: BatchStats::default(),
         })
     }
 
@@ -144,6 +191,11 @@ impl MarketCore {
             state_hash: self.book.state_hash(),
             book: self.book.snapshot(),
         }
+    }
+
+    /// What the last `process` did.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -169,16 +221,40 @@ impl MarketCore {
 
     /// Decodes and applies one message, appending what it produced to `entries`.
     fn apply(&mut self, msg: &Incoming, entries: &mut Vec<Entry>) {
+        let bound_account = match &msg.account {
+            None => None,
+            Some(Ok(account)) => Some(*account),
+            Some(Err(token)) => {
+                entries.push(Entry::Reject(wire::WireReject {
+                    seq: msg.seq,
+                    pos: 0,
+                    ts: msg.ts,
+                    op: None,
+                    account: None,
+                    cid: None,
+                    reason: crate::book::RejectReason::NotPermitted,
+                    message: format!(
+                        "the subject names account {token:?}, which is not a valid account (letters, digits, '-', '_'; at most 36)"
+                    ),
+                }));
+                self.stats.commands += 1;
+                self.last_seq = self.last_seq.max(msg.seq);
+                return;
+            }
+        };
         let spec = self.book.spec().clone();
         let ctx = DecodeContext {
             spec: &spec,
             seq: msg.seq,
             ts: msg.ts,
             default_account: None,
+            bound_account,
             batch_max: self.batch_max,
             operator: msg.operator,
         };
-        for decoded in wire::decode(&msg.payload, msg.json, &ctx) {
+        let decoded = wire::decode(&msg.payload, msg.json, &ctx);
+        self.stats.commands += decoded.len() as u64;
+        for decoded in decoded {
             match decoded {
                 Ok(cmd) => {
                     self.events.clear();
@@ -205,9 +281,11 @@ impl MarketCore {
         let first = msgs.first()?.seq;
         let before = outputs::top(&self.book, self.top_levels);
         let mut entries = Vec::with_capacity(msgs.len() * 2);
+        self.stats.commands = 0;
         for msg in msgs {
             self.apply(msg, &mut entries);
         }
+        self.stats.count(&entries, &self.book);
         let after = outputs::top(&self.book, self.top_levels);
         let out = outputs::build(
             &self.subjects,
@@ -287,6 +365,7 @@ mod tests {
                 .expect("json"),
                 json: true,
                 operator: false,
+                account: None,
             })
             .collect();
         (w.spec, msgs)

@@ -24,7 +24,8 @@ use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::core::{self, Incoming, MarketCore, MarketSnapshot};
+use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
+use super::metrics::MarketMetrics;
 use crate::book::{MarketSpec, Seq, StateHash};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
@@ -121,9 +122,9 @@ impl Actor for MarketActor {
     }
 }
 
-/// Apply a batch and return what it sends.
+/// Apply a batch and return what it sends, and what it did.
 #[derive(Message)]
-#[rtype(result = "Option<BatchOutputs>")]
+#[rtype(result = "Option<(BatchOutputs, BatchStats)>")]
 pub struct Process(pub Vec<Incoming>);
 
 /// Apply messages already processed before (recovery): nothing is built.
@@ -161,10 +162,11 @@ pub struct Stats;
 pub struct L2Book;
 
 impl Handler<Process> for MarketActor {
-    type Result = Option<BatchOutputs>;
+    type Result = Option<(BatchOutputs, BatchStats)>;
     fn handle(&mut self, msg: Process, _: &mut Self::Context) -> Self::Result {
         self.count(msg.0.len());
-        self.core.process(&msg.0)
+        let out = self.core.process(&msg.0)?;
+        Some((out, self.core.stats().clone()))
     }
 }
 
@@ -414,16 +416,17 @@ struct Driver {
     events: jetstream::stream::Stream,
     snapshots: Option<SnapshotStore>,
     addr: Addr<MarketActor>,
-    /// `<prefix>.admin.<MARKET>`: messages from it may halt and resume the market.
-    admin_subject: String,
+    routes: Routes,
     /// Stream sequence of our last journal message (the fence), `None` before the first.
     journal_seq: Option<u64>,
     settings: MarketSettings,
     /// Messages applied since the last snapshot was taken, and when it was taken.
     since_snapshot: u64,
     snapshot_at: Instant,
-    /// The snapshot being written (one at a time, so they land in order).
-    snapshot_task: Option<tokio::task::JoinHandle<Result<Seq, String>>>,
+    /// The snapshot being written (one at a time, so they land in order): its sequence and
+    /// how long it took.
+    snapshot_task: Option<tokio::task::JoinHandle<Result<(Seq, u64), String>>>,
+    metrics: MarketMetrics,
 }
 
 fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> MarketError {
@@ -434,9 +437,27 @@ fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> Mark
     }
 }
 
+/// Which subject of the market's stream a message came on.
+#[derive(Clone)]
+struct Routes {
+    /// `<prefix>.admin.<MARKET>`: messages from it may halt and resume the market.
+    admin: String,
+    /// `<prefix>.orders.<MARKET>.`: followed by an account, the account's own subject.
+    account_orders: String,
+}
+
+impl Routes {
+    fn new(subjects: &Subjects, market: &str) -> Routes {
+        Routes {
+            admin: subjects.admin(market),
+            account_orders: format!("{}.", subjects.orders(market)),
+        }
+    }
+}
+
 fn incoming(
     market: &str,
-    admin_subject: &str,
+    routes: &Routes,
     m: &jetstream::Message,
 ) -> Result<Incoming, MarketError> {
     let info = m
@@ -452,7 +473,12 @@ fn incoming(
         ts: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
         payload: m.payload.to_vec(),
         json,
-        operator: m.subject.as_str() == admin_subject,
+        operator: m.subject.as_str() == routes.admin,
+        account: m
+            .subject
+            .as_str()
+            .strip_prefix(&routes.account_orders)
+            .map(|a| crate::book::Account::new(a).map_err(|_| a.to_string())),
     })
 }
 
@@ -481,7 +507,7 @@ pub async fn start(
         .get_stream(bus.subjects.events_stream())
         .await
         .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
-    let admin_subject = bus.subjects.admin(&market);
+    let routes = Routes::new(&bus.subjects, &market);
     let mut driver = Driver {
         market: market.clone(),
         js: bus.js,
@@ -491,12 +517,13 @@ pub async fn start(
         events,
         snapshots: bus.snapshots,
         addr: addr.clone(),
-        admin_subject,
+        routes,
         journal_seq: None,
         settings,
         since_snapshot: 0,
         snapshot_at: Instant::now(),
         snapshot_task: None,
+        metrics: MarketMetrics::new(&market),
     };
     driver.recover().await?;
     let (stop, stopped) = watch::channel(false);
@@ -632,12 +659,20 @@ impl Driver {
                 last_batch.extend(chunk);
             }
             done.republished = last_batch.len() as u64;
-            if let Some(out) = self.send(Process(last_batch)).await? {
+            if let Some((out, _)) = self.send(Process(last_batch)).await? {
                 self.publish_views(&out, false).await?;
             }
         }
         let (last_seq, hash) = self.send(State).await?;
         self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
+        let stats = self.send(Stats).await?;
+        self.metrics.book(&BatchStats {
+            resting_orders: stats.resting_orders as u64,
+            bid_levels: stats.bid_levels as u64,
+            ask_levels: stats.ask_levels as u64,
+            ..BatchStats::default()
+        });
+        self.metrics.running(true);
         tracing::info!(
             market = %self.market,
             snapshot_seq = ?done.snapshot_seq,
@@ -690,7 +725,7 @@ impl Driver {
             next: from,
             to,
             market: self.market.clone(),
-            admin_subject: self.admin_subject.clone(),
+            routes: self.routes.clone(),
             stream: self.subjects.orders_stream(&self.market),
         })
     }
@@ -727,7 +762,8 @@ impl Driver {
             return self.snapshot_task.is_none();
         };
         match task.await {
-            Ok(Ok(seq)) => {
+            Ok(Ok((seq, micros))) => {
+                self.metrics.snapshot(micros);
                 let _ = self.addr.send(SnapshotSaved(seq)).await;
             }
             Ok(Err(e)) => {
@@ -776,7 +812,8 @@ impl Driver {
             })
             .await?;
         match write_snapshot(store, self.market.clone(), snapshot).await {
-            Ok(seq) => {
+            Ok((seq, micros)) => {
+                self.metrics.snapshot(micros);
                 self.since_snapshot = 0;
                 let _ = self.addr.send(SnapshotSaved(seq)).await;
             }
@@ -824,14 +861,18 @@ impl Driver {
                 m = messages.next() => m,
             };
             let Some(first) = first else { return Ok(()) };
+            let received = Instant::now();
             let first =
                 first.map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
-            let mut batch = vec![incoming(&self.market, &self.admin_subject, &first)?];
+            // Commands still waiting in the stream after the last one taken.
+            let mut pending = first.info().ok().map(|i| i.pending);
+            let mut batch = vec![incoming(&self.market, &self.routes, &first)?];
             // Take whatever else is already here, without waiting: batches grow under load only.
             while batch.len() < self.settings.fetch_max {
                 match messages.next().now_or_never() {
                     Some(Some(Ok(m))) => {
-                        batch.push(incoming(&self.market, &self.admin_subject, &m)?)
+                        pending = m.info().ok().map(|i| i.pending);
+                        batch.push(incoming(&self.market, &self.routes, &m)?)
                     }
                     Some(Some(Err(e))) => {
                         return Err(nats_err(&self.market, "consuming the order stream", e));
@@ -840,9 +881,19 @@ impl Driver {
                 }
             }
             let n = batch.len() as u64;
-            if let Some(out) = self.send(Process(batch)).await? {
-                self.publish_journal(&out.journal).await?;
-                self.publish_views(&out, true).await?;
+            if let Some((out, stats)) = self.send(Process(batch)).await? {
+                let published = match self.publish_journal(&out.journal).await {
+                    Ok(()) => self.publish_views(&out, true).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = published {
+                    if matches!(e, MarketError::Nats { .. }) {
+                        self.metrics.publish_error();
+                    }
+                    return Err(e);
+                }
+                let micros = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.metrics.batch(&stats, micros, pending);
             }
             self.since_snapshot += n;
             self.snapshot_if_due().await?;
@@ -933,12 +984,13 @@ impl Driver {
     }
 }
 
-/// Encodes a snapshot (off the actor threads) and saves it. Returns the sequence it covers.
+/// Encodes a snapshot (off the actor threads) and saves it. Returns the sequence it covers and
+/// how long it took, in microseconds.
 async fn write_snapshot(
     store: SnapshotStore,
     market: String,
     snapshot: MarketSnapshot,
-) -> Result<Seq, String> {
+) -> Result<(Seq, u64), String> {
     let started = Instant::now();
     let (last_seq, epoch, orders) = (
         snapshot.last_seq,
@@ -968,7 +1020,10 @@ async fn write_snapshot(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "snapshot saved"
     );
-    Ok(last_seq)
+    Ok((
+        last_seq,
+        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    ))
 }
 
 /// Messages `from..=to` of a market's order stream, in order, in chunks.
@@ -978,7 +1033,7 @@ struct RangeReader {
     next: Seq,
     to: Seq,
     market: String,
-    admin_subject: String,
+    routes: Routes,
     stream: String,
 }
 
@@ -1007,7 +1062,7 @@ impl RangeReader {
                 return Err(self.missing());
             };
             let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-            let msg = incoming(&self.market, &self.admin_subject, &m)?;
+            let msg = incoming(&self.market, &self.routes, &m)?;
             if msg.seq > self.to {
                 self.next = self.to + 1;
                 break;

@@ -7,6 +7,7 @@
 
 pub mod core;
 pub mod market;
+pub mod metrics;
 pub mod supervisor;
 
 pub use self::core::{Incoming, MarketCore};

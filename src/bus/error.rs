@@ -12,8 +12,11 @@ pub enum BusError {
     ServerMissing { path: PathBuf },
     #[error("nats-server did not start: {reason}{log}")]
     ServerStart { reason: String, log: String },
-    #[error("cannot reach NATS at {url}: {reason}; start nats-server or pass --nats-url")]
+    /// `reason` ends with what to do.
+    #[error("cannot reach NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("cannot subscribe to {subject}: {reason}; check this user's NATS permissions")]
+    Subscribe { subject: String, reason: String },
     #[error("cannot create or open stream {name}: {reason}")]
     Stream { name: String, reason: String },
     #[error("cannot create or open key-value bucket {bucket}: {reason}")]

@@ -5,6 +5,7 @@
 //! in `crate::book`. This module must never decide anything about an order: it moves bytes
 //! and reports, in words an operator can act on, what went wrong with NATS.
 
+pub mod connect;
 pub mod error;
 pub mod outputs;
 pub mod server;
@@ -12,6 +13,7 @@ pub mod snapshots;
 pub mod streams;
 pub mod subjects;
 
+pub use connect::{NatsOptions, connect_with};
 pub use error::BusError;
 pub use server::LocalServer;
 pub use snapshots::{SnapshotBlob, SnapshotStore};

@@ -25,6 +25,10 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// How long a node heartbeat lives in `agora_nodes` without renewal.
     pub heartbeat_ttl: Duration,
+    /// Messages older than this leave the streams (zero: kept forever).
+    pub max_age: Duration,
+    /// Each stream keeps at most this many bytes, oldest dropped first (0: no limit).
+    pub max_bytes: u64,
 }
 
 impl Default for StreamSettings {
@@ -34,6 +38,8 @@ impl Default for StreamSettings {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             heartbeat_ttl: Duration::from_secs(3),
+            max_age: Duration::ZERO,
+            max_bytes: 0,
         }
     }
 }
@@ -48,18 +54,10 @@ impl StreamSettings {
     }
 }
 
-/// Connects to `url` (one or more, comma-separated), failing at once with a message naming the
-/// address when nothing answers.
+/// Connects to `url` (one or more, comma-separated) with no credentials, failing at once
+/// with a message naming the address when nothing answers. See `connect_with` for the rest.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .map_err(|e| BusError::Connect {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
+    super::connect::connect_with(url, name, &super::connect::NatsOptions::default()).await
 }
 
 async fn ensure_stream(
@@ -74,6 +72,12 @@ async fn ensure_stream(
         storage: settings.storage(),
         num_replicas: settings.replicas,
         duplicate_window: settings.duplicate_window,
+        max_age: settings.max_age,
+        max_bytes: if settings.max_bytes == 0 {
+            -1
+        } else {
+            i64::try_from(settings.max_bytes).unwrap_or(i64::MAX)
+        },
         ..Default::default()
     })
     .await
@@ -83,8 +87,8 @@ async fn ensure_stream(
     })
 }
 
-/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>` (clients)
-/// and `<prefix>.admin.<MARKET>` (operators).
+/// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>` and
+/// `<prefix>.orders.<MARKET>.<ACCOUNT>` (clients) and `<prefix>.admin.<MARKET>` (operators).
 pub async fn ensure_market_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -95,7 +99,11 @@ pub async fn ensure_market_stream(
     ensure_stream(
         js,
         subjects.orders_stream(market),
-        vec![subjects.orders(market), subjects.admin(market)],
+        vec![
+            subjects.orders(market),
+            format!("{}.*", subjects.orders(market)),
+            subjects.admin(market),
+        ],
         settings,
     )
     .await

@@ -73,6 +73,12 @@ impl Subjects {
     pub fn orders(&self, market: &str) -> String {
         format!("{}.orders.{market}", self.prefix)
     }
+    /// An account's own order subject in a market: NATS permissions can let a trader publish
+    /// only here (`<prefix>.orders.*.<ACCOUNT>`), and the engine then refuses any command in it
+    /// for another account.
+    pub fn orders_for(&self, market: &str, account: &str) -> String {
+        format!("{}.orders.{market}.{account}", self.prefix)
+    }
     /// Where operators' commands for a market go (halt, resume): in the market's order stream,
     /// sequenced with the orders, and writable only by operators (NATS permissions).
     pub fn admin(&self, market: &str) -> String {

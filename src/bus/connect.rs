@@ -1,0 +1,315 @@
+//! Connecting to NATS: the server list, how to authenticate (credentials file, nkey seed,
+//! user and password, or token), TLS, and reconnecting with back-off.
+//!
+//! The same `NatsOptions` serve the node (the `[nats]` section of its configuration) and the
+//! shell commands (`agora ctl`, `order`, `watch`, flags or the same `AGORA_NATS__*`
+//! variables). A failure says which server was tried, what it answered, and what to change.
+//! This module must never log or echo a secret.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::ConnectErrorKind;
+use serde::{Deserialize, Serialize};
+
+use super::error::BusError;
+
+/// How to reach and authenticate to NATS. At most one way to authenticate may be set.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsOptions {
+    /// A `.creds` file (JWT and nkey seed, as `nsc` writes it).
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey user seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for the server's certificate.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub tls_required: bool,
+    /// Longest wait between two reconnect attempts; they start at 100 ms and double.
+    pub reconnect_delay_max_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "<set>");
+        f.debug_struct("NatsOptions")
+            .field("creds_file", &self.creds_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
+            .field("reconnect_delay_max_ms", &self.reconnect_delay_max_ms)
+            .finish()
+    }
+}
+
+/// Default longest wait between reconnect attempts.
+pub const RECONNECT_DELAY_MAX_DEFAULT: Duration = Duration::from_secs(2);
+
+fn set(s: &Option<String>) -> bool {
+    s.as_deref().is_some_and(|s| !s.is_empty())
+}
+
+fn set_path(p: &Option<PathBuf>) -> bool {
+    p.as_deref().is_some_and(|p| !p.as_os_str().is_empty())
+}
+
+impl NatsOptions {
+    /// Checks the options before any connection: one way to authenticate, complete pairs,
+    /// files that exist. The error names the key (as in the `[nats]` section) and the fix.
+    pub fn check(&self) -> Result<(), String> {
+        let ways: Vec<&str> = [
+            (set_path(&self.creds_file), "creds_file"),
+            (set_path(&self.nkey_seed_file), "nkey_seed_file"),
+            (set(&self.user) || set(&self.password), "user/password"),
+            (set(&self.token), "token"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if ways.len() > 1 {
+            return Err(format!(
+                "nats: {} are all set; use one way to authenticate",
+                ways.join(", ")
+            ));
+        }
+        if set(&self.user) != set(&self.password) {
+            return Err(
+                "nats: user and password go together; set both (or use a token, nkey or creds file)"
+                    .into(),
+            );
+        }
+        if set_path(&self.tls_cert_file) != set_path(&self.tls_key_file) {
+            return Err("nats: tls_cert_file and tls_key_file go together; set both".into());
+        }
+        for (key, path) in [
+            ("creds_file", &self.creds_file),
+            ("nkey_seed_file", &self.nkey_seed_file),
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(p) = path.as_deref().filter(|p| !p.as_os_str().is_empty())
+                && !p.is_file()
+            {
+                return Err(format!("nats.{key}: {} does not exist", p.display()));
+            }
+        }
+        if let Some(ms) = self.reconnect_delay_max_ms
+            && !(100..=60_000).contains(&ms)
+        {
+            return Err(format!(
+                "nats.reconnect_delay_max_ms = {ms}: use 100 to 60000"
+            ));
+        }
+        Ok(())
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.tls_required || set_path(&self.tls_ca_file) || set_path(&self.tls_cert_file)
+    }
+}
+
+fn read_secret(path: &Path, what: &str) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+}
+
+/// The wait before reconnect attempt `attempts`: 100 ms doubling up to `max`.
+pub fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    let doublings = u32::try_from(attempts.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    (Duration::from_millis(100) * 2u32.pow(doublings)).min(max)
+}
+
+/// Connects to `url` (one or more, comma-separated) as `name` with `options`, failing at once
+/// with a message naming the address and the fix when nothing answers or the server refuses.
+pub async fn connect_with(
+    url: &str,
+    name: &str,
+    options: &NatsOptions,
+) -> Result<async_nats::Client, BusError> {
+    let fail = |reason: String| BusError::Connect {
+        url: url.to_string(),
+        reason,
+    };
+    options
+        .check()
+        .map_err(|e| fail(format!("{e} (nothing was sent)")))?;
+    let max = options
+        .reconnect_delay_max_ms
+        .map_or(RECONNECT_DELAY_MAX_DEFAULT, Duration::from_millis);
+    let who = name.to_string();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max))
+        .event_callback(move |event| {
+            let who = who.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(client = %who, "NATS connection lost; reconnecting")
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!(client = %who, "NATS connection (re)established")
+                    }
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(client = %who, "NATS server error: {e}")
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(client = %who, sid, "NATS slow consumer: messages dropped on a subscription")
+                    }
+                    other => tracing::debug!(client = %who, "NATS event: {other}"),
+                }
+            }
+        });
+    if let Some(path) = options
+        .creds_file
+        .as_deref()
+        .filter(|_| set_path(&options.creds_file))
+    {
+        opts = opts.credentials_file(path).await.map_err(|e| {
+            fail(format!(
+                "cannot use credentials file {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    if let Some(path) = options
+        .nkey_seed_file
+        .as_deref()
+        .filter(|_| set_path(&options.nkey_seed_file))
+    {
+        opts = opts.nkey(read_secret(path, "nkey seed file").map_err(fail)?);
+    }
+    if let (Some(user), Some(password)) = (&options.user, &options.password)
+        && !user.is_empty()
+    {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = options.token.as_ref().filter(|t| !t.is_empty()) {
+        opts = opts.token(token.clone());
+    }
+    if let Some(ca) = options
+        .tls_ca_file
+        .as_ref()
+        .filter(|_| set_path(&options.tls_ca_file))
+    {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&options.tls_cert_file, &options.tls_key_file)
+        && set_path(&options.tls_cert_file)
+    {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if options.uses_tls() {
+        opts = opts.require_tls(true);
+    }
+    opts.connect(url).await.map_err(|e| {
+        let text = e.to_string();
+        let tls_failed = text.contains("certificate") || text.to_lowercase().contains("tls");
+        let hint = match e.kind() {
+            _ if tls_failed => {
+                "TLS failed; check nats.tls_ca_file / --tls-ca (the CA that signed the server's certificate), the client certificate and key, and that the server has TLS on"
+            }
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                "the server refused the credentials; check nats.user/password, token, nkey_seed_file or creds_file (--user, --password, --token, --creds)"
+            }
+            ConnectErrorKind::Tls => {
+                "TLS failed; check nats.tls_ca_file / --tls-ca, the client certificate and key, and that the server has TLS on"
+            }
+            ConnectErrorKind::ServerParse => {
+                "the URL does not parse; use nats://host:port (tls://host:port for TLS), comma-separated for several"
+            }
+            _ => "start nats-server or pass --nats-url",
+        };
+        fail(format!("{text}; {hint}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_way_to_authenticate_and_complete_pairs() {
+        assert!(NatsOptions::default().check().is_ok());
+        let both = NatsOptions {
+            token: Some("t".into()),
+            user: Some("u".into()),
+            password: Some("p".into()),
+            ..NatsOptions::default()
+        };
+        let e = both.check().expect_err("two ways");
+        assert!(e.contains("user/password, token"), "{e}");
+        let half = NatsOptions {
+            user: Some("u".into()),
+            ..NatsOptions::default()
+        };
+        assert!(
+            half.check()
+                .expect_err("no password")
+                .contains("go together")
+        );
+        let missing = NatsOptions {
+            creds_file: Some("/nonexistent/x.creds".into()),
+            ..NatsOptions::default()
+        };
+        let e = missing.check().expect_err("missing file");
+        assert!(
+            e.contains("nats.creds_file") && e.contains("does not exist"),
+            "{e}"
+        );
+        let slow = NatsOptions {
+            reconnect_delay_max_ms: Some(5),
+            ..NatsOptions::default()
+        };
+        assert!(slow.check().is_err());
+        // Empty strings (an unset environment variable) count as unset.
+        let empty = NatsOptions {
+            token: Some(String::new()),
+            user: Some(String::new()),
+            password: Some(String::new()),
+            ..NatsOptions::default()
+        };
+        assert!(empty.check().is_ok());
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let o = NatsOptions {
+            user: Some("alice".into()),
+            password: Some("hunter2".into()),
+            ..NatsOptions::default()
+        };
+        let shown = format!("{o:?}");
+        assert!(
+            shown.contains("alice") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn reconnects_back_off_to_the_maximum() {
+        let max = Duration::from_secs(2);
+        let waits: Vec<u64> = (1..=7)
+            .map(|a| reconnect_delay(a, max).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(reconnect_delay(usize::MAX, max), max);
+    }
+}

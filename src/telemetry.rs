@@ -1,0 +1,239 @@
+//! The node's HTTP port (`--http-port`): `/metrics` for Prometheus (the names are listed in
+//! `actors::metrics`), `/health` and `/ready` for orchestrators.
+//!
+//! `/health`: the process answers and its NATS connection is up. `/ready`: every market the
+//! node runs is running and caught up with its order stream (at most `READY_LAG_MAX` commands
+//! behind). Both answer JSON with the reason when they say no (HTTP 503). The server is a
+//! small HTTP/1.1 responder on tokio: GET only, one request per connection, bounded request
+//! size, so nothing a client sends can hold the node. This module must never touch a market's
+//! state: it asks the supervisor and JetStream.
+
+use std::time::Duration;
+
+use actix::Addr;
+use async_nats::jetstream;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::actors::{ListMarkets, Supervisor};
+use crate::bus::Subjects;
+
+/// A market further behind its stream than this is not ready.
+pub const READY_LAG_MAX: u64 = 1_000;
+
+/// Longest request head read; longer ones are refused.
+const REQUEST_MAX: usize = 8 * 1024;
+
+/// What the endpoints look at.
+#[derive(Clone)]
+pub struct Probes {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub supervisor: Addr<Supervisor>,
+    /// Renders the metrics; `None` when no recorder could be installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls get `None`).
+pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let builder = PrometheusBuilder::new();
+    let builder = ["matching_latency_us", "matching_snapshot_duration_us"]
+        .into_iter()
+        .try_fold(builder, |b, name| {
+            b.set_buckets_for_metric(
+                Matcher::Full(name.into()),
+                crate::actors::metrics::LATENCY_BUCKETS_US,
+            )
+        })
+        .ok()?;
+    match builder.install_recorder() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!("metrics are off: {e}");
+            None
+        }
+    }
+}
+
+impl Probes {
+    /// `(healthy, body)`.
+    pub fn health(&self) -> (bool, Value) {
+        let state = self.client.connection_state();
+        let up = state == async_nats::connection::State::Connected;
+        (
+            up,
+            json!({"status": if up { "ok" } else { "unhealthy" }, "nats": state.to_string()}),
+        )
+    }
+
+    /// `(ready, body)`: each market with its sequence, its stream's, and why it is not ready.
+    pub async fn ready(&self) -> (bool, Value) {
+        let (healthy, _) = self.health();
+        let markets = match self.supervisor.send(ListMarkets).await {
+            Ok(m) => m,
+            Err(_) => {
+                return (
+                    false,
+                    json!({"ready": false, "reason": "the supervisor is gone"}),
+                );
+            }
+        };
+        let mut all = healthy;
+        let mut out = Vec::new();
+        for m in markets {
+            let stream_seq = match self
+                .js
+                .get_stream(self.subjects.orders_stream(&m.symbol))
+                .await
+            {
+                Ok(mut s) => s.info().await.ok().map(|i| i.state.last_sequence),
+                Err(_) => None,
+            };
+            let lag = stream_seq.map(|s| s.saturating_sub(m.last_seq));
+            let why = if !m.running {
+                Some("not running".to_string())
+            } else if let Some(lag) = lag.filter(|l| *l > READY_LAG_MAX) {
+                Some(format!("{lag} commands behind its stream"))
+            } else if stream_seq.is_none() {
+                Some("its stream cannot be read".to_string())
+            } else {
+                None
+            };
+            all &= why.is_none();
+            out.push(json!({
+                "market": m.symbol,
+                "running": m.running,
+                "last_seq": m.last_seq,
+                "stream_seq": stream_seq,
+                "lag": lag,
+                "ready": why.is_none(),
+                "reason": why,
+            }));
+        }
+        let reason = (!healthy).then_some("the NATS connection is down");
+        (all, json!({"ready": all, "reason": reason, "markets": out}))
+    }
+}
+
+/// Binds `0.0.0.0:port`, failing with what to do when the port is taken.
+pub async fn bind(port: u16) -> Result<TcpListener, String> {
+    TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| {
+        format!(
+            "cannot listen on HTTP port {port}: {e}; pick another with --http-port (0 turns it off)"
+        )
+    })
+}
+
+/// Serves the endpoints on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, probes: Probes, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let probes = probes.clone();
+        actix_rt::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &probes)).await;
+        });
+    }
+}
+
+/// Reads one request head and answers it.
+async fn answer(mut stream: TcpStream, probes: &Probes) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > REQUEST_MAX {
+            return respond(
+                &mut stream,
+                431,
+                &json!({"error": "request head too large"}),
+            )
+            .await;
+        }
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    if method != "GET" {
+        return respond(
+            &mut stream,
+            405,
+            &json!({"error": format!("{method} is not served; use GET /metrics, /health or /ready")}),
+        )
+        .await;
+    }
+    match path {
+        "/health" => {
+            let (ok, body) = probes.health();
+            respond(&mut stream, if ok { 200 } else { 503 }, &body).await
+        }
+        "/ready" => {
+            let (ok, body) = probes.ready().await;
+            respond(&mut stream, if ok { 200 } else { 503 }, &body).await
+        }
+        "/metrics" => match &probes.metrics {
+            Some(handle) => {
+                handle.run_upkeep();
+                respond_text(&mut stream, &handle.render()).await
+            }
+            None => {
+                respond(
+                    &mut stream,
+                    503,
+                    &json!({"error": "no metrics recorder in this process"}),
+                )
+                .await
+            }
+        },
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                &json!({"error": format!("{path} is not served; use /metrics, /health or /ready")}),
+            )
+            .await
+        }
+    }
+}
+
+async fn respond_text(stream: &mut TcpStream, body: &str) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let body = body.to_string();
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

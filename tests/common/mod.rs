@@ -1,0 +1,123 @@
+//! What several integration tests share: an `agora` child process (a node, or a watcher whose
+//! output lines are collected), killed when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// An `agora` child process whose stdout and stderr lines arrive on channels.
+pub struct Agora {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    errors: mpsc::Receiver<String>,
+}
+
+fn forward(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_on(
+    rx: &mpsc::Receiver<String>,
+    matches: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if matches(&line) => return line,
+            Ok(_) => {}
+            Err(_) => panic!("no expected line within {timeout:?}"),
+        }
+    }
+}
+
+impl Agora {
+    /// Runs `agora <args>` with `AGORA_LOG=warn`.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Agora {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args(args)
+            .env("AGORA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agora starts");
+        let lines = forward(child.stdout.take().expect("piped"));
+        let errors = forward(child.stderr.take().expect("piped"));
+        Agora {
+            child,
+            lines,
+            errors,
+        }
+    }
+
+    /// A node with `config` (TOML) written into `dir`, started against `url`; returns once
+    /// it printed its ready line.
+    pub fn node(url: &str, dir: &std::path::Path, config: &str) -> Agora {
+        let path = dir.join("node.toml");
+        std::fs::write(&path, config).expect("write config");
+        let data = dir.join("data");
+        let node = Agora::spawn(&[
+            "node".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--nats-url".as_ref(),
+            url.as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ]);
+        node.wait_line(|l| l.contains("ready"), Duration::from_secs(30));
+        node
+    }
+
+    /// The next line that `matches`, skipping others (panics after `timeout`).
+    pub fn wait_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        wait_on(&self.lines, matches, timeout)
+    }
+
+    /// The next stderr line that `matches` (panics after `timeout`).
+    pub fn wait_err_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        wait_on(&self.errors, matches, timeout)
+    }
+
+    /// The next line as JSON (panics after `timeout`).
+    pub fn next_json(&self, timeout: Duration) -> serde_json::Value {
+        let line = self.wait_line(|_| true, timeout);
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
+    }
+}
+
+impl Drop for Agora {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `agora <args>` to completion: success, stdout lines as JSON, stderr.
+pub fn run(args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(args)
+        .output()
+        .expect("agora runs");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+        .collect();
+    (
+        out.status.success(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -152,7 +152,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         subjects: subjects.clone(),
         snapshots: Some(snapshots),
     };
-    let supervisor = Supervisor::new(bus, settings, config.market.arbiters).start();
+    let supervisor = Supervisor::new(bus, settings, config.market.arbiters)
+        .with_own_connections(&nats.url, &options, &format!("agora-node-{node_id}-markets"))
+        .start();
     let mut specs = Vec::new();
     for configured in config.market_specs() {
         specs.push(spec_for(&buckets.markets, configured).await?);

@@ -447,7 +447,15 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
     publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
     publish(&js, "TEST-USD", order("dave", "d1", "buy", "9.001")).await;
     wait_journal(&js, "TEST-USD", 4).await;
-    let text = scrape(port);
+    // The journal goes out before the reports, and a batch is counted once its reports are
+    // acknowledged: wait for the count to catch up.
+    let started = Instant::now();
+    let mut text = scrape(port);
+    while !text.contains("matching_orders_processed_total 4") {
+        assert!(started.elapsed() < Duration::from_secs(20), "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = scrape(port);
+    }
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))

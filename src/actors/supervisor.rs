@@ -26,8 +26,24 @@ struct Entry {
     restarts: u32,
 }
 
+/// How each arbiter opens its own NATS connection.
+#[derive(Clone)]
+struct OwnConnection {
+    url: String,
+    options: crate::bus::NatsOptions,
+    name: String,
+}
+
+/// An arbiter's own connection, made on first use from that arbiter's thread.
+type ArbiterBus = std::sync::Arc<tokio::sync::Mutex<Option<MarketBus>>>;
+
 pub struct Supervisor {
     bus: MarketBus,
+    /// When set, each arbiter talks to NATS through a connection of its own, whose I/O task
+    /// then runs on the arbiter's thread beside its markets: publishes and acknowledgements
+    /// no longer cross threads.
+    own_connection: Option<OwnConnection>,
+    arbiter_buses: Vec<ArbiterBus>,
     settings: MarketSettings,
     arbiters: Vec<Arbiter>,
     next: usize,
@@ -45,11 +61,56 @@ impl Supervisor {
         };
         Supervisor {
             bus,
+            own_connection: None,
+            arbiter_buses: (0..n).map(|_| ArbiterBus::default()).collect(),
             settings,
             arbiters: (0..n).map(|_| Arbiter::new()).collect(),
             next: 0,
             markets: BTreeMap::new(),
             shutting_down: false,
+        }
+    }
+}
+
+impl Supervisor {
+    /// Gives each arbiter its own NATS connection to `url` (made when its first market starts;
+    /// the shared one is used if that fails).
+    pub fn with_own_connections(
+        mut self,
+        url: &str,
+        options: &crate::bus::NatsOptions,
+        name: &str,
+    ) -> Supervisor {
+        self.own_connection = Some(OwnConnection {
+            url: url.to_string(),
+            options: options.clone(),
+            name: name.to_string(),
+        });
+        self
+    }
+}
+
+/// The bus for a market on this arbiter: the arbiter's own connection (made here, on its
+/// thread, the first time), else the shared one.
+async fn arbiter_bus(shared: MarketBus, own: Option<OwnConnection>, slot: ArbiterBus) -> MarketBus {
+    let Some(own) = own else { return shared };
+    let mut slot = slot.lock().await;
+    if let Some(bus) = slot.as_ref() {
+        return bus.clone();
+    }
+    match crate::bus::connect_with(&own.url, &own.name, &own.options).await {
+        Ok(client) => {
+            let bus = MarketBus {
+                js: async_nats::jetstream::new(client.clone()),
+                client,
+                ..shared
+            };
+            *slot = Some(bus.clone());
+            bus
+        }
+        Err(e) => {
+            tracing::warn!("{e}; this arbiter's markets use the node's shared connection");
+            shared
         }
     }
 }
@@ -123,7 +184,12 @@ impl Handler<StartMarket> for Supervisor {
         };
         let (tx, rx) = oneshot::channel();
         let (bus, settings, start_spec) = (self.bus.clone(), self.settings.clone(), spec.clone());
+        let (own, slot) = (
+            self.own_connection.clone(),
+            self.arbiter_buses[arbiter].clone(),
+        );
         let spawned = self.arbiters[arbiter].spawn(async move {
+            let bus = arbiter_bus(bus, own, slot).await;
             let started = market::start(bus, start_spec, settings).await;
             let _ = tx.send(started.map(market::RunningMarket::split));
         });

@@ -15,6 +15,11 @@ use crate::wire::{self, DecodeContext};
 /// Levels per side that L2 deltas cover.
 pub const TOP_LEVELS_DEFAULT: usize = 50;
 
+/// A batch ends after the message that brings its events to this many, so its journal message
+/// (~150-250 bytes an event) stays well under NATS' 1 MiB payload limit; the rest of the
+/// messages form the next batch.
+pub const BATCH_EVENTS_MAX: usize = 2_000;
+
 /// One message of the market's order stream.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -125,12 +130,19 @@ pub struct MarketCore {
     book_seq: Seq,
     /// What the last processed batch did.
     stats: BatchStats,
+    /// The book's spec, beside the book so decoding can borrow it while the book changes.
+    spec: MarketSpec,
+    /// The top of book after the last processed batch, the next batch's "before"; `None`
+    /// after anything else changed the book.
+    top: Option<outputs::Top>,
 }
 
 impl MarketCore {
     pub fn new(subjects: Subjects, spec: MarketSpec, batch_max: u16) -> MarketCore {
         MarketCore {
             subjects,
+            spec: spec.clone(),
+            top: None,
             book: OrderBook::new(spec),
             events: Vec::with_capacity(256),
             batch_max,
@@ -170,6 +182,8 @@ impl MarketCore {
         }
         Ok(MarketCore {
             subjects,
+            spec: book.spec().clone(),
+            top: None,
             book,
             events: Vec::with_capacity(256),
             batch_max,
@@ -242,9 +256,8 @@ impl MarketCore {
                 return;
             }
         };
-        let spec = self.book.spec().clone();
         let ctx = DecodeContext {
-            spec: &spec,
+            spec: &self.spec,
             seq: msg.seq,
             ts: msg.ts,
             default_account: None,
@@ -269,6 +282,7 @@ impl MarketCore {
 
     /// Applies messages already processed before (recovery), building nothing.
     pub fn replay(&mut self, msgs: &[Incoming]) {
+        self.top = None;
         let mut scratch = Vec::new();
         for msg in msgs {
             scratch.clear();
@@ -276,14 +290,50 @@ impl MarketCore {
         }
     }
 
+    /// Applies messages as one or more batches, each ending after the message that brings its
+    /// events to `BATCH_EVENTS_MAX`: what each sends, and what it did. The split depends on
+    /// the messages alone, so processing one of these batches again gives the same outputs.
+    pub fn process_split(&mut self, msgs: &[Incoming]) -> Vec<(BatchOutputs, BatchStats)> {
+        let mut out = Vec::new();
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            let (batch, n) = self.process_some(rest, BATCH_EVENTS_MAX);
+            if let Some(batch) = batch {
+                out.push((batch, self.stats.clone()));
+            }
+            rest = &rest[n.max(1)..];
+        }
+        out
+    }
+
     /// Applies a batch and builds everything it sends. Returns `None` for an empty batch.
     pub fn process(&mut self, msgs: &[Incoming]) -> Option<BatchOutputs> {
-        let first = msgs.first()?.seq;
-        let before = outputs::top(&self.book, self.top_levels);
+        self.process_some(msgs, usize::MAX).0
+    }
+
+    /// Applies messages until their events reach `events_max` (the message that reaches it
+    /// included) and builds what they send; returns how many messages it took.
+    fn process_some(
+        &mut self,
+        msgs: &[Incoming],
+        events_max: usize,
+    ) -> (Option<BatchOutputs>, usize) {
+        let Some(first) = msgs.first().map(|m| m.seq) else {
+            return (None, 0);
+        };
+        let before = match self.top.take() {
+            Some(top) => top,
+            None => outputs::top(&self.book, self.top_levels),
+        };
         let mut entries = Vec::with_capacity(msgs.len() * 2);
         self.stats.commands = 0;
+        let mut taken = 0;
         for msg in msgs {
             self.apply(msg, &mut entries);
+            taken += 1;
+            if entries.len() >= events_max {
+                break;
+            }
         }
         self.stats.count(&entries, &self.book);
         let after = outputs::top(&self.book, self.top_levels);
@@ -302,7 +352,8 @@ impl MarketCore {
         if out.book.is_some() {
             self.book_seq = self.last_seq;
         }
-        Some(out)
+        self.top = Some(after);
+        (Some(out), taken)
     }
 }
 
@@ -400,6 +451,30 @@ mod tests {
             assert_eq!(payloads(&a), payloads(&b));
         }
         assert_eq!(original.book().state_hash(), restored.book().state_hash());
+    }
+
+    #[test]
+    fn a_large_batch_is_split_so_each_journal_message_fits() {
+        let (spec, msgs) = messages();
+        let mut whole = MarketCore::new(Subjects::default(), spec.clone(), 100);
+        let batches = whole.process_split(&msgs);
+        assert!(batches.len() > 1, "{} messages in one batch", msgs.len());
+        let mut next = 1;
+        for (out, stats) in &batches {
+            assert!(out.journal.payload.len() < 1 << 20, "{}", out.journal.payload.len());
+            let head: serde_json::Value =
+                rmp_serde::from_slice(&out.journal.payload).expect("decodes");
+            assert_eq!(head["first_seq"].as_u64(), Some(next), "contiguous");
+            next = head["last_seq"].as_u64().expect("last_seq") + 1;
+            assert!(stats.commands > 0);
+        }
+        assert_eq!(next, msgs.len() as u64 + 1);
+        // The same messages in small batches end in the same book.
+        let mut small = MarketCore::new(Subjects::default(), spec, 100);
+        for chunk in msgs.chunks(3) {
+            small.process(chunk);
+        }
+        assert_eq!(whole.book().state_hash(), small.book().state_hash());
     }
 
     #[test]

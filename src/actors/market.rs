@@ -122,9 +122,10 @@ impl Actor for MarketActor {
     }
 }
 
-/// Apply a batch and return what it sends, and what it did.
+/// Apply messages and return what each resulting batch sends (more than one when their events
+/// would not fit one journal message), and what it did.
 #[derive(Message)]
-#[rtype(result = "Option<(BatchOutputs, BatchStats)>")]
+#[rtype(result = "Vec<(BatchOutputs, BatchStats)>")]
 pub struct Process(pub Vec<Incoming>);
 
 /// Apply messages already processed before (recovery): nothing is built.
@@ -162,11 +163,10 @@ pub struct Stats;
 pub struct L2Book;
 
 impl Handler<Process> for MarketActor {
-    type Result = Option<(BatchOutputs, BatchStats)>;
+    type Result = MessageResult<Process>;
     fn handle(&mut self, msg: Process, _: &mut Self::Context) -> Self::Result {
         self.count(msg.0.len());
-        let out = self.core.process(&msg.0)?;
-        Some((out, self.core.stats().clone()))
+        MessageResult(self.core.process_split(&msg.0))
     }
 }
 
@@ -659,7 +659,7 @@ impl Driver {
                 last_batch.extend(chunk);
             }
             done.republished = last_batch.len() as u64;
-            if let Some((out, _)) = self.send(Process(last_batch)).await? {
+            for (out, _) in self.send(Process(last_batch)).await? {
                 self.publish_views(&out, false).await?;
             }
         }
@@ -881,7 +881,7 @@ impl Driver {
                 }
             }
             let n = batch.len() as u64;
-            if let Some((out, stats)) = self.send(Process(batch)).await? {
+            for (out, stats) in self.send(Process(batch)).await? {
                 let published = match self.publish_journal(&out.journal).await {
                     Ok(()) => self.publish_views(&out, true).await,
                     Err(e) => Err(e),

@@ -153,7 +153,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         snapshots: Some(snapshots),
     };
     let supervisor = Supervisor::new(bus, settings, config.market.arbiters)
-        .with_own_connections(&nats.url, &options, &format!("agora-node-{node_id}-markets"))
+        .with_own_connections(
+            &nats.url,
+            &options,
+            &format!("agora-node-{node_id}-markets"),
+        )
         .start();
     let mut specs = Vec::new();
     for configured in config.market_specs() {

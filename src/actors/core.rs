@@ -461,7 +461,11 @@ mod tests {
         assert!(batches.len() > 1, "{} messages in one batch", msgs.len());
         let mut next = 1;
         for (out, stats) in &batches {
-            assert!(out.journal.payload.len() < 1 << 20, "{}", out.journal.payload.len());
+            assert!(
+                out.journal.payload.len() < 1 << 20,
+                "{}",
+                out.journal.payload.len()
+            );
             let head: serde_json::Value =
                 rmp_serde::from_slice(&out.journal.payload).expect("decodes");
             assert_eq!(head["first_seq"].as_u64(), Some(next), "contiguous");

@@ -755,7 +755,9 @@ fn node_cmd(args: NodeArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), &overrides)?;
     actix_rt::System::new().block_on(async move {
         // Inside the actix system: its runtime drives the gRPC exporter's channel.
-        let tracing = traces::init(&config.tracing, Some("info")).map_err(anyhow::Error::msg)?;
+        // The exporter's own messages only when something goes wrong.
+        let tracing = traces::init(&config.tracing, Some("info,opentelemetry=warn"))
+            .map_err(anyhow::Error::msg)?;
         let result = node::run(config, shutdown_signal()).await;
         tracing.shutdown().await;
         Ok::<_, anyhow::Error>(result?)

@@ -3,7 +3,8 @@
 //! `agora node` exports over OTLP/gRPC, `agora order` over OTLP/HTTP; the client's span and the
 //! engine's spans must share one trace id and nest: `agora.order.new` (client) ←
 //! `agora.market.command` ← `agora.match`, `agora.journal.publish`, `agora.reports.publish`.
-//! Untraced and unsampled orders must leave no engine span.
+//! Untraced and unsampled orders must leave no engine span. `AGORA_TRACES_DUMP=1` prints what
+//! the collector received.
 
 mod common;
 

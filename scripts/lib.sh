@@ -34,3 +34,14 @@ need_python_client() {
     }
   fi
 }
+
+# The OTLP collector the trace test sends to (rotel, a collector in a Python wheel).
+need_rotel() {
+  if ! python3 -c 'import rotel' >/dev/null 2>&1; then
+    echo "==> installing the rotel OTLP collector (pip install rotel==0.0.1a15)"
+    python3 -m pip install --quiet rotel==0.0.1a15 || {
+      echo "could not install rotel: pip install rotel==0.0.1a15 (or set AGORA_ROTEL to a rotel-agent binary)" >&2
+      exit 1
+    }
+  fi
+}

@@ -2,8 +2,8 @@
 # All the tests, as CI runs them: formatting, lints, every test (release build, so the oracle
 # test runs its full million commands; the bus tests start real nats-servers), the benches and
 # the fuzz target must build, and the committed sample must still replay to its recorded hash.
-# Installs what is missing (nats-server, the clippy and rustfmt components) and says what it
-# cannot install.
+# Installs what is missing (nats-server, the rotel collector, the clippy and rustfmt
+# components) and says what it cannot install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +21,7 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 need_nats_server
 need_python_client
+need_rotel
 echo "nats-server: $(command -v nats-server) ($(nats-server --version))"
 
 step "cargo fmt --check"

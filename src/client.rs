@@ -16,7 +16,10 @@
 //!
 //! A command with a `cid` is published with `Nats-Msg-Id` = cid, so a retried publish is
 //! dropped by JetStream (within its duplicate window) on top of the engine's `duplicate_cid`
-//! rule. This module must never decide anything about an order: the engine does.
+//! rule. Each command is sent under a span `agora.order.<op>` whose context travels in the
+//! W3C `traceparent` header, so the engine's spans join the client's trace when an
+//! OpenTelemetry layer is installed (`telemetry::traces::init`); without one the span is free.
+//! This module must never decide anything about an order: the engine does.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -24,8 +27,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::bus::{self, BusError, NatsOptions, Subjects};
+use crate::telemetry::traces;
 use crate::wire::WireCommandOut;
 
 #[derive(Debug, thiserror::Error)]
@@ -259,13 +264,41 @@ impl Client {
         {
             headers.insert("Nats-Msg-Id", cid.as_str());
         }
+        let span = traces::client_span(
+            &command.op,
+            market,
+            &command.account,
+            command.cid.as_deref(),
+        );
+        traces::inject(&span, &mut headers);
+        let ack = self
+            .publish(market, &subject, headers, payload)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| traces::fail(&span, e))?;
+        let sent = Sent {
+            seq: ack.sequence,
+            oid: (command.op == "new").then(|| ack.sequence.saturating_mul(1000)),
+            duplicate: ack.duplicate,
+        };
+        traces::record_sent(&span, sent.seq, sent.oid, sent.duplicate);
+        Ok(sent)
+    }
+
+    /// Publishes a command's bytes and waits for the stream's acknowledgement.
+    async fn publish(
+        &self,
+        market: &str,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        payload: Vec<u8>,
+    ) -> Result<jetstream::publish::PublishAck, ClientError> {
         let publish_err = |reason: String| ClientError::Publish {
-            subject: subject.clone(),
+            subject: subject.to_string(),
             reason,
         };
-        let ack = self
-            .js
-            .publish_with_headers(subject.clone(), headers, payload.into())
+        self.js
+            .publish_with_headers(subject.to_string(), headers, payload.into())
             .await
             .map_err(|e| publish_err(e.to_string()))?
             .await
@@ -273,16 +306,11 @@ impl Client {
                 jetstream::context::PublishErrorKind::StreamNotFound => {
                     ClientError::UnknownMarket {
                         market: market.to_string(),
-                        subject: subject.clone(),
+                        subject: subject.to_string(),
                     }
                 }
                 _ => publish_err(e.to_string()),
-            })?;
-        Ok(Sent {
-            seq: ack.sequence,
-            oid: (command.op == "new").then(|| ack.sequence.saturating_mul(1000)),
-            duplicate: ack.duplicate,
-        })
+            })
     }
 
     /// Places an order for `account`.

@@ -17,6 +17,7 @@ use figment::providers::{Format, Toml};
 use agora::book::reference::ReferenceBook;
 use agora::book::{MarketSpec, MarketSpecInput, OrderBook, Side};
 use agora::config::{Config, Overrides};
+use agora::telemetry::traces;
 use agora::wire::WireBook;
 use agora::workload::{self, FlowParams};
 use agora::{node, replay};
@@ -592,10 +593,17 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
         | OrderCmd::Amend { common, .. }
         | OrderCmd::CancelAll { common } => common,
     };
+    // Traces only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set.
+    let mut tracing_config = agora::config::TracingConfig::client();
+    tracing_config.apply_otel_env(|name| std::env::var(name).ok())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let console = tracing_config.active().then_some("warn");
+    let tracing = runtime
+        .block_on(async { traces::init(&tracing_config, console) })
+        .map_err(anyhow::Error::msg)?;
+    let result = runtime.block_on(async {
         let client = common.connect.client().await?;
         let (market, account) = (common.market.as_str(), common.account.as_str());
         // Listen before sending, so the reports cannot pass by unseen.
@@ -674,7 +682,10 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
             }
         }
         Ok(())
-    })
+    });
+    // Flush the client's span (on a blocking thread; this runtime drives the gRPC channel).
+    runtime.block_on(tracing.shutdown());
+    result
 }
 
 fn watch_cmd(cmd: WatchCmd) -> Result<()> {
@@ -735,13 +746,6 @@ fn watch_cmd(cmd: WatchCmd) -> Result<()> {
 }
 
 fn node_cmd(args: NodeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let overrides = Overrides {
         node_id: args.node_id,
         nats_url: args.nats_url,
@@ -749,8 +753,15 @@ fn node_cmd(args: NodeArgs) -> Result<()> {
         http_port: args.http_port,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    actix_rt::System::new().block_on(node::run(config, shutdown_signal()))?;
-    Ok(())
+    actix_rt::System::new().block_on(async move {
+        // Inside the actix system: its runtime drives the gRPC exporter's channel.
+        // The exporter's own messages only when something goes wrong.
+        let tracing = traces::init(&config.tracing, Some("info,opentelemetry=warn"))
+            .map_err(anyhow::Error::msg)?;
+        let result = node::run(config, shutdown_signal()).await;
+        tracing.shutdown().await;
+        Ok::<_, anyhow::Error>(result?)
+    })
 }
 
 fn main() {

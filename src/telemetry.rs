@@ -7,6 +7,8 @@
 //! small HTTP/1.1 responder on tokio: GET only, one request per connection, bounded request
 //! size, so nothing a client sends can hold the node. This module must never touch a market's
 //! state: it asks the supervisor and JetStream.
+//!
+//! Traces (OTLP export, `traceparent` in NATS headers, the spans of a command) are in `traces`.
 
 use std::time::Duration;
 
@@ -16,6 +18,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+pub mod traces;
 
 use crate::actors::{ListMarkets, Supervisor};
 use crate::bus::Subjects;

@@ -10,6 +10,11 @@
 //! goes on from the next sequence. No command is lost or applied twice; no output is published
 //! twice. This module must never publish a derived view before its journal message, nor go on
 //! after the fence says another owner wrote the journal.
+//!
+//! Traces: a message whose `traceparent` header says "sampled" gets an `agora.market.command`
+//! span (`telemetry::traces`), carried beside the batch: into the actor (`Process::traced`),
+//! where the match is recorded under it, and through the journal and report publishes. An
+//! untraced message costs an atomic load (a header lookup with tracing on), nothing more.
 
 use std::time::{Duration, Instant};
 
@@ -23,12 +28,14 @@ use async_nats::jetstream::{
 use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::metrics::MarketMetrics;
 use crate::book::{MarketSpec, Seq, StateHash};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
+use crate::telemetry::traces::{self, Matching, PublishSpans, TracedCommand};
 
 /// What a market talks to: NATS, JetStream, its subject names and the snapshot store.
 #[derive(Clone)]
@@ -126,7 +133,12 @@ impl Actor for MarketActor {
 /// would not fit one journal message), and what it did.
 #[derive(Message)]
 #[rtype(result = "Vec<(BatchOutputs, BatchStats)>")]
-pub struct Process(pub Vec<Incoming>);
+pub struct Process {
+    pub batch: Vec<Incoming>,
+    /// The spans of the batch's traced messages (almost always none); the match is recorded
+    /// under each.
+    pub traced: Vec<TracedCommand>,
+}
 
 /// Apply messages already processed before (recovery): nothing is built.
 #[derive(Message)]
@@ -165,8 +177,15 @@ pub struct L2Book;
 impl Handler<Process> for MarketActor {
     type Result = MessageResult<Process>;
     fn handle(&mut self, msg: Process, _: &mut Self::Context) -> Self::Result {
-        self.count(msg.0.len());
-        MessageResult(self.core.process_split(&msg.0))
+        self.count(msg.batch.len());
+        let matching = Matching::start(
+            self.core.spec().symbol.as_str(),
+            &msg.traced,
+            msg.batch.len(),
+        );
+        let batches = self.core.process_split(&msg.batch);
+        matching.finish(batches.iter().map(|(out, _)| &out.journal));
+        MessageResult(batches)
     }
 }
 
@@ -525,7 +544,8 @@ pub async fn start(
         snapshot_task: None,
         metrics: MarketMetrics::new(&market),
     };
-    driver.recover().await?;
+    let span = traces::recover_span(&market, &driver.settings.node_id);
+    driver.recover().instrument(span).await?;
     let (stop, stopped) = watch::channel(false);
     let responder = serve_book_snapshots(&driver, stopped.clone()).await?;
     driver.announce("active").await;
@@ -659,7 +679,11 @@ impl Driver {
                 last_batch.extend(chunk);
             }
             done.republished = last_batch.len() as u64;
-            for (out, _) in self.send(Process(last_batch)).await? {
+            let last_batch = Process {
+                batch: last_batch,
+                traced: Vec::new(),
+            };
+            for (out, _) in self.send(last_batch).await? {
                 self.publish_views(&out, false).await?;
             }
         }
@@ -673,6 +697,13 @@ impl Driver {
             ..BatchStats::default()
         });
         self.metrics.running(true);
+        traces::record_recovered(
+            &tracing::Span::current(),
+            done.snapshot_seq,
+            done.replayed,
+            done.republished,
+            last_seq,
+        );
         tracing::info!(
             market = %self.market,
             snapshot_seq = ?done.snapshot_seq,
@@ -866,13 +897,16 @@ impl Driver {
                 first.map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
             // Commands still waiting in the stream after the last one taken.
             let mut pending = first.info().ok().map(|i| i.pending);
-            let mut batch = vec![incoming(&self.market, &self.routes, &first)?];
+            let mut batch = Vec::new();
+            // Sampled messages' spans (no allocation until one is traced).
+            let mut traced = Vec::new();
+            self.take(&first, &mut batch, &mut traced)?;
             // Take whatever else is already here, without waiting: batches grow under load only.
             while batch.len() < self.settings.fetch_max {
                 match messages.next().now_or_never() {
                     Some(Some(Ok(m))) => {
                         pending = m.info().ok().map(|i| i.pending);
-                        batch.push(incoming(&self.market, &self.routes, &m)?)
+                        self.take(&m, &mut batch, &mut traced)?;
                     }
                     Some(Some(Err(e))) => {
                         return Err(nats_err(&self.market, "consuming the order stream", e));
@@ -881,11 +915,12 @@ impl Driver {
                 }
             }
             let n = batch.len() as u64;
-            for (out, stats) in self.send(Process(batch)).await? {
-                let published = match self.publish_journal(&out.journal).await {
-                    Ok(()) => self.publish_views(&out, true).await,
-                    Err(e) => Err(e),
-                };
+            let process = Process {
+                batch,
+                traced: traced.clone(),
+            };
+            for (out, stats) in self.send(process).await? {
+                let published = self.publish_batch(&out, &traced).await;
                 if let Err(e) = published {
                     if matches!(e, MarketError::Nats { .. }) {
                         self.metrics.publish_error();
@@ -895,12 +930,51 @@ impl Driver {
                 let micros = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
                 self.metrics.batch(&stats, micros, pending);
             }
+            // The traced commands' spans end once their outputs are acknowledged.
+            drop(traced);
             self.since_snapshot += n;
             self.snapshot_if_due().await?;
             if *stop.borrow() {
                 return Ok(());
             }
         }
+    }
+
+    /// Decodes a message into `batch`, and its span into `traced` if it is traced.
+    fn take(
+        &self,
+        m: &jetstream::Message,
+        batch: &mut Vec<Incoming>,
+        traced: &mut Vec<TracedCommand>,
+    ) -> Result<(), MarketError> {
+        let msg = incoming(&self.market, &self.routes, m)?;
+        if let Some(t) = traces::command_span(&self.market, msg.seq, m.headers.as_ref()) {
+            traced.push(t);
+        }
+        batch.push(msg);
+        Ok(())
+    }
+
+    /// Publishes a processed batch: the journal message, then (once acknowledged) the views;
+    /// each under a span per traced message of the batch.
+    async fn publish_batch(
+        &mut self,
+        out: &BatchOutputs,
+        traced: &[TracedCommand],
+    ) -> Result<(), MarketError> {
+        let spans = PublishSpans::journal(traced, &out.journal);
+        if let Err(e) = self.publish_journal(&out.journal).await {
+            spans.fail(traced, &e);
+            return Err(e);
+        }
+        drop(spans);
+        let spans =
+            PublishSpans::reports(traced, out.execs.len() + usize::from(out.trades.is_some()));
+        let published = self.publish_views(out, true).await;
+        if let Err(e) = &published {
+            spans.fail(traced, e);
+        }
+        published
     }
 
     /// Publishes the journal message, fenced on our previous one.

@@ -612,7 +612,7 @@ async fn publish(p: Publish, shared: Arc<Shared>) -> Result<(), BenchError> {
 }
 
 /// CPU time (user + system) of a process, in milliseconds, from `/proc/<pid>/stat`.
-fn cpu_ms(pid: Option<u32>) -> Option<f64> {
+pub(crate) fn cpu_ms(pid: Option<u32>) -> Option<f64> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/stat"),
         None => "/proc/self/stat".to_string(),

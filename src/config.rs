@@ -25,6 +25,7 @@ const ENV_KEYS: &[&str] = &[
     "snapshots",
     "nats",
     "tracing",
+    "cluster",
 ];
 
 /// The defaults, as shipped.
@@ -48,6 +49,8 @@ pub struct Config {
     /// Traces over OTLP; the standard `OTEL_*` variables override it.
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// Heartbeats, leases and the rebalancer.
+    pub cluster: ClusterConfig,
     pub markets: Vec<MarketSpecInput>,
 }
 
@@ -222,6 +225,17 @@ impl TracingConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub rebalance_every_secs: u64,
+    pub imbalance_ratio: f64,
+    pub min_rate_gap: f64,
+    pub max_moves_per_minute: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotsConfig {
     pub every_commands: u64,
     pub every_secs: u64,
@@ -341,6 +355,32 @@ impl Config {
                 self.snapshots.every_secs
             )));
         }
+        let c = &self.cluster;
+        if !(10..=10_000).contains(&c.heartbeat_ms) {
+            return Err(ConfigError(format!(
+                "cluster.heartbeat_ms = {}: use 10 to 10000",
+                c.heartbeat_ms
+            )));
+        }
+        if c.lease_ms < 3 * c.heartbeat_ms || c.lease_ms > 60_000 {
+            return Err(ConfigError(format!(
+                "cluster.lease_ms = {}: use at least 3 heartbeats ({} ms) and at most 60000",
+                c.lease_ms,
+                3 * c.heartbeat_ms
+            )));
+        }
+        if c.imbalance_ratio.is_nan() || c.imbalance_ratio < 1.0 {
+            return Err(ConfigError(format!(
+                "cluster.imbalance_ratio = {}: use 1.0 or more (1.5: a node 50% above the mean)",
+                c.imbalance_ratio
+            )));
+        }
+        if c.min_rate_gap.is_nan() || c.min_rate_gap < 0.0 {
+            return Err(ConfigError(format!(
+                "cluster.min_rate_gap = {}: use 0 or more commands per second",
+                c.min_rate_gap
+            )));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for input in &self.markets {
             input
@@ -375,7 +415,19 @@ impl Config {
             duplicate_window: std::time::Duration::from_secs(self.streams.duplicate_window_secs),
             max_age: std::time::Duration::from_secs(self.streams.max_age_secs),
             max_bytes: self.streams.max_bytes,
-            ..StreamSettings::default()
+            heartbeat_ttl: self.cluster_settings().record_ttl(),
+        }
+    }
+
+    pub fn cluster_settings(&self) -> crate::cluster::ClusterSettings {
+        let c = &self.cluster;
+        crate::cluster::ClusterSettings {
+            heartbeat: std::time::Duration::from_millis(c.heartbeat_ms),
+            lease: std::time::Duration::from_millis(c.lease_ms),
+            rebalance_every: std::time::Duration::from_secs(c.rebalance_every_secs),
+            imbalance_ratio: c.imbalance_ratio,
+            min_rate_gap: c.min_rate_gap,
+            max_moves_per_minute: c.max_moves_per_minute,
         }
     }
 

@@ -1,28 +1,36 @@
-//! The control subject: `<prefix>.ctl.<verb>` requests, answered by the node. Requests are
-//! MessagePack maps (or JSON with `Content-Type: application/json`); every reply is
-//! `{ok: true, ...}` or `{ok: false, error, message}`. Who may send them is decided by NATS
+//! The control subject: `<prefix>.ctl.<verb>` requests, answered by any node (a queue group).
+//! Requests are MessagePack maps (or JSON with `Content-Type: application/json`); every reply
+//! is `{ok: true, ...}` or `{ok: false, error, message}`. Who may send them is decided by NATS
 //! permissions (see `config/nats/permissions.conf`).
 //!
-//! Verbs: `market.add` (a market spec: creates the stream, stores the spec, starts the market,
-//! answers once it consumes), `market.remove`, `market.halt`, `market.resume` (sequenced through
-//! the market's own stream on the operators' subject, answered once applied), `market.list`,
-//! `node.list`. This module must never change a market except through its stream or its actor.
+//! Verbs: `market.add` (a market spec: creates the stream, stores the spec, places the market
+//! on the least loaded live node, answers once it consumes), `market.remove`, `market.halt`,
+//! `market.resume` (sequenced through the market's own stream on the operators' subject,
+//! answered once the journal shows them applied), `market.list`, `market.move` (a planned
+//! handoff), `node.list` (with load), `node.drain` and `node.undrain`. Markets may run on any
+//! node: this module acts through the buckets, the streams and the nodes' own requests, never
+//! on a market directly.
 
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::actors::{ListMarkets, StartMarket, StopMarket, Supervisor};
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{self, BusError, StreamSettings, Subjects};
+use crate::cluster::handoff;
+use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, unix_ms};
+use crate::cluster::placement::{self, Placement, PlacementState};
 
 /// How long a halt or resume may take to be applied before the request fails.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new market may take to start consuming.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a drain may take before it answers with what is left.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// Everything the control service acts on.
 #[derive(Clone)]
@@ -32,9 +40,10 @@ pub struct Control {
     pub subjects: Subjects,
     pub streams: StreamSettings,
     pub markets: kv::Store,
-    pub supervisor: Addr<Supervisor>,
-    pub node_id: String,
-    pub started: Instant,
+    pub placement: kv::Store,
+    pub nodes: kv::Store,
+    /// A node not heard from for this long is dead.
+    pub lease: Duration,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +52,27 @@ struct SymbolRequest {
     symbol: String,
     #[serde(default)]
     cancel_orders: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveRequest {
+    symbol: String,
+    node: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeRequest {
+    node: String,
+}
+
+/// A node's record and whether it is alive (renewed within twice the lease, by the server's
+/// timestamps: this is for choosing and showing, never for ownership).
+struct NodeEntry {
+    record: NodeRecord,
+    alive: bool,
+    age_ms: u64,
 }
 
 fn err(error: &str, message: impl Into<String>) -> Value {
@@ -127,23 +157,86 @@ impl Control {
                     Err(e) => Err(e),
                 }
             }
+            "market.move" => match decode::<MoveRequest>(payload, json, "{symbol, node}") {
+                Ok(r) => self.move_market(&r.symbol, &r.node).await,
+                Err(e) => Err(e),
+            },
             "market.list" => Ok(self.list().await),
-            "node.list" => Ok(self.nodes().await),
+            "node.list" => Ok(self.node_list().await),
+            "node.drain" | "node.undrain" => match decode::<NodeRequest>(payload, json, "{node}") {
+                Ok(r) if verb == "node.drain" => self.drain(&r.node).await,
+                Ok(r) => self.undrain(&r.node).await,
+                Err(e) => Err(e),
+            },
             _ => Err(err(
                 "unknown_verb",
                 format!(
-                    "{verb:?} is not a control verb; use market.add, market.remove, market.halt, market.resume, market.list or node.list"
+                    "{verb:?} is not a control verb; use market.add, market.remove, market.halt, market.resume, market.list, market.move, node.list, node.drain or node.undrain"
                 ),
             )),
         };
         result.unwrap_or_else(|e| e)
     }
 
-    async fn running(&self, symbol: &str) -> bool {
-        self.supervisor
-            .send(ListMarkets)
-            .await
-            .is_ok_and(|markets| markets.iter().any(|m| m.symbol == symbol && m.running))
+    /// Every node record, alive or not.
+    async fn node_entries(&self) -> Vec<NodeEntry> {
+        let mut out = Vec::new();
+        let Ok(mut keys) = self.nodes.keys().await else {
+            return out;
+        };
+        let mut names = Vec::new();
+        while let Some(Ok(key)) = keys.next().await {
+            if !key.contains('.') {
+                names.push(key);
+            }
+        }
+        names.sort();
+        let now = unix_ms();
+        for key in names {
+            let Ok(Some(entry)) = self.nodes.entry(key).await else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) else {
+                continue;
+            };
+            let created =
+                u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            let age_ms = now.saturating_sub(created);
+            out.push(NodeEntry {
+                record,
+                alive: u128::from(age_ms) < 2 * self.lease.as_millis(),
+                age_ms,
+            });
+        }
+        out
+    }
+
+    async fn placement_of(&self, market: &str) -> Result<Option<(Placement, u64)>, Value> {
+        match self.placement.entry(market).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                Ok(Placement::decode(&e.value).map(|p| (p, e.revision)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(err(
+                "kv",
+                format!("cannot read the placement of {market}: {e}"),
+            )),
+        }
+    }
+
+    async fn drained(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        if let Ok(mut keys) = self.placement.keys().await {
+            while let Some(Ok(key)) = keys.next().await {
+                if let Some(node) = placement::drained_node(&key) {
+                    out.insert(node.to_string());
+                }
+            }
+        }
+        out
     }
 
     async fn add(&self, input: MarketSpecInput) -> Result<Value, Value> {
@@ -184,38 +277,132 @@ impl Control {
         bus::ensure_market_stream(&self.js, &self.subjects, &symbol, &self.streams)
             .await
             .map_err(|e| err("stream", e.to_string()))?;
-        self.supervisor
-            .send(StartMarket(spec))
-            .await
-            .map_err(|e| err("node", format!("the supervisor is gone: {e}")))?
-            .map_err(|e| err("start_failed", e))?;
+        let (node, epoch) = self.place_and_wait(&symbol).await?;
         Ok(json!({
             "ok": true,
             "market": symbol,
             "created": created,
-            "node": self.node_id,
+            "node": node,
+            "epoch": epoch,
             "orders": self.subjects.orders(&symbol),
         }))
     }
 
-    async fn remove(&self, symbol: &str) -> Result<Value, Value> {
-        let stopped = self
-            .supervisor
-            .send(StopMarket(symbol.to_string()))
+    /// Places a market that has no placement on the least loaded live node, and waits until
+    /// it runs. Answers where it runs.
+    async fn place_and_wait(&self, symbol: &str) -> Result<(String, u64), Value> {
+        let nodes = self.node_entries().await;
+        let alive = |node: &str| nodes.iter().any(|n| n.alive && n.record.node == node);
+        // Announcements are awaited from before the market is placed.
+        let mut status = self
+            .client
+            .subscribe(self.subjects.status(symbol))
             .await
-            .map_err(|e| err("node", format!("the supervisor is gone: {e}")))?;
+            .map_err(|e| err("nats", e.to_string()))?;
+        match self.placement_of(symbol).await? {
+            Some((p, _)) if p.state == PlacementState::Active && alive(&p.node) => {
+                return Ok((p.node, p.epoch));
+            }
+            Some(_) => {}
+            None => {
+                let drained = self.drained().await;
+                let node = nodes
+                    .iter()
+                    .filter(|n| n.alive && !drained.contains(&n.record.node))
+                    .min_by(|a, b| {
+                        (a.record.markets.len(), a.record.commands_per_sec)
+                            .partial_cmp(&(b.record.markets.len(), b.record.commands_per_sec))
+                            .unwrap_or(std::cmp::Ordering::Equal)
+                    })
+                    .map(|n| n.record.node.clone())
+                    .ok_or_else(|| {
+                        err(
+                            "no_nodes",
+                            format!("no live node can take {symbol}; start a node (agora node) and try again"),
+                        )
+                    })?;
+                // Placed meanwhile (by the rebalancer) is as good.
+                let _ = self
+                    .placement
+                    .create(symbol, Placement::assigned(&node, 1).encode().into())
+                    .await;
+            }
+        }
+        let started = Instant::now();
+        loop {
+            let left = START_TIMEOUT.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, status.next()).await {
+                Ok(Some(m)) => {
+                    if let Ok(s) = rmp_serde::from_slice::<Value>(&m.payload)
+                        && s["state"] == "active"
+                    {
+                        return Ok((
+                            s["node"].as_str().unwrap_or("").to_string(),
+                            s["epoch"].as_u64().unwrap_or(0),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(err(
+                        "start_timeout",
+                        format!(
+                            "{symbol} is placed but did not start within {START_TIMEOUT:?}; market.list shows where it is placed, the node's log why it did not start"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn remove(&self, symbol: &str) -> Result<Value, Value> {
+        let placed = self.placement_of(symbol).await?;
         let stored = matches!(self.markets.get(symbol).await, Ok(Some(_)));
-        if !stopped && !stored {
+        if placed.is_none() && !stored {
             return Err(err(
                 "unknown_market",
-                format!("{symbol} is not a market here"),
+                format!("{symbol} is not a market; market.list shows them"),
             ));
         }
+        let mut status = self
+            .client
+            .subscribe(self.subjects.status(symbol))
+            .await
+            .map_err(|e| err("nats", e.to_string()))?;
+        // The spec first, so the rebalancer does not place it again.
         if stored {
             self.markets
                 .delete(symbol)
                 .await
                 .map_err(|e| err("kv", format!("cannot delete the spec of {symbol}: {e}")))?;
+        }
+        let mut stopped = false;
+        if let Some((p, _)) = &placed {
+            self.placement.delete(symbol).await.map_err(|e| {
+                err(
+                    "kv",
+                    format!("cannot delete the placement of {symbol}: {e}"),
+                )
+            })?;
+            let live = self
+                .node_entries()
+                .await
+                .iter()
+                .any(|n| n.alive && n.record.node == p.node);
+            let started = Instant::now();
+            while live && started.elapsed() < APPLY_TIMEOUT {
+                let left = APPLY_TIMEOUT.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, status.next()).await {
+                    Ok(Some(m)) => {
+                        if let Ok(s) = rmp_serde::from_slice::<Value>(&m.payload)
+                            && s["state"] != "active"
+                        {
+                            stopped = true;
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
         }
         Ok(json!({
             "ok": true,
@@ -227,10 +414,10 @@ impl Control {
 
     /// Sends halt or resume through the market's stream and waits until it is applied.
     async fn admin(&self, symbol: &str, op: &str, cancel_orders: bool) -> Result<Value, Value> {
-        if !self.running(symbol).await {
+        if self.placement_of(symbol).await?.is_none() {
             return Err(err(
                 "unknown_market",
-                format!("{symbol} does not run on this node"),
+                format!("{symbol} is not a running market; market.list shows them"),
             ));
         }
         let mut command = json!({"op": op, "account": "operator"});
@@ -246,23 +433,28 @@ impl Control {
             .await
             .map_err(|e| err("publish", e.to_string()))?
             .sequence;
+        // Applied once the journal covers it, wherever the market runs.
+        let events = self
+            .js
+            .get_stream(self.subjects.events_stream())
+            .await
+            .map_err(|e| err("stream", e.to_string()))?;
+        let subject = self.subjects.events(symbol);
         let deadline = Instant::now() + APPLY_TIMEOUT;
         loop {
-            let markets = self.supervisor.send(ListMarkets).await.unwrap_or_default();
-            let stats = markets
-                .into_iter()
-                .find(|m| m.symbol == symbol)
-                .and_then(|m| m.stats);
-            if let Some(stats) = stats.filter(|s| s.last_seq >= seq) {
+            if let Ok(last) = events.get_last_raw_message_by_subject(&subject).await
+                && let Ok(head) = rmp_serde::from_slice::<Value>(&last.payload)
+                && head["last_seq"].as_u64().is_some_and(|s| s >= seq)
+            {
                 return Ok(
-                    json!({"ok": true, "market": symbol, "seq": seq, "halted": stats.halted}),
+                    json!({"ok": true, "market": symbol, "seq": seq, "halted": op == "halt"}),
                 );
             }
             if Instant::now() > deadline {
                 return Err(err(
                     "timeout",
                     format!(
-                        "{op} was sent at stream sequence {seq} but not applied within {APPLY_TIMEOUT:?}"
+                        "{op} was sent at stream sequence {seq} but not applied within {APPLY_TIMEOUT:?}; is the market running (market.list)?"
                     ),
                 ));
             }
@@ -270,42 +462,206 @@ impl Control {
         }
     }
 
+    /// Every market: its placement, and its figures from the node running it.
     async fn list(&self) -> Value {
-        let markets = self.supervisor.send(ListMarkets).await.unwrap_or_default();
-        let list: Vec<Value> = markets
-            .iter()
-            .map(|m| {
-                let mut v = json!({
-                    "symbol": m.symbol,
-                    "node": self.node_id,
-                    "epoch": 0,
-                    "running": m.running,
-                    "restarts": m.restarts,
-                    "last_seq": m.last_seq,
-                });
-                if let Some(s) = &m.stats {
-                    v["state"] = json!(if s.halted { "halted" } else { "active" });
-                    v["resting_orders"] = json!(s.resting_orders);
-                    v["stop_orders"] = json!(s.stop_orders);
-                    v["bid_levels"] = json!(s.bid_levels);
-                    v["ask_levels"] = json!(s.ask_levels);
-                    v["commands_per_sec"] = json!(s.commands_per_sec);
-                } else {
-                    v["state"] = json!("stopped");
+        let mut symbols = Vec::new();
+        if let Ok(mut keys) = self.markets.keys().await {
+            while let Some(Ok(key)) = keys.next().await {
+                symbols.push(key);
+            }
+        }
+        symbols.sort();
+        let nodes = self.node_entries().await;
+        let mut running: std::collections::BTreeMap<String, Value> = Default::default();
+        for n in nodes.iter().filter(|n| n.alive) {
+            let subject = self.subjects.node(&n.record.node, "markets");
+            let asked = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client.request(subject, "{}".into()),
+            )
+            .await;
+            if let Ok(Ok(answer)) = asked
+                && let Ok(v) = serde_json::from_slice::<Value>(&answer.payload)
+            {
+                for m in v["markets"].as_array().cloned().unwrap_or_default() {
+                    if m["running"] == json!(true)
+                        && let Some(symbol) = m["symbol"].as_str()
+                    {
+                        let mut m = m.clone();
+                        m["node"] = json!(n.record.node);
+                        running.insert(symbol.to_string(), m);
+                    }
                 }
-                v
-            })
-            .collect();
+            }
+        }
+        let mut list = Vec::new();
+        for symbol in symbols {
+            let placed = self.placement_of(&symbol).await.ok().flatten();
+            let mut v = json!({"symbol": symbol});
+            if let Some((p, _)) = &placed {
+                v["node"] = json!(p.node);
+                v["epoch"] = json!(p.epoch);
+                v["placement"] = json!(p.state);
+            }
+            match running.remove(&symbol) {
+                Some(m) => {
+                    v["running"] = json!(true);
+                    v["node"] = m["node"].clone();
+                    let stats = &m["stats"];
+                    v["state"] = json!(if stats["halted"] == json!(true) {
+                        "halted"
+                    } else {
+                        "active"
+                    });
+                    for key in ["last_seq", "restarts"] {
+                        v[key] = m[key].clone();
+                    }
+                    for key in [
+                        "resting_orders",
+                        "stop_orders",
+                        "bid_levels",
+                        "ask_levels",
+                        "commands_per_sec",
+                        "snapshot_seq",
+                    ] {
+                        v[key] = stats[key].clone();
+                    }
+                }
+                None => {
+                    v["running"] = json!(false);
+                    v["state"] = json!(if placed.is_some() {
+                        "starting"
+                    } else {
+                        "unplaced"
+                    });
+                }
+            }
+            list.push(v);
+        }
         json!({"ok": true, "markets": list})
     }
 
-    async fn nodes(&self) -> Value {
-        let markets = self.supervisor.send(ListMarkets).await.unwrap_or_default();
-        let running = markets.iter().filter(|m| m.running).count();
-        json!({"ok": true, "nodes": [{
-            "node": self.node_id,
-            "markets": running,
-            "uptime_secs": self.started.elapsed().as_secs(),
-        }]})
+    async fn node_list(&self) -> Value {
+        let drained = self.drained().await;
+        let rebalancer = match self.nodes.get(REBALANCER_KEY).await {
+            Ok(Some(holder)) => json!(String::from_utf8_lossy(&holder)),
+            _ => Value::Null,
+        };
+        let now = unix_ms();
+        let nodes: Vec<Value> = self
+            .node_entries()
+            .await
+            .into_iter()
+            .map(|n| {
+                let r = &n.record;
+                json!({
+                    "node": r.node,
+                    "alive": n.alive,
+                    "last_heartbeat_ms_ago": n.age_ms,
+                    "draining": drained.contains(&r.node),
+                    "rebalancer": rebalancer == json!(r.node),
+                    "markets": r.markets.len(),
+                    "market_names": r.markets.iter().map(|m| m.symbol.clone()).collect::<Vec<_>>(),
+                    "following": r.following,
+                    "commands_per_sec": r.commands_per_sec,
+                    "cpu_pct": r.cpu_pct,
+                    "uptime_secs": now.saturating_sub(r.started_unix_ms) / 1000,
+                })
+            })
+            .collect();
+        json!({"ok": true, "nodes": nodes, "rebalancer": rebalancer})
+    }
+
+    async fn move_market(&self, symbol: &str, node: &str) -> Result<Value, Value> {
+        let nodes = self.node_entries().await;
+        if !nodes.iter().any(|n| n.alive && n.record.node == node) {
+            return Err(err(
+                "unknown_node",
+                format!("{node} is not a live node; node.list shows them"),
+            ));
+        }
+        let moved = handoff::move_market(
+            &self.client,
+            &self.subjects,
+            &self.placement,
+            symbol,
+            node,
+            Duration::from_secs(40),
+        )
+        .await
+        .map_err(|e| err(e.error, e.message))?;
+        Ok(json!({
+            "ok": true,
+            "market": moved.market,
+            "from": moved.from,
+            "to": moved.to,
+            "epoch": moved.epoch,
+            "seq": moved.seq,
+            "pause_ms": moved.pause_us as f64 / 1000.0,
+            "lag": moved.lag,
+        }))
+    }
+
+    /// Marks the node drained (nothing is placed on it) and waits until the rebalancer moved
+    /// its markets away.
+    async fn drain(&self, node: &str) -> Result<Value, Value> {
+        let nodes = self.node_entries().await;
+        if !nodes.iter().any(|n| n.record.node == node) {
+            return Err(err(
+                "unknown_node",
+                format!("{node} is not a node; node.list shows them"),
+            ));
+        }
+        let drained = self.drained().await;
+        if !nodes
+            .iter()
+            .any(|n| n.alive && n.record.node != node && !drained.contains(&n.record.node))
+        {
+            return Err(err(
+                "no_target",
+                format!("no other live node can take the markets of {node}; start one first"),
+            ));
+        }
+        self.placement
+            .put(placement::drain_key(node), "1".into())
+            .await
+            .map_err(|e| err("kv", format!("cannot mark {node} drained: {e}")))?;
+        let started = Instant::now();
+        loop {
+            let mut left = Vec::new();
+            if let Ok(mut keys) = self.placement.keys().await {
+                while let Some(Ok(key)) = keys.next().await {
+                    if placement::drained_node(&key).is_none()
+                        && let Ok(Some((p, _))) = self.placement_of(&key).await
+                        && p.node == node
+                    {
+                        left.push(key);
+                    }
+                }
+            }
+            if left.is_empty() {
+                return Ok(
+                    json!({"ok": true, "node": node, "markets_left": 0, "elapsed_ms": started.elapsed().as_millis() as u64}),
+                );
+            }
+            if started.elapsed() > DRAIN_TIMEOUT {
+                return Err(err(
+                    "drain_incomplete",
+                    format!(
+                        "{node} still holds {} after {DRAIN_TIMEOUT:?} (moves go one at a time); ask again to keep waiting",
+                        left.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn undrain(&self, node: &str) -> Result<Value, Value> {
+        self.placement
+            .delete(placement::drain_key(node))
+            .await
+            .map_err(|e| err("kv", format!("cannot clear the drain of {node}: {e}")))?;
+        Ok(json!({"ok": true, "node": node, "draining": false}))
     }
 }

@@ -1,6 +1,6 @@
 //! Agora: a matching runtime for exchanges. `book` is the pure order book, `wire` the wire
 //! format, `replay`/`workload`/`fuzzing` the offline tools; with the `runtime` feature
-//! (default), `bus`, `actors`, `config` and `node` make up the NATS-driven runtime, `client`
+//! (default), `bus`, `actors`, `cluster`, `config` and `node` make up the NATS-driven runtime, `client`
 //! talks to it, and `bench` measures it end to end.
 
 #[cfg(feature = "runtime")]
@@ -12,6 +12,9 @@ pub mod book;
 pub mod bus;
 #[cfg(feature = "runtime")]
 pub mod client;
+#[cfg(feature = "runtime")]
+#[macro_use]
+pub mod cluster;
 #[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]

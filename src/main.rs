@@ -112,10 +112,15 @@ struct NodeArgs {
 
 #[derive(Args)]
 struct CtlArgs {
-    /// market.add, market.remove, market.halt, market.resume, market.list or node.list.
+    /// market.add, market.remove, market.halt, market.resume, market.list, market.move,
+    /// node.list, node.drain or node.undrain.
     verb: String,
-    /// The market, for market.remove, market.halt and market.resume.
+    /// The market (market.remove, market.halt, market.resume, market.move) or the node
+    /// (node.drain, node.undrain).
     symbol: Option<String>,
+    /// For market.move: the node to move the market to.
+    #[arg(long, value_name = "NODE")]
+    to: Option<String>,
     /// For market.add: the market spec (TOML with the fields of a market spec).
     #[arg(long, value_name = "FILE.toml")]
     spec: Option<PathBuf>,
@@ -125,7 +130,7 @@ struct CtlArgs {
     #[command(flatten)]
     connect: ConnectArgs,
     /// How long to wait for the reply.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
 }
 
@@ -513,6 +518,24 @@ fn ctl_cmd(args: CtlArgs) -> Result<()> {
                 body["cancel_orders"] = serde_json::json!(true);
             }
             body
+        }
+        "market.move" => {
+            let (Some(symbol), Some(to)) = (&args.symbol, &args.to) else {
+                bail!(
+                    "market.move needs the market and the node, e.g. `agora ctl market.move BTC-USDC --to n2`"
+                );
+            };
+            serde_json::json!({ "symbol": symbol, "node": to })
+        }
+        "node.drain" | "node.undrain" => {
+            let Some(node) = &args.symbol else {
+                bail!(
+                    "{} needs the node's id, e.g. `agora ctl {} n2`",
+                    args.verb,
+                    args.verb
+                );
+            };
+            serde_json::json!({ "node": node })
         }
         _ => serde_json::json!({}),
     };

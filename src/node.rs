@@ -1,7 +1,8 @@
 //! `agora node`: one node of the runtime. Connects to NATS (or starts its own nats-server when
 //! none is configured), creates the shared streams and buckets, creates the configured markets
-//! if missing, runs them under a `Supervisor`, and on SIGINT/SIGTERM stops every market at a
-//! batch boundary with its outputs published, then exits.
+//! if missing, joins the cluster (heartbeat, agent, rebalancer: the markets placed on this node
+//! run under its `Supervisor`), and on SIGINT/SIGTERM stops every market at a batch boundary
+//! with its outputs published, leaves the cluster, then exits.
 //!
 //! This module must never match orders or build messages: it wires configuration, bus and
 //! actors together and reports what it did.
@@ -12,9 +13,13 @@ use std::path::PathBuf;
 use actix::Actor;
 use async_nats::jetstream;
 
-use crate::actors::{MarketBus, MarketSettings, Shutdown, StartMarket, Supervisor};
+use crate::actors::{Held, MarketBus, MarketSettings, Shutdown, Supervisor};
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{self, BusError, LocalServer, SnapshotStore};
+use crate::cluster::agent::Agent;
+use crate::cluster::placement::{Placement, PlacementState};
+use crate::cluster::rebalancer::Rebalancer;
+use crate::cluster::{Lease, membership};
 use crate::config::{Config, ConfigError};
 use crate::control::Control;
 use crate::telemetry;
@@ -47,7 +52,7 @@ async fn nats(config: &Config) -> Result<Nats, NodeError> {
     let server = tokio::task::spawn_blocking(move || LocalServer::start(&start_dir))
         .await
         .map_err(|e| NodeError::Market(format!("starting nats-server: {e}")))??;
-    println!(
+    say!(
         "started nats-server at {} (JetStream data in {}); it stops with this node",
         server.url(),
         dir.display()
@@ -111,6 +116,49 @@ async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, N
     Ok(specs)
 }
 
+/// Waits (at most `SETTLE_TIMEOUT`) until every known market is placed and the ones placed
+/// here run; answers the markets running here.
+async fn settle(
+    placement: &jetstream::kv::Store,
+    supervisor: &actix::Addr<Supervisor>,
+    node_id: &str,
+    known: &[String],
+) -> Vec<String> {
+    const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    loop {
+        let held = supervisor.send(Held).await.unwrap_or_default();
+        let running = |m: &str| held.iter().any(|(s, r)| s == m && *r);
+        let mut settled = true;
+        for market in known {
+            let placed = match placement.get(market).await {
+                Ok(Some(bytes)) => Placement::decode(&bytes),
+                _ => None,
+            };
+            settled &= match placed {
+                Some(p) if p.node == node_id => running(market),
+                Some(p) => p.state == PlacementState::Active,
+                None => false,
+            };
+        }
+        if settled || started.elapsed() > SETTLE_TIMEOUT {
+            if !settled {
+                tracing::warn!(
+                    "not every market is placed and running after {SETTLE_TIMEOUT:?}; going on (market.list shows where they are)"
+                );
+            }
+            let mut here: Vec<String> = held
+                .into_iter()
+                .filter(|(_, r)| *r)
+                .map(|(s, _)| s)
+                .collect();
+            here.sort();
+            return here;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node_id = config.node_id()?;
@@ -138,6 +186,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     bus::ensure_core_streams(&js, &subjects, &streams).await?;
     let buckets = bus::ensure_buckets(&js, &subjects, &streams).await?;
     let snapshots = SnapshotStore::open(&js, &subjects, &streams).await?;
+    let cluster = config.cluster_settings();
+    let lease = Lease::new();
     let settings = MarketSettings {
         fetch_max: config.market.fetch_max,
         batch_max: config.market.batch_max,
@@ -145,6 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         epoch: 0,
         snapshot_every_commands: config.snapshots.every_commands,
         snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
+        lease: Some(lease.clone()),
     };
     let bus = MarketBus {
         client: client.clone(),
@@ -169,16 +220,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             specs.push(spec);
         }
     }
-    let mut symbols = Vec::new();
+    let mut known = Vec::new();
     for spec in specs {
         bus::ensure_market_stream(&js, &subjects, &spec.symbol, &streams).await?;
-        symbols.push(spec.symbol.clone());
-        supervisor
-            .send(StartMarket(spec))
-            .await
-            .map_err(|e| NodeError::Market(format!("the supervisor is gone: {e}")))?
-            .map_err(NodeError::Market)?;
+        known.push(spec.symbol.clone());
     }
+    // The cluster: the heartbeat (and with it the lease), the agent that runs what placement
+    // gives this node, and the rebalancer (active on one node at a time).
+    let (stop_cluster, cluster_stopped) = tokio::sync::watch::channel(false);
+    let (stop_heartbeat, heartbeat_stopped) = tokio::sync::watch::channel(false);
+    let heartbeat = actix_rt::spawn(membership::heartbeat(
+        buckets.nodes.clone(),
+        node_id.clone(),
+        supervisor.clone(),
+        lease.clone(),
+        cluster.clone(),
+        heartbeat_stopped,
+    ));
+    let agent = Agent {
+        node: node_id.clone(),
+        client: client.clone(),
+        subjects: subjects.clone(),
+        placement: buckets.placement.clone(),
+        markets: buckets.markets.clone(),
+        supervisor: supervisor.clone(),
+        lease: lease.clone(),
+        settings: cluster.clone(),
+    };
+    let agent = actix_rt::spawn(agent.run(cluster_stopped.clone()));
+    let rebalancer = Rebalancer {
+        node: node_id.clone(),
+        client: client.clone(),
+        subjects: subjects.clone(),
+        nodes: buckets.nodes.clone(),
+        placement: buckets.placement.clone(),
+        markets: buckets.markets.clone(),
+        settings: cluster.clone(),
+    };
+    let rebalancer = actix_rt::spawn(rebalancer.run(cluster_stopped));
+    let symbols = settle(&buckets.placement, &supervisor, &node_id, &known).await;
     let http = if let Some(listener) = listener {
         let probes = telemetry::Probes {
             client: client.clone(),
@@ -201,9 +281,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         subjects: subjects.clone(),
         streams: streams.clone(),
         markets: buckets.markets.clone(),
-        supervisor: supervisor.clone(),
-        node_id: node_id.clone(),
-        started: std::time::Instant::now(),
+        placement: buckets.placement.clone(),
+        nodes: buckets.nodes.clone(),
+        lease: cluster.lease,
     };
     let control = actix_rt::spawn(control.serve(control_stopped));
     let health = if config.http_port == 0 {
@@ -214,25 +294,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             config.http_port
         )
     };
-    println!(
-        "agora node {node_id} ready: NATS at {}; markets {}; send orders to {}.orders.<MARKET>{health}",
+    let here = if symbols.is_empty() {
+        "none yet".to_string()
+    } else {
+        symbols.join(", ")
+    };
+    say!(
+        "agora node {node_id} ready: NATS at {}; markets here: {here}; send orders to {}.orders.<MARKET>{health}",
         nats.url,
-        symbols.join(", "),
         subjects.prefix()
     );
     shutdown.await;
-    println!("agora node {node_id} stopping: finishing the current batches");
+    say!("agora node {node_id} stopping: finishing the current batches");
     let _ = stop_control.send(true);
     let _ = control.await;
     if let Some(http) = http {
         let _ = http.await;
     }
+    // No new claims; the markets finish their batches while the lease is still renewed; then
+    // the node's record goes, so the others take its markets over at once.
+    let _ = stop_cluster.send(true);
+    if let Ok(Err(e)) = agent.await {
+        tracing::warn!("cluster agent: {e}");
+    }
+    if let Ok(Err(e)) = rebalancer.await {
+        tracing::warn!("rebalancer: {e}");
+    }
     let _ = supervisor.send(Shutdown).await;
+    let _ = stop_heartbeat.send(true);
+    let _ = heartbeat.await;
     let _ = client.flush().await;
     drop(client);
     if let Some(mut server) = nats.local.take() {
         let _ = tokio::task::spawn_blocking(move || server.stop()).await;
     }
-    println!("agora node {node_id} stopped");
+    say!("agora node {node_id} stopped");
     Ok(())
 }

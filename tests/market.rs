@@ -508,7 +508,7 @@ async fn two_markets_on_two_arbiters_trade_in_parallel() {
     for symbol in ["AAA-USD", "BBB-USD"] {
         let spec = MarketSpecInput::new(symbol, 2, 0).validate().expect("spec");
         supervisor
-            .send(StartMarket(spec))
+            .send(StartMarket::standalone(spec))
             .await
             .expect("supervisor answers")
             .unwrap_or_else(|e| panic!("{e}"));

@@ -16,6 +16,8 @@
 //! where the match is recorded under it, and through the journal and report publishes. An
 //! untraced message costs an atomic load (a header lookup with tracing on), nothing more.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -35,6 +37,7 @@ use super::metrics::MarketMetrics;
 use crate::book::{MarketSpec, Seq, StateHash};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
+use crate::cluster::Lease;
 use crate::telemetry::traces::{self, Matching, PublishSpans, TracedCommand};
 
 /// What a market talks to: NATS, JetStream, its subject names and the snapshot store.
@@ -62,6 +65,8 @@ pub struct MarketSettings {
     pub snapshot_every_commands: u64,
     /// A snapshot after this long with commands since the last one (zero: not by time).
     pub snapshot_every: Duration,
+    /// The node's lease: checked before every journal publish (`None`: not checked).
+    pub lease: Option<Lease>,
 }
 
 impl Default for MarketSettings {
@@ -73,6 +78,7 @@ impl Default for MarketSettings {
             epoch: 0,
             snapshot_every_commands: 100_000,
             snapshot_every: Duration::from_secs(30),
+            lease: None,
         }
     }
 }
@@ -91,6 +97,10 @@ pub enum MarketError {
         "{market}: the journal was extended by another owner (at stream sequence {found}); this node no longer owns the market and stopped without publishing"
     )]
     Fenced { market: String, found: u64 },
+    #[error(
+        "{market}: this node's lease lapsed (its heartbeat was not renewed in time); it stopped the market without publishing, and the cluster gives it to a live node"
+    )]
+    LeaseLapsed { market: String },
     #[error("{market}: the market actor is gone")]
     ActorGone { market: String },
     #[error("{market}: {reason}")]
@@ -151,7 +161,7 @@ pub struct Replay(pub Vec<Incoming>);
 pub struct State;
 
 /// What `market.list` shows of a market.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct MarketStats {
     pub last_seq: Seq,
     pub halted: bool,
@@ -284,6 +294,7 @@ pub struct RunningMarket {
     pub market: String,
     pub addr: Addr<MarketActor>,
     stop: watch::Sender<bool>,
+    handoff: Arc<AtomicBool>,
     driver: tokio::task::JoinHandle<Result<(), MarketError>>,
 }
 
@@ -293,11 +304,19 @@ pub struct MarketControl {
     pub market: String,
     pub addr: Addr<MarketActor>,
     stop: watch::Sender<bool>,
+    handoff: Arc<AtomicBool>,
 }
 
 impl MarketControl {
     /// Asks the driver to stop at the next batch boundary, its outputs published.
     pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops like `request_stop`, without the final snapshot: the market is handed to a node
+    /// that already holds its state (or this node lost it), so stopping fast matters more.
+    pub fn request_handoff(&self) {
+        self.handoff.store(true, Ordering::Release);
         let _ = self.stop.send(true);
     }
 }
@@ -315,6 +334,7 @@ impl RunningMarket {
                 market: self.market,
                 addr: self.addr,
                 stop: self.stop,
+                handoff: self.handoff,
             },
             self.driver,
         )
@@ -508,75 +528,247 @@ pub async fn start(
     spec: MarketSpec,
     settings: MarketSettings,
 ) -> Result<RunningMarket, MarketError> {
-    let market = spec.symbol.clone();
-    let core = MarketCore::new(bus.subjects.clone(), spec, settings.batch_max);
-    let addr = MarketActor {
-        core,
-        applied: std::collections::VecDeque::new(),
-        snapshot_seq: 0,
-    }
-    .start();
-    let orders = bus
-        .js
-        .get_stream(bus.subjects.orders_stream(&market))
-        .await
-        .map_err(|e| nats_err(&market, "opening the order stream", e))?;
-    let events = bus
-        .js
-        .get_stream(bus.subjects.events_stream())
-        .await
-        .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
-    let routes = Routes::new(&bus.subjects, &market);
-    let mut driver = Driver {
-        market: market.clone(),
-        js: bus.js,
-        client: bus.client,
-        subjects: bus.subjects,
-        orders,
-        events,
-        snapshots: bus.snapshots,
-        addr: addr.clone(),
-        routes,
-        journal_seq: None,
-        settings,
-        since_snapshot: 0,
-        snapshot_at: Instant::now(),
-        snapshot_task: None,
-        metrics: MarketMetrics::new(&market),
-    };
-    let span = traces::recover_span(&market, &driver.settings.node_id);
-    driver.recover().instrument(span).await?;
-    let (stop, stopped) = watch::channel(false);
-    let responder = serve_book_snapshots(&driver, stopped.clone()).await?;
-    driver.announce("active").await;
-    let handle = actix_rt::spawn(async move {
-        let mut result = driver.run(stopped).await;
-        if result.is_ok() {
-            // Stopped at a batch boundary with every output acknowledged: leave a snapshot,
-            // so the next start (here or on another node) replays nothing.
-            if let Err(e) = driver.final_snapshot().await {
-                result = Err(e);
-            }
-        } else if let Some(task) = driver.snapshot_task.take() {
-            let _ = task.await;
+    let mut driver = Driver::open(bus, spec, settings).await?;
+    let span = traces::recover_span(&driver.market, &driver.settings.node_id);
+    driver.recover(false).instrument(span).await?;
+    driver.launch().await
+}
+
+impl Driver {
+    /// The market's actor, on the current arbiter, and its driver, not started.
+    async fn open(
+        bus: MarketBus,
+        spec: MarketSpec,
+        settings: MarketSettings,
+    ) -> Result<Driver, MarketError> {
+        let market = spec.symbol.clone();
+        let core = MarketCore::new(bus.subjects.clone(), spec, settings.batch_max);
+        let addr = MarketActor {
+            core,
+            applied: std::collections::VecDeque::new(),
+            snapshot_seq: 0,
         }
-        let _ = responder.await;
-        driver
-            .announce(if result.is_ok() { "stopped" } else { "failed" })
+        .start();
+        let orders = bus
+            .js
+            .get_stream(bus.subjects.orders_stream(&market))
+            .await
+            .map_err(|e| nats_err(&market, "opening the order stream", e))?;
+        let events = bus
+            .js
+            .get_stream(bus.subjects.events_stream())
+            .await
+            .map_err(|e| nats_err(&market, "opening the journal stream", e))?;
+        let routes = Routes::new(&bus.subjects, &market);
+        Ok(Driver {
+            metrics: MarketMetrics::new(&market),
+            market,
+            js: bus.js,
+            client: bus.client,
+            subjects: bus.subjects,
+            orders,
+            events,
+            snapshots: bus.snapshots,
+            addr,
+            routes,
+            journal_seq: None,
+            settings,
+            since_snapshot: 0,
+            snapshot_at: Instant::now(),
+            snapshot_task: None,
+        })
+    }
+
+    /// Runs the recovered market: answers book requests, announces it, and consumes.
+    async fn launch(mut self) -> Result<RunningMarket, MarketError> {
+        let (stop, stopped) = watch::channel(false);
+        let handoff = Arc::new(AtomicBool::new(false));
+        let responder = serve_book_snapshots(&self, stopped.clone()).await?;
+        self.announce("active").await;
+        let (market, addr) = (self.market.clone(), self.addr.clone());
+        let handed_off = handoff.clone();
+        let handle = actix_rt::spawn(async move {
+            let mut result = self.run(stopped).await;
+            if result.is_ok() && !handed_off.load(Ordering::Acquire) {
+                // Stopped at a batch boundary with every output acknowledged: leave a snapshot,
+                // so the next start (here or on another node) replays nothing.
+                if let Err(e) = self.final_snapshot().await {
+                    result = Err(e);
+                }
+            } else if let Some(task) = self.snapshot_task.take() {
+                let _ = task.await;
+            }
+            let _ = responder.await;
+            self.metrics.running(false);
+            self.announce(match &result {
+                Ok(()) if handed_off.load(Ordering::Acquire) => "released",
+                Ok(()) => "stopped",
+                Err(_) => "failed",
+            })
             .await;
-        result
+            result
+        });
+        Ok(RunningMarket {
+            market,
+            addr,
+            stop,
+            handoff,
+            driver: handle,
+        })
+    }
+}
+
+/// How often a warm copy looks at the journal to catch up.
+const FOLLOW_POLL: Duration = Duration::from_millis(20);
+
+/// A warm copy of a market on a node that does not own it: its actor holds the book as of the
+/// journal's last batch but one, kept current by applying the order stream silently, so taking
+/// the market over needs no snapshot load and almost no replay. It publishes nothing.
+pub struct Follower {
+    pub market: String,
+    /// Commands the owner has applied that this copy has not (`u64::MAX` before the first
+    /// look at the journal).
+    lag: Arc<AtomicU64>,
+    promote: Option<tokio::sync::oneshot::Sender<Promotion>>,
+    stop: watch::Sender<bool>,
+}
+
+struct Promotion {
+    epoch: u64,
+    reply: tokio::sync::oneshot::Sender<Result<RunningMarket, MarketError>>,
+}
+
+impl Follower {
+    pub fn lag(&self) -> u64 {
+        self.lag.load(Ordering::Acquire)
+    }
+
+    /// Turns the copy into the running market at `epoch`: it applies what the journal says was
+    /// done, rebuilds the journal's last batch and republishes its views (JetStream drops
+    /// those that had landed), then consumes from the next command. Answers once it consumes.
+    pub async fn promote(mut self, epoch: u64) -> Result<RunningMarket, MarketError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || MarketError::ActorGone {
+            market: self.market.clone(),
+        };
+        let promote = self.promote.take().ok_or_else(gone)?;
+        promote
+            .send(Promotion { epoch, reply })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Drops the copy.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if self.promote.is_some() {
+            let _ = self.stop.send(true);
+        }
+    }
+}
+
+/// Starts a warm copy of the market on the current arbiter: restores the latest snapshot, then
+/// follows the journal in the background.
+pub async fn follow(
+    bus: MarketBus,
+    spec: MarketSpec,
+    settings: MarketSettings,
+) -> Result<Follower, MarketError> {
+    let mut driver = Driver::open(bus, spec, settings).await?;
+    if let Some(snapshot) = driver.load_snapshot().await {
+        let seq = snapshot.last_seq;
+        driver
+            .send(Restore(Box::new(snapshot)))
+            .await?
+            .map_err(|e| MarketError::Recovery {
+                market: driver.market.clone(),
+                reason: format!("restoring the snapshot at {seq}: {e}"),
+            })?;
+    }
+    let lag = Arc::new(AtomicU64::new(u64::MAX));
+    let (promote, mut promoted) = tokio::sync::oneshot::channel::<Promotion>();
+    let (stop, mut stopped) = watch::channel(false);
+    let market = driver.market.clone();
+    let following = lag.clone();
+    actix_rt::spawn(async move {
+        let mut timer = tokio::time::interval(FOLLOW_POLL);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                p = &mut promoted => {
+                    if let Ok(p) = p {
+                        let _ = p.reply.send(driver.promote(p.epoch).await);
+                    }
+                    return;
+                }
+                _ = stopped.changed() => return,
+                _ = timer.tick() => {
+                    if let Err(e) = driver.follow_step(&following).await {
+                        tracing::warn!(market = %driver.market, "following: {e}");
+                    }
+                }
+            }
+        }
     });
-    Ok(RunningMarket {
+    Ok(Follower {
         market,
-        addr,
+        lag,
+        promote: Some(promote),
         stop,
-        driver: handle,
     })
+}
+
+impl Driver {
+    /// Applies, silently, the commands of every journal batch but the last (whose outputs a
+    /// new owner must rebuild), and records how far behind the owner this copy is.
+    async fn follow_step(&mut self, lag: &AtomicU64) -> Result<(), MarketError> {
+        let (applied, _) = self.send(State).await?;
+        let Some((_, head)) = self.journal_head().await? else {
+            lag.store(0, Ordering::Release);
+            return Ok(());
+        };
+        let mut applied = applied;
+        if head.first_seq > applied + 1 {
+            applied += self.replay_range(applied + 1, head.first_seq - 1).await?;
+        }
+        lag.store(head.last_seq.saturating_sub(applied), Ordering::Release);
+        Ok(())
+    }
+
+    async fn promote(mut self, epoch: u64) -> Result<RunningMarket, MarketError> {
+        self.settings.epoch = epoch;
+        let span = traces::recover_span(&self.market, &self.settings.node_id);
+        self.recover(true).instrument(span).await?;
+        self.launch().await
+    }
+
+    /// The journal's last batch: the stream sequence of its message and the commands it covers.
+    async fn journal_head(&self) -> Result<Option<(u64, JournalHead)>, MarketError> {
+        let subject = self.subjects.events(&self.market);
+        match self.events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => {
+                let head: JournalHead = rmp_serde::from_slice(&last.payload)
+                    .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
+                Ok(Some((last.sequence, head)))
+            }
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(nats_err(&self.market, "reading the journal", e)),
+        }
+    }
 }
 
 /// What recovery found and did, for the log.
 #[derive(Debug, Default)]
 struct Recovered {
+    /// Taken over from a warm copy (no snapshot loaded).
+    warm: bool,
     snapshot_seq: Option<Seq>,
     replayed: u64,
     republished: u64,
@@ -624,26 +816,37 @@ impl Driver {
         }
     }
 
-    /// Restores the latest usable snapshot, replays the stream from it up to the journal's last
+    /// Restores the latest usable snapshot (`warm`: the actor's state already is a follower's,
+    /// short of the journal's last batch), replays the stream from it up to the journal's last
     /// batch, and republishes that batch's derived views (JetStream drops those that landed).
-    async fn recover(&mut self) -> Result<(), MarketError> {
+    async fn recover(&mut self, warm: bool) -> Result<(), MarketError> {
         let started = Instant::now();
-        let subject = self.subjects.events(&self.market);
-        let head = match self.events.get_last_raw_message_by_subject(&subject).await {
-            Ok(last) => {
-                self.journal_seq = Some(last.sequence);
-                let head: JournalHead = rmp_serde::from_slice(&last.payload)
-                    .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
+        let head = match self.journal_head().await? {
+            Some((seq, head)) => {
+                self.journal_seq = Some(seq);
                 Some(head)
             }
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                None
-            }
-            Err(e) => return Err(nats_err(&self.market, "reading the journal", e)),
+            None => None,
         };
         let mut done = Recovered::default();
         let mut from = 1;
-        if let Some(snapshot) = self.load_snapshot().await {
+        if warm {
+            let (applied, _) = self.send(State).await?;
+            if let Some(h) = &head
+                && applied >= h.first_seq
+                && applied < h.last_seq
+            {
+                return Err(MarketError::Recovery {
+                    market: self.market.clone(),
+                    reason: format!(
+                        "the warm copy is at {applied}, inside the journal's last batch ({}..={})",
+                        h.first_seq, h.last_seq
+                    ),
+                });
+            }
+            done.warm = true;
+            from = applied + 1;
+        } else if let Some(snapshot) = self.load_snapshot().await {
             let seq = snapshot.last_seq;
             // A snapshot inside the last batch cannot rebuild that batch's outputs; snapshots
             // are taken at batch boundaries, so this means the journal and the snapshot
@@ -688,7 +891,12 @@ impl Driver {
             }
         }
         let (last_seq, hash) = self.send(State).await?;
-        self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
+        if !done.warm {
+            self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
+        } else {
+            let stats = self.send(Stats).await?;
+            self.since_snapshot = last_seq.saturating_sub(stats.snapshot_seq);
+        }
         let stats = self.send(Stats).await?;
         self.metrics.book(&BatchStats {
             resting_orders: stats.resting_orders as u64,
@@ -706,6 +914,8 @@ impl Driver {
         );
         tracing::info!(
             market = %self.market,
+            warm = done.warm,
+            epoch = self.settings.epoch,
             snapshot_seq = ?done.snapshot_seq,
             replayed = done.replayed,
             republished = done.republished,
@@ -979,6 +1189,11 @@ impl Driver {
 
     /// Publishes the journal message, fenced on our previous one.
     async fn publish_journal(&mut self, journal: &Outgoing) -> Result<(), MarketError> {
+        if self.settings.lease.as_ref().is_some_and(|l| !l.valid()) {
+            return Err(MarketError::LeaseLapsed {
+                market: self.market.clone(),
+            });
+        }
         let msg_id = journal.msg_id.clone().unwrap_or_default();
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id.as_str());

@@ -14,4 +14,7 @@ pub use self::core::{Incoming, MarketCore};
 pub use market::{
     MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket,
 };
-pub use supervisor::{ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket, Supervisor};
+pub use supervisor::{
+    Follow, FollowerLag, Held, ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket,
+    Supervisor, Unfollow,
+};

@@ -20,7 +20,11 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 struct Entry {
     spec: MarketSpec,
+    /// The placement epoch it runs at.
+    epoch: u64,
     control: Option<MarketControl>,
+    /// A warm copy kept for a takeover (while the market runs elsewhere).
+    follower: Option<market::Follower>,
     done: Option<watch::Receiver<bool>>,
     arbiter: usize,
     restarts: u32,
@@ -119,20 +123,78 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 }
 
-/// Start (or restart) a market on this node. Answers once the market is consuming.
+/// Start (or restart) a market on this node at a placement epoch; from its warm copy when
+/// there is one. Answers once the market is consuming.
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
-pub struct StartMarket(pub MarketSpec);
+pub struct StartMarket {
+    pub spec: MarketSpec,
+    pub epoch: u64,
+}
 
-/// Stop one market at a batch boundary, wait for it, and forget it. Answers whether it ran.
+impl StartMarket {
+    /// At epoch 0: a node outside a cluster.
+    pub fn standalone(spec: MarketSpec) -> StartMarket {
+        StartMarket { spec, epoch: 0 }
+    }
+}
+
+/// Stop one market at a batch boundary, wait for it, and forget it. Answers the stream
+/// sequence it stopped at, or `None` when it did not run here. `handoff`: no final snapshot
+/// (another node takes it over from its own copy).
 #[derive(Message)]
-#[rtype(result = "bool")]
-pub struct StopMarket(pub String);
+#[rtype(result = "Option<Seq>")]
+pub struct StopMarket {
+    pub market: String,
+    pub handoff: bool,
+}
+
+impl StopMarket {
+    pub fn named(market: &str) -> StopMarket {
+        StopMarket {
+            market: market.to_string(),
+            handoff: false,
+        }
+    }
+}
+
+/// Keep a warm copy of a market that runs elsewhere (for a planned move or a standby).
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct Follow(pub MarketSpec);
+
+/// Drop the warm copy of a market.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unfollow(pub String);
+
+/// How far the warm copy of a market is behind its owner (`None`: no copy here; `u64::MAX`:
+/// not measured yet).
+#[derive(Message)]
+#[rtype(result = "Option<u64>")]
+pub struct FollowerLag(pub String);
 
 /// Stop every market at a batch boundary and wait for them.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
+
+/// The markets this node holds: (symbol, running), without asking them anything.
+#[derive(Message)]
+#[rtype(result = "Vec<(String, bool)>")]
+pub struct Held;
+
+impl Handler<Held> for Supervisor {
+    type Result = Vec<(String, bool)>;
+
+    fn handle(&mut self, _: Held, _: &mut Self::Context) -> Self::Result {
+        self.markets
+            .iter()
+            .filter(|(_, e)| e.control.is_some() || e.done.is_some())
+            .map(|(s, e)| (s.clone(), e.control.is_some()))
+            .collect()
+    }
+}
 
 /// What runs here.
 #[derive(Message)]
@@ -143,6 +205,9 @@ pub struct ListMarkets;
 pub struct MarketInfo {
     pub symbol: String,
     pub running: bool,
+    pub epoch: u64,
+    /// A warm copy is kept here (the market runs elsewhere).
+    pub following: bool,
     pub arbiter: usize,
     pub restarts: u32,
     pub last_seq: Seq,
@@ -161,7 +226,7 @@ impl Handler<StartMarket> for Supervisor {
     type Result = ResponseActFuture<Self, Result<(), String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
-        let spec = msg.0;
+        let (spec, epoch) = (msg.spec, msg.epoch);
         let symbol = spec.symbol.clone();
         if self.shutting_down {
             return Box::pin(fut::ready(Err(format!(
@@ -183,14 +248,29 @@ impl Handler<StartMarket> for Supervisor {
             }
         };
         let (tx, rx) = oneshot::channel();
-        let (bus, settings, start_spec) = (self.bus.clone(), self.settings.clone(), spec.clone());
+        let mut settings = self.settings.clone();
+        settings.epoch = epoch;
+        let (bus, start_spec) = (self.bus.clone(), spec.clone());
         let (own, slot) = (
             self.own_connection.clone(),
             self.arbiter_buses[arbiter].clone(),
         );
+        let follower = self
+            .markets
+            .get_mut(&symbol)
+            .and_then(|e| e.follower.take());
         let spawned = self.arbiters[arbiter].spawn(async move {
             let bus = arbiter_bus(bus, own, slot).await;
-            let started = market::start(bus, start_spec, settings).await;
+            let started = match follower {
+                Some(follower) => match follower.promote(epoch).await {
+                    Ok(running) => Ok(running),
+                    Err(e) => {
+                        tracing::warn!(market = %start_spec.symbol, "{e}; starting from the snapshot and the stream instead");
+                        market::start(bus, start_spec, settings).await
+                    }
+                },
+                None => market::start(bus, start_spec, settings).await,
+            };
             let _ = tx.send(started.map(market::RunningMarket::split));
         });
         if !spawned {
@@ -220,14 +300,17 @@ impl Handler<StartMarket> for Supervisor {
                 }));
                 let entry = act.markets.entry(symbol.clone()).or_insert(Entry {
                     spec: spec.clone(),
+                    epoch,
                     control: None,
+                    follower: None,
                     done: None,
                     arbiter,
                     restarts: 0,
                 });
+                entry.epoch = epoch;
                 entry.control = Some(control);
                 entry.done = Some(done_rx);
-                tracing::info!(market = %symbol, arbiter, "market running");
+                tracing::info!(market = %symbol, arbiter, epoch, "market running");
                 Ok(())
             }),
         )
@@ -244,14 +327,29 @@ impl Handler<MarketEnded> for Supervisor {
         entry.control = None;
         match msg.error {
             None => tracing::info!(market = %msg.market, "market stopped"),
-            Some(e @ MarketError::Fenced { .. }) => {
+            Some(e @ (MarketError::Fenced { .. } | MarketError::LeaseLapsed { .. })) => {
+                // Not ours any more (or not sure): forgotten here; placement decides again.
                 tracing::warn!(market = %msg.market, "{e}");
+                self.markets.remove(&msg.market);
             }
             Some(e) if !self.shutting_down => {
                 entry.restarts += 1;
                 tracing::error!(market = %msg.market, restarts = entry.restarts, "{e}; restarting from the streams in {RESTART_DELAY:?}");
-                let spec = entry.spec.clone();
-                ctx.run_later(RESTART_DELAY, move |_, ctx| ctx.notify(StartMarket(spec)));
+                let start = StartMarket {
+                    spec: entry.spec.clone(),
+                    epoch: entry.epoch,
+                };
+                let market = msg.market.clone();
+                ctx.run_later(RESTART_DELAY, move |act, ctx| {
+                    // Only if it is still wanted here (not stopped or moved meanwhile).
+                    if act
+                        .markets
+                        .get(&market)
+                        .is_some_and(|e| e.control.is_none() && e.epoch == start.epoch)
+                    {
+                        ctx.notify(start);
+                    }
+                });
             }
             Some(e) => tracing::error!(market = %msg.market, "{e}"),
         }
@@ -264,7 +362,10 @@ impl Handler<Shutdown> for Supervisor {
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
         let mut waiting = Vec::new();
-        for entry in self.markets.values() {
+        for entry in self.markets.values_mut() {
+            if let Some(follower) = entry.follower.take() {
+                follower.stop();
+            }
             if let Some(control) = &entry.control {
                 control.request_stop();
             }
@@ -288,13 +389,21 @@ impl Handler<Shutdown> for Supervisor {
 }
 
 impl Handler<StopMarket> for Supervisor {
-    type Result = ResponseActFuture<Self, bool>;
+    type Result = ResponseActFuture<Self, Option<Seq>>;
 
     fn handle(&mut self, msg: StopMarket, _: &mut Self::Context) -> Self::Result {
-        let Some(entry) = self.markets.remove(&msg.0) else {
-            return Box::pin(fut::ready(false));
+        let Some(entry) = self.markets.remove(&msg.market) else {
+            return Box::pin(fut::ready(None));
         };
-        if let Some(control) = &entry.control {
+        if let Some(follower) = &entry.follower {
+            follower.stop();
+        }
+        let Some(control) = entry.control else {
+            return Box::pin(fut::ready(None));
+        };
+        if msg.handoff {
+            control.request_handoff();
+        } else {
             control.request_stop();
         }
         let done = entry.done.clone();
@@ -302,8 +411,106 @@ impl Handler<StopMarket> for Supervisor {
             if let Some(mut done) = done {
                 let _ = done.wait_for(|d| *d).await;
             }
-            true
+            control
+                .addr
+                .send(market::State)
+                .await
+                .ok()
+                .map(|(seq, _)| seq)
         }))
+    }
+}
+
+impl Handler<Follow> for Supervisor {
+    type Result = ResponseActFuture<Self, Result<(), String>>;
+
+    fn handle(&mut self, msg: Follow, _: &mut Self::Context) -> Self::Result {
+        let spec = msg.0;
+        let symbol = spec.symbol.clone();
+        if self.shutting_down {
+            return Box::pin(fut::ready(Err(format!(
+                "{symbol}: the node is shutting down"
+            ))));
+        }
+        if self
+            .markets
+            .get(&symbol)
+            .is_some_and(|e| e.control.is_some() || e.follower.is_some())
+        {
+            return Box::pin(fut::ready(Ok(())));
+        }
+        let arbiter = match self.markets.get(&symbol) {
+            Some(e) => e.arbiter,
+            None => {
+                self.next += 1;
+                (self.next - 1) % self.arbiters.len()
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let (bus, settings, follow_spec) = (self.bus.clone(), self.settings.clone(), spec.clone());
+        let (own, slot) = (
+            self.own_connection.clone(),
+            self.arbiter_buses[arbiter].clone(),
+        );
+        let spawned = self.arbiters[arbiter].spawn(async move {
+            let bus = arbiter_bus(bus, own, slot).await;
+            let _ = tx.send(market::follow(bus, follow_spec, settings).await);
+        });
+        if !spawned {
+            return Box::pin(fut::ready(Err(format!(
+                "{symbol}: arbiter {arbiter} is gone"
+            ))));
+        }
+        Box::pin(
+            fut::wrap_future::<_, Self>(rx).map(move |followed, act, _| {
+                let follower = followed
+                    .map_err(|_| format!("{symbol}: the warm copy's start was dropped"))?
+                    .map_err(|e| e.to_string())?;
+                let entry = act.markets.entry(symbol.clone()).or_insert(Entry {
+                    spec,
+                    epoch: 0,
+                    control: None,
+                    follower: None,
+                    done: None,
+                    arbiter,
+                    restarts: 0,
+                });
+                if entry.control.is_some() {
+                    // Started here meanwhile: the copy is not needed.
+                    follower.stop();
+                } else {
+                    entry.follower = Some(follower);
+                    tracing::info!(market = %symbol, arbiter, "warm copy following the journal");
+                }
+                Ok(())
+            }),
+        )
+    }
+}
+
+impl Handler<Unfollow> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unfollow, _: &mut Self::Context) {
+        if let Some(entry) = self.markets.get_mut(&msg.0)
+            && let Some(follower) = entry.follower.take()
+        {
+            follower.stop();
+            if entry.control.is_none() {
+                self.markets.remove(&msg.0);
+            }
+        }
+    }
+}
+
+impl Handler<FollowerLag> for Supervisor {
+    type Result = Option<u64>;
+
+    fn handle(&mut self, msg: FollowerLag, _: &mut Self::Context) -> Option<u64> {
+        self.markets
+            .get(&msg.0)
+            .and_then(|e| e.follower.as_ref())
+            .map(market::Follower::lag)
     }
 }
 
@@ -311,14 +518,24 @@ impl Handler<ListMarkets> for Supervisor {
     type Result = ResponseActFuture<Self, Vec<MarketInfo>>;
 
     fn handle(&mut self, _: ListMarkets, _: &mut Self::Context) -> Self::Result {
-        let entries: Vec<(String, Option<MarketControl>, usize, u32)> = self
+        type Listed = (String, Option<MarketControl>, usize, u32, u64, bool);
+        let entries: Vec<Listed> = self
             .markets
             .iter()
-            .map(|(s, e)| (s.clone(), e.control.clone(), e.arbiter, e.restarts))
+            .map(|(s, e)| {
+                (
+                    s.clone(),
+                    e.control.clone(),
+                    e.arbiter,
+                    e.restarts,
+                    e.epoch,
+                    e.follower.is_some(),
+                )
+            })
             .collect();
         Box::pin(fut::wrap_future::<_, Self>(async move {
             let mut out = Vec::with_capacity(entries.len());
-            for (symbol, control, arbiter, restarts) in entries {
+            for (symbol, control, arbiter, restarts, epoch, following) in entries {
                 let stats = match &control {
                     Some(c) => c.addr.send(market::Stats).await.ok(),
                     None => None,
@@ -326,6 +543,8 @@ impl Handler<ListMarkets> for Supervisor {
                 out.push(MarketInfo {
                     symbol,
                     running: control.is_some(),
+                    epoch,
+                    following,
                     arbiter,
                     restarts,
                     last_seq: stats.as_ref().map_or(0, |s| s.last_seq),

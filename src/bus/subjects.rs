@@ -112,6 +112,10 @@ impl Subjects {
     pub fn rejects(&self, market: &str) -> String {
         format!("{}.rejects.{market}", self.prefix)
     }
+    /// A request to one node's cluster agent: `<prefix>.node.<NODE>.release`.
+    pub fn node(&self, node: &str, verb: &str) -> String {
+        format!("{}.node.{node}.{verb}", self.prefix)
+    }
     /// A control verb: `<prefix>.ctl.market.add`.
     pub fn ctl(&self, verb: &str) -> String {
         format!("{}.ctl.{verb}", self.prefix)

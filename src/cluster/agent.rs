@@ -1,0 +1,462 @@
+//! The cluster agent, one per node: runs exactly the markets placement gives this node.
+//!
+//! It watches `<prefix>_placement`. A market `assigned` to this node is claimed by a
+//! compare-and-set to `active` at the same epoch, then started (from a warm copy when one is
+//! kept here). A market `active` here that this node does not run (after a restart, a lapsed
+//! lease, or a fence) is claimed again at the next epoch, by compare-and-set too, so a node
+//! that lost the market meanwhile simply fails the claim. A market placed elsewhere, or
+//! removed, is stopped. While the node's lease has lapsed it claims nothing and stops
+//! everything.
+//!
+//! It answers `<prefix>.node.<NODE>.<verb>` (JSON): `markets` (what runs here, with figures),
+//! and the node's part of a planned move: `follow {market}` (keep a warm copy; answers once it is close behind the owner),
+//! `unfollow {market}`, and `release {market, to, epoch}` (stop at a batch boundary with
+//! every output published, then hand the market to `to` at the next epoch by compare-and-set).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+use super::placement::{Placement, PlacementState};
+use super::{ClusterSettings, Lease};
+use crate::actors::{
+    Follow, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor, Unfollow,
+};
+use crate::book::{MarketSpec, MarketSpecInput};
+use crate::bus::Subjects;
+
+/// A warm copy counts as caught up when this close behind the owner.
+pub const FOLLOW_READY_LAG: u64 = 2_000;
+
+/// Wait after a failed start before claiming the market again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What the agent works with.
+#[derive(Clone)]
+pub struct Agent {
+    pub node: String,
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub placement: kv::Store,
+    pub markets: kv::Store,
+    pub supervisor: Addr<Supervisor>,
+    pub lease: Lease,
+    pub settings: ClusterSettings,
+}
+
+#[derive(Default)]
+struct State {
+    /// The placement bucket as watched: market → (record, revision).
+    view: HashMap<String, (Placement, u64)>,
+    /// Markets this node claimed, at their epoch.
+    owned: HashMap<String, u64>,
+    starting: HashSet<String>,
+    /// No claim before this (after a failed start).
+    retry_at: HashMap<String, Instant>,
+}
+
+/// A finished start: the market, its epoch, and what went wrong.
+type Started = (String, u64, Result<(), String>);
+
+#[derive(Deserialize)]
+struct MarketRequest {
+    market: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ReleaseRequest {
+    market: String,
+    to: String,
+    epoch: u64,
+}
+
+fn error(error: &str, message: impl Into<String>) -> Value {
+    json!({"ok": false, "error": error, "message": message.into()})
+}
+
+/// A market's spec from the markets bucket.
+pub async fn spec_of(markets: &kv::Store, market: &str) -> Result<MarketSpec, String> {
+    let bytes = markets
+        .get(market)
+        .await
+        .map_err(|e| format!("{market}: cannot read its spec: {e}"))?
+        .ok_or_else(|| format!("{market}: no spec is stored (market.add it)"))?;
+    serde_json::from_slice::<MarketSpecInput>(&bytes)
+        .map_err(|e| format!("{market}: the stored spec cannot be read: {e}"))?
+        .validate()
+        .map_err(|e| format!("{market}: the stored spec is not valid: {e}"))
+}
+
+impl Agent {
+    /// Runs until `stop` flips (markets are left to the supervisor's shutdown).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+        let mut entries = self
+            .placement
+            .watch_with_history(">")
+            .await
+            .map_err(|e| format!("cannot watch the placement bucket: {e}"))?;
+        let subject = self.subjects.node(&self.node, "*");
+        let mut requests = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
+        let mut timer = tokio::time::interval(self.settings.heartbeat);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let (started_tx, mut started) = mpsc::unbounded_channel::<Started>();
+        let mut state = State::default();
+        let mut lapsed = false;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                entry = entries.next() => {
+                    let Some(entry) = entry else {
+                        return Err("the placement watch ended".to_string());
+                    };
+                    match entry {
+                        Ok(entry) => {
+                            let market = entry.key.clone();
+                            if market.contains('.') {
+                                continue;
+                            }
+                            match entry.operation {
+                                kv::Operation::Put => {
+                                    if let Some(p) = Placement::decode(&entry.value) {
+                                        state.view.insert(market.clone(), (p, entry.revision));
+                                    }
+                                }
+                                _ => {
+                                    state.view.remove(&market);
+                                }
+                            }
+                            self.act(&mut state, &market, &started_tx).await;
+                        }
+                        Err(e) => tracing::warn!("placement watch: {e}"),
+                    }
+                }
+                request = requests.next() => {
+                    let Some(request) = request else {
+                        return Err("the node request subscription ended".to_string());
+                    };
+                    self.answer(&mut state, request).await;
+                }
+                done = started.recv() => {
+                    let Some((market, epoch, result)) = done else { continue };
+                    state.starting.remove(&market);
+                    if let Err(e) = result {
+                        tracing::error!(market = %market, epoch, "{e}; claiming it again in {RETRY_AFTER:?}");
+                        if state.owned.get(&market) == Some(&epoch) {
+                            state.owned.remove(&market);
+                        }
+                        state.retry_at.insert(market, Instant::now() + RETRY_AFTER);
+                    } else {
+                        say!("agora node {}: running {market} at epoch {epoch}", self.node);
+                    }
+                }
+                _ = timer.tick() => {
+                    if !self.lease.valid() {
+                        if !lapsed && !state.owned.is_empty() {
+                            tracing::error!(node = %self.node, "this node's lease lapsed; stopping its markets");
+                        }
+                        lapsed = true;
+                        for (market, _) in state.owned.drain() {
+                            self.stop_market(&market, true);
+                        }
+                        continue;
+                    }
+                    lapsed = false;
+                    self.reconcile(&mut state, &started_tx).await;
+                }
+            }
+        }
+    }
+
+    /// Markets this node claimed that the supervisor no longer holds (fenced, lease lapsed) are
+    /// forgotten; then every market placed here is looked at again.
+    async fn reconcile(&self, state: &mut State, started: &mpsc::UnboundedSender<Started>) {
+        let held: HashSet<String> = self
+            .supervisor
+            .send(Held)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        let starting = &state.starting;
+        state
+            .owned
+            .retain(|m, _| held.contains(m) || starting.contains(m));
+        let mine: Vec<String> = state
+            .view
+            .iter()
+            .filter(|(_, (p, _))| p.node == self.node)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for market in mine {
+            self.act(state, &market, started).await;
+        }
+        // Held here but placed elsewhere (or nowhere): stop.
+        for market in held {
+            if !state.owned.contains_key(&market) && !state.starting.contains(&market) {
+                tracing::warn!(market = %market, "running here without a claim; stopping it");
+                self.stop_market(&market, true);
+            }
+        }
+    }
+
+    /// Brings one market in line with its placement record.
+    async fn act(&self, state: &mut State, market: &str, started: &mpsc::UnboundedSender<Started>) {
+        let Some((p, revision)) = state.view.get(market).cloned() else {
+            if state.owned.remove(market).is_some() {
+                say!("agora node {}: {market} removed; stopping it", self.node);
+                self.stop_market(market, false);
+            }
+            return;
+        };
+        if p.node != self.node {
+            if state.owned.remove(market).is_some() {
+                say!(
+                    "agora node {}: {market} is now placed on {} (epoch {}); stopping it here",
+                    self.node,
+                    p.node,
+                    p.epoch
+                );
+                self.stop_market(market, true);
+            }
+            return;
+        }
+        if !self.lease.valid()
+            || state.starting.contains(market)
+            || state
+                .retry_at
+                .get(market)
+                .is_some_and(|at| Instant::now() < *at)
+        {
+            return;
+        }
+        let epoch = match p.state {
+            PlacementState::Assigned => p.epoch,
+            PlacementState::Active if state.owned.get(market) == Some(&p.epoch) => return,
+            // Placed here and active, but not run by this process: claim it anew.
+            PlacementState::Active => p.epoch + 1,
+        };
+        let claim = Placement::active(&self.node, epoch);
+        match self
+            .placement
+            .update(market, claim.encode().into(), revision)
+            .await
+        {
+            Ok(new_revision) => {
+                state.view.insert(market.to_string(), (claim, new_revision));
+                state.owned.insert(market.to_string(), epoch);
+                state.starting.insert(market.to_string());
+                state.retry_at.remove(market);
+                self.start_market(market, epoch, started.clone());
+            }
+            // Someone changed the record first: the watch brings the new one.
+            Err(e) => tracing::debug!(market, "claim at epoch {epoch} not taken: {e}"),
+        }
+    }
+
+    fn start_market(&self, market: &str, epoch: u64, done: mpsc::UnboundedSender<Started>) {
+        let (markets, supervisor, market) = (
+            self.markets.clone(),
+            self.supervisor.clone(),
+            market.to_string(),
+        );
+        actix_rt::spawn(async move {
+            let result = match spec_of(&markets, &market).await {
+                Ok(spec) => supervisor
+                    .send(StartMarket { spec, epoch })
+                    .await
+                    .map_err(|e| format!("the supervisor is gone: {e}"))
+                    .and_then(|r| r),
+                Err(e) => Err(e),
+            };
+            let _ = done.send((market, epoch, result));
+        });
+    }
+
+    fn stop_market(&self, market: &str, handoff: bool) {
+        let (supervisor, market) = (self.supervisor.clone(), market.to_string());
+        actix_rt::spawn(async move {
+            let _ = supervisor.send(StopMarket { market, handoff }).await;
+        });
+    }
+
+    async fn answer(&self, state: &mut State, request: async_nats::Message) {
+        let Some(reply) = request.reply.clone() else {
+            return;
+        };
+        let verb = request
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let answer = match verb.as_str() {
+            "follow" => match serde_json::from_slice::<MarketRequest>(&request.payload) {
+                Ok(r) => {
+                    // Catching up may take a while: answered from its own task.
+                    let (this, reply) = (self.clone(), reply.clone());
+                    actix_rt::spawn(async move {
+                        let answer = this.follow(&r).await;
+                        this.respond(reply, &answer).await;
+                    });
+                    return;
+                }
+                Err(e) => error("bad_request", format!("follow takes {{market}}: {e}")),
+            },
+            "markets" => {
+                let markets = self.supervisor.send(ListMarkets).await.unwrap_or_default();
+                json!({"ok": true, "node": self.node, "markets": markets})
+            }
+            "unfollow" => match serde_json::from_slice::<MarketRequest>(&request.payload) {
+                Ok(r) => {
+                    let _ = self.supervisor.send(Unfollow(r.market.clone())).await;
+                    json!({"ok": true, "market": r.market})
+                }
+                Err(e) => error("bad_request", format!("unfollow takes {{market}}: {e}")),
+            },
+            "release" => match serde_json::from_slice::<ReleaseRequest>(&request.payload) {
+                Ok(r) => self.release(state, &r).await,
+                Err(e) => error(
+                    "bad_request",
+                    format!("release takes {{market, to, epoch}}: {e}"),
+                ),
+            },
+            other => error(
+                "unknown_verb",
+                format!("{other:?} is not a node verb; use markets, follow, unfollow or release"),
+            ),
+        };
+        self.respond(reply, &answer).await;
+    }
+
+    async fn respond(&self, reply: async_nats::Subject, answer: &Value) {
+        let bytes = serde_json::to_vec(answer).unwrap_or_default();
+        let _ = self.client.publish(reply, bytes.into()).await;
+    }
+
+    /// Starts a warm copy and answers once it is close behind the owner.
+    async fn follow(&self, r: &MarketRequest) -> Value {
+        let spec = match spec_of(&self.markets, &r.market).await {
+            Ok(spec) => spec,
+            Err(e) => return error("unknown_market", e),
+        };
+        match self.supervisor.send(Follow(spec)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return error("follow_failed", e),
+            Err(e) => return error("node", format!("the supervisor is gone: {e}")),
+        }
+        let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(30_000));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lag = self
+                .supervisor
+                .send(FollowerLag(r.market.clone()))
+                .await
+                .ok()
+                .flatten();
+            match lag {
+                // Running here already (placed here meanwhile).
+                None => return json!({"ok": true, "market": r.market, "lag": 0}),
+                Some(lag) if lag <= FOLLOW_READY_LAG => {
+                    return json!({"ok": true, "market": r.market, "lag": lag});
+                }
+                Some(lag) if Instant::now() > deadline => {
+                    let _ = self.supervisor.send(Unfollow(r.market.clone())).await;
+                    let behind = if lag == u64::MAX {
+                        "has not read the journal".to_string()
+                    } else {
+                        format!("is {lag} commands behind")
+                    };
+                    return error(
+                        "not_caught_up",
+                        format!(
+                            "the warm copy of {} on {} {behind} after {timeout:?}",
+                            r.market, self.node
+                        ),
+                    );
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Stops the market at a batch boundary, every output published and no snapshot, then
+    /// names `to` at the next epoch by compare-and-set.
+    async fn release(&self, state: &mut State, r: &ReleaseRequest) -> Value {
+        let Some((p, revision)) = state.view.get(&r.market).cloned() else {
+            return error("unknown_market", format!("{} has no placement", r.market));
+        };
+        if p.node != self.node
+            || p.state != PlacementState::Active
+            || p.epoch != r.epoch
+            || state.owned.get(&r.market) != Some(&p.epoch)
+            || state.starting.contains(&r.market)
+        {
+            return error(
+                "not_owner",
+                format!(
+                    "{} is placed on {} at epoch {} ({:?}); {} cannot release it at epoch {}",
+                    r.market, p.node, p.epoch, p.state, self.node, r.epoch
+                ),
+            );
+        }
+        let started = Instant::now();
+        state.owned.remove(&r.market);
+        let seq = self
+            .supervisor
+            .send(StopMarket {
+                market: r.market.clone(),
+                handoff: true,
+            })
+            .await
+            .ok()
+            .flatten();
+        let stopped_us = started.elapsed().as_micros() as u64;
+        let next = Placement::assigned(&r.to, p.epoch + 1);
+        match self
+            .placement
+            .update(&r.market, next.encode().into(), revision)
+            .await
+        {
+            Ok(new_revision) => {
+                state.view.insert(r.market.clone(), (next, new_revision));
+                say!(
+                    "agora node {}: released {} at seq {} to {} (epoch {})",
+                    self.node,
+                    r.market,
+                    seq.unwrap_or(0),
+                    r.to,
+                    p.epoch + 1
+                );
+                json!({
+                    "ok": true,
+                    "market": r.market,
+                    "seq": seq,
+                    "epoch": p.epoch + 1,
+                    "stopped_us": stopped_us,
+                    "released_us": started.elapsed().as_micros() as u64,
+                })
+            }
+            Err(e) => error(
+                "placement_changed",
+                format!(
+                    "{} stopped here but its placement changed meanwhile ({e}); it is claimed again where placement says",
+                    r.market
+                ),
+            ),
+        }
+    }
+}

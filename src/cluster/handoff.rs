@@ -1,0 +1,215 @@
+//! The planned move of one market from its owner A to a node B (DESIGN section 6):
+//!
+//! 1. B keeps a warm copy: it restores the latest snapshot and applies the stream silently
+//!    behind the journal (`follow`), until it is close behind A.
+//! 2. A stops at a batch boundary with every output acknowledged, and names B at epoch + 1 by
+//!    compare-and-set (`release`).
+//! 3. B's agent claims the market (compare-and-set to `active`), promotes its copy (applies
+//!    what the journal says A did, rebuilds A's last batch, republishes its views, which
+//!    JetStream drops as duplicates) and consumes from the next command.
+//!
+//! The pause is measured from the release request to B's `active` announcement on
+//! `<prefix>.status.<MARKET>`: no command is matched in between; they wait in the stream.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::placement::{Placement, PlacementState};
+use crate::bus::Subjects;
+
+/// What a finished move did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Moved {
+    pub market: String,
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+    /// The last stream sequence A applied.
+    pub seq: Option<u64>,
+    /// From the release request to B's announcement, microseconds.
+    pub pause_us: u64,
+    /// How far behind B's copy was when the release started.
+    pub lag: u64,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    node: String,
+    epoch: u64,
+    state: String,
+}
+
+/// Why a move did not happen: an error code and what to do.
+#[derive(Debug)]
+pub struct MoveError {
+    pub error: &'static str,
+    pub message: String,
+}
+
+fn fail(error: &'static str, message: impl Into<String>) -> MoveError {
+    MoveError {
+        error,
+        message: message.into(),
+    }
+}
+
+async fn request(
+    client: &async_nats::Client,
+    subject: String,
+    body: Value,
+    timeout: Duration,
+) -> Result<Value, MoveError> {
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let answer = tokio::time::timeout(timeout, client.request(subject.clone(), bytes.into()))
+        .await
+        .map_err(|_| {
+            fail(
+                "timeout",
+                format!("{subject} did not answer within {timeout:?}"),
+            )
+        })?
+        .map_err(|e| fail("node_unreachable", format!("{subject}: {e}")))?;
+    let value: Value = serde_json::from_slice(&answer.payload).map_err(|e| {
+        fail(
+            "bad_answer",
+            format!("{subject} answered something unreadable: {e}"),
+        )
+    })?;
+    if value["ok"] == json!(true) {
+        Ok(value)
+    } else {
+        Err(fail(
+            "refused",
+            format!(
+                "{subject}: {} ({})",
+                value["message"].as_str().unwrap_or("no message"),
+                value["error"].as_str().unwrap_or("error")
+            ),
+        ))
+    }
+}
+
+/// Moves `market` to node `to` by planned handoff. `catch_up` bounds how long B may take to
+/// come close behind A.
+pub async fn move_market(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    placement: &kv::Store,
+    market: &str,
+    to: &str,
+    catch_up: Duration,
+) -> Result<Moved, MoveError> {
+    let entry = placement
+        .entry(market)
+        .await
+        .map_err(|e| fail("kv", format!("cannot read the placement of {market}: {e}")))?
+        .filter(|e| e.operation == kv::Operation::Put)
+        .ok_or_else(|| {
+            fail(
+                "unknown_market",
+                format!("{market} is not placed on any node"),
+            )
+        })?;
+    let p = Placement::decode(&entry.value)
+        .ok_or_else(|| fail("kv", format!("the placement of {market} cannot be read")))?;
+    if p.node == to {
+        return Err(fail(
+            "already_there",
+            format!("{market} is already placed on {to}"),
+        ));
+    }
+    if p.state != PlacementState::Active {
+        return Err(fail(
+            "not_active",
+            format!(
+                "{market} is being placed on {} (epoch {}); try again once it runs",
+                p.node, p.epoch
+            ),
+        ));
+    }
+    // 1. The warm copy on the target.
+    let followed = request(
+        client,
+        subjects.node(to, "follow"),
+        json!({"market": market, "timeout_ms": catch_up.as_millis() as u64}),
+        catch_up + Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| MoveError {
+        error: e.error,
+        message: format!("{to} could not keep a copy of {market}: {}", e.message),
+    })?;
+    let lag = followed["lag"].as_u64().unwrap_or(0);
+    // 2. The announcement of the new owner is awaited from before the release.
+    let mut status = client
+        .subscribe(subjects.status(market))
+        .await
+        .map_err(|e| {
+            fail(
+                "nats",
+                format!("cannot watch {}: {e}", subjects.status(market)),
+            )
+        })?;
+    let started = Instant::now();
+    let released = request(
+        client,
+        subjects.node(&p.node, "release"),
+        json!({"market": market, "to": to, "epoch": p.epoch}),
+        Duration::from_secs(10),
+    )
+    .await;
+    let released = match released {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = request(
+                client,
+                subjects.node(to, "unfollow"),
+                json!({"market": market}),
+                Duration::from_secs(2),
+            )
+            .await;
+            return Err(MoveError {
+                error: e.error,
+                message: format!("{} did not release {market}: {}", p.node, e.message),
+            });
+        }
+    };
+    let epoch = p.epoch + 1;
+    // 3. The new owner's announcement.
+    let deadline = Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_sub(started.elapsed());
+        let message = tokio::time::timeout(left, status.next()).await;
+        let Ok(Some(message)) = message else {
+            return Err(fail(
+                "timeout",
+                format!(
+                    "{} released {market} to {to} at epoch {epoch}, but {to} did not announce it running within {deadline:?}; the cluster places it again if {to} is dead",
+                    p.node
+                ),
+            ));
+        };
+        let Ok(s) = rmp_serde::from_slice::<Status>(&message.payload) else {
+            continue;
+        };
+        if s.node == to && s.epoch >= epoch && s.state == "active" {
+            break;
+        }
+    }
+    let pause = started.elapsed();
+    metrics::counter!("agora_handoffs_total").increment(1);
+    metrics::histogram!("agora_handoff_pause_seconds").record(pause.as_secs_f64());
+    Ok(Moved {
+        market: market.to_string(),
+        from: p.node,
+        to: to.to_string(),
+        epoch,
+        seq: released["seq"].as_u64(),
+        pause_us: u64::try_from(pause.as_micros()).unwrap_or(u64::MAX),
+        lag,
+    })
+}

@@ -1,0 +1,191 @@
+//! Membership: each node's record in `<prefix>_nodes`, renewed every heartbeat with its load,
+//! and how the others read that bucket.
+//!
+//! A renewal acknowledged by JetStream extends the node's lease to the time it was sent plus
+//! three quarters of `lease`; the others declare the node dead only after `lease` without
+//! seeing a renewal, so a node stops publishing before its markets are given away. The same
+//! bucket holds the rebalancer's lease (`lease.rebalancer`; node ids have no dots).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::Addr;
+use async_nats::jetstream::kv;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{ClusterSettings, Lease};
+use crate::actors::{ListMarkets, Supervisor};
+
+/// The key of the rebalancer's lease in the nodes bucket.
+pub const REBALANCER_KEY: &str = "lease.rebalancer";
+
+/// What a node says about itself every heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    /// Random per process: tells a restarted node (or a second process misconfigured with the
+    /// same id) from the one before.
+    pub instance: u64,
+    pub started_unix_ms: u64,
+    pub commands_per_sec: f64,
+    /// CPU of the process, percent of one core, over the last heartbeat.
+    pub cpu_pct: f64,
+    pub markets: Vec<MarketLoad>,
+    /// Markets of which this node keeps a warm copy.
+    #[serde(default)]
+    pub following: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MarketLoad {
+    pub symbol: String,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub commands_per_sec: f64,
+    pub resting_orders: usize,
+    pub halted: bool,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The node's load as the supervisor knows it.
+async fn load(supervisor: &Addr<Supervisor>) -> (Vec<MarketLoad>, Vec<String>) {
+    let markets = supervisor.send(ListMarkets).await.unwrap_or_default();
+    let following = markets
+        .iter()
+        .filter(|m| m.following && !m.running)
+        .map(|m| m.symbol.clone())
+        .collect();
+    let running = markets
+        .into_iter()
+        .filter(|m| m.running)
+        .map(|m| {
+            let stats = m.stats.unwrap_or_default();
+            MarketLoad {
+                symbol: m.symbol,
+                epoch: m.epoch,
+                last_seq: m.last_seq,
+                commands_per_sec: stats.commands_per_sec,
+                resting_orders: stats.resting_orders,
+                halted: stats.halted,
+            }
+        })
+        .collect();
+    (running, following)
+}
+
+/// Renews the node's record every heartbeat until `stop`, extending `lease` on each
+/// acknowledged renewal; then deletes the record, so the others see the node leave at once.
+pub async fn heartbeat(
+    nodes: kv::Store,
+    node: String,
+    supervisor: Addr<Supervisor>,
+    lease: Lease,
+    settings: ClusterSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let instance = {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ (u64::from(std::process::id()) << 32)
+    };
+    let started_unix_ms = unix_ms();
+    let mut timer = tokio::time::interval(settings.heartbeat);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut cpu = (Instant::now(), crate::bench::cpu_ms(None).unwrap_or(0.0));
+    let mut cpu_pct = 0.0;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = timer.tick() => {}
+        }
+        let (markets, following) = load(&supervisor).await;
+        // CPU over at least a second (the kernel counts it in 10 ms ticks).
+        let now = Instant::now();
+        if now.duration_since(cpu.0) >= Duration::from_secs(1) {
+            let used = crate::bench::cpu_ms(None).unwrap_or(cpu.1);
+            let wall = now.duration_since(cpu.0).as_secs_f64();
+            cpu_pct = ((used - cpu.1) / 10.0 / wall).max(0.0);
+            cpu = (now, used);
+        }
+        let record = NodeRecord {
+            node: node.clone(),
+            instance,
+            started_unix_ms,
+            commands_per_sec: markets.iter().map(|m| m.commands_per_sec).sum(),
+            cpu_pct,
+            markets,
+            following,
+        };
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        let sent = Instant::now();
+        match tokio::time::timeout(settings.lease, nodes.put(&node, bytes.into())).await {
+            Ok(Ok(_)) => {
+                lease.extend_to(sent + settings.own_lease());
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(node = %node, "heartbeat renewed after {:?}", since.elapsed());
+                }
+            }
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {:?}", settings.lease),
+                };
+                if failing_since.is_none() {
+                    failing_since = Some(Instant::now());
+                    tracing::warn!(node = %node, "heartbeat not renewed: {reason}; the node's markets stop if this lasts {:?}", lease.remaining());
+                }
+            }
+        }
+    }
+    let _ = nodes.delete(&node).await;
+}
+
+/// The nodes bucket as one node sees it: every record, and when it was last seen renewed by
+/// this process's clock (records are only ever compared with this clock, never with another
+/// node's).
+#[derive(Default)]
+pub struct NodeView {
+    pub records: BTreeMap<String, (NodeRecord, Instant)>,
+}
+
+impl NodeView {
+    /// Takes one entry of a watch on the bucket.
+    pub fn apply(&mut self, entry: &kv::Entry) {
+        if entry.key.contains('.') {
+            return;
+        }
+        match entry.operation {
+            kv::Operation::Put => {
+                if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
+                    self.records
+                        .insert(entry.key.clone(), (record, Instant::now()));
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.records.remove(&entry.key);
+            }
+        }
+    }
+
+    /// Nodes renewed within `lease`.
+    pub fn live(&self, lease: Duration) -> impl Iterator<Item = &NodeRecord> {
+        self.records
+            .values()
+            .filter(move |(_, seen)| seen.elapsed() < lease)
+            .map(|(r, _)| r)
+    }
+
+    pub fn is_live(&self, node: &str, lease: Duration) -> bool {
+        self.records
+            .get(node)
+            .is_some_and(|(_, seen)| seen.elapsed() < lease)
+    }
+}

@@ -1,0 +1,92 @@
+//! The cluster: which node runs which market, and moving markets between nodes. The contract
+//! is DESIGN section 6; every decision about ownership is a compare-and-set result on the
+//! placement bucket, never a read.
+//!
+//! - `lease`: a node's right to publish for its markets, extended by each acknowledged
+//!   heartbeat; markets check it before every journal publish.
+//! - `membership`: the node's heartbeat record in `<prefix>_nodes` (with its load), and what
+//!   the others read from that bucket.
+//! - `placement`: the records of `<prefix>_placement` (market → node, epoch, state) and the
+//!   choice of a node for a market (rendezvous hashing, least loaded).
+//! - `agent`: on every node, claims the markets placed on it, starts and stops them, keeps warm
+//!   copies for planned moves, and answers the node's own requests (`<prefix>.node.<id>.*`).
+//! - `rebalancer`: on one node at a time (a lease in the nodes bucket): places new markets,
+//!   reassigns the markets of dead nodes, drains, and moves hot markets off busy nodes.
+//! - `handoff`: the planned move of one market, driven by whoever asks (`market.move`, the
+//!   rebalancer).
+//!
+//! This module must never apply a command or publish a market's outputs: markets do, and only
+//! while this node's claim and lease hold.
+
+use std::time::Duration;
+
+/// `println!` for operator lines that never panics (see `say`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cluster::say(format_args!($($arg)*))
+    };
+}
+
+pub mod agent;
+pub mod handoff;
+pub mod lease;
+pub mod membership;
+pub mod placement;
+pub mod rebalancer;
+
+pub use lease::Lease;
+
+/// How the cluster's timers are set (`[cluster]` in the configuration).
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// A node renews its record this often.
+    pub heartbeat: Duration,
+    /// A node not heard from for this long is dead; a node whose last renewal is older stops
+    /// publishing.
+    pub lease: Duration,
+    /// Load-based moves are considered this often (zero: never).
+    pub rebalance_every: Duration,
+    /// The busiest node's commands/s over the mean that counts as overloaded.
+    pub imbalance_ratio: f64,
+    /// Commands/s between the busiest and the least busy node below which nothing moves.
+    pub min_rate_gap: f64,
+    /// Planned moves the rebalancer starts per minute, at most.
+    pub max_moves_per_minute: u32,
+}
+
+impl ClusterSettings {
+    /// How long a record stays in the nodes bucket without renewal (the bucket's max age):
+    /// well above the lease, so a dead node is seen as dead (by age) before its record goes.
+    pub fn record_ttl(&self) -> Duration {
+        (self.lease * 4).max(Duration::from_secs(3))
+    }
+
+    /// The part of the lease a node uses: it stops a quarter lease before the others may
+    /// declare it dead, for clocks that run at slightly different rates.
+    pub fn own_lease(&self) -> Duration {
+        self.lease * 3 / 4
+    }
+}
+
+impl Default for ClusterSettings {
+    fn default() -> ClusterSettings {
+        ClusterSettings {
+            heartbeat: Duration::from_millis(100),
+            lease: Duration::from_millis(500),
+            rebalance_every: Duration::from_secs(10),
+            imbalance_ratio: 1.5,
+            min_rate_gap: 5000.0,
+            max_moves_per_minute: 6,
+        }
+    }
+}
+
+/// A line for the operator on stdout; a closed stdout (the reader went away) is not an error
+/// worth stopping a node for.
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}

@@ -1,0 +1,124 @@
+//! `<prefix>_placement`: market → `{node, epoch, state}`, written only by compare-and-set.
+//!
+//! - `assigned`: the rebalancer (or a releasing owner) named a node; nothing runs yet.
+//! - `active`: that node claimed it (a CAS from `assigned`) and runs it at `epoch`.
+//!
+//! Every change of owner raises the epoch, so a stale owner's claim can never be mistaken for a
+//! current one. Keys `drain.<node>` in the same bucket mark nodes being drained.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementState {
+    Assigned,
+    Active,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: String,
+    pub epoch: u64,
+    pub state: PlacementState,
+}
+
+impl Placement {
+    pub fn assigned(node: &str, epoch: u64) -> Placement {
+        Placement {
+            node: node.to_string(),
+            epoch,
+            state: PlacementState::Assigned,
+        }
+    }
+
+    pub fn active(node: &str, epoch: u64) -> Placement {
+        Placement {
+            node: node.to_string(),
+            epoch,
+            state: PlacementState::Active,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Placement> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The key marking `node` as drained.
+pub fn drain_key(node: &str) -> String {
+    format!("drain.{node}")
+}
+
+/// The node a drain key names.
+pub fn drained_node(key: &str) -> Option<&str> {
+    key.strip_prefix("drain.")
+}
+
+/// Rendezvous (highest random weight) hashing: the node of `candidates` with the highest
+/// weight for `market`. Every node computes the same answer, and when a node joins or leaves
+/// only the markets it wins or held move.
+pub fn rendezvous<'a>(
+    market: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .max_by_key(|node| (weight(market, node), *node))
+}
+
+/// FNV-1a over `market`, a separator and `node`, then a 64-bit finalizer (stable everywhere).
+fn weight(market: &str, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in market.bytes().chain([0u8]).chain(node.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_is_stable_and_moves_only_what_it_must() {
+        let nodes = ["n1", "n2", "n3"];
+        let markets: Vec<String> = (0..300).map(|i| format!("M{i}-USD")).collect();
+        let before: Vec<&str> = markets
+            .iter()
+            .map(|m| rendezvous(m, nodes).expect("a node"))
+            .collect();
+        for n in nodes {
+            let share = before.iter().filter(|x| **x == n).count();
+            assert!((60..=140).contains(&share), "{n} got {share} of 300");
+        }
+        // n2 leaves: only its markets move.
+        for (m, was) in markets.iter().zip(&before) {
+            let now = rendezvous(m, ["n1", "n3"]).expect("a node");
+            if *was != "n2" {
+                assert_eq!(now, *was, "{m} moved without reason");
+            }
+        }
+        assert_eq!(rendezvous("X", std::iter::empty::<&str>()), None);
+    }
+
+    #[test]
+    fn records_round_trip_as_json() {
+        let p = Placement::active("n1", 7);
+        assert_eq!(Placement::decode(&p.encode()), Some(p.clone()));
+        assert_eq!(
+            String::from_utf8(p.encode()).expect("utf8"),
+            r#"{"node":"n1","epoch":7,"state":"active"}"#
+        );
+        assert_eq!(Placement::decode(b"junk"), None);
+        assert_eq!(drained_node(&drain_key("n2")), Some("n2"));
+    }
+}

@@ -1,0 +1,590 @@
+//! Several `agora node` processes on one nats-server, as a cluster runs: markets move between
+//! nodes under load by planned handoff, a killed node's markets resume elsewhere, a paused
+//! owner that lost its market publishes nothing after it wakes, the rebalancer's node can die,
+//! nodes drain, and a hot-added market goes to the least loaded node. Every check ends with
+//! the published execution reports equal to an offline replay of the order streams: nothing
+//! lost, nothing twice.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use agora::bus::{self, LocalServer};
+use async_nats::jetstream;
+use common::Agora;
+use futures::StreamExt;
+use serde_json::Value;
+
+const MARKETS: &str = "[[markets]]\nsymbol = \"A-USD\"\nprice_decimals = 2\nsize_decimals = 0\n\n[[markets]]\nsymbol = \"B-USD\"\nprice_decimals = 2\nsize_decimals = 0\n";
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    server: LocalServer,
+    nodes: BTreeMap<String, Agora>,
+    js: jetstream::Context,
+    client: async_nats::Client,
+}
+
+impl Cluster {
+    /// A nats-server and `n` nodes `n1..`, each with `extra` in its configuration; returns once
+    /// every node printed its ready line.
+    async fn start(n: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
+        let client = bus::connect(&server.url(), "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let js = jetstream::new(client.clone());
+        let mut cluster = Cluster {
+            dir,
+            server,
+            nodes: BTreeMap::new(),
+            js,
+            client,
+        };
+        for i in 1..=n {
+            cluster.start_node(&format!("n{i}"), extra);
+        }
+        cluster
+    }
+
+    fn start_node(&mut self, id: &str, extra: &str) {
+        let dir = self.dir.path().join(id);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        // Timers loose enough for a busy two-core machine running tests side by side.
+        let config = format!(
+            "node_id = \"{id}\"\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\nrebalance_every_secs = 0\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}"
+        );
+        let node = Agora::node(&self.server.url(), &dir, &config);
+        self.nodes.insert(id.to_string(), node);
+    }
+
+    fn url(&self) -> String {
+        self.server.url()
+    }
+
+    fn kill(&mut self, id: &str) {
+        if let Some(mut node) = self.nodes.remove(id) {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+
+    fn signal(&self, id: &str, signal: libc::c_int) {
+        let pid = self.nodes[id].child.id();
+        // SAFETY: kill with a pid we own and a valid signal.
+        unsafe {
+            libc::kill(pid as libc::pid_t, signal);
+        }
+    }
+
+    /// `agora ctl <args>`: whether it succeeded, and the reply.
+    fn ctl(&self, args: &[&str]) -> (bool, Value) {
+        let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .arg("ctl")
+            .args(args)
+            .args(["--nats-url", &self.url()])
+            .output()
+            .expect("agora ctl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let reply = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "agora ctl {args:?} printed {stdout:?} ({e}); stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), reply)
+    }
+
+    /// Where placement says `market` runs, and at which epoch.
+    async fn placed(&self, market: &str) -> (String, u64) {
+        let kv = self
+            .js
+            .get_key_value("agora_placement")
+            .await
+            .expect("placement bucket");
+        let bytes = kv.get(market).await.expect("read").expect("placed");
+        let v: Value = serde_json::from_slice(&bytes).expect("json");
+        (
+            v["node"].as_str().expect("node").to_string(),
+            v["epoch"].as_u64().expect("epoch"),
+        )
+    }
+
+    /// Moves `market` to `to` with `agora ctl market.move`; returns the pause in ms.
+    fn move_market(&self, market: &str, to: &str) -> f64 {
+        let (ok, reply) = self.ctl(&["market.move", market, "--to", to]);
+        assert!(ok, "market.move {market} --to {to}: {reply}");
+        assert_eq!(reply["to"], to);
+        reply["pause_ms"].as_f64().expect("pause")
+    }
+
+    /// Waits until `market` announces itself active on a node other than `not`, at least at
+    /// `epoch`; returns that node.
+    async fn wait_active(
+        &self,
+        status: &mut async_nats::Subscriber,
+        not: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> String {
+        let started = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            let m = tokio::time::timeout(left, status.next())
+                .await
+                .unwrap_or_else(|_| panic!("no node announced the market within {timeout:?}"))
+                .expect("status subscription");
+            let s: Value = rmp_serde::from_slice(&m.payload).expect("status");
+            if s["state"] == "active"
+                && s["node"] != not
+                && s["epoch"].as_u64().unwrap_or(0) >= epoch
+            {
+                return s["node"].as_str().expect("node").to_string();
+            }
+        }
+    }
+}
+
+/// The commands of a generated workload for `market`, as JSON.
+fn workload(seed: u64, commands: usize) -> Vec<Value> {
+    let w = agora::workload::generate(&agora::workload::FlowParams {
+        seed,
+        resting: 40,
+        spread_ticks: 30,
+        commands,
+        accounts: 6,
+        full_mix: true,
+        young_cancel_pct: 70,
+    });
+    w.prefill
+        .iter()
+        .chain(&w.commands)
+        .map(|c| {
+            serde_json::to_value(agora::wire::WireCommandOut::from_command(&w.spec, c, false))
+                .expect("json")
+        })
+        .collect()
+}
+
+/// Publishes `commands` to `market` in windows of 20 (acks awaited together), about `rate` a
+/// second, until done; counts what was acknowledged.
+fn load(
+    js: &jetstream::Context,
+    market: &str,
+    commands: Vec<Value>,
+    rate: u64,
+    sent: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let (js, subject) = (js.clone(), format!("agora.orders.{market}"));
+    tokio::spawn(async move {
+        let started = Instant::now();
+        for (i, window) in commands.chunks(20).enumerate() {
+            let mut acks = Vec::new();
+            for c in window {
+                let bytes = rmp_serde::to_vec_named(c).expect("msgpack");
+                acks.push(
+                    js.publish(subject.clone(), bytes.into())
+                        .await
+                        .expect("sent"),
+                );
+            }
+            for ack in acks {
+                ack.await.expect("acknowledged");
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            let due = Duration::from_secs_f64((i + 1) as f64 * 20.0 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    })
+}
+
+async fn journal_last_seq(js: &jetstream::Context, market: &str) -> Option<u64> {
+    let events = js.get_stream("EVENTS").await.ok()?;
+    let last = events
+        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
+        .await
+        .ok()?;
+    let head: Value = rmp_serde::from_slice(&last.payload).ok()?;
+    head["last_seq"].as_u64()
+}
+
+async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {
+    let started = Instant::now();
+    while journal_last_seq(js, market).await < Some(seq) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the journal of {market} never reached {seq} (at {:?})",
+            journal_last_seq(js, market).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The journal of `market` covers the stream without gaps or overlaps: each batch starts right
+/// after the one before.
+async fn check_journal(js: &jetstream::Context, market: &str) -> usize {
+    let mut events = js.get_stream("EVENTS").await.expect("EVENTS");
+    let last = events.info().await.expect("info").state.last_sequence;
+    let subject = format!("agora.events.{market}");
+    let mut next = 1;
+    let mut batches = 0;
+    for seq in 1..=last {
+        let Ok(m) = events.get_raw_message(seq).await else {
+            continue;
+        };
+        if m.subject.as_str() != subject {
+            continue;
+        }
+        let head: Value = rmp_serde::from_slice(&m.payload).expect("journal message");
+        let (first, last) = (
+            head["first_seq"].as_u64().expect("first_seq"),
+            head["last_seq"].as_u64().expect("last_seq"),
+        );
+        assert_eq!(
+            first, next,
+            "journal batch {batches} of {market} covers {first}..={last}, expected to start at {next}"
+        );
+        next = last + 1;
+        batches += 1;
+    }
+    batches
+}
+
+/// Every report in EXECS for `market` equals an offline replay of its order stream.
+async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
+    use agora::actors::{Incoming, MarketCore};
+    let spec = agora::book::MarketSpecInput::new(market, 2, 0)
+        .validate()
+        .expect("spec");
+    let mut orders = js
+        .get_stream(format!("ORDERS_{market}"))
+        .await
+        .expect("orders stream");
+    let n = orders.info().await.expect("info").state.last_sequence;
+    let mut core = MarketCore::new(agora::bus::Subjects::default(), spec, 100);
+    let mut expected = Vec::new();
+    for seq in 1..=n {
+        let m = orders.get_raw_message(seq).await.expect("message");
+        let msg = Incoming {
+            seq,
+            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
+            payload: m.payload.to_vec(),
+            json: false,
+            operator: m.subject.as_str() == format!("agora.admin.{market}"),
+            account: None,
+        };
+        if let Some(out) = core.process(std::slice::from_ref(&msg)) {
+            for x in out.execs {
+                let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
+                expected.extend(
+                    v["reports"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(Value::to_string),
+                );
+            }
+        }
+    }
+    let mut execs = js.get_stream("EXECS").await.expect("EXECS");
+    let last = execs.info().await.expect("info").state.last_sequence;
+    let mut published = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = execs.get_raw_message(seq).await
+            && m.subject.as_str().ends_with(&format!(".{market}"))
+        {
+            let v: Value = rmp_serde::from_slice(&m.payload).expect("decodes");
+            published.extend(
+                v["reports"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(Value::to_string),
+            );
+        }
+    }
+    expected.sort();
+    published.sort();
+    assert_eq!(
+        published.len(),
+        expected.len(),
+        "{market}: {} reports published, an offline replay gives {}",
+        published.len(),
+        expected.len()
+    );
+    assert!(
+        published == expected,
+        "{market}: the published reports differ from an offline replay of the stream"
+    );
+    published.len()
+}
+
+#[tokio::test]
+async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() {
+    let cluster = Cluster::start(3, "").await;
+    let (owner, epoch) = cluster.placed("A-USD").await;
+    assert_eq!(
+        owner, "n1",
+        "the first node up places the configured markets"
+    );
+
+    // An idle move first.
+    let pause = cluster.move_market("B-USD", "n2");
+    assert_eq!(cluster.placed("B-USD").await.0, "n2");
+    println!("idle move: pause {pause:.2} ms");
+
+    // Three moves while orders flow.
+    let commands = workload(11, 3000);
+    let total = commands.len() as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let flow = load(&cluster.js, "A-USD", commands, 1500, sent.clone());
+    let mut pauses = Vec::new();
+    for to in ["n2", "n3", "n1"] {
+        while sent.load(Ordering::Relaxed) < total * (pauses.len() as u64 + 1) / 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        pauses.push(cluster.move_market("A-USD", to));
+    }
+    flow.await.expect("load");
+    let (owner, last_epoch) = cluster.placed("A-USD").await;
+    assert_eq!(owner, "n1");
+    assert_eq!(last_epoch, epoch + 3, "each move raises the epoch once");
+    println!("moves under load: pauses {pauses:?} ms");
+
+    wait_journal(&cluster.js, "A-USD", total).await;
+    let batches = check_journal(&cluster.js, "A-USD").await;
+    let reports = check_exactly_once(&cluster.js, "A-USD").await;
+    println!("A-USD: {total} commands, {batches} journal batches, {reports} reports");
+    check_exactly_once(&cluster.js, "B-USD").await;
+
+    let (ok, nodes) = cluster.ctl(&["node.list"]);
+    assert!(ok, "{nodes}");
+    let count = |id: &str| {
+        nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["node"] == id)
+            .map(|n| n["markets"].as_u64().unwrap_or(0))
+    };
+    assert_eq!(count("n1"), Some(1));
+    assert_eq!(count("n2"), Some(1));
+    assert_eq!(count("n3"), Some(0));
+}
+
+#[tokio::test]
+async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
+    let mut cluster = Cluster::start(3, "").await;
+    cluster.move_market("A-USD", "n2");
+    let (_, epoch) = cluster.placed("A-USD").await;
+    let mut status = cluster
+        .client
+        .subscribe("agora.status.A-USD")
+        .await
+        .expect("subscribe");
+
+    let commands = workload(12, 2500);
+    let total = commands.len() as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let flow = load(&cluster.js, "A-USD", commands, 1500, sent.clone());
+    while sent.load(Ordering::Relaxed) < total / 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = Instant::now();
+    cluster.kill("n2");
+    let new_owner = cluster
+        .wait_active(&mut status, "n2", epoch + 1, Duration::from_secs(20))
+        .await;
+    println!(
+        "A-USD failed over from n2 to {new_owner} in {:?} (lease 1.5 s)",
+        killed.elapsed()
+    );
+    flow.await.expect("load");
+    wait_journal(&cluster.js, "A-USD", total).await;
+    check_journal(&cluster.js, "A-USD").await;
+    check_exactly_once(&cluster.js, "A-USD").await;
+
+    // Now the node holding the rebalancer lease (n1, the first up) dies with B-USD: n3 takes
+    // the lease and the market.
+    let (ok, nodes) = cluster.ctl(&["node.list"]);
+    assert!(ok);
+    assert_eq!(nodes["rebalancer"], "n1", "{nodes}");
+    let (b_owner, b_epoch) = cluster.placed("B-USD").await;
+    assert_eq!(b_owner, "n1");
+    let mut b_status = cluster
+        .client
+        .subscribe("agora.status.B-USD")
+        .await
+        .expect("subscribe");
+    let survivor = if new_owner == "n1" {
+        "n3"
+    } else {
+        new_owner.as_str()
+    };
+    cluster.kill("n1");
+    let b_new = cluster
+        .wait_active(&mut b_status, "n1", b_epoch + 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(b_new, "n3");
+    if new_owner == "n1" {
+        // A-USD was on n1 too: it went with it.
+        let a = cluster
+            .wait_active(&mut status, "n1", epoch + 2, Duration::from_secs(30))
+            .await;
+        assert_eq!(a, "n3");
+    }
+    let (ok, nodes) = cluster.ctl(&["node.list"]);
+    assert!(ok);
+    assert_eq!(nodes["rebalancer"], survivor, "{nodes}");
+    let more = workload(13, 300);
+    let n = more.len() as u64;
+    load(&cluster.js, "B-USD", more, 2000, Arc::default())
+        .await
+        .expect("load");
+    wait_journal(&cluster.js, "B-USD", n).await;
+    check_exactly_once(&cluster.js, "B-USD").await;
+    check_exactly_once(&cluster.js, "A-USD").await;
+}
+
+#[tokio::test]
+async fn a_paused_owner_publishes_nothing_after_it_lost_the_market() {
+    let cluster = Cluster::start(2, "").await;
+    cluster.move_market("A-USD", "n2");
+    let (_, epoch) = cluster.placed("A-USD").await;
+    let mut status = cluster
+        .client
+        .subscribe("agora.status.A-USD")
+        .await
+        .expect("subscribe");
+    let commands = workload(14, 2500);
+    let total = commands.len() as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let flow = load(&cluster.js, "A-USD", commands, 1200, sent.clone());
+    while sent.load(Ordering::Relaxed) < total / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.signal("n2", libc::SIGSTOP);
+    let owner = cluster
+        .wait_active(&mut status, "n2", epoch + 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(owner, "n1");
+    // Let the new owner work a little, then wake the old one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.signal("n2", libc::SIGCONT);
+    let woke = Instant::now();
+    let zombie = Arc::new(AtomicBool::new(false));
+    flow.await.expect("load");
+    // Whatever n2 announces after waking, it is never "active" for A-USD.
+    while woke.elapsed() < Duration::from_secs(3) {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), status.next()).await {
+            let s: Value = rmp_serde::from_slice(&m.payload).expect("status");
+            if s["node"] == "n2" && s["state"] == "active" {
+                zombie.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    assert!(
+        !zombie.load(Ordering::Relaxed),
+        "n2 ran A-USD again after losing it"
+    );
+    assert_eq!(cluster.placed("A-USD").await.0, "n1");
+    wait_journal(&cluster.js, "A-USD", total).await;
+    check_journal(&cluster.js, "A-USD").await;
+    check_exactly_once(&cluster.js, "A-USD").await;
+    // n2 is a member again, with nothing.
+    let (ok, nodes) = cluster.ctl(&["node.list"]);
+    assert!(ok);
+    let n2 = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == "n2")
+        .cloned()
+        .expect("n2 listed");
+    assert_eq!(n2["alive"], true, "{n2}");
+    assert_eq!(n2["markets"], 0, "{n2}");
+}
+
+#[tokio::test]
+async fn drained_nodes_empty_and_new_markets_go_to_the_least_loaded() {
+    let cluster = Cluster::start(3, "").await;
+    // n1 holds both configured markets; n2 and n3 none: a new market goes to one of them.
+    let spec = cluster.dir.path().join("c.toml");
+    std::fs::write(
+        &spec,
+        "symbol = \"C-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    )
+    .expect("write");
+    let (ok, reply) = cluster.ctl(&["market.add", "--spec", spec.to_str().expect("utf-8")]);
+    assert!(ok, "{reply}");
+    let c_node = reply["node"].as_str().expect("node").to_string();
+    assert!(c_node == "n2" || c_node == "n3", "{reply}");
+    std::fs::write(
+        &spec,
+        "symbol = \"D-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    )
+    .expect("write");
+    let (ok, reply) = cluster.ctl(&["market.add", "--spec", spec.to_str().expect("utf-8")]);
+    assert!(ok, "{reply}");
+    let d_node = reply["node"].as_str().expect("node").to_string();
+    assert!(
+        d_node != "n1" && d_node != c_node,
+        "D-USD went to {d_node}: {reply}"
+    );
+
+    // Orders on A-USD before the drain; more after: it goes on where it went.
+    let first = workload(15, 400);
+    let n_first = first.len() as u64;
+    load(&cluster.js, "A-USD", first, 3000, Arc::default())
+        .await
+        .expect("load");
+    let (ok, reply) = cluster.ctl(&["node.drain", "n1"]);
+    assert!(ok, "{reply}");
+    let (ok, nodes) = cluster.ctl(&["node.list"]);
+    assert!(ok);
+    for n in nodes["nodes"].as_array().expect("nodes") {
+        if n["node"] == "n1" {
+            assert_eq!(n["markets"], 0, "{n}");
+            assert_eq!(n["draining"], true, "{n}");
+        }
+    }
+    assert_ne!(cluster.placed("A-USD").await.0, "n1");
+    assert_ne!(cluster.placed("B-USD").await.0, "n1");
+    // The market list shows each market running where placement says.
+    let (ok, list) = cluster.ctl(&["market.list"]);
+    assert!(ok);
+    for m in list["markets"].as_array().expect("markets") {
+        assert_eq!(m["running"], true, "{m}");
+        assert_ne!(m["node"], "n1", "{m}");
+    }
+    let (ok, _) = cluster.ctl(&["node.undrain", "n1"]);
+    assert!(ok);
+    let more = workload(16, 300);
+    let n_more = more.len() as u64;
+    load(&cluster.js, "A-USD", more, 3000, Arc::default())
+        .await
+        .expect("load");
+    wait_journal(&cluster.js, "A-USD", n_first + n_more).await;
+    check_journal(&cluster.js, "A-USD").await;
+    check_exactly_once(&cluster.js, "A-USD").await;
+
+    // Bad requests say what is wrong.
+    let (ok, reply) = cluster.ctl(&["market.move", "A-USD", "--to", "n9"]);
+    assert!(!ok);
+    assert_eq!(reply["error"], "unknown_node");
+    let (ok, reply) = cluster.ctl(&["market.move", "Z-USD", "--to", "n2"]);
+    assert!(!ok);
+    assert_eq!(reply["error"], "unknown_market", "{reply}");
+    let (ok, reply) = cluster.ctl(&["node.drain", "n7"]);
+    assert!(!ok);
+    assert_eq!(reply["error"], "unknown_node");
+}

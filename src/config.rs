@@ -232,6 +232,7 @@ pub struct ClusterConfig {
     pub imbalance_ratio: f64,
     pub min_rate_gap: f64,
     pub max_moves_per_minute: u32,
+    pub standbys: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -381,6 +382,12 @@ impl Config {
                 c.min_rate_gap
             )));
         }
+        if c.standbys > 1 {
+            return Err(ConfigError(format!(
+                "cluster.standbys = {}: use 0 (none) or 1 (a warm copy of each market on another node)",
+                c.standbys
+            )));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for input in &self.markets {
             input
@@ -428,6 +435,7 @@ impl Config {
             imbalance_ratio: c.imbalance_ratio,
             min_rate_gap: c.min_rate_gap,
             max_moves_per_minute: c.max_moves_per_minute,
+            standbys: c.standbys,
         }
     }
 

@@ -22,6 +22,8 @@ use serde_json::Value;
 const MARKETS: &str = "[[markets]]\nsymbol = \"A-USD\"\nprice_decimals = 2\nsize_decimals = 0\n\n[[markets]]\nsymbol = \"B-USD\"\nprice_decimals = 2\nsize_decimals = 0\n";
 
 struct Cluster {
+    /// Lines added to every node's `[cluster]` section.
+    cluster_lines: String,
     dir: tempfile::TempDir,
     server: LocalServer,
     nodes: BTreeMap<String, Agora>,
@@ -33,6 +35,10 @@ impl Cluster {
     /// A nats-server and `n` nodes `n1..`, each with `extra` in its configuration; returns once
     /// every node printed its ready line.
     async fn start(n: usize, extra: &str) -> Cluster {
+        Cluster::start_with(n, extra, "").await
+    }
+
+    async fn start_with(n: usize, extra: &str, cluster_lines: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
         let client = bus::connect(&server.url(), "test")
@@ -40,6 +46,7 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"));
         let js = jetstream::new(client.clone());
         let mut cluster = Cluster {
+            cluster_lines: cluster_lines.to_string(),
             dir,
             server,
             nodes: BTreeMap::new(),
@@ -57,7 +64,8 @@ impl Cluster {
         std::fs::create_dir_all(&dir).expect("node dir");
         // Timers loose enough for a busy two-core machine running tests side by side.
         let config = format!(
-            "node_id = \"{id}\"\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\nrebalance_every_secs = 0\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}"
+            "node_id = \"{id}\"\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\nrebalance_every_secs = 0\n{}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}",
+            self.cluster_lines
         );
         let node = Agora::node(&self.server.url(), &dir, &config);
         self.nodes.insert(id.to_string(), node);
@@ -172,7 +180,8 @@ fn workload(seed: u64, commands: usize) -> Vec<Value> {
 }
 
 /// Publishes `commands` to `market` in windows of 20 (acks awaited together), about `rate` a
-/// second, until done; counts what was acknowledged.
+/// second, until done; counts what was acknowledged. Each message carries a `Nats-Msg-Id` of
+/// its own, so a window whose acks were lost (NATS restarting) is sent again without doubles.
 fn load(
     js: &jetstream::Context,
     market: &str,
@@ -181,22 +190,34 @@ fn load(
     sent: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<()> {
     let (js, subject) = (js.clone(), format!("agora.orders.{market}"));
+    let run = format!("{market}-{}", agora::cluster::membership::unix_ms());
     tokio::spawn(async move {
         let started = Instant::now();
         for (i, window) in commands.chunks(20).enumerate() {
-            let mut acks = Vec::new();
-            for c in window {
-                let bytes = rmp_serde::to_vec_named(c).expect("msgpack");
-                acks.push(
-                    js.publish(subject.clone(), bytes.into())
-                        .await
-                        .expect("sent"),
-                );
+            let publish_window = || async {
+                let mut acks = Vec::new();
+                for (j, c) in window.iter().enumerate() {
+                    let bytes = rmp_serde::to_vec_named(c).expect("msgpack");
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("{run}-{i}-{j}").as_str());
+                    acks.push(
+                        js.publish_with_headers(subject.clone(), headers, bytes.into())
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                for ack in acks {
+                    ack.await.map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            };
+            let mut tries = 0;
+            while let Err(e) = publish_window().await {
+                tries += 1;
+                assert!(tries < 100, "window {i} never acknowledged: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            for ack in acks {
-                ack.await.expect("acknowledged");
-                sent.fetch_add(1, Ordering::Relaxed);
-            }
+            sent.fetch_add(window.len() as u64, Ordering::Relaxed);
             let due = Duration::from_secs_f64((i + 1) as f64 * 20.0 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
@@ -587,4 +608,160 @@ async fn drained_nodes_empty_and_new_markets_go_to_the_least_loaded() {
     let (ok, reply) = cluster.ctl(&["node.drain", "n7"]);
     assert!(!ok);
     assert_eq!(reply["error"], "unknown_node");
+}
+
+/// xorshift64*: the chaos run's choices, from a seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+const CHAOS_NATS: &str = "[nats]\nreconnect_delay_max_ms = 300";
+
+/// Kills, pauses, moves and NATS restarts in a random order while orders flow on both
+/// markets; every report still appears exactly once. `AGORA_CHAOS_SEED` repeats a run,
+/// `AGORA_CHAOS_STEPS` (default 6) makes it longer.
+#[tokio::test]
+async fn a_seeded_random_run_of_kills_moves_pauses_and_restarts_loses_nothing() {
+    let seed = std::env::var("AGORA_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| agora::cluster::membership::unix_ms() | 1);
+    let steps: usize = std::env::var("AGORA_CHAOS_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    println!("chaos seed {seed} ({steps} steps): AGORA_CHAOS_SEED={seed} repeats it");
+    let mut rng = Rng(seed);
+    let mut cluster = Cluster::start(3, CHAOS_NATS).await;
+    cluster.move_market("B-USD", "n2");
+    let per_step = 400;
+    let a = workload(seed, per_step * steps + 200);
+    let b = workload(seed + 1, per_step * steps + 200);
+    let (na, nb) = (a.len() as u64, b.len() as u64);
+    let rate = (per_step as u64) / 2;
+    let flow_a = load(&cluster.js, "A-USD", a, rate, Arc::default());
+    let flow_b = load(&cluster.js, "B-USD", b, rate, Arc::default());
+    let ids = ["n1", "n2", "n3"];
+    for step in 0..steps {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1000) as u64)).await;
+        let node = ids[rng.below(3)];
+        match rng.below(4) {
+            0 => {
+                println!("step {step}: kill -9 {node}, start it again");
+                cluster.kill(node);
+                tokio::time::sleep(Duration::from_millis(rng.below(2000) as u64)).await;
+                cluster.start_node(node, CHAOS_NATS);
+            }
+            1 => {
+                let market = ["A-USD", "B-USD"][rng.below(2)];
+                let (ok, reply) = cluster.ctl(&["market.move", market, "--to", node]);
+                println!(
+                    "step {step}: move {market} to {node}: {}",
+                    if ok {
+                        format!("pause {} ms", reply["pause_ms"])
+                    } else {
+                        format!("refused: {}", reply["message"])
+                    }
+                );
+            }
+            2 => {
+                println!("step {step}: SIGSTOP {node} past its lease, then SIGCONT");
+                cluster.signal(node, libc::SIGSTOP);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                cluster.signal(node, libc::SIGCONT);
+            }
+            _ => {
+                println!("step {step}: restart nats-server");
+                // Blocks this test's runtime (and its publishers) while NATS is down anyway.
+                cluster.server.restart().unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+    flow_a.await.expect("load A-USD");
+    flow_b.await.expect("load B-USD");
+    wait_journal(&cluster.js, "A-USD", na).await;
+    wait_journal(&cluster.js, "B-USD", nb).await;
+    for market in ["A-USD", "B-USD"] {
+        let batches = check_journal(&cluster.js, market).await;
+        let reports = check_exactly_once(&cluster.js, market).await;
+        println!("{market}: {batches} journal batches, {reports} reports, all once (seed {seed})");
+    }
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
+    let mut cluster = Cluster::start_with(3, "", "standbys = 1").await;
+    // The rebalancer names a standby for each market; it keeps a warm copy.
+    let kv = cluster
+        .js
+        .get_key_value("agora_placement")
+        .await
+        .expect("placement bucket");
+    let started = Instant::now();
+    let standby = loop {
+        let bytes = kv.get("A-USD").await.expect("read").expect("placed");
+        let p: Value = serde_json::from_slice(&bytes).expect("json");
+        if let Some(s) = p["standby"].as_str() {
+            break s.to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no standby named: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (owner, epoch) = cluster.placed("A-USD").await;
+    assert_ne!(standby, owner);
+    let commands = workload(17, 2000);
+    let total = commands.len() as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let flow = load(&cluster.js, "A-USD", commands, 1500, sent.clone());
+    while sent.load(Ordering::Relaxed) < total / 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (ok, nodes) = cluster.ctl(&["node.list"]);
+    assert!(ok);
+    let following = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == standby.as_str())
+        .map(|n| n["following"].clone())
+        .expect("standby listed");
+    assert!(
+        following
+            .as_array()
+            .is_some_and(|f| f.iter().any(|m| m == "A-USD")),
+        "{standby} keeps no warm copy of A-USD: {nodes}"
+    );
+    let mut status = cluster
+        .client
+        .subscribe("agora.status.A-USD")
+        .await
+        .expect("subscribe");
+    let killed = Instant::now();
+    cluster.kill(&owner);
+    let new_owner = cluster
+        .wait_active(&mut status, &owner, epoch + 1, Duration::from_secs(20))
+        .await;
+    println!(
+        "A-USD failed over from {owner} to its standby {new_owner} in {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(new_owner, standby, "the standby takes over first");
+    cluster.nodes[&standby].wait_line(
+        |l| l.contains("running A-USD") && l.contains("from its warm copy"),
+        Duration::from_secs(10),
+    );
+    flow.await.expect("load");
+    wait_journal(&cluster.js, "A-USD", total).await;
+    check_journal(&cluster.js, "A-USD").await;
+    check_exactly_once(&cluster.js, "A-USD").await;
 }

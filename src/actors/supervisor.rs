@@ -124,9 +124,9 @@ impl Actor for Supervisor {
 }
 
 /// Start (or restart) a market on this node at a placement epoch; from its warm copy when
-/// there is one. Answers once the market is consuming.
+/// there is one. Answers once the market is consuming: whether it came from a warm copy.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<bool, String>")]
 pub struct StartMarket {
     pub spec: MarketSpec,
     pub epoch: u64,
@@ -223,7 +223,7 @@ struct MarketEnded {
 }
 
 impl Handler<StartMarket> for Supervisor {
-    type Result = ResponseActFuture<Self, Result<(), String>>;
+    type Result = ResponseActFuture<Self, Result<bool, String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
         let (spec, epoch) = (msg.spec, msg.epoch);
@@ -238,7 +238,7 @@ impl Handler<StartMarket> for Supervisor {
             .get(&symbol)
             .is_some_and(|e| e.control.is_some())
         {
-            return Box::pin(fut::ready(Ok(())));
+            return Box::pin(fut::ready(Ok(false)));
         }
         let arbiter = match self.markets.get(&symbol) {
             Some(e) => e.arbiter,
@@ -263,15 +263,15 @@ impl Handler<StartMarket> for Supervisor {
             let bus = arbiter_bus(bus, own, slot).await;
             let started = match follower {
                 Some(follower) => match follower.promote(epoch).await {
-                    Ok(running) => Ok(running),
+                    Ok(running) => Ok((running, true)),
                     Err(e) => {
                         tracing::warn!(market = %start_spec.symbol, "{e}; starting from the snapshot and the stream instead");
-                        market::start(bus, start_spec, settings).await
+                        market::start(bus, start_spec, settings).await.map(|r| (r, false))
                     }
                 },
-                None => market::start(bus, start_spec, settings).await,
+                None => market::start(bus, start_spec, settings).await.map(|r| (r, false)),
             };
-            let _ = tx.send(started.map(market::RunningMarket::split));
+            let _ = tx.send(started.map(|(r, warm)| (r.split(), warm)));
         });
         if !spawned {
             return Box::pin(fut::ready(Err(format!(
@@ -282,7 +282,7 @@ impl Handler<StartMarket> for Supervisor {
             fut::wrap_future::<_, Self>(rx).map(move |started, act, ctx| {
                 let started =
                     started.map_err(|_| format!("{symbol}: the market's start was dropped"))?;
-                let (control, join) = started.map_err(|e| e.to_string())?;
+                let ((control, join), warm) = started.map_err(|e| e.to_string())?;
                 let (done_tx, done_rx) = watch::channel(false);
                 let market = symbol.clone();
                 ctx.spawn(fut::wrap_future::<_, Self>(join).map(move |ended, _, ctx| {
@@ -310,8 +310,8 @@ impl Handler<StartMarket> for Supervisor {
                 entry.epoch = epoch;
                 entry.control = Some(control);
                 entry.done = Some(done_rx);
-                tracing::info!(market = %symbol, arbiter, epoch, "market running");
-                Ok(())
+                tracing::info!(market = %symbol, arbiter, epoch, warm, "market running");
+                Ok(warm)
             }),
         )
     }

@@ -59,10 +59,13 @@ struct State {
     starting: HashSet<String>,
     /// No claim before this (after a failed start).
     retry_at: HashMap<String, Instant>,
+    /// Markets this node keeps a warm copy of as their standby.
+    standing_by: HashSet<String>,
 }
 
-/// A finished start: the market, its epoch, and what went wrong.
-type Started = (String, u64, Result<(), String>);
+/// A finished start: the market, its epoch, and whether it came from a warm copy (or what
+/// went wrong).
+type Started = (String, u64, Result<bool, String>);
 
 #[derive(Deserialize)]
 struct MarketRequest {
@@ -151,14 +154,19 @@ impl Agent {
                 done = started.recv() => {
                     let Some((market, epoch, result)) = done else { continue };
                     state.starting.remove(&market);
-                    if let Err(e) = result {
-                        tracing::error!(market = %market, epoch, "{e}; claiming it again in {RETRY_AFTER:?}");
-                        if state.owned.get(&market) == Some(&epoch) {
-                            state.owned.remove(&market);
+                    match result {
+                        Err(e) => {
+                            tracing::error!(market = %market, epoch, "{e}; claiming it again in {RETRY_AFTER:?}");
+                            if state.owned.get(&market) == Some(&epoch) {
+                                state.owned.remove(&market);
+                            }
+                            state.retry_at.insert(market, Instant::now() + RETRY_AFTER);
                         }
-                        state.retry_at.insert(market, Instant::now() + RETRY_AFTER);
-                    } else {
-                        say!("agora node {}: running {market} at epoch {epoch}", self.node);
+                        Ok(warm) => say!(
+                            "agora node {}: running {market} at epoch {epoch}{}",
+                            self.node,
+                            if warm { " (from its warm copy)" } else { "" }
+                        ),
                     }
                 }
                 _ = timer.tick() => {
@@ -219,8 +227,20 @@ impl Agent {
                 say!("agora node {}: {market} removed; stopping it", self.node);
                 self.stop_market(market, false);
             }
+            if state.standing_by.remove(market) {
+                let _ = self.supervisor.send(Unfollow(market.to_string())).await;
+            }
             return;
         };
+        let standby = p.standby.as_deref() == Some(self.node.as_str()) && p.node != self.node;
+        if standby && !state.standing_by.contains(market) && self.lease.valid() {
+            state.standing_by.insert(market.to_string());
+            self.keep_warm_copy(market);
+        } else if !standby && state.standing_by.remove(market) && p.node != self.node {
+            let _ = self.supervisor.send(Unfollow(market.to_string())).await;
+        } else if p.node == self.node {
+            state.standing_by.remove(market);
+        }
         if p.node != self.node {
             if state.owned.remove(market).is_some() {
                 say!(
@@ -248,7 +268,7 @@ impl Agent {
             // Placed here and active, but not run by this process: claim it anew.
             PlacementState::Active => p.epoch + 1,
         };
-        let claim = Placement::active(&self.node, epoch);
+        let claim = Placement::active(&self.node, epoch).with_standby(p.standby.as_deref());
         match self
             .placement
             .update(market, claim.encode().into(), revision)
@@ -282,6 +302,29 @@ impl Agent {
                 Err(e) => Err(e),
             };
             let _ = done.send((market, epoch, result));
+        });
+    }
+
+    /// Starts the standby's warm copy (in the background; a failure is tried again at the
+    /// next change of the record or lapse).
+    fn keep_warm_copy(&self, market: &str) {
+        let (markets, supervisor, market) = (
+            self.markets.clone(),
+            self.supervisor.clone(),
+            market.to_string(),
+        );
+        actix_rt::spawn(async move {
+            let followed = match spec_of(&markets, &market).await {
+                Ok(spec) => supervisor
+                    .send(Follow(spec))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = followed {
+                tracing::warn!(market = %market, "no warm copy kept here: {e}");
+            }
         });
     }
 
@@ -425,12 +468,39 @@ impl Agent {
             .ok()
             .flatten();
         let stopped_us = started.elapsed().as_micros() as u64;
-        let next = Placement::assigned(&r.to, p.epoch + 1);
-        match self
+        let mut next = Placement::assigned(&r.to, p.epoch + 1).with_standby(p.standby.as_deref());
+        let mut revision = revision;
+        let mut handed = self
             .placement
             .update(&r.market, next.encode().into(), revision)
-            .await
-        {
+            .await;
+        // Only the standby may have changed meanwhile (the rebalancer names them): read the
+        // record again and retry while it still names this node, active, at this epoch.
+        for _ in 0..3 {
+            if handed.is_ok() {
+                break;
+            }
+            match self.placement.entry(&r.market).await {
+                Ok(Some(e)) => match Placement::decode(&e.value) {
+                    Some(now)
+                        if now.node == self.node
+                            && now.epoch == p.epoch
+                            && now.state == PlacementState::Active =>
+                    {
+                        revision = e.revision;
+                        next = Placement::assigned(&r.to, p.epoch + 1)
+                            .with_standby(now.standby.as_deref());
+                        handed = self
+                            .placement
+                            .update(&r.market, next.encode().into(), revision)
+                            .await;
+                    }
+                    _ => break,
+                },
+                _ => break,
+            }
+        }
+        match handed {
             Ok(new_revision) => {
                 state.view.insert(r.market.clone(), (next, new_revision));
                 say!(

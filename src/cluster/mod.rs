@@ -52,6 +52,8 @@ pub struct ClusterSettings {
     pub min_rate_gap: f64,
     /// Planned moves the rebalancer starts per minute, at most.
     pub max_moves_per_minute: u32,
+    /// Warm copies per market on other nodes (0 or 1).
+    pub standbys: u32,
 }
 
 impl ClusterSettings {
@@ -77,6 +79,7 @@ impl Default for ClusterSettings {
             imbalance_ratio: 1.5,
             min_rate_gap: 5000.0,
             max_moves_per_minute: 6,
+            standbys: 0,
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct Placement {
     pub node: String,
     pub epoch: u64,
     pub state: PlacementState,
+    /// The node keeping a warm copy (`[cluster] standbys = 1`), the first choice at failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
 }
 
 impl Placement {
@@ -28,6 +31,7 @@ impl Placement {
             node: node.to_string(),
             epoch,
             state: PlacementState::Assigned,
+            standby: None,
         }
     }
 
@@ -36,7 +40,14 @@ impl Placement {
             node: node.to_string(),
             epoch,
             state: PlacementState::Active,
+            standby: None,
         }
+    }
+
+    /// The same record with `standby` kept unless it is the owner itself.
+    pub fn with_standby(mut self, standby: Option<&str>) -> Placement {
+        self.standby = standby.filter(|s| *s != self.node).map(str::to_string);
+        self
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -152,6 +152,9 @@ impl Rebalancer {
                     }
                     self.place(&view, &mut unplaced_before).await;
                     self.fail_over(&view).await;
+                    if self.settings.standbys > 0 {
+                        self.keep_standbys(&view).await;
+                    }
                     if moving.is_none() {
                         moving = self.drain(&view);
                     }
@@ -262,7 +265,11 @@ impl Rebalancer {
             if view.nodes.is_live(&p.node, self.settings.lease) {
                 continue;
             }
-            let Some(node) = placement::rendezvous(market, targets.iter().copied()) else {
+            // The standby first: its warm copy takes over without a snapshot or a replay.
+            let standby = p.standby.as_deref().filter(|s| targets.contains(s));
+            let Some(node) =
+                standby.or_else(|| placement::rendezvous(market, targets.iter().copied()))
+            else {
                 return;
             };
             let next = Placement::assigned(node, p.epoch + 1);
@@ -280,6 +287,40 @@ impl Rebalancer {
                     self.settings.lease,
                     p.epoch + 1
                 );
+            }
+        }
+    }
+
+    /// Names a standby for every running market that lacks a live one: rendezvous over the
+    /// live nodes other than the owner.
+    async fn keep_standbys(&self, view: &View) {
+        let targets = self.targets(view);
+        for (market, (p, revision)) in &view.placement {
+            if p.state != placement::PlacementState::Active
+                || !view.nodes.is_live(&p.node, self.settings.lease)
+            {
+                continue;
+            }
+            let current = p
+                .standby
+                .as_deref()
+                .filter(|s| *s != p.node && targets.contains(s));
+            if current.is_some() {
+                continue;
+            }
+            let others = targets.iter().copied().filter(|n| *n != p.node);
+            let standby = placement::rendezvous(market, others);
+            if standby == p.standby.as_deref() {
+                continue;
+            }
+            let next = p.clone().with_standby(standby);
+            if self
+                .placement
+                .update(market, next.encode().into(), *revision)
+                .await
+                .is_ok()
+            {
+                tracing::info!(market = %market, standby = ?standby, "standby named");
             }
         }
     }

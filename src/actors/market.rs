@@ -547,7 +547,11 @@ pub async fn start(
     let span = traces::recover_span(&market, &driver.settings.node_id);
     driver.recover().instrument(span).await?;
     let (stop, stopped) = watch::channel(false);
-    let responder = serve_book_snapshots(&driver, stopped.clone()).await?;
+    // The responder has its own stop: it must end however the driver ends. Told only by the
+    // market's stop, it would outlive a failed driver, whose task would then never finish, and
+    // the supervisor would neither hear of the failure nor restart the market.
+    let (stop_responder, responder_stopped) = watch::channel(false);
+    let responder = serve_book_snapshots(&driver, responder_stopped).await?;
     driver.announce("active").await;
     let handle = actix_rt::spawn(async move {
         let mut result = driver.run(stopped).await;
@@ -560,6 +564,7 @@ pub async fn start(
         } else if let Some(task) = driver.snapshot_task.take() {
             let _ = task.await;
         }
+        let _ = stop_responder.send(true);
         let _ = responder.await;
         driver
             .announce(if result.is_ok() { "stopped" } else { "failed" })

@@ -484,9 +484,14 @@ impl Control {
                 && let Ok(v) = serde_json::from_slice::<Value>(&answer.payload)
             {
                 for m in v["markets"].as_array().cloned().unwrap_or_default() {
-                    if m["running"] == json!(true)
-                        && let Some(symbol) = m["symbol"].as_str()
-                    {
+                    // A node that runs the market wins over one restarting it or following it.
+                    let Some(symbol) = m["symbol"].as_str() else {
+                        continue;
+                    };
+                    if m["following"] == json!(true) && m["running"] != json!(true) {
+                        continue;
+                    }
+                    if m["running"] == json!(true) || !running.contains_key(symbol) {
                         let mut m = m.clone();
                         m["node"] = json!(n.record.node);
                         running.insert(symbol.to_string(), m);
@@ -504,6 +509,12 @@ impl Control {
                 v["placement"] = json!(p.state);
             }
             match running.remove(&symbol) {
+                Some(m) if m["running"] != json!(true) => {
+                    v["running"] = json!(false);
+                    v["node"] = m["node"].clone();
+                    v["state"] = json!("restarting");
+                    v["restarts"] = m["restarts"].clone();
+                }
                 Some(m) => {
                     v["running"] = json!(true);
                     v["node"] = m["node"].clone();

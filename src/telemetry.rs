@@ -3,7 +3,9 @@
 //!
 //! `/health`: the process answers and its NATS connection is up. `/ready`: every market the
 //! node runs is running and caught up with its order stream (at most `READY_LAG_MAX` commands
-//! behind). Both answer JSON with the reason when they say no (HTTP 503). The server is a
+//! behind, counted in stream messages). Both answer JSON with the reason when they say no
+//! (HTTP 503); `docs/observability.md` spells out the body. The node serves the port only once
+//! its markets have started, so `/ready` never says yes before they run. The server is a
 //! small HTTP/1.1 responder on tokio: GET only, one request per connection, bounded request
 //! size, so nothing a client sends can hold the node. This module must never touch a market's
 //! state: it asks the supervisor and JetStream.
@@ -88,7 +90,8 @@ impl Probes {
         };
         let mut all = healthy;
         let mut out = Vec::new();
-        for m in markets {
+        // A warm copy kept for another node's market is not this node's to serve.
+        for m in markets.into_iter().filter(|m| m.running || !m.following) {
             let stream_seq = match self
                 .js
                 .get_stream(self.subjects.orders_stream(&m.symbol))
@@ -97,9 +100,14 @@ impl Probes {
                 Ok(mut s) => s.info().await.ok().map(|i| i.state.last_sequence),
                 Err(_) => None,
             };
-            let lag = stream_seq.map(|s| s.saturating_sub(m.last_seq));
+            // Only a running market that answered knows where it is; otherwise no lag is
+            // made up from a zero.
+            let last_seq = m.stats.as_ref().map(|s| s.last_seq);
+            let lag = stream_seq.zip(last_seq).map(|(s, l)| s.saturating_sub(l));
             let why = if !m.running {
                 Some("not running".to_string())
+            } else if last_seq.is_none() {
+                Some("the market does not answer".to_string())
             } else if let Some(lag) = lag.filter(|l| *l > READY_LAG_MAX) {
                 Some(format!("{lag} commands behind its stream"))
             } else if stream_seq.is_none() {
@@ -111,7 +119,7 @@ impl Probes {
             out.push(json!({
                 "market": m.symbol,
                 "running": m.running,
-                "last_seq": m.last_seq,
+                "last_seq": last_seq,
                 "stream_seq": stream_seq,
                 "lag": lag,
                 "ready": why.is_none(),

@@ -1,6 +1,8 @@
 //! The `agora node` binary, as an operator runs it: against a test-started nats-server with a
 //! configuration file, and in embedded mode with a nats-server of its own. Orders flow; SIGTERM
 //! stops it at a batch boundary with exit status 0; a restarted node goes on where it stopped.
+//! Its HTTP port serves metrics, and `/ready` says no while a market lags or is down, and yes
+//! again after.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -543,5 +545,213 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
         err.contains(&format!("cannot listen on HTTP port {port}")),
         "{err}"
     );
+    assert!(node.terminate().success());
+}
+
+/// The entry of `symbol` in a `/ready` body.
+fn ready_entry<'a>(body: &'a Value, symbol: &str) -> &'a Value {
+    body["markets"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["market"] == symbol))
+        .unwrap_or_else(|| panic!("/ready names no {symbol}: {body}"))
+}
+
+/// Asks `/ready` until `until` holds for its answer (panics after 60 s, naming `what` and the
+/// last answer).
+async fn poll_ready(port: u16, what: &str, until: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http_get(port, "GET /ready");
+        if until(status, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready never {what} within 60 s; it last answered {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one series in a `/metrics` text.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// How many times the node has restarted `symbol`, from `market.list` on the control subject.
+async fn restarts(client: &async_nats::Client, symbol: &str) -> u64 {
+    let reply = client
+        .request("agora.ctl.market.list", "".into())
+        .await
+        .expect("market.list answered");
+    let reply: Value = rmp_serde::from_slice(&reply.payload).expect("msgpack");
+    reply["markets"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["symbol"] == symbol))
+        .and_then(|m| m["restarts"].as_u64())
+        .unwrap_or_else(|| panic!("market.list names no {symbol}: {reply}"))
+}
+
+#[tokio::test]
+async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, mut args) = server_and_args(
+        dir.path(),
+        "node_id = \"n1\"\n\
+         [[markets]]\nsymbol = \"LAG-USD\"\nprice_decimals = 2\nsize_decimals = 0\n\
+         [[markets]]\nsymbol = \"GONE-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
+    );
+    let port = bus::server::free_port().unwrap_or_else(|e| panic!("{e}"));
+    args.extend(["--http-port".to_string(), port.to_string()]);
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client.clone());
+    let body = poll_ready(port, "answered 200 after start", |status, _| status == 200).await;
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["markets"].as_array().map(Vec::len), Some(2), "{body}");
+
+    // Lagging. The market's consumer is paused (a JetStream consumer pause, as a stalled
+    // delivery would look), so the 100,000 commands published meanwhile all wait in its
+    // stream: the lag is certain, not a race with the catch-up.
+    let orders = js
+        .get_stream("ORDERS_LAG-USD")
+        .await
+        .expect("LAG-USD's stream");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consumers = loop {
+        use futures::TryStreamExt;
+        let names: Vec<String> = orders
+            .consumer_names()
+            .try_collect()
+            .await
+            .expect("consumer names");
+        if !names.is_empty() {
+            break names;
+        }
+        assert!(Instant::now() < deadline, "LAG-USD never made its consumer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let far = async_nats::datetime::parse_rfc3339("2100-01-01T00:00:00Z");
+    let far = far.expect("a date");
+    for name in &consumers {
+        orders.pause_consumer(name, far).await.expect("paused");
+    }
+    let w = agora::workload::generate(&agora::workload::FlowParams::small_book(11, 99_000));
+    let payloads: Vec<Vec<u8>> = w
+        .prefill
+        .iter()
+        .chain(&w.commands)
+        .map(|c| {
+            let wire = agora::wire::WireCommandOut::from_command(&w.spec, c, false);
+            rmp_serde::to_vec_named(&wire).expect("msgpack")
+        })
+        .collect();
+    assert_eq!(payloads.len(), 100_000);
+    for chunk in payloads.chunks(1_000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for payload in chunk {
+            let sent = js
+                .publish("agora.orders.LAG-USD", payload.clone().into())
+                .await
+                .expect("publish sent");
+            acks.push(sent.into_future());
+        }
+        futures::future::try_join_all(acks)
+            .await
+            .expect("publishes acknowledged");
+    }
+    let body = poll_ready(port, "said LAG-USD lags", |status, body| {
+        status == 503 && ready_entry(body, "LAG-USD")["ready"] == false
+    })
+    .await;
+    assert_eq!(body["ready"], false, "{body}");
+    let lag = ready_entry(&body, "LAG-USD");
+    assert_eq!(lag["running"], true, "{body}");
+    assert_eq!(lag["stream_seq"], 100_000, "{body}");
+    assert_eq!(lag["lag"], 100_000, "{body}");
+    assert_eq!(lag["reason"], "100000 commands behind its stream", "{body}");
+    assert_eq!(ready_entry(&body, "GONE-USD")["ready"], true, "{body}");
+    // The node stops and starts again with the backlog waiting (resuming the consumer works
+    // too, but delivery then starts only with the node's next pull request, up to 30 s later):
+    // its new consumer delivers, the market catches up and the node is ready again.
+    assert!(node.terminate().success());
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    let body = poll_ready(port, "turned 200 after LAG-USD caught up", |status, _| {
+        status == 200
+    })
+    .await;
+    assert!(
+        ready_entry(&body, "LAG-USD")["lag"].as_u64() <= Some(1_000),
+        "{body}"
+    );
+    wait_journal(&js, "LAG-USD", 100_000).await;
+    let (status, body) = http_get(port, "GET /ready");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ready_entry(&body, "LAG-USD")["lag"], 0, "{body}");
+    assert_eq!(ready_entry(&body, "LAG-USD")["last_seq"], 100_000, "{body}");
+
+    // Not running. With its order stream deleted the market's consumer goes with it, its
+    // driver fails, and each restart fails to open the stream: the market is down.
+    js.delete_stream("ORDERS_GONE-USD")
+        .await
+        .expect("stream deleted");
+    let body = poll_ready(port, "said GONE-USD is not running", |status, body| {
+        status == 503 && ready_entry(body, "GONE-USD")["running"] == false
+    })
+    .await;
+    assert_eq!(body["ready"], false, "{body}");
+    let gone = ready_entry(&body, "GONE-USD");
+    assert_eq!(gone["ready"], false, "{body}");
+    assert_eq!(gone["reason"], "not running", "{body}");
+    assert_eq!(ready_entry(&body, "LAG-USD")["ready"], true, "{body}");
+    let text = scrape(port);
+    assert_eq!(
+        series(&text, "matching_market_running{market=\"GONE-USD\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    // A restart fails while the stream is missing (the first restart counts once, each failed
+    // one once more), and the supervisor keeps trying.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while restarts(&client, "GONE-USD").await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not try to restart GONE-USD again while its stream was missing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = http_get(port, "GET /ready");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        ready_entry(&body, "GONE-USD")["reason"],
+        "not running",
+        "{body}"
+    );
+    // The stream is back (empty, as the market never took an order): the supervisor's next
+    // restart finds it, and the market runs and takes orders again.
+    let subjects = bus::Subjects::new("agora").expect("prefix");
+    bus::ensure_market_stream(&js, &subjects, "GONE-USD", &bus::StreamSettings::default())
+        .await
+        .expect("stream created");
+    let body = poll_ready(port, "turned 200 after GONE-USD came back", |status, _| {
+        status == 200
+    })
+    .await;
+    assert_eq!(ready_entry(&body, "GONE-USD")["running"], true, "{body}");
+    let text = scrape(port);
+    assert_eq!(
+        series(&text, "matching_market_running{market=\"GONE-USD\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    publish(&js, "GONE-USD", order("alice", "a1", "sell", "10.00")).await;
+    wait_journal(&js, "GONE-USD", 1).await;
     assert!(node.terminate().success());
 }

@@ -583,7 +583,11 @@ impl Driver {
     async fn launch(mut self) -> Result<RunningMarket, MarketError> {
         let (stop, stopped) = watch::channel(false);
         let handoff = Arc::new(AtomicBool::new(false));
-        let responder = serve_book_snapshots(&self, stopped.clone()).await?;
+        // The responder has its own stop: it must end however the driver ends. Told only by the
+        // market's stop, it would outlive a failed driver, whose task would then never finish,
+        // and the supervisor would neither hear of the failure nor restart the market.
+        let (stop_responder, responder_stopped) = watch::channel(false);
+        let responder = serve_book_snapshots(&self, responder_stopped).await?;
         self.announce("active").await;
         let (market, addr) = (self.market.clone(), self.addr.clone());
         let handed_off = handoff.clone();
@@ -598,6 +602,7 @@ impl Driver {
             } else if let Some(task) = self.snapshot_task.take() {
                 let _ = task.await;
             }
+            let _ = stop_responder.send(true);
             let _ = responder.await;
             self.metrics.running(false);
             self.announce(match &result {

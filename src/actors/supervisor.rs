@@ -1,12 +1,14 @@
 //! `Supervisor`: one per node. Starts one market actor per market it is given, spread over a
 //! pool of actix arbiters (threads; one per core by default), restarts a market whose driver
-//! failed (it recovers from the streams), and on shutdown stops every market at a batch
-//! boundary and waits for them.
+//! failed (it recovers from the streams; a restart that fails is tried again, waiting longer
+//! each time, until the market runs, is removed or the node shuts down), and on shutdown stops
+//! every market at a batch boundary and waits for them. Meanwhile `ListMarkets` reports the
+//! market as not running, which is what `/ready` answers.
 //!
 //! A market fenced by another owner is not restarted here: ownership belongs to placement (the
 //! cluster's rebalancer). This module must never run two actors for one market on one node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -15,8 +17,10 @@ use tokio::sync::{oneshot, watch};
 use super::market::{self, MarketBus, MarketControl, MarketError, MarketSettings};
 use crate::book::{MarketSpec, Seq};
 
-/// Wait before restarting a failed market.
+/// Wait before restarting a failed market; each restart that fails doubles it, up to
+/// `RESTART_DELAY_MAX`.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
 
 struct Entry {
     spec: MarketSpec,
@@ -52,6 +56,9 @@ pub struct Supervisor {
     arbiters: Vec<Arbiter>,
     next: usize,
     markets: BTreeMap<String, Entry>,
+    /// Markets whose start is under way: another start of one of them is refused meanwhile,
+    /// so one market never gets two actors here.
+    starting: BTreeSet<String>,
     shutting_down: bool,
 }
 
@@ -71,6 +78,7 @@ impl Supervisor {
             arbiters: (0..n).map(|_| Arbiter::new()).collect(),
             next: 0,
             markets: BTreeMap::new(),
+            starting: BTreeSet::new(),
             shutting_down: false,
         }
     }
@@ -209,6 +217,7 @@ pub struct MarketInfo {
     /// A warm copy is kept here (the market runs elsewhere).
     pub following: bool,
     pub arbiter: usize,
+    /// Restarts tried since the node first started it; one that failed counts too.
     pub restarts: u32,
     pub last_seq: Seq,
     /// The market's own figures, while it runs.
@@ -222,11 +231,31 @@ struct MarketEnded {
     error: Option<MarketError>,
 }
 
+/// Start again a market whose driver failed, unless it runs, is starting, was removed or the
+/// node is shutting down; if the start fails, try again after twice `delay`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Restart {
+    market: String,
+    delay: Duration,
+}
+
 impl Handler<StartMarket> for Supervisor {
     type Result = ResponseActFuture<Self, Result<bool, String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
-        let (spec, epoch) = (msg.spec, msg.epoch);
+        self.start(msg.spec, msg.epoch)
+    }
+}
+
+impl Supervisor {
+    /// Starts `spec`'s market at `epoch` (answers once it consumes: whether from a warm copy),
+    /// or answers at once if it runs.
+    fn start(
+        &mut self,
+        spec: MarketSpec,
+        epoch: u64,
+    ) -> ResponseActFuture<Self, Result<bool, String>> {
         let symbol = spec.symbol.clone();
         if self.shutting_down {
             return Box::pin(fut::ready(Err(format!(
@@ -239,6 +268,11 @@ impl Handler<StartMarket> for Supervisor {
             .is_some_and(|e| e.control.is_some())
         {
             return Box::pin(fut::ready(Ok(false)));
+        }
+        if self.starting.contains(&symbol) {
+            return Box::pin(fut::ready(Err(format!(
+                "{symbol} is being started already; ask again once it runs"
+            ))));
         }
         let arbiter = match self.markets.get(&symbol) {
             Some(e) => e.arbiter,
@@ -278,8 +312,10 @@ impl Handler<StartMarket> for Supervisor {
                 "{symbol}: arbiter {arbiter} is gone"
             ))));
         }
+        self.starting.insert(symbol.clone());
         Box::pin(
             fut::wrap_future::<_, Self>(rx).map(move |started, act, ctx| {
+                act.starting.remove(&symbol);
                 let started =
                     started.map_err(|_| format!("{symbol}: the market's start was dropped"))?;
                 let ((control, join), warm) = started.map_err(|e| e.to_string())?;
@@ -335,24 +371,42 @@ impl Handler<MarketEnded> for Supervisor {
             Some(e) if !self.shutting_down => {
                 entry.restarts += 1;
                 tracing::error!(market = %msg.market, restarts = entry.restarts, "{e}; restarting from the streams in {RESTART_DELAY:?}");
-                let start = StartMarket {
-                    spec: entry.spec.clone(),
-                    epoch: entry.epoch,
+                let restart = Restart {
+                    market: msg.market,
+                    delay: RESTART_DELAY,
                 };
-                let market = msg.market.clone();
-                ctx.run_later(RESTART_DELAY, move |act, ctx| {
-                    // Only if it is still wanted here (not stopped or moved meanwhile).
-                    if act
-                        .markets
-                        .get(&market)
-                        .is_some_and(|e| e.control.is_none() && e.epoch == start.epoch)
-                    {
-                        ctx.notify(start);
-                    }
-                });
+                ctx.notify_later(restart, RESTART_DELAY);
             }
             Some(e) => tracing::error!(market = %msg.market, "{e}"),
         }
+    }
+}
+
+impl Handler<Restart> for Supervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: Restart, _: &mut Self::Context) -> Self::Result {
+        let wanted = self.markets.get(&msg.market).filter(|e| {
+            !self.shutting_down && e.control.is_none() && !self.starting.contains(&msg.market)
+        });
+        let Some(entry) = wanted else {
+            return Box::pin(fut::ready(()));
+        };
+        let (spec, epoch) = (entry.spec.clone(), entry.epoch);
+        Box::pin(self.start(spec, epoch).map(move |started, act, ctx| {
+            let Err(e) = started else { return };
+            let Some(entry) = act.markets.get_mut(&msg.market) else {
+                return;
+            };
+            if act.shutting_down || entry.control.is_some() {
+                return;
+            }
+            entry.restarts += 1;
+            let delay = (msg.delay * 2).min(RESTART_DELAY_MAX);
+            tracing::error!(market = %msg.market, restarts = entry.restarts, "restart failed: {e}; trying again in {delay:?}");
+            let market = msg.market;
+            ctx.notify_later(Restart { market, delay }, delay);
+        }))
     }
 }
 

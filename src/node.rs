@@ -196,6 +196,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         snapshot_every_commands: config.snapshots.every_commands,
         snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
         lease: Some(lease.clone()),
+        trace: None,
     };
     let bus = MarketBus {
         client: client.clone(),

@@ -47,17 +47,26 @@ pub struct Probes {
 pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let builder = PrometheusBuilder::new();
-    let builder = ["matching_latency_us", "matching_snapshot_duration_us"]
-        .into_iter()
-        .try_fold(builder, |b, name| {
-            b.set_buckets_for_metric(
-                Matcher::Full(name.into()),
-                crate::actors::metrics::LATENCY_BUCKETS_US,
-            )
-        })
-        .ok()?;
+    let builder = [
+        "matching_latency_us",
+        "matching_snapshot_duration_us",
+        "matching_handoff_pause_us",
+    ]
+    .into_iter()
+    .try_fold(builder, |b, name| {
+        b.set_buckets_for_metric(
+            Matcher::Full(name.into()),
+            crate::actors::metrics::LATENCY_BUCKETS_US,
+        )
+    })
+    .ok()?;
     match builder.install_recorder() {
-        Ok(handle) => Some(handle),
+        Ok(handle) => {
+            // The cluster's counters exist from the start, so a dashboard shows 0, not nothing.
+            metrics::counter!("matching_handoffs_total").increment(0);
+            metrics::counter!("matching_failovers_total").increment(0);
+            Some(handle)
+        }
         Err(e) => {
             tracing::warn!("metrics are off: {e}");
             None

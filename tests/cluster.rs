@@ -27,6 +27,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     server: LocalServer,
     nodes: BTreeMap<String, Agora>,
+    /// Each node's HTTP port (`/metrics`).
+    ports: BTreeMap<String, u16>,
     js: jetstream::Context,
     client: async_nats::Client,
 }
@@ -50,6 +52,7 @@ impl Cluster {
             dir,
             server,
             nodes: BTreeMap::new(),
+            ports: BTreeMap::new(),
             js,
             client,
         };
@@ -63,12 +66,37 @@ impl Cluster {
         let dir = self.dir.path().join(id);
         std::fs::create_dir_all(&dir).expect("node dir");
         // Timers loose enough for a busy two-core machine running tests side by side.
+        let port = *self
+            .ports
+            .entry(id.to_string())
+            .or_insert_with(|| bus::server::free_port().unwrap_or_else(|e| panic!("{e}")));
         let config = format!(
-            "node_id = \"{id}\"\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\nrebalance_every_secs = 0\n{}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}",
+            "node_id = \"{id}\"\nhttp_port = {port}\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\nrebalance_every_secs = 0\n{}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}",
             self.cluster_lines
         );
         let node = Agora::node(&self.server.url(), &dir, &config);
         self.nodes.insert(id.to_string(), node);
+    }
+
+    /// The sum over the live nodes of a metric's series named exactly `name`.
+    fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut total = 0.0;
+        for id in self.nodes.keys() {
+            let mut stream =
+                std::net::TcpStream::connect(("127.0.0.1", self.ports[id])).expect("connect");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .expect("write");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).expect("read");
+            total += response
+                .lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        total
     }
 
     fn url(&self) -> String {
@@ -400,6 +428,10 @@ async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() 
     assert_eq!(count("n1"), Some(1));
     assert_eq!(count("n2"), Some(1));
     assert_eq!(count("n3"), Some(0));
+    // The nodes that answered the moves counted them, with their pauses.
+    assert_eq!(cluster.metric("matching_handoffs_total"), 4.0);
+    assert_eq!(cluster.metric("matching_handoff_pause_us_count"), 4.0);
+    assert_eq!(cluster.metric("matching_failovers_total"), 0.0);
 }
 
 #[tokio::test]
@@ -439,6 +471,11 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     let (ok, nodes) = cluster.ctl(&["node.list"]);
     assert!(ok);
     assert_eq!(nodes["rebalancer"], "n1", "{nodes}");
+    assert_eq!(
+        cluster.metric("matching_failovers_total"),
+        1.0,
+        "the rebalancer counted the failover"
+    );
     let (b_owner, b_epoch) = cluster.placed("B-USD").await;
     assert_eq!(b_owner, "n1");
     let mut b_status = cluster

@@ -444,3 +444,92 @@ fn the_collector_output_parses() {
     assert_eq!(s.attributes["fills"], "1");
     assert!(!s.attributes.contains_key("Name"));
 }
+
+/// A planned move is one trace across both nodes: `agora.market.handoff` (on the node that
+/// answered `market.move`) ← `agora.node.follow` (target) and `agora.node.release` (source) ←
+/// `agora.market.recover` (target, from its warm copy, at the new epoch).
+#[test]
+fn a_move_is_one_trace_across_both_nodes() {
+    let collector = Collector::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
+    let url = server.url();
+    let config = |id: &str| {
+        format!(
+            "node_id = \"{id}\"\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n\
+             [tracing]\nendpoint = \"http://127.0.0.1:{}\"\nprotocol = \"grpc\"\nsampler = \"always_on\"\n",
+            collector.grpc
+        )
+    };
+    let (d1, d2) = (dir.path().join("n1"), dir.path().join("n2"));
+    std::fs::create_dir_all(&d1).expect("dir");
+    std::fs::create_dir_all(&d2).expect("dir");
+    let mut n1 = common::Agora::node(&url, &d1, &config("n1"));
+    let mut n2 = common::Agora::node(&url, &d2, &config("n2"));
+    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args([
+            "ctl",
+            "market.move",
+            "TEST-USD",
+            "--to",
+            "n2",
+            "--nats-url",
+            &url,
+        ])
+        .output()
+        .expect("agora ctl runs");
+    assert!(
+        out.status.success(),
+        "market.move: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in [&mut n1, &mut n2] {
+        let status = terminate(node);
+        assert!(status.success(), "agora node exited with {status}");
+    }
+    let names = [
+        "agora.market.handoff",
+        "agora.node.follow",
+        "agora.node.release",
+    ];
+    let text = collector.wait_for(
+        |t| {
+            names
+                .iter()
+                .all(|name| t.contains(&format!("Name           : {name}")))
+        },
+        "the handoff's spans",
+    );
+    if std::env::var_os("AGORA_TRACES_DUMP").is_some() {
+        eprintln!("{text}");
+    }
+    let spans = parse_spans(&text);
+    let one = |name: &str| -> &Span {
+        let found: Vec<&Span> = spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(found.len(), 1, "one {name} span: {found:#?}");
+        found[0]
+    };
+    let handoff = one("agora.market.handoff");
+    assert_eq!(handoff.attributes["market"], "TEST-USD");
+    assert_eq!(handoff.attributes["from"], "n1");
+    assert_eq!(handoff.attributes["to"], "n2");
+    assert_eq!(handoff.attributes["epoch"], "2");
+    assert!(handoff.attributes.contains_key("pause_us"), "{handoff:#?}");
+    let follow = one("agora.node.follow");
+    let release = one("agora.node.release");
+    for (span, node) in [(follow, "n2"), (release, "n1")] {
+        assert_eq!(span.trace_id, handoff.trace_id, "{span:#?}");
+        assert_eq!(span.parent_id, handoff.id, "{span:#?}");
+        assert_eq!(span.attributes["node"], node);
+    }
+    // The target's recovery at the new epoch is the release's child.
+    let recover = spans
+        .iter()
+        .find(|s| s.name == "agora.market.recover" && s.trace_id == handoff.trace_id)
+        .unwrap_or_else(|| panic!("no recovery in the handoff's trace: {spans:#?}"));
+    assert_eq!(recover.parent_id, release.id);
+    assert_eq!(recover.attributes["node"], "n2");
+    assert_eq!(recover.attributes["warm"], "true");
+    assert_eq!(recover.attributes["epoch"], "2");
+}

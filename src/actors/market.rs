@@ -67,6 +67,9 @@ pub struct MarketSettings {
     pub snapshot_every: Duration,
     /// The node's lease: checked before every journal publish (`None`: not checked).
     pub lease: Option<Lease>,
+    /// The `traceparent` of the handoff or failover that gave this node the market: its
+    /// recovery is traced as a child.
+    pub trace: Option<String>,
 }
 
 impl Default for MarketSettings {
@@ -79,6 +82,7 @@ impl Default for MarketSettings {
             snapshot_every_commands: 100_000,
             snapshot_every: Duration::from_secs(30),
             lease: None,
+            trace: None,
         }
     }
 }
@@ -529,7 +533,11 @@ pub async fn start(
     settings: MarketSettings,
 ) -> Result<RunningMarket, MarketError> {
     let mut driver = Driver::open(bus, spec, settings).await?;
-    let span = traces::recover_span(&driver.market, &driver.settings.node_id);
+    let span = traces::recover_span(
+        &driver.market,
+        &driver.settings.node_id,
+        driver.settings.trace.as_deref(),
+    );
     driver.recover(false).instrument(span).await?;
     driver.launch().await
 }
@@ -640,6 +648,7 @@ pub struct Follower {
 
 struct Promotion {
     epoch: u64,
+    trace: Option<String>,
     reply: tokio::sync::oneshot::Sender<Result<RunningMarket, MarketError>>,
 }
 
@@ -651,14 +660,22 @@ impl Follower {
     /// Turns the copy into the running market at `epoch`: it applies what the journal says was
     /// done, rebuilds the journal's last batch and republishes its views (JetStream drops
     /// those that had landed), then consumes from the next command. Answers once it consumes.
-    pub async fn promote(mut self, epoch: u64) -> Result<RunningMarket, MarketError> {
+    pub async fn promote(
+        mut self,
+        epoch: u64,
+        trace: Option<String>,
+    ) -> Result<RunningMarket, MarketError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || MarketError::ActorGone {
             market: self.market.clone(),
         };
         let promote = self.promote.take().ok_or_else(gone)?;
         promote
-            .send(Promotion { epoch, reply })
+            .send(Promotion {
+                epoch,
+                trace,
+                reply,
+            })
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
@@ -707,7 +724,7 @@ pub async fn follow(
             tokio::select! {
                 p = &mut promoted => {
                     if let Ok(p) = p {
-                        let _ = p.reply.send(driver.promote(p.epoch).await);
+                        let _ = p.reply.send(driver.promote(p.epoch, p.trace).await);
                     }
                     return;
                 }
@@ -745,9 +762,13 @@ impl Driver {
         Ok(())
     }
 
-    async fn promote(mut self, epoch: u64) -> Result<RunningMarket, MarketError> {
+    async fn promote(
+        mut self,
+        epoch: u64,
+        trace: Option<String>,
+    ) -> Result<RunningMarket, MarketError> {
         self.settings.epoch = epoch;
-        let span = traces::recover_span(&self.market, &self.settings.node_id);
+        let span = traces::recover_span(&self.market, &self.settings.node_id, trace.as_deref());
         self.recover(true).instrument(span).await?;
         self.launch().await
     }
@@ -910,8 +931,11 @@ impl Driver {
             ..BatchStats::default()
         });
         self.metrics.running(true);
+        let span = tracing::Span::current();
+        span.record("warm", done.warm);
+        span.record("epoch", traces::int(self.settings.epoch));
         traces::record_recovered(
-            &tracing::Span::current(),
+            &span,
             done.snapshot_seq,
             done.replayed,
             done.republished,

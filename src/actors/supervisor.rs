@@ -138,12 +138,18 @@ impl Actor for Supervisor {
 pub struct StartMarket {
     pub spec: MarketSpec,
     pub epoch: u64,
+    /// The `traceparent` of the handoff or failover that placed it here.
+    pub trace: Option<String>,
 }
 
 impl StartMarket {
     /// At epoch 0: a node outside a cluster.
     pub fn standalone(spec: MarketSpec) -> StartMarket {
-        StartMarket { spec, epoch: 0 }
+        StartMarket {
+            spec,
+            epoch: 0,
+            trace: None,
+        }
     }
 }
 
@@ -244,7 +250,7 @@ impl Handler<StartMarket> for Supervisor {
     type Result = ResponseActFuture<Self, Result<bool, String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
-        self.start(msg.spec, msg.epoch)
+        self.start(msg.spec, msg.epoch, msg.trace)
     }
 }
 
@@ -255,6 +261,7 @@ impl Supervisor {
         &mut self,
         spec: MarketSpec,
         epoch: u64,
+        trace: Option<String>,
     ) -> ResponseActFuture<Self, Result<bool, String>> {
         let symbol = spec.symbol.clone();
         if self.shutting_down {
@@ -284,6 +291,7 @@ impl Supervisor {
         let (tx, rx) = oneshot::channel();
         let mut settings = self.settings.clone();
         settings.epoch = epoch;
+        settings.trace = trace.clone();
         let (bus, start_spec) = (self.bus.clone(), spec.clone());
         let (own, slot) = (
             self.own_connection.clone(),
@@ -296,7 +304,7 @@ impl Supervisor {
         let spawned = self.arbiters[arbiter].spawn(async move {
             let bus = arbiter_bus(bus, own, slot).await;
             let started = match follower {
-                Some(follower) => match follower.promote(epoch).await {
+                Some(follower) => match follower.promote(epoch, trace).await {
                     Ok(running) => Ok((running, true)),
                     Err(e) => {
                         tracing::warn!(market = %start_spec.symbol, "{e}; starting from the snapshot and the stream instead");
@@ -393,7 +401,7 @@ impl Handler<Restart> for Supervisor {
             return Box::pin(fut::ready(()));
         };
         let (spec, epoch) = (entry.spec.clone(), entry.epoch);
-        Box::pin(self.start(spec, epoch).map(move |started, act, ctx| {
+        Box::pin(self.start(spec, epoch, None).map(move |started, act, ctx| {
             let Err(e) = started else { return };
             let Some(entry) = act.markets.get_mut(&msg.market) else {
                 return;

@@ -30,6 +30,8 @@ use crate::actors::{
 };
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::Subjects;
+use crate::telemetry::traces;
+use tracing::Instrument;
 
 /// A warm copy counts as caught up when this close behind the owner.
 pub const FOLLOW_READY_LAG: u64 = 2_000;
@@ -279,14 +281,20 @@ impl Agent {
                 state.owned.insert(market.to_string(), epoch);
                 state.starting.insert(market.to_string());
                 state.retry_at.remove(market);
-                self.start_market(market, epoch, started.clone());
+                self.start_market(market, epoch, p.trace.clone(), started.clone());
             }
             // Someone changed the record first: the watch brings the new one.
             Err(e) => tracing::debug!(market, "claim at epoch {epoch} not taken: {e}"),
         }
     }
 
-    fn start_market(&self, market: &str, epoch: u64, done: mpsc::UnboundedSender<Started>) {
+    fn start_market(
+        &self,
+        market: &str,
+        epoch: u64,
+        trace: Option<String>,
+        done: mpsc::UnboundedSender<Started>,
+    ) {
         let (markets, supervisor, market) = (
             self.markets.clone(),
             self.supervisor.clone(),
@@ -295,7 +303,7 @@ impl Agent {
         actix_rt::spawn(async move {
             let result = match spec_of(&markets, &market).await {
                 Ok(spec) => supervisor
-                    .send(StartMarket { spec, epoch })
+                    .send(StartMarket { spec, epoch, trace })
                     .await
                     .map_err(|e| format!("the supervisor is gone: {e}"))
                     .and_then(|r| r),
@@ -346,15 +354,26 @@ impl Agent {
             .next()
             .unwrap_or("")
             .to_string();
+        let parent = traces::traceparent_of(request.headers.as_ref());
         let answer = match verb.as_str() {
             "follow" => match serde_json::from_slice::<MarketRequest>(&request.payload) {
                 Ok(r) => {
                     // Catching up may take a while: answered from its own task.
                     let (this, reply) = (self.clone(), reply.clone());
-                    actix_rt::spawn(async move {
-                        let answer = this.follow(&r).await;
-                        this.respond(reply, &answer).await;
-                    });
+                    let span =
+                        traces::node_span("follow", &r.market, &self.node, parent.as_deref());
+                    actix_rt::spawn(
+                        async move {
+                            let answer = this.follow(&r).await;
+                            let span = tracing::Span::current();
+                            span.record("lag", answer["lag"].as_u64().map_or(-1, traces::int));
+                            if answer["ok"] != json!(true) {
+                                traces::fail(&span, &answer["message"]);
+                            }
+                            this.respond(reply, &answer).await;
+                        }
+                        .instrument(span),
+                    );
                     return;
                 }
                 Err(e) => error("bad_request", format!("follow takes {{market}}: {e}")),
@@ -371,7 +390,21 @@ impl Agent {
                 Err(e) => error("bad_request", format!("unfollow takes {{market}}: {e}")),
             },
             "release" => match serde_json::from_slice::<ReleaseRequest>(&request.payload) {
-                Ok(r) => self.release(state, &r).await,
+                Ok(r) => {
+                    let span =
+                        traces::node_span("release", &r.market, &self.node, parent.as_deref());
+                    let answer = self
+                        .release(state, &r, traces::traceparent(&span).or(parent))
+                        .instrument(span.clone())
+                        .await;
+                    if let Some(seq) = answer["seq"].as_u64() {
+                        span.record("seq", traces::int(seq));
+                    }
+                    if answer["ok"] != json!(true) {
+                        traces::fail(&span, &answer["message"]);
+                    }
+                    answer
+                }
                 Err(e) => error(
                     "bad_request",
                     format!("release takes {{market, to, epoch}}: {e}"),
@@ -438,7 +471,7 @@ impl Agent {
 
     /// Stops the market at a batch boundary, every output published and no snapshot, then
     /// names `to` at the next epoch by compare-and-set.
-    async fn release(&self, state: &mut State, r: &ReleaseRequest) -> Value {
+    async fn release(&self, state: &mut State, r: &ReleaseRequest, trace: Option<String>) -> Value {
         let Some((p, revision)) = state.view.get(&r.market).cloned() else {
             return error("unknown_market", format!("{} has no placement", r.market));
         };
@@ -468,7 +501,9 @@ impl Agent {
             .ok()
             .flatten();
         let stopped_us = started.elapsed().as_micros() as u64;
-        let mut next = Placement::assigned(&r.to, p.epoch + 1).with_standby(p.standby.as_deref());
+        let mut next = Placement::assigned(&r.to, p.epoch + 1)
+            .with_standby(p.standby.as_deref())
+            .with_trace(trace.clone());
         let mut revision = revision;
         let mut handed = self
             .placement
@@ -489,7 +524,8 @@ impl Agent {
                     {
                         revision = e.revision;
                         next = Placement::assigned(&r.to, p.epoch + 1)
-                            .with_standby(now.standby.as_deref());
+                            .with_standby(now.standby.as_deref())
+                            .with_trace(trace.clone());
                         handed = self
                             .placement
                             .update(&r.market, next.encode().into(), revision)

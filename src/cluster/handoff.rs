@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 
 use super::placement::{Placement, PlacementState};
 use crate::bus::Subjects;
+use crate::telemetry::traces;
+use tracing::Instrument;
 
 /// What a finished move did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -64,15 +66,21 @@ async fn request(
     timeout: Duration,
 ) -> Result<Value, MoveError> {
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    let answer = tokio::time::timeout(timeout, client.request(subject.clone(), bytes.into()))
-        .await
-        .map_err(|_| {
-            fail(
-                "timeout",
-                format!("{subject} did not answer within {timeout:?}"),
-            )
-        })?
-        .map_err(|e| fail("node_unreachable", format!("{subject}: {e}")))?;
+    // The handoff's trace context rides along, so each node's part joins its trace.
+    let mut headers = async_nats::HeaderMap::new();
+    traces::inject(&tracing::Span::current(), &mut headers);
+    let answer = tokio::time::timeout(
+        timeout,
+        client.request_with_headers(subject.clone(), headers, bytes.into()),
+    )
+    .await
+    .map_err(|_| {
+        fail(
+            "timeout",
+            format!("{subject} did not answer within {timeout:?}"),
+        )
+    })?
+    .map_err(|e| fail("node_unreachable", format!("{subject}: {e}")))?;
     let value: Value = serde_json::from_slice(&answer.payload).map_err(|e| {
         fail(
             "bad_answer",
@@ -96,6 +104,30 @@ async fn request(
 /// Moves `market` to node `to` by planned handoff. `catch_up` bounds how long B may take to
 /// come close behind A.
 pub async fn move_market(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    placement: &kv::Store,
+    market: &str,
+    to: &str,
+    catch_up: Duration,
+) -> Result<Moved, MoveError> {
+    let span = traces::handoff_span(market, to);
+    let moved = handoff(client, subjects, placement, market, to, catch_up)
+        .instrument(span.clone())
+        .await;
+    match &moved {
+        Ok(m) => {
+            span.record("from", m.from.as_str());
+            span.record("epoch", traces::int(m.epoch));
+            span.record("lag", traces::int(m.lag));
+            span.record("pause_us", traces::int(m.pause_us));
+        }
+        Err(e) => traces::fail(&span, &e.message),
+    }
+    moved
+}
+
+async fn handoff(
     client: &async_nats::Client,
     subjects: &Subjects,
     placement: &kv::Store,
@@ -201,8 +233,8 @@ pub async fn move_market(
         }
     }
     let pause = started.elapsed();
-    metrics::counter!("agora_handoffs_total").increment(1);
-    metrics::histogram!("agora_handoff_pause_seconds").record(pause.as_secs_f64());
+    metrics::counter!("matching_handoffs_total").increment(1);
+    metrics::histogram!("matching_handoff_pause_us").record(pause.as_micros() as f64);
     Ok(Moved {
         market: market.to_string(),
         from: p.node,

@@ -23,6 +23,10 @@ pub struct Placement {
     /// The node keeping a warm copy (`[cluster] standbys = 1`), the first choice at failover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,
+    /// The `traceparent` of the handoff or failover that wrote the record, so the new owner's
+    /// recovery joins that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl Placement {
@@ -32,6 +36,7 @@ impl Placement {
             epoch,
             state: PlacementState::Assigned,
             standby: None,
+            trace: None,
         }
     }
 
@@ -41,7 +46,14 @@ impl Placement {
             epoch,
             state: PlacementState::Active,
             standby: None,
+            trace: None,
         }
+    }
+
+    /// The same record carrying a trace context.
+    pub fn with_trace(mut self, trace: Option<String>) -> Placement {
+        self.trace = trace;
+        self
     }
 
     /// The same record with `standby` kept unless it is the owner itself.

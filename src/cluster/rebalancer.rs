@@ -25,6 +25,7 @@ use super::membership::{NodeView, REBALANCER_KEY};
 use super::placement::{self, Placement};
 use super::{ClusterSettings, Lease};
 use crate::bus::Subjects;
+use crate::telemetry::traces;
 
 /// A market moved by load stays where it went at least this long.
 const MOVED_STAYS: Duration = Duration::from_secs(300);
@@ -272,14 +273,16 @@ impl Rebalancer {
             else {
                 return;
             };
-            let next = Placement::assigned(node, p.epoch + 1);
+            let span = traces::failover_span(market, &p.node, node, p.epoch + 1);
+            let next =
+                Placement::assigned(node, p.epoch + 1).with_trace(traces::traceparent(&span));
             if self
                 .placement
                 .update(market, next.encode().into(), *revision)
                 .await
                 .is_ok()
             {
-                metrics::counter!("agora_failovers_total").increment(1);
+                metrics::counter!("matching_failovers_total").increment(1);
                 say!(
                     "agora node {}: failover: {market} from {} (not heard from for {:?}) to {node} at epoch {}",
                     self.node,

@@ -542,21 +542,112 @@ pub fn record_recovered(
     span.record("last_seq", int(last_seq));
 }
 
-/// The span of a market's recovery (`agora.market.recover`), a trace of its own, kept as the
-/// node's sampler says. Disabled when this process does not export traces.
-pub fn recover_span(market: &str, node: &str) -> Span {
+/// The span of a market's recovery (`agora.market.recover`): a child of the handoff or
+/// failover that gave the market to this node when `parent` (a `traceparent`) says so, else a
+/// trace of its own, kept as the node's sampler says. Disabled when this process does not
+/// export traces.
+pub fn recover_span(market: &str, node: &str, parent: Option<&str>) -> Span {
     if !exporting() {
         return Span::none();
     }
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "agora.market.recover",
         market,
         node,
+        warm = Empty,
+        epoch = Empty,
         snapshot_seq = Empty,
         replayed = Empty,
         republished = Empty,
         last_seq = Empty,
+    );
+    if let Some(parent) = parent {
+        set_parent(&span, parent);
+    }
+    span
+}
+
+/// Makes `span` a child of the context a `traceparent` value carries (nothing if malformed).
+pub fn set_parent(span: &Span, traceparent: &str) {
+    use opentelemetry::trace::TraceContextExt;
+    if span.is_disabled() {
+        return;
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(TRACEPARENT, traceparent);
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(&headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// `span`'s context as a `traceparent` value, to carry where headers cannot go (a placement
+/// record); `None` when the span is not exported.
+pub fn traceparent(span: &Span) -> Option<String> {
+    let mut headers = HeaderMap::new();
+    inject(span, &mut headers);
+    headers.get(TRACEPARENT).map(|v| v.as_str().to_string())
+}
+
+/// The `traceparent` of a NATS message, if it has one.
+pub fn traceparent_of(headers: Option<&HeaderMap>) -> Option<String> {
+    headers?.get(TRACEPARENT).map(|v| v.as_str().to_string())
+}
+
+/// The span of a planned move of a market (`agora.market.handoff`), started by whoever moves it;
+/// its context travels to both nodes (request headers, then the placement record), so the
+/// release on the source and the recovery on the target are its children.
+pub fn handoff_span(market: &str, to: &str) -> Span {
+    if !exporting() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "agora.market.handoff",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        market,
+        to,
+        from = Empty,
+        epoch = Empty,
+        lag = Empty,
+        pause_us = Empty,
     )
+}
+
+/// The span of a failover decided by the rebalancer (`agora.market.failover`); the new owner's
+/// recovery is its child (through the placement record).
+pub fn failover_span(market: &str, from: &str, to: &str, epoch: u64) -> Span {
+    if !exporting() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "agora.market.failover",
+        market,
+        from,
+        to,
+        epoch = int(epoch),
+    )
+}
+
+/// A node's part of a handoff (`agora.node.follow`, `agora.node.release`), a child of the
+/// request's `traceparent`; none without one.
+pub fn node_span(verb: &str, market: &str, node: &str, parent: Option<&str>) -> Span {
+    let Some(parent) = parent.filter(|_| exporting()) else {
+        return Span::none();
+    };
+    let span = tracing::info_span!(
+        "agora.node",
+        otel.name = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        market,
+        node,
+        seq = Empty,
+        lag = Empty,
+    );
+    span.record("otel.name", format!("agora.node.{verb}").as_str());
+    set_parent(&span, parent);
+    span
 }
 
 #[cfg(test)]

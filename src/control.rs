@@ -610,6 +610,8 @@ impl Control {
             "seq": moved.seq,
             "pause_ms": moved.pause_us as f64 / 1000.0,
             "lag": moved.lag,
+            "state_hash": moved.state_hash,
+            "state_hash_equal": moved.state_hash_equal,
         }))
     }
 

@@ -197,6 +197,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
         lease: Some(lease.clone()),
         trace: None,
+        handed_over: false,
     };
     let bus = MarketBus {
         client: client.clone(),

@@ -37,7 +37,7 @@ impl Cluster {
     /// A nats-server and `n` nodes `n1..`, each with `extra` in its configuration; returns once
     /// every node printed its ready line.
     async fn start(n: usize, extra: &str) -> Cluster {
-        Cluster::start_with(n, extra, "").await
+        Cluster::start_with(n, extra, "rebalance_every_secs = 0").await
     }
 
     async fn start_with(n: usize, extra: &str, cluster_lines: &str) -> Cluster {
@@ -71,7 +71,7 @@ impl Cluster {
             .entry(id.to_string())
             .or_insert_with(|| bus::server::free_port().unwrap_or_else(|e| panic!("{e}")));
         let config = format!(
-            "node_id = \"{id}\"\nhttp_port = {port}\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\nrebalance_every_secs = 0\n{}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}",
+            "node_id = \"{id}\"\nhttp_port = {port}\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\n{}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n{MARKETS}",
             self.cluster_lines
         );
         let node = Agora::node(&self.server.url(), &dir, &config);
@@ -156,6 +156,10 @@ impl Cluster {
         let (ok, reply) = self.ctl(&["market.move", market, "--to", to]);
         assert!(ok, "market.move {market} --to {to}: {reply}");
         assert_eq!(reply["to"], to);
+        assert_eq!(
+            reply["state_hash_equal"], true,
+            "the new owner's book equals the old owner's: {reply}"
+        );
         reply["pause_ms"].as_f64().expect("pause")
     }
 
@@ -699,6 +703,9 @@ async fn a_seeded_random_run_of_kills_moves_pauses_and_restarts_loses_nothing() 
             1 => {
                 let market = ["A-USD", "B-USD"][rng.below(2)];
                 let (ok, reply) = cluster.ctl(&["market.move", market, "--to", node]);
+                if ok {
+                    assert_eq!(reply["state_hash_equal"], true, "{reply}");
+                }
                 println!(
                     "step {step}: move {market} to {node}: {}",
                     if ok {
@@ -734,7 +741,7 @@ async fn a_seeded_random_run_of_kills_moves_pauses_and_restarts_loses_nothing() 
 
 #[tokio::test]
 async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
-    let mut cluster = Cluster::start_with(3, "", "standbys = 1").await;
+    let mut cluster = Cluster::start_with(3, "", "standbys = 1\nrebalance_every_secs = 0").await;
     // The rebalancer names a standby for each market; it keeps a warm copy.
     let kv = cluster
         .js
@@ -801,4 +808,52 @@ async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
     wait_journal(&cluster.js, "A-USD", total).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
+}
+
+#[tokio::test]
+async fn the_rebalancer_moves_a_hot_market_off_a_busy_node_once() {
+    // Checks every second; a node at 1.2 x the mean and 100 commands/s above the other is
+    // overloaded, and after three checks in a row one market moves.
+    let cluster = Cluster::start_with(
+        2,
+        "",
+        "rebalance_every_secs = 1\nimbalance_ratio = 1.2\nmin_rate_gap = 100.0",
+    )
+    .await;
+    assert_eq!(cluster.placed("A-USD").await.0, "n1");
+    assert_eq!(cluster.placed("B-USD").await.0, "n1");
+    let a = workload(21, 6000);
+    let b = workload(22, 6000);
+    let (na, nb) = (a.len() as u64, b.len() as u64);
+    let flow_a = load(&cluster.js, "A-USD", a, 400, Arc::default());
+    let flow_b = load(&cluster.js, "B-USD", b, 400, Arc::default());
+    let started = Instant::now();
+    let moved = loop {
+        let (a, b) = (
+            cluster.placed("A-USD").await.0,
+            cluster.placed("B-USD").await.0,
+        );
+        if a == "n2" || b == "n2" {
+            break if a == "n2" { "A-USD" } else { "B-USD" };
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "no market moved off the busy node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("{moved} moved to n2 after {:?}", started.elapsed());
+    flow_a.await.expect("load");
+    flow_b.await.expect("load");
+    // Balanced now: the other stays, and the moved one was not moved back.
+    let (a, b) = (
+        cluster.placed("A-USD").await.0,
+        cluster.placed("B-USD").await.0,
+    );
+    assert_ne!(a, b, "one market on each node: A-USD on {a}, B-USD on {b}");
+    assert_eq!(cluster.metric("matching_handoffs_total"), 1.0);
+    wait_journal(&cluster.js, "A-USD", na).await;
+    wait_journal(&cluster.js, "B-USD", nb).await;
+    check_exactly_once(&cluster.js, "A-USD").await;
+    check_exactly_once(&cluster.js, "B-USD").await;
 }

@@ -70,6 +70,10 @@ pub struct MarketSettings {
     /// The `traceparent` of the handoff or failover that gave this node the market: its
     /// recovery is traced as a child.
     pub trace: Option<String>,
+    /// The previous owner released the market (a planned move) with every output up to the
+    /// journal's last batch acknowledged: recovery applies that batch silently instead of
+    /// rebuilding and republishing its outputs, which keeps a move's pause short.
+    pub handed_over: bool,
 }
 
 impl Default for MarketSettings {
@@ -83,6 +87,7 @@ impl Default for MarketSettings {
             snapshot_every: Duration::from_secs(30),
             lease: None,
             trace: None,
+            handed_over: false,
         }
     }
 }
@@ -370,6 +375,12 @@ struct Status<'a> {
     node: &'a str,
     epoch: u64,
     state: &'static str,
+    /// With `active`: the last command applied and the book's state hash then, so a new
+    /// owner's book can be checked against the old owner's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<Seq>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_hash: Option<String>,
 }
 
 /// The answer to `<prefix>.book.<MARKET>.snapshot`.
@@ -596,7 +607,8 @@ impl Driver {
         // and the supervisor would neither hear of the failure nor restart the market.
         let (stop_responder, responder_stopped) = watch::channel(false);
         let responder = serve_book_snapshots(&self, responder_stopped).await?;
-        self.announce("active").await;
+        let (seq, hash) = self.send(State).await?;
+        self.announce_at("active", Some((seq, hash))).await;
         let (market, addr) = (self.market.clone(), self.addr.clone());
         let handed_off = handoff.clone();
         let handle = actix_rt::spawn(async move {
@@ -649,6 +661,7 @@ pub struct Follower {
 struct Promotion {
     epoch: u64,
     trace: Option<String>,
+    handed_over: bool,
     reply: tokio::sync::oneshot::Sender<Result<RunningMarket, MarketError>>,
 }
 
@@ -664,6 +677,7 @@ impl Follower {
         mut self,
         epoch: u64,
         trace: Option<String>,
+        handed_over: bool,
     ) -> Result<RunningMarket, MarketError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || MarketError::ActorGone {
@@ -674,6 +688,7 @@ impl Follower {
             .send(Promotion {
                 epoch,
                 trace,
+                handed_over,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -724,7 +739,9 @@ pub async fn follow(
             tokio::select! {
                 p = &mut promoted => {
                     if let Ok(p) = p {
-                        let _ = p.reply.send(driver.promote(p.epoch, p.trace).await);
+                        let _ = p
+                            .reply
+                            .send(driver.promote(p.epoch, p.trace, p.handed_over).await);
                     }
                     return;
                 }
@@ -766,8 +783,10 @@ impl Driver {
         mut self,
         epoch: u64,
         trace: Option<String>,
+        handed_over: bool,
     ) -> Result<RunningMarket, MarketError> {
         self.settings.epoch = epoch;
+        self.settings.handed_over = handed_over;
         let span = traces::recover_span(&self.market, &self.settings.node_id, trace.as_deref());
         self.recover(true).instrument(span).await?;
         self.launch().await
@@ -894,7 +913,12 @@ impl Driver {
                 tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batch; recovering from the stream alone");
             }
         }
-        if let Some(head) = head
+        if let Some(head) = head.as_ref().filter(|_| self.settings.handed_over)
+            && head.last_seq >= from
+        {
+            // Released by its owner with every output published: all of it, silently.
+            done.replayed = self.replay_range(from, head.last_seq).await?;
+        } else if let Some(head) = head
             && head.last_seq >= from
         {
             // Everything before the last batch, silently; then the last batch again, to rebuild
@@ -1002,11 +1026,17 @@ impl Driver {
 
     /// Publishes the market's state on `<prefix>.status.<MARKET>` (best effort).
     async fn announce(&self, state: &'static str) {
+        self.announce_at(state, None).await;
+    }
+
+    async fn announce_at(&self, state: &'static str, at: Option<(Seq, StateHash)>) {
         let status = Status {
             market: &self.market,
             node: &self.settings.node_id,
             epoch: self.settings.epoch,
             state,
+            seq: at.map(|(seq, _)| seq),
+            state_hash: at.map(|(_, hash)| hash.to_string()),
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&status) {
             let _ = self

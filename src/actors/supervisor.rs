@@ -30,6 +30,9 @@ struct Entry {
     /// A warm copy kept for a takeover (while the market runs elsewhere).
     follower: Option<market::Follower>,
     done: Option<watch::Receiver<bool>>,
+    /// Set when its driver ended cleanly: stopped at a batch boundary, every output
+    /// acknowledged.
+    clean: std::sync::Arc<std::sync::atomic::AtomicBool>,
     arbiter: usize,
     restarts: u32,
 }
@@ -140,6 +143,8 @@ pub struct StartMarket {
     pub epoch: u64,
     /// The `traceparent` of the handoff or failover that placed it here.
     pub trace: Option<String>,
+    /// Released by its previous owner with every output published (a planned move).
+    pub handed_over: bool,
 }
 
 impl StartMarket {
@@ -149,15 +154,17 @@ impl StartMarket {
             spec,
             epoch: 0,
             trace: None,
+            handed_over: false,
         }
     }
 }
 
 /// Stop one market at a batch boundary, wait for it, and forget it. Answers the stream
-/// sequence it stopped at, or `None` when it did not run here. `handoff`: no final snapshot
+/// sequence it stopped at and its book's state hash then; `None` when it did not run here or
+/// did not stop cleanly. `handoff`: no final snapshot
 /// (another node takes it over from its own copy).
 #[derive(Message)]
-#[rtype(result = "Option<Seq>")]
+#[rtype(result = "Option<(Seq, crate::book::StateHash)>")]
 pub struct StopMarket {
     pub market: String,
     pub handoff: bool,
@@ -250,7 +257,7 @@ impl Handler<StartMarket> for Supervisor {
     type Result = ResponseActFuture<Self, Result<bool, String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
-        self.start(msg.spec, msg.epoch, msg.trace)
+        self.start(msg.spec, msg.epoch, msg.trace, msg.handed_over)
     }
 }
 
@@ -262,6 +269,7 @@ impl Supervisor {
         spec: MarketSpec,
         epoch: u64,
         trace: Option<String>,
+        handed_over: bool,
     ) -> ResponseActFuture<Self, Result<bool, String>> {
         let symbol = spec.symbol.clone();
         if self.shutting_down {
@@ -292,6 +300,7 @@ impl Supervisor {
         let mut settings = self.settings.clone();
         settings.epoch = epoch;
         settings.trace = trace.clone();
+        settings.handed_over = handed_over;
         let (bus, start_spec) = (self.bus.clone(), spec.clone());
         let (own, slot) = (
             self.own_connection.clone(),
@@ -304,7 +313,7 @@ impl Supervisor {
         let spawned = self.arbiters[arbiter].spawn(async move {
             let bus = arbiter_bus(bus, own, slot).await;
             let started = match follower {
-                Some(follower) => match follower.promote(epoch, trace).await {
+                Some(follower) => match follower.promote(epoch, trace, handed_over).await {
                     Ok(running) => Ok((running, true)),
                     Err(e) => {
                         tracing::warn!(market = %start_spec.symbol, "{e}; starting from the snapshot and the stream instead");
@@ -329,6 +338,8 @@ impl Supervisor {
                 let ((control, join), warm) = started.map_err(|e| e.to_string())?;
                 let (done_tx, done_rx) = watch::channel(false);
                 let market = symbol.clone();
+                let clean = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let ended_clean = clean.clone();
                 ctx.spawn(fut::wrap_future::<_, Self>(join).map(move |ended, _, ctx| {
                     let error = match ended {
                         Ok(Ok(())) => None,
@@ -339,6 +350,7 @@ impl Supervisor {
                             reason: e.to_string(),
                         }),
                     };
+                    ended_clean.store(error.is_none(), std::sync::atomic::Ordering::Release);
                     let _ = done_tx.send(true);
                     ctx.notify(MarketEnded { market, error });
                 }));
@@ -348,12 +360,14 @@ impl Supervisor {
                     control: None,
                     follower: None,
                     done: None,
+                    clean: Default::default(),
                     arbiter,
                     restarts: 0,
                 });
                 entry.epoch = epoch;
                 entry.control = Some(control);
                 entry.done = Some(done_rx);
+                entry.clean = clean;
                 tracing::info!(market = %symbol, arbiter, epoch, warm, "market running");
                 Ok(warm)
             }),
@@ -401,7 +415,7 @@ impl Handler<Restart> for Supervisor {
             return Box::pin(fut::ready(()));
         };
         let (spec, epoch) = (entry.spec.clone(), entry.epoch);
-        Box::pin(self.start(spec, epoch, None).map(move |started, act, ctx| {
+        Box::pin(self.start(spec, epoch, None, false).map(move |started, act, ctx| {
             let Err(e) = started else { return };
             let Some(entry) = act.markets.get_mut(&msg.market) else {
                 return;
@@ -451,7 +465,7 @@ impl Handler<Shutdown> for Supervisor {
 }
 
 impl Handler<StopMarket> for Supervisor {
-    type Result = ResponseActFuture<Self, Option<Seq>>;
+    type Result = ResponseActFuture<Self, Option<(Seq, crate::book::StateHash)>>;
 
     fn handle(&mut self, msg: StopMarket, _: &mut Self::Context) -> Self::Result {
         let Some(entry) = self.markets.remove(&msg.market) else {
@@ -468,17 +482,17 @@ impl Handler<StopMarket> for Supervisor {
         } else {
             control.request_stop();
         }
-        let done = entry.done.clone();
+        let (done, clean) = (entry.done.clone(), entry.clean.clone());
         Box::pin(fut::wrap_future::<_, Self>(async move {
             if let Some(mut done) = done {
                 let _ = done.wait_for(|d| *d).await;
             }
-            control
-                .addr
-                .send(market::State)
-                .await
-                .ok()
-                .map(|(seq, _)| seq)
+            // Only a clean end says where it stopped: after a failure some outputs may be
+            // missing, and the next owner must republish.
+            if !clean.load(std::sync::atomic::Ordering::Acquire) {
+                return None;
+            }
+            control.addr.send(market::State).await.ok()
         }))
     }
 }
@@ -534,6 +548,7 @@ impl Handler<Follow> for Supervisor {
                     control: None,
                     follower: None,
                     done: None,
+                    clean: Default::default(),
                     arbiter,
                     restarts: 0,
                 });

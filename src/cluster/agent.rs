@@ -281,7 +281,9 @@ impl Agent {
                 state.owned.insert(market.to_string(), epoch);
                 state.starting.insert(market.to_string());
                 state.retry_at.remove(market);
-                self.start_market(market, epoch, p.trace.clone(), started.clone());
+                // A release (Assigned with `released`) lets the new owner skip republishing.
+                let handed_over = p.state == PlacementState::Assigned && p.released;
+                self.start_market(market, epoch, p.trace.clone(), handed_over, started.clone());
             }
             // Someone changed the record first: the watch brings the new one.
             Err(e) => tracing::debug!(market, "claim at epoch {epoch} not taken: {e}"),
@@ -293,6 +295,7 @@ impl Agent {
         market: &str,
         epoch: u64,
         trace: Option<String>,
+        handed_over: bool,
         done: mpsc::UnboundedSender<Started>,
     ) {
         let (markets, supervisor, market) = (
@@ -303,7 +306,12 @@ impl Agent {
         actix_rt::spawn(async move {
             let result = match spec_of(&markets, &market).await {
                 Ok(spec) => supervisor
-                    .send(StartMarket { spec, epoch, trace })
+                    .send(StartMarket {
+                        spec,
+                        epoch,
+                        trace,
+                        handed_over,
+                    })
                     .await
                     .map_err(|e| format!("the supervisor is gone: {e}"))
                     .and_then(|r| r),
@@ -491,7 +499,7 @@ impl Agent {
         }
         let started = Instant::now();
         state.owned.remove(&r.market);
-        let seq = self
+        let stopped = self
             .supervisor
             .send(StopMarket {
                 market: r.market.clone(),
@@ -500,10 +508,14 @@ impl Agent {
             .await
             .ok()
             .flatten();
+        let seq = stopped.map(|(seq, _)| seq);
+        let state_hash = stopped.map(|(_, hash)| hash.to_string());
         let stopped_us = started.elapsed().as_micros() as u64;
         let mut next = Placement::assigned(&r.to, p.epoch + 1)
             .with_standby(p.standby.as_deref())
             .with_trace(trace.clone());
+        // Only when it stopped cleanly here (every output acknowledged).
+        next.released = stopped.is_some();
         let mut revision = revision;
         let mut handed = self
             .placement
@@ -526,6 +538,7 @@ impl Agent {
                         next = Placement::assigned(&r.to, p.epoch + 1)
                             .with_standby(now.standby.as_deref())
                             .with_trace(trace.clone());
+                        next.released = stopped.is_some();
                         handed = self
                             .placement
                             .update(&r.market, next.encode().into(), revision)
@@ -551,6 +564,7 @@ impl Agent {
                     "ok": true,
                     "market": r.market,
                     "seq": seq,
+                    "state_hash": state_hash,
                     "epoch": p.epoch + 1,
                     "stopped_us": stopped_us,
                     "released_us": started.elapsed().as_micros() as u64,

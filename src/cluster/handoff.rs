@@ -36,6 +36,10 @@ pub struct Moved {
     pub pause_us: u64,
     /// How far behind B's copy was when the release started.
     pub lag: u64,
+    /// A's book's state hash when it stopped, and B's when it took over at the same sequence:
+    /// equal unless something is badly wrong (the move still happened; the log says so).
+    pub state_hash: Option<String>,
+    pub state_hash_equal: bool,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +47,10 @@ struct Status {
     node: String,
     epoch: u64,
     state: String,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    state_hash: Option<String>,
 }
 
 /// Why a move did not happen: an error code and what to do.
@@ -213,7 +221,7 @@ async fn handoff(
     let epoch = p.epoch + 1;
     // 3. The new owner's announcement.
     let deadline = Duration::from_secs(30);
-    loop {
+    let taken = loop {
         let left = deadline.saturating_sub(started.elapsed());
         let message = tokio::time::timeout(left, status.next()).await;
         let Ok(Some(message)) = message else {
@@ -229,19 +237,34 @@ async fn handoff(
             continue;
         };
         if s.node == to && s.epoch >= epoch && s.state == "active" {
-            break;
+            break s;
         }
-    }
+    };
     let pause = started.elapsed();
     metrics::counter!("matching_handoffs_total").increment(1);
     metrics::histogram!("matching_handoff_pause_us").record(pause.as_micros() as f64);
+    let seq = released["seq"].as_u64();
+    let state_hash = released["state_hash"].as_str().map(str::to_string);
+    let state_hash_equal = seq.is_some() && taken.seq == seq && taken.state_hash == state_hash;
+    if !state_hash_equal {
+        tracing::error!(
+            market,
+            from = %p.node,
+            to,
+            source = ?(seq, &state_hash),
+            target = ?(taken.seq, &taken.state_hash),
+            "the new owner's book differs from the old owner's at the handoff"
+        );
+    }
     Ok(Moved {
         market: market.to_string(),
         from: p.node,
         to: to.to_string(),
         epoch,
-        seq: released["seq"].as_u64(),
+        seq,
         pause_us: u64::try_from(pause.as_micros()).unwrap_or(u64::MAX),
         lag,
+        state_hash,
+        state_hash_equal,
     })
 }

@@ -27,6 +27,10 @@ pub struct Placement {
     /// recovery joins that trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// Written by an owner that released the market with every output up to the journal's
+    /// last batch published: the next owner need not republish that batch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 impl Placement {
@@ -37,6 +41,7 @@ impl Placement {
             state: PlacementState::Assigned,
             standby: None,
             trace: None,
+            released: false,
         }
     }
 
@@ -47,6 +52,7 @@ impl Placement {
             state: PlacementState::Active,
             standby: None,
             trace: None,
+            released: false,
         }
     }
 

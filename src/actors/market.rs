@@ -298,6 +298,18 @@ impl Handler<State> for MarketActor {
     }
 }
 
+/// The last applied stream sequence alone (`State` hashes the whole book: O(orders)).
+#[derive(Message)]
+#[rtype(result = "Seq")]
+pub struct LastSeq;
+
+impl Handler<LastSeq> for MarketActor {
+    type Result = Seq;
+    fn handle(&mut self, _: LastSeq, _: &mut Self::Context) -> Seq {
+        self.core.last_seq()
+    }
+}
+
 /// A running market: its actor, and the driver to stop or await.
 pub struct RunningMarket {
     pub market: String,
@@ -481,6 +493,8 @@ struct Driver {
     /// how long it took.
     snapshot_task: Option<tokio::task::JoinHandle<Result<(Seq, u64), String>>>,
     metrics: MarketMetrics,
+    /// Where recovery ended and the book's state hash there, announced with `active`.
+    recovered_at: Option<(Seq, StateHash)>,
 }
 
 fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> MarketError {
@@ -595,6 +609,7 @@ impl Driver {
             since_snapshot: 0,
             snapshot_at: Instant::now(),
             snapshot_task: None,
+            recovered_at: None,
         })
     }
 
@@ -607,8 +622,9 @@ impl Driver {
         // and the supervisor would neither hear of the failure nor restart the market.
         let (stop_responder, responder_stopped) = watch::channel(false);
         let responder = serve_book_snapshots(&self, responder_stopped).await?;
-        let (seq, hash) = self.send(State).await?;
-        self.announce_at("active", Some((seq, hash))).await;
+        // The state recovery ended at (hashed once, there), for the check a move makes.
+        let at = self.recovered_at.take();
+        self.announce_at("active", at).await;
         let (market, addr) = (self.market.clone(), self.addr.clone());
         let handed_off = handoff.clone();
         let handle = actix_rt::spawn(async move {
@@ -766,7 +782,7 @@ impl Driver {
     /// Applies, silently, the commands of every journal batch but the last (whose outputs a
     /// new owner must rebuild), and records how far behind the owner this copy is.
     async fn follow_step(&mut self, lag: &AtomicU64) -> Result<(), MarketError> {
-        let (applied, _) = self.send(State).await?;
+        let applied = self.send(LastSeq).await?;
         let Some((_, head)) = self.journal_head().await? else {
             lag.store(0, Ordering::Release);
             return Ok(());
@@ -876,7 +892,7 @@ impl Driver {
         let mut done = Recovered::default();
         let mut from = 1;
         if warm {
-            let (applied, _) = self.send(State).await?;
+            let applied = self.send(LastSeq).await?;
             if let Some(h) = &head
                 && applied >= h.first_seq
                 && applied < h.last_seq
@@ -941,6 +957,7 @@ impl Driver {
             }
         }
         let (last_seq, hash) = self.send(State).await?;
+        self.recovered_at = Some((last_seq, hash));
         if !done.warm {
             self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
         } else {
@@ -1125,7 +1142,7 @@ impl Driver {
 
     /// The live loop: batch, process, publish; until stopped, fenced or failed.
     async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
-        let (last, _) = self.send(State).await?;
+        let last = self.send(LastSeq).await?;
         let consumer = self
             .orders
             .create_consumer(pull::Config {

@@ -160,11 +160,11 @@ impl StartMarket {
 }
 
 /// Stop one market at a batch boundary, wait for it, and forget it. Answers the stream
-/// sequence it stopped at and its book's state hash then; `None` when it did not run here or
-/// did not stop cleanly. `handoff`: no final snapshot
+/// sequence it stopped at and its (stopped) actor, to ask about its final state; `None` when it
+/// did not run here or did not stop cleanly. `handoff`: no final snapshot
 /// (another node takes it over from its own copy).
 #[derive(Message)]
-#[rtype(result = "Option<(Seq, crate::book::StateHash)>")]
+#[rtype(result = "Option<(Seq, Addr<market::MarketActor>)>")]
 pub struct StopMarket {
     pub market: String,
     pub handoff: bool,
@@ -465,7 +465,7 @@ impl Handler<Shutdown> for Supervisor {
 }
 
 impl Handler<StopMarket> for Supervisor {
-    type Result = ResponseActFuture<Self, Option<(Seq, crate::book::StateHash)>>;
+    type Result = ResponseActFuture<Self, Option<(Seq, Addr<market::MarketActor>)>>;
 
     fn handle(&mut self, msg: StopMarket, _: &mut Self::Context) -> Self::Result {
         let Some(entry) = self.markets.remove(&msg.market) else {
@@ -492,7 +492,8 @@ impl Handler<StopMarket> for Supervisor {
             if !clean.load(std::sync::atomic::Ordering::Acquire) {
                 return None;
             }
-            control.addr.send(market::State).await.ok()
+            let seq = control.addr.send(market::LastSeq).await.ok()?;
+            Some((seq, control.addr))
         }))
     }
 }

@@ -508,8 +508,7 @@ impl Agent {
             .await
             .ok()
             .flatten();
-        let seq = stopped.map(|(seq, _)| seq);
-        let state_hash = stopped.map(|(_, hash)| hash.to_string());
+        let seq = stopped.as_ref().map(|(seq, _)| *seq);
         let stopped_us = started.elapsed().as_micros() as u64;
         let mut next = Placement::assigned(&r.to, p.epoch + 1)
             .with_standby(p.standby.as_deref())
@@ -552,6 +551,15 @@ impl Agent {
         match handed {
             Ok(new_revision) => {
                 state.view.insert(r.market.clone(), (next, new_revision));
+                // Hashed after the handover, out of the pause: the stopped book is frozen.
+                let state_hash = match &stopped {
+                    Some((_, addr)) => addr
+                        .send(crate::actors::market::State)
+                        .await
+                        .ok()
+                        .map(|(_, hash)| hash.to_string()),
+                    None => None,
+                };
                 say!(
                     "agora node {}: released {} at seq {} to {} (epoch {})",
                     self.node,

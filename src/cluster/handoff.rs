@@ -195,52 +195,68 @@ async fn handoff(
             )
         })?;
     let started = Instant::now();
-    let released = request(
+    let epoch = p.epoch + 1;
+    // The release's answer (after the source hashed its stopped book) and the target's
+    // announcement race: the pause ends when the announcement arrives, whichever comes first.
+    let release = request(
         client,
         subjects.node(&p.node, "release"),
         json!({"market": market, "to": to, "epoch": p.epoch}),
         Duration::from_secs(10),
-    )
-    .await;
-    let released = match released {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = request(
-                client,
-                subjects.node(to, "unfollow"),
-                json!({"market": market}),
-                Duration::from_secs(2),
-            )
-            .await;
-            return Err(MoveError {
-                error: e.error,
-                message: format!("{} did not release {market}: {}", p.node, e.message),
-            });
-        }
-    };
-    let epoch = p.epoch + 1;
-    // 3. The new owner's announcement.
+    );
     let deadline = Duration::from_secs(30);
-    let taken = loop {
-        let left = deadline.saturating_sub(started.elapsed());
-        let message = tokio::time::timeout(left, status.next()).await;
-        let Ok(Some(message)) = message else {
-            return Err(fail(
-                "timeout",
-                format!(
-                    "{} released {market} to {to} at epoch {epoch}, but {to} did not announce it running within {deadline:?}; the cluster places it again if {to} is dead",
-                    p.node
-                ),
-            ));
-        };
-        let Ok(s) = rmp_serde::from_slice::<Status>(&message.payload) else {
-            continue;
-        };
-        if s.node == to && s.epoch >= epoch && s.state == "active" {
-            break s;
+    let announced = async {
+        loop {
+            let left = deadline.saturating_sub(started.elapsed());
+            let message = tokio::time::timeout(left, status.next()).await;
+            let Ok(Some(message)) = message else {
+                return None;
+            };
+            let Ok(s) = rmp_serde::from_slice::<Status>(&message.payload) else {
+                continue;
+            };
+            if s.node == to && s.epoch >= epoch && s.state == "active" {
+                return Some((s, started.elapsed()));
+            }
         }
     };
-    let pause = started.elapsed();
+    tokio::pin!(release, announced);
+    let (mut released, mut taken) = (None, None);
+    while released.is_none() || taken.is_none() {
+        tokio::select! {
+            r = &mut release, if released.is_none() => match r {
+                Ok(r) => released = Some(r),
+                Err(e) => {
+                    let _ = request(
+                        client,
+                        subjects.node(to, "unfollow"),
+                        json!({"market": market}),
+                        Duration::from_secs(2),
+                    )
+                    .await;
+                    return Err(MoveError {
+                        error: e.error,
+                        message: format!("{} did not release {market}: {}", p.node, e.message),
+                    });
+                }
+            },
+            t = &mut announced, if taken.is_none() => match t {
+                Some(t) => taken = Some(t),
+                None => {
+                    return Err(fail(
+                        "timeout",
+                        format!(
+                            "{} released {market} to {to} at epoch {epoch}, but {to} did not announce it running within {deadline:?}; the cluster places it again if {to} is dead",
+                            p.node
+                        ),
+                    ));
+                }
+            },
+        }
+    }
+    let (Some(released), Some((taken, pause))) = (released, taken) else {
+        return Err(fail("internal", "the move ended without its answers"));
+    };
     metrics::counter!("matching_handoffs_total").increment(1);
     metrics::histogram!("matching_handoff_pause_us").record(pause.as_micros() as f64);
     let seq = released["seq"].as_u64();

@@ -323,6 +323,8 @@ async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
     let n = orders.info().await.expect("info").state.last_sequence;
     let mut core = MarketCore::new(agora::bus::Subjects::default(), spec, 100);
     let mut expected = Vec::new();
+    // Each account's reports in order: what its subscriber sees.
+    let mut expected_by_account: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for seq in 1..=n {
         let m = orders.get_raw_message(seq).await.expect("message");
         let msg = Incoming {
@@ -336,34 +338,49 @@ async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
         if let Some(out) = core.process(std::slice::from_ref(&msg)) {
             for x in out.execs {
                 let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
-                expected.extend(
-                    v["reports"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(Value::to_string),
-                );
+                let reports: Vec<String> = v["reports"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(Value::to_string)
+                    .collect();
+                expected_by_account
+                    .entry(x.subject.clone())
+                    .or_default()
+                    .extend(reports.iter().cloned());
+                expected.extend(reports);
             }
         }
     }
     let mut execs = js.get_stream("EXECS").await.expect("EXECS");
     let last = execs.info().await.expect("info").state.last_sequence;
     let mut published = Vec::new();
+    let mut published_by_account: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for seq in 1..=last {
         if let Ok(m) = execs.get_raw_message(seq).await
             && m.subject.as_str().ends_with(&format!(".{market}"))
         {
             let v: Value = rmp_serde::from_slice(&m.payload).expect("decodes");
-            published.extend(
-                v["reports"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(Value::to_string),
-            );
+            let reports: Vec<String> = v["reports"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(Value::to_string)
+                .collect();
+            published_by_account
+                .entry(m.subject.to_string())
+                .or_default()
+                .extend(reports.iter().cloned());
+            published.extend(reports);
         }
+    }
+    for (subject, reports) in &expected_by_account {
+        assert!(
+            published_by_account.get(subject) == Some(reports),
+            "{subject}: the reports are not those of an offline replay, in the same order"
+        );
     }
     expected.sort();
     published.sort();

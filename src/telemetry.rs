@@ -51,6 +51,7 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
         "matching_latency_us",
         "matching_snapshot_duration_us",
         "matching_handoff_pause_us",
+        "matching_takeover_us",
     ]
     .into_iter()
     .try_fold(builder, |b, name| {

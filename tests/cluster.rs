@@ -486,6 +486,11 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     wait_journal(&cluster.js, "A-USD", total).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
+    assert_eq!(
+        cluster.metric("matching_takeover_us_count{kind=\"failover\"}"),
+        1.0,
+        "the new owner timed its takeover"
+    );
 
     // Now the node holding the rebalancer lease (n1, the first up) dies with B-USD: n3 takes
     // the lease and the market.

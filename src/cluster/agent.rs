@@ -65,6 +65,15 @@ struct State {
     standing_by: HashSet<String>,
 }
 
+/// How a claimed market starts: at which epoch, in whose trace, whether its previous owner
+/// released it, and why it came here (`placement`, `handoff`, `failover`, `reclaim`).
+struct Start {
+    epoch: u64,
+    trace: Option<String>,
+    handed_over: bool,
+    kind: &'static str,
+}
+
 /// A finished start: the market, its epoch, and whether it came from a warm copy (or what
 /// went wrong).
 type Started = (String, u64, Result<bool, String>);
@@ -283,27 +292,42 @@ impl Agent {
                 state.retry_at.remove(market);
                 // A release (Assigned with `released`) lets the new owner skip republishing.
                 let handed_over = p.state == PlacementState::Assigned && p.released;
-                self.start_market(market, epoch, p.trace.clone(), handed_over, started.clone());
+                let kind = match p.state {
+                    PlacementState::Assigned if p.released => "handoff",
+                    PlacementState::Assigned if epoch == 1 => "placement",
+                    PlacementState::Assigned => "failover",
+                    PlacementState::Active => "reclaim",
+                };
+                self.start_market(
+                    market,
+                    Start {
+                        epoch,
+                        trace: p.trace.clone(),
+                        handed_over,
+                        kind,
+                    },
+                    started.clone(),
+                );
             }
             // Someone changed the record first: the watch brings the new one.
             Err(e) => tracing::debug!(market, "claim at epoch {epoch} not taken: {e}"),
         }
     }
 
-    fn start_market(
-        &self,
-        market: &str,
-        epoch: u64,
-        trace: Option<String>,
-        handed_over: bool,
-        done: mpsc::UnboundedSender<Started>,
-    ) {
+    fn start_market(&self, market: &str, start: Start, done: mpsc::UnboundedSender<Started>) {
+        let Start {
+            epoch,
+            trace,
+            handed_over,
+            kind,
+        } = start;
         let (markets, supervisor, market) = (
             self.markets.clone(),
             self.supervisor.clone(),
             market.to_string(),
         );
         actix_rt::spawn(async move {
+            let claimed = Instant::now();
             let result = match spec_of(&markets, &market).await {
                 Ok(spec) => supervisor
                     .send(StartMarket {
@@ -317,6 +341,12 @@ impl Agent {
                     .and_then(|r| r),
                 Err(e) => Err(e),
             };
+            if result.is_ok() {
+                // From the claim to the market consuming: a failover's recovery, a handoff's
+                // takeover (the part of its pause on this node).
+                metrics::histogram!("matching_takeover_us", "kind" => kind)
+                    .record(claimed.elapsed().as_micros() as f64);
+            }
             let _ = done.send((market, epoch, result));
         });
     }

@@ -56,10 +56,25 @@ fn run(c: &mut Criterion, name: &str, params: FlowParams) {
     group.finish();
 }
 
+/// What a handoff and a snapshot cost on a book of 20,000 resting orders: the canonical
+/// snapshot, the state hash, and a clone of the book.
+fn state(c: &mut Criterion) {
+    let mut params = FlowParams::large_book(SEED, 0);
+    params.resting = 20_000;
+    params.spread_ticks = 2_000;
+    let book = workload::generate(&params).prefilled_book();
+    let mut group = c.benchmark_group("state_20k_resting");
+    group.sample_size(20);
+    group.bench_function("snapshot", |b| b.iter(|| black_box(book.snapshot())));
+    group.bench_function("state_hash", |b| b.iter(|| black_box(book.state_hash())));
+    group.bench_function("clone", |b| b.iter(|| black_box(book.clone())));
+    group.finish();
+}
+
 fn books(c: &mut Criterion) {
     run(c, "a_1k_resting", FlowParams::small_book(SEED, COMMANDS));
     run(c, "b_100k_resting", FlowParams::large_book(SEED, COMMANDS));
 }
 
-criterion_group!(benches, books);
+criterion_group!(benches, books, state);
 criterion_main!(benches);

@@ -136,7 +136,7 @@ async fn orders_in_give_journal_reports_tape_out() {
         node_id: "n1".into(),
         ..MarketSettings::default()
     };
-    let running = market::start(env.bus(false).await, spec, settings)
+    let running = market::start(env.bus(false).await, spec.clone(), settings)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     publish_json(&env, "BTC-USDC", &json!({"op":"new","account":"alice","cid":"a1","side":"sell","price":"65000.00","qty":"0.5"})).await;
@@ -206,9 +206,10 @@ async fn orders_in_give_journal_reports_tape_out() {
     assert_eq!(book["bids"].as_array().map(Vec::len), Some(0));
 
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
-    // Announced when it started consuming and when it stopped.
+    // Announced when it started consuming (where recovery ended), again with the book's hash
+    // there (computed off the market's thread), and when it stopped.
     let mut states = Vec::new();
-    while states.len() < 2 {
+    while states.len() < 3 {
         let next = futures::StreamExt::next(&mut status);
         let msg = tokio::time::timeout(Duration::from_secs(5), next)
             .await
@@ -216,9 +217,18 @@ async fn orders_in_give_journal_reports_tape_out() {
             .expect("subscription open");
         let v: Value = rmp_serde::from_slice(&msg.payload).expect("decodes");
         assert_eq!(v["node"], "n1");
-        states.push(v["state"].as_str().unwrap_or("").to_string());
+        states.push(v);
     }
-    assert_eq!(states, ["active", "stopped"]);
+    let names: Vec<&str> = states
+        .iter()
+        .map(|v| v["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["active", "active", "stopped"]);
+    assert_eq!(states[0]["seq"], 0);
+    assert!(states[0].get("state_hash").is_none(), "{}", states[0]);
+    assert_eq!(states[1]["seq"], 0);
+    let empty = agora::book::OrderBook::new(spec.clone()).state_hash();
+    assert_eq!(states[1]["state_hash"], empty.to_string());
 }
 
 /// The reports an offline replay of the stream gives, one batch per message.

@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::metrics::MarketMetrics;
-use crate::book::{MarketSpec, Seq, StateHash};
+use crate::book::{MarketSpec, OrderBook, Seq, StateHash};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
 use crate::cluster::Lease;
@@ -298,6 +298,19 @@ impl Handler<State> for MarketActor {
     }
 }
 
+/// The last applied stream sequence and a copy of the book, to hash away from the actor: a
+/// clone costs a fraction of the hash (0.4 against 3.9 ms with 20,000 orders).
+#[derive(Message)]
+#[rtype(result = "(Seq, Box<OrderBook>)")]
+pub struct Fork;
+
+impl Handler<Fork> for MarketActor {
+    type Result = MessageResult<Fork>;
+    fn handle(&mut self, _: Fork, _: &mut Self::Context) -> Self::Result {
+        MessageResult((self.core.last_seq(), Box::new(self.core.book().clone())))
+    }
+}
+
 /// The last applied stream sequence alone (`State` hashes the whole book: O(orders)).
 #[derive(Message)]
 #[rtype(result = "Seq")]
@@ -387,12 +400,42 @@ struct Status<'a> {
     node: &'a str,
     epoch: u64,
     state: &'static str,
-    /// With `active`: the last command applied and the book's state hash then, so a new
-    /// owner's book can be checked against the old owner's.
+    /// With `active`: the last command recovery applied; a second `active` adds the book's
+    /// state hash then (computed off the market's thread), so a new owner's book can be checked
+    /// against the old owner's.
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<Seq>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_hash: Option<String>,
+}
+
+/// Publishes a market's status; usable from a task of its own.
+struct Announcer {
+    client: async_nats::Client,
+    subject: String,
+    market: String,
+    node: String,
+    epoch: u64,
+}
+
+impl Announcer {
+    async fn announce(&self, state: &'static str, seq: Option<Seq>, hash: Option<StateHash>) {
+        let status = Status {
+            market: &self.market,
+            node: &self.node,
+            epoch: self.epoch,
+            state,
+            seq,
+            state_hash: hash.map(|h| h.to_string()),
+        };
+        if let Ok(bytes) = rmp_serde::to_vec_named(&status) {
+            let _ = self
+                .client
+                .publish(self.subject.clone(), bytes.into())
+                .await;
+            let _ = self.client.flush().await;
+        }
+    }
 }
 
 /// The answer to `<prefix>.book.<MARKET>.snapshot`.
@@ -493,8 +536,9 @@ struct Driver {
     /// how long it took.
     snapshot_task: Option<tokio::task::JoinHandle<Result<(Seq, u64), String>>>,
     metrics: MarketMetrics,
-    /// Where recovery ended and the book's state hash there, announced with `active`.
-    recovered_at: Option<(Seq, StateHash)>,
+    /// Where recovery ended (announced with `active`) and the book's state hash there, being
+    /// computed on a copy off the market's thread (announced with a second `active`).
+    recovered_at: Option<(Seq, tokio::task::JoinHandle<StateHash>)>,
 }
 
 fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> MarketError {
@@ -622,9 +666,30 @@ impl Driver {
         // and the supervisor would neither hear of the failure nor restart the market.
         let (stop_responder, responder_stopped) = watch::channel(false);
         let responder = serve_book_snapshots(&self, responder_stopped).await?;
-        // The state recovery ended at (hashed once, there), for the check a move makes.
-        let at = self.recovered_at.take();
-        self.announce_at("active", at).await;
+        // Where recovery ended: announced at once; the book's hash there follows in a second
+        // `active` once computed (a move compares it with the old owner's), so hashing the
+        // whole book never delays the first command.
+        let hashed = match self.recovered_at.take() {
+            Some((seq, hashing)) => {
+                self.announce_at("active", Some(seq), None).await;
+                let announcer = self.announcer();
+                Some(actix_rt::spawn(async move {
+                    match hashing.await {
+                        Ok(hash) => {
+                            tracing::info!(market = %announcer.market, seq, state_hash = %hash, "market recovered: book hashed");
+                            announcer.announce("active", Some(seq), Some(hash)).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(market = %announcer.market, "hashing the recovered book failed: {e}")
+                        }
+                    }
+                }))
+            }
+            None => {
+                self.announce("active").await;
+                None
+            }
+        };
         let (market, addr) = (self.market.clone(), self.addr.clone());
         let handed_off = handoff.clone();
         let handle = actix_rt::spawn(async move {
@@ -640,6 +705,10 @@ impl Driver {
             }
             let _ = stop_responder.send(true);
             let _ = responder.await;
+            // The hash's announcement goes out before the market's last one.
+            if let Some(hashed) = hashed {
+                let _ = hashed.await;
+            }
             self.metrics.running(false);
             self.announce(match &result {
                 Ok(()) if handed_off.load(Ordering::Acquire) => "released",
@@ -956,8 +1025,11 @@ impl Driver {
                 self.publish_views(&out, false).await?;
             }
         }
-        let (last_seq, hash) = self.send(State).await?;
-        self.recovered_at = Some((last_seq, hash));
+        let (last_seq, book) = self.send(Fork).await?;
+        self.recovered_at = Some((
+            last_seq,
+            tokio::task::spawn_blocking(move || book.state_hash()),
+        ));
         if !done.warm {
             self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
         } else {
@@ -990,7 +1062,6 @@ impl Driver {
             replayed = done.replayed,
             republished = done.republished,
             last_seq,
-            state_hash = %hash,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "market recovered"
         );
@@ -1043,24 +1114,20 @@ impl Driver {
 
     /// Publishes the market's state on `<prefix>.status.<MARKET>` (best effort).
     async fn announce(&self, state: &'static str) {
-        self.announce_at(state, None).await;
+        self.announce_at(state, None, None).await;
     }
 
-    async fn announce_at(&self, state: &'static str, at: Option<(Seq, StateHash)>) {
-        let status = Status {
-            market: &self.market,
-            node: &self.settings.node_id,
+    async fn announce_at(&self, state: &'static str, seq: Option<Seq>, hash: Option<StateHash>) {
+        self.announcer().announce(state, seq, hash).await;
+    }
+
+    fn announcer(&self) -> Announcer {
+        Announcer {
+            client: self.client.clone(),
+            subject: self.subjects.status(&self.market),
+            market: self.market.clone(),
+            node: self.settings.node_id.clone(),
             epoch: self.settings.epoch,
-            state,
-            seq: at.map(|(seq, _)| seq),
-            state_hash: at.map(|(_, hash)| hash.to_string()),
-        };
-        if let Ok(bytes) = rmp_serde::to_vec_named(&status) {
-            let _ = self
-                .client
-                .publish(self.subjects.status(&self.market), bytes.into())
-                .await;
-            let _ = self.client.flush().await;
         }
     }
 

@@ -42,6 +42,9 @@ pub struct Moved {
     pub state_hash_equal: bool,
 }
 
+/// How long a move waits, after the target runs the market, for its book's state hash.
+const HASH_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Deserialize)]
 struct Status {
     node: String,
@@ -205,18 +208,30 @@ async fn handoff(
         Duration::from_secs(10),
     );
     let deadline = Duration::from_secs(30);
+    // The target announces `active` as it starts consuming (the pause ends there), then again
+    // with its book's state hash, computed off the market's thread.
     let announced = async {
+        let mut running: Option<(Status, Duration)> = None;
         loop {
-            let left = deadline.saturating_sub(started.elapsed());
+            let until = match &running {
+                Some((_, pause)) => *pause + HASH_WAIT,
+                None => deadline,
+            };
+            let left = until.saturating_sub(started.elapsed());
             let message = tokio::time::timeout(left, status.next()).await;
             let Ok(Some(message)) = message else {
-                return None;
+                // Without the hash, the books count as different (and the log says so).
+                return running;
             };
             let Ok(s) = rmp_serde::from_slice::<Status>(&message.payload) else {
                 continue;
             };
             if s.node == to && s.epoch >= epoch && s.state == "active" {
-                return Some((s, started.elapsed()));
+                let pause = running.as_ref().map_or_else(|| started.elapsed(), |r| r.1);
+                if s.state_hash.is_some() {
+                    return Some((s, pause));
+                }
+                running = Some((s, pause));
             }
         }
     };

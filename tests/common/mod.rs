@@ -14,10 +14,16 @@ pub struct Agora {
     errors: mpsc::Receiver<String>,
 }
 
-fn forward(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+/// Forwards a child's output lines; with `AGORA_TEST_ECHO` set, also copies them to stderr
+/// (prefixed with the child's pid), to see what the nodes of a failing test said.
+fn forward(from: impl std::io::Read + Send + 'static, pid: u32) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
+    let echo = std::env::var_os("AGORA_TEST_ECHO").is_some();
     std::thread::spawn(move || {
         for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("[agora {pid}] {line}");
+            }
             if tx.send(line).is_err() {
                 break;
             }
@@ -43,17 +49,19 @@ fn wait_on(
 }
 
 impl Agora {
-    /// Runs `agora <args>` with `AGORA_LOG=warn`.
+    /// Runs `agora <args>` with `AGORA_LOG=warn` (or `$AGORA_TEST_LOG`).
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Agora {
+        let log = std::env::var("AGORA_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let mut child = Command::new(env!("CARGO_BIN_EXE_agora"))
             .args(args)
-            .env("AGORA_LOG", "warn")
+            .env("AGORA_LOG", log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("agora starts");
-        let lines = forward(child.stdout.take().expect("piped"));
-        let errors = forward(child.stderr.take().expect("piped"));
+        let pid = child.id();
+        let lines = forward(child.stdout.take().expect("piped"), pid);
+        let errors = forward(child.stderr.take().expect("piped"), pid);
         Agora {
             child,
             lines,

@@ -16,6 +16,7 @@
 //! where the match is recorded under it, and through the journal and report publishes. An
 //! untraced message costs an atomic load (a header lookup with tracing on), nothing more.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -536,6 +537,9 @@ struct Driver {
     /// how long it took.
     snapshot_task: Option<tokio::task::JoinHandle<Result<(Seq, u64), String>>>,
     metrics: MarketMetrics,
+    /// A warm copy's order feed, read ahead of the book; recovery and then the driver go on
+    /// with it.
+    feed: Option<Feed>,
     /// Where recovery ended (announced with `active`) and the book's state hash there, being
     /// computed on a copy off the market's thread (announced with a second `active`).
     recovered_at: Option<(Seq, tokio::task::JoinHandle<StateHash>)>,
@@ -654,6 +658,7 @@ impl Driver {
             snapshot_at: Instant::now(),
             snapshot_task: None,
             recovered_at: None,
+            feed: None,
         })
     }
 
@@ -812,6 +817,16 @@ pub async fn follow(
                 reason: format!("restoring the snapshot at {seq}: {e}"),
             })?;
     }
+    let applied = driver.send(LastSeq).await?;
+    driver.feed = Some(
+        Feed::open(
+            &driver.orders,
+            &driver.market,
+            applied + 1,
+            driver.settings.fetch_max,
+        )
+        .await?,
+    );
     let lag = Arc::new(AtomicU64::new(u64::MAX));
     let (promote, mut promoted) = tokio::sync::oneshot::channel::<Promotion>();
     let (stop, mut stopped) = watch::channel(false);
@@ -836,6 +851,18 @@ pub async fn follow(
                         tracing::warn!(market = %driver.market, "following: {e}");
                     }
                 }
+                read = async {
+                    match driver.feed.as_mut() {
+                        Some(feed) => feed.read_ahead().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Err(e) = read {
+                        // Opened again from the book's sequence at the next step.
+                        tracing::warn!(market = %driver.market, "following: {e}");
+                        driver.feed = None;
+                    }
+                }
             }
         }
     });
@@ -852,6 +879,15 @@ impl Driver {
     /// new owner must rebuild), and records how far behind the owner this copy is.
     async fn follow_step(&mut self, lag: &AtomicU64) -> Result<(), MarketError> {
         let applied = self.send(LastSeq).await?;
+        if self.feed.is_none() {
+            let feed = Feed::open(
+                &self.orders,
+                &self.market,
+                applied + 1,
+                self.settings.fetch_max,
+            );
+            self.feed = Some(feed.await?);
+        }
         let Some((_, head)) = self.journal_head().await? else {
             lag.store(0, Ordering::Release);
             return Ok(());
@@ -1013,9 +1049,15 @@ impl Driver {
             }
             let mut last_batch = Vec::new();
             let mut reader = self.read_range(head.first_seq, head.last_seq).await?;
-            while let Some(chunk) = reader.next_chunk().await? {
-                last_batch.extend(chunk);
+            let read = async {
+                while let Some(chunk) = reader.next_chunk().await? {
+                    last_batch.extend(chunk);
+                }
+                Ok::<_, MarketError>(())
             }
+            .await;
+            self.done_reading(reader);
+            read?;
             done.republished = last_batch.len() as u64;
             let last_batch = Process {
                 batch: last_batch,
@@ -1069,18 +1111,52 @@ impl Driver {
     }
 
     /// Replays stream messages `from..=to` into the actor, building nothing. Returns how many.
-    async fn replay_range(&self, from: Seq, to: Seq) -> Result<u64, MarketError> {
+    async fn replay_range(&mut self, from: Seq, to: Seq) -> Result<u64, MarketError> {
         let mut count = 0;
         let mut reader = self.read_range(from, to).await?;
-        while let Some(chunk) = reader.next_chunk().await? {
-            count += chunk.len() as u64;
-            self.send(Replay(chunk)).await?;
+        let replayed = async {
+            while let Some(chunk) = reader.next_chunk().await? {
+                count += chunk.len() as u64;
+                self.send(Replay(chunk)).await?;
+            }
+            Ok(count)
         }
-        Ok(count)
+        .await;
+        self.done_reading(reader);
+        replayed
     }
 
-    /// Reads stream messages `from..=to` with one consumer, in chunks.
-    async fn read_range(&self, from: Seq, to: Seq) -> Result<RangeReader, MarketError> {
+    /// Keeps the warm copy's feed once a range was read from it.
+    fn done_reading(&mut self, reader: RangeReader) {
+        if reader.kept {
+            self.feed = Some(reader.feed);
+        }
+    }
+
+    /// Reads stream messages `from..=to` in chunks: from the warm copy's feed when it is there,
+    /// otherwise with a consumer of its own.
+    async fn read_range(&mut self, from: Seq, to: Seq) -> Result<RangeReader, MarketError> {
+        let reader = |feed: Feed, kept: bool| RangeReader {
+            feed,
+            kept,
+            from,
+            next: from,
+            to,
+            market: self.market.clone(),
+            routes: self.routes.clone(),
+            stream: self.subjects.orders_stream(&self.market),
+        };
+        if let Some(feed) = self.feed.take() {
+            if feed.next == from {
+                return Ok(reader(feed, true));
+            }
+            // Out of step with the book (it cannot happen, but a fresh feed is cheap): start
+            // the warm copy's over from here.
+            tracing::warn!(market = %self.market, feed = feed.next, from, "the warm copy's feed is out of step; opening it again");
+            let feed =
+                Feed::open(&self.orders, &self.market, from, self.settings.fetch_max).await?;
+            return Ok(reader(feed, true));
+        }
         let consumer = self
             .orders
             .create_consumer(pull::Config {
@@ -1101,15 +1177,13 @@ impl Driver {
             .messages()
             .await
             .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-        Ok(RangeReader {
+        let feed = Feed {
             messages,
-            from,
-            next: from,
-            to,
+            ahead: VecDeque::new(),
+            next: from.max(1),
             market: self.market.clone(),
-            routes: self.routes.clone(),
-            stream: self.subjects.orders_stream(&self.market),
-        })
+        };
+        Ok(reader(feed, false))
     }
 
     /// Publishes the market's state on `<prefix>.status.<MARKET>` (best effort).
@@ -1210,24 +1284,19 @@ impl Driver {
     /// The live loop: batch, process, publish; until stopped, fenced or failed.
     async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
         let last = self.send(LastSeq).await?;
-        let consumer = self
-            .orders
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: last + 1,
-                },
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(60),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err(&self.market, "creating the order consumer", e))?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(self.settings.fetch_max)
-            .messages()
-            .await
-            .map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
+        // A warm copy's feed goes on where its recovery ended; otherwise a consumer of our own.
+        let mut messages = match self.feed.take() {
+            Some(feed) if feed.next == last + 1 => feed,
+            _ => {
+                Feed::open(
+                    &self.orders,
+                    &self.market,
+                    last + 1,
+                    self.settings.fetch_max,
+                )
+                .await?
+            }
+        };
         let tick = if self.settings.snapshot_every.is_zero() {
             Duration::from_secs(3600)
         } else {
@@ -1246,8 +1315,7 @@ impl Driver {
             };
             let Some(first) = first else { return Ok(()) };
             let received = Instant::now();
-            let first =
-                first.map_err(|e| nats_err(&self.market, "consuming the order stream", e))?;
+            let first = first?;
             // Commands still waiting in the stream after the last one taken.
             let mut pending = first.info().ok().map(|i| i.pending);
             let mut batch = Vec::new();
@@ -1256,15 +1324,13 @@ impl Driver {
             self.take(&first, &mut batch, &mut traced)?;
             // Take whatever else is already here, without waiting: batches grow under load only.
             while batch.len() < self.settings.fetch_max {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => {
+                match messages.ready() {
+                    Some(Ok(m)) => {
                         pending = m.info().ok().map(|i| i.pending);
                         self.take(&m, &mut batch, &mut traced)?;
                     }
-                    Some(Some(Err(e))) => {
-                        return Err(nats_err(&self.market, "consuming the order stream", e));
-                    }
-                    _ => break,
+                    Some(Err(e)) => return Err(e),
+                    None => break,
                 }
             }
             let n = batch.len() as u64;
@@ -1459,8 +1525,124 @@ async fn write_snapshot(
 }
 
 /// Messages `from..=to` of a market's order stream, in order, in chunks.
-struct RangeReader {
+/// The order stream from a sequence on, through one pull consumer, with the messages read
+/// ahead of their use waiting in `ahead`. A warm copy keeps one open and reads ahead as the
+/// owner's commands arrive, so taking the market over reads nothing more from JetStream: its
+/// recovery takes the journal's last batch from here, and the driver goes on consuming from
+/// the same consumer.
+struct Feed {
     messages: pull::Stream,
+    ahead: VecDeque<jetstream::Message>,
+    /// The stream sequence of the next message this feed yields.
+    next: Seq,
+    market: String,
+}
+
+impl Feed {
+    /// At most this many messages read ahead (a warm copy whose owner is stuck stops pulling).
+    const AHEAD_MAX: usize = 20_000;
+
+    /// A feed from `from` on, with the consumer settings of the running market.
+    async fn open(
+        orders: &jetstream::stream::Stream,
+        market: &str,
+        from: Seq,
+        batch: usize,
+    ) -> Result<Feed, MarketError> {
+        let consumer = orders
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(market, "creating the order consumer", e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(|e| nats_err(market, "consuming the order stream", e))?;
+        Ok(Feed {
+            messages,
+            ahead: VecDeque::new(),
+            next: from.max(1),
+            market: market.to_string(),
+        })
+    }
+
+    fn yielded(&mut self, m: &jetstream::Message) {
+        if let Ok(info) = m.info() {
+            self.next = info.stream_sequence + 1;
+        }
+    }
+
+    /// The next message: one read ahead, or the next from the consumer.
+    async fn next(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
+        let m = match self.ahead.pop_front() {
+            Some(m) => Ok(m),
+            None => self
+                .messages
+                .next()
+                .await?
+                .map_err(|e| nats_err(&self.market, "consuming the order stream", e)),
+        };
+        if let Ok(m) = &m {
+            self.yielded(m);
+        }
+        Some(m)
+    }
+
+    /// The next message if one is here already, without waiting.
+    fn ready(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
+        let m = match self.ahead.pop_front() {
+            Some(m) => Ok(m),
+            None => self
+                .messages
+                .next()
+                .now_or_never()??
+                .map_err(|e| nats_err(&self.market, "consuming the order stream", e)),
+        };
+        if let Ok(m) = &m {
+            self.yielded(m);
+        }
+        Some(m)
+    }
+
+    /// Puts back a message taken too far.
+    fn unread(&mut self, m: jetstream::Message, seq: Seq) {
+        self.ahead.push_front(m);
+        self.next = seq;
+    }
+
+    /// Reads ahead: waits for the consumer's next message and keeps it (never returns while
+    /// `AHEAD_MAX` are waiting). An error ends the feed.
+    async fn read_ahead(&mut self) -> Result<(), MarketError> {
+        if self.ahead.len() >= Self::AHEAD_MAX {
+            return std::future::pending().await;
+        }
+        match self.messages.next().await {
+            Some(Ok(m)) => {
+                self.ahead.push_back(m);
+                Ok(())
+            }
+            Some(Err(e)) => Err(nats_err(&self.market, "reading the order stream ahead", e)),
+            None => Err(nats_err(
+                &self.market,
+                "reading the order stream ahead",
+                "the consumer ended",
+            )),
+        }
+    }
+}
+
+struct RangeReader {
+    feed: Feed,
+    /// The feed is the warm copy's: it goes back to the driver once read.
+    kept: bool,
     from: Seq,
     next: Seq,
     to: Seq,
@@ -1487,18 +1669,24 @@ impl RangeReader {
     async fn next_chunk(&mut self) -> Result<Option<Vec<Incoming>>, MarketError> {
         let mut chunk = Vec::new();
         while self.next <= self.to && chunk.len() < Self::CHUNK {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+            let m = tokio::time::timeout(Duration::from_secs(10), self.feed.next())
                 .await
                 .map_err(|_| self.missing())?;
             let Some(m) = m else {
                 return Err(self.missing());
             };
-            let m = m.map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-            let msg = incoming(&self.market, &self.routes, &m)?;
-            if msg.seq > self.to {
+            let m = m?;
+            let seq = m
+                .info()
+                .map_err(|e| nats_err(&self.market, "reading a message's metadata", e))?
+                .stream_sequence;
+            if seq > self.to {
+                // Read past the range (a warm copy's feed runs on): leave it for the next read.
+                self.feed.unread(m, seq);
                 self.next = self.to + 1;
                 break;
             }
+            let msg = incoming(&self.market, &self.routes, &m)?;
             if msg.seq != self.next {
                 // The stream lost messages (its head was removed, or a range was purged).
                 return Err(self.missing());

@@ -126,21 +126,33 @@ async fn settle(
 ) -> Vec<String> {
     const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
     let started = std::time::Instant::now();
+    // Only the markets not settled yet are looked at again (one KV read each: with thousands
+    // of markets, reading them all every round would itself take seconds).
+    let mut waiting: Vec<&String> = known.iter().collect();
     loop {
         let held = supervisor.send(Held).await.unwrap_or_default();
-        let running = |m: &str| held.iter().any(|(s, r)| s == m && *r);
-        let mut settled = true;
-        for market in known {
+        let running: std::collections::HashSet<&str> = held
+            .iter()
+            .filter(|(_, r)| *r)
+            .map(|(s, _)| s.as_str())
+            .collect();
+        let mut still = Vec::new();
+        for market in waiting {
             let placed = match placement.get(market).await {
                 Ok(Some(bytes)) => Placement::decode(&bytes),
                 _ => None,
             };
-            settled &= match placed {
-                Some(p) if p.node == node_id => running(market),
+            let settled = match placed {
+                Some(p) if p.node == node_id => running.contains(market.as_str()),
                 Some(p) => p.state == PlacementState::Active,
                 None => false,
             };
+            if !settled {
+                still.push(market);
+            }
         }
+        waiting = still;
+        let settled = waiting.is_empty();
         if settled || started.elapsed() > SETTLE_TIMEOUT {
             if !settled {
                 tracing::warn!(

@@ -21,12 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use async_nats::HeaderMap;
+use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, pull},
     context::PublishErrorKind,
 };
+use async_nats::{HeaderMap, HeaderValue};
 use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -35,6 +36,7 @@ use tracing::Instrument;
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::metrics::MarketMetrics;
 use crate::book::{MarketSpec, Seq, StateHash};
+use crate::bus::acks::{ACK_TIMEOUT, AckedPublisher};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
 use crate::cluster::Lease;
@@ -485,6 +487,8 @@ struct Driver {
     routes: Routes,
     /// Stream sequence of our last journal message (the fence), `None` before the first.
     journal_seq: Option<u64>,
+    /// Publishes the derived views and collects their acknowledgements (made at the first).
+    views: Option<AckedPublisher>,
     settings: MarketSettings,
     /// Messages applied since the last snapshot was taken, and when it was taken.
     since_snapshot: u64,
@@ -605,6 +609,7 @@ impl Driver {
             addr,
             routes,
             journal_seq: None,
+            views: None,
             settings,
             since_snapshot: 0,
             snapshot_at: Instant::now(),
@@ -953,7 +958,7 @@ impl Driver {
                 traced: Vec::new(),
             };
             for (out, _) in self.send(last_batch).await? {
-                self.publish_views(&out, false).await?;
+                self.publish_views(out, false).await?;
             }
         }
         let (last_seq, hash) = self.send(State).await?;
@@ -1206,7 +1211,7 @@ impl Driver {
                 traced: traced.clone(),
             };
             for (out, stats) in self.send(process).await? {
-                let published = self.publish_batch(&out, &traced).await;
+                let published = self.publish_batch(out, &traced).await;
                 if let Err(e) = published {
                     if matches!(e, MarketError::Nats { .. }) {
                         self.metrics.publish_error();
@@ -1245,7 +1250,7 @@ impl Driver {
     /// each under a span per traced message of the batch.
     async fn publish_batch(
         &mut self,
-        out: &BatchOutputs,
+        out: BatchOutputs,
         traced: &[TracedCommand],
     ) -> Result<(), MarketError> {
         let spans = PublishSpans::journal(traced, &out.journal);
@@ -1272,18 +1277,14 @@ impl Driver {
         }
         let msg_id = journal.msg_id.clone().unwrap_or_default();
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
         headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            self.journal_seq.unwrap_or(0).to_string().as_str(),
+            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            HeaderValue::from(self.journal_seq.unwrap_or(0)),
         );
         let sent = self
             .js
-            .publish_with_headers(
-                journal.subject.clone(),
-                headers,
-                journal.payload.clone().into(),
-            )
+            .publish_with_headers(journal.subject.clone(), headers, journal.payload.clone())
             .await
             .map_err(|e| nats_err(&self.market, "publishing the journal", e))?;
         match sent.await {
@@ -1319,33 +1320,34 @@ impl Driver {
     /// Publishes the derived views: reports and tape through JetStream (pipelined, acks awaited
     /// together), book deltas and unreadable messages on core NATS (`live` only: a recovering
     /// owner republishes only what JetStream can deduplicate).
-    async fn publish_views(&self, out: &BatchOutputs, live: bool) -> Result<(), MarketError> {
-        let mut acks = Vec::new();
-        for o in out.execs.iter().chain(out.trades.iter()) {
-            let mut headers = HeaderMap::new();
-            if let Some(id) = &o.msg_id {
-                headers.insert("Nats-Msg-Id", id.as_str());
-            }
-            acks.push(
-                self.js
-                    .publish_with_headers(o.subject.clone(), headers, o.payload.clone().into())
+    async fn publish_views(&mut self, out: BatchOutputs, live: bool) -> Result<(), MarketError> {
+        let market = &self.market;
+        let views = match &mut self.views {
+            Some(views) => views,
+            None => self.views.insert(
+                AckedPublisher::new(self.client.clone())
                     .await
-                    .map_err(|e| nats_err(&self.market, "publishing reports", e))?,
-            );
+                    .map_err(|e| nats_err(market, "subscribing to report acknowledgements", e))?,
+            ),
+        };
+        for o in out.execs.into_iter().chain(out.trades) {
+            views
+                .publish(o.subject, o.msg_id, o.payload)
+                .await
+                .map_err(|e| nats_err(market, "publishing reports", e))?;
         }
         if live {
-            for o in out.book.iter().chain(out.rejects.iter()) {
+            for o in out.book.into_iter().chain(out.rejects) {
                 self.client
-                    .publish(o.subject.clone(), o.payload.clone().into())
+                    .publish(o.subject, o.payload)
                     .await
-                    .map_err(|e| nats_err(&self.market, "publishing book updates", e))?;
+                    .map_err(|e| nats_err(market, "publishing book updates", e))?;
             }
         }
-        let acks = acks.into_iter().map(std::future::IntoFuture::into_future);
-        for ack in futures::future::join_all(acks).await {
-            ack.map_err(|e| nats_err(&self.market, "publishing reports", e))?;
-        }
-        Ok(())
+        views
+            .wait(ACK_TIMEOUT)
+            .await
+            .map_err(|e| nats_err(market, "publishing reports", e))
     }
 }
 

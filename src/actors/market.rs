@@ -469,10 +469,36 @@ impl Handler<SpecOf> for MarketActor {
 }
 
 /// The head of a journal message: which input sequences it covers.
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize)]
 struct JournalHead {
     first_seq: Seq,
     last_seq: Seq,
+}
+
+/// The end of a market's journal: its last batch (and the stream sequence of its message),
+/// and the batch before it. A batch's views may still be unacknowledged while the next
+/// batch's journal message lands (the driver collects a batch's acknowledgements while it
+/// processes and journals the next one), so a new owner rebuilds and republishes both.
+#[derive(Clone, Copy, Debug)]
+struct JournalTail {
+    seq: u64,
+    head: JournalHead,
+    /// `None` for a market's first batch (or when the message before it is gone).
+    prev: Option<JournalHead>,
+    /// The stream sequence of the message before (from the last one's fence header), 0 if none.
+    prev_seq: u64,
+}
+
+impl JournalTail {
+    /// The batches whose views may be unacknowledged, oldest first.
+    fn unsettled(&self) -> impl Iterator<Item = JournalHead> {
+        self.prev.into_iter().chain(std::iter::once(self.head))
+    }
+
+    /// The first command of the batches a new owner rebuilds.
+    fn rebuild_from(&self) -> Seq {
+        self.prev.map_or(self.head.first_seq, |p| p.first_seq)
+    }
 }
 
 struct Driver {
@@ -489,6 +515,12 @@ struct Driver {
     journal_seq: Option<u64>,
     /// Publishes the derived views and collects their acknowledgements (made at the first).
     views: Option<AckedPublisher>,
+    /// The batch whose views are published and not yet acknowledged: its figures, when its
+    /// first message was taken, and the commands then waiting in the stream.
+    unsettled: Option<(BatchStats, Instant, Option<u64>)>,
+    /// A warm copy's last look at the journal's end (saves reading the batch before the last
+    /// again while the last has not changed).
+    tail_seen: Option<JournalTail>,
     settings: MarketSettings,
     /// Messages applied since the last snapshot was taken, and when it was taken.
     since_snapshot: u64,
@@ -610,6 +642,8 @@ impl Driver {
             routes,
             journal_seq: None,
             views: None,
+            unsettled: None,
+            tail_seen: None,
             settings,
             since_snapshot: 0,
             snapshot_at: Instant::now(),
@@ -784,19 +818,26 @@ pub async fn follow(
 }
 
 impl Driver {
-    /// Applies, silently, the commands of every journal batch but the last (whose outputs a
-    /// new owner must rebuild), and records how far behind the owner this copy is.
+    /// Applies, silently, the commands of every journal batch but the last two (whose outputs
+    /// a new owner must rebuild), and records how far behind the owner this copy is.
     async fn follow_step(&mut self, lag: &AtomicU64) -> Result<(), MarketError> {
         let applied = self.send(LastSeq).await?;
-        let Some((_, head)) = self.journal_head().await? else {
+        let seen = self.tail_seen;
+        let Some(tail) = self.journal_tail(seen).await? else {
             lag.store(0, Ordering::Release);
             return Ok(());
         };
+        self.tail_seen = Some(tail);
         let mut applied = applied;
-        if head.first_seq > applied + 1 {
-            applied += self.replay_range(applied + 1, head.first_seq - 1).await?;
+        if tail.rebuild_from() > applied + 1 {
+            applied += self
+                .replay_range(applied + 1, tail.rebuild_from() - 1)
+                .await?;
         }
-        lag.store(head.last_seq.saturating_sub(applied), Ordering::Release);
+        lag.store(
+            tail.head.last_seq.saturating_sub(applied),
+            Ordering::Release,
+        );
         Ok(())
     }
 
@@ -813,16 +854,62 @@ impl Driver {
         self.launch().await
     }
 
-    /// The journal's last batch: the stream sequence of its message and the commands it covers.
-    async fn journal_head(&self) -> Result<Option<(u64, JournalHead)>, MarketError> {
+    /// The journal's last two batches (`None`: the journal is empty). The batch before the
+    /// last is found through the last message's fence header, and taken from `seen` when that
+    /// already names it.
+    async fn journal_tail(
+        &self,
+        seen: Option<JournalTail>,
+    ) -> Result<Option<JournalTail>, MarketError> {
         let subject = self.subjects.events(&self.market);
-        match self.events.get_last_raw_message_by_subject(&subject).await {
-            Ok(last) => {
-                let head: JournalHead = rmp_serde::from_slice(&last.payload)
-                    .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
-                Ok(Some((last.sequence, head)))
-            }
+        let last = match self.events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => last,
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(nats_err(&self.market, "reading the journal", e)),
+        };
+        let head: JournalHead = rmp_serde::from_slice(&last.payload)
+            .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
+        let prev_seq = last
+            .headers
+            .get(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(0);
+        let prev = match seen {
+            Some(t) if t.seq == last.sequence => t.prev,
+            Some(t) if t.seq == prev_seq => Some(t.head),
+            _ if prev_seq == 0 => None,
+            _ => self.journal_batch(&subject, prev_seq).await?,
+        };
+        // Batches are contiguous; anything else is not the batch before this one.
+        let prev = prev.filter(|p| p.last_seq + 1 == head.first_seq);
+        Ok(Some(JournalTail {
+            seq: last.sequence,
+            head,
+            prev,
+            prev_seq,
+        }))
+    }
+
+    /// The journal batch at stream sequence `seq`, if it is still there and is this market's.
+    async fn journal_batch(
+        &self,
+        subject: &str,
+        seq: u64,
+    ) -> Result<Option<JournalHead>, MarketError> {
+        match self.events.get_raw_message(seq).await {
+            Ok(m) if m.subject.as_str() == subject => {
+                rmp_serde::from_slice(&m.payload).map(Some).map_err(|e| {
+                    nats_err(
+                        &self.market,
+                        "reading the journal's batch before the last",
+                        e,
+                    )
+                })
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }
             Err(e) => Err(nats_err(&self.market, "reading the journal", e)),
@@ -887,26 +974,32 @@ impl Driver {
     /// batch, and republishes that batch's derived views (JetStream drops those that landed).
     async fn recover(&mut self, warm: bool) -> Result<(), MarketError> {
         let started = Instant::now();
-        let head = match self.journal_head().await? {
-            Some((seq, head)) => {
-                self.journal_seq = Some(seq);
-                Some(head)
+        let tail = self.journal_tail(None).await?;
+        if let Some(t) = &tail {
+            self.journal_seq = Some(t.seq);
+            if t.prev.is_none() && t.prev_seq != 0 {
+                tracing::warn!(market = %self.market, journal_seq = t.prev_seq, "the journal's batch before the last is not there; only the last batch's views are republished");
             }
-            None => None,
+        }
+        // Whether `seq` falls inside a batch whose outputs may have to be rebuilt: a book there
+        // cannot rebuild them.
+        let inside = |seq: Seq| {
+            tail.iter()
+                .flat_map(JournalTail::unsettled)
+                .find(|b| seq >= b.first_seq && seq < b.last_seq)
         };
         let mut done = Recovered::default();
         let mut from = 1;
         if warm {
             let applied = self.send(LastSeq).await?;
-            if let Some(h) = &head
-                && applied >= h.first_seq
-                && applied < h.last_seq
+            if !self.settings.handed_over
+                && let Some(b) = inside(applied)
             {
                 return Err(MarketError::Recovery {
                     market: self.market.clone(),
                     reason: format!(
-                        "the warm copy is at {applied}, inside the journal's last batch ({}..={})",
-                        h.first_seq, h.last_seq
+                        "the warm copy is at {applied}, inside one of the journal's last batches ({}..={})",
+                        b.first_seq, b.last_seq
                     ),
                 });
             }
@@ -914,14 +1007,10 @@ impl Driver {
             from = applied + 1;
         } else if let Some(snapshot) = self.load_snapshot().await {
             let seq = snapshot.last_seq;
-            // A snapshot inside the last batch cannot rebuild that batch's outputs; snapshots
-            // are taken at batch boundaries, so this means the journal and the snapshot
-            // disagree: trust the stream.
-            let usable = match &head {
-                None => true,
-                Some(h) => seq < h.first_seq || seq >= h.last_seq,
-            };
-            if usable {
+            // A snapshot inside the last batches cannot rebuild their outputs; snapshots are
+            // taken at batch boundaries, so this means the journal and the snapshot disagree:
+            // trust the stream.
+            if inside(seq).is_none() {
                 self.send(Restore(Box::new(snapshot))).await?.map_err(|e| {
                     MarketError::Recovery {
                         market: self.market.clone(),
@@ -931,34 +1020,40 @@ impl Driver {
                 done.snapshot_seq = Some(seq);
                 from = seq + 1;
             } else {
-                tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batch; recovering from the stream alone");
+                tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batches; recovering from the stream alone");
             }
         }
-        if let Some(head) = head.as_ref().filter(|_| self.settings.handed_over)
-            && head.last_seq >= from
+        if let Some(tail) = tail.filter(|_| self.settings.handed_over)
+            && tail.head.last_seq >= from
         {
             // Released by its owner with every output published: all of it, silently.
-            done.replayed = self.replay_range(from, head.last_seq).await?;
-        } else if let Some(head) = head
-            && head.last_seq >= from
-        {
-            // Everything before the last batch, silently; then the last batch again, to rebuild
-            // its outputs byte for byte and republish the derived views.
-            if head.first_seq > from {
-                done.replayed = self.replay_range(from, head.first_seq - 1).await?;
-            }
-            let mut last_batch = Vec::new();
-            let mut reader = self.read_range(head.first_seq, head.last_seq).await?;
-            while let Some(chunk) = reader.next_chunk().await? {
-                last_batch.extend(chunk);
-            }
-            done.republished = last_batch.len() as u64;
-            let last_batch = Process {
-                batch: last_batch,
-                traced: Vec::new(),
-            };
-            for (out, _) in self.send(last_batch).await? {
-                self.publish_views(out, false).await?;
+            done.replayed = self.replay_range(from, tail.head.last_seq).await?;
+        } else if let Some(tail) = tail {
+            // Everything before the last two batches, silently; then each of them again (unless
+            // the snapshot or the copy is past it: a snapshot is taken with every output
+            // acknowledged), to rebuild its outputs byte for byte and republish its views.
+            for b in tail.unsettled() {
+                if b.last_seq < from {
+                    continue;
+                }
+                if b.first_seq > from {
+                    done.replayed += self.replay_range(from, b.first_seq - 1).await?;
+                }
+                let mut batch = Vec::new();
+                let mut reader = self.read_range(b.first_seq, b.last_seq).await?;
+                while let Some(chunk) = reader.next_chunk().await? {
+                    batch.extend(chunk);
+                }
+                done.republished += batch.len() as u64;
+                let batch = Process {
+                    batch,
+                    traced: Vec::new(),
+                };
+                for (out, _) in self.send(batch).await? {
+                    self.send_views(out, false).await?;
+                    self.settle_views().await?;
+                }
+                from = b.last_seq + 1;
             }
         }
         let (last_seq, hash) = self.send(State).await?;
@@ -1107,6 +1202,8 @@ impl Driver {
         let Some(store) = self.snapshots.clone() else {
             return Ok(());
         };
+        // A snapshot covers outputs that are all acknowledged.
+        self.settle_views().await?;
         let snapshot = self
             .send(TakeSnapshot {
                 epoch: self.settings.epoch,
@@ -1145,8 +1242,15 @@ impl Driver {
         Ok(())
     }
 
-    /// The live loop: batch, process, publish; until stopped, fenced or failed.
-    async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
+    /// The live loop, then (stopped at a batch boundary) the last views' acknowledgements, so
+    /// a clean stop leaves every output acknowledged.
+    async fn run(&mut self, stop: watch::Receiver<bool>) -> Result<(), MarketError> {
+        self.consume(stop).await?;
+        self.settle_views().await
+    }
+
+    /// Batch, process, publish; until stopped, fenced or failed.
+    async fn consume(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
         let last = self.send(LastSeq).await?;
         let consumer = self
             .orders
@@ -1174,13 +1278,21 @@ impl Driver {
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let first = tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                _ = timer.tick() => {
-                    self.snapshot_if_due().await?;
-                    continue;
+            // Under load the next messages are already here; otherwise, while waiting for them,
+            // the last views' acknowledgements are collected first.
+            let first = match messages.next().now_or_never() {
+                Some(m) if !*stop.borrow() => m,
+                _ => {
+                    self.settle_views().await?;
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        _ = timer.tick() => {
+                            self.snapshot_if_due().await?;
+                            continue;
+                        }
+                        m = messages.next() => m,
+                    }
                 }
-                m = messages.next() => m,
             };
             let Some(first) = first else { return Ok(()) };
             let received = Instant::now();
@@ -1218,8 +1330,12 @@ impl Driver {
                     }
                     return Err(e);
                 }
-                let micros = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
-                self.metrics.batch(&stats, micros, pending);
+                // Its figures are recorded once its views are acknowledged.
+                self.unsettled = Some((stats, received, pending));
+                if !traced.is_empty() {
+                    // The traced commands' report spans end with the acknowledgements.
+                    self.settle_views().await?;
+                }
             }
             // The traced commands' spans end once their outputs are acknowledged.
             drop(traced);
@@ -1248,6 +1364,12 @@ impl Driver {
 
     /// Publishes a processed batch: the journal message, then (once acknowledged) the views;
     /// each under a span per traced message of the batch.
+    ///
+    /// The views' acknowledgements are not awaited here: the next batch is taken, matched and
+    /// journaled meanwhile, and they are collected before that batch's views go out (or before
+    /// a snapshot, or at a stop). So while a batch's journal message lands, only the views of
+    /// the batch before it may still be unacknowledged, and a new owner rebuilds and
+    /// republishes the journal's last two batches.
     async fn publish_batch(
         &mut self,
         out: BatchOutputs,
@@ -1261,11 +1383,30 @@ impl Driver {
         drop(spans);
         let spans =
             PublishSpans::reports(traced, out.execs.len() + usize::from(out.trades.is_some()));
-        let published = self.publish_views(out, true).await;
+        let mut published = self.settle_views().await;
+        if published.is_ok() {
+            published = self.send_views(out, true).await;
+        }
         if let Err(e) = &published {
             spans.fail(traced, e);
         }
         published
+    }
+
+    /// Waits for the acknowledgements of the views in flight, and records the figures of the
+    /// batch they belong to.
+    async fn settle_views(&mut self) -> Result<(), MarketError> {
+        if let Some(views) = self.views.as_mut().filter(|v| v.in_flight() > 0) {
+            views
+                .wait(ACK_TIMEOUT)
+                .await
+                .map_err(|e| nats_err(&self.market, "publishing reports", e))?;
+        }
+        if let Some((stats, received, pending)) = self.unsettled.take() {
+            let micros = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.metrics.batch(&stats, micros, pending);
+        }
+        Ok(())
     }
 
     /// Publishes the journal message, fenced on our previous one.
@@ -1317,10 +1458,10 @@ impl Driver {
         }
     }
 
-    /// Publishes the derived views: reports and tape through JetStream (pipelined, acks awaited
-    /// together), book deltas and unreadable messages on core NATS (`live` only: a recovering
-    /// owner republishes only what JetStream can deduplicate).
-    async fn publish_views(&mut self, out: BatchOutputs, live: bool) -> Result<(), MarketError> {
+    /// Publishes the derived views: reports and tape through JetStream (their acknowledgements
+    /// collected by `settle_views`), book deltas and unreadable messages on core NATS (`live`
+    /// only: a recovering owner republishes only what JetStream can deduplicate).
+    async fn send_views(&mut self, out: BatchOutputs, live: bool) -> Result<(), MarketError> {
         let market = &self.market;
         let views = match &mut self.views {
             Some(views) => views,
@@ -1344,10 +1485,7 @@ impl Driver {
                     .map_err(|e| nats_err(market, "publishing book updates", e))?;
             }
         }
-        views
-            .wait(ACK_TIMEOUT)
-            .await
-            .map_err(|e| nats_err(market, "publishing reports", e))
+        Ok(())
     }
 }
 

@@ -5,9 +5,11 @@
 //! drops messages when its buffer fills), hands each batch to the actor through its bounded
 //! mailbox (so overload shows as back-pressure), then publishes the journal message fenced with
 //! `Nats-Expected-Last-Subject-Sequence`, and only once it is acknowledged the derived views,
-//! pipelined. On start it recovers: it reads the journal's last batch, replays the stream up to
-//! it silently, republishes that batch's derived views (JetStream drops what had landed) and
-//! goes on from the next sequence. No command is lost or applied twice; no output is published
+//! whose acknowledgements it collects while it matches and journals the next batch. On start it
+//! recovers: it reads the journal's last two batches (the views of the one before the last may
+//! not have been acknowledged when the last landed), replays the stream up to them silently,
+//! republishes their derived views (JetStream drops what had landed) and goes on from the next
+//! sequence. No command is lost or applied twice; no output is published
 //! twice. This module must never publish a derived view before its journal message, nor go on
 //! after the fence says another owner wrote the journal.
 //!
@@ -702,7 +704,7 @@ impl Driver {
 const FOLLOW_POLL: Duration = Duration::from_millis(20);
 
 /// A warm copy of a market on a node that does not own it: its actor holds the book as of the
-/// journal's last batch but one, kept current by applying the order stream silently, so taking
+/// journal's last two batches, kept current by applying the order stream silently, so taking
 /// the market over needs no snapshot load and almost no replay. It publishes nothing.
 pub struct Follower {
     pub market: String,
@@ -726,7 +728,7 @@ impl Follower {
     }
 
     /// Turns the copy into the running market at `epoch`: it applies what the journal says was
-    /// done, rebuilds the journal's last batch and republishes its views (JetStream drops
+    /// done, rebuilds the journal's last two batches and republishes their views (JetStream drops
     /// those that had landed), then consumes from the next command. Answers once it consumes.
     pub async fn promote(
         mut self,
@@ -970,8 +972,8 @@ impl Driver {
     }
 
     /// Restores the latest usable snapshot (`warm`: the actor's state already is a follower's,
-    /// short of the journal's last batch), replays the stream from it up to the journal's last
-    /// batch, and republishes that batch's derived views (JetStream drops those that landed).
+    /// short of the journal's last two batches), replays the stream from it up to the journal's
+    /// last two batches, and republishes their derived views (JetStream drops those that landed).
     async fn recover(&mut self, warm: bool) -> Result<(), MarketError> {
         let started = Instant::now();
         let tail = self.journal_tail(None).await?;

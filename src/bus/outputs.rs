@@ -691,7 +691,7 @@ mod tests {
 
         enum Report<'a> {
             Entry(&'a Entry),
-            Fill(OldFill<'a>),
+            Fill(Box<OldFill<'a>>),
         }
 
         struct Reports<'a>(&'a MarketSpec, &'a [Report<'a>]);
@@ -707,7 +707,7 @@ mod tests {
                         Report::Entry(Entry::Reject(r)) => {
                             seq.serialize_element(&RejectView::new(self.0, r))?
                         }
-                        Report::Fill(f) => seq.serialize_element(f)?,
+                        Report::Fill(f) => seq.serialize_element(&**f)?,
                     }
                 }
                 seq.end()
@@ -721,12 +721,15 @@ mod tests {
             reports: Reports<'a>,
         }
 
+        /// Subject, `Nats-Msg-Id` and payload of each execution report.
+        pub type Execs = Vec<(String, String, Vec<u8>)>;
+
         /// The journal, the execution reports and the unreadable messages, as first built.
         pub fn build(
             subjects: &Subjects,
             spec: &MarketSpec,
             batch: &Batch<'_>,
-        ) -> (Vec<u8>, Vec<(String, String, Vec<u8>)>, Option<Vec<u8>>) {
+        ) -> (Vec<u8>, Execs, Option<Vec<u8>>) {
             let market = spec.symbol.as_str();
             let all: Vec<&Entry> = batch.entries.iter().collect();
             let journal = rmp_serde::to_vec_named(&Journal {
@@ -748,7 +751,7 @@ mod tests {
                         per_account
                             .entry(order.account.as_str())
                             .or_default()
-                            .push(Report::Fill(OldFill {
+                            .push(Report::Fill(Box::new(OldFill {
                                 kind: "fill",
                                 market,
                                 seq: t.seq,
@@ -762,7 +765,7 @@ mod tests {
                                 price: spec.fmt_price(t.price),
                                 qty: spec.fmt_qty(t.qty),
                                 leaves: spec.fmt_qty(leaves),
-                            }));
+                            })));
                     }
                 } else {
                     match account_of(entry) {

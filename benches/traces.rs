@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
     let journal = Outgoing {
         subject: "agora.events.BTC-USDC".into(),
         msg_id: Some("BTC-USDC:7".into()),
-        payload: Vec::new(),
+        payload: Default::default(),
     };
     let mut group = c.benchmark_group("traces");
     group.bench_function("off", |b| {

@@ -467,6 +467,91 @@ impl WireCommand {
 
 // ----- events out ------------------------------------------------------------------------
 
+/// A short string made on the stack: a decimal (`"65000.50"`) or a trade id (`"812-3"`). The
+/// event types hold these instead of `String`s, so encoding an event allocates nothing; they
+/// serialize as plain strings, byte for byte what `format_decimal` and `format!` give.
+#[derive(Clone, Copy)]
+pub struct ShortStr {
+    buf: [u8; ShortStr::CAPACITY],
+    len: u8,
+}
+
+impl ShortStr {
+    /// A `u64` has 20 digits; with up to `DECIMALS_MAX` (18) decimals, a point and a leading
+    /// "0", a decimal needs at most 22 bytes, and a trade id (`u64`, '-', `u32`) 31.
+    const CAPACITY: usize = 40;
+
+    /// `units` with exactly `decimals` digits after the point, as `format_decimal` writes it.
+    pub fn decimal(units: u64, decimals: u8) -> ShortStr {
+        let mut digits = [0u8; 20];
+        let mut n = digits.len();
+        let mut v = units;
+        loop {
+            n -= 1;
+            digits[n] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        let digits = &digits[n..];
+        let mut out = ShortStr {
+            buf: [0; ShortStr::CAPACITY],
+            len: 0,
+        };
+        let decimals = usize::from(decimals).min(ShortStr::CAPACITY - 3);
+        if decimals == 0 {
+            out.push(digits);
+            return out;
+        }
+        if digits.len() > decimals {
+            let (int, frac) = digits.split_at(digits.len() - decimals);
+            out.push(int);
+            out.push(b".");
+            out.push(frac);
+        } else {
+            out.push(b"0.");
+            for _ in digits.len()..decimals {
+                out.push(b"0");
+            }
+            out.push(digits);
+        }
+        out
+    }
+
+    /// `"<seq>-<n>"`, the id of the `n`-th trade of input `seq`.
+    pub fn trade_id(seq: u64, n: u32) -> ShortStr {
+        let mut out = ShortStr::decimal(seq, 0);
+        out.push(b"-");
+        out.push(ShortStr::decimal(u64::from(n), 0).as_str().as_bytes());
+        out
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let at = usize::from(self.len);
+        let end = (at + bytes.len()).min(ShortStr::CAPACITY);
+        self.buf[at..end].copy_from_slice(&bytes[..end - at]);
+        self.len = end as u8;
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits, '.' and '-' are ever written.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for ShortStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for ShortStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 #[derive(Serialize)]
 struct WireAccepted<'a> {
     #[serde(rename = "type")]
@@ -480,10 +565,10 @@ struct WireAccepted<'a> {
     side: &'static str,
     order_type: &'static str,
     tif: &'static str,
-    price: Option<String>,
-    qty: String,
-    stop_price: Option<String>,
-    display_qty: Option<String>,
+    price: Option<ShortStr>,
+    qty: ShortStr,
+    stop_price: Option<ShortStr>,
+    display_qty: Option<ShortStr>,
     expire_at: Option<Timestamp>,
     stp: &'static str,
 }
@@ -510,18 +595,18 @@ struct WireTrade<'a> {
     market: &'a str,
     seq: Seq,
     ts: Timestamp,
-    trade_id: String,
-    price: String,
-    qty: String,
+    trade_id: ShortStr,
+    price: ShortStr,
+    qty: ShortStr,
     taker_side: &'static str,
     maker_oid: u64,
     maker_cid: Option<&'a str>,
     maker_account: &'a str,
-    maker_leaves: String,
+    maker_leaves: ShortStr,
     taker_oid: u64,
     taker_cid: Option<&'a str>,
     taker_account: &'a str,
-    taker_leaves: String,
+    taker_leaves: ShortStr,
 }
 
 #[derive(Serialize)]
@@ -536,8 +621,8 @@ struct WireCancelled<'a> {
     account: &'a str,
     side: &'static str,
     reason: &'static str,
-    qty: String,
-    leaves: String,
+    qty: ShortStr,
+    leaves: ShortStr,
 }
 
 #[derive(Serialize)]
@@ -551,9 +636,9 @@ struct WireAmended<'a> {
     cid: Option<&'a str>,
     account: &'a str,
     side: &'static str,
-    price: String,
-    qty: String,
-    leaves: String,
+    price: ShortStr,
+    qty: ShortStr,
+    leaves: ShortStr,
     priority_kept: bool,
 }
 
@@ -569,8 +654,8 @@ struct WireTriggered<'a> {
     account: &'a str,
     side: &'static str,
     order_type: &'static str,
-    stop_price: String,
-    last_price: String,
+    stop_price: ShortStr,
+    last_price: ShortStr,
 }
 
 /// An event ready to encode: `serde_json::to_string(&EventView::new(spec, &event))` or
@@ -590,8 +675,8 @@ impl Serialize for EventView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let spec = self.spec;
         let market = spec.symbol.as_str();
-        let p = |p: Price| format_decimal(p.0, spec.price_decimals);
-        let q = |q: Qty| format_decimal(q.0, spec.size_decimals);
+        let p = |p: Price| ShortStr::decimal(p.0, spec.price_decimals);
+        let q = |q: Qty| ShortStr::decimal(q.0, spec.size_decimals);
         match self.event {
             Event::Accepted(e) => WireAccepted {
                 kind: "accepted",
@@ -630,7 +715,7 @@ impl Serialize for EventView<'_> {
                 market,
                 seq: e.seq,
                 ts: e.ts,
-                trade_id: format!("{}-{}", e.seq, e.trade_n),
+                trade_id: ShortStr::trade_id(e.seq, e.trade_n),
                 price: p(e.price),
                 qty: q(e.qty),
                 taker_side: e.taker_side.as_str(),
@@ -836,5 +921,42 @@ impl WireCommandOut {
             Op::Halt { cancel_orders } => w.cancel_orders = Some(*cancel_orders),
         }
         w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_strings_are_what_format_gives() {
+        let values = [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12_345,
+            6_500_050,
+            999_999_999_999,
+            u64::MAX / 7,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for units in values {
+            for decimals in 0..=crate::book::num::DECIMALS_MAX {
+                assert_eq!(
+                    ShortStr::decimal(units, decimals).as_str(),
+                    format_decimal(units, decimals),
+                    "{units} with {decimals} decimals"
+                );
+            }
+        }
+        for (seq, n) in [(0, 0), (812, 3), (u64::MAX, u32::MAX)] {
+            assert_eq!(ShortStr::trade_id(seq, n).as_str(), format!("{seq}-{n}"));
+        }
+        let encoded = rmp_serde::to_vec(&ShortStr::decimal(150, 2)).expect("encodes");
+        assert_eq!(encoded, rmp_serde::to_vec("1.50").expect("encodes"));
     }
 }

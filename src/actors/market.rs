@@ -5,9 +5,11 @@
 //! drops messages when its buffer fills), hands each batch to the actor through its bounded
 //! mailbox (so overload shows as back-pressure), then publishes the journal message fenced with
 //! `Nats-Expected-Last-Subject-Sequence`, and only once it is acknowledged the derived views,
-//! pipelined. On start it recovers: it reads the journal's last batch, replays the stream up to
-//! it silently, republishes that batch's derived views (JetStream drops what had landed) and
-//! goes on from the next sequence. No command is lost or applied twice; no output is published
+//! whose acknowledgements it collects while it matches and journals the next batch. On start it
+//! recovers: it reads the journal's last two batches (the views of the one before the last may
+//! not have been acknowledged when the last landed), replays the stream up to them silently,
+//! republishes their derived views (JetStream drops what had landed) and goes on from the next
+//! sequence. No command is lost or applied twice; no output is published
 //! twice. This module must never publish a derived view before its journal message, nor go on
 //! after the fence says another owner wrote the journal.
 //!
@@ -22,12 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use async_nats::HeaderMap;
+use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, pull},
     context::PublishErrorKind,
 };
+use async_nats::{HeaderMap, HeaderValue};
 use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -36,6 +39,7 @@ use tracing::Instrument;
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::metrics::MarketMetrics;
 use crate::book::{MarketSpec, OrderBook, Seq, StateHash};
+use crate::bus::acks::{ACK_TIMEOUT, AckedPublisher};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
 use crate::cluster::Lease;
@@ -511,10 +515,36 @@ impl Handler<SpecOf> for MarketActor {
 }
 
 /// The head of a journal message: which input sequences it covers.
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize)]
 struct JournalHead {
     first_seq: Seq,
     last_seq: Seq,
+}
+
+/// The end of a market's journal: its last batch (and the stream sequence of its message),
+/// and the batch before it. A batch's views may still be unacknowledged while the next
+/// batch's journal message lands (the driver collects a batch's acknowledgements while it
+/// processes and journals the next one), so a new owner rebuilds and republishes both.
+#[derive(Clone, Copy, Debug)]
+struct JournalTail {
+    seq: u64,
+    head: JournalHead,
+    /// `None` for a market's first batch (or when the message before it is gone).
+    prev: Option<JournalHead>,
+    /// The stream sequence of the message before (from the last one's fence header), 0 if none.
+    prev_seq: u64,
+}
+
+impl JournalTail {
+    /// The batches whose views may be unacknowledged, oldest first.
+    fn unsettled(&self) -> impl Iterator<Item = JournalHead> {
+        self.prev.into_iter().chain(std::iter::once(self.head))
+    }
+
+    /// The first command of the batches a new owner rebuilds.
+    fn rebuild_from(&self) -> Seq {
+        self.prev.map_or(self.head.first_seq, |p| p.first_seq)
+    }
 }
 
 struct Driver {
@@ -529,6 +559,14 @@ struct Driver {
     routes: Routes,
     /// Stream sequence of our last journal message (the fence), `None` before the first.
     journal_seq: Option<u64>,
+    /// Publishes the derived views and collects their acknowledgements (made at the first).
+    views: Option<AckedPublisher>,
+    /// The batch whose views are published and not yet acknowledged: its figures, when its
+    /// first message was taken, and the commands then waiting in the stream.
+    unsettled: Option<(BatchStats, Instant, Option<u64>)>,
+    /// A warm copy's last look at the journal's end (saves reading the batch before the last
+    /// again while the last has not changed).
+    tail_seen: Option<JournalTail>,
     settings: MarketSettings,
     /// Messages applied since the last snapshot was taken, and when it was taken.
     since_snapshot: u64,
@@ -653,6 +691,9 @@ impl Driver {
             addr,
             routes,
             journal_seq: None,
+            views: None,
+            unsettled: None,
+            tail_seen: None,
             settings,
             since_snapshot: 0,
             snapshot_at: Instant::now(),
@@ -737,7 +778,7 @@ impl Driver {
 const FOLLOW_POLL: Duration = Duration::from_millis(20);
 
 /// A warm copy of a market on a node that does not own it: its actor holds the book as of the
-/// journal's last batch but one, kept current by applying the order stream silently, so taking
+/// journal's last two batches, kept current by applying the order stream silently, so taking
 /// the market over needs no snapshot load and almost no replay. It publishes nothing.
 pub struct Follower {
     pub market: String,
@@ -761,7 +802,7 @@ impl Follower {
     }
 
     /// Turns the copy into the running market at `epoch`: it applies what the journal says was
-    /// done, rebuilds the journal's last batch and republishes its views (JetStream drops
+    /// done, rebuilds the journal's last two batches and republishes their views (JetStream drops
     /// those that had landed), then consumes from the next command. Answers once it consumes.
     pub async fn promote(
         mut self,
@@ -875,8 +916,8 @@ pub async fn follow(
 }
 
 impl Driver {
-    /// Applies, silently, the commands of every journal batch but the last (whose outputs a
-    /// new owner must rebuild), and records how far behind the owner this copy is.
+    /// Applies, silently, the commands of every journal batch but the last two (whose outputs
+    /// a new owner must rebuild), and records how far behind the owner this copy is.
     async fn follow_step(&mut self, lag: &AtomicU64) -> Result<(), MarketError> {
         let applied = self.send(LastSeq).await?;
         if self.feed.is_none() {
@@ -888,15 +929,22 @@ impl Driver {
             );
             self.feed = Some(feed.await?);
         }
-        let Some((_, head)) = self.journal_head().await? else {
+        let seen = self.tail_seen;
+        let Some(tail) = self.journal_tail(seen).await? else {
             lag.store(0, Ordering::Release);
             return Ok(());
         };
+        self.tail_seen = Some(tail);
         let mut applied = applied;
-        if head.first_seq > applied + 1 {
-            applied += self.replay_range(applied + 1, head.first_seq - 1).await?;
+        if tail.rebuild_from() > applied + 1 {
+            applied += self
+                .replay_range(applied + 1, tail.rebuild_from() - 1)
+                .await?;
         }
-        lag.store(head.last_seq.saturating_sub(applied), Ordering::Release);
+        lag.store(
+            tail.head.last_seq.saturating_sub(applied),
+            Ordering::Release,
+        );
         Ok(())
     }
 
@@ -913,16 +961,65 @@ impl Driver {
         self.launch().await
     }
 
-    /// The journal's last batch: the stream sequence of its message and the commands it covers.
-    async fn journal_head(&self) -> Result<Option<(u64, JournalHead)>, MarketError> {
+    /// The journal's last two batches (`None`: the journal is empty). The batch before the
+    /// last is found through the last message's fence header, and taken from `seen` when that
+    /// already names it.
+    async fn journal_tail(
+        &self,
+        seen: Option<JournalTail>,
+    ) -> Result<Option<JournalTail>, MarketError> {
         let subject = self.subjects.events(&self.market);
-        match self.events.get_last_raw_message_by_subject(&subject).await {
-            Ok(last) => {
-                let head: JournalHead = rmp_serde::from_slice(&last.payload)
-                    .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
-                Ok(Some((last.sequence, head)))
-            }
+        let last = match self.events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => last,
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(nats_err(&self.market, "reading the journal", e)),
+        };
+        let head: JournalHead = rmp_serde::from_slice(&last.payload)
+            .map_err(|e| nats_err(&self.market, "reading the journal's last batch", e))?;
+        let prev_seq = last
+            .headers
+            .get(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(0);
+        let prev = match seen {
+            Some(t) if t.seq == last.sequence => t.prev,
+            Some(t) if t.seq == prev_seq => Some(t.head),
+            _ if prev_seq == 0 => None,
+            // Released with every output acknowledged: nothing is rebuilt, and a move's pause
+            // need not wait for a second read.
+            _ if self.settings.handed_over => None,
+            _ => self.journal_batch(&subject, prev_seq).await?,
+        };
+        // Batches are contiguous; anything else is not the batch before this one.
+        let prev = prev.filter(|p| p.last_seq + 1 == head.first_seq);
+        Ok(Some(JournalTail {
+            seq: last.sequence,
+            head,
+            prev,
+            prev_seq,
+        }))
+    }
+
+    /// The journal batch at stream sequence `seq`, if it is still there and is this market's.
+    async fn journal_batch(
+        &self,
+        subject: &str,
+        seq: u64,
+    ) -> Result<Option<JournalHead>, MarketError> {
+        match self.events.get_raw_message(seq).await {
+            Ok(m) if m.subject.as_str() == subject => {
+                rmp_serde::from_slice(&m.payload).map(Some).map_err(|e| {
+                    nats_err(
+                        &self.market,
+                        "reading the journal's batch before the last",
+                        e,
+                    )
+                })
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }
             Err(e) => Err(nats_err(&self.market, "reading the journal", e)),
@@ -983,30 +1080,36 @@ impl Driver {
     }
 
     /// Restores the latest usable snapshot (`warm`: the actor's state already is a follower's,
-    /// short of the journal's last batch), replays the stream from it up to the journal's last
-    /// batch, and republishes that batch's derived views (JetStream drops those that landed).
+    /// short of the journal's last two batches), replays the stream from it up to the journal's
+    /// last two batches, and republishes their derived views (JetStream drops those that landed).
     async fn recover(&mut self, warm: bool) -> Result<(), MarketError> {
         let started = Instant::now();
-        let head = match self.journal_head().await? {
-            Some((seq, head)) => {
-                self.journal_seq = Some(seq);
-                Some(head)
+        let tail = self.journal_tail(None).await?;
+        if let Some(t) = &tail {
+            self.journal_seq = Some(t.seq);
+            if t.prev.is_none() && t.prev_seq != 0 && !self.settings.handed_over {
+                tracing::warn!(market = %self.market, journal_seq = t.prev_seq, "the journal's batch before the last is not there; only the last batch's views are republished");
             }
-            None => None,
+        }
+        // Whether `seq` falls inside a batch whose outputs may have to be rebuilt: a book there
+        // cannot rebuild them.
+        let inside = |seq: Seq| {
+            tail.iter()
+                .flat_map(JournalTail::unsettled)
+                .find(|b| seq >= b.first_seq && seq < b.last_seq)
         };
         let mut done = Recovered::default();
         let mut from = 1;
         if warm {
             let applied = self.send(LastSeq).await?;
-            if let Some(h) = &head
-                && applied >= h.first_seq
-                && applied < h.last_seq
+            if !self.settings.handed_over
+                && let Some(b) = inside(applied)
             {
                 return Err(MarketError::Recovery {
                     market: self.market.clone(),
                     reason: format!(
-                        "the warm copy is at {applied}, inside the journal's last batch ({}..={})",
-                        h.first_seq, h.last_seq
+                        "the warm copy is at {applied}, inside one of the journal's last batches ({}..={})",
+                        b.first_seq, b.last_seq
                     ),
                 });
             }
@@ -1014,14 +1117,10 @@ impl Driver {
             from = applied + 1;
         } else if let Some(snapshot) = self.load_snapshot().await {
             let seq = snapshot.last_seq;
-            // A snapshot inside the last batch cannot rebuild that batch's outputs; snapshots
-            // are taken at batch boundaries, so this means the journal and the snapshot
-            // disagree: trust the stream.
-            let usable = match &head {
-                None => true,
-                Some(h) => seq < h.first_seq || seq >= h.last_seq,
-            };
-            if usable {
+            // A snapshot inside the last batches cannot rebuild their outputs; snapshots are
+            // taken at batch boundaries, so this means the journal and the snapshot disagree:
+            // trust the stream.
+            if inside(seq).is_none() {
                 self.send(Restore(Box::new(snapshot))).await?.map_err(|e| {
                     MarketError::Recovery {
                         market: self.market.clone(),
@@ -1031,40 +1130,46 @@ impl Driver {
                 done.snapshot_seq = Some(seq);
                 from = seq + 1;
             } else {
-                tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batch; recovering from the stream alone");
+                tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batches; recovering from the stream alone");
             }
         }
-        if let Some(head) = head.as_ref().filter(|_| self.settings.handed_over)
-            && head.last_seq >= from
+        if let Some(tail) = tail.filter(|_| self.settings.handed_over)
+            && tail.head.last_seq >= from
         {
             // Released by its owner with every output published: all of it, silently.
-            done.replayed = self.replay_range(from, head.last_seq).await?;
-        } else if let Some(head) = head
-            && head.last_seq >= from
-        {
-            // Everything before the last batch, silently; then the last batch again, to rebuild
-            // its outputs byte for byte and republish the derived views.
-            if head.first_seq > from {
-                done.replayed = self.replay_range(from, head.first_seq - 1).await?;
-            }
-            let mut last_batch = Vec::new();
-            let mut reader = self.read_range(head.first_seq, head.last_seq).await?;
-            let read = async {
-                while let Some(chunk) = reader.next_chunk().await? {
-                    last_batch.extend(chunk);
+            done.replayed = self.replay_range(from, tail.head.last_seq).await?;
+        } else if let Some(tail) = tail {
+            // Everything before the last two batches, silently; then each of them again (unless
+            // the snapshot or the copy is past it: a snapshot is taken with every output
+            // acknowledged), to rebuild its outputs byte for byte and republish its views.
+            for b in tail.unsettled() {
+                if b.last_seq < from {
+                    continue;
                 }
-                Ok::<_, MarketError>(())
-            }
-            .await;
-            self.done_reading(reader);
-            read?;
-            done.republished = last_batch.len() as u64;
-            let last_batch = Process {
-                batch: last_batch,
-                traced: Vec::new(),
-            };
-            for (out, _) in self.send(last_batch).await? {
-                self.publish_views(&out, false).await?;
+                if b.first_seq > from {
+                    done.replayed += self.replay_range(from, b.first_seq - 1).await?;
+                }
+                let mut batch = Vec::new();
+                let mut reader = self.read_range(b.first_seq, b.last_seq).await?;
+                let read = async {
+                    while let Some(chunk) = reader.next_chunk().await? {
+                        batch.extend(chunk);
+                    }
+                    Ok::<_, MarketError>(())
+                }
+                .await;
+                self.done_reading(reader);
+                read?;
+                done.republished += batch.len() as u64;
+                let batch = Process {
+                    batch,
+                    traced: Vec::new(),
+                };
+                for (out, _) in self.send(batch).await? {
+                    self.send_views(out, false).await?;
+                    self.settle_views().await?;
+                }
+                from = b.last_seq + 1;
             }
         }
         let (last_seq, book) = self.send(Fork).await?;
@@ -1243,6 +1348,8 @@ impl Driver {
         let Some(store) = self.snapshots.clone() else {
             return Ok(());
         };
+        // A snapshot covers outputs that are all acknowledged.
+        self.settle_views().await?;
         let snapshot = self
             .send(TakeSnapshot {
                 epoch: self.settings.epoch,
@@ -1281,8 +1388,15 @@ impl Driver {
         Ok(())
     }
 
-    /// The live loop: batch, process, publish; until stopped, fenced or failed.
-    async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
+    /// The live loop, then (stopped at a batch boundary) the last views' acknowledgements, so
+    /// a clean stop leaves every output acknowledged.
+    async fn run(&mut self, stop: watch::Receiver<bool>) -> Result<(), MarketError> {
+        self.consume(stop).await?;
+        self.settle_views().await
+    }
+
+    /// Batch, process, publish; until stopped, fenced or failed.
+    async fn consume(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), MarketError> {
         let last = self.send(LastSeq).await?;
         // A warm copy's feed goes on where its recovery ended; otherwise a consumer of our own.
         let mut messages = match self.feed.take() {
@@ -1305,13 +1419,21 @@ impl Driver {
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let first = tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                _ = timer.tick() => {
-                    self.snapshot_if_due().await?;
-                    continue;
+            // Under load the next messages are already here; otherwise, while waiting for them,
+            // the last views' acknowledgements are collected first.
+            let first = match messages.next().now_or_never() {
+                Some(m) if !*stop.borrow() => m,
+                _ => {
+                    self.settle_views().await?;
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        _ = timer.tick() => {
+                            self.snapshot_if_due().await?;
+                            continue;
+                        }
+                        m = messages.next() => m,
+                    }
                 }
-                m = messages.next() => m,
             };
             let Some(first) = first else { return Ok(()) };
             let received = Instant::now();
@@ -1339,15 +1461,19 @@ impl Driver {
                 traced: traced.clone(),
             };
             for (out, stats) in self.send(process).await? {
-                let published = self.publish_batch(&out, &traced).await;
+                let published = self.publish_batch(out, &traced).await;
                 if let Err(e) = published {
                     if matches!(e, MarketError::Nats { .. }) {
                         self.metrics.publish_error();
                     }
                     return Err(e);
                 }
-                let micros = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
-                self.metrics.batch(&stats, micros, pending);
+                // Its figures are recorded once its views are acknowledged.
+                self.unsettled = Some((stats, received, pending));
+                if !traced.is_empty() {
+                    // The traced commands' report spans end with the acknowledgements.
+                    self.settle_views().await?;
+                }
             }
             // The traced commands' spans end once their outputs are acknowledged.
             drop(traced);
@@ -1376,9 +1502,15 @@ impl Driver {
 
     /// Publishes a processed batch: the journal message, then (once acknowledged) the views;
     /// each under a span per traced message of the batch.
+    ///
+    /// The views' acknowledgements are not awaited here: the next batch is taken, matched and
+    /// journaled meanwhile, and they are collected before that batch's views go out (or before
+    /// a snapshot, or at a stop). So while a batch's journal message lands, only the views of
+    /// the batch before it may still be unacknowledged, and a new owner rebuilds and
+    /// republishes the journal's last two batches.
     async fn publish_batch(
         &mut self,
-        out: &BatchOutputs,
+        out: BatchOutputs,
         traced: &[TracedCommand],
     ) -> Result<(), MarketError> {
         let spans = PublishSpans::journal(traced, &out.journal);
@@ -1389,11 +1521,30 @@ impl Driver {
         drop(spans);
         let spans =
             PublishSpans::reports(traced, out.execs.len() + usize::from(out.trades.is_some()));
-        let published = self.publish_views(out, true).await;
+        let mut published = self.settle_views().await;
+        if published.is_ok() {
+            published = self.send_views(out, true).await;
+        }
         if let Err(e) = &published {
             spans.fail(traced, e);
         }
         published
+    }
+
+    /// Waits for the acknowledgements of the views in flight, and records the figures of the
+    /// batch they belong to.
+    async fn settle_views(&mut self) -> Result<(), MarketError> {
+        if let Some(views) = self.views.as_mut().filter(|v| v.in_flight() > 0) {
+            views
+                .wait(ACK_TIMEOUT)
+                .await
+                .map_err(|e| nats_err(&self.market, "publishing reports", e))?;
+        }
+        if let Some((stats, received, pending)) = self.unsettled.take() {
+            let micros = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.metrics.batch(&stats, micros, pending);
+        }
+        Ok(())
     }
 
     /// Publishes the journal message, fenced on our previous one.
@@ -1405,18 +1556,14 @@ impl Driver {
         }
         let msg_id = journal.msg_id.clone().unwrap_or_default();
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
         headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            self.journal_seq.unwrap_or(0).to_string().as_str(),
+            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            HeaderValue::from(self.journal_seq.unwrap_or(0)),
         );
         let sent = self
             .js
-            .publish_with_headers(
-                journal.subject.clone(),
-                headers,
-                journal.payload.clone().into(),
-            )
+            .publish_with_headers(journal.subject.clone(), headers, journal.payload.clone())
             .await
             .map_err(|e| nats_err(&self.market, "publishing the journal", e))?;
         match sent.await {
@@ -1449,34 +1596,32 @@ impl Driver {
         }
     }
 
-    /// Publishes the derived views: reports and tape through JetStream (pipelined, acks awaited
-    /// together), book deltas and unreadable messages on core NATS (`live` only: a recovering
-    /// owner republishes only what JetStream can deduplicate).
-    async fn publish_views(&self, out: &BatchOutputs, live: bool) -> Result<(), MarketError> {
-        let mut acks = Vec::new();
-        for o in out.execs.iter().chain(out.trades.iter()) {
-            let mut headers = HeaderMap::new();
-            if let Some(id) = &o.msg_id {
-                headers.insert("Nats-Msg-Id", id.as_str());
-            }
-            acks.push(
-                self.js
-                    .publish_with_headers(o.subject.clone(), headers, o.payload.clone().into())
+    /// Publishes the derived views: reports and tape through JetStream (their acknowledgements
+    /// collected by `settle_views`), book deltas and unreadable messages on core NATS (`live`
+    /// only: a recovering owner republishes only what JetStream can deduplicate).
+    async fn send_views(&mut self, out: BatchOutputs, live: bool) -> Result<(), MarketError> {
+        let market = &self.market;
+        let views = match &mut self.views {
+            Some(views) => views,
+            None => self.views.insert(
+                AckedPublisher::new(self.client.clone())
                     .await
-                    .map_err(|e| nats_err(&self.market, "publishing reports", e))?,
-            );
+                    .map_err(|e| nats_err(market, "subscribing to report acknowledgements", e))?,
+            ),
+        };
+        for o in out.execs.into_iter().chain(out.trades) {
+            views
+                .publish(o.subject, o.msg_id, o.payload)
+                .await
+                .map_err(|e| nats_err(market, "publishing reports", e))?;
         }
         if live {
-            for o in out.book.iter().chain(out.rejects.iter()) {
+            for o in out.book.into_iter().chain(out.rejects) {
                 self.client
-                    .publish(o.subject.clone(), o.payload.clone().into())
+                    .publish(o.subject, o.payload)
                     .await
-                    .map_err(|e| nats_err(&self.market, "publishing book updates", e))?;
+                    .map_err(|e| nats_err(market, "publishing book updates", e))?;
             }
-        }
-        let acks = acks.into_iter().map(std::future::IntoFuture::into_future);
-        for ack in futures::future::join_all(acks).await {
-            ack.map_err(|e| nats_err(&self.market, "publishing reports", e))?;
         }
         Ok(())
     }

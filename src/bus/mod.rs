@@ -5,6 +5,7 @@
 //! in `crate::book`. This module must never decide anything about an order: it moves bytes
 //! and reports, in words an operator can act on, what went wrong with NATS.
 
+pub mod acks;
 pub mod connect;
 pub mod error;
 pub mod outputs;

@@ -9,13 +9,14 @@
 //! and no order. This module must never publish, and never reorder a batch's events.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
+use bytes::Bytes;
 use serde::Serialize;
-use serde::ser::SerializeSeq;
 
 use super::subjects::Subjects;
 use crate::book::{Event, L2Level, MarketSpec, OrderTag, Qty, Seq, Side, Timestamp, Trade};
-use crate::wire::{EventView, RejectView, WireReject};
+use crate::wire::{EventView, RejectView, ShortStr, WireReject};
 
 /// One entry of a batch, in input order: a book event, or a message that did not decode.
 #[derive(Clone, Debug)]
@@ -24,13 +25,14 @@ pub enum Entry {
     Reject(WireReject),
 }
 
-/// A message to publish.
+/// A message to publish. The payload is shared (`Bytes`): a batch's report payloads are slices
+/// of one buffer, and publishing hands them over without a copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {
     pub subject: String,
     /// `Nats-Msg-Id` for JetStream subjects; `None` for core NATS (L2 deltas).
     pub msg_id: Option<String>,
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
 }
 
 /// Everything one batch sends, in publishing order: the journal first, alone (it is fenced);
@@ -51,32 +53,6 @@ pub struct Top {
     pub asks: Vec<L2Level>,
 }
 
-struct Entries<'a> {
-    spec: &'a MarketSpec,
-    entries: &'a [Entry],
-}
-
-impl Serialize for Entries<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.entries.len()))?;
-        for entry in self.entries {
-            match entry {
-                Entry::Event(e) => seq.serialize_element(&EventView::new(self.spec, e))?,
-                Entry::Reject(r) => seq.serialize_element(&RejectView::new(self.spec, r))?,
-            }
-        }
-        seq.end()
-    }
-}
-
-#[derive(Serialize)]
-struct Journal<'a> {
-    market: &'a str,
-    first_seq: Seq,
-    last_seq: Seq,
-    events: Entries<'a>,
-}
-
 /// One side of a fill, as its own account sees it.
 #[derive(Serialize)]
 struct Fill<'a> {
@@ -85,82 +61,49 @@ struct Fill<'a> {
     market: &'a str,
     seq: Seq,
     ts: Timestamp,
-    trade_id: String,
+    trade_id: ShortStr,
     oid: u64,
     cid: Option<&'a str>,
     account: &'a str,
     side: &'static str,
     liquidity: &'static str,
-    price: String,
-    qty: String,
-    leaves: String,
+    price: ShortStr,
+    qty: ShortStr,
+    leaves: ShortStr,
 }
 
-enum Report<'a> {
-    Event(&'a Event),
-    Reject(&'a WireReject),
-    Fill {
-        trade: &'a Trade,
-        order: &'a OrderTag,
-        side: Side,
-        maker: bool,
-        leaves: Qty,
-    },
-}
-
-struct Reports<'a> {
-    spec: &'a MarketSpec,
-    reports: &'a [Report<'a>],
-}
-
-impl Serialize for Reports<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let spec = self.spec;
-        let mut seq = s.serialize_seq(Some(self.reports.len()))?;
-        for report in self.reports {
-            match report {
-                Report::Event(e) => seq.serialize_element(&EventView::new(spec, e))?,
-                Report::Reject(r) => seq.serialize_element(&RejectView::new(spec, r))?,
-                Report::Fill {
-                    trade,
-                    order,
-                    side,
-                    maker,
-                    leaves,
-                } => seq.serialize_element(&Fill {
-                    kind: "fill",
-                    market: &spec.symbol,
-                    seq: trade.seq,
-                    ts: trade.ts,
-                    trade_id: format!("{}-{}", trade.seq, trade.trade_n),
-                    oid: order.oid.0,
-                    cid: order.cid.as_ref().map(|c| c.as_str()),
-                    account: order.account.as_str(),
-                    side: side.as_str(),
-                    liquidity: if *maker { "maker" } else { "taker" },
-                    price: spec.fmt_price(trade.price),
-                    qty: spec.fmt_qty(trade.qty),
-                    leaves: spec.fmt_qty(*leaves),
-                })?,
-            }
+impl<'a> Fill<'a> {
+    /// The `maker` (or taker) side of `t`, for that side's account.
+    fn new(spec: &'a MarketSpec, t: &'a Trade, maker: bool) -> Fill<'a> {
+        let (order, side, leaves): (&OrderTag, Side, Qty) = if maker {
+            (&t.maker, t.taker_side.opposite(), t.maker_leaves)
+        } else {
+            (&t.taker, t.taker_side, t.taker_leaves)
+        };
+        Fill {
+            kind: "fill",
+            market: &spec.symbol,
+            seq: t.seq,
+            ts: t.ts,
+            trade_id: ShortStr::trade_id(t.seq, t.trade_n),
+            oid: order.oid.0,
+            cid: order.cid.as_ref().map(|c| c.as_str()),
+            account: order.account.as_str(),
+            side: side.as_str(),
+            liquidity: if maker { "maker" } else { "taker" },
+            price: ShortStr::decimal(t.price.0, spec.price_decimals),
+            qty: ShortStr::decimal(t.qty.0, spec.size_decimals),
+            leaves: ShortStr::decimal(leaves.0, spec.size_decimals),
         }
-        seq.end()
     }
 }
 
 #[derive(Serialize)]
-struct ReportBatch<'a> {
-    market: &'a str,
-    last_seq: Seq,
-    reports: Reports<'a>,
-}
-
-#[derive(Serialize)]
 struct TapeTrade {
-    trade_id: String,
+    trade_id: ShortStr,
     ts: Timestamp,
-    price: String,
-    qty: String,
+    price: ShortStr,
+    qty: ShortStr,
     taker_side: &'static str,
 }
 
@@ -174,9 +117,9 @@ struct Tape<'a> {
 #[derive(Serialize)]
 struct LevelChange {
     side: &'static str,
-    price: String,
+    price: ShortStr,
     /// Shown quantity now at the price; "0" when the level is gone from the top.
-    qty: String,
+    qty: ShortStr,
     orders: u32,
 }
 
@@ -191,9 +134,38 @@ struct BookDelta<'a> {
     changes: Vec<LevelChange>,
 }
 
-fn encode(value: &impl Serialize) -> Vec<u8> {
+/// Appends `value` as a named-field MessagePack map.
+fn encode_into(out: &mut Vec<u8>, value: &impl Serialize) {
     // Encoding plain maps of strings and integers into a Vec cannot fail.
-    rmp_serde::to_vec_named(value).unwrap_or_default()
+    let _ = rmp_serde::encode::write_named(out, value);
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    encode_into(&mut out, value);
+    out
+}
+
+/// The head of a message whose last field is a list: the map's size, its leading fields
+/// (strings and unsigned integers), and the list's key and length; the caller appends the
+/// list's items, already encoded. Bytes as `rmp_serde::to_vec_named` writes the same struct.
+fn write_head(out: &mut Vec<u8>, fields: &[(&str, Field<'_>)], list: &str, len: usize) {
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(out, (fields.len() + 1) as u32);
+    for (key, value) in fields {
+        let _ = rmp::encode::write_str(out, key);
+        let _ = match value {
+            Field::Str(v) => rmp::encode::write_str(out, v),
+            Field::Uint(v) => rmp::encode::write_uint(out, *v).map(|_| ()),
+        };
+    }
+    let _ = rmp::encode::write_str(out, list);
+    let _ = rmp::encode::write_array_len(out, len as u32);
+}
+
+enum Field<'a> {
+    Str(&'a str),
+    Uint(u64),
 }
 
 /// The changes between two tops of book, per side: new or changed levels with their state,
@@ -243,7 +215,36 @@ pub struct Batch<'a> {
     pub prev_book_seq: Seq,
 }
 
+/// What an execution report holds for one entry of the batch.
+#[derive(Clone, Copy)]
+enum Part {
+    /// The entry as the journal has it (an event or a rejection of the account's).
+    Whole,
+    /// One side of a trade.
+    Maker,
+    Taker,
+}
+
+/// The account an entry (other than a trade) reports to; `None` for an unreadable message.
+fn account_of(entry: &Entry) -> Option<&str> {
+    match entry {
+        Entry::Event(e) => Some(match e {
+            Event::Accepted(x) => x.order.account.as_str(),
+            Event::Rejected(x) => x.account.as_str(),
+            Event::Cancelled(x) => x.order.account.as_str(),
+            Event::Amended(x) => x.order.account.as_str(),
+            Event::Triggered(x) => x.order.account.as_str(),
+            Event::Trade(x) => x.taker.account.as_str(),
+        }),
+        Entry::Reject(r) => r.account.as_ref().map(|a| a.as_str()),
+    }
+}
+
 /// Builds the messages of one batch.
+///
+/// Each entry is encoded once, into the journal; an execution report copies the bytes of the
+/// entries it shares with the journal (everything but fills), and all of a batch's report
+/// payloads are written into one buffer and handed out as slices of it.
 pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> BatchOutputs {
     let Batch {
         first_seq,
@@ -254,101 +255,117 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
         prev_book_seq,
     } = *batch;
     let market = spec.symbol.as_str();
-    let journal = Outgoing {
-        subject: subjects.events(market),
-        msg_id: Some(format!("{market}:{last_seq}")),
-        payload: encode(&Journal {
-            market,
-            first_seq,
-            last_seq,
-            events: Entries { spec, entries },
-        }),
-    };
+
+    // The journal, each entry's bytes in it remembered.
+    let mut journal = Vec::with_capacity(64 + entries.len() * 192);
+    write_head(
+        &mut journal,
+        &[
+            ("market", Field::Str(market)),
+            ("first_seq", Field::Uint(first_seq)),
+            ("last_seq", Field::Uint(last_seq)),
+        ],
+        "events",
+        entries.len(),
+    );
+    let mut spans: Vec<Range<usize>> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let start = journal.len();
+        match entry {
+            Entry::Event(e) => encode_into(&mut journal, &EventView::new(spec, e)),
+            Entry::Reject(r) => encode_into(&mut journal, &RejectView::new(spec, r)),
+        }
+        spans.push(start..journal.len());
+    }
 
     // Reports per account, in batch order; accounts in name order for stable output.
-    let mut per_account: BTreeMap<&str, Vec<Report<'_>>> = BTreeMap::new();
-    let mut unreadable: Vec<&WireReject> = Vec::new();
+    let mut parts: Vec<(&str, u32, Part)> = Vec::with_capacity(entries.len() + 16);
+    let mut unreadable: Vec<usize> = Vec::new();
     let mut tape = Vec::new();
-    for entry in entries {
+    for (i, entry) in entries.iter().enumerate() {
+        let i = i as u32;
         match entry {
             Entry::Event(Event::Trade(t)) => {
                 // One report per side, each to its own account.
-                let sides = [
-                    (&t.maker, t.taker_side.opposite(), true, t.maker_leaves),
-                    (&t.taker, t.taker_side, false, t.taker_leaves),
-                ];
-                for (order, side, maker, leaves) in sides {
-                    per_account
-                        .entry(order.account.as_str())
-                        .or_default()
-                        .push(Report::Fill {
-                            trade: t,
-                            order,
-                            side,
-                            maker,
-                            leaves,
-                        });
-                }
+                parts.push((t.maker.account.as_str(), i, Part::Maker));
+                parts.push((t.taker.account.as_str(), i, Part::Taker));
                 tape.push(TapeTrade {
-                    trade_id: format!("{}-{}", t.seq, t.trade_n),
+                    trade_id: ShortStr::trade_id(t.seq, t.trade_n),
                     ts: t.ts,
-                    price: spec.fmt_price(t.price),
-                    qty: spec.fmt_qty(t.qty),
+                    price: ShortStr::decimal(t.price.0, spec.price_decimals),
+                    qty: ShortStr::decimal(t.qty.0, spec.size_decimals),
                     taker_side: t.taker_side.as_str(),
                 });
             }
-            Entry::Event(e) => {
-                let account = match e {
-                    Event::Accepted(x) => x.order.account.as_str(),
-                    Event::Rejected(x) => x.account.as_str(),
-                    Event::Cancelled(x) => x.order.account.as_str(),
-                    Event::Amended(x) => x.order.account.as_str(),
-                    Event::Triggered(x) => x.order.account.as_str(),
-                    Event::Trade(_) => continue,
-                };
-                per_account
-                    .entry(account)
-                    .or_default()
-                    .push(Report::Event(e));
-            }
-            Entry::Reject(r) => match &r.account {
-                Some(a) => per_account
-                    .entry(a.as_str())
-                    .or_default()
-                    .push(Report::Reject(r)),
-                None => unreadable.push(r),
+            _ => match account_of(entry) {
+                Some(account) => parts.push((account, i, Part::Whole)),
+                None => unreadable.push(i as usize),
             },
         }
     }
-    let execs = per_account
-        .iter()
-        .map(|(account, reports)| Outgoing {
+    // Stable: within an account, batch order stays.
+    parts.sort_by(|a, b| a.0.cmp(b.0));
+
+    let mut views = Vec::with_capacity(parts.len() * 224 + 64);
+    let mut groups: Vec<(&str, Range<usize>)> = Vec::new();
+    let mut rest = parts.as_slice();
+    while let Some(&(account, _, _)) = rest.first() {
+        let n = rest.iter().take_while(|p| p.0 == account).count();
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        let start = views.len();
+        write_head(
+            &mut views,
+            &[
+                ("market", Field::Str(market)),
+                ("last_seq", Field::Uint(last_seq)),
+            ],
+            "reports",
+            group.len(),
+        );
+        for &(_, i, part) in group {
+            let i = i as usize;
+            match (part, &entries[i]) {
+                (Part::Maker, Entry::Event(Event::Trade(t))) => {
+                    encode_into(&mut views, &Fill::new(spec, t, true));
+                }
+                (Part::Taker, Entry::Event(Event::Trade(t))) => {
+                    encode_into(&mut views, &Fill::new(spec, t, false));
+                }
+                _ => views.extend_from_slice(&journal[spans[i].clone()]),
+            }
+        }
+        groups.push((account, start..views.len()));
+    }
+    let views = Bytes::from(views);
+    let execs = groups
+        .into_iter()
+        .map(|(account, range)| Outgoing {
             subject: subjects.execs(account, market),
             msg_id: Some(format!("{market}:{last_seq}:x:{account}")),
-            payload: encode(&ReportBatch {
-                market,
-                last_seq,
-                reports: Reports { spec, reports },
-            }),
+            payload: views.slice(range),
         })
         .collect();
+
     let rejects = (!unreadable.is_empty()).then(|| {
-        let entries: Vec<Entry> = unreadable
-            .iter()
-            .map(|r| Entry::Reject((*r).clone()))
-            .collect();
+        let mut payload = Vec::with_capacity(64 + unreadable.len() * 192);
+        write_head(
+            &mut payload,
+            &[
+                ("market", Field::Str(market)),
+                ("first_seq", Field::Uint(first_seq)),
+                ("last_seq", Field::Uint(last_seq)),
+            ],
+            "events",
+            unreadable.len(),
+        );
+        for &i in &unreadable {
+            payload.extend_from_slice(&journal[spans[i].clone()]);
+        }
         Outgoing {
             subject: subjects.rejects(market),
             msg_id: None,
-            payload: encode(&Journal {
-                market,
-                first_seq,
-                last_seq,
-                events: Entries {
-                    spec,
-                    entries: &entries,
-                },
-            }),
+            payload: payload.into(),
         }
     });
     let trades = (!tape.is_empty()).then(|| Outgoing {
@@ -358,7 +375,8 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
             market,
             last_seq,
             trades: tape,
-        }),
+        })
+        .into(),
     });
     let changes = top_changes(before, after);
     let book = (!changes.is_empty()).then(|| Outgoing {
@@ -372,15 +390,20 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
                 .into_iter()
                 .map(|(side, l)| LevelChange {
                     side: side.as_str(),
-                    price: spec.fmt_price(l.price),
-                    qty: spec.fmt_qty(l.qty),
+                    price: ShortStr::decimal(l.price.0, spec.price_decimals),
+                    qty: ShortStr::decimal(l.qty.0, spec.size_decimals),
                     orders: l.orders,
                 })
                 .collect(),
-        }),
+        })
+        .into(),
     });
     BatchOutputs {
-        journal,
+        journal: Outgoing {
+            subject: subjects.events(market),
+            msg_id: Some(format!("{market}:{last_seq}")),
+            payload: journal.into(),
+        },
         execs,
         rejects,
         trades,
@@ -617,6 +640,240 @@ mod tests {
             "malformed"
         );
         assert!(out.book.is_none() && out.trades.is_none());
+    }
+
+    /// The messages of a batch as they were first built: serde structs encoded whole, a
+    /// `String` per decimal, a map of reports per account. `build` must give the same bytes.
+    mod reference {
+        use super::*;
+        use serde::ser::SerializeSeq;
+
+        struct Entries<'a>(&'a MarketSpec, &'a [&'a Entry]);
+
+        impl Serialize for Entries<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.1.len()))?;
+                for entry in self.1 {
+                    match entry {
+                        Entry::Event(e) => seq.serialize_element(&EventView::new(self.0, e))?,
+                        Entry::Reject(r) => seq.serialize_element(&RejectView::new(self.0, r))?,
+                    }
+                }
+                seq.end()
+            }
+        }
+
+        #[derive(Serialize)]
+        struct Journal<'a> {
+            market: &'a str,
+            first_seq: Seq,
+            last_seq: Seq,
+            events: Entries<'a>,
+        }
+
+        #[derive(Serialize)]
+        struct OldFill<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            market: &'a str,
+            seq: Seq,
+            ts: Timestamp,
+            trade_id: String,
+            oid: u64,
+            cid: Option<&'a str>,
+            account: &'a str,
+            side: &'static str,
+            liquidity: &'static str,
+            price: String,
+            qty: String,
+            leaves: String,
+        }
+
+        enum Report<'a> {
+            Entry(&'a Entry),
+            Fill(Box<OldFill<'a>>),
+        }
+
+        struct Reports<'a>(&'a MarketSpec, &'a [Report<'a>]);
+
+        impl Serialize for Reports<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.1.len()))?;
+                for report in self.1 {
+                    match report {
+                        Report::Entry(Entry::Event(e)) => {
+                            seq.serialize_element(&EventView::new(self.0, e))?
+                        }
+                        Report::Entry(Entry::Reject(r)) => {
+                            seq.serialize_element(&RejectView::new(self.0, r))?
+                        }
+                        Report::Fill(f) => seq.serialize_element(&**f)?,
+                    }
+                }
+                seq.end()
+            }
+        }
+
+        #[derive(Serialize)]
+        struct ReportBatch<'a> {
+            market: &'a str,
+            last_seq: Seq,
+            reports: Reports<'a>,
+        }
+
+        /// Subject, `Nats-Msg-Id` and payload of each execution report.
+        pub type Execs = Vec<(String, String, Vec<u8>)>;
+
+        /// The journal, the execution reports and the unreadable messages, as first built.
+        pub fn build(
+            subjects: &Subjects,
+            spec: &MarketSpec,
+            batch: &Batch<'_>,
+        ) -> (Vec<u8>, Execs, Option<Vec<u8>>) {
+            let market = spec.symbol.as_str();
+            let all: Vec<&Entry> = batch.entries.iter().collect();
+            let journal = rmp_serde::to_vec_named(&Journal {
+                market,
+                first_seq: batch.first_seq,
+                last_seq: batch.last_seq,
+                events: Entries(spec, &all),
+            })
+            .expect("encodes");
+            let mut per_account: BTreeMap<&str, Vec<Report<'_>>> = BTreeMap::new();
+            let mut unreadable = Vec::new();
+            for entry in batch.entries {
+                if let Entry::Event(Event::Trade(t)) = entry {
+                    let sides = [
+                        (&t.maker, t.taker_side.opposite(), true, t.maker_leaves),
+                        (&t.taker, t.taker_side, false, t.taker_leaves),
+                    ];
+                    for (order, side, maker, leaves) in sides {
+                        per_account
+                            .entry(order.account.as_str())
+                            .or_default()
+                            .push(Report::Fill(Box::new(OldFill {
+                                kind: "fill",
+                                market,
+                                seq: t.seq,
+                                ts: t.ts,
+                                trade_id: format!("{}-{}", t.seq, t.trade_n),
+                                oid: order.oid.0,
+                                cid: order.cid.as_ref().map(|c| c.as_str()),
+                                account: order.account.as_str(),
+                                side: side.as_str(),
+                                liquidity: if maker { "maker" } else { "taker" },
+                                price: spec.fmt_price(t.price),
+                                qty: spec.fmt_qty(t.qty),
+                                leaves: spec.fmt_qty(leaves),
+                            })));
+                    }
+                } else {
+                    match account_of(entry) {
+                        Some(a) => per_account.entry(a).or_default().push(Report::Entry(entry)),
+                        None => unreadable.push(entry),
+                    }
+                }
+            }
+            let execs = per_account
+                .iter()
+                .map(|(account, reports)| {
+                    (
+                        subjects.execs(account, market),
+                        format!("{market}:{}:x:{account}", batch.last_seq),
+                        rmp_serde::to_vec_named(&ReportBatch {
+                            market,
+                            last_seq: batch.last_seq,
+                            reports: Reports(spec, reports),
+                        })
+                        .expect("encodes"),
+                    )
+                })
+                .collect();
+            let rejects = (!unreadable.is_empty()).then(|| {
+                rmp_serde::to_vec_named(&Journal {
+                    market,
+                    first_seq: batch.first_seq,
+                    last_seq: batch.last_seq,
+                    events: Entries(spec, &unreadable),
+                })
+                .expect("encodes")
+            });
+            (journal, execs, rejects)
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_the_bytes_the_first_encoding_gave() {
+        use crate::workload::{self, FlowParams};
+        let w = workload::generate(&FlowParams {
+            seed: 11,
+            resting: 300,
+            spread_ticks: 30,
+            commands: 3000,
+            accounts: 7,
+            full_mix: true,
+            young_cancel_pct: 80,
+        });
+        let subjects = Subjects::default();
+        let mut book = OrderBook::new(w.spec.clone());
+        let commands: Vec<&Command> = w.prefill.iter().chain(&w.commands).collect();
+        let mut at = 0;
+        let mut sizes = [1usize, 7, 64, 250, 3].into_iter().cycle();
+        let mut batches = 0;
+        while at < commands.len() {
+            let n = sizes.next().unwrap_or(1).min(commands.len() - at);
+            let chunk: Vec<Command> = commands[at..at + n].iter().map(|c| (*c).clone()).collect();
+            let (mut entries, before, after) = run(&mut book, &chunk);
+            // Decode rejections, with and without an account, among the events.
+            let reject = |account: Option<&str>| WireReject {
+                seq: chunk[0].seq,
+                pos: 1,
+                ts: chunk[0].ts,
+                op: Some(crate::book::OpKind::New),
+                account: account.map(|a| Account::new(a).expect("account")),
+                cid: None,
+                reason: crate::book::RejectReason::Malformed,
+                message: "qty is missing".into(),
+            };
+            if batches % 3 == 0 {
+                entries.insert(entries.len() / 2, Entry::Reject(reject(Some("a-1"))));
+                entries.push(Entry::Reject(reject(None)));
+            }
+            let batch = Batch {
+                first_seq: chunk[0].seq,
+                last_seq: chunk[n - 1].seq,
+                entries: &entries,
+                before: &before,
+                after: &after,
+                prev_book_seq: 0,
+            };
+            let out = build(&subjects, &w.spec, &batch);
+            let (journal, execs, rejects) = reference::build(&subjects, &w.spec, &batch);
+            assert_eq!(
+                &out.journal.payload[..],
+                &journal[..],
+                "journal of batch {batches}"
+            );
+            let got: Vec<(String, String, Vec<u8>)> = out
+                .execs
+                .iter()
+                .map(|o| {
+                    (
+                        o.subject.clone(),
+                        o.msg_id.clone().unwrap_or_default(),
+                        o.payload.to_vec(),
+                    )
+                })
+                .collect();
+            assert_eq!(got, execs, "reports of batch {batches}");
+            assert_eq!(
+                out.rejects.map(|o| o.payload.to_vec()),
+                rejects,
+                "unreadable of batch {batches}"
+            );
+            at += n;
+            batches += 1;
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! 2. A stops at a batch boundary with every output acknowledged, and names B at epoch + 1 by
 //!    compare-and-set (`release`).
 //! 3. B's agent claims the market (compare-and-set to `active`), promotes its copy (applies
-//!    what the journal says A did, rebuilds A's last batch, republishes its views, which
+//!    what the journal says A did, rebuilds A's last two batches, republishes their views, which
 //!    JetStream drops as duplicates) and consumes from the next command.
 //!
 //! The pause is measured from the release request to B's `active` announcement on

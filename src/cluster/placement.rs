@@ -28,7 +28,7 @@ pub struct Placement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
     /// Written by an owner that released the market with every output up to the journal's
-    /// last batch published: the next owner need not republish that batch.
+    /// last batch acknowledged: the next owner need not republish the last batches.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub released: bool,
 }

@@ -679,7 +679,7 @@ mod tests {
         let journal = Outgoing {
             subject: "agora.events.BTC-USDC".into(),
             msg_id: Some("BTC-USDC:3".into()),
-            payload: Vec::new(),
+            payload: Default::default(),
         };
         assert!(PublishSpans::journal(&[], &journal).0.is_empty());
     }

@@ -864,7 +864,7 @@ pub async fn follow(
             &driver.orders,
             &driver.market,
             applied + 1,
-            driver.settings.fetch_max,
+            Pull::Consume(driver.settings.fetch_max),
         )
         .await?,
     );
@@ -925,7 +925,7 @@ impl Driver {
                 &self.orders,
                 &self.market,
                 applied + 1,
-                self.settings.fetch_max,
+                Pull::Consume(self.settings.fetch_max),
             );
             self.feed = Some(feed.await?);
         }
@@ -1258,36 +1258,16 @@ impl Driver {
             // Out of step with the book (it cannot happen, but a fresh feed is cheap): start
             // the warm copy's over from here.
             tracing::warn!(market = %self.market, feed = feed.next, from, "the warm copy's feed is out of step; opening it again");
-            let feed =
-                Feed::open(&self.orders, &self.market, from, self.settings.fetch_max).await?;
+            let feed = Feed::open(
+                &self.orders,
+                &self.market,
+                from,
+                Pull::Consume(self.settings.fetch_max),
+            )
+            .await?;
             return Ok(reader(feed, true));
         }
-        let consumer = self
-            .orders
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(RangeReader::CHUNK)
-            .heartbeat(Duration::from_secs(1))
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| nats_err(&self.market, "replaying the order stream", e))?;
-        let feed = Feed {
-            messages,
-            ahead: VecDeque::new(),
-            next: from.max(1),
-            market: self.market.clone(),
-        };
+        let feed = Feed::open(&self.orders, &self.market, from, Pull::Replay).await?;
         Ok(reader(feed, false))
     }
 
@@ -1406,7 +1386,7 @@ impl Driver {
                     &self.orders,
                     &self.market,
                     last + 1,
-                    self.settings.fetch_max,
+                    Pull::Consume(self.settings.fetch_max),
                 )
                 .await?
             }
@@ -1687,27 +1667,37 @@ impl Feed {
     /// At most this many messages read ahead (a warm copy whose owner is stuck stops pulling).
     const AHEAD_MAX: usize = 20_000;
 
-    /// A feed from `from` on, with the consumer settings of the running market.
+    /// A feed from `from` on.
     async fn open(
         orders: &jetstream::stream::Stream,
         market: &str,
         from: Seq,
-        batch: usize,
+        pull: Pull,
     ) -> Result<Feed, MarketError> {
+        let inactive = match pull {
+            Pull::Consume(_) => Duration::from_secs(60),
+            Pull::Replay => Duration::from_secs(30),
+        };
         let consumer = orders
             .create_consumer(pull::Config {
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from.max(1),
                 },
                 ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(60),
+                inactive_threshold: inactive,
                 ..Default::default()
             })
             .await
             .map_err(|e| nats_err(market, "creating the order consumer", e))?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(batch)
+        let messages = match pull {
+            Pull::Consume(batch) => consumer.stream().max_messages_per_batch(batch),
+            Pull::Replay => consumer
+                .stream()
+                .max_messages_per_batch(RangeReader::CHUNK)
+                .heartbeat(Duration::from_secs(1))
+                .expires(Duration::from_secs(5)),
+        };
+        let messages = messages
             .messages()
             .await
             .map_err(|e| nats_err(market, "consuming the order stream", e))?;
@@ -1782,6 +1772,15 @@ impl Feed {
             )),
         }
     }
+}
+
+/// How a feed pulls: as a running market does (and a warm copy, which becomes one), or to
+/// replay a range (large pulls, and a heartbeat and short expiries, so that a missing message
+/// shows within seconds).
+#[derive(Clone, Copy)]
+enum Pull {
+    Consume(usize),
+    Replay,
 }
 
 struct RangeReader {

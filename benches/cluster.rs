@@ -583,8 +583,11 @@ async fn bench_startup(markets: usize, orders: usize, out: &mut Vec<String>) {
         "heartbeat_ms = 100\nlease_ms = 500"
     };
     let port = bus::server::free_port().expect("a free port");
+    // Snapshots only by command count and at the clean stop: every market's 30 s snapshot of
+    // a full book (thousands of them at this scale) would compete with the fill, and the
+    // restart reads the clean stop's snapshots either way.
     let config = format!(
-        "http_port = {port}\n{}",
+        "http_port = {port}\n{}\n[snapshots]\nevery_secs = 0\n",
         node_config("n1", cluster_lines, &symbols)
     );
     let c = Cluster::start().await;

@@ -755,3 +755,97 @@ async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
     wait_journal(&js, "GONE-USD", 1).await;
     assert!(node.terminate().success());
 }
+
+/// `n` resting orders that never cross, as batch messages of 100 commands each.
+fn resting_batches(n: usize) -> Vec<Value> {
+    let orders: Vec<Value> = (0..n)
+        .map(|k| {
+            let level = (k / 2 % 500) as u64;
+            let (side, cents) = if k % 2 == 0 {
+                ("buy", 9999 - level)
+            } else {
+                ("sell", 10001 + level)
+            };
+            json!({
+                "op": "new",
+                "account": format!("mm-{}", k % 4),
+                "side": side,
+                "price": format!("{}.{:02}", cents / 100, cents % 100),
+                "qty": "1000",
+            })
+        })
+        .collect();
+    orders
+        .chunks(100)
+        .map(|c| json!({"op": "batch", "commands": c}))
+        .collect()
+}
+
+/// A node catching up on several markets' backlogs reads faster than nats-server may buffer
+/// for it: the server closes the connection (a "slow consumer") and what it had sent on it is
+/// lost. The order consumers do not acknowledge, so they would never send it again; the feeds
+/// see the gap or the reconnect and open new consumers, and every command is applied.
+#[tokio::test]
+async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The smallest pending limit nats-server takes (it must hold one message of the largest
+    // size), so the catch-up below overflows it.
+    let nats_conf = dir.path().join("nats.conf");
+    std::fs::write(&nats_conf, "max_payload: 1048576\nmax_pending: 1048576\n")
+        .expect("write nats.conf");
+    let server = LocalServer::start_with_config(&dir.path().join("nats"), &nats_conf)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let markets = ["SA-USD", "SB-USD", "SC-USD", "SD-USD"];
+    let mut config = "node_id = \"n1\"\n".to_string();
+    for m in markets {
+        config.push_str(&format!(
+            "[[markets]]\nsymbol = \"{m}\"\nprice_decimals = 2\nsize_decimals = 0\n"
+        ));
+    }
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, config).expect("write config");
+    let args = vec![
+        "--config".to_string(),
+        path.to_string_lossy().into_owned(),
+        "--nats-url".to_string(),
+        server.url(),
+        "--data-dir".to_string(),
+        dir.path().join("data").to_string_lossy().into_owned(),
+    ];
+    // The first start creates the streams; the backlogs arrive while the node is down.
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    let status = node.terminate();
+    assert!(status.success(), "agora node exited with {status}");
+
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client);
+    let batches = resting_batches(50_000);
+    for m in markets {
+        for b in &batches {
+            publish(&js, m, b.clone()).await;
+        }
+    }
+    let node = Node::start(&args);
+    let started = Instant::now();
+    for m in markets {
+        while journal_last_seq(&js, m).await < Some(batches.len() as u64) {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{m} never applied its backlog: journal at {:?} of {}",
+                journal_last_seq(&js, m).await,
+                batches.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(node.terminate().success());
+    let log = std::fs::read_to_string(dir.path().join("nats").join("nats-server.log"))
+        .expect("server log");
+    assert!(
+        log.contains("Slow Consumer"),
+        "the catch-up never overflowed the server's pending limit, so this test proved nothing"
+    );
+}

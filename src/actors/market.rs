@@ -862,6 +862,7 @@ pub async fn follow(
     driver.feed = Some(
         Feed::open(
             &driver.orders,
+            &driver.client,
             &driver.market,
             applied + 1,
             Pull::Consume(driver.settings.fetch_max),
@@ -923,6 +924,7 @@ impl Driver {
         if self.feed.is_none() {
             let feed = Feed::open(
                 &self.orders,
+                &self.client,
                 &self.market,
                 applied + 1,
                 Pull::Consume(self.settings.fetch_max),
@@ -1260,6 +1262,7 @@ impl Driver {
             tracing::warn!(market = %self.market, feed = feed.next, from, "the warm copy's feed is out of step; opening it again");
             let feed = Feed::open(
                 &self.orders,
+                &self.client,
                 &self.market,
                 from,
                 Pull::Consume(self.settings.fetch_max),
@@ -1267,7 +1270,7 @@ impl Driver {
             .await?;
             return Ok(reader(feed, true));
         }
-        let feed = Feed::open(&self.orders, &self.market, from, Pull::Replay).await?;
+        let feed = Feed::open(&self.orders, &self.client, &self.market, from, Pull::Replay).await?;
         Ok(reader(feed, false))
     }
 
@@ -1384,6 +1387,7 @@ impl Driver {
             _ => {
                 Feed::open(
                     &self.orders,
+                    &self.client,
                     &self.market,
                     last + 1,
                     Pull::Consume(self.settings.fetch_max),
@@ -1649,31 +1653,97 @@ async fn write_snapshot(
     ))
 }
 
-/// Messages `from..=to` of a market's order stream, in order, in chunks.
 /// The order stream from a sequence on, through one pull consumer, with the messages read
 /// ahead of their use waiting in `ahead`. A warm copy keeps one open and reads ahead as the
 /// owner's commands arrive, so taking the market over reads nothing more from JetStream: its
 /// recovery takes the journal's last batch from here, and the driver goes on consuming from
 /// the same consumer.
+///
+/// A feed yields every message of the stream exactly once, in order, or fails. Its consumer
+/// does not acknowledge (JetStream counts a message delivered once sent), so a message lost on
+/// the way is never sent again by that consumer: nats-server closes a connection whose
+/// unread data passes its `max_pending` (a node catching up on many markets' backlogs at
+/// once), and what it had sent is gone. So each message is checked against the sequence
+/// expected next: an earlier one is dropped, a later one (a gap) opens a new consumer from the
+/// expected sequence; and a feed waiting for messages opens a new consumer when the
+/// connection was re-established meanwhile, in case the end of a burst was lost with nothing
+/// after it to show the gap. Each new consumer after a loss pulls a quarter as much at a time
+/// (down to one message), so that a node catching up on many backlogs at once reads them
+/// within the server's limit instead of losing them again; once caught up (nothing pending),
+/// the feed opens a consumer of the full size again.
 struct Feed {
     messages: pull::Stream,
     ahead: VecDeque<jetstream::Message>,
     /// The stream sequence of the next message this feed yields.
     next: Seq,
     market: String,
+    /// What it takes to open the consumer again.
+    orders: jetstream::stream::Stream,
+    pull: Pull,
+    connection: Arc<async_nats::Statistics>,
+    /// The connection's count of connects when the consumer was opened.
+    connects: u64,
+    /// Gaps in a row at the same sequence (new consumers that did not help).
+    gaps: u32,
+    /// A gap seen where no new consumer could be opened (`ready`): the next wait opens one.
+    broken: bool,
+    /// Messages a pull asks for now: `pull`'s size, or less since a loss.
+    batch: usize,
+}
+
+/// What a message received from the consumer is, against the sequence expected next.
+enum Arrival {
+    InOrder,
+    /// Already yielded (or read ahead): dropped.
+    Stale,
+    /// Later than expected: messages between were lost on the way.
+    Gap(Seq),
 }
 
 impl Feed {
     /// At most this many messages read ahead (a warm copy whose owner is stuck stops pulling).
     const AHEAD_MAX: usize = 20_000;
+    /// How often a waiting feed checks whether its connection was re-established.
+    const RECONNECT_CHECK: Duration = Duration::from_secs(1);
+    /// New consumers tried for one gap before the feed fails: a gap that stays is a hole in
+    /// the stream itself (removed by its limits, or purged).
+    const GAP_RETRIES: u32 = 3;
 
     /// A feed from `from` on.
     async fn open(
         orders: &jetstream::stream::Stream,
+        client: &async_nats::Client,
         market: &str,
         from: Seq,
         pull: Pull,
     ) -> Result<Feed, MarketError> {
+        let connection = client.statistics();
+        let connects = connection.connects.load(Ordering::Acquire);
+        let batch = pull.batch();
+        let messages = Self::consume(orders, market, from, pull, batch).await?;
+        Ok(Feed {
+            messages,
+            ahead: VecDeque::new(),
+            next: from.max(1),
+            market: market.to_string(),
+            orders: orders.clone(),
+            pull,
+            connection,
+            connects,
+            gaps: 0,
+            broken: false,
+            batch,
+        })
+    }
+
+    /// A new consumer's messages from `from` on.
+    async fn consume(
+        orders: &jetstream::stream::Stream,
+        market: &str,
+        from: Seq,
+        pull: Pull,
+        batch: usize,
+    ) -> Result<pull::Stream, MarketError> {
         let inactive = match pull {
             Pull::Consume(_) => Duration::from_secs(60),
             Pull::Replay => Duration::from_secs(30),
@@ -1690,23 +1760,134 @@ impl Feed {
             .await
             .map_err(|e| nats_err(market, "creating the order consumer", e))?;
         let messages = match pull {
-            Pull::Consume(batch) => consumer.stream().max_messages_per_batch(batch),
+            Pull::Consume(_) => consumer.stream().max_messages_per_batch(batch),
             Pull::Replay => consumer
                 .stream()
-                .max_messages_per_batch(RangeReader::CHUNK)
+                .max_messages_per_batch(batch)
                 .heartbeat(Duration::from_secs(1))
                 .expires(Duration::from_secs(5)),
         };
-        let messages = messages
+        messages
             .messages()
             .await
-            .map_err(|e| nats_err(market, "consuming the order stream", e))?;
-        Ok(Feed {
-            messages,
-            ahead: VecDeque::new(),
-            next: from.max(1),
-            market: market.to_string(),
-        })
+            .map_err(|e| nats_err(market, "consuming the order stream", e))
+    }
+
+    /// The sequence the consumer should deliver next: after what was yielded and read ahead.
+    fn expected(&self) -> Seq {
+        self.next + self.ahead.len() as u64
+    }
+
+    /// After a loss: a new consumer from the expected sequence, pulling less at a time.
+    async fn reopen(&mut self, why: &str) -> Result<(), MarketError> {
+        let batch = (self.batch / 4).max(1);
+        tracing::warn!(market = %self.market, from = self.expected(), batch, "{why}; opening the order consumer again");
+        self.replace(self.expected(), batch).await
+    }
+
+    /// A new consumer from `from` pulling `batch` messages at a time, in place of the current
+    /// one. (Cancelled, it leaves the current one: a message lost with it shows as a gap.)
+    async fn replace(&mut self, from: Seq, batch: usize) -> Result<(), MarketError> {
+        let connects = self.connection.connects.load(Ordering::Acquire);
+        self.messages = Self::consume(&self.orders, &self.market, from, self.pull, batch).await?;
+        self.connects = connects;
+        self.broken = false;
+        self.batch = batch;
+        Ok(())
+    }
+
+    /// Once a feed that pulls less since a loss has caught up (nothing pending after `m`),
+    /// a consumer of the full size again.
+    async fn restore_size(&mut self, m: &jetstream::Message) -> Result<(), MarketError> {
+        if self.batch < self.pull.batch() && m.info().is_ok_and(|i| i.pending == 0) {
+            tracing::info!(market = %self.market, "caught up; pulling {} messages at a time again", self.pull.batch());
+            // `m` is yielded (or read ahead) by the caller: the new consumer starts after it.
+            self.replace(self.expected() + 1, self.pull.batch()).await?;
+        }
+        Ok(())
+    }
+
+    fn arrival(&self, m: &jetstream::Message) -> Arrival {
+        // A message without metadata is not from this consumer's stream: whoever decodes it
+        // says so.
+        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+            return Arrival::InOrder;
+        };
+        match seq.cmp(&self.expected()) {
+            std::cmp::Ordering::Equal => Arrival::InOrder,
+            std::cmp::Ordering::Less => Arrival::Stale,
+            std::cmp::Ordering::Greater => Arrival::Gap(seq),
+        }
+    }
+
+    /// After a gap: a new consumer from the expected sequence, or (when new ones keep showing
+    /// the same gap) an error naming the missing messages.
+    async fn on_gap(&mut self, got: Seq) -> Result<(), MarketError> {
+        let expected = self.expected();
+        self.gaps += 1;
+        if self.gaps > Self::GAP_RETRIES {
+            return Err(nats_err(
+                &self.market,
+                "consuming the order stream",
+                format!(
+                    "message {got} came where {expected} was expected, with {} new consumers in a row: messages {expected}..{} are not in the stream (removed by its limits, or purged); restore them, or a snapshot covering them",
+                    Self::GAP_RETRIES,
+                    got - 1
+                ),
+            ));
+        }
+        self.reopen(&format!(
+            "message {got} came where {expected} was expected (the messages between were lost on the way)"
+        ))
+        .await
+    }
+
+    /// The next message from the consumer in stream order, waiting for it; `None` when the
+    /// consumer ended.
+    async fn receive(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
+        loop {
+            if self.broken
+                && let Err(e) = self.reopen("a gap was seen").await
+            {
+                return Some(Err(e));
+            }
+            let got = match self.messages.next().now_or_never() {
+                Some(got) => got,
+                None => {
+                    tokio::select! {
+                        got = self.messages.next() => got,
+                        _ = tokio::time::sleep(Self::RECONNECT_CHECK) => {
+                            if self.connection.connects.load(Ordering::Acquire) != self.connects
+                                && let Err(e) = self.reopen("the connection to NATS was established again").await
+                            {
+                                return Some(Err(e));
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            match got? {
+                Err(e) => {
+                    return Some(Err(nats_err(&self.market, "consuming the order stream", e)));
+                }
+                Ok(m) => match self.arrival(&m) {
+                    Arrival::InOrder => {
+                        self.gaps = 0;
+                        if let Err(e) = self.restore_size(&m).await {
+                            return Some(Err(e));
+                        }
+                        return Some(Ok(m));
+                    }
+                    Arrival::Stale => {}
+                    Arrival::Gap(got) => {
+                        if let Err(e) = self.on_gap(got).await {
+                            return Some(Err(e));
+                        }
+                    }
+                },
+            }
+        }
     }
 
     fn yielded(&mut self, m: &jetstream::Message) {
@@ -1719,11 +1900,7 @@ impl Feed {
     async fn next(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
         let m = match self.ahead.pop_front() {
             Some(m) => Ok(m),
-            None => self
-                .messages
-                .next()
-                .await?
-                .map_err(|e| nats_err(&self.market, "consuming the order stream", e)),
+            None => self.receive().await?,
         };
         if let Ok(m) = &m {
             self.yielded(m);
@@ -1735,11 +1912,25 @@ impl Feed {
     fn ready(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
         let m = match self.ahead.pop_front() {
             Some(m) => Ok(m),
-            None => self
-                .messages
-                .next()
-                .now_or_never()??
-                .map_err(|e| nats_err(&self.market, "consuming the order stream", e)),
+            None => loop {
+                if self.broken {
+                    return None;
+                }
+                match self.messages.next().now_or_never()?? {
+                    Err(e) => {
+                        break Err(nats_err(&self.market, "consuming the order stream", e));
+                    }
+                    Ok(m) => match self.arrival(&m) {
+                        Arrival::InOrder => {
+                            self.gaps = 0;
+                            break Ok(m);
+                        }
+                        Arrival::Stale => {}
+                        // The next wait (`receive`) opens a new consumer.
+                        Arrival::Gap(_) => self.broken = true,
+                    },
+                }
+            },
         };
         if let Ok(m) = &m {
             self.yielded(m);
@@ -1759,12 +1950,12 @@ impl Feed {
         if self.ahead.len() >= Self::AHEAD_MAX {
             return std::future::pending().await;
         }
-        match self.messages.next().await {
+        match self.receive().await {
             Some(Ok(m)) => {
                 self.ahead.push_back(m);
                 Ok(())
             }
-            Some(Err(e)) => Err(nats_err(&self.market, "reading the order stream ahead", e)),
+            Some(Err(e)) => Err(e),
             None => Err(nats_err(
                 &self.market,
                 "reading the order stream ahead",
@@ -1783,6 +1974,17 @@ enum Pull {
     Replay,
 }
 
+impl Pull {
+    /// Messages a pull asks for.
+    fn batch(self) -> usize {
+        match self {
+            Pull::Consume(batch) => batch.max(1),
+            Pull::Replay => RangeReader::CHUNK,
+        }
+    }
+}
+
+/// Messages `from..=to` of a market's order stream, in order, in chunks.
 struct RangeReader {
     feed: Feed,
     /// The feed is the warm copy's: it goes back to the driver once read.

@@ -611,25 +611,27 @@ impl Handler<ListMarkets> for Supervisor {
                 )
             })
             .collect();
-        Box::pin(fut::wrap_future::<_, Self>(async move {
-            let mut out = Vec::with_capacity(entries.len());
-            for (symbol, control, arbiter, restarts, epoch, following) in entries {
-                let stats = match &control {
-                    Some(c) => c.addr.send(market::Stats).await.ok(),
-                    None => None,
-                };
-                out.push(MarketInfo {
-                    symbol,
-                    running: control.is_some(),
-                    epoch,
-                    following,
-                    arbiter,
-                    restarts,
-                    last_seq: stats.as_ref().map_or(0, |s| s.last_seq),
-                    stats,
-                });
-            }
-            out
-        }))
+        // Every market at once: asked one after the other, the answer would wait for the sum
+        // of every busy market's delay (each sits on an arbiter thread, maybe mid-batch).
+        Box::pin(fut::wrap_future::<_, Self>(futures::future::join_all(
+            entries.into_iter().map(
+                |(symbol, control, arbiter, restarts, epoch, following)| async move {
+                    let stats = match &control {
+                        Some(c) => c.addr.send(market::Stats).await.ok(),
+                        None => None,
+                    };
+                    MarketInfo {
+                        symbol,
+                        running: control.is_some(),
+                        epoch,
+                        following,
+                        arbiter,
+                        restarts,
+                        last_seq: stats.as_ref().map_or(0, |s| s.last_seq),
+                        stats,
+                    }
+                },
+            ),
+        )))
     }
 }

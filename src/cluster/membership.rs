@@ -79,8 +79,37 @@ async fn load(supervisor: &Addr<Supervisor>) -> (Vec<MarketLoad>, Vec<String>) {
     (running, following)
 }
 
+/// Asks the supervisor for the node's load each time `wanted` changes, until `stop`, and
+/// sends it to `latest`. Apart from the renewals: a market busy recovering or matching a large
+/// batch answers late, and a lease must never wait for that (a lapse stops every market here,
+/// whose restarts load the node further, so the renewals would lapse again). Requests made
+/// while one is answered are answered together.
+async fn watch_load(
+    supervisor: Addr<Supervisor>,
+    mut wanted: watch::Receiver<u64>,
+    latest: watch::Sender<(Vec<MarketLoad>, Vec<String>)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            asked = wanted.changed() => if asked.is_err() { break },
+        }
+        wanted.borrow_and_update();
+        let now = tokio::select! {
+            _ = stop.changed() => break,
+            now = load(&supervisor) => now,
+        };
+        if latest.send(now).is_err() {
+            break;
+        }
+    }
+}
+
 /// Renews the node's record every heartbeat until `stop`, extending `lease` on each
 /// acknowledged renewal; then deletes the record, so the others see the node leave at once.
+/// A renewal waits at most half a heartbeat for a fresh load (`watch_load`); then it goes with
+/// the last one known.
 pub async fn heartbeat(
     nodes: kv::Store,
     node: String,
@@ -101,12 +130,18 @@ pub async fn heartbeat(
     let mut cpu = (Instant::now(), crate::bench::cpu_ms(None).unwrap_or(0.0));
     let mut cpu_pct = 0.0;
     let mut failing_since: Option<Instant> = None;
+    let (want, wanted) = watch::channel(0u64);
+    let (latest, mut known) = watch::channel((Vec::new(), Vec::new()));
+    let loads = actix_rt::spawn(watch_load(supervisor, wanted, latest, stop.clone()));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = timer.tick() => {}
         }
-        let (markets, following) = load(&supervisor).await;
+        // A fresh load if it comes within half a heartbeat; else the last one known.
+        want.send_modify(|n| *n += 1);
+        let _ = tokio::time::timeout(settings.heartbeat / 2, known.changed()).await;
+        let (markets, following) = known.borrow_and_update().clone();
         // CPU over at least a second (the kernel counts it in 10 ms ticks).
         let now = Instant::now();
         if now.duration_since(cpu.0) >= Duration::from_secs(1) {
@@ -145,6 +180,7 @@ pub async fn heartbeat(
             }
         }
     }
+    loads.abort();
     let _ = nodes.delete(&node).await;
 }
 

@@ -210,6 +210,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         lease: Some(lease.clone()),
         trace: None,
         handed_over: false,
+        stop_point: None,
     };
     let bus = MarketBus {
         client: client.clone(),
@@ -260,6 +261,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         supervisor: supervisor.clone(),
         lease: lease.clone(),
         settings: cluster.clone(),
+        specs: Default::default(),
     };
     let agent = actix_rt::spawn(agent.run(cluster_stopped.clone()));
     let rebalancer = Rebalancer {

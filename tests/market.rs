@@ -1116,3 +1116,189 @@ async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
     // The journal was not extended: nothing new came in.
     assert_eq!(read_all(&env, "EVENTS").await.len(), 3);
 }
+
+/// A market that ran on "n1" until released, and the warm copy "n2" kept meanwhile; the copy
+/// is held back behind the journal's last batches, as warm copies are.
+struct Released {
+    env: Env,
+    spec: agora::book::MarketSpec,
+    copy: market::Follower,
+    /// Where the old owner stopped, and its book's hash there.
+    at: market::StopPoint,
+    hash: agora::book::StateHash,
+}
+
+async fn released(market: &str) -> Released {
+    let env = env(market).await;
+    let spec = MarketSpecInput::new(market, 2, 0).validate().expect("spec");
+    let order = |i: usize| {
+        let (account, side) = if i % 3 == 2 {
+            ("bob", "buy")
+        } else {
+            ("alice", "sell")
+        };
+        json!({"op": "new", "account": account, "cid": format!("c{i}"), "side": side,
+               "price": format!("{}.00", 100 + i % 4), "qty": "2"})
+    };
+    let owner = MarketSettings {
+        node_id: "n1".into(),
+        epoch: 1,
+        ..MarketSettings::default()
+    };
+    let running = market::start(env.bus(false).await, spec.clone(), owner)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut seq = 0;
+    for i in 0..30 {
+        seq = publish_json(&env, market, &order(i)).await;
+    }
+    wait_journal(&env, market, seq).await;
+    let copy_settings = MarketSettings {
+        node_id: "n2".into(),
+        ..MarketSettings::default()
+    };
+    let copy = market::follow(env.bus(false).await, spec.clone(), copy_settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 30..60 {
+        seq = publish_json(&env, market, &order(i)).await;
+    }
+    wait_journal(&env, market, seq).await;
+    let started = Instant::now();
+    while copy.lag() == u64::MAX || copy.lag() > 60 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the warm copy never looked at the journal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let owner = running.addr.clone();
+    let at = running
+        .hand_off()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("a clean stop says where");
+    let (last, hash) = owner.send(State).await.expect("the stopped actor answers");
+    assert_eq!((at.seq, last), (seq, seq));
+    assert!(
+        at.journal_seq.is_some(),
+        "the journal's last message is known"
+    );
+    Released {
+        env,
+        spec,
+        copy,
+        at,
+        hash,
+    }
+}
+
+/// Takes the released market over on "n2" at epoch 2 (with `stop_point`, or reading the
+/// journal as for a record written before stop points existed), checks its book is the old
+/// owner's, and that it goes on: the next order is journaled and answered.
+async fn take_over(r: Released, stop_point: Option<market::StopPoint>) {
+    let market = r.spec.symbol.clone();
+    let running = r
+        .copy
+        .promote(2, None, true, stop_point)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (last, hash) = running.addr.send(State).await.expect("actor answers");
+    assert_eq!(
+        (last, hash),
+        (r.at.seq, r.hash),
+        "the new owner's book differs"
+    );
+    let execs = read_all(&r.env, "EXECS").await.len();
+    let seq = publish_json(
+        &r.env,
+        &market,
+        &json!({"op": "new", "account": "carol", "cid": "after", "side": "buy",
+                "price": "103.00", "qty": "1"}),
+    )
+    .await;
+    wait_journal(&r.env, &market, seq).await;
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        read_all(&r.env, "EXECS").await.len() > execs,
+        "no report after the move"
+    );
+    // The journal stays one chain of batches: each begins after the one before.
+    let mut next = 1;
+    for (subject, batch) in read_all(&r.env, "EVENTS").await {
+        if subject.ends_with(&market) {
+            assert_eq!(
+                batch["first_seq"].as_u64(),
+                Some(next),
+                "journal gap or overlap"
+            );
+            next = batch["last_seq"].as_u64().expect("last_seq") + 1;
+        }
+    }
+    assert_eq!(next, seq + 1);
+}
+
+#[actix_rt::test]
+async fn a_released_market_is_taken_over_where_its_release_record_says() {
+    let r = released("HAND-USD").await;
+    let at = r.at;
+    take_over(r, Some(at)).await;
+}
+
+#[actix_rt::test]
+async fn a_release_record_without_a_stop_point_is_taken_over_from_the_journal() {
+    // Records written before stop points existed: the new owner reads the journal's head.
+    let r = released("OLD-USD").await;
+    take_over(r, None).await;
+}
+
+#[actix_rt::test]
+async fn a_journal_written_after_the_release_fences_the_new_owner() {
+    // The release record's figures are trusted only as far as the journal fence allows: if
+    // anyone extended the journal after the release (a paused former owner), the new owner's
+    // first publish fails on the fence and it stops, publishing nothing.
+    let r = released("ZOMBIE-USD").await;
+    let market = r.spec.symbol.clone();
+    let journal_seq = r.at.journal_seq.expect("journal");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "ZOMBIE-USD:zombie");
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        journal_seq.to_string().as_str(),
+    );
+    let payload =
+        rmp_serde::to_vec_named(&json!({"first_seq": r.at.seq + 1, "last_seq": r.at.seq + 1}))
+            .expect("msgpack");
+    r.env
+        .js
+        .publish_with_headers(r.env.subjects.events(&market), headers, payload.into())
+        .await
+        .expect("sent")
+        .await
+        .expect("the zombie's batch lands");
+    let running = r
+        .copy
+        .promote(2, None, true, Some(r.at))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let execs = read_all(&r.env, "EXECS").await.len();
+    publish_json(
+        &r.env,
+        &market,
+        &json!({"op": "new", "account": "carol", "cid": "after", "side": "buy",
+                "price": "103.00", "qty": "1"}),
+    )
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), running.join())
+        .await
+        .expect("the new owner stops by itself");
+    assert!(
+        matches!(ended, Err(market::MarketError::Fenced { .. })),
+        "not fenced: {ended:?}"
+    );
+    assert_eq!(
+        read_all(&r.env, "EXECS").await.len(),
+        execs,
+        "a fenced owner published"
+    );
+}

@@ -79,6 +79,23 @@ pub struct MarketSettings {
     /// journal's last batch acknowledged: recovery applies that batch silently instead of
     /// rebuilding and republishing its outputs, which keeps a move's pause short.
     pub handed_over: bool,
+    /// With `handed_over`: where the previous owner stopped, from its release record. Recovery
+    /// then goes up to there without reading the journal's head (`None`: an older record;
+    /// the journal is read).
+    pub stop_point: Option<StopPoint>,
+}
+
+/// Where a market's driver stopped cleanly (every output acknowledged): its last applied
+/// order-stream sequence, and the `EVENTS` stream sequence of the journal's last message as
+/// the driver knew it (its own last, or the one its recovery found; `None`: the journal was
+/// empty). A releasing owner writes it into the placement record, so the new owner need not
+/// read the journal's head inside the move's pause; the journal fence still decides (a stale
+/// figure fails the new owner's first publish and nothing else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct StopPoint {
+    pub seq: Seq,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_seq: Option<u64>,
 }
 
 impl Default for MarketSettings {
@@ -93,6 +110,7 @@ impl Default for MarketSettings {
             lease: None,
             trace: None,
             handed_over: false,
+            stop_point: None,
         }
     }
 }
@@ -316,6 +334,30 @@ impl Handler<Fork> for MarketActor {
     }
 }
 
+/// Computes a copy's state hash on a thread of its own at a lower priority (nice 10 on
+/// Linux): hashing 20,000 orders takes a core for about 4 ms, and on a small machine a move's
+/// new owner, its announcement's readers and nats-server need the cores more right then.
+pub fn hash_aside(book: Box<OrderBook>) -> tokio::sync::oneshot::Receiver<StateHash> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let hashing = move || {
+        #[cfg(target_os = "linux")]
+        // SAFETY: setpriority only reads its arguments; `who` 0 on Linux is the calling thread,
+        // which ends after the hash. A refusal leaves the priority as it was.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        }
+        let _ = tx.send(book.state_hash());
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("agora-hash".into())
+        .spawn(hashing)
+    {
+        // The receiver then reports the hash as not computed.
+        tracing::warn!("cannot start a thread to hash a book: {e}");
+    }
+    rx
+}
+
 /// The last applied stream sequence alone (`State` hashes the whole book: O(orders)).
 #[derive(Message)]
 #[rtype(result = "Seq")]
@@ -334,6 +376,7 @@ pub struct RunningMarket {
     pub addr: Addr<MarketActor>,
     stop: watch::Sender<bool>,
     handoff: Arc<AtomicBool>,
+    stopped_at: Arc<std::sync::OnceLock<StopPoint>>,
     driver: tokio::task::JoinHandle<Result<(), MarketError>>,
 }
 
@@ -344,6 +387,7 @@ pub struct MarketControl {
     pub addr: Addr<MarketActor>,
     stop: watch::Sender<bool>,
     handoff: Arc<AtomicBool>,
+    stopped_at: Arc<std::sync::OnceLock<StopPoint>>,
 }
 
 impl MarketControl {
@@ -357,6 +401,11 @@ impl MarketControl {
     pub fn request_handoff(&self) {
         self.handoff.store(true, Ordering::Release);
         let _ = self.stop.send(true);
+    }
+
+    /// Where the driver stopped, once it ended cleanly (`None` before, or after a failure).
+    pub fn stopped_at(&self) -> Option<StopPoint> {
+        self.stopped_at.get().copied()
     }
 }
 
@@ -374,9 +423,20 @@ impl RunningMarket {
                 addr: self.addr,
                 stop: self.stop,
                 handoff: self.handoff,
+                stopped_at: self.stopped_at,
             },
             self.driver,
         )
+    }
+
+    /// Asks the driver to stop like `MarketControl::request_handoff` (no final snapshot) and
+    /// waits; answers where it stopped.
+    pub async fn hand_off(self) -> Result<Option<StopPoint>, MarketError> {
+        self.handoff.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        let stopped_at = self.stopped_at.clone();
+        self.join().await?;
+        Ok(stopped_at.get().copied())
     }
 
     /// Asks the driver to stop at the next batch boundary (its outputs published) and waits.
@@ -578,9 +638,9 @@ struct Driver {
     /// A warm copy's order feed, read ahead of the book; recovery and then the driver go on
     /// with it.
     feed: Option<Feed>,
-    /// Where recovery ended (announced with `active`) and the book's state hash there, being
-    /// computed on a copy off the market's thread (announced with a second `active`).
-    recovered_at: Option<(Seq, tokio::task::JoinHandle<StateHash>)>,
+    /// Where recovery ended, announced with `active`; the book's state hash there follows in a
+    /// second `active`, computed on a copy once the first is out (`launch`).
+    recovered_at: Option<Seq>,
 }
 
 fn nats_err(market: &str, what: &'static str, e: impl std::fmt::Display) -> MarketError {
@@ -716,8 +776,12 @@ impl Driver {
         // `active` once computed (a move compares it with the old owner's), so hashing the
         // whole book never delays the first command.
         let hashed = match self.recovered_at.take() {
-            Some((seq, hashing)) => {
+            Some(seq) => {
                 self.announce_at("active", Some(seq), None).await;
+                // Copied after the announcement (a clone of 20,000 orders takes a millisecond
+                // or two here): nothing is consumed before `run`, so the book is still at `seq`.
+                let (_, book) = self.send(Fork).await?;
+                let hashing = hash_aside(book);
                 let announcer = self.announcer();
                 Some(actix_rt::spawn(async move {
                     match hashing.await {
@@ -738,8 +802,22 @@ impl Driver {
         };
         let (market, addr) = (self.market.clone(), self.addr.clone());
         let handed_off = handoff.clone();
+        let stopped_at = Arc::new(std::sync::OnceLock::new());
+        let stop_point = stopped_at.clone();
         let handle = actix_rt::spawn(async move {
             let mut result = self.run(stopped).await;
+            if result.is_ok() {
+                // Every output acknowledged: where it stopped is what the next owner needs.
+                match self.send(LastSeq).await {
+                    Ok(seq) => {
+                        let _ = stop_point.set(StopPoint {
+                            seq,
+                            journal_seq: self.journal_seq,
+                        });
+                    }
+                    Err(e) => result = Err(e),
+                }
+            }
             if result.is_ok() && !handed_off.load(Ordering::Acquire) {
                 // Stopped at a batch boundary with every output acknowledged: leave a snapshot,
                 // so the next start (here or on another node) replays nothing.
@@ -769,6 +847,7 @@ impl Driver {
             addr,
             stop,
             handoff,
+            stopped_at,
             driver: handle,
         })
     }
@@ -793,6 +872,7 @@ struct Promotion {
     epoch: u64,
     trace: Option<String>,
     handed_over: bool,
+    stop_point: Option<StopPoint>,
     reply: tokio::sync::oneshot::Sender<Result<RunningMarket, MarketError>>,
 }
 
@@ -804,11 +884,14 @@ impl Follower {
     /// Turns the copy into the running market at `epoch`: it applies what the journal says was
     /// done, rebuilds the journal's last two batches and republishes their views (JetStream drops
     /// those that had landed), then consumes from the next command. Answers once it consumes.
+    /// `handed_over`: released by its owner, every output acknowledged, at `stop_point` when the
+    /// release record says where (then the journal's head is not read; see `StopPoint`).
     pub async fn promote(
         mut self,
         epoch: u64,
         trace: Option<String>,
         handed_over: bool,
+        stop_point: Option<StopPoint>,
     ) -> Result<RunningMarket, MarketError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || MarketError::ActorGone {
@@ -820,6 +903,7 @@ impl Follower {
                 epoch,
                 trace,
                 handed_over,
+                stop_point,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -883,7 +967,7 @@ pub async fn follow(
                     if let Ok(p) = p {
                         let _ = p
                             .reply
-                            .send(driver.promote(p.epoch, p.trace, p.handed_over).await);
+                            .send(driver.promote(p.epoch, p.trace, p.handed_over, p.stop_point).await);
                     }
                     return;
                 }
@@ -955,9 +1039,11 @@ impl Driver {
         epoch: u64,
         trace: Option<String>,
         handed_over: bool,
+        stop_point: Option<StopPoint>,
     ) -> Result<RunningMarket, MarketError> {
         self.settings.epoch = epoch;
         self.settings.handed_over = handed_over;
+        self.settings.stop_point = stop_point;
         let span = traces::recover_span(&self.market, &self.settings.node_id, trace.as_deref());
         self.recover(true).instrument(span).await?;
         self.launch().await
@@ -1086,7 +1172,20 @@ impl Driver {
     /// last two batches, and republishes their derived views (JetStream drops those that landed).
     async fn recover(&mut self, warm: bool) -> Result<(), MarketError> {
         let started = Instant::now();
-        let tail = self.journal_tail(None).await?;
+        // Released with every output acknowledged, and the release record says where: the
+        // journal's head is that, unless someone wrote after the release, which the fence
+        // catches at the first publish (see `StopPoint`). Otherwise the journal says.
+        let stop_point = self
+            .settings
+            .stop_point
+            .filter(|_| self.settings.handed_over);
+        let tail = match stop_point {
+            Some(at) => {
+                self.journal_seq = at.journal_seq;
+                None
+            }
+            None => self.journal_tail(None).await?,
+        };
         if let Some(t) = &tail {
             self.journal_seq = Some(t.seq);
             if t.prev.is_none() && t.prev_seq != 0 && !self.settings.handed_over {
@@ -1135,7 +1234,12 @@ impl Driver {
                 tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batches; recovering from the stream alone");
             }
         }
-        if let Some(tail) = tail.filter(|_| self.settings.handed_over)
+        if let Some(at) = stop_point {
+            // Released where the record says, every output published: all of it, silently.
+            if at.seq >= from {
+                done.replayed = self.replay_range(from, at.seq).await?;
+            }
+        } else if let Some(tail) = tail.filter(|_| self.settings.handed_over)
             && tail.head.last_seq >= from
         {
             // Released by its owner with every output published: all of it, silently.
@@ -1174,18 +1278,15 @@ impl Driver {
                 from = b.last_seq + 1;
             }
         }
-        let (last_seq, book) = self.send(Fork).await?;
-        self.recovered_at = Some((
-            last_seq,
-            tokio::task::spawn_blocking(move || book.state_hash()),
-        ));
-        if !done.warm {
-            self.since_snapshot = last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0));
-        } else {
-            let stats = self.send(Stats).await?;
-            self.since_snapshot = last_seq.saturating_sub(stats.snapshot_seq);
-        }
         let stats = self.send(Stats).await?;
+        let last_seq = stats.last_seq;
+        // The book's hash there is computed once it is announced (`launch`).
+        self.recovered_at = Some(last_seq);
+        self.since_snapshot = if done.warm {
+            last_seq.saturating_sub(stats.snapshot_seq)
+        } else {
+            last_seq.saturating_sub(done.snapshot_seq.unwrap_or(0))
+        };
         self.metrics.book(&BatchStats {
             resting_orders: stats.resting_orders as u64,
             bid_levels: stats.bid_levels as u64,

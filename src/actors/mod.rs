@@ -12,7 +12,7 @@ pub mod supervisor;
 
 pub use self::core::{Incoming, MarketCore};
 pub use market::{
-    MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket,
+    MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket, StopPoint,
 };
 pub use supervisor::{
     Follow, FollowerLag, Held, ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use super::market::{self, MarketBus, MarketControl, MarketError, MarketSettings};
+use super::market::{self, MarketBus, MarketControl, MarketError, MarketSettings, StopPoint};
 use crate::book::{MarketSpec, Seq};
 
 /// Wait before restarting a failed market; each restart that fails doubles it, up to
@@ -145,6 +145,8 @@ pub struct StartMarket {
     pub trace: Option<String>,
     /// Released by its previous owner with every output published (a planned move).
     pub handed_over: bool,
+    /// With `handed_over`: where that owner stopped, from its release record.
+    pub stop_point: Option<StopPoint>,
 }
 
 impl StartMarket {
@@ -155,16 +157,17 @@ impl StartMarket {
             epoch: 0,
             trace: None,
             handed_over: false,
+            stop_point: None,
         }
     }
 }
 
-/// Stop one market at a batch boundary, wait for it, and forget it. Answers the stream
-/// sequence it stopped at and its (stopped) actor, to ask about its final state; `None` when it
-/// did not run here or did not stop cleanly. `handoff`: no final snapshot
-/// (another node takes it over from its own copy).
+/// Stop one market at a batch boundary, wait for it, and forget it. Answers where it stopped
+/// (its last applied sequence and the journal's last message) and its (stopped) actor, to ask
+/// about its final state; `None` when it did not run here or did not stop cleanly. `handoff`:
+/// no final snapshot (another node takes it over from its own copy).
 #[derive(Message)]
-#[rtype(result = "Option<(Seq, Addr<market::MarketActor>)>")]
+#[rtype(result = "Option<(StopPoint, Addr<market::MarketActor>)>")]
 pub struct StopMarket {
     pub market: String,
     pub handoff: bool,
@@ -257,7 +260,13 @@ impl Handler<StartMarket> for Supervisor {
     type Result = ResponseActFuture<Self, Result<bool, String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
-        self.start(msg.spec, msg.epoch, msg.trace, msg.handed_over)
+        self.start(
+            msg.spec,
+            msg.epoch,
+            msg.trace,
+            msg.handed_over,
+            msg.stop_point,
+        )
     }
 }
 
@@ -270,6 +279,7 @@ impl Supervisor {
         epoch: u64,
         trace: Option<String>,
         handed_over: bool,
+        stop_point: Option<StopPoint>,
     ) -> ResponseActFuture<Self, Result<bool, String>> {
         let symbol = spec.symbol.clone();
         if self.shutting_down {
@@ -301,6 +311,7 @@ impl Supervisor {
         settings.epoch = epoch;
         settings.trace = trace.clone();
         settings.handed_over = handed_over;
+        settings.stop_point = stop_point;
         let (bus, start_spec) = (self.bus.clone(), spec.clone());
         let (own, slot) = (
             self.own_connection.clone(),
@@ -313,7 +324,10 @@ impl Supervisor {
         let spawned = self.arbiters[arbiter].spawn(async move {
             let bus = arbiter_bus(bus, own, slot).await;
             let started = match follower {
-                Some(follower) => match follower.promote(epoch, trace, handed_over).await {
+                Some(follower) => match follower
+                    .promote(epoch, trace, handed_over, stop_point)
+                    .await
+                {
                     Ok(running) => Ok((running, true)),
                     Err(e) => {
                         tracing::warn!(market = %start_spec.symbol, "{e}; starting from the snapshot and the stream instead");
@@ -415,7 +429,7 @@ impl Handler<Restart> for Supervisor {
             return Box::pin(fut::ready(()));
         };
         let (spec, epoch) = (entry.spec.clone(), entry.epoch);
-        Box::pin(self.start(spec, epoch, None, false).map(move |started, act, ctx| {
+        Box::pin(self.start(spec, epoch, None, false, None).map(move |started, act, ctx| {
             let Err(e) = started else { return };
             let Some(entry) = act.markets.get_mut(&msg.market) else {
                 return;
@@ -465,7 +479,7 @@ impl Handler<Shutdown> for Supervisor {
 }
 
 impl Handler<StopMarket> for Supervisor {
-    type Result = ResponseActFuture<Self, Option<(Seq, Addr<market::MarketActor>)>>;
+    type Result = ResponseActFuture<Self, Option<(StopPoint, Addr<market::MarketActor>)>>;
 
     fn handle(&mut self, msg: StopMarket, _: &mut Self::Context) -> Self::Result {
         let Some(entry) = self.markets.remove(&msg.market) else {
@@ -492,8 +506,8 @@ impl Handler<StopMarket> for Supervisor {
             if !clean.load(std::sync::atomic::Ordering::Acquire) {
                 return None;
             }
-            let seq = control.addr.send(market::LastSeq).await.ok()?;
-            Some((seq, control.addr))
+            // Recorded by the driver as it ended, so no hop to the market's thread here.
+            Some((control.stopped_at()?, control.addr))
         }))
     }
 }

@@ -14,6 +14,7 @@
 //! every output published, then hand the market to `to` at the next epoch by compare-and-set).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::placement::{Placement, PlacementState};
 use super::{ClusterSettings, Lease};
+use crate::actors::market::StopPoint;
 use crate::actors::{
     Follow, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor, Unfollow,
 };
@@ -50,6 +52,37 @@ pub struct Agent {
     pub supervisor: Addr<Supervisor>,
     pub lease: Lease,
     pub settings: ClusterSettings,
+    /// The specs of the markets this node keeps a warm copy of, read when the copy started:
+    /// taking one over then reads nothing from the markets bucket inside a move's pause.
+    pub specs: Specs,
+}
+
+/// Market specs read for warm copies. A spec never changes while its market exists
+/// (`market.add` refuses another spec for a known symbol; `market.remove` deletes the
+/// placement, which drops the copy and this entry).
+#[derive(Clone, Default)]
+pub struct Specs(Arc<Mutex<HashMap<String, MarketSpec>>>);
+
+impl Specs {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, MarketSpec>) -> T) -> T {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut map)
+    }
+
+    fn keep(&self, spec: &MarketSpec) {
+        self.with(|m| m.insert(spec.symbol.clone(), spec.clone()));
+    }
+
+    fn forget(&self, market: &str) {
+        self.with(|m| m.remove(market));
+    }
+
+    fn get(&self, market: &str) -> Option<MarketSpec> {
+        self.with(|m| m.get(market).cloned())
+    }
 }
 
 #[derive(Default)]
@@ -71,6 +104,7 @@ struct Start {
     epoch: u64,
     trace: Option<String>,
     handed_over: bool,
+    stop_point: Option<StopPoint>,
     kind: &'static str,
 }
 
@@ -241,6 +275,7 @@ impl Agent {
             if state.standing_by.remove(market) {
                 let _ = self.supervisor.send(Unfollow(market.to_string())).await;
             }
+            self.specs.forget(market);
             return;
         };
         let standby = p.standby.as_deref() == Some(self.node.as_str()) && p.node != self.node;
@@ -249,6 +284,7 @@ impl Agent {
             self.keep_warm_copy(market);
         } else if !standby && state.standing_by.remove(market) && p.node != self.node {
             let _ = self.supervisor.send(Unfollow(market.to_string())).await;
+            self.specs.forget(market);
         } else if p.node == self.node {
             state.standing_by.remove(market);
         }
@@ -304,6 +340,7 @@ impl Agent {
                         epoch,
                         trace: p.trace.clone(),
                         handed_over,
+                        stop_point: p.stopped_at.filter(|_| handed_over),
                         kind,
                     },
                     started.clone(),
@@ -319,6 +356,7 @@ impl Agent {
             epoch,
             trace,
             handed_over,
+            stop_point,
             kind,
         } = start;
         let (markets, supervisor, market) = (
@@ -326,15 +364,23 @@ impl Agent {
             self.supervisor.clone(),
             market.to_string(),
         );
+        // A handoff's warm copy had its spec read when it started (and runs on it anyway).
+        let cached = self.specs.get(&market).filter(|_| handed_over);
+        self.specs.forget(&market);
         actix_rt::spawn(async move {
             let claimed = Instant::now();
-            let result = match spec_of(&markets, &market).await {
+            let spec = match cached {
+                Some(spec) => Ok(spec),
+                None => spec_of(&markets, &market).await,
+            };
+            let result = match spec {
                 Ok(spec) => supervisor
                     .send(StartMarket {
                         spec,
                         epoch,
                         trace,
                         handed_over,
+                        stop_point,
                     })
                     .await
                     .map_err(|e| format!("the supervisor is gone: {e}"))
@@ -354,21 +400,26 @@ impl Agent {
     /// Starts the standby's warm copy (in the background; a failure is tried again at the
     /// next change of the record or lapse).
     fn keep_warm_copy(&self, market: &str) {
-        let (markets, supervisor, market) = (
+        let (markets, supervisor, market, specs) = (
             self.markets.clone(),
             self.supervisor.clone(),
             market.to_string(),
+            self.specs.clone(),
         );
         actix_rt::spawn(async move {
             let followed = match spec_of(&markets, &market).await {
-                Ok(spec) => supervisor
-                    .send(Follow(spec))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r),
+                Ok(spec) => {
+                    specs.keep(&spec);
+                    supervisor
+                        .send(Follow(spec))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r)
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = followed {
+                specs.forget(&market);
                 tracing::warn!(market = %market, "no warm copy kept here: {e}");
             }
         });
@@ -423,6 +474,7 @@ impl Agent {
             "unfollow" => match serde_json::from_slice::<MarketRequest>(&request.payload) {
                 Ok(r) => {
                     let _ = self.supervisor.send(Unfollow(r.market.clone())).await;
+                    self.specs.forget(&r.market);
                     json!({"ok": true, "market": r.market})
                 }
                 Err(e) => error("bad_request", format!("unfollow takes {{market}}: {e}")),
@@ -431,7 +483,10 @@ impl Agent {
                 Ok(r) => {
                     let span =
                         traces::node_span("release", &r.market, &self.node, parent.as_deref());
-                    let answer = self
+                    let Release {
+                        mut answer,
+                        stopped,
+                    } = self
                         .release(state, &r, traces::traceparent(&span).or(parent))
                         .instrument(span.clone())
                         .await;
@@ -441,7 +496,21 @@ impl Agent {
                     if answer["ok"] != json!(true) {
                         traces::fail(&span, &answer["message"]);
                     }
-                    answer
+                    let Some(stopped) = stopped else {
+                        self.respond(reply, &answer).await;
+                        return;
+                    };
+                    // Answered with the stopped book's hash, from a task of its own: the agent
+                    // goes on meanwhile.
+                    let this = self.clone();
+                    actix_rt::spawn(
+                        async move {
+                            answer["state_hash"] = json!(stopped.state_hash().await);
+                            this.respond(reply, &answer).await;
+                        }
+                        .instrument(span),
+                    );
+                    return;
                 }
                 Err(e) => error(
                     "bad_request",
@@ -467,9 +536,13 @@ impl Agent {
             Ok(spec) => spec,
             Err(e) => return error("unknown_market", e),
         };
+        self.specs.keep(&spec);
         match self.supervisor.send(Follow(spec)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return error("follow_failed", e),
+            Ok(Err(e)) => {
+                self.specs.forget(&r.market);
+                return error("follow_failed", e);
+            }
             Err(e) => return error("node", format!("the supervisor is gone: {e}")),
         }
         let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(30_000));
@@ -489,6 +562,7 @@ impl Agent {
                 }
                 Some(lag) if Instant::now() > deadline => {
                     let _ = self.supervisor.send(Unfollow(r.market.clone())).await;
+                    self.specs.forget(&r.market);
                     let behind = if lag == u64::MAX {
                         "has not read the journal".to_string()
                     } else {
@@ -508,10 +582,22 @@ impl Agent {
     }
 
     /// Stops the market at a batch boundary, every output published and no snapshot, then
-    /// names `to` at the next epoch by compare-and-set.
-    async fn release(&self, state: &mut State, r: &ReleaseRequest, trace: Option<String>) -> Value {
+    /// names `to` at the next epoch by compare-and-set, with where it stopped.
+    async fn release(
+        &self,
+        state: &mut State,
+        r: &ReleaseRequest,
+        trace: Option<String>,
+    ) -> Release {
+        let refused = |answer| Release {
+            answer,
+            stopped: None,
+        };
         let Some((p, revision)) = state.view.get(&r.market).cloned() else {
-            return error("unknown_market", format!("{} has no placement", r.market));
+            return refused(error(
+                "unknown_market",
+                format!("{} has no placement", r.market),
+            ));
         };
         if p.node != self.node
             || p.state != PlacementState::Active
@@ -519,13 +605,13 @@ impl Agent {
             || state.owned.get(&r.market) != Some(&p.epoch)
             || state.starting.contains(&r.market)
         {
-            return error(
+            return refused(error(
                 "not_owner",
                 format!(
                     "{} is placed on {} at epoch {} ({:?}); {} cannot release it at epoch {}",
                     r.market, p.node, p.epoch, p.state, self.node, r.epoch
                 ),
-            );
+            ));
         }
         let started = Instant::now();
         state.owned.remove(&r.market);
@@ -538,13 +624,24 @@ impl Agent {
             .await
             .ok()
             .flatten();
-        let seq = stopped.as_ref().map(|(seq, _)| *seq);
+        let at = stopped.as_ref().map(|(at, _)| *at);
         let stopped_us = started.elapsed().as_micros() as u64;
-        let mut next = Placement::assigned(&r.to, p.epoch + 1)
-            .with_standby(p.standby.as_deref())
-            .with_trace(trace.clone());
-        // Only when it stopped cleanly here (every output acknowledged).
-        next.released = stopped.is_some();
+        // Only when it stopped cleanly here (every output acknowledged): `released`, and where.
+        let next_record = |standby: Option<&str>| {
+            let mut next = Placement::assigned(&r.to, p.epoch + 1)
+                .with_standby(standby)
+                .with_trace(trace.clone());
+            next.released = at.is_some();
+            next.stopped_at = at;
+            next
+        };
+        // Watched from before the handover: the stopped book is hashed once the new owner runs.
+        let announced = self
+            .client
+            .subscribe(self.subjects.status(&r.market))
+            .await
+            .ok();
+        let mut next = next_record(p.standby.as_deref());
         let mut revision = revision;
         let mut handed = self
             .placement
@@ -564,10 +661,7 @@ impl Agent {
                             && now.state == PlacementState::Active =>
                     {
                         revision = e.revision;
-                        next = Placement::assigned(&r.to, p.epoch + 1)
-                            .with_standby(now.standby.as_deref())
-                            .with_trace(trace.clone());
-                        next.released = stopped.is_some();
+                        next = next_record(now.standby.as_deref());
                         handed = self
                             .placement
                             .update(&r.market, next.encode().into(), revision)
@@ -581,40 +675,89 @@ impl Agent {
         match handed {
             Ok(new_revision) => {
                 state.view.insert(r.market.clone(), (next, new_revision));
-                // Hashed after the handover, out of the pause: the stopped book is frozen.
-                let state_hash = match &stopped {
-                    Some((_, addr)) => addr
-                        .send(crate::actors::market::State)
-                        .await
-                        .ok()
-                        .map(|(_, hash)| hash.to_string()),
-                    None => None,
-                };
                 say!(
                     "agora node {}: released {} at seq {} to {} (epoch {})",
                     self.node,
                     r.market,
-                    seq.unwrap_or(0),
+                    at.map_or(0, |a| a.seq),
                     r.to,
                     p.epoch + 1
                 );
-                json!({
-                    "ok": true,
-                    "market": r.market,
-                    "seq": seq,
-                    "state_hash": state_hash,
-                    "epoch": p.epoch + 1,
-                    "stopped_us": stopped_us,
-                    "released_us": started.elapsed().as_micros() as u64,
-                })
+                Release {
+                    answer: json!({
+                        "ok": true,
+                        "market": r.market,
+                        "seq": at.map(|a| a.seq),
+                        "state_hash": null,
+                        "epoch": p.epoch + 1,
+                        "stopped_us": stopped_us,
+                        "released_us": started.elapsed().as_micros() as u64,
+                    }),
+                    stopped: stopped.map(|(_, addr)| Stopped {
+                        addr,
+                        announced,
+                        to: r.to.clone(),
+                        epoch: p.epoch + 1,
+                    }),
+                }
             }
-            Err(e) => error(
+            Err(e) => refused(error(
                 "placement_changed",
                 format!(
                     "{} stopped here but its placement changed meanwhile ({e}); it is claimed again where placement says",
                     r.market
                 ),
-            ),
+            )),
         }
+    }
+}
+
+/// What `release` did: its answer, and the stopped market whose book's hash completes it.
+struct Release {
+    answer: Value,
+    stopped: Option<Stopped>,
+}
+
+/// A released market's stopped actor, and the status subject watched for the new owner.
+struct Stopped {
+    addr: Addr<crate::actors::MarketActor>,
+    announced: Option<async_nats::Subscriber>,
+    to: String,
+    epoch: u64,
+}
+
+/// How long the old owner waits for the new one's announcement before hashing its stopped book
+/// anyway.
+const HASH_AFTER_MAX: Duration = Duration::from_secs(2);
+
+impl Stopped {
+    /// The stopped book's state hash, computed once the new owner announced itself running
+    /// (or after `HASH_AFTER_MAX`), at a low priority: hashing 20,000 orders takes milliseconds
+    /// of a core, which on a small machine the new owner's takeover needs more.
+    async fn state_hash(mut self) -> Option<String> {
+        if let Some(status) = self.announced.as_mut() {
+            let (to, epoch) = (self.to.as_str(), self.epoch);
+            let running = async {
+                while let Some(m) = status.next().await {
+                    let Ok(s) = rmp_serde::from_slice::<Value>(&m.payload) else {
+                        continue;
+                    };
+                    if s["node"].as_str() == Some(to)
+                        && s["epoch"].as_u64() >= Some(epoch)
+                        && s["state"].as_str() == Some("active")
+                    {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(HASH_AFTER_MAX, running).await;
+        }
+        if let Some(status) = self.announced.as_mut() {
+            let _ = status.unsubscribe().await;
+        }
+        // A copy, hashed off the market's arbiter (other markets run there).
+        let (_, book) = self.addr.send(crate::actors::market::Fork).await.ok()?;
+        let hash = crate::actors::market::hash_aside(book).await.ok()?;
+        Some(hash.to_string())
     }
 }

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::actors::market::StopPoint;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PlacementState {
@@ -31,6 +33,11 @@ pub struct Placement {
     /// last batch acknowledged: the next owner need not republish the last batches.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub released: bool,
+    /// With `released`: where that owner stopped (its last applied sequence and the journal's
+    /// last message), so the next owner need not read the journal's head inside the move's
+    /// pause. Absent in records written before it existed and at failover: the journal is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<StopPoint>,
 }
 
 impl Placement {
@@ -42,6 +49,7 @@ impl Placement {
             standby: None,
             trace: None,
             released: false,
+            stopped_at: None,
         }
     }
 
@@ -53,6 +61,7 @@ impl Placement {
             standby: None,
             trace: None,
             released: false,
+            stopped_at: None,
         }
     }
 
@@ -148,6 +157,24 @@ mod tests {
             r#"{"node":"n1","epoch":7,"state":"active"}"#
         );
         assert_eq!(Placement::decode(b"junk"), None);
+        // A release carries where its owner stopped; a record written before that field
+        // existed still reads, without it.
+        let mut released = Placement::assigned("n2", 8);
+        released.released = true;
+        released.stopped_at = Some(StopPoint {
+            seq: 120,
+            journal_seq: Some(45),
+        });
+        assert_eq!(
+            String::from_utf8(released.encode()).expect("utf8"),
+            r#"{"node":"n2","epoch":8,"state":"assigned","released":true,"stopped_at":{"seq":120,"journal_seq":45}}"#
+        );
+        assert_eq!(Placement::decode(&released.encode()), Some(released));
+        let old =
+            Placement::decode(br#"{"node":"n2","epoch":8,"state":"assigned","released":true}"#)
+                .expect("an older release record reads");
+        assert!(old.released);
+        assert_eq!(old.stopped_at, None);
         assert_eq!(drained_node(&drain_key("n2")), Some("n2"));
     }
 }

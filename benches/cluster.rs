@@ -263,28 +263,9 @@ fn node_config(id: &str, cluster: &str, markets: &[String]) -> String {
 /// `n` resting orders that never cross (bids 90.00..99.99, asks 100.01..110.00, 1,000 lots
 /// each), as batch messages of up to 100 commands (MessagePack).
 fn resting_batches(n: usize) -> Vec<Vec<u8>> {
-    let orders: Vec<Value> = (0..n)
-        .map(|k| {
-            let level = (k / 2 % 1000) as u64;
-            let (side, cents) = if k % 2 == 0 {
-                ("buy", 9999 - level)
-            } else {
-                ("sell", 10001 + level)
-            };
-            json!({
-                "op": "new",
-                "account": format!("mm-{}", k % 8),
-                "side": side,
-                "type": "limit",
-                "tif": "gtc",
-                "price": format!("{}.{:02}", cents / 100, cents % 100),
-                "qty": "1000",
-            })
-        })
-        .collect();
-    orders
-        .chunks(100)
-        .map(|c| rmp_serde::to_vec_named(&json!({"op": "batch", "commands": c})).expect("msgpack"))
+    common::resting_batches(n, 1000, 8)
+        .iter()
+        .map(|b| rmp_serde::to_vec_named(b).expect("msgpack"))
         .collect()
 }
 

@@ -4,6 +4,8 @@
 //! Its HTTP port serves metrics, and `/ready` says no while a market lags or is down, and yes
 //! again after.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -112,17 +114,23 @@ async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {
 /// `config` (TOML) as its configuration file and a data directory under `dir`.
 fn server_and_args(dir: &std::path::Path, config: &str) -> (LocalServer, Vec<String>) {
     let server = LocalServer::start(&dir.join("nats")).unwrap_or_else(|e| panic!("{e}"));
+    let args = node_args(dir, &server, config);
+    (server, args)
+}
+
+/// The `agora node` arguments that point a node at `server` with `config` (TOML) as its
+/// configuration file and a data directory under `dir`.
+fn node_args(dir: &std::path::Path, server: &LocalServer, config: &str) -> Vec<String> {
     let path = dir.join("node.toml");
     std::fs::write(&path, config).expect("write config");
-    let args = vec![
+    vec![
         "--config".to_string(),
         path.to_string_lossy().into_owned(),
         "--nats-url".to_string(),
         server.url(),
         "--data-dir".to_string(),
         dir.join("data").to_string_lossy().into_owned(),
-    ];
-    (server, args)
+    ]
 }
 
 fn order(account: &str, cid: &str, side: &str, price: &str) -> Value {
@@ -756,31 +764,6 @@ async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
     assert!(node.terminate().success());
 }
 
-/// `n` resting orders that never cross, as batch messages of 100 commands each.
-fn resting_batches(n: usize) -> Vec<Value> {
-    let orders: Vec<Value> = (0..n)
-        .map(|k| {
-            let level = (k / 2 % 500) as u64;
-            let (side, cents) = if k % 2 == 0 {
-                ("buy", 9999 - level)
-            } else {
-                ("sell", 10001 + level)
-            };
-            json!({
-                "op": "new",
-                "account": format!("mm-{}", k % 4),
-                "side": side,
-                "price": format!("{}.{:02}", cents / 100, cents % 100),
-                "qty": "1000",
-            })
-        })
-        .collect();
-    orders
-        .chunks(100)
-        .map(|c| json!({"op": "batch", "commands": c}))
-        .collect()
-}
-
 /// A node catching up on several markets' backlogs reads faster than nats-server may buffer
 /// for it: the server closes the connection (a "slow consumer") and what it had sent on it is
 /// lost. The order consumers do not acknowledge, so they would never send it again; the feeds
@@ -802,16 +785,7 @@ async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
             "[[markets]]\nsymbol = \"{m}\"\nprice_decimals = 2\nsize_decimals = 0\n"
         ));
     }
-    let path = dir.path().join("node.toml");
-    std::fs::write(&path, config).expect("write config");
-    let args = vec![
-        "--config".to_string(),
-        path.to_string_lossy().into_owned(),
-        "--nats-url".to_string(),
-        server.url(),
-        "--data-dir".to_string(),
-        dir.path().join("data").to_string_lossy().into_owned(),
-    ];
+    let args = node_args(dir.path(), &server, &config);
     // The first start creates the streams; the backlogs arrive while the node is down.
     let node = Node::start(&args);
     node.wait_line("ready");
@@ -822,7 +796,7 @@ async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let js = jetstream::new(client);
-    let batches = resting_batches(50_000);
+    let batches = common::resting_batches(50_000, 500, 4);
     for m in markets {
         for b in &batches {
             publish(&js, m, b.clone()).await;

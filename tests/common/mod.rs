@@ -129,3 +129,32 @@ pub fn run(args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `n` resting orders that never cross (bids from 99.99 down, asks from 100.01 up, `levels` price
+/// levels a side, 1,000 lots each, from accounts `mm-0`..`mm-{accounts - 1}`), as batch
+/// messages of up to 100 commands.
+pub fn resting_batches(n: usize, levels: usize, accounts: usize) -> Vec<serde_json::Value> {
+    let orders: Vec<serde_json::Value> = (0..n)
+        .map(|k| {
+            let level = (k / 2 % levels) as u64;
+            let (side, cents) = if k % 2 == 0 {
+                ("buy", 9999 - level)
+            } else {
+                ("sell", 10001 + level)
+            };
+            serde_json::json!({
+                "op": "new",
+                "account": format!("mm-{}", k % accounts),
+                "side": side,
+                "type": "limit",
+                "tif": "gtc",
+                "price": format!("{}.{:02}", cents / 100, cents % 100),
+                "qty": "1000",
+            })
+        })
+        .collect();
+    orders
+        .chunks(100)
+        .map(|c| serde_json::json!({"op": "batch", "commands": c}))
+        .collect()
+}

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -1768,10 +1768,12 @@ async fn write_snapshot(
 /// expected next: an earlier one is dropped, a later one (a gap) opens a new consumer from the
 /// expected sequence; and a feed waiting for messages opens a new consumer when the
 /// connection was re-established meanwhile, in case the end of a burst was lost with nothing
-/// after it to show the gap. Each new consumer after a loss pulls a quarter as much at a time
-/// (down to one message), so that a node catching up on many backlogs at once reads them
-/// within the server's limit instead of losing them again; once caught up (nothing pending),
-/// the feed opens a consumer of the full size again.
+/// after it to show the gap. A loss lowers what every feed on that connection pulls at a time
+/// (`PullCap`: to a quarter, down to one message), its own new consumer and those opened later
+/// (a market restarted after a lost journal acknowledgement, a recovery's replay), so that a
+/// node catching up on many backlogs at once reads them within the server's limit instead of
+/// losing them again; each feed that catches up (nothing pending) doubles it back, up to the
+/// full size.
 struct Feed {
     messages: pull::Stream,
     ahead: VecDeque<jetstream::Message>,
@@ -1790,6 +1792,27 @@ struct Feed {
     broken: bool,
     /// Messages a pull asks for now: `pull`'s size, or less since a loss.
     batch: usize,
+    /// The connection's cap on `batch`.
+    cap: Arc<AtomicUsize>,
+}
+
+/// Messages each feed on one NATS connection may pull at a time: lowered by a loss on the
+/// connection, raised as feeds catch up. One per connection, found by its statistics (which
+/// the client shares between its clones).
+struct PullCap;
+
+impl PullCap {
+    fn of(connection: &Arc<async_nats::Statistics>) -> Arc<AtomicUsize> {
+        // Taken only as a feed opens: a lock does.
+        type Caps = std::sync::Mutex<std::collections::HashMap<usize, Arc<AtomicUsize>>>;
+        static CAPS: std::sync::OnceLock<Caps> = std::sync::OnceLock::new();
+        CAPS.get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(Arc::as_ptr(connection) as usize)
+            .or_insert_with(|| Arc::new(AtomicUsize::new(usize::MAX)))
+            .clone()
+    }
 }
 
 /// What a message received from the consumer is, against the sequence expected next.
@@ -1820,7 +1843,8 @@ impl Feed {
     ) -> Result<Feed, MarketError> {
         let connection = client.statistics();
         let connects = connection.connects.load(Ordering::Acquire);
-        let batch = pull.batch();
+        let cap = PullCap::of(&connection);
+        let batch = pull.batch().min(cap.load(Ordering::Acquire));
         let messages = Self::consume(orders, market, from, pull, batch).await?;
         Ok(Feed {
             messages,
@@ -1834,6 +1858,7 @@ impl Feed {
             gaps: 0,
             broken: false,
             batch,
+            cap,
         })
     }
 
@@ -1881,7 +1906,8 @@ impl Feed {
 
     /// After a loss: a new consumer from the expected sequence, pulling less at a time.
     async fn reopen(&mut self, why: &str) -> Result<(), MarketError> {
-        let batch = (self.batch / 4).max(1);
+        let lowered = (self.batch / 4).max(1);
+        let batch = self.cap.fetch_min(lowered, Ordering::AcqRel).min(lowered);
         tracing::warn!(market = %self.market, from = self.expected(), batch, "{why}; opening the order consumer again");
         self.replace(self.expected(), batch).await
     }
@@ -1897,13 +1923,17 @@ impl Feed {
         Ok(())
     }
 
-    /// Once a feed that pulls less since a loss has caught up (nothing pending after `m`),
-    /// a consumer of the full size again.
+    /// Once a feed that pulls less since a loss has caught up (nothing pending after `m`):
+    /// the connection's cap doubled (up to the full size), and a consumer of that size.
     async fn restore_size(&mut self, m: &jetstream::Message) -> Result<(), MarketError> {
-        if self.batch < self.pull.batch() && m.info().is_ok_and(|i| i.pending == 0) {
-            tracing::info!(market = %self.market, "caught up; pulling {} messages at a time again", self.pull.batch());
+        let full = self.pull.batch();
+        if self.batch < full && m.info().is_ok_and(|i| i.pending == 0) {
+            let raised = (self.batch * 2).min(full);
+            let cap = self.cap.fetch_max(raised, Ordering::AcqRel).max(raised);
+            let batch = full.min(cap);
+            tracing::info!(market = %self.market, batch, "caught up; pulling more at a time");
             // `m` is yielded (or read ahead) by the caller: the new consumer starts after it.
-            self.replace(self.expected() + 1, self.pull.batch()).await?;
+            self.replace(self.expected() + 1, batch).await?;
         }
         Ok(())
     }

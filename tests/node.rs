@@ -797,7 +797,7 @@ async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let js = jetstream::new(client);
-    let batches = common::resting_batches(50_000, 500, 4);
+    let batches = common::resting_batches(30_000, 500, 4);
     for m in markets {
         for b in &batches {
             publish(&js, m, b.clone()).await;
@@ -817,6 +817,19 @@ async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    // Every order rests (none crosses): a command skipped after a gap would show here.
+    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["ctl", "--nats-url", &server.url(), "market.list"])
+        .output()
+        .expect("agora ctl runs");
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("market.list answers JSON");
+    for m in markets {
+        let entry = listed["markets"]
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["symbol"] == m))
+            .unwrap_or_else(|| panic!("{m} not in {listed}"));
+        assert_eq!(entry["resting_orders"], 30_000, "{entry}");
     }
     assert!(node.terminate().success());
     let log = std::fs::read_to_string(dir.path().join("nats").join("nats-server.log"))

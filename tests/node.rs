@@ -608,7 +608,10 @@ async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (server, mut args) = server_and_args(
         dir.path(),
+        // A lease well above a loaded CI machine's stalls: this test is about /ready, and a
+        // lapse would stop and re-claim both markets under it.
         "node_id = \"n1\"\n\
+         [cluster]\nlease_ms = 3000\n\
          [[markets]]\nsymbol = \"LAG-USD\"\nprice_decimals = 2\nsize_decimals = 0\n\
          [[markets]]\nsymbol = \"GONE-USD\"\nprice_decimals = 2\nsize_decimals = 0\n",
     );

@@ -1043,6 +1043,7 @@ impl OrderBook {
         self.expiries = BinaryHeap::from(heap);
     }
 
+    #[inline(always)]
     fn link_level(&mut self, side: Side, idx: u32) {
         let price = self.orders[idx as usize].price;
         let key = key_of(side, price, self.spec.tick.0);
@@ -1068,6 +1069,7 @@ impl OrderBook {
         }
     }
 
+    #[inline(always)]
     fn unlink_level(&mut self, side: Side, idx: u32) {
         let o = &self.orders[idx as usize];
         let (prev, next, li, visible, leaves) = (o.prev, o.next, o.level, o.visible, o.leaves);
@@ -1167,6 +1169,7 @@ impl OrderBook {
     // ----- cancel, amend, cancel_all, expiry, stops ----------------------------------------
 
     /// Finds the target of a cancel or amend sent by `cmd.account`.
+    #[inline(always)]
     fn lookup(&self, cmd: &Command, target: OrderRef) -> Result<u32, (RejectReason, Option<u32>)> {
         match target {
             OrderRef::Oid(oid) => {

@@ -168,35 +168,51 @@ impl PartialEq for ShortStr {
     /// bytes costs more than the comparison.
     #[inline]
     fn eq(&self, other: &ShortStr) -> bool {
-        #[inline(always)]
-        fn word(b: &[u8; SHORT_STR_MAX], i: usize) -> u64 {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_ne_bytes(w)
-        }
-        let (a, b) = (&self.bytes, &other.bytes);
         self.len == other.len
-            && word(a, 0) == word(b, 0)
-            && word(a, 8) == word(b, 8)
-            && word(a, 16) == word(b, 16)
-            && word(a, 24) == word(b, 24)
-            && a[32..] == b[32..]
+            && self.word(0) == other.word(0)
+            && self.word(8) == other.word(8)
+            && self.word(16) == other.word(16)
+            && self.word(24) == other.word(24)
+            && self.bytes[32..] == other.bytes[32..]
     }
 }
 
 impl Eq for ShortStr {}
 
 impl std::hash::Hash for ShortStr {
-    /// Only the used bytes: most ids are short, and short inputs take the hasher's fast path.
+    /// The blocks of `blocks`, one multiplication of the hasher each: most ids take one, where
+    /// a byte-string hash of the used bytes costs several.
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // The length first, so that (account, cid) pairs hash unambiguously.
-        state.write_u8(self.len);
-        state.write(&self.bytes[..self.len as usize]);
+        self.blocks(|block| state.write_u128(block));
     }
 }
 
 impl ShortStr {
+    /// The 8 bytes from `i` (at most 28), little-endian: byte `i` is the lowest.
+    #[inline(always)]
+    fn word(&self, i: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&self.bytes[i..i + 8]);
+        u64::from_le_bytes(w)
+    }
+
+    /// Gives the id as 16-byte blocks, only as many as its length needs: the first holds
+    /// bytes 0..15 and the length, the second bytes 15..31, the third the rest. The bytes past
+    /// `len` are zero and the first block says how many follow, so equal blocks mean equal
+    /// ids, and the blocks of an (account, cid) pair name both exactly.
+    #[inline(always)]
+    fn blocks(&self, mut f: impl FnMut(u128)) {
+        let high = self.word(8) & (u64::MAX >> 8) | u64::from(self.len) << 56;
+        f(u128::from(self.word(0)) | u128::from(high) << 64);
+        if self.len > 15 {
+            f(u128::from(self.word(15)) | u128::from(self.word(23)) << 64);
+            if self.len > 31 {
+                f(u128::from(self.word(28) >> 24));
+            }
+        }
+    }
+
     fn new_unchecked(s: &str) -> ShortStr {
         let mut bytes = [0u8; SHORT_STR_MAX];
         bytes[..s.len()].copy_from_slice(s.as_bytes());
@@ -333,6 +349,54 @@ mod tests {
             Cid::new("c1").map(|c| c.as_str().to_string()),
             Ok("c1".to_string())
         );
+    }
+
+    /// Every id, and every (account, cid) pair, has its own hash input: ids of every length
+    /// across the block edges, sharing prefixes, never write the same blocks.
+    #[test]
+    fn hash_blocks_name_ids_and_pairs_exactly() {
+        let written = |ids: &[&ShortStr]| -> Vec<u128> {
+            let mut blocks = Vec::new();
+            for id in ids {
+                id.blocks(|b| blocks.push(b));
+            }
+            blocks
+        };
+        let full = "abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut ids: Vec<ShortStr> = (1..=SHORT_STR_MAX)
+            .map(|n| ShortStr::new_unchecked(&full[..n]))
+            .collect();
+        // Same lengths, one byte apart, at each block edge.
+        for n in [8, 14, 15, 16, 30, 31, 32, 36] {
+            let mut s = full[..n].to_string();
+            s.replace_range(n - 1..n, "~");
+            ids.push(ShortStr::new_unchecked(&s));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for a in &ids {
+            assert_eq!(written(&[a]), written(&[&a.clone()]));
+            if let Some(b) = seen.insert(written(&[a]), a) {
+                panic!(
+                    "{:?} and {:?} write the same blocks",
+                    a.as_str(),
+                    b.as_str()
+                );
+            }
+        }
+        let mut pairs = std::collections::HashMap::new();
+        for a in &ids {
+            for c in &ids {
+                if let Some((a2, c2)) = pairs.insert(written(&[a, c]), (a, c)) {
+                    panic!(
+                        "({:?}, {:?}) and ({:?}, {:?}) write the same blocks",
+                        a.as_str(),
+                        c.as_str(),
+                        a2.as_str(),
+                        c2.as_str()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

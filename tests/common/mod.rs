@@ -98,6 +98,22 @@ impl Agora {
         wait_on(&self.errors, matches, timeout)
     }
 
+    /// SIGTERM, then the exit status (panics if it takes over `timeout`).
+    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill with a pid we own and a valid signal.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agora did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The next line as JSON (panics after `timeout`).
     pub fn next_json(&self, timeout: Duration) -> serde_json::Value {
         let line = self.wait_line(|_| true, timeout);

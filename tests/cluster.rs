@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use agora::bus::{self, LocalServer};
 use async_nats::jetstream;
 use common::Agora;
+use common::journal_last_seq;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -256,16 +257,6 @@ fn load(
             }
         }
     })
-}
-
-async fn journal_last_seq(js: &jetstream::Context, market: &str) -> Option<u64> {
-    let events = js.get_stream("EVENTS").await.ok()?;
-    let last = events
-        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
-        .await
-        .ok()?;
-    let head: Value = rmp_serde::from_slice(&last.payload).ok()?;
-    head["last_seq"].as_u64()
 }
 
 async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {

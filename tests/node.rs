@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use agora::bus::{self, LocalServer};
 use async_nats::jetstream;
+use common::{journal_last_seq, publish};
 use serde_json::{Value, json};
 
 struct Node {
@@ -78,25 +79,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn publish(js: &jetstream::Context, market: &str, value: Value) {
-    let bytes = rmp_serde::to_vec_named(&value).expect("msgpack");
-    js.publish(format!("agora.orders.{market}"), bytes.into())
-        .await
-        .expect("publish sent")
-        .await
-        .expect("publish acknowledged");
-}
-
-async fn journal_last_seq(js: &jetstream::Context, market: &str) -> Option<u64> {
-    let events = js.get_stream("EVENTS").await.ok()?;
-    let last = events
-        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
-        .await
-        .ok()?;
-    let head: Value = rmp_serde::from_slice(&last.payload).ok()?;
-    head["last_seq"].as_u64()
 }
 
 async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {

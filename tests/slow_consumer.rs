@@ -10,29 +10,11 @@ use std::time::{Duration, Instant};
 use agora::bus::{self, LocalServer};
 use async_nats::jetstream;
 use common::Agora;
+use common::{journal_last_seq, publish};
 use serde_json::Value;
 
 /// How long a node may take to stop on SIGTERM.
 const STOP: Duration = Duration::from_secs(20);
-
-async fn publish(js: &jetstream::Context, market: &str, value: Value) {
-    let bytes = rmp_serde::to_vec_named(&value).expect("msgpack");
-    js.publish(format!("agora.orders.{market}"), bytes.into())
-        .await
-        .expect("publish sent")
-        .await
-        .expect("publish acknowledged");
-}
-
-async fn journal_last_seq(js: &jetstream::Context, market: &str) -> Option<u64> {
-    let events = js.get_stream("EVENTS").await.ok()?;
-    let last = events
-        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
-        .await
-        .ok()?;
-    let head: Value = rmp_serde::from_slice(&last.payload).ok()?;
-    head["last_seq"].as_u64()
-}
 
 /// A node catching up on several markets' backlogs reads faster than nats-server may buffer
 /// for it: the server closes the connection (a "slow consumer") and what it had sent on it is
@@ -57,7 +39,7 @@ async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
         ));
     }
     // The first start creates the streams; the backlogs arrive while the node is down.
-    let node = Agora::node(&server.url(), dir.path(), &config);
+    let mut node = Agora::node(&server.url(), dir.path(), &config);
     let status = node.terminate(STOP);
     assert!(status.success(), "agora node exited with {status}");
 
@@ -71,7 +53,7 @@ async fn backlogs_lost_to_a_slow_consumer_disconnect_are_read_again() {
             publish(&js, m, b.clone()).await;
         }
     }
-    let node = Agora::node(&server.url(), dir.path(), &config);
+    let mut node = Agora::node(&server.url(), dir.path(), &config);
     let started = Instant::now();
     for m in markets {
         while journal_last_seq(&js, m).await < Some(batches.len() as u64) {

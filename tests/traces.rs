@@ -245,25 +245,6 @@ fn traceparents(url: &str, seqs: &[u64]) -> Vec<Option<String>> {
     })
 }
 
-/// SIGTERM, then waits for the exit (the node flushes its spans on the way out).
-fn terminate(node: &mut common::Agora) -> std::process::ExitStatus {
-    // SAFETY: kill with a pid we own and a valid signal.
-    unsafe {
-        libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(Some(status)) = node.child.try_wait() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agora node did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn one_order_is_one_trace_from_the_client_through_the_engine() {
     let collector = Collector::start();
@@ -327,7 +308,8 @@ fn one_order_is_one_trace_from_the_client_through_the_engine() {
         "agora.reports.publish",
     ];
     collector.wait_for(|t| t.contains("agora.order.new"), "the client's span");
-    let status = terminate(&mut node);
+    // The node flushes its spans on the way out.
+    let status = node.terminate(WAIT);
     assert!(status.success(), "agora node exited with {status}");
     let text = collector.wait_for(
         |t| {
@@ -485,7 +467,7 @@ fn a_move_is_one_trace_across_both_nodes() {
         String::from_utf8_lossy(&out.stderr)
     );
     for node in [&mut n1, &mut n2] {
-        let status = terminate(node);
+        let status = node.terminate(WAIT);
         assert!(status.success(), "agora node exited with {status}");
     }
     let names = [

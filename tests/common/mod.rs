@@ -99,7 +99,7 @@ impl Agora {
     }
 
     /// SIGTERM, then the exit status (panics if it takes over `timeout`).
-    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         // SAFETY: kill with a pid we own and a valid signal.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
@@ -173,4 +173,26 @@ pub fn resting_batches(n: usize, levels: usize, accounts: usize) -> Vec<serde_js
         .chunks(100)
         .map(|c| serde_json::json!({"op": "batch", "commands": c}))
         .collect()
+}
+
+/// Publishes one order-subject message (`value` as MessagePack) to `market` and waits for
+/// JetStream's acknowledgement.
+pub async fn publish(js: &async_nats::jetstream::Context, market: &str, value: serde_json::Value) {
+    let bytes = rmp_serde::to_vec_named(&value).expect("msgpack");
+    js.publish(format!("agora.orders.{market}"), bytes.into())
+        .await
+        .expect("publish sent")
+        .await
+        .expect("publish acknowledged");
+}
+
+/// The last input sequence in `market`'s journal, if it has one.
+pub async fn journal_last_seq(js: &async_nats::jetstream::Context, market: &str) -> Option<u64> {
+    let events = js.get_stream("EVENTS").await.ok()?;
+    let last = events
+        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
+        .await
+        .ok()?;
+    let head: serde_json::Value = rmp_serde::from_slice(&last.payload).ok()?;
+    head["last_seq"].as_u64()
 }

@@ -38,7 +38,7 @@ use tracing::Instrument;
 
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::metrics::MarketMetrics;
-use crate::book::{MarketSpec, OrderBook, Seq, StateHash};
+use crate::book::{MarketSpec, OrderBook, Seq, StateHash, Timestamp};
 use crate::bus::acks::{ACK_TIMEOUT, AckedPublisher};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
@@ -669,22 +669,60 @@ impl Routes {
     }
 }
 
-fn incoming(
-    market: &str,
-    routes: &Routes,
-    m: &jetstream::Message,
-) -> Result<Incoming, MarketError> {
-    let info = m
-        .info()
+/// A message of the order stream, with the JetStream metadata of its reply subject read once,
+/// as it arrives (`Message::info` parses the subject again at every call).
+struct Delivered {
+    message: jetstream::Message,
+    /// `Err`: the message has no JetStream metadata (it is not from this consumer's stream).
+    meta: Result<Meta, async_nats::Error>,
+}
+
+/// What the feed and the decoding of a message need of its JetStream metadata.
+#[derive(Clone, Copy)]
+struct Meta {
+    /// Its stream sequence.
+    seq: Seq,
+    /// Messages still in the stream for the consumer after it.
+    pending: u64,
+    /// The stream's timestamp of it, in nanoseconds.
+    ts: Timestamp,
+}
+
+impl Delivered {
+    fn new(message: jetstream::Message) -> Delivered {
+        let meta = message.info().map(|info| Meta {
+            seq: info.stream_sequence,
+            pending: info.pending,
+            ts: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+        });
+        Delivered { message, meta }
+    }
+
+    /// Its stream sequence, if it has metadata.
+    fn seq(&self) -> Option<Seq> {
+        self.meta.as_ref().ok().map(|meta| meta.seq)
+    }
+
+    /// Messages still in the stream after it, if it has metadata.
+    fn pending(&self) -> Option<u64> {
+        self.meta.as_ref().ok().map(|meta| meta.pending)
+    }
+}
+
+fn incoming(market: &str, routes: &Routes, d: &Delivered) -> Result<Incoming, MarketError> {
+    let meta = d
+        .meta
+        .as_ref()
         .map_err(|e| nats_err(market, "reading a message's metadata", e))?;
+    let m = &d.message;
     let json = m
         .headers
         .as_ref()
         .and_then(|h| h.get("Content-Type"))
         .is_some_and(|v| v.as_str().starts_with("application/json"));
     Ok(Incoming {
-        seq: info.stream_sequence,
-        ts: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+        seq: meta.seq,
+        ts: meta.ts,
         payload: m.payload.to_vec(),
         json,
         operator: m.subject.as_str() == routes.admin,
@@ -1524,7 +1562,7 @@ impl Driver {
             let received = Instant::now();
             let first = first?;
             // Commands still waiting in the stream after the last one taken.
-            let mut pending = first.info().ok().map(|i| i.pending);
+            let mut pending = first.pending();
             let mut batch = Vec::new();
             // Sampled messages' spans (no allocation until one is traced).
             let mut traced = Vec::new();
@@ -1533,7 +1571,7 @@ impl Driver {
             while batch.len() < self.settings.fetch_max {
                 match messages.ready() {
                     Some(Ok(m)) => {
-                        pending = m.info().ok().map(|i| i.pending);
+                        pending = m.pending();
                         self.take(&m, &mut batch, &mut traced)?;
                     }
                     Some(Err(e)) => return Err(e),
@@ -1573,12 +1611,12 @@ impl Driver {
     /// Decodes a message into `batch`, and its span into `traced` if it is traced.
     fn take(
         &self,
-        m: &jetstream::Message,
+        m: &Delivered,
         batch: &mut Vec<Incoming>,
         traced: &mut Vec<TracedCommand>,
     ) -> Result<(), MarketError> {
         let msg = incoming(&self.market, &self.routes, m)?;
-        if let Some(t) = traces::command_span(&self.market, msg.seq, m.headers.as_ref()) {
+        if let Some(t) = traces::command_span(&self.market, msg.seq, m.message.headers.as_ref()) {
             traced.push(t);
         }
         batch.push(msg);
@@ -1776,7 +1814,7 @@ async fn write_snapshot(
 /// full size.
 struct Feed {
     messages: pull::Stream,
-    ahead: VecDeque<jetstream::Message>,
+    ahead: VecDeque<Delivered>,
     /// The stream sequence of the next message this feed yields.
     next: Seq,
     market: String,
@@ -1925,9 +1963,9 @@ impl Feed {
 
     /// Once a feed that pulls less since a loss has caught up (nothing pending after `m`):
     /// the connection's cap doubled (up to the full size), and a consumer of that size.
-    async fn restore_size(&mut self, m: &jetstream::Message) -> Result<(), MarketError> {
+    async fn restore_size(&mut self, m: &Delivered) -> Result<(), MarketError> {
         let full = self.pull.batch();
-        if self.batch < full && m.info().is_ok_and(|i| i.pending == 0) {
+        if self.batch < full && m.pending() == Some(0) {
             let raised = (self.batch * 2).min(full);
             let cap = self.cap.fetch_max(raised, Ordering::AcqRel).max(raised);
             let batch = full.min(cap);
@@ -1938,10 +1976,10 @@ impl Feed {
         Ok(())
     }
 
-    fn arrival(&self, m: &jetstream::Message) -> Arrival {
+    fn arrival(&self, m: &Delivered) -> Arrival {
         // A message without metadata is not from this consumer's stream: whoever decodes it
         // says so.
-        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+        let Some(seq) = m.seq() else {
             return Arrival::InOrder;
         };
         match seq.cmp(&self.expected()) {
@@ -1975,7 +2013,7 @@ impl Feed {
 
     /// The next message from the consumer in stream order, waiting for it; `None` when the
     /// consumer ended.
-    async fn receive(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
+    async fn receive(&mut self) -> Option<Result<Delivered, MarketError>> {
         loop {
             if self.broken
                 && let Err(e) = self.reopen("a gap was seen").await
@@ -1998,7 +2036,7 @@ impl Feed {
                     }
                 }
             };
-            match got? {
+            match got?.map(Delivered::new) {
                 Err(e) => {
                     return Some(Err(nats_err(&self.market, "consuming the order stream", e)));
                 }
@@ -2021,14 +2059,14 @@ impl Feed {
         }
     }
 
-    fn yielded(&mut self, m: &jetstream::Message) {
-        if let Ok(info) = m.info() {
-            self.next = info.stream_sequence + 1;
+    fn yielded(&mut self, m: &Delivered) {
+        if let Some(seq) = m.seq() {
+            self.next = seq + 1;
         }
     }
 
     /// The next message: one read ahead, or the next from the consumer.
-    async fn next(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
+    async fn next(&mut self) -> Option<Result<Delivered, MarketError>> {
         let m = match self.ahead.pop_front() {
             Some(m) => Ok(m),
             None => self.receive().await?,
@@ -2040,14 +2078,14 @@ impl Feed {
     }
 
     /// The next message if one is here already, without waiting.
-    fn ready(&mut self) -> Option<Result<jetstream::Message, MarketError>> {
+    fn ready(&mut self) -> Option<Result<Delivered, MarketError>> {
         let m = match self.ahead.pop_front() {
             Some(m) => Ok(m),
             None => loop {
                 if self.broken {
                     return None;
                 }
-                match self.messages.next().now_or_never()?? {
+                match self.messages.next().now_or_never()??.map(Delivered::new) {
                     Err(e) => {
                         break Err(nats_err(&self.market, "consuming the order stream", e));
                     }
@@ -2070,7 +2108,7 @@ impl Feed {
     }
 
     /// Puts back a message taken too far.
-    fn unread(&mut self, m: jetstream::Message, seq: Seq) {
+    fn unread(&mut self, m: Delivered, seq: Seq) {
         self.ahead.push_front(m);
         self.next = seq;
     }
@@ -2154,9 +2192,10 @@ impl RangeReader {
             };
             let m = m?;
             let seq = m
-                .info()
+                .meta
+                .as_ref()
                 .map_err(|e| nats_err(&self.market, "reading a message's metadata", e))?
-                .stream_sequence;
+                .seq;
             if seq > self.to {
                 // Read past the range (a warm copy's feed runs on): leave it for the next read.
                 self.feed.unread(m, seq);

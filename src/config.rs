@@ -256,6 +256,7 @@ pub struct StreamsConfig {
 #[serde(deny_unknown_fields)]
 pub struct MarketConfig {
     pub fetch_max: usize,
+    pub backlog_wait_us: u64,
     pub batch_max: u16,
     pub arbiters: usize,
 }
@@ -331,6 +332,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "market.fetch_max = {}: use 1 to 10000",
                 self.market.fetch_max
+            )));
+        }
+        if self.market.backlog_wait_us > 100_000 {
+            return Err(ConfigError(format!(
+                "market.backlog_wait_us = {}: use 0 (never wait) to 100000 (0.1 s)",
+                self.market.backlog_wait_us
             )));
         }
         if self.market.batch_max == 0
@@ -516,6 +523,10 @@ mod tests {
             };
             refused("[market]\nfetch_max = \"lots\"\n", "fetch_max")?;
             refused("[market]\nfetch_max = 0\n", "market.fetch_max = 0")?;
+            refused(
+                "[market]\nbacklog_wait_us = 500000\n",
+                "market.backlog_wait_us = 500000: use 0 (never wait) to 100000",
+            )?;
             refused(
                 "[[markets]]\nsymbol = \"btc\"\nprice_decimals = 2\nsize_decimals = 8\n",
                 "symbol",

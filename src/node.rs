@@ -202,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let lease = Lease::new();
     let settings = MarketSettings {
         fetch_max: config.market.fetch_max,
+        backlog_wait: std::time::Duration::from_micros(config.market.backlog_wait_us),
         batch_max: config.market.batch_max,
         node_id: node_id.clone(),
         epoch: 0,

@@ -1117,6 +1117,57 @@ async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
     assert_eq!(read_all(&env, "EVENTS").await.len(), 3);
 }
 
+#[actix_rt::test]
+async fn a_backlog_is_taken_in_full_batches() {
+    // Commands already in the stream when the market starts are a backlog: a batch waits for
+    // those that have not reached it yet, so they go through `fetch_max` at a time (one
+    // journal message, and one report message an account, per 256 commands), and the last
+    // batch ends where the stream does, without waiting.
+    let env = env("FILL-USD").await;
+    let w = workload::generate(&FlowParams {
+        seed: 9,
+        resting: 100,
+        spread_ticks: 20,
+        commands: 900,
+        accounts: 8,
+        full_mix: true,
+        young_cancel_pct: 80,
+    });
+    let spec = MarketSpecInput::new("FILL-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    for c in w.prefill.iter().chain(&w.commands) {
+        let line =
+            serde_json::to_value(WireCommandOut::from_command(&w.spec, c, false)).expect("json");
+        publish_json(&env, "FILL-USD", &line).await;
+    }
+    let n = (w.prefill.len() + w.commands.len()) as u64;
+    let settings = MarketSettings {
+        // Generous, so a slow machine cannot cut a batch short; the default is 2 ms.
+        backlog_wait: Duration::from_secs(5),
+        ..MarketSettings::default()
+    };
+    let fetch_max = settings.fetch_max as u64;
+    let running = market::start(env.bus(false).await, spec, settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_journal(&env, "FILL-USD", n).await;
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let ends: Vec<u64> = read_all(&env, "EVENTS")
+        .await
+        .into_iter()
+        .filter(|(subject, _)| subject == "agora.events.FILL-USD")
+        .filter_map(|(_, v)| v["last_seq"].as_u64())
+        .collect();
+    let mut expected: Vec<u64> = (1..)
+        .map(|k| k * fetch_max)
+        .take_while(|&end| end < n)
+        .collect();
+    expected.push(n);
+    assert_eq!(ends, expected, "journal batches of {fetch_max} up to {n}");
+}
+
 /// A market that ran on "n1" until released, and the warm copy "n2" kept meanwhile; the copy
 /// is held back behind the journal's last batches, as warm copies are.
 struct Released {

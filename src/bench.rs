@@ -74,6 +74,9 @@ pub struct BenchOptions {
     pub window: usize,
     /// Memory streams (node and raw) instead of file streams.
     pub memory: bool,
+    /// Where to write every timed command's publish time and latency (CSV), to see when the
+    /// slow ones happened; `None`: nowhere.
+    pub latency_log: Option<PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -87,6 +90,7 @@ impl Default for BenchOptions {
             seed: 42,
             window: 2_000,
             memory: false,
+            latency_log: None,
         }
     }
 }
@@ -189,6 +193,14 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         options.seed
     );
     let flows = generate(options)?;
+    if let Some(path) = &options.latency_log {
+        std::fs::write(path, LATENCY_LOG_HEADER).map_err(|e| {
+            BenchError::new(format!(
+                "cannot write the latency log {}: {e}; pass a path in a writable directory",
+                path.display()
+            ))
+        })?;
+    }
 
     let (server, url) = match &options.nats_url {
         Some(url) => (None, url.clone()),
@@ -452,6 +464,48 @@ async fn phases(mut run: Run<'_>) -> Result<Vec<PhaseResult>, BenchError> {
     Ok(results)
 }
 
+/// The latency log's first line; then one line per timed command, phase by phase, each
+/// phase's lines in publish order.
+const LATENCY_LOG_HEADER: &str = "phase,market,command,published_us,latency_us\n";
+
+/// One answered command, for the latency log: its market's index, its index in that market's
+/// flow, when it was published (microseconds from the phase's start) and its latency.
+struct Sample {
+    market: u32,
+    command: u32,
+    published_us: u64,
+    latency_us: u64,
+}
+
+/// Appends a phase's samples to the latency log, in publish order.
+fn append_latency_log(path: &Path, phase: &str, shared: &Shared) -> Result<(), BenchError> {
+    let Some(samples) = &shared.samples else {
+        return Ok(());
+    };
+    let mut samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    samples.sort_unstable_by_key(|s| (s.published_us, s.market, s.command));
+    let failed = |e: std::io::Error| {
+        BenchError::new(format!(
+            "cannot write the latency log {}: {e}; is the disk full?",
+            path.display()
+        ))
+    };
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(failed)?;
+    let mut out = std::io::BufWriter::new(file);
+    for s in &samples {
+        writeln!(
+            out,
+            "{phase},{},{},{},{}",
+            s.market, s.command, s.published_us, s.latency_us
+        )
+        .map_err(failed)?;
+    }
+    out.flush().map_err(failed)
+}
+
 /// What a phase shares between its publishers, its collector and its progress line.
 struct Shared {
     started: Instant,
@@ -463,10 +517,12 @@ struct Shared {
     answered: AtomicU64,
     /// Per market: commands that may still be published (the window).
     windows: Vec<Arc<Semaphore>>,
+    /// Every answered command, when the run keeps a latency log.
+    samples: Option<std::sync::Mutex<Vec<Sample>>>,
 }
 
 impl Shared {
-    fn new(counts: &[usize], window: usize) -> Arc<Shared> {
+    fn new(counts: &[usize], window: usize, log: bool) -> Arc<Shared> {
         let per_market = (window / counts.len()).max(1);
         Arc::new(Shared {
             started: Instant::now(),
@@ -481,6 +537,8 @@ impl Shared {
                 .iter()
                 .map(|_| Arc::new(Semaphore::new(per_market)))
                 .collect(),
+            samples: log
+                .then(|| std::sync::Mutex::new(Vec::with_capacity(counts.iter().sum::<usize>()))),
         })
     }
 
@@ -489,14 +547,27 @@ impl Shared {
         self.published_at[market][i].store(ns, Ordering::Release);
     }
 
-    /// Microseconds from the publish of `(market, i)` to `now`, if it was published.
+    /// Microseconds from the publish of `(market, i)` to `now`, if it was published (and
+    /// the sample, when the run keeps a latency log).
     fn latency_us(&self, market: usize, i: usize, now: Instant) -> Option<u64> {
         let at = self.published_at[market][i].load(Ordering::Acquire);
         if at == 0 {
             return None;
         }
         let now_ns = now.duration_since(self.started).as_nanos() as u64;
-        Some(now_ns.saturating_sub(at - 1) / 1_000)
+        let latency_us = now_ns.saturating_sub(at - 1) / 1_000;
+        if let Some(samples) = &self.samples {
+            samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Sample {
+                    market: market as u32,
+                    command: i as u32,
+                    published_us: (at - 1) / 1_000,
+                    latency_us,
+                });
+        }
+        Some(latency_us)
     }
 
     /// One more command answered: counted, and its place in the window given back.
@@ -782,7 +853,11 @@ async fn raw_phase(
         consumers.push(messages);
     }
     let cpu_before = Cpu::read(&run.pids);
-    let shared = Shared::new(&counts, run.options.window);
+    let shared = Shared::new(
+        &counts,
+        run.options.window,
+        run.options.latency_log.is_some(),
+    );
     let collector = {
         let shared = shared.clone();
         let counts = counts.clone();
@@ -839,6 +914,9 @@ async fn raw_phase(
         eprintln!("agora bench: could not delete the stream {stream_name}: {e}");
     }
     let collected = collected?;
+    if let Some(path) = &run.options.latency_log {
+        append_latency_log(path, name, &shared)?;
+    }
     Ok(phase_result(
         name,
         pace,
@@ -1109,7 +1187,7 @@ async fn end_to_end_phase(
         run.options.resting
     );
     let prefill_counts: Vec<usize> = run.flows.iter().map(|f| f.prefill.len()).collect();
-    let prefill = Shared::new(&prefill_counts, run.options.window);
+    let prefill = Shared::new(&prefill_counts, run.options.window, false);
     let mut publishers = JoinSet::new();
     for (m, flow) in run.flows.iter().enumerate() {
         publishers.spawn(publish(
@@ -1135,7 +1213,11 @@ async fn end_to_end_phase(
     let counts: Vec<usize> = run.flows.iter().map(|f| f.commands.len()).collect();
     let total: u64 = counts.iter().map(|&n| n as u64).sum();
     let cpu_before = Cpu::read(&run.pids);
-    let shared = Shared::new(&counts, run.options.window);
+    let shared = Shared::new(
+        &counts,
+        run.options.window,
+        run.options.latency_log.is_some(),
+    );
     let collector = {
         let shared = shared.clone();
         let bases = bases.clone();
@@ -1212,6 +1294,9 @@ async fn end_to_end_phase(
     let written = Written::count(&events, &execs, &run.subjects, &markets)
         .await
         .since(written_before);
+    if let Some(path) = &run.options.latency_log {
+        append_latency_log(path, name, &shared)?;
+    }
     Ok(phase_result(
         name,
         pace,

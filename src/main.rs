@@ -345,6 +345,11 @@ struct BenchArgs {
     /// Also print the result as one JSON object (the last line of standard output).
     #[arg(long)]
     json: bool,
+    /// Write every timed command's publish time and latency here (CSV: phase, market,
+    /// command, published_us from the phase's start, latency_us), to see when the slow ones
+    /// happened
+    #[arg(long, value_name = "FILE")]
+    latency_log: Option<PathBuf>,
     /// A short run (4,000 commands a phase unless --orders says otherwise), for tests.
     #[arg(long)]
     quick: bool,
@@ -604,6 +609,7 @@ fn bench_cmd(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         window: args.window,
         memory: args.memory,
+        latency_log: args.latency_log,
     };
     let report = agora::bench::run(&options)?;
     let mut stdout = io::stdout().lock();

@@ -8,8 +8,18 @@ use serde_json::Value;
 
 #[test]
 fn a_quick_bench_reports_every_phase() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("latency.csv");
     let output = Command::new(env!("CARGO_BIN_EXE_agora"))
-        .args(["bench", "--quick", "--json", "--markets", "2"])
+        .args([
+            "bench",
+            "--quick",
+            "--json",
+            "--markets",
+            "2",
+            "--latency-log",
+        ])
+        .arg(&log)
         .env("AGORA_LOG", "warn")
         .output()
         .expect("agora bench starts");
@@ -81,6 +91,50 @@ fn a_quick_bench_reports_every_phase() {
     // The human-readable table came first, naming each target met or missed.
     assert!(stdout.contains("raw JetStream, max"), "{stdout}");
     assert!(stdout.matches("target: ").count() == 2, "{stdout}");
+
+    // The latency log holds every timed command of every phase once, in publish order, with
+    // the latencies the histograms were made of.
+    let text = std::fs::read_to_string(&log).expect("the latency log was written");
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("phase,market,command,published_us,latency_us")
+    );
+    let commands = phases[0]["commands"].as_u64().expect("commands") as usize;
+    // Per phase: (market, command, published_us, latency_us) of each line.
+    type Row = (u64, u64, u64, u64);
+    let mut by_phase: Vec<(String, Vec<Row>)> = Vec::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), 5, "{line}");
+        let n = |i: usize| -> u64 { fields[i].parse().unwrap_or_else(|_| panic!("{line}")) };
+        if by_phase.last().map(|(p, _)| p.as_str()) != Some(fields[0]) {
+            by_phase.push((fields[0].to_string(), Vec::new()));
+        }
+        if let Some((_, rows)) = by_phase.last_mut() {
+            rows.push((n(1), n(2), n(3), n(4)));
+        }
+    }
+    let logged: Vec<&str> = by_phase.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(logged, names);
+    for ((phase, rows), summary) in by_phase.iter().zip(phases) {
+        assert_eq!(rows.len(), commands, "{phase}");
+        assert!(
+            rows.windows(2).all(|w| w[0].2 <= w[1].2),
+            "{phase}: not in publish order"
+        );
+        let mut ids: Vec<(u64, u64)> = rows.iter().map(|r| (r.0, r.1)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), commands, "{phase}: a command logged twice");
+        let slowest = rows.iter().map(|r| r.3).max().unwrap_or(0);
+        let max = summary["latency_us"]["max"].as_u64().expect("max");
+        // The histogram keeps 3 significant digits.
+        assert!(
+            slowest.abs_diff(max) <= max / 500 + 1,
+            "{phase}: slowest logged {slowest} µs, histogram max {max} µs"
+        );
+    }
 }
 
 #[test]
@@ -92,4 +146,21 @@ fn bad_options_are_refused_with_what_to_change() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--markets 0: use 1 to 64"), "{stderr}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args([
+            "bench",
+            "--quick",
+            "--latency-log",
+            "/nonexistent-dir/latency.csv",
+        ])
+        .output()
+        .expect("agora bench starts");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot write the latency log /nonexistent-dir/latency.csv")
+            && stderr.contains("writable directory"),
+        "{stderr}"
+    );
 }

@@ -1021,6 +1021,35 @@ async fn publish_as_owner(
     seq
 }
 
+/// Publishes a generated cancel-heavy flow (its resting orders, then its commands) to the
+/// market's stream, one JSON message each; returns how many.
+async fn publish_flow(
+    env: &Env,
+    market: &str,
+    seed: u64,
+    resting: usize,
+    commands: usize,
+    accounts: u32,
+) -> u64 {
+    let w = workload::generate(&FlowParams {
+        seed,
+        resting,
+        spread_ticks: 20,
+        commands,
+        accounts,
+        full_mix: true,
+        young_cancel_pct: 80,
+    });
+    let mut n = 0;
+    for c in w.prefill.iter().chain(&w.commands) {
+        let line =
+            serde_json::to_value(WireCommandOut::from_command(&w.spec, c, false)).expect("json");
+        publish_json(env, market, &line).await;
+        n += 1;
+    }
+    n
+}
+
 #[actix_rt::test]
 async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
     // An owner journals a batch, and collects its reports' acknowledgements only after the
@@ -1028,29 +1057,10 @@ async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
     // their reports. Here it published the first batch whole and only the journal messages of
     // the next two; the next owner must publish the reports of both, and nothing twice.
     let env = env("GAP-USD").await;
-    let w = workload::generate(&FlowParams {
-        seed: 5,
-        resting: 20,
-        spread_ticks: 20,
-        commands: 90,
-        accounts: 4,
-        full_mix: true,
-        young_cancel_pct: 80,
-    });
     let spec = MarketSpecInput::new("GAP-USD", 2, 0)
         .validate()
         .expect("spec");
-    let lines: Vec<Value> = w
-        .prefill
-        .iter()
-        .chain(&w.commands)
-        .map(|c| {
-            serde_json::to_value(WireCommandOut::from_command(&w.spec, c, false)).expect("json")
-        })
-        .collect();
-    for line in &lines {
-        publish_json(&env, "GAP-USD", line).await;
-    }
+    publish_flow(&env, "GAP-USD", 5, 20, 90, 4).await;
     let mut orders = env
         .js
         .get_stream(env.subjects.orders_stream("GAP-USD"))
@@ -1124,24 +1134,10 @@ async fn a_backlog_is_taken_in_full_batches() {
     // journal message, and one report message an account, per 256 commands), and the last
     // batch ends where the stream does, without waiting.
     let env = env("FILL-USD").await;
-    let w = workload::generate(&FlowParams {
-        seed: 9,
-        resting: 100,
-        spread_ticks: 20,
-        commands: 900,
-        accounts: 8,
-        full_mix: true,
-        young_cancel_pct: 80,
-    });
     let spec = MarketSpecInput::new("FILL-USD", 2, 0)
         .validate()
         .expect("spec");
-    for c in w.prefill.iter().chain(&w.commands) {
-        let line =
-            serde_json::to_value(WireCommandOut::from_command(&w.spec, c, false)).expect("json");
-        publish_json(&env, "FILL-USD", &line).await;
-    }
-    let n = (w.prefill.len() + w.commands.len()) as u64;
+    let n = publish_flow(&env, "FILL-USD", 9, 100, 900, 8).await;
     let settings = MarketSettings {
         // Generous, so a slow machine cannot cut a batch short; the default is 2 ms.
         backlog_wait: Duration::from_secs(5),

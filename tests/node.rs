@@ -479,6 +479,14 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
         1.0
     );
     assert_eq!(value("matching_market_running{market=\"TEST-USD\"}"), 1.0);
+    // Alice's first order was a batch alone; however the other three were batched, each of
+    // their batches had one report message per account it touched: 5 in all.
+    let batches = value("matching_market_batches_total{market=\"TEST-USD\"}");
+    assert!((2.0..=4.0).contains(&batches), "{batches} batches");
+    assert_eq!(
+        value("matching_market_report_messages_total{market=\"TEST-USD\"}"),
+        5.0
+    );
     assert!(value("matching_latency_us_count") >= 1.0);
     assert!(
         text.contains("matching_latency_us_bucket{le=\"1000\"}"),
@@ -572,11 +580,23 @@ fn series(text: &str, name: &str) -> Option<f64> {
 }
 
 /// How many times the node has restarted `symbol`, from `market.list` on the control subject.
+/// A request that fails (a timeout on a loaded machine while the node restarts a market) is
+/// asked again, for up to 60 s.
 async fn restarts(client: &async_nats::Client, symbol: &str) -> u64 {
-    let reply = client
-        .request("agora.ctl.market.list", "".into())
-        .await
-        .expect("market.list answered");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        match client.request("agora.ctl.market.list", "".into()).await {
+            Ok(reply) => break reply,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "market.list went unanswered for 60 s: {e}"
+                );
+                eprintln!("market.list not answered ({e}); asking again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let reply: Value = rmp_serde::from_slice(&reply.payload).expect("msgpack");
     reply["markets"]
         .as_array()

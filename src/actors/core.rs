@@ -85,6 +85,8 @@ pub struct BatchStats {
     /// Commands applied (each command of a batch message counts).
     pub commands: u64,
     pub trades: u64,
+    /// Execution-report messages the batch publishes (one per account it touched).
+    pub report_messages: u64,
     /// Rejections by reason, in order of first appearance.
     pub rejects: Vec<(&'static str, u64)>,
     pub resting_orders: u64,
@@ -299,7 +301,9 @@ impl MarketCore {
         while !rest.is_empty() {
             let (batch, n) = self.process_some(rest, BATCH_EVENTS_MAX);
             if let Some(batch) = batch {
-                out.push((batch, self.stats.clone()));
+                let mut stats = self.stats.clone();
+                stats.report_messages = batch.execs.len() as u64;
+                out.push((batch, stats));
             }
             rest = &rest[n.max(1)..];
         }

@@ -7,6 +7,8 @@
 //! `matching_latency_us` (histogram: a batch's first message received → its outputs
 //! acknowledged), `matching_orderbook_depth` (resting orders on this node). Per market:
 //! `matching_market_orders_total`, `matching_market_trades_total`,
+//! `matching_market_batches_total` and `matching_market_report_messages_total` (what NATS
+//! carries for it: commands a batch and report messages a command follow from them),
 //! `matching_market_bid_levels`, `matching_market_ask_levels`, `matching_market_resting_orders`,
 //! `matching_market_consumer_lag` (commands waiting in its stream), `matching_rejects_total`
 //! (by reason), `matching_publish_errors_total`, `matching_snapshots_total`,
@@ -43,6 +45,8 @@ pub struct MarketMetrics {
     depth: Gauge,
     market_orders: Counter,
     market_trades: Counter,
+    batches: Counter,
+    report_messages: Counter,
     bid_levels: Gauge,
     ask_levels: Gauge,
     resting: Gauge,
@@ -65,6 +69,11 @@ impl MarketMetrics {
             depth: gauge!("matching_orderbook_depth"),
             market_orders: counter!("matching_market_orders_total", "market" => m.clone()),
             market_trades: counter!("matching_market_trades_total", "market" => m.clone()),
+            batches: counter!("matching_market_batches_total", "market" => m.clone()),
+            report_messages: counter!(
+                "matching_market_report_messages_total",
+                "market" => m.clone()
+            ),
             bid_levels: gauge!("matching_market_bid_levels", "market" => m.clone()),
             ask_levels: gauge!("matching_market_ask_levels", "market" => m.clone()),
             resting: gauge!("matching_market_resting_orders", "market" => m.clone()),
@@ -84,6 +93,8 @@ impl MarketMetrics {
         self.market_orders.increment(stats.commands);
         self.trades.increment(stats.trades);
         self.market_trades.increment(stats.trades);
+        self.batches.increment(1);
+        self.report_messages.increment(stats.report_messages);
         self.latency.record(micros as f64);
         for (reason, n) in &stats.rejects {
             counter!("matching_rejects_total", "market" => self.market.clone(), "reason" => *reason)

@@ -15,14 +15,24 @@ fn the_python_example_places_orders_and_prints_its_fill() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("agora node starts");
+    // Its standard output is read to the end (on a thread), so the node never writes to a
+    // closed pipe.
     let stdout = node.stdout.take().expect("piped");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut url = None;
     let deadline = Instant::now() + Duration::from_secs(30);
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         if let Some(u) = line.split_whitespace().find(|w| w.starts_with("nats://")) {
             url.get_or_insert_with(|| u.trim_end_matches(';').to_string());
         }
-        if line.contains("ready") || Instant::now() > deadline {
+        if line.contains("ready") {
             break;
         }
     }
@@ -36,8 +46,23 @@ fn the_python_example_places_orders_and_prints_its_fill() {
         .arg(&url)
         .output()
         .expect("python3 runs");
-    let _ = node.kill();
-    let _ = node.wait();
+    // SIGTERM, so the node stops the nats-server it started (a SIGKILL would leave it behind).
+    // SAFETY: kill with a pid we own and a valid signal.
+    unsafe {
+        libc::kill(node.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = loop {
+        match node.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            _ if Instant::now() > deadline => {
+                let _ = node.kill();
+                let _ = node.wait();
+                break None;
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -52,5 +77,9 @@ fn the_python_example_places_orders_and_prints_its_fill() {
     assert!(
         text.contains("fill buy 0.20000000 @ 65000.00 taker"),
         "{text}"
+    );
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "the node did not stop cleanly on SIGTERM: {stopped:?}"
     );
 }

@@ -205,7 +205,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let (server, url) = match &options.nats_url {
         Some(url) => (None, url.clone()),
         None => {
-            let server = LocalServer::start(&dir.path.join("nats"))?;
+            let server = LocalServer::start_tied(&dir.path.join("nats"))?;
             let url = server.url();
             (Some(server), url)
         }

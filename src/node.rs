@@ -48,10 +48,10 @@ async fn nats(config: &Config) -> Result<Nats, NodeError> {
         });
     }
     let dir: PathBuf = config.data_dir.join("nats");
-    let start_dir = dir.clone();
-    let server = tokio::task::spawn_blocking(move || LocalServer::start(&start_dir))
-        .await
-        .map_err(|e| NodeError::Market(format!("starting nats-server: {e}")))??;
+    // Started on this thread (the node's main thread, for the node's whole life), tied to it:
+    // even a node killed with SIGKILL takes its server with it, so no orphan keeps writing to
+    // the data directory. Nothing else runs yet, so the wait blocks nobody.
+    let server = LocalServer::start_tied(&dir)?;
     say!(
         "started nats-server at {} (JetStream data in {}); it stops with this node",
         server.url(),

@@ -205,6 +205,33 @@ async fn a_node_without_a_nats_url_runs_its_own_server() {
     );
 }
 
+#[tokio::test]
+async fn a_killed_node_takes_its_own_server_with_it() {
+    // SIGKILL, which the node cannot catch: the kernel stops the nats-server it started, so no
+    // orphan keeps the port and writes to the data directory after it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut node = Node::start(&["--data-dir", data.to_str().expect("utf-8 path")]);
+    let started = node.wait_line("started nats-server at ");
+    let port: u16 = started
+        .split_whitespace()
+        .find(|w| w.starts_with("nats://"))
+        .and_then(|url| url.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the line names the URL");
+    node.wait_line("ready");
+    node.child.kill().expect("SIGKILL sent");
+    node.child.wait().expect("the node is gone");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server outlived the killed node by 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Every report in EXECS (sorted, as JSON text), and an offline replay's, for the stream as
 /// it stands.
 async fn reports_and_offline(

@@ -24,6 +24,9 @@ pub struct LocalServer {
     data_dir: PathBuf,
     /// A nats-server configuration file (users, permissions), if any.
     config: Option<PathBuf>,
+    /// The kernel sends the server SIGTERM when the thread that started it exits, even when
+    /// this process is killed (`PR_SET_PDEATHSIG`).
+    tied: bool,
 }
 
 /// A port that was free a moment ago on the loopback interface.
@@ -56,6 +59,23 @@ pub fn default_binary() -> PathBuf {
 }
 
 impl LocalServer {
+    /// Like `start`, and the server does not outlive the calling thread: the kernel sends it
+    /// SIGTERM when that thread exits, even when this process is killed or crashes. Call it from
+    /// a thread that lives as long as the server should (the main thread): a pool thread that
+    /// exits when idle would stop the server with it.
+    pub fn start_tied(data_dir: &Path) -> Result<LocalServer, BusError> {
+        let mut server = LocalServer {
+            child: None,
+            binary: default_binary(),
+            port: free_port()?,
+            data_dir: data_dir.to_path_buf(),
+            config: None,
+            tied: true,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
     /// Starts the default binary on a free port with JetStream storing under `data_dir`.
     pub fn start(data_dir: &Path) -> Result<LocalServer, BusError> {
         LocalServer::start_with(&default_binary(), free_port()?, data_dir)
@@ -85,6 +105,7 @@ impl LocalServer {
             port,
             data_dir: data_dir.to_path_buf(),
             config: config.map(Path::to_path_buf),
+            tied: false,
         };
         server.spawn()?;
         Ok(server)
@@ -111,6 +132,24 @@ impl LocalServer {
             log: String::new(),
         })?;
         let mut command = Command::new(&self.binary);
+        if self.tied {
+            let parent = std::process::id();
+            // SAFETY: runs in the child between fork and exec, and only makes syscalls that are
+            // async-signal-safe (prctl, getppid); it allocates nothing.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent died before the line above: nobody would stop this server.
+                    if libc::getppid() as u32 != parent {
+                        return Err(std::io::Error::other("the starting process is gone"));
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }

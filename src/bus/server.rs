@@ -64,16 +64,7 @@ impl LocalServer {
     /// a thread that lives as long as the server should (the main thread): a pool thread that
     /// exits when idle would stop the server with it.
     pub fn start_tied(data_dir: &Path) -> Result<LocalServer, BusError> {
-        let mut server = LocalServer {
-            child: None,
-            binary: default_binary(),
-            port: free_port()?,
-            data_dir: data_dir.to_path_buf(),
-            config: None,
-            tied: true,
-        };
-        server.spawn()?;
-        Ok(server)
+        LocalServer::start_full(&default_binary(), free_port()?, data_dir, None, true)
     }
 
     /// Starts the default binary on a free port with JetStream storing under `data_dir`.
@@ -84,13 +75,19 @@ impl LocalServer {
     /// Starts `binary` on `port` with JetStream storing under `data_dir`, and waits until it
     /// answers.
     pub fn start_with(binary: &Path, port: u16, data_dir: &Path) -> Result<LocalServer, BusError> {
-        LocalServer::start_full(binary, port, data_dir, None)
+        LocalServer::start_full(binary, port, data_dir, None, false)
     }
 
     /// Starts the default binary on a free port with a nats-server configuration file (for
     /// users and permissions); the port, address and JetStream store are set here.
     pub fn start_with_config(data_dir: &Path, config: &Path) -> Result<LocalServer, BusError> {
-        LocalServer::start_full(&default_binary(), free_port()?, data_dir, Some(config))
+        LocalServer::start_full(
+            &default_binary(),
+            free_port()?,
+            data_dir,
+            Some(config),
+            false,
+        )
     }
 
     fn start_full(
@@ -98,6 +95,7 @@ impl LocalServer {
         port: u16,
         data_dir: &Path,
         config: Option<&Path>,
+        tied: bool,
     ) -> Result<LocalServer, BusError> {
         let mut server = LocalServer {
             child: None,
@@ -105,7 +103,7 @@ impl LocalServer {
             port,
             data_dir: data_dir.to_path_buf(),
             config: config.map(Path::to_path_buf),
-            tied: false,
+            tied,
         };
         server.spawn()?;
         Ok(server)

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::book::command::{Amend, Command, NewOrder, Op, OpKind, OrderRef};
 use crate::book::event::{Event, RejectReason};
 use crate::book::num::{Price, Qty, format_decimal, parse_decimal};
-use crate::book::spec::MarketSpec;
+use crate::book::spec::{MarketSpec, MarketSpecInput};
 use crate::book::types::{
     Account, BATCH_COMMANDS_MAX, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp,
 };
@@ -51,6 +51,8 @@ pub struct WireCommand {
     pub expire_at: Option<u64>,
     pub stp: Option<String>,
     pub cancel_orders: Option<bool>,
+    /// `update_spec` only: the market's whole new spec (the fields of a market spec).
+    pub spec: Option<serde_json::Value>,
     pub commands: Option<Vec<WireCommand>>,
     /// `agora replay` only: the command's timestamp (ns) and input sequence.
     pub ts: Option<u64>,
@@ -217,6 +219,7 @@ const OPS: &[(&str, OpKind)] = &[
     ("cancel_all", OpKind::CancelAll),
     ("halt", OpKind::Halt),
     ("resume", OpKind::Resume),
+    ("update_spec", OpKind::UpdateSpec),
     ("batch", OpKind::Batch),
 ];
 const SIDES: &[(&str, Side)] = &[("buy", Side::Buy), ("sell", Side::Sell)];
@@ -329,7 +332,7 @@ impl WireCommand {
         }
         let op_text = self.op.as_deref().ok_or_else(|| {
             f.invalid(
-                "op is missing; send one of new, cancel, amend, cancel_all, halt, resume, batch"
+                "op is missing; send one of new, cancel, amend, cancel_all, halt, resume, update_spec, batch"
                     .into(),
             )
         })?;
@@ -370,6 +373,7 @@ impl WireCommand {
             "cancel_orders",
             self.cancel_orders.is_some() && op != OpKind::Halt,
         )?;
+        f.not_for("spec", self.spec.is_some() && op != OpKind::UpdateSpec)?;
         let price = f
             .amount("price", &self.price, spec.price_decimals)?
             .map(Price);
@@ -438,15 +442,32 @@ impl WireCommand {
                 }
             }
             OpKind::CancelAll => Op::CancelAll,
-            OpKind::Halt | OpKind::Resume if !ctx.operator => {
+            OpKind::Halt | OpKind::Resume | OpKind::UpdateSpec if !ctx.operator => {
+                let verb = if op == OpKind::UpdateSpec {
+                    "update"
+                } else {
+                    op.as_str()
+                };
                 return Err(f.fail(
                     RejectReason::NotPermitted,
                     format!(
-                        "{} is an operator command; operators send it with `agora ctl market.{}`",
+                        "{} is an operator command; operators send it with `agora ctl market.{verb}`",
                         op.as_str(),
-                        op.as_str()
                     ),
                 ));
+            }
+            OpKind::UpdateSpec => {
+                let value = self.spec.clone().ok_or_else(|| {
+                    f.invalid(
+                        "spec is missing; update_spec carries the market's whole new spec".into(),
+                    )
+                })?;
+                let input: MarketSpecInput = serde_json::from_value(value)
+                    .map_err(|e| f.invalid(format!("spec is not a market spec: {e}")))?;
+                let rules = spec
+                    .update_rules(&input)
+                    .map_err(|e| f.invalid(format!("spec: {e} (field {})", e.field)))?;
+                Op::UpdateSpec(rules)
             }
             OpKind::Halt => Op::Halt {
                 cancel_orders: self.cancel_orders.unwrap_or(false),
@@ -878,6 +899,9 @@ pub struct WireCommandOut {
     pub stp: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_orders: Option<bool>,
+    /// `update_spec` only: the market's whole new spec.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<MarketSpecInput>,
     /// Replay files only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
@@ -919,6 +943,7 @@ impl WireCommandOut {
             }
             Op::CancelAll | Op::Resume => {}
             Op::Halt { cancel_orders } => w.cancel_orders = Some(*cancel_orders),
+            Op::UpdateSpec(rules) => w.spec = Some(spec.with_rules(*rules).to_input()),
         }
         w
     }

@@ -332,6 +332,11 @@ impl Gen {
             let cancel_orders = self.rng.chance(500);
             return (account, Op::Halt { cancel_orders });
         }
+        if self.rng.chance(1) {
+            // New market rules (an operator's market.update): a coarser tick is often refused
+            // while orders rest off it; the generator keeps sending on its own spec.
+            return (account, Op::UpdateSpec(random_spec(&mut self.rng).rules()));
+        }
         let r = self.rng.below(1000);
         let (cancel_end, amend_end) = (7 + self.cancels, 7 + self.cancels + self.amends);
         match r {

@@ -274,6 +274,9 @@ impl MarketCore {
                 Ok(cmd) => {
                     self.events.clear();
                     self.book.apply(&cmd, &mut self.events);
+                    if matches!(cmd.op, crate::book::command::Op::UpdateSpec(_)) {
+                        self.spec = self.book.spec().clone();
+                    }
                     entries.extend(self.events.drain(..).map(Entry::Event));
                 }
                 Err(reject) => entries.push(Entry::Reject(reject)),

@@ -5,6 +5,7 @@
 //! module must never hold a string that needs the heap.
 
 use super::num::{Price, Qty};
+use super::spec::SpecRules;
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 /// One command for one market.
@@ -33,6 +34,10 @@ pub enum Op {
         cancel_orders: bool,
     },
     Resume,
+    /// New market rules (tick, lot, quantity limits, price band, STP default, order cap),
+    /// from the next command on; sequenced with the orders so every replay agrees. A new tick
+    /// that some open order's price is not a multiple of is refused (`orders_off_tick`).
+    UpdateSpec(SpecRules),
 }
 
 impl Op {
@@ -44,6 +49,7 @@ impl Op {
             Op::CancelAll => OpKind::CancelAll,
             Op::Halt { .. } => OpKind::Halt,
             Op::Resume => OpKind::Resume,
+            Op::UpdateSpec(_) => OpKind::UpdateSpec,
         }
     }
 }
@@ -57,6 +63,7 @@ pub enum OpKind {
     CancelAll,
     Halt,
     Resume,
+    UpdateSpec,
     Batch,
 }
 
@@ -69,6 +76,7 @@ impl OpKind {
             OpKind::CancelAll => "cancel_all",
             OpKind::Halt => "halt",
             OpKind::Resume => "resume",
+            OpKind::UpdateSpec => "update_spec",
             OpKind::Batch => "batch",
         }
     }

@@ -261,6 +261,9 @@ reject_reasons! {
     PostOnlyWouldCross = "post_only_would_cross",
     /// Only operators may send this command (halt, resume); they use `agora ctl`.
     NotPermitted = "not_permitted",
+    /// A new tick size that some open order's price (or stop price) is not a multiple of;
+    /// cancel those orders first, or choose a tick their prices are multiples of.
+    OrdersOffTick = "orders_off_tick",
 }
 
 impl RejectReason {
@@ -302,6 +305,7 @@ impl RejectReason {
             RejectReason::NotHalted => format!("{m} is not halted"),
             RejectReason::PostOnlyWouldCross => "the new price would trade against the book and the order is post_only; the order is unchanged".into(),
             RejectReason::NotPermitted => "only operators may send this command; they use agora ctl".into(),
+            RejectReason::OrdersOffTick => format!("the tick size {} would leave open orders of {m} off the tick; cancel them first, or choose a tick their prices are multiples of", p(price)),
         }
     }
 }

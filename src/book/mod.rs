@@ -118,7 +118,7 @@ pub use event::{
 pub use num::{Price, Qty};
 pub use order_book::OrderBook;
 pub use snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, StateHash};
-pub use spec::{MarketSpec, MarketSpecInput, SpecError};
+pub use spec::{MarketSpec, MarketSpecInput, SpecError, SpecRules};
 pub use types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 /// What both books offer a driver (replay, benches): a fresh book, commands in, events out.

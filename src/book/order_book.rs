@@ -27,7 +27,7 @@ use super::num::{Price, Qty};
 use super::snapshot::{
     BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION, StateHash,
 };
-use super::spec::MarketSpec;
+use super::spec::{MarketSpec, SpecRules};
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 /// Debug builds check every invariant after each command up to this many open orders.
@@ -320,6 +320,7 @@ impl OrderBook {
                     self.reject(cmd, at, RejectReason::NotHalted, None, out);
                 }
             }
+            Op::UpdateSpec(rules) => self.on_update_spec(cmd, at, *rules, out),
         }
         self.trigger_stops(at, out);
         // Debug builds walk the whole book after every command while it is small enough for
@@ -372,6 +373,7 @@ impl OrderBook {
                 (oid, cid, a.price, a.qty)
             }
             Op::CancelAll | Op::Halt { .. } | Op::Resume => (None, None, None, None),
+            Op::UpdateSpec(rules) => (None, None, Some(rules.tick), None),
         };
         out.push(Event::Rejected(Rejected {
             seq: at.seq,
@@ -1426,6 +1428,35 @@ impl OrderBook {
             }
         }
         records
+    }
+
+    /// New market rules. Rare (an operator's `market.update`), so it may walk the book: a
+    /// new tick is refused while an open order's price or stop price is off it, and otherwise
+    /// rebuilds the book, whose ladder is indexed in ticks.
+    fn on_update_spec(&mut self, cmd: &Command, at: At, rules: SpecRules, out: &mut Vec<Event>) {
+        if rules.tick == self.spec.tick {
+            self.spec = self.spec.with_rules(rules);
+            return;
+        }
+        let mut snapshot = self.snapshot();
+        let off_tick = |p: &Option<Price>| p.is_some_and(|p| p.0 % rules.tick.0 != 0);
+        if snapshot
+            .bids
+            .iter()
+            .chain(&snapshot.asks)
+            .chain(&snapshot.stops)
+            .any(|o| off_tick(&o.price) || off_tick(&o.stop_price))
+        {
+            self.reject(cmd, at, RejectReason::OrdersOffTick, None, out);
+            return;
+        }
+        snapshot.spec = self.spec.with_rules(rules);
+        match OrderBook::restore(&snapshot) {
+            Ok(book) => *self = book,
+            // A book that cannot be rebuilt from its own snapshot is a bug: stop rather than
+            // match on a book in doubt.
+            Err(e) => panic!("the book cannot be rebuilt under its new tick: {e}"),
+        }
     }
 
     /// The canonical content of the book.

@@ -21,7 +21,7 @@ use super::num::{Price, Qty};
 use super::snapshot::{
     BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION, StateHash,
 };
-use super::spec::MarketSpec;
+use super::spec::{MarketSpec, SpecRules};
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 /// A price level: the ids of its orders, oldest first.
@@ -163,6 +163,7 @@ impl ReferenceBook {
             Op::CancelAll => self.cancel_all(ctx, cmd.account, out),
             Op::Halt { cancel_orders } => self.halt(ctx, cmd.account, *cancel_orders, out),
             Op::Resume => self.resume(ctx, cmd.account, out),
+            Op::UpdateSpec(rules) => self.update_spec(ctx, cmd.account, *rules, out),
         }
         // (5) Stops.
         self.trigger_stops(ctx, out);
@@ -198,6 +199,10 @@ impl ReferenceBook {
                 }
             }
             Op::CancelAll | Op::Halt { .. } | Op::Resume => base,
+            Op::UpdateSpec(rules) => Rejected {
+                price: Some(rules.tick),
+                ..base
+            },
         };
         out.push(Event::Rejected(rejected));
     }
@@ -839,6 +844,27 @@ impl ReferenceBook {
                 self.cancel_resting(ctx, oid, CancelReason::Halt, out);
             }
         }
+    }
+
+    fn update_spec(&mut self, ctx: Ctx, account: Account, rules: SpecRules, out: &mut Vec<Event>) {
+        let off_tick = |p: Option<Price>| p.is_some_and(|p| p.0 % rules.tick.0 != 0);
+        if self
+            .orders
+            .values()
+            .any(|o| off_tick(o.price) || off_tick(o.stop_price))
+        {
+            out.push(Event::Rejected(Rejected {
+                price: Some(rules.tick),
+                ..rejection(
+                    ctx,
+                    OpKind::UpdateSpec,
+                    account,
+                    RejectReason::OrdersOffTick,
+                )
+            }));
+            return;
+        }
+        self.spec = self.spec.with_rules(rules);
     }
 
     fn resume(&mut self, ctx: Ctx, account: Account, out: &mut Vec<Event>) {

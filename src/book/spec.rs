@@ -68,6 +68,21 @@ pub struct MarketSpec {
     pub orders_max: u32,
 }
 
+/// The part of a spec that `market.update` may change, in integer units: everything but the
+/// symbol, the tokens and the decimals (prices and quantities are counted in units of those,
+/// in the book and on the wire, so changing them would change what every number means).
+/// Small and on the stack, so a command can carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecRules {
+    pub tick: Price,
+    pub lot: Qty,
+    pub min_qty: Qty,
+    pub max_qty: Option<Qty>,
+    pub price_band_bps: Option<u32>,
+    pub stp_default: StpMode,
+    pub orders_max: u32,
+}
+
 /// A spec field that broke a rule: which field, the value, and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -216,6 +231,73 @@ impl MarketSpecInput {
 }
 
 impl MarketSpec {
+    /// The rules `market.update` may change.
+    pub fn rules(&self) -> SpecRules {
+        SpecRules {
+            tick: self.tick,
+            lot: self.lot,
+            min_qty: self.min_qty,
+            max_qty: self.max_qty,
+            price_band_bps: self.price_band_bps,
+            stp_default: self.stp_default,
+            orders_max: self.orders_max,
+        }
+    }
+
+    /// This spec under `rules`.
+    pub fn with_rules(&self, rules: SpecRules) -> MarketSpec {
+        MarketSpec {
+            tick: rules.tick,
+            lot: rules.lot,
+            min_qty: rules.min_qty,
+            max_qty: rules.max_qty,
+            price_band_bps: rules.price_band_bps,
+            stp_default: rules.stp_default,
+            orders_max: rules.orders_max,
+            ..self.clone()
+        }
+    }
+
+    /// The rules of `update`, a whole new spec for this market: refused when it is not valid
+    /// or changes what an update may not (symbol, tokens, decimals).
+    pub fn update_rules(&self, update: &MarketSpecInput) -> Result<SpecRules, SpecError> {
+        let new = update.validate()?;
+        let symbol = &self.symbol;
+        if new.symbol != self.symbol {
+            return Err(err(
+                "symbol",
+                format!("the update is for {}, not {symbol}", new.symbol),
+            ));
+        }
+        for (field, old, changed) in [
+            ("price_decimals", self.price_decimals, new.price_decimals),
+            ("size_decimals", self.size_decimals, new.size_decimals),
+        ] {
+            if old != changed {
+                return Err(err(
+                    field,
+                    format!(
+                        "{field} of {symbol} is {old} and cannot change (prices and quantities are counted in its units); add a market under a new symbol instead"
+                    ),
+                ));
+            }
+        }
+        for (field, old, changed) in [
+            ("base_token", &self.base_token, &new.base_token),
+            ("quote_token", &self.quote_token, &new.quote_token),
+        ] {
+            if old != changed {
+                return Err(err(
+                    field,
+                    format!(
+                        "{field} of {symbol} is {old} and cannot change; add a market under a new symbol instead"
+                    ),
+                ));
+            }
+        }
+        Ok(new.rules())
+    }
+
     /// The written form of this spec, every field explicit (what `market.add` would take).
     pub fn to_input(&self) -> MarketSpecInput {
         MarketSpecInput {
@@ -249,7 +331,8 @@ impl MarketSpec {
 }
 
 /// A symbol must be a single NATS subject token and fit a JetStream stream name:
-/// 1-32 of `A-Z 0-9 - _`.
+/// 1-32 of `A-Z 0-9 - _`, starting and ending with a letter or digit, with no two separators
+/// in a row (so `-`, `-A`, `A-`, `--` and `_` are refused: a base or quote would be empty).
 pub fn validate_symbol(symbol: &str) -> Result<(), SpecError> {
     if symbol.is_empty() || symbol.len() > SYMBOL_LEN_MAX {
         return Err(err(
@@ -268,6 +351,21 @@ pub fn validate_symbol(symbol: &str) -> Result<(), SpecError> {
             ),
         ));
     }
+    let separator = |c: char| c == '-' || c == '_';
+    if symbol.starts_with(separator)
+        || symbol.ends_with(separator)
+        || symbol
+            .as_bytes()
+            .windows(2)
+            .any(|w| separator(w[0] as char) && separator(w[1] as char))
+    {
+        return Err(err(
+            "symbol",
+            format!(
+                "symbol {symbol:?} has an empty part: start and end it with a letter or digit and put one '-' or '_' between parts (e.g. BTC-USDC)"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -282,6 +380,42 @@ fn tokens_of(symbol: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_changes_rules_only() {
+        let spec = MarketSpecInput::new("BTC-USDC", 2, 8).validate().unwrap();
+        let mut update = MarketSpecInput::new("BTC-USDC", 2, 8);
+        update.tick_size = Some("0.50".into());
+        update.price_band_pct = Some("5".into());
+        let rules = spec.update_rules(&update).expect("rules");
+        let new = spec.with_rules(rules);
+        assert_eq!(new.tick, Price(50));
+        assert_eq!(new.price_band_bps, Some(500));
+        assert_eq!(new.rules(), rules);
+        let decimals = MarketSpecInput::new("BTC-USDC", 3, 8);
+        assert_eq!(
+            spec.update_rules(&decimals).unwrap_err().field,
+            "price_decimals"
+        );
+        let other = MarketSpecInput::new("ETH-USDC", 2, 8);
+        assert_eq!(spec.update_rules(&other).unwrap_err().field, "symbol");
+        let mut tokens = MarketSpecInput::new("BTC-USDC", 2, 8);
+        tokens.quote_token = Some("USDT".into());
+        assert_eq!(spec.update_rules(&tokens).unwrap_err().field, "quote_token");
+    }
+
+    #[test]
+    fn symbols_with_an_empty_part_are_refused() {
+        for bad in ["-", "-A", "A-", "--", "_", "A--B", "A-_B", "_A"] {
+            let e = validate_symbol(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.message.contains("empty part"), "{bad}: {}", e.message);
+        }
+        for good in ["BTC-USDC", "A-B", "X", "ES_Z26", "BTC-PERP-USD"] {
+            assert!(validate_symbol(good).is_ok(), "{good}");
+        }
+    }
 
     #[test]
     fn seed_spec_defaults() {

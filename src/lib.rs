@@ -27,3 +27,15 @@ pub mod replay;
 pub mod telemetry;
 pub mod wire;
 pub mod workload;
+
+/// The version and the commit it was built from, as `agora --version` prints them
+/// (`0.1.0 (commit 1a2b3c4d5e6f)`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("AGORA_COMMIT"),
+    ")"
+);
+
+/// The commit the binary was built from ("unknown" without a git checkout or `AGORA_COMMIT`).
+pub const COMMIT: &str = env!("AGORA_COMMIT");

@@ -39,6 +39,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::bus::{self, LocalServer, Subjects};
+use crate::telemetry::process::cpu_ms;
 use crate::wire::WireCommandOut;
 use crate::workload::{self, FlowParams};
 
@@ -680,25 +681,6 @@ async fn publish(p: Publish, shared: Arc<Shared>) -> Result<(), BenchError> {
         check(r)?;
     }
     Ok(())
-}
-
-/// CPU time (user + system) of a process, in milliseconds, from `/proc/<pid>/stat`.
-pub(crate) fn cpu_ms(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
-    let text = std::fs::read_to_string(path).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of the line (utime, stime) are the 12th and 13th after the name.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
-    Some((utime + stime) as f64 * 1000.0 / ticks)
 }
 
 /// CPU readings of the three processes at one moment.

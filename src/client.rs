@@ -53,6 +53,10 @@ pub enum ClientError {
     },
     #[error("a message on {subject} does not decode: {reason}")]
     Decode { subject: String, reason: String },
+    #[error(
+        "no market {market} answers: it does not exist or no node runs it now; list markets with `agora ctl market.list`"
+    )]
+    NoSuchMarket { market: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -413,6 +417,43 @@ impl Client {
             subject,
             pending: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Checks that `market` exists before watching it, so a mistyped name fails at once
+    /// instead of waiting for ever. A running market answers its book request; when none
+    /// does, its order stream tells an unknown market from one that is only not running now
+    /// (for users who may read stream information; for the others, the error says both).
+    pub async fn check_market(&self, market: &str) -> Result<(), ClientError> {
+        Subjects::check_token("market", market)?;
+        let subject = self.subjects.book_snapshot(market);
+        let asked = self
+            .nats
+            .send_request(
+                subject,
+                async_nats::Request::new()
+                    .payload("".into())
+                    .timeout(Some(Duration::from_secs(5))),
+            )
+            .await;
+        match asked {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                let stream = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.js.get_stream(self.subjects.orders_stream(market)),
+                )
+                .await;
+                match stream {
+                    // It exists and will run again (a failover, a restart): watch it.
+                    Ok(Ok(_)) => Ok(()),
+                    _ => Err(ClientError::NoSuchMarket {
+                        market: market.to_string(),
+                    }),
+                }
+            }
+            // A busy market may be slow to answer a whole book; it exists.
+            Err(_) => Ok(()),
+        }
     }
 
     /// The market's trade tape from now on.

@@ -20,6 +20,8 @@ const ENV_KEYS: &[&str] = &[
     "data_dir",
     "prefix",
     "http_port",
+    "http_addr",
+    "shutdown_timeout_secs",
     "streams",
     "market",
     "snapshots",
@@ -40,6 +42,12 @@ pub struct Config {
     pub prefix: String,
     /// `/health` and `/ready` on this port; 0: off.
     pub http_port: u16,
+    /// The address the HTTP port binds (`0.0.0.0`: every interface; `127.0.0.1`: this
+    /// machine only).
+    pub http_addr: String,
+    /// How long a stopping node may take to finish its batches, snapshots and publishes
+    /// before it exits without them (NATS unreachable, say).
+    pub shutdown_timeout_secs: u64,
     pub streams: StreamsConfig,
     pub market: MarketConfig,
     pub snapshots: SnapshotsConfig,
@@ -51,7 +59,40 @@ pub struct Config {
     pub tracing: TracingConfig,
     /// Heartbeats, leases and the rebalancer.
     pub cluster: ClusterConfig,
-    pub markets: Vec<MarketSpecInput>,
+    /// The markets this node creates at start if missing; unset: the seed markets
+    /// (`SEED_MARKETS`); `markets = []`: none.
+    #[serde(default)]
+    pub markets: Option<Vec<MarketSpecInput>>,
+}
+
+/// The seed markets, `config/markets/*.toml` compiled in: what a node creates when its
+/// configuration names no markets. These files are the one source of their specs: the same
+/// file serves `agora ctl market.add --spec` and `agora replay --market`.
+pub const SEED_MARKETS: &[(&str, &str)] = &[
+    (
+        "config/markets/btc-usdc.toml",
+        include_str!("../config/markets/btc-usdc.toml"),
+    ),
+    (
+        "config/markets/eth-usdc.toml",
+        include_str!("../config/markets/eth-usdc.toml"),
+    ),
+    (
+        "config/markets/sol-usdc.toml",
+        include_str!("../config/markets/sol-usdc.toml"),
+    ),
+];
+
+/// The seed markets as specs to validate (an error names the file).
+pub fn seed_markets() -> Result<Vec<MarketSpecInput>, ConfigError> {
+    SEED_MARKETS
+        .iter()
+        .map(|(path, text)| {
+            Figment::from(Toml::string(text))
+                .extract()
+                .map_err(|e| ConfigError(format!("{path}: {e}")))
+        })
+        .collect()
 }
 
 /// How traces are exported: OTLP to a collector (Jaeger takes it on 4317 and 4318). Off unless
@@ -272,6 +313,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
 }
 
 /// A configuration that cannot run, with what to change.
@@ -320,6 +363,18 @@ impl Config {
             return Err(ConfigError(format!(
                 "node_id {:?}: use letters, digits, '-' and '_' only",
                 self.node_id
+            )));
+        }
+        if self.http_addr.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError(format!(
+                "http_addr = {:?}: use an IP address of this machine (0.0.0.0 for every interface, 127.0.0.1 for this machine only, :: for IPv6)",
+                self.http_addr
+            )));
+        }
+        if !(1..=3600).contains(&self.shutdown_timeout_secs) {
+            return Err(ConfigError(format!(
+                "shutdown_timeout_secs = {}: use 1 to 3600",
+                self.shutdown_timeout_secs
             )));
         }
         if self.streams.replicas == 0 || self.streams.replicas > 5 {
@@ -396,7 +451,7 @@ impl Config {
             )));
         }
         let mut seen = std::collections::BTreeSet::new();
-        for input in &self.markets {
+        for input in &self.market_inputs()? {
             input
                 .validate()
                 .map_err(|e| ConfigError(format!("markets: {e} (field {})", e.field)))?;
@@ -410,9 +465,18 @@ impl Config {
         Ok(())
     }
 
-    /// The validated market specs.
+    /// The markets to create at start: the configured ones, or the seed markets.
+    pub fn market_inputs(&self) -> Result<Vec<MarketSpecInput>, ConfigError> {
+        match &self.markets {
+            Some(markets) => Ok(markets.clone()),
+            None => seed_markets(),
+        }
+    }
+
+    /// The validated market specs (checked at load, so none is dropped here).
     pub fn market_specs(&self) -> Vec<MarketSpec> {
-        self.markets
+        self.market_inputs()
+            .unwrap_or_default()
             .iter()
             .filter_map(|m| m.validate().ok())
             .collect()
@@ -491,8 +555,31 @@ mod tests {
     fn the_defaults_load_and_hold_the_seed_markets() {
         figment::Jail::expect_with(|_| {
             let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
-            let symbols: Vec<String> = config.markets.iter().map(|m| m.symbol.clone()).collect();
+            let specs = config.market_specs();
+            let symbols: Vec<&str> = specs.iter().map(|m| m.symbol.as_str()).collect();
             assert_eq!(symbols, ["BTC-USDC", "ETH-USDC", "SOL-USDC"]);
+            // The shipped files are what runs: BTC-USDC's band, limits and STP default.
+            let btc = MarketSpecInput::validate(
+                &figment::Figment::from(Toml::string(include_str!(
+                    "../config/markets/btc-usdc.toml"
+                )))
+                .extract::<MarketSpecInput>()
+                .map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(specs[0], btc);
+            assert!(btc.price_band_bps.is_some() && btc.max_qty.is_some());
+            // markets = [] means none.
+            let none = Config::load(
+                Some(&{
+                    let path = std::path::PathBuf::from("none.toml");
+                    std::fs::write(&path, "markets = []\n").map_err(|e| e.to_string())?;
+                    path
+                }),
+                &Overrides::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            assert!(none.market_specs().is_empty());
             assert_eq!(config.prefix, "agora");
             assert!(config.nats_url.is_empty());
             Ok(())
@@ -546,6 +633,7 @@ mod tests {
             )?;
             refused("[snapshots]\nevery_secs = 100000\n", "snapshots.every_secs")?;
             refused("http_port = 70000\n", "http_port")?;
+            refused("http_addr = \"localhost:80\"\n", "http_addr")?;
             let missing = jail.directory().join("missing.toml");
             let err = Config::load(Some(&missing), &Overrides::default())
                 .err()

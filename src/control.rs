@@ -25,6 +25,48 @@ use crate::cluster::handoff;
 use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, unix_ms};
 use crate::cluster::placement::{self, Placement, PlacementState};
 
+/// The request header holding the time (Unix milliseconds) after which the sender no longer
+/// waits for the reply. A node that takes the request later (it was stalled: paused, swapped,
+/// cut off) drops it instead of carrying it out, so an operator who saw a timeout never sees
+/// the verb take effect afterwards. Nodes and senders need clocks in step (NTP).
+pub const DEADLINE_HEADER: &str = "Agora-Deadline";
+
+/// When a control request's sender stops waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    unix_ms: u64,
+}
+
+impl Deadline {
+    /// `timeout` from now.
+    pub fn after(timeout: Duration) -> Deadline {
+        Deadline {
+            unix_ms: unix_ms()
+                .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// The header's value.
+    pub fn header(&self) -> String {
+        self.unix_ms.to_string()
+    }
+
+    /// Reads a header's value; `None` when it is not a number.
+    pub fn parse(value: &str) -> Option<Deadline> {
+        value
+            .trim()
+            .parse()
+            .ok()
+            .map(|unix_ms| Deadline { unix_ms })
+    }
+
+    /// How long ago it passed, if it has.
+    pub fn passed_by(&self) -> Option<Duration> {
+        let now = unix_ms();
+        (now > self.unix_ms).then(|| Duration::from_millis(now - self.unix_ms))
+    }
+}
+
 /// How long a halt or resume may take to be applied before the request fails.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new market may take to start consuming.
@@ -44,6 +86,10 @@ pub struct Control {
     pub nodes: kv::Store,
     /// A node not heard from for this long is dead.
     pub lease: Duration,
+    /// The node answering, and why its heartbeat fails if it does (said in `market.list`:
+    /// such a node runs no markets, and the others no longer see it).
+    pub node: String,
+    pub heartbeat: crate::cluster::membership::HeartbeatStatus,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +175,20 @@ impl Control {
                 .strip_prefix(&prefix)
                 .unwrap_or("")
                 .to_string();
+            let deadline = request
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(DEADLINE_HEADER))
+                .and_then(|v| Deadline::parse(v.as_str()));
+            if let Some(late) = deadline.and_then(|d| d.passed_by()) {
+                // The sender has given up: doing it now would surprise the operator.
+                tracing::warn!(
+                    verb,
+                    "control request dropped: its sender stopped waiting {:.1} s ago (this node took it late: was it paused or cut off?)",
+                    late.as_secs_f64()
+                );
+                continue;
+            }
             let reply = self.handle(&verb, &request.payload, json).await;
             tracing::info!(verb, ok = %reply["ok"], "control request");
             let bytes = if json {
@@ -145,6 +205,10 @@ impl Control {
         let result = match verb {
             "market.add" => match decode::<MarketSpecInput>(payload, json, "a market spec") {
                 Ok(input) => self.add(input).await,
+                Err(e) => Err(e),
+            },
+            "market.update" => match decode::<MarketSpecInput>(payload, json, "a market spec") {
+                Ok(input) => self.update(input).await,
                 Err(e) => Err(e),
             },
             "market.remove" | "market.halt" | "market.resume" => {
@@ -171,7 +235,7 @@ impl Control {
             _ => Err(err(
                 "unknown_verb",
                 format!(
-                    "{verb:?} is not a control verb; use market.add, market.remove, market.halt, market.resume, market.list, market.move, node.list, node.drain or node.undrain"
+                    "{verb:?} is not a control verb; use market.add, market.update, market.remove, market.halt, market.resume, market.list, market.move, node.list, node.drain or node.undrain"
                 ),
             )),
         };
@@ -261,22 +325,46 @@ impl Control {
             }
             Ok(None) => {
                 let bytes = serde_json::to_vec(&spec.to_input()).unwrap_or_default();
-                self.markets
-                    .create(&symbol, bytes.into())
-                    .await
-                    .map_err(|e| {
-                        err(
-                            "market_exists",
-                            format!("{symbol} could not be stored (added meanwhile?): {e}"),
-                        )
-                    })?;
-                true
+                match self.markets.create(&symbol, bytes.into()).await {
+                    Ok(_) => true,
+                    // Added meanwhile (another operator, a node starting): the same spec is
+                    // as good, another is refused.
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        let stored = match self.markets.get(&symbol).await {
+                            Ok(Some(bytes)) => serde_json::from_slice::<MarketSpecInput>(&bytes)
+                                .ok()
+                                .and_then(|i| i.validate().ok()),
+                            _ => None,
+                        };
+                        if stored.as_ref() != Some(&spec) {
+                            return Err(err(
+                                "market_exists",
+                                format!(
+                                    "{symbol} was added meanwhile with another spec; market.list shows it"
+                                ),
+                            ));
+                        }
+                        false
+                    }
+                    Err(e) => {
+                        return Err(err("kv", format!("{symbol} could not be stored: {e}")));
+                    }
+                }
             }
             Err(e) => return Err(err("kv", format!("cannot read the market specs: {e}"))),
         };
-        bus::ensure_market_stream(&self.js, &self.subjects, &symbol, &self.streams)
+        let mut stream =
+            bus::ensure_market_stream(&self.js, &self.subjects, &symbol, &self.streams)
+                .await
+                .map_err(|e| err("stream", e.to_string()))?;
+        // A market added again after market.remove resumes its kept stream: commands stored
+        // before the removal and never applied are applied now.
+        let stored = stream
+            .info()
             .await
-            .map_err(|e| err("stream", e.to_string()))?;
+            .map(|i| i.state.last_sequence)
+            .unwrap_or(0);
+        let pending = stored.saturating_sub(self.journal_last_seq(&symbol).await);
         let (node, epoch) = self.place_and_wait(&symbol).await?;
         Ok(json!({
             "ok": true,
@@ -285,6 +373,7 @@ impl Control {
             "node": node,
             "epoch": epoch,
             "orders": self.subjects.orders(&symbol),
+            "pending_applied": pending,
         }))
     }
 
@@ -368,7 +457,12 @@ impl Control {
             .subscribe(self.subjects.status(symbol))
             .await
             .map_err(|e| err("nats", e.to_string()))?;
-        // The spec first, so the rebalancer does not place it again.
+        // The stream stops taking commands first: from now on publishing to the market fails
+        // at once, and nothing is stored for a market nobody will run.
+        let stream_last = bus::detach_market_stream(&self.js, &self.subjects, symbol)
+            .await
+            .map_err(|e| err("stream", e.to_string()))?;
+        // Then the spec, so the rebalancer does not place it again.
         if stored {
             self.markets
                 .delete(symbol)
@@ -404,35 +498,144 @@ impl Control {
                 }
             }
         }
+        // Commands the stream took before the removal that the market did not apply: they
+        // are applied if the market is added again (and said so then), never silently.
+        let applied = self.journal_last_seq(symbol).await;
+        let unapplied = stream_last.map_or(0, |last| last.saturating_sub(applied));
         Ok(json!({
             "ok": true,
             "market": symbol,
             "stopped": stopped,
-            "message": "the market no longer takes orders; its streams are kept (history, and a new market.add with the same spec resumes it)",
+            "unapplied": unapplied,
+            "message": format!(
+                "the market no longer takes orders (publishing to it fails at once); its streams are kept (history, and a new market.add with the same spec resumes it){}",
+                if unapplied > 0 {
+                    format!("; {unapplied} commands that arrived before the removal were not applied and will be if it is added again")
+                } else {
+                    String::new()
+                }
+            ),
         }))
     }
 
-    /// Sends halt or resume through the market's stream and waits until it is applied.
-    async fn admin(&self, symbol: &str, op: &str, cancel_orders: bool) -> Result<Value, Value> {
+    /// Sends a new spec through the market's stream (so it is sequenced with the orders and
+    /// every replay applies it at the same point), and answers once it is applied, or with
+    /// the market's refusal (a new tick that open orders are off, say).
+    async fn update(&self, input: MarketSpecInput) -> Result<Value, Value> {
+        let symbol = input.symbol.clone();
+        let spec = input
+            .validate()
+            .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
+        let stored = match self.markets.get(&symbol).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<MarketSpecInput>(&bytes)
+                .ok()
+                .and_then(|i| i.validate().ok()),
+            Ok(None) => None,
+            Err(e) => return Err(err("kv", format!("cannot read the market specs: {e}"))),
+        };
+        let Some(stored) = stored else {
+            return Err(err(
+                "unknown_market",
+                format!(
+                    "{symbol} is not a market; add it with market.add (market.list shows them)"
+                ),
+            ));
+        };
+        // What may not change is refused here already, with the field named.
+        stored
+            .update_rules(&input)
+            .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
+        let command = json!({"op": "update_spec", "account": "operator", "spec": spec.to_input()});
+        let seq = self.send_admin(&symbol, &command).await?;
+        self.wait_applied(&symbol, seq, "update_spec").await?;
+        if let Some(message) = self.refusal(&symbol, seq).await {
+            return Err(err("refused", message));
+        }
+        Ok(json!({"ok": true, "market": symbol, "seq": seq, "spec": spec.to_input()}))
+    }
+
+    /// The last input sequence the market's journal covers (0: none).
+    async fn journal_last_seq(&self, symbol: &str) -> u64 {
+        let Ok(events) = self.js.get_stream(self.subjects.events_stream()).await else {
+            return 0;
+        };
+        match events
+            .get_last_raw_message_by_subject(&self.subjects.events(symbol))
+            .await
+        {
+            Ok(last) => rmp_serde::from_slice::<Value>(&last.payload)
+                .ok()
+                .and_then(|head| head["last_seq"].as_u64())
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// The `rejected` event the journal holds for the command at `seq`, if any.
+    async fn refusal(&self, symbol: &str, seq: u64) -> Option<String> {
+        let events = self
+            .js
+            .get_stream(self.subjects.events_stream())
+            .await
+            .ok()?;
+        let subject = self.subjects.events(symbol);
+        // The journal message covering `seq` is the last one or close before it: look back a
+        // few messages on the subject.
+        let mut at = events
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .ok()?;
+        for _ in 0..64 {
+            let batch: Value = rmp_serde::from_slice(&at.payload).ok()?;
+            if batch["first_seq"].as_u64().is_some_and(|f| f <= seq)
+                || batch["last_seq"].as_u64().is_some_and(|l| l < seq)
+            {
+                return batch["events"].as_array()?.iter().find_map(|e| {
+                    (e["type"] == "rejected" && e["seq"].as_u64() == Some(seq))
+                        .then(|| e["message"].as_str().unwrap_or("refused").to_string())
+                });
+            }
+            let previous = at
+                .headers
+                .get("Nats-Expected-Last-Subject-Sequence")
+                .and_then(|v| v.as_str().parse::<u64>().ok())?;
+            at = events.get_raw_message(previous).await.ok()?;
+        }
+        None
+    }
+
+    /// Publishes an operator command on the market's admin subject; answers its sequence.
+    async fn send_admin(&self, symbol: &str, command: &Value) -> Result<u64, Value> {
         if self.placement_of(symbol).await?.is_none() {
             return Err(err(
                 "unknown_market",
                 format!("{symbol} is not a running market; market.list shows them"),
             ));
         }
-        let mut command = json!({"op": op, "account": "operator"});
-        if op == "halt" {
-            command["cancel_orders"] = json!(cancel_orders);
-        }
-        let bytes = rmp_serde::to_vec_named(&command).unwrap_or_default();
-        let seq = self
+        let bytes = rmp_serde::to_vec_named(command).unwrap_or_default();
+        Ok(self
             .js
             .publish(self.subjects.admin(symbol), bytes.into())
             .await
             .map_err(|e| err("publish", e.to_string()))?
             .await
             .map_err(|e| err("publish", e.to_string()))?
-            .sequence;
+            .sequence)
+    }
+
+    /// Sends halt or resume through the market's stream and waits until it is applied.
+    async fn admin(&self, symbol: &str, op: &str, cancel_orders: bool) -> Result<Value, Value> {
+        let mut command = json!({"op": op, "account": "operator"});
+        if op == "halt" {
+            command["cancel_orders"] = json!(cancel_orders);
+        }
+        let seq = self.send_admin(symbol, &command).await?;
+        self.wait_applied(symbol, seq, op).await?;
+        Ok(json!({"ok": true, "market": symbol, "seq": seq, "halted": op == "halt"}))
+    }
+
+    /// Waits until the market's journal covers `seq`, wherever the market runs.
+    async fn wait_applied(&self, symbol: &str, seq: u64, op: &str) -> Result<(), Value> {
         // Applied once the journal covers it, wherever the market runs.
         let events = self
             .js
@@ -446,9 +649,7 @@ impl Control {
                 && let Ok(head) = rmp_serde::from_slice::<Value>(&last.payload)
                 && head["last_seq"].as_u64().is_some_and(|s| s >= seq)
             {
-                return Ok(
-                    json!({"ok": true, "market": symbol, "seq": seq, "halted": op == "halt"}),
-                );
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(err(
@@ -549,7 +750,21 @@ impl Control {
             }
             list.push(v);
         }
-        json!({"ok": true, "markets": list})
+        let mut reply = json!({"ok": true, "markets": list});
+        if let Some((since, why)) = self.heartbeat.failing() {
+            let problem = format!(
+                "node {} runs no markets: its heartbeat has failed for {:.0} s ({why})",
+                self.node,
+                since.as_secs_f64()
+            );
+            for m in reply["markets"].as_array_mut().into_iter().flatten() {
+                if m["node"] == json!(self.node) && m["running"] != json!(true) {
+                    m["reason"] = json!(problem);
+                }
+            }
+            reply["problems"] = json!([problem]);
+        }
+        reply
     }
 
     async fn node_list(&self) -> Value {
@@ -671,6 +886,17 @@ impl Control {
     }
 
     async fn undrain(&self, node: &str) -> Result<Value, Value> {
+        let known = self
+            .node_entries()
+            .await
+            .iter()
+            .any(|n| n.record.node == node);
+        if !known && !self.drained().await.contains(node) {
+            return Err(err(
+                "unknown_node",
+                format!("{node} is not a node and is not drained; node.list shows them"),
+            ));
+        }
         self.placement
             .delete(placement::drain_key(node))
             .await

@@ -29,13 +29,18 @@ use agora::{node, replay};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "agora", version, about = "A matching runtime for exchanges")]
+#[command(
+    name = "agora",
+    version = agora::VERSION,
+    about = "A matching runtime for exchanges"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 enum Cmd {
     /// Run a node: markets consume their order streams on NATS and publish journal, reports,
     /// trades and book updates. Without a NATS URL it starts its own nats-server.
@@ -111,62 +116,199 @@ struct NodeArgs {
     /// Where the node keeps its id and, in embedded mode, the NATS data.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Serve /health and /ready on this HTTP port (0: off).
+    /// Serve /metrics (Prometheus), /health (liveness) and /ready (readiness) on this HTTP
+    /// port (0: off).
     #[arg(long, value_name = "PORT")]
     http_port: Option<u16>,
+    /// The address the HTTP port binds [default: 0.0.0.0, every interface].
+    #[arg(long, value_name = "IP")]
+    http_addr: Option<String>,
+    /// How the log on standard error is written: text (coloured only on a terminal, never
+    /// with NO_COLOR set) or json (one object a line, for log shippers). AGORA_LOG sets the
+    /// filter (default: warnings, and what the node runs and where on standard output).
+    #[arg(long, env = "AGORA_LOG_FORMAT", value_name = "FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Args)]
 struct CtlArgs {
-    /// market.add, market.remove, market.halt, market.resume, market.list, market.move,
-    /// node.list, node.drain or node.undrain.
-    verb: String,
-    /// The market (market.remove, market.halt, market.resume, market.move) or the node
-    /// (node.drain, node.undrain).
-    symbol: Option<String>,
-    /// For market.move: the node to move the market to.
-    #[arg(long, value_name = "NODE")]
-    to: Option<String>,
-    /// For market.add: the market spec (TOML with the fields of a market spec).
-    #[arg(long, value_name = "FILE.toml")]
-    spec: Option<PathBuf>,
-    /// For market.halt: also cancel every open order.
-    #[arg(long)]
-    cancel_orders: bool,
+    #[command(subcommand)]
+    verb: CtlVerb,
     #[command(flatten)]
     connect: ConnectArgs,
-    /// How long to wait for the reply.
-    #[arg(long, default_value_t = 60)]
+    /// How long to wait for the reply. A request not answered in time is never carried out
+    /// later (it carries this deadline; nodes drop it once past); read-only verbs are tried
+    /// again within it, in case one node was stalled.
+    #[arg(long, default_value_t = 60, global = true, value_name = "SECS")]
     timeout_secs: u64,
+}
+
+/// The control verbs (`agora.ctl.<VERB>`); `agora ctl <VERB> --help` says what each takes.
+#[derive(Subcommand)]
+enum CtlVerb {
+    /// Add a market: creates its stream, stores its spec, places it on a node, answers once
+    /// it takes orders.
+    #[command(name = "market.add")]
+    MarketAdd {
+        /// The market spec (TOML with the fields of a market spec, as in config/markets/).
+        #[arg(long, value_name = "FILE.toml")]
+        spec: PathBuf,
+    },
+    /// Change a market's spec (tick, lot, min/max qty, price band, STP default); the change
+    /// is sequenced with the orders through the market's stream, so replays agree.
+    #[command(name = "market.update")]
+    MarketUpdate {
+        /// The new spec (TOML, the same symbol and decimals as the market's).
+        #[arg(long, value_name = "FILE.toml")]
+        spec: PathBuf,
+    },
+    /// Remove a market: it stops, and publishing to it fails at once; its streams are kept.
+    #[command(name = "market.remove")]
+    MarketRemove {
+        /// The market, e.g. BTC-USDC.
+        symbol: String,
+    },
+    /// Halt matching in a market (orders are refused until market.resume).
+    #[command(name = "market.halt")]
+    MarketHalt {
+        /// The market, e.g. BTC-USDC.
+        symbol: String,
+        /// Also cancel every open order.
+        #[arg(long)]
+        cancel_orders: bool,
+    },
+    /// Resume a halted market.
+    #[command(name = "market.resume")]
+    MarketResume {
+        /// The market, e.g. BTC-USDC.
+        symbol: String,
+    },
+    /// Move a market to another node (a planned handoff; matching pauses for milliseconds).
+    #[command(name = "market.move")]
+    MarketMove {
+        /// The market, e.g. BTC-USDC.
+        symbol: String,
+        /// The node to move it to (node.list shows them).
+        #[arg(long, value_name = "NODE")]
+        to: String,
+    },
+    /// Every market with its owner, epoch, state, resting orders and commands/s.
+    #[command(name = "market.list")]
+    MarketList,
+    /// Every node with its load, markets and whether it holds the rebalancer.
+    #[command(name = "node.list")]
+    NodeList,
+    /// Move every market off a node (for maintenance) and place nothing on it.
+    #[command(name = "node.drain")]
+    NodeDrain {
+        /// The node's id.
+        node: String,
+    },
+    /// Let a drained node take markets again.
+    #[command(name = "node.undrain")]
+    NodeUndrain {
+        /// The node's id.
+        node: String,
+    },
+    /// Another verb, sent as it is with an empty request (for verbs of newer nodes).
+    #[command(external_subcommand)]
+    Other(Vec<String>),
+}
+
+impl CtlVerb {
+    /// The verb's name on the subject.
+    fn name(&self) -> &str {
+        match self {
+            CtlVerb::MarketAdd { .. } => "market.add",
+            CtlVerb::MarketUpdate { .. } => "market.update",
+            CtlVerb::MarketRemove { .. } => "market.remove",
+            CtlVerb::MarketHalt { .. } => "market.halt",
+            CtlVerb::MarketResume { .. } => "market.resume",
+            CtlVerb::MarketMove { .. } => "market.move",
+            CtlVerb::MarketList => "market.list",
+            CtlVerb::NodeList => "node.list",
+            CtlVerb::NodeDrain { .. } => "node.drain",
+            CtlVerb::NodeUndrain { .. } => "node.undrain",
+            CtlVerb::Other(args) => args.first().map_or("", String::as_str),
+        }
+    }
+
+    /// Whether asking twice is harmless (read-only verbs are tried again on a timeout).
+    fn read_only(&self) -> bool {
+        matches!(self, CtlVerb::MarketList | CtlVerb::NodeList)
+    }
 }
 
 /// Where NATS is and how to log in (the same `AGORA_NATS__*` variables as the node's `[nats]`).
 #[derive(Args, Clone)]
 struct ConnectArgs {
-    #[arg(long, env = "AGORA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL(s), comma-separated; user:password@ in a URL is used as the login.
+    #[arg(
+        long,
+        env = "AGORA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
     nats_url: String,
     /// First token of the subjects.
-    #[arg(long, env = "AGORA_PREFIX", default_value = "agora")]
+    #[arg(long, env = "AGORA_PREFIX", default_value = "agora", global = true)]
     prefix: String,
     /// Credentials file (JWT + nkey seed, as nsc writes it).
-    #[arg(long, env = "AGORA_NATS__CREDS_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "AGORA_NATS__CREDS_FILE",
+        value_name = "FILE",
+        global = true
+    )]
     creds: Option<PathBuf>,
     /// File holding an nkey user seed.
-    #[arg(long, env = "AGORA_NATS__NKEY_SEED_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "AGORA_NATS__NKEY_SEED_FILE",
+        value_name = "FILE",
+        global = true
+    )]
     nkey: Option<PathBuf>,
-    #[arg(long, env = "AGORA_NATS__USER")]
+    /// NATS user (with --password).
+    #[arg(long, env = "AGORA_NATS__USER", global = true)]
     user: Option<String>,
-    #[arg(long, env = "AGORA_NATS__PASSWORD", hide_env_values = true)]
+    /// NATS password (with --user).
+    #[arg(
+        long,
+        env = "AGORA_NATS__PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
     password: Option<String>,
-    #[arg(long, env = "AGORA_NATS__TOKEN", hide_env_values = true)]
+    /// NATS token.
+    #[arg(long, env = "AGORA_NATS__TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate; turns TLS on.
-    #[arg(long, env = "AGORA_NATS__TLS_CA_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "AGORA_NATS__TLS_CA_FILE",
+        value_name = "FILE",
+        global = true
+    )]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), for servers that verify clients.
-    #[arg(long, env = "AGORA_NATS__TLS_CERT_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "AGORA_NATS__TLS_CERT_FILE",
+        value_name = "FILE",
+        global = true
+    )]
     tls_cert: Option<PathBuf>,
-    #[arg(long, env = "AGORA_NATS__TLS_KEY_FILE", value_name = "FILE")]
+    /// Client key (PEM), with --tls-cert.
+    #[arg(
+        long,
+        env = "AGORA_NATS__TLS_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
     tls_key: Option<PathBuf>,
 }
 
@@ -195,7 +337,7 @@ impl ConnectArgs {
 #[group(required = true, multiple = false)]
 struct TargetArgs {
     /// The order's client id.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     cid: Option<String>,
     /// The engine's order id.
     #[arg(long)]
@@ -215,8 +357,10 @@ impl TargetArgs {
 
 #[derive(Args)]
 struct OrderCommon {
+    /// The market, e.g. BTC-USDC.
     #[arg(long)]
     market: String,
+    /// The account the command is for (a trader's NATS user may send only for its own).
     #[arg(long, env = "AGORA_ACCOUNT")]
     account: String,
     /// Seconds to wait for the command's reports (0: print the stream sequence and return).
@@ -236,10 +380,10 @@ enum OrderCmd {
         #[arg(long)]
         side: String,
         /// Total quantity, as a decimal string ("0.5").
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         qty: String,
         /// Limit price, as a decimal string ("65000.00"); not for market orders.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         price: Option<String>,
         /// limit (default), market, stop_limit or stop_market.
         #[arg(long = "type")]
@@ -247,10 +391,11 @@ enum OrderCmd {
         /// gtc (default), ioc, fok, gtd or post_only.
         #[arg(long)]
         tif: Option<String>,
-        #[arg(long)]
+        /// Trigger price of a stop_limit or stop_market order, as a decimal string.
+        #[arg(long, allow_hyphen_values = true)]
         stop_price: Option<String>,
         /// Iceberg: the quantity shown at a time.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         display_qty: Option<String>,
         /// For gtd: expiry, nanoseconds since the Unix epoch.
         #[arg(long)]
@@ -275,9 +420,12 @@ enum OrderCmd {
         common: OrderCommon,
         #[command(flatten)]
         target: TargetArgs,
-        #[arg(long)]
+        /// The new total quantity, filled quantity included ("0.4"); lowering it keeps time
+        /// priority.
+        #[arg(long, allow_hyphen_values = true)]
         qty: Option<String>,
-        #[arg(long)]
+        /// The new limit price ("64990.00"); a new price loses time priority.
+        #[arg(long, allow_hyphen_values = true)]
         price: Option<String>,
     },
     /// Cancel every open order of the account in the market.
@@ -291,8 +439,10 @@ enum OrderCmd {
 enum WatchCmd {
     /// An account's execution reports (all markets unless --market).
     Reports {
+        /// The account whose reports to print.
         #[arg(long, env = "AGORA_ACCOUNT")]
         account: String,
+        /// Only this market's (default: every market's).
         #[arg(long)]
         market: Option<String>,
         #[command(flatten)]
@@ -300,6 +450,7 @@ enum WatchCmd {
     },
     /// A market's trade tape.
     Trades {
+        /// The market, e.g. BTC-USDC.
         #[arg(long)]
         market: String,
         #[command(flatten)]
@@ -308,8 +459,10 @@ enum WatchCmd {
     /// A market's L2 book: the snapshot, then each delta, as JSON lines; with --levels, the
     /// top of the book after each change instead.
     Book {
+        /// The market, e.g. BTC-USDC.
         #[arg(long)]
         market: String,
+        /// Print the top N levels a side after each change instead of the deltas.
         #[arg(long, value_name = "N")]
         levels: Option<usize>,
         #[command(flatten)]
@@ -510,55 +663,68 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn ctl_cmd(args: CtlArgs) -> Result<()> {
-    let body = match args.verb.as_str() {
-        "market.add" => {
-            let Some(path) = &args.spec else {
-                bail!("market.add needs --spec FILE.toml (the fields of a market spec)");
-            };
-            if !path.is_file() {
-                bail!("market spec file {} does not exist", path.display());
-            }
-            let input: MarketSpecInput = Figment::from(Toml::file(path))
-                .extract()
-                .with_context(|| format!("{} is not a valid market spec", path.display()))?;
-            serde_json::to_value(input)?
+/// A market spec file, read for `market.add` and `market.update`.
+fn spec_file(path: &Path) -> Result<MarketSpecInput> {
+    if !path.is_file() {
+        bail!("market spec file {} does not exist", path.display());
+    }
+    Figment::from(Toml::file(path))
+        .extract()
+        .with_context(|| format!("{} is not a valid market spec", path.display()))
+}
+
+/// The options that may follow a verb this binary does not know (clap hands those over raw).
+#[derive(Parser)]
+#[command(name = "agora ctl VERB")]
+struct OtherVerbArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+fn ctl_cmd(mut args: CtlArgs) -> Result<()> {
+    if let CtlVerb::Other(rest) = &args.verb {
+        // A verb of a newer node: sent with an empty request; only the connection options
+        // may follow it.
+        let other = OtherVerbArgs::try_parse_from(
+            std::iter::once("agora ctl VERB".to_string()).chain(rest.iter().skip(1).cloned()),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a verb this agora knows, so it takes no arguments but the connection options ({}); agora ctl --help lists the verbs",
+                rest.first().map_or("", String::as_str),
+                e.kind()
+            )
+        })?;
+        args.connect = other.connect;
+        args.timeout_secs = other.timeout_secs;
+    }
+    let verb = args.verb.name().to_string();
+    if verb.is_empty() {
+        bail!("name a verb: agora ctl --help lists them");
+    }
+    let body = match &args.verb {
+        CtlVerb::MarketAdd { spec } | CtlVerb::MarketUpdate { spec } => {
+            serde_json::to_value(spec_file(spec)?)?
         }
-        "market.remove" | "market.halt" | "market.resume" => {
-            let Some(symbol) = &args.symbol else {
-                bail!(
-                    "{} needs the market's symbol, e.g. `agora ctl {} BTC-USDC`",
-                    args.verb,
-                    args.verb
-                );
-            };
-            let mut body = serde_json::json!({ "symbol": symbol });
-            if args.cancel_orders {
-                body["cancel_orders"] = serde_json::json!(true);
-            }
-            body
+        CtlVerb::MarketRemove { symbol } | CtlVerb::MarketResume { symbol } => {
+            serde_json::json!({ "symbol": symbol })
         }
-        "market.move" => {
-            let (Some(symbol), Some(to)) = (&args.symbol, &args.to) else {
-                bail!(
-                    "market.move needs the market and the node, e.g. `agora ctl market.move BTC-USDC --to n2`"
-                );
-            };
-            serde_json::json!({ "symbol": symbol, "node": to })
-        }
-        "node.drain" | "node.undrain" => {
-            let Some(node) = &args.symbol else {
-                bail!(
-                    "{} needs the node's id, e.g. `agora ctl {} n2`",
-                    args.verb,
-                    args.verb
-                );
-            };
+        CtlVerb::MarketHalt {
+            symbol,
+            cancel_orders,
+        } => serde_json::json!({ "symbol": symbol, "cancel_orders": cancel_orders }),
+        CtlVerb::MarketMove { symbol, to } => serde_json::json!({ "symbol": symbol, "node": to }),
+        CtlVerb::NodeDrain { node } | CtlVerb::NodeUndrain { node } => {
             serde_json::json!({ "node": node })
         }
-        _ => serde_json::json!({}),
+        CtlVerb::MarketList | CtlVerb::NodeList => serde_json::json!({}),
+        CtlVerb::Other(_) => serde_json::json!({}),
     };
     let subjects = agora::bus::Subjects::new(&args.connect.prefix)?;
+    let subject = subjects.ctl(&verb);
+    let timeout = Duration::from_secs(args.timeout_secs.max(1));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -566,25 +732,46 @@ fn ctl_cmd(args: CtlArgs) -> Result<()> {
         let client =
             agora::bus::connect_with(&args.connect.nats_url, "agora-ctl", &args.connect.options())
                 .await?;
-        let payload = rmp_serde::to_vec_named(&body)?;
-        let request = client.request(subjects.ctl(&args.verb), payload.into());
-        let reply = tokio::time::timeout(Duration::from_secs(args.timeout_secs), request)
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "no node answered {} within {} s",
-                    subjects.ctl(&args.verb),
+        let payload: bytes::Bytes = rmp_serde::to_vec_named(&body)?.into();
+        let started = std::time::Instant::now();
+        let deadline = agora::control::Deadline::after(timeout);
+        // A read-only verb asks again every few seconds (a stalled node in the queue group may
+        // have taken the first request); any other verb asks once.
+        let attempt_max = if args.verb.read_only() {
+            Duration::from_secs(3).min(timeout)
+        } else {
+            timeout
+        };
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                bail!(
+                    "no node answered {subject} within {} s; a request not answered in time is not carried out later",
                     args.timeout_secs
-                )
-            })?
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "no node answered {}: {e}; is a node running against {}?",
-                    subjects.ctl(&args.verb),
-                    args.connect.nats_url
-                )
-            })?;
-        Ok::<_, anyhow::Error>(rmp_serde::from_slice(&reply.payload)?)
+                );
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(agora::control::DEADLINE_HEADER, deadline.header().as_str());
+            let request = client.send_request(
+                subject.clone(),
+                async_nats::Request::new()
+                    .payload(payload.clone())
+                    .headers(headers)
+                    .timeout(Some(attempt_max.min(left))),
+            );
+            match request.await {
+                Ok(reply) => break Ok::<_, anyhow::Error>(rmp_serde::from_slice(&reply.payload)?),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => continue,
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => bail!(
+                    "no node listens on {subject}; is a node running against {}?",
+                    agora::bus::redact(&args.connect.nats_url)
+                ),
+                Err(e) => bail!(
+                    "no node answered {subject}: {e}; is a node running against {}?",
+                    agora::bus::redact(&args.connect.nats_url)
+                ),
+            }
+        }
     })?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     if reply["ok"] != serde_json::json!(true) {
@@ -743,6 +930,9 @@ fn watch_cmd(cmd: WatchCmd) -> Result<()> {
                 connect,
             } => {
                 let client = connect.client().await?;
+                if let Some(market) = &market {
+                    client.check_market(market).await?;
+                }
                 let mut reports = client.reports(&account, market.as_deref()).await?;
                 eprintln!("agora: watching the reports of {account}");
                 while let Some(report) = reports.next().await? {
@@ -751,6 +941,7 @@ fn watch_cmd(cmd: WatchCmd) -> Result<()> {
             }
             WatchCmd::Trades { market, connect } => {
                 let client = connect.client().await?;
+                client.check_market(&market).await?;
                 let mut trades = client.trades(&market).await?;
                 eprintln!("agora: watching the trades of {market}");
                 while let Some((market, trade)) = trades.next().await? {
@@ -788,18 +979,25 @@ fn watch_cmd(cmd: WatchCmd) -> Result<()> {
     })
 }
 
+/// The node's default log filter: warnings and errors. What it runs and where goes to standard
+/// output as operator lines; `AGORA_LOG=info` (or `agora=debug`) shows more.
+const NODE_LOG_DEFAULT: &str = "warn,async_nats=error,opentelemetry=warn";
+
 fn node_cmd(args: NodeArgs) -> Result<()> {
+    let log_format = args.log_format.clone();
     let overrides = Overrides {
         node_id: args.node_id,
         nats_url: args.nats_url,
         data_dir: args.data_dir,
         http_port: args.http_port,
+        http_addr: args.http_addr,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     actix_rt::System::new().block_on(async move {
         // Inside the actix system: its runtime drives the gRPC exporter's channel.
         // The exporter's own messages only when something goes wrong.
-        let tracing = traces::init(&config.tracing, Some("info,opentelemetry=warn"))
+        let format = traces::LogFormat::parse(&log_format).unwrap_or_default();
+        let tracing = traces::init_with(&config.tracing, Some(NODE_LOG_DEFAULT), format)
             .map_err(anyhow::Error::msg)?;
         let result = node::run(config, shutdown_signal()).await;
         tracing.shutdown().await;

@@ -51,7 +51,7 @@ async fn nats(config: &Config) -> Result<Nats, NodeError> {
     // Started on this thread (the node's main thread, for the node's whole life), tied to it:
     // even a node killed with SIGKILL takes its server with it, so no orphan keeps writing to
     // the data directory. Nothing else runs yet, so the wait blocks nobody.
-    let server = LocalServer::start_tied(&dir)?;
+    let server = LocalServer::start_embedded(&dir)?;
     say!(
         "started nats-server at {} (JetStream data in {}); it stops with this node",
         server.url(),
@@ -64,7 +64,8 @@ async fn nats(config: &Config) -> Result<Nats, NodeError> {
 }
 
 /// The market's stored spec if it has one (it may have been changed since), else the
-/// configured one, stored.
+/// configured one, stored. Nodes starting together race to store it: one creates it, the
+/// others find it there ("already exists") and read it.
 async fn spec_for(
     store: &jetstream::kv::Store,
     configured: MarketSpec,
@@ -73,27 +74,33 @@ async fn spec_for(
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         NodeError::Market(format!("{key}: {what} the stored spec: {e}"))
     };
-    match store.get(&key).await {
-        Ok(Some(bytes)) => {
-            let input: MarketSpecInput =
-                serde_json::from_slice(&bytes).map_err(|e| fail("cannot read", &e))?;
-            let stored = input.validate().map_err(|e| fail("cannot use", &e))?;
-            if stored != configured {
-                tracing::warn!(market = %key, "the stored spec differs from the configuration; keeping the stored one");
+    // Two rounds: read; if missing, create; if another node created it meanwhile, read again.
+    for _ in 0..2 {
+        match store.get(&key).await {
+            Ok(Some(bytes)) => {
+                let input: MarketSpecInput =
+                    serde_json::from_slice(&bytes).map_err(|e| fail("cannot read", &e))?;
+                let stored = input.validate().map_err(|e| fail("cannot use", &e))?;
+                if stored != configured {
+                    tracing::warn!(market = %key, "the stored spec differs from the configuration; keeping the stored one (market.update changes it)");
+                }
+                return Ok(stored);
             }
-            Ok(stored)
+            Ok(None) => {
+                let bytes = serde_json::to_vec(&configured.to_input())
+                    .map_err(|e| fail("cannot encode", &e))?;
+                match store.create(&key, bytes.into()).await {
+                    Ok(_) => return Ok(configured),
+                    Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(fail("cannot store", &e)),
+                }
+            }
+            Err(e) => return Err(fail("cannot read", &e)),
         }
-        Ok(None) => {
-            let bytes = serde_json::to_vec(&configured.to_input())
-                .map_err(|e| fail("cannot encode", &e))?;
-            store
-                .create(&key, bytes.into())
-                .await
-                .map_err(|e| fail("cannot store", &e))?;
-            Ok(configured)
-        }
-        Err(e) => Err(fail("cannot read", &e)),
     }
+    Err(NodeError::Market(format!(
+        "{key}: the stored spec was created and then removed while this node started; start it again"
+    )))
 }
 
 /// Every spec in the markets bucket.
@@ -171,15 +178,51 @@ async fn settle(
     }
 }
 
+/// Connects to NATS, waiting while nothing answers (NATS may start after the node, as it
+/// does under an orchestrator): tries again 0.5 s later, doubling up to 5 s, saying each time
+/// what it waits for. A refusal or a bad setting fails at once. `None` when `shutdown` came
+/// first.
+async fn connect_waiting(
+    url: &str,
+    name: &str,
+    options: &bus::NatsOptions,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<async_nats::Client>, NodeError> {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match bus::connect_with(url, name, options).await {
+            Ok(client) => return Ok(Some(client)),
+            Err(BusError::Connect {
+                url: shown,
+                reason,
+                retry: true,
+            }) => {
+                say!(
+                    "waiting for NATS at {shown} ({reason}); trying again in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.as_mut() => return Ok(None),
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
     let node_id = config.node_id()?;
     // The HTTP port first: a taken port stops the node before it touches anything. The
     // recorder goes in before any market starts, so they all record into it.
     let (listener, metrics) = if config.http_port == 0 {
         (None, None)
     } else {
-        let listener = telemetry::bind(config.http_port)
+        let listener = telemetry::bind(&config.http_addr, config.http_port)
             .await
             .map_err(NodeError::Market)?;
         (Some(listener), telemetry::install_metrics())
@@ -191,8 +234,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     } else {
         config.nats.clone()
     };
-    let client = bus::connect_with(&nats.url, &format!("agora-node-{node_id}"), &options).await?;
+    let Some(client) = connect_waiting(
+        &nats.url,
+        &format!("agora-node-{node_id}"),
+        &options,
+        &mut shutdown,
+    )
+    .await?
+    else {
+        say!("agora node {node_id} stopped before NATS answered");
+        return Ok(());
+    };
     let js = jetstream::new(client.clone());
+    let nats_reachable = watch_connection(&client);
+    let shutdown_timeout = std::time::Duration::from_secs(config.shutdown_timeout_secs);
     let subjects = config.subjects();
     let streams = config.stream_settings();
     bus::ensure_core_streams(&js, &subjects, &streams).await?;
@@ -245,12 +300,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // gives this node, and the rebalancer (active on one node at a time).
     let (stop_cluster, cluster_stopped) = tokio::sync::watch::channel(false);
     let (stop_heartbeat, heartbeat_stopped) = tokio::sync::watch::channel(false);
+    let heartbeat_status = membership::HeartbeatStatus::default();
     let heartbeat = actix_rt::spawn(membership::heartbeat(
         buckets.nodes.clone(),
         node_id.clone(),
         supervisor.clone(),
         lease.clone(),
         cluster.clone(),
+        heartbeat_status.clone(),
         heartbeat_stopped,
     ));
     let agent = Agent {
@@ -283,6 +340,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             subjects: subjects.clone(),
             supervisor: supervisor.clone(),
             metrics: metrics.clone(),
+            lease: lease.clone(),
+            heartbeat: heartbeat_status.clone(),
         };
         Some((listener, probes))
     } else {
@@ -301,14 +360,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         placement: buckets.placement.clone(),
         nodes: buckets.nodes.clone(),
         lease: cluster.lease,
+        node: node_id.clone(),
+        heartbeat: heartbeat_status.clone(),
     };
     let control = actix_rt::spawn(control.serve(control_stopped));
     let health = if config.http_port == 0 {
         String::new()
     } else {
         format!(
-            "; /metrics, /health and /ready on http port {}",
-            config.http_port
+            "; /metrics, /health and /ready on http port {} ({})",
+            config.http_port, config.http_addr
         )
     };
     let here = if symbols.is_empty() {
@@ -318,33 +379,77 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     say!(
         "agora node {node_id} ready: NATS at {}; markets here: {here}; send orders to {}.orders.<MARKET>{health}",
-        nats.url,
+        bus::redact(&nats.url),
         subjects.prefix()
     );
-    shutdown.await;
+    shutdown.as_mut().await;
+    bus::closing();
     say!("agora node {node_id} stopping: finishing the current batches");
-    let _ = stop_control.send(true);
-    let _ = control.await;
-    if let Some(http) = http {
-        let _ = http.await;
+    // Each step says what it waits for, so a stop cut short by the bound can say what was
+    // left: with NATS unreachable, flushing could otherwise wait for ever.
+    let step = std::rc::Rc::new(std::cell::Cell::new("the control service"));
+    let waiting = step.clone();
+    let stopping = async move {
+        let _ = stop_control.send(true);
+        let _ = control.await;
+        if let Some(http) = http {
+            waiting.set("the HTTP port");
+            let _ = http.await;
+        }
+        // No new claims; the markets finish their batches while the lease is still renewed;
+        // then the node's record goes, so the others take its markets over at once.
+        let _ = stop_cluster.send(true);
+        waiting.set("the cluster agent");
+        if let Ok(Err(e)) = agent.await {
+            tracing::warn!("cluster agent: {e}");
+        }
+        waiting.set("the rebalancer");
+        if let Ok(Err(e)) = rebalancer.await {
+            tracing::warn!("rebalancer: {e}");
+        }
+        waiting.set("the markets' last batches and snapshots");
+        let _ = supervisor.send(Shutdown).await;
+        waiting.set("the heartbeat's removal of this node's record");
+        let _ = stop_heartbeat.send(true);
+        let _ = heartbeat.await;
+        waiting.set("the last publishes to NATS");
+        let _ = client.flush().await;
+        drop(client);
+    };
+    if tokio::time::timeout(shutdown_timeout, stopping)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "stopping took over {shutdown_timeout:?} (shutdown_timeout_secs), waiting for {}, NATS {}; exiting without it. Nothing is lost: every command stays in its order stream, and the next owner of each market republishes its last outputs",
+            step.get(),
+            if nats_reachable.load(std::sync::atomic::Ordering::Relaxed) {
+                "reachable"
+            } else {
+                "unreachable"
+            }
+        );
     }
-    // No new claims; the markets finish their batches while the lease is still renewed; then
-    // the node's record goes, so the others take its markets over at once.
-    let _ = stop_cluster.send(true);
-    if let Ok(Err(e)) = agent.await {
-        tracing::warn!("cluster agent: {e}");
-    }
-    if let Ok(Err(e)) = rebalancer.await {
-        tracing::warn!("rebalancer: {e}");
-    }
-    let _ = supervisor.send(Shutdown).await;
-    let _ = stop_heartbeat.send(true);
-    let _ = heartbeat.await;
-    let _ = client.flush().await;
-    drop(client);
     if let Some(mut server) = nats.local.take() {
         let _ = tokio::task::spawn_blocking(move || server.stop()).await;
     }
     say!("agora node {node_id} stopped");
     Ok(())
+}
+
+/// Whether `client`'s connection is up, kept current in the returned flag (for what the node
+/// says when it stops).
+fn watch_connection(client: &async_nats::Client) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (client, up) = (client.clone(), flag.clone());
+    actix_rt::spawn(async move {
+        loop {
+            up.store(
+                client.connection_state() == async_nats::connection::State::Connected,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    flag
 }

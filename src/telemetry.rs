@@ -1,9 +1,13 @@
 //! The node's HTTP port (`--http-port`): `/metrics` for Prometheus (the names are listed in
-//! `actors::metrics`), `/health` and `/ready` for orchestrators.
+//! `actors::metrics`; every family has its `# HELP`, with the standard `process_*` families
+//! and `agora_build_info` beside them), `/health` (liveness) and `/ready` (readiness) for
+//! orchestrators.
 //!
-//! `/health`: the process answers and its NATS connection is up. `/ready`: every market the
-//! node runs is running and caught up with its order stream (at most `READY_LAG_MAX` commands
-//! behind, counted in stream messages). Both answer JSON with the reason when they say no
+//! `/health`: the process answers and its runtime is responsive (NATS is not looked at: a NATS
+//! blip must not make an orchestrator restart every node). `/ready`: NATS is connected, the
+//! node's lease is held (a node whose heartbeat fails runs no markets, and says why), and every
+//! market the node runs is running and caught up with its order stream (at most
+//! `READY_LAG_MAX` commands behind, counted in stream messages). Both answer JSON with the reason when they say no
 //! (HTTP 503); `docs/observability.md` spells out the body. The node serves the port only once
 //! its markets have started, so `/ready` never says yes before they run. The server is a
 //! small HTTP/1.1 responder on tokio: GET only, one request per connection, bounded request
@@ -21,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+pub mod process;
 pub mod traces;
 
 use crate::actors::{ListMarkets, Supervisor};
@@ -41,6 +46,119 @@ pub struct Probes {
     pub supervisor: Addr<Supervisor>,
     /// Renders the metrics; `None` when no recorder could be installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The node's right to run markets: while it has lapsed the node runs none.
+    pub lease: crate::cluster::Lease,
+    /// Why the heartbeat fails, when it does.
+    pub heartbeat: crate::cluster::membership::HeartbeatStatus,
+}
+
+/// How long the runtime may take to answer the liveness probe.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Every metric family the node exports, with its `# HELP` text.
+const FAMILIES: &[(&str, &str)] = &[
+    (
+        "matching_orders_processed_total",
+        "Commands applied by this node's markets.",
+    ),
+    (
+        "matching_trades_generated_total",
+        "Trades made by this node's markets.",
+    ),
+    (
+        "matching_latency_us",
+        "Microseconds from a batch's first command taken from its stream to its journal, reports and tape acknowledged.",
+    ),
+    (
+        "matching_orderbook_depth",
+        "Resting orders in this node's books.",
+    ),
+    (
+        "matching_market_orders_total",
+        "Commands applied, per market.",
+    ),
+    ("matching_market_trades_total", "Trades made, per market."),
+    (
+        "matching_market_batches_total",
+        "Batches processed (one journal message each), per market.",
+    ),
+    (
+        "matching_market_report_messages_total",
+        "Execution-report messages published, per market.",
+    ),
+    (
+        "matching_market_bid_levels",
+        "Price levels on the bid side, per market.",
+    ),
+    (
+        "matching_market_ask_levels",
+        "Price levels on the ask side, per market.",
+    ),
+    (
+        "matching_market_resting_orders",
+        "Resting orders, per market.",
+    ),
+    (
+        "matching_market_consumer_lag",
+        "Commands waiting in the market's order stream.",
+    ),
+    (
+        "matching_market_running",
+        "1 while the market runs on this node.",
+    ),
+    (
+        "matching_rejects_total",
+        "Rejected commands, per market and reason.",
+    ),
+    (
+        "matching_publish_errors_total",
+        "Publishes to NATS that failed, per market.",
+    ),
+    (
+        "matching_snapshots_total",
+        "Book snapshots written, per market.",
+    ),
+    (
+        "matching_snapshot_duration_us",
+        "Microseconds to write a book snapshot, per market.",
+    ),
+    (
+        "matching_handoffs_total",
+        "Planned moves of a market to another node.",
+    ),
+    (
+        "matching_handoff_pause_us",
+        "Microseconds matching paused during a planned move.",
+    ),
+    (
+        "matching_failovers_total",
+        "Markets taken over from a node that died.",
+    ),
+    (
+        "matching_takeover_us",
+        "Microseconds from the claim of a failed-over market to it running.",
+    ),
+    (
+        "matching_node_heartbeat_ok",
+        "1 while this node's heartbeat is renewed; 0 while it fails (the node then runs no markets).",
+    ),
+    (
+        "matching_node_heartbeat_failures_total",
+        "Heartbeat renewals that failed.",
+    ),
+    (
+        "agora_build_info",
+        "The version and commit of the running agora binary (always 1).",
+    ),
+];
+
+/// Gives every family its help text and sets the build gauge.
+fn describe() {
+    for (name, help) in FAMILIES {
+        // The kind does not matter to the exporter's HELP line; a gauge description serves all.
+        metrics::describe_gauge!(*name, *help);
+    }
+    metrics::gauge!("agora_build_info", "version" => env!("CARGO_PKG_VERSION"), "commit" => crate::COMMIT).set(1.0);
 }
 
 /// Installs the process-wide Prometheus recorder (once; later calls get `None`).
@@ -63,6 +181,7 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
     .ok()?;
     match builder.install_recorder() {
         Ok(handle) => {
+            describe();
             // The cluster's counters exist from the start, so a dashboard shows 0, not nothing.
             metrics::counter!("matching_handoffs_total").increment(0);
             metrics::counter!("matching_failovers_total").increment(0);
@@ -76,19 +195,34 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
 }
 
 impl Probes {
-    /// `(healthy, body)`.
-    pub fn health(&self) -> (bool, Value) {
+    /// `(alive, body)`: liveness. The process answers and its runtime is responsive (the
+    /// supervisor answers within `LIVENESS_TIMEOUT`). NATS's state is shown but does not count:
+    /// a NATS outage is for readiness, or every node would be restarted during a NATS blip.
+    pub async fn health(&self) -> (bool, Value) {
         let state = self.client.connection_state();
-        let up = state == async_nats::connection::State::Connected;
+        let responsive = matches!(
+            tokio::time::timeout(LIVENESS_TIMEOUT, self.supervisor.send(crate::actors::Held)).await,
+            Ok(Ok(_))
+        );
+        let reason = (!responsive)
+            .then(|| format!("the node's supervisor did not answer within {LIVENESS_TIMEOUT:?}"));
         (
-            up,
-            json!({"status": if up { "ok" } else { "unhealthy" }, "nats": state.to_string()}),
+            responsive,
+            json!({"status": if responsive { "ok" } else { "unhealthy" }, "nats": state.to_string(), "reason": reason}),
         )
     }
 
-    /// `(ready, body)`: each market with its sequence, its stream's, and why it is not ready.
+    /// `(ready, body)`: NATS connected, the node's lease held (else it runs no markets), and
+    /// each market with its sequence, its stream's, and why it is not ready.
     pub async fn ready(&self) -> (bool, Value) {
-        let (healthy, _) = self.health();
+        let healthy = self.client.connection_state() == async_nats::connection::State::Connected;
+        let lease_reason = (!self.lease.valid()).then(|| match self.heartbeat.failing() {
+            Some((since, why)) => format!(
+                "this node runs no markets: its heartbeat has failed for {:.0} s ({why})",
+                since.as_secs_f64()
+            ),
+            None => "this node runs no markets: its lease is not renewed yet".to_string(),
+        });
         let markets = match self.supervisor.send(ListMarkets).await {
             Ok(m) => m,
             Err(_) => {
@@ -98,7 +232,7 @@ impl Probes {
                 );
             }
         };
-        let mut all = healthy;
+        let mut all = healthy && lease_reason.is_none();
         let mut out = Vec::new();
         // A warm copy kept for another node's market is not this node's to serve.
         for m in markets.into_iter().filter(|m| m.running || !m.following) {
@@ -136,16 +270,23 @@ impl Probes {
                 "reason": why,
             }));
         }
-        let reason = (!healthy).then_some("the NATS connection is down");
+        let reason = if !healthy {
+            Some("the NATS connection is down".to_string())
+        } else {
+            lease_reason
+        };
         (all, json!({"ready": all, "reason": reason, "markets": out}))
     }
 }
 
-/// Binds `0.0.0.0:port`, failing with what to do when the port is taken.
-pub async fn bind(port: u16) -> Result<TcpListener, String> {
-    TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| {
+/// Binds `addr:port`, failing with what to do when the port is taken.
+pub async fn bind(addr: &str, port: u16) -> Result<TcpListener, String> {
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| {
+        format!("http_addr {addr:?} is not an IP address; use 0.0.0.0, 127.0.0.1 or one of this machine's")
+    })?;
+    TcpListener::bind((ip, port)).await.map_err(|e| {
         format!(
-            "cannot listen on HTTP port {port}: {e}; pick another with --http-port (0 turns it off)"
+            "cannot listen on HTTP port {port} at {addr}: {e}; pick another with --http-port (0 turns it off) or --http-addr"
         )
     })
 }
@@ -202,7 +343,7 @@ async fn answer(mut stream: TcpStream, probes: &Probes) -> std::io::Result<()> {
     }
     match path {
         "/health" => {
-            let (ok, body) = probes.health();
+            let (ok, body) = probes.health().await;
             respond(&mut stream, if ok { 200 } else { 503 }, &body).await
         }
         "/ready" => {
@@ -212,7 +353,8 @@ async fn answer(mut stream: TcpStream, probes: &Probes) -> std::io::Result<()> {
         "/metrics" => match &probes.metrics {
             Some(handle) => {
                 handle.run_upkeep();
-                respond_text(&mut stream, &handle.render()).await
+                let text = handle.render() + &process::exposition();
+                respond_text(&mut stream, &text).await
             }
             None => {
                 respond(

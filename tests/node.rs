@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agora::bus::{self, LocalServer};
 use async_nats::jetstream;
-use common::{journal_last_seq, publish};
+use common::{http_get, journal_last_seq, publish, scrape};
 use serde_json::{Value, json};
 
 struct Node {
@@ -404,36 +404,6 @@ async fn a_node_goes_on_after_nats_restarts() {
 }
 
 /// `GET /metrics` on localhost:`port`, as text.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
-}
-
-/// `GET path` on localhost:`port`: the status code and the JSON body.
-fn http_get(port: u16, request: &str) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .write_all(format!("{request} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn a_node_answers_health_and_readiness_on_its_http_port() {
     let dir = tempfile::tempdir().expect("temp dir");

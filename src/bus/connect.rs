@@ -4,12 +4,13 @@
 //! The same `NatsOptions` serve the node (the `[nats]` section of its configuration) and the
 //! shell commands (`agora ctl`, `order`, `watch`, flags or the same `AGORA_NATS__*`
 //! variables). A failure says which server was tried, what it answered, and what to change.
-//! This module must never log or echo a secret.
+//! This module must never log or echo a secret: a URL's user info (`nats://user:pass@host`,
+//! which is honoured as the login) is shown only through `redact`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_nats::ConnectErrorKind;
+use async_nats::{ConnectErrorKind, ServerAddr};
 use serde::{Deserialize, Serialize};
 
 use super::error::BusError;
@@ -52,6 +53,15 @@ impl std::fmt::Debug for NatsOptions {
             .field("reconnect_delay_max_ms", &self.reconnect_delay_max_ms)
             .finish()
     }
+}
+
+/// Set when the process is shutting down on purpose: connections it closes then are not lost.
+static CLOSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that this process is stopping: connections closing from now on are logged as such,
+/// not warned about as lost.
+pub fn closing() {
+    CLOSING.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Default longest wait between reconnect attempts.
@@ -116,9 +126,124 @@ impl NatsOptions {
         Ok(())
     }
 
+    /// Whether a way to authenticate is set.
+    fn has_login(&self) -> bool {
+        set_path(&self.creds_file)
+            || set_path(&self.nkey_seed_file)
+            || set(&self.user)
+            || set(&self.password)
+            || set(&self.token)
+    }
+
     fn uses_tls(&self) -> bool {
         self.tls_required || set_path(&self.tls_ca_file) || set_path(&self.tls_cert_file)
     }
+}
+
+/// A NATS URL (or comma-separated list) with any user info replaced by `***`, fit to print:
+/// `nats://agora-node:s3cret@h:4222` shows as `nats://***@h:4222`. Works on text that does
+/// not parse, too, since that is exactly what an error message may need to show.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|part| {
+            let start = part.find("://").map_or(0, |i| i + 3);
+            match part.rfind('@') {
+                Some(at) if at >= start => format!("{}***{}", &part[..start], &part[at..]),
+                _ => part.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The login a URL carries in its user info: `user:password@` or, as NATS clients read it,
+/// a lone `token@`.
+#[derive(Clone, PartialEq, Eq)]
+enum UrlLogin {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The servers of a URL list, without their user info, and the login the URLs carry.
+struct Servers {
+    addrs: Vec<ServerAddr>,
+    login: Option<UrlLogin>,
+}
+
+/// `%XX` escapes of a URL's user info, decoded (`p%40ss` is `p@ss`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses `urls`: one or more server URLs, comma-separated, spaces around them allowed
+/// (`nats://a:4222, nats://b:4222`); a missing scheme means `nats://`, a missing port 4222.
+/// User info is taken out of each address and returned as the login; every URL that has one
+/// must have the same. Errors name the entry and say what to write; they never show a secret.
+fn parse_servers(urls: &str) -> Result<Servers, String> {
+    let mut addrs = Vec::new();
+    let mut login: Option<UrlLogin> = None;
+    for (n, part) in urls.split(',').map(str::trim).enumerate() {
+        if part.is_empty() {
+            if urls.trim().is_empty() {
+                return Err("no NATS URL was given; pass --nats-url nats://host:4222".into());
+            }
+            return Err(format!(
+                "entry {} of the server list is empty; separate URLs with single commas",
+                n + 1
+            ));
+        }
+        let addr: ServerAddr = part.parse().map_err(|e: std::io::Error| {
+            format!(
+                "{} is not a NATS URL ({}); write nats://host:port (tls://host:port for TLS), comma-separated for several",
+                redact(part),
+                redact(&e.to_string())
+            )
+        })?;
+        let mut url = addr.into_inner();
+        let found = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, Some(password)) => Some(UrlLogin::UserPassword(
+                percent_decode(user),
+                percent_decode(password),
+            )),
+            (token, None) => Some(UrlLogin::Token(percent_decode(token))),
+        };
+        if let Some(found) = found {
+            match &login {
+                Some(l) if *l != found => {
+                    return Err(format!(
+                        "the URLs of the server list carry different logins ({} and {}); give every URL the same, or none and use the [nats] settings",
+                        redact(urls.split(',').next().unwrap_or("").trim()),
+                        redact(part)
+                    ));
+                }
+                _ => login = Some(found),
+            }
+            // Only the login is taken out; these cannot fail on a URL that has a host.
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+        }
+        addrs.push(ServerAddr::from_url(url).map_err(|e| format!("{}: {e}", redact(part)))?);
+    }
+    Ok(Servers { addrs, login })
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<String, String> {
@@ -135,20 +260,40 @@ pub fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
     (Duration::from_millis(100) * 2u32.pow(doublings)).min(max)
 }
 
-/// Connects to `url` (one or more, comma-separated) as `name` with `options`, failing at once
-/// with a message naming the address and the fix when nothing answers or the server refuses.
+/// Connects to `url` (one or more, comma-separated, spaces allowed) as `name` with
+/// `options`, failing at once with a message naming the address (its user info redacted) and
+/// the fix when nothing answers or the server refuses. A login in the URL
+/// (`nats://user:password@host`, or `nats://token@host`) is used like the `[nats]` settings;
+/// setting both is refused.
 pub async fn connect_with(
     url: &str,
     name: &str,
     options: &NatsOptions,
 ) -> Result<async_nats::Client, BusError> {
-    let fail = |reason: String| BusError::Connect {
-        url: url.to_string(),
+    let fail = |reason: String, retry: bool| BusError::Connect {
+        url: redact(url),
         reason,
+        retry,
     };
+    let servers = parse_servers(url).map_err(|e| fail(format!("{e} (nothing was sent)"), false))?;
+    let mut options = options.clone();
+    match servers.login {
+        Some(_) if options.has_login() => {
+            return Err(fail(
+                "the URL carries a login and the [nats] settings (or --user, --password, --token, --creds, --nkey) set one too; use one of them (nothing was sent)".into(),
+                false,
+            ));
+        }
+        Some(UrlLogin::UserPassword(user, password)) => {
+            options.user = Some(user);
+            options.password = Some(password);
+        }
+        Some(UrlLogin::Token(token)) => options.token = Some(token),
+        None => {}
+    }
     options
         .check()
-        .map_err(|e| fail(format!("{e} (nothing was sent)")))?;
+        .map_err(|e| fail(format!("{e} (nothing was sent)"), false))?;
     let max = options
         .reconnect_delay_max_ms
         .map_or(RECONNECT_DELAY_MAX_DEFAULT, Duration::from_millis);
@@ -161,11 +306,16 @@ pub async fn connect_with(
             let who = who.clone();
             async move {
                 match event {
+                    async_nats::Event::Disconnected
+                        if CLOSING.load(std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        tracing::debug!(client = %who, "NATS connection closed")
+                    }
                     async_nats::Event::Disconnected => {
                         tracing::warn!(client = %who, "NATS connection lost; reconnecting")
                     }
                     async_nats::Event::Connected => {
-                        tracing::info!(client = %who, "NATS connection (re)established")
+                        tracing::debug!(client = %who, "NATS connection (re)established")
                     }
                     async_nats::Event::ServerError(e) => {
                         tracing::warn!(client = %who, "NATS server error: {e}")
@@ -183,10 +333,10 @@ pub async fn connect_with(
         .filter(|_| set_path(&options.creds_file))
     {
         opts = opts.credentials_file(path).await.map_err(|e| {
-            fail(format!(
-                "cannot use credentials file {}: {e}",
-                path.display()
-            ))
+            fail(
+                format!("cannot use credentials file {}: {e}", path.display()),
+                false,
+            )
         })?;
     }
     if let Some(path) = options
@@ -194,7 +344,7 @@ pub async fn connect_with(
         .as_deref()
         .filter(|_| set_path(&options.nkey_seed_file))
     {
-        opts = opts.nkey(read_secret(path, "nkey seed file").map_err(fail)?);
+        opts = opts.nkey(read_secret(path, "nkey seed file").map_err(|e| fail(e, false))?);
     }
     if let (Some(user), Some(password)) = (&options.user, &options.password)
         && !user.is_empty()
@@ -219,25 +369,29 @@ pub async fn connect_with(
     if options.uses_tls() {
         opts = opts.require_tls(true);
     }
-    opts.connect(url).await.map_err(|e| {
-        let text = e.to_string();
+    opts.connect(servers.addrs).await.map_err(|e| {
+        let text = redact(&e.to_string());
         let tls_failed = text.contains("certificate") || text.to_lowercase().contains("tls");
-        let hint = match e.kind() {
-            _ if tls_failed => {
-                "TLS failed; check nats.tls_ca_file / --tls-ca (the CA that signed the server's certificate), the client certificate and key, and that the server has TLS on"
-            }
-            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
-                "the server refused the credentials; check nats.user/password, token, nkey_seed_file or creds_file (--user, --password, --token, --creds)"
-            }
-            ConnectErrorKind::Tls => {
-                "TLS failed; check nats.tls_ca_file / --tls-ca, the client certificate and key, and that the server has TLS on"
-            }
-            ConnectErrorKind::ServerParse => {
-                "the URL does not parse; use nats://host:port (tls://host:port for TLS), comma-separated for several"
-            }
-            _ => "start nats-server or pass --nats-url",
+        let (hint, retry) = match e.kind() {
+            _ if tls_failed => (
+                "TLS failed; check nats.tls_ca_file / --tls-ca (the CA that signed the server's certificate), the client certificate and key, and that the server has TLS on",
+                false,
+            ),
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => (
+                "the server refused the credentials; check the URL's user:password, nats.user/password, token, nkey_seed_file or creds_file (--user, --password, --token, --creds)",
+                false,
+            ),
+            ConnectErrorKind::Tls => (
+                "TLS failed; check nats.tls_ca_file / --tls-ca, the client certificate and key, and that the server has TLS on",
+                false,
+            ),
+            ConnectErrorKind::ServerParse => (
+                "the URL does not parse; use nats://host:port (tls://host:port for TLS), comma-separated for several",
+                false,
+            ),
+            _ => ("start nats-server or pass --nats-url", true),
         };
-        fail(format!("{text}; {hint}"))
+        fail(format!("{text}; {hint}"), retry)
     })
 }
 
@@ -301,6 +455,69 @@ mod tests {
             shown.contains("alice") && !shown.contains("hunter2"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_server_list_parses_with_and_without_spaces() {
+        for list in [
+            "nats://127.0.0.1:16225,nats://127.0.0.1:16226,nats://127.0.0.1:16227",
+            "nats://127.0.0.1:16225, nats://127.0.0.1:16226 ,  nats://127.0.0.1:16227",
+            "127.0.0.1:16225,127.0.0.1:16226,127.0.0.1:16227",
+        ] {
+            let servers = parse_servers(list).unwrap_or_else(|e| panic!("{list}: {e}"));
+            let ports: Vec<u16> = servers.addrs.iter().map(ServerAddr::port).collect();
+            assert_eq!(ports, [16225, 16226, 16227], "{list}");
+            assert!(servers.login.is_none());
+        }
+        let e = parse_servers("nats://a:1,,nats://b:2")
+            .err()
+            .expect("empty entry");
+        assert!(e.contains("entry 2") && e.contains("empty"), "{e}");
+        let e = parse_servers("nats://u:pw@a:99999")
+            .err()
+            .expect("bad port");
+        assert!(e.contains("not a NATS URL") && !e.contains("pw"), "{e}");
+        assert!(parse_servers("  ").is_err());
+    }
+
+    #[test]
+    fn a_login_in_the_urls_is_taken_out_and_used() {
+        let servers = parse_servers(
+            "nats://agora-node:p%40ss@127.0.0.1:1, nats://agora-node:p%40ss@127.0.0.1:2",
+        )
+        .expect("parses");
+        assert!(servers.login == Some(UrlLogin::UserPassword("agora-node".into(), "p@ss".into())));
+        for addr in &servers.addrs {
+            assert!(
+                !addr.as_url_str().contains("p%40ss"),
+                "{}",
+                addr.as_url_str()
+            );
+            assert!(!addr.has_user_pass());
+        }
+        let token = parse_servers("nats://s3cret@127.0.0.1:1").expect("parses");
+        assert!(token.login == Some(UrlLogin::Token("s3cret".into())));
+        let e = parse_servers("nats://a:x@h:1,nats://a:y@h:2")
+            .err()
+            .expect("two logins");
+        assert!(
+            e.contains("different logins") && !e.contains(":x@") && !e.contains(":y@"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_user_info() {
+        assert_eq!(
+            redact("nats://agora-node:hunter2@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(
+            redact("nats://u:p@a:1, tls://t@b:2,nats://c:3"),
+            "nats://***@a:1, tls://***@b:2,nats://c:3"
+        );
+        assert_eq!(redact("u:p@a:1"), "***@a:1");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 
     #[test]

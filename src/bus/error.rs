@@ -12,9 +12,15 @@ pub enum BusError {
     ServerMissing { path: PathBuf },
     #[error("nats-server did not start: {reason}{log}")]
     ServerStart { reason: String, log: String },
-    /// `reason` ends with what to do.
+    /// `reason` ends with what to do; `url` has its user info redacted. `retry`: nothing
+    /// answered (the server may not be up yet), as opposed to a refusal or a bad setting that
+    /// trying again cannot mend.
     #[error("cannot reach NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        url: String,
+        reason: String,
+        retry: bool,
+    },
     #[error("cannot subscribe to {subject}: {reason}; check this user's NATS permissions")]
     Subscribe { subject: String, reason: String },
     #[error("cannot create or open stream {name}: {reason}")]

@@ -14,11 +14,12 @@ pub mod snapshots;
 pub mod streams;
 pub mod subjects;
 
-pub use connect::{NatsOptions, connect_with};
+pub use connect::{NatsOptions, closing, connect_with, redact};
 pub use error::BusError;
 pub use server::LocalServer;
 pub use snapshots::{SnapshotBlob, SnapshotStore};
 pub use streams::{
-    Buckets, StreamSettings, connect, ensure_buckets, ensure_core_streams, ensure_market_stream,
+    Buckets, StreamSettings, connect, detach_market_stream, ensure_buckets, ensure_core_streams,
+    ensure_market_stream,
 };
 pub use subjects::Subjects;

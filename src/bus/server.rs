@@ -16,6 +16,18 @@ use super::error::BusError;
 /// How long a starting server may take to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The port an embedded server tries first on a new data directory: NATS's own default, which
+/// is also what `agora ctl`, `order` and `watch` try without `--nats-url`.
+pub const EMBEDDED_PORT_DEFAULT: u16 = 4222;
+
+/// The file in an embedded server's data directory that keeps its port across restarts.
+const PORT_FILE: &str = "port";
+
+/// Whether `port` on the loopback interface can be bound now.
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
 #[derive(Debug)]
 pub struct LocalServer {
     child: Option<Child>,
@@ -65,6 +77,51 @@ impl LocalServer {
     /// exits when idle would stop the server with it.
     pub fn start_tied(data_dir: &Path) -> Result<LocalServer, BusError> {
         LocalServer::start_full(&default_binary(), free_port()?, data_dir, None, true)
+    }
+
+    /// The node's embedded server (started like `start_tied`): on the port it had the last
+    /// time it ran on `data_dir` (kept in `<data_dir>/port`), else on 4222, so an exported
+    /// `AGORA_NATS_URL` stays right across restarts; when that port is taken, on a free one,
+    /// saying so.
+    pub fn start_embedded(data_dir: &Path) -> Result<LocalServer, BusError> {
+        let port_file = data_dir.join(PORT_FILE);
+        let remembered = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .filter(|p| *p != 0);
+        let preferred = remembered.unwrap_or(EMBEDDED_PORT_DEFAULT);
+        let started = if port_free(preferred) {
+            LocalServer::start_full(&default_binary(), preferred, data_dir, None, true)
+        } else {
+            Err(BusError::ServerStart {
+                reason: format!("port {preferred} is taken"),
+                log: String::new(),
+            })
+        };
+        let server = match started {
+            Ok(server) => server,
+            Err(BusError::ServerMissing { path }) => return Err(BusError::ServerMissing { path }),
+            Err(e) => {
+                let port = free_port()?;
+                let why = match remembered {
+                    Some(p) => format!("port {p}, which it had before,"),
+                    None => format!("the default port {preferred}"),
+                };
+                tracing::warn!(
+                    "the embedded nats-server cannot use {why} ({e}); it listens on {port} instead, so a NATS URL saved from before no longer works"
+                );
+                LocalServer::start_full(&default_binary(), port, data_dir, None, true)?
+            }
+        };
+        if remembered != Some(server.port)
+            && let Err(e) = std::fs::write(&port_file, format!("{}\n", server.port))
+        {
+            tracing::warn!(
+                "cannot keep the NATS port in {}: {e}; the next start may use another port",
+                port_file.display()
+            );
+        }
+        Ok(server)
     }
 
     /// Starts the default binary on a free port with JetStream storing under `data_dir`.
@@ -151,6 +208,10 @@ impl LocalServer {
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
+        // A name of its own, so the readiness check knows it greets us, not another server
+        // that took the port first.
+        let name = self.server_name();
+        command.arg("--server_name").arg(&name);
         let child = command
             .arg("--addr")
             .arg("127.0.0.1")
@@ -197,7 +258,15 @@ impl LocalServer {
                 let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut line = String::new();
                 if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
-                    return Ok(());
+                    if line.contains(&format!("\"server_name\":\"{}\"", self.server_name())) {
+                        return Ok(());
+                    }
+                    // Another server answers on the port: ours cannot have it.
+                    self.kill();
+                    return Err(BusError::ServerStart {
+                        reason: format!("port {} is taken by another NATS server", self.port),
+                        log: String::new(),
+                    });
                 }
             }
             if started.elapsed() > START_TIMEOUT {
@@ -209,6 +278,11 @@ impl LocalServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The name the server is started with: unique to this process and port.
+    fn server_name(&self) -> String {
+        format!("agora-local-{}-{}", std::process::id(), self.port)
     }
 
     /// `nats://127.0.0.1:<port>`.

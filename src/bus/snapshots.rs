@@ -118,9 +118,11 @@ impl SnapshotStore {
         } else {
             jetstream::stream::StorageType::File
         };
+        // Nodes starting together race to create these: a create that fails because another
+        // node created the bucket meanwhile is followed by a second read.
         let kv = match js.get_key_value(bucket.clone()).await {
             Ok(kv) => kv,
-            Err(_) => js
+            Err(_) => match js
                 .create_key_value(kv::Config {
                     bucket: bucket.clone(),
                     history: 1,
@@ -130,14 +132,20 @@ impl SnapshotStore {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| BusError::Bucket {
-                    bucket: bucket.clone(),
-                    reason: e.to_string(),
-                })?,
+            {
+                Ok(kv) => kv,
+                Err(e) => js
+                    .get_key_value(bucket.clone())
+                    .await
+                    .map_err(|_| BusError::Bucket {
+                        bucket: bucket.clone(),
+                        reason: e.to_string(),
+                    })?,
+            },
         };
         let objects = match js.get_object_store(&bucket).await {
             Ok(o) => o,
-            Err(_) => js
+            Err(_) => match js
                 .create_object_store(object_store::Config {
                     bucket: bucket.clone(),
                     storage,
@@ -145,10 +153,16 @@ impl SnapshotStore {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| BusError::Bucket {
-                    bucket: format!("{bucket} (object store)"),
-                    reason: e.to_string(),
-                })?,
+            {
+                Ok(o) => o,
+                Err(e) => js
+                    .get_object_store(&bucket)
+                    .await
+                    .map_err(|_| BusError::Bucket {
+                        bucket: format!("{bucket} (object store)"),
+                        reason: e.to_string(),
+                    })?,
+            },
         };
         Ok(SnapshotStore {
             kv,

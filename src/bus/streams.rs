@@ -5,7 +5,9 @@
 //! keep a duplicate window well above any failover time, so republished outputs with the same
 //! `Nats-Msg-Id` are dropped. Buckets: `agora_markets` (specs), `agora_placement` (owners),
 //! `agora_nodes` (heartbeats, short TTL). Creating is idempotent: an existing stream or bucket
-//! is opened as it is. This module must never delete or reconfigure an existing stream.
+//! is opened as it is. This module must never delete an existing stream, nor reconfigure one
+//! beyond a market's order stream's subjects (detached at `market.remove`, so publishing to a
+//! removed market fails at once, and attached again at `market.add`).
 
 use std::time::Duration;
 
@@ -66,29 +68,44 @@ async fn ensure_stream(
     subjects: Vec<String>,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, BusError> {
-    js.get_or_create_stream(stream::Config {
-        name: name.clone(),
-        subjects,
-        storage: settings.storage(),
-        num_replicas: settings.replicas,
-        duplicate_window: settings.duplicate_window,
-        max_age: settings.max_age,
-        max_bytes: if settings.max_bytes == 0 {
-            -1
-        } else {
-            i64::try_from(settings.max_bytes).unwrap_or(i64::MAX)
-        },
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| BusError::Stream {
-        name,
-        reason: e.to_string(),
-    })
+    let created = js
+        .get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects,
+            storage: settings.storage(),
+            num_replicas: settings.replicas,
+            duplicate_window: settings.duplicate_window,
+            max_age: settings.max_age,
+            max_bytes: if settings.max_bytes == 0 {
+                -1
+            } else {
+                i64::try_from(settings.max_bytes).unwrap_or(i64::MAX)
+            },
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(stream) => Ok(stream),
+        // Created meanwhile by another node (nodes starting together race): open it.
+        Err(e) => js.get_stream(&name).await.map_err(|_| BusError::Stream {
+            name,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The subjects a market's order stream listens on while the market exists.
+fn market_subjects(subjects: &Subjects, market: &str) -> Vec<String> {
+    vec![
+        subjects.orders(market),
+        format!("{}.*", subjects.orders(market)),
+        subjects.admin(market),
+    ]
 }
 
 /// The order stream of one market: `ORDERS_<MARKET>` on `<prefix>.orders.<MARKET>` and
 /// `<prefix>.orders.<MARKET>.<ACCOUNT>` (clients) and `<prefix>.admin.<MARKET>` (operators).
+/// A stream kept from a removed market (`detach_market_stream`) gets its subjects back.
 pub async fn ensure_market_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -96,17 +113,67 @@ pub async fn ensure_market_stream(
     settings: &StreamSettings,
 ) -> Result<stream::Stream, BusError> {
     Subjects::check_token("market", market)?;
-    ensure_stream(
-        js,
-        subjects.orders_stream(market),
-        vec![
-            subjects.orders(market),
-            format!("{}.*", subjects.orders(market)),
-            subjects.admin(market),
-        ],
-        settings,
-    )
-    .await
+    let wanted = market_subjects(subjects, market);
+    let name = subjects.orders_stream(market);
+    let stream = ensure_stream(js, name.clone(), wanted.clone(), settings).await?;
+    if stream.cached_info().config.subjects != wanted {
+        let mut config = stream.cached_info().config.clone();
+        config.subjects = wanted;
+        js.update_stream(config)
+            .await
+            .map_err(|e| BusError::Stream {
+                name: name.clone(),
+                reason: format!("cannot give the kept stream its subjects back: {e}"),
+            })?;
+        return js.get_stream(&name).await.map_err(|e| BusError::Stream {
+            name,
+            reason: e.to_string(),
+        });
+    }
+    Ok(stream)
+}
+
+/// Detaches a removed market's order stream from the market's subjects (it listens on
+/// `<prefix>.removed.<MARKET>` instead, which nobody publishes to), so that publishing to the
+/// market fails at once ("no responders") instead of being stored for a market nobody runs.
+/// The stream and what it holds are kept: history, and `market.add` attaches it again.
+/// Answers the stream's last sequence; `None` when the market has no stream.
+pub async fn detach_market_stream(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    market: &str,
+) -> Result<Option<u64>, BusError> {
+    Subjects::check_token("market", market)?;
+    let name = subjects.orders_stream(market);
+    let mut stream = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(BusError::Stream {
+                name,
+                reason: e.to_string(),
+            });
+        }
+    };
+    let info = stream.info().await.map_err(|e| BusError::Stream {
+        name: name.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut config = info.config.clone();
+    let last = info.state.last_sequence;
+    config.subjects = vec![format!("{}.removed.{market}", subjects.prefix())];
+    js.update_stream(config)
+        .await
+        .map_err(|e| BusError::Stream {
+            name,
+            reason: format!("cannot detach the stream of the removed market: {e}"),
+        })?;
+    Ok(Some(last))
 }
 
 /// The shared streams: journals, execution reports, the trade tape.
@@ -165,13 +232,18 @@ pub async fn ensure_buckets(
         async move {
             match js.get_key_value(bucket.clone()).await {
                 Ok(store) => Ok(store),
-                Err(_) => js
-                    .create_key_value(config)
-                    .await
-                    .map_err(|e| BusError::Bucket {
-                        bucket,
-                        reason: e.to_string(),
-                    }),
+                Err(_) => match js.create_key_value(config).await {
+                    Ok(store) => Ok(store),
+                    // Created meanwhile by another node (nodes starting together race).
+                    Err(e) => {
+                        js.get_key_value(bucket.clone())
+                            .await
+                            .map_err(|_| BusError::Bucket {
+                                bucket,
+                                reason: e.to_string(),
+                            })
+                    }
+                },
             }
         }
     };

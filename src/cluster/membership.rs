@@ -20,6 +20,47 @@ use crate::actors::{ListMarkets, Supervisor};
 /// The key of the rebalancer's lease in the nodes bucket.
 pub const REBALANCER_KEY: &str = "lease.rebalancer";
 
+/// Why the heartbeat is failing, if it is: shared with the HTTP probes, so `/ready` can say
+/// why a node runs nothing (NATS's own error, such as "no space left on device").
+#[derive(Clone, Debug, Default)]
+pub struct HeartbeatStatus(std::sync::Arc<std::sync::Mutex<Option<(Instant, String)>>>);
+
+impl HeartbeatStatus {
+    /// Since when and why renewals fail; `None` while they succeed.
+    pub fn failing(&self) -> Option<(Duration, String)> {
+        let guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard
+            .as_ref()
+            .map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    fn set(&self, failing: Option<(Instant, String)>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = failing;
+    }
+}
+
+/// An error with every cause under it (`failed to put: ... : insufficient resources`), since
+/// the cause is often what tells the operator what to do.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// What a node says about itself every heartbeat.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -116,8 +157,12 @@ pub async fn heartbeat(
     supervisor: Addr<Supervisor>,
     lease: Lease,
     settings: ClusterSettings,
+    status: HeartbeatStatus,
     mut stop: watch::Receiver<bool>,
 ) {
+    let healthy = metrics::gauge!("matching_node_heartbeat_ok");
+    let failures = metrics::counter!("matching_node_heartbeat_failures_total");
+    failures.increment(0);
     let instance = {
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -127,7 +172,10 @@ pub async fn heartbeat(
     let started_unix_ms = unix_ms();
     let mut timer = tokio::time::interval(settings.heartbeat);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut cpu = (Instant::now(), crate::bench::cpu_ms(None).unwrap_or(0.0));
+    let mut cpu = (
+        Instant::now(),
+        crate::telemetry::process::cpu_ms(None).unwrap_or(0.0),
+    );
     let mut cpu_pct = 0.0;
     let mut failing_since: Option<Instant> = None;
     let (want, wanted) = watch::channel(0u64);
@@ -145,7 +193,7 @@ pub async fn heartbeat(
         // CPU over at least a second (the kernel counts it in 10 ms ticks).
         let now = Instant::now();
         if now.duration_since(cpu.0) >= Duration::from_secs(1) {
-            let used = crate::bench::cpu_ms(None).unwrap_or(cpu.1);
+            let used = crate::telemetry::process::cpu_ms(None).unwrap_or(cpu.1);
             let wall = now.duration_since(cpu.0).as_secs_f64();
             cpu_pct = ((used - cpu.1) / 10.0 / wall).max(0.0);
             cpu = (now, used);
@@ -164,18 +212,25 @@ pub async fn heartbeat(
         match tokio::time::timeout(settings.lease, nodes.put(&node, bytes.into())).await {
             Ok(Ok(_)) => {
                 lease.extend_to(sent + settings.own_lease());
+                healthy.set(1.0);
                 if let Some(since) = failing_since.take() {
-                    tracing::info!(node = %node, "heartbeat renewed after {:?}", since.elapsed());
+                    status.set(None);
+                    tracing::warn!(node = %node, "heartbeat renewed after {:?}; the node takes markets again", since.elapsed());
                 }
             }
             failed => {
                 let reason = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {:?}", settings.lease),
+                    Ok(Err(e)) => error_chain(&e),
+                    _ => format!("NATS did not answer within {:?}", settings.lease),
                 };
-                if failing_since.is_none() {
-                    failing_since = Some(Instant::now());
-                    tracing::warn!(node = %node, "heartbeat not renewed: {reason}; the node's markets stop if this lasts {:?}", lease.remaining());
+                failures.increment(1);
+                healthy.set(0.0);
+                // Said when it starts and again when the reason changes, not every heartbeat.
+                let changed = status.failing().is_none_or(|(_, was)| was != reason);
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if changed {
+                    tracing::error!(node = %node, "heartbeat not renewed: {reason}; while it fails this node runs no markets (they stop once its lease lapses, {:?} from now)", lease.remaining());
+                    status.set(Some((since, reason)));
                 }
             }
         }

@@ -89,7 +89,18 @@ impl Default for ClusterSettings {
 pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_fmt(line);
-    let _ = out.write_all(b"\n");
+    if crate::telemetry::traces::log_json() {
+        // The same shape as the JSON log lines, so one parser reads both streams.
+        let object = serde_json::json!({
+            "timestamp": crate::telemetry::traces::rfc3339(std::time::SystemTime::now()),
+            "level": "INFO",
+            "target": "agora",
+            "message": line.to_string(),
+        });
+        let _ = writeln!(out, "{object}");
+    } else {
+        let _ = out.write_fmt(line);
+        let _ = out.write_all(b"\n");
+    }
     let _ = out.flush();
 }

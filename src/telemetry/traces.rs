@@ -80,19 +80,102 @@ impl Tracing {
 /// OpenTelemetry layer when `config` is active. Installs nothing when neither is wanted. Must
 /// run inside the tokio runtime that will drive the gRPC channel (the node's actix system).
 pub fn init(config: &TracingConfig, console: Option<&str>) -> Result<Tracing, String> {
-    let console = console.map(|default| {
-        let filter =
-            EnvFilter::try_from_env("AGORA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    init_with(config, console, LogFormat::Text)
+}
+
+/// How the console log is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Lines for people; coloured only on a terminal, and never with `NO_COLOR` set.
+    #[default]
+    Text,
+    /// One JSON object a line (timestamp, level, target, fields), for log shippers; the
+    /// node's operator lines on standard output become JSON objects too.
+    Json,
+}
+
+impl LogFormat {
+    /// `text` or `json`.
+    pub fn parse(name: &str) -> Option<LogFormat> {
+        match name {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the console log is JSON (see `LogFormat::Json`).
+static LOG_JSON: AtomicBool = AtomicBool::new(false);
+
+/// `t` as an RFC 3339 UTC time with microseconds (`2026-12-04T16:11:21.372121Z`), the form
+/// the JSON log lines use.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_micros()
+    )
+}
+
+/// Whether operator lines should be written as JSON objects.
+pub fn log_json() -> bool {
+    LOG_JSON.load(Ordering::Relaxed)
+}
+
+/// Whether console output may carry ANSI colours: only on a terminal, and not with `NO_COLOR`
+/// set to anything non-empty (no-color.org).
+pub fn colour(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `init` with the console log written as `format`.
+pub fn init_with(
+    config: &TracingConfig,
+    console: Option<&str>,
+    format: LogFormat,
+) -> Result<Tracing, String> {
+    use std::io::IsTerminal;
+    let filter = |default: &str| {
+        EnvFilter::try_from_env("AGORA_LOG").unwrap_or_else(|_| EnvFilter::new(default))
+    };
+    let json = format == LogFormat::Json;
+    LOG_JSON.store(json && console.is_some(), Ordering::Relaxed);
+    let text_layer = console.filter(|_| !json).map(|default| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_filter(filter)
+            .with_ansi(colour(std::io::stderr().is_terminal()))
+            .with_filter(filter(default))
     });
+    let json_layer = console.filter(|_| json).map(|default| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter(default))
+    });
+    let console = text_layer.is_some() || json_layer.is_some();
     let provider = if config.active() {
         Some(provider(config)?)
     } else {
         None
     };
-    if console.is_none() && provider.is_none() {
+    if !console && provider.is_none() {
         return Ok(Tracing { provider: None });
     }
     let otel = provider.as_ref().map(|p| {
@@ -113,7 +196,8 @@ pub fn init(config: &TracingConfig, console: Option<&str>) -> Result<Tracing, St
             )
     });
     tracing_subscriber::registry()
-        .with(console)
+        .with(text_layer)
+        .with(json_layer)
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot install the log and trace subscriber: {e}"))?;
@@ -652,6 +736,18 @@ pub fn node_span(verb: &str, market: &str, node: &str, parent: Option<&str>) -> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn times_are_written_as_rfc3339() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_796_400_681_372_121);
+        assert_eq!(super::rfc3339(t), "2026-12-04T16:11:21.372121Z");
+        assert_eq!(
+            super::rfc3339(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(super::rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
     use super::*;
 
     #[test]

@@ -93,6 +93,19 @@ impl Agora {
         wait_on(&self.lines, matches, timeout)
     }
 
+    /// A stdout line that `matches` if one comes within 100 ms (others are skipped).
+    pub fn try_line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_millis(100);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if matches(&line) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// The next stderr line that `matches` (panics after `timeout`).
     pub fn wait_err_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> String {
         wait_on(&self.errors, matches, timeout)
@@ -112,6 +125,19 @@ impl Agora {
             assert!(Instant::now() < deadline, "agora did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Every line the child wrote and no wait took yet, stdout's then stderr's; waits up to
+    /// a second for the last of them (call it after the child exited).
+    pub fn rest(&self) -> (Vec<String>, Vec<String>) {
+        let drain = |rx: &mpsc::Receiver<String>| {
+            let mut out = Vec::new();
+            while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+                out.push(line);
+            }
+            out
+        };
+        (drain(&self.lines), drain(&self.errors))
     }
 
     /// The next line as JSON (panics after `timeout`).
@@ -195,4 +221,39 @@ pub async fn journal_last_seq(js: &async_nats::jetstream::Context, market: &str)
         .ok()?;
     let head: serde_json::Value = rmp_serde::from_slice(&last.payload).ok()?;
     head["last_seq"].as_u64()
+}
+
+/// `GET /metrics` on localhost:`port`: the body (panics unless 200).
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
+/// `GET path` on localhost:`port` (`request` is "GET /path"): the status code and the JSON
+/// body.
+pub fn http_get(port: u16, request: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(format!("{request} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }

@@ -825,7 +825,9 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
     };
     // Traces only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set.
     let mut tracing_config = agora::config::TracingConfig::client();
-    tracing_config.apply_otel_env(|name| std::env::var(name).ok())?;
+    tracing_config
+        .apply_otel_env(|name| std::env::var(name).ok())
+        .map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -37,12 +37,12 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
+use super::lease::Lease;
 use super::metrics::MarketMetrics;
 use crate::book::{MarketSpec, OrderBook, Seq, StateHash, Timestamp};
 use crate::bus::acks::{ACK_TIMEOUT, AckedPublisher};
 use crate::bus::outputs::{self, BatchOutputs, Outgoing, Top};
 use crate::bus::{BusError, SnapshotBlob, SnapshotStore, Subjects};
-use crate::cluster::Lease;
 use crate::telemetry::traces::{self, Matching, PublishSpans, TracedCommand};
 
 /// What a market talks to: NATS, JetStream, its subject names and the snapshot store.

@@ -19,23 +19,9 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 use super::core::BatchStats;
 
-/// Buckets of `matching_latency_us` and `matching_snapshot_duration_us`, in microseconds.
-pub const LATENCY_BUCKETS_US: &[f64] = &[
-    50.0,
-    100.0,
-    250.0,
-    500.0,
-    1_000.0,
-    2_500.0,
-    5_000.0,
-    10_000.0,
-    25_000.0,
-    50_000.0,
-    100_000.0,
-    250_000.0,
-    1_000_000.0,
-    5_000_000.0,
-];
+/// Buckets of `matching_latency_us` and `matching_snapshot_duration_us`, in microseconds
+/// (the recorder is set up with them in `telemetry`).
+pub use crate::telemetry::LATENCY_BUCKETS_US;
 
 pub struct MarketMetrics {
     market: String,

@@ -6,11 +6,13 @@
 //! orders themselves and never hold state the streams cannot rebuild.
 
 pub mod core;
+pub mod lease;
 pub mod market;
 pub mod metrics;
 pub mod supervisor;
 
 pub use self::core::{Incoming, MarketCore};
+pub use lease::Lease;
 pub use market::{
     MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket, StopPoint,
 };

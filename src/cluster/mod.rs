@@ -2,8 +2,8 @@
 //! is DESIGN section 6; every decision about ownership is a compare-and-set result on the
 //! placement bucket, never a read.
 //!
-//! - `lease`: a node's right to publish for its markets, extended by each acknowledged
-//!   heartbeat; markets check it before every journal publish.
+//! - `Lease` (kept in `actors::lease`, where markets check it before every journal publish):
+//!   a node's right to publish for its markets, extended by each acknowledged heartbeat.
 //! - `membership`: the node's heartbeat record in `<prefix>_nodes` (with its load), and what
 //!   the others read from that bucket.
 //! - `placement`: the records of `<prefix>_placement` (market → node, epoch, state) and the
@@ -29,12 +29,13 @@ macro_rules! say {
 
 pub mod agent;
 pub mod handoff;
-pub mod lease;
 pub mod membership;
 pub mod placement;
 pub mod rebalancer;
 
-pub use lease::Lease;
+/// The node's lease lives with the markets that check it (`actors::lease`); the cluster
+/// extends it.
+pub use crate::actors::Lease;
 
 /// How the cluster's timers are set (`[cluster]` in the configuration).
 #[derive(Clone, Debug)]

@@ -33,7 +33,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::book::Seq;
 use crate::bus::outputs::Outgoing;
-use crate::config::{OtlpProtocol, Sampler, TracingConfig};
+pub mod settings;
+
+use settings::{OtlpProtocol, Sampler, TracingConfig};
 
 /// The W3C trace context header: `00-<trace id>-<parent span id>-<flags>`.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

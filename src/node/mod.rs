@@ -7,6 +7,8 @@
 //! This module must never match orders or build messages: it wires configuration, bus and
 //! actors together and reports what it did.
 
+pub mod http;
+
 use std::future::Future;
 use std::path::PathBuf;
 
@@ -22,7 +24,6 @@ use crate::cluster::rebalancer::Rebalancer;
 use crate::cluster::{Lease, membership};
 use crate::config::{Config, ConfigError};
 use crate::control::Control;
-use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -222,10 +223,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (listener, metrics) = if config.http_port == 0 {
         (None, None)
     } else {
-        let listener = telemetry::bind(&config.http_addr, config.http_port)
+        let listener = http::bind(&config.http_addr, config.http_port)
             .await
             .map_err(NodeError::Market)?;
-        (Some(listener), telemetry::install_metrics())
+        (Some(listener), crate::telemetry::install_metrics())
     };
     let mut nats = nats(&config).await?;
     // The embedded server has no users: the [nats] credentials are for a configured one.
@@ -334,7 +335,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let rebalancer = actix_rt::spawn(rebalancer.run(cluster_stopped));
     let symbols = settle(&buckets.placement, &supervisor, &node_id, &known).await;
     let http = if let Some(listener) = listener {
-        let probes = telemetry::Probes {
+        let probes = http::Probes {
             client: client.clone(),
             js: js.clone(),
             subjects: subjects.clone(),
@@ -349,7 +350,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let (stop_control, control_stopped) = tokio::sync::watch::channel(false);
     let http = http.map(|(listener, probes)| {
-        actix_rt::spawn(telemetry::serve(listener, probes, control_stopped.clone()))
+        actix_rt::spawn(http::serve(listener, probes, control_stopped.clone()))
     });
     let control = Control {
         js: js.clone(),

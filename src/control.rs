@@ -303,16 +303,27 @@ impl Control {
         out
     }
 
+    /// The spec stored for `symbol`: `None` when none is, `Some(None)` when the stored one
+    /// cannot be used (it does not decode or validate).
+    async fn stored_spec(&self, symbol: &str) -> Result<Option<Option<MarketSpec>>, Value> {
+        match self.markets.get(symbol).await {
+            Ok(Some(bytes)) => Ok(Some(
+                serde_json::from_slice::<MarketSpecInput>(&bytes)
+                    .ok()
+                    .and_then(|i| i.validate().ok()),
+            )),
+            Ok(None) => Ok(None),
+            Err(e) => Err(err("kv", format!("cannot read the market specs: {e}"))),
+        }
+    }
+
     async fn add(&self, input: MarketSpecInput) -> Result<Value, Value> {
         let spec = input
             .validate()
             .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
         let symbol = spec.symbol.clone();
-        let created = match self.markets.get(&symbol).await {
-            Ok(Some(bytes)) => {
-                let stored: Option<MarketSpec> = serde_json::from_slice::<MarketSpecInput>(&bytes)
-                    .ok()
-                    .and_then(|i| i.validate().ok());
+        let created = match self.stored_spec(&symbol).await? {
+            Some(stored) => {
                 if stored.as_ref() != Some(&spec) {
                     return Err(err(
                         "market_exists",
@@ -323,19 +334,14 @@ impl Control {
                 }
                 false
             }
-            Ok(None) => {
+            None => {
                 let bytes = serde_json::to_vec(&spec.to_input()).unwrap_or_default();
                 match self.markets.create(&symbol, bytes.into()).await {
                     Ok(_) => true,
                     // Added meanwhile (another operator, a node starting): the same spec is
                     // as good, another is refused.
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                        let stored = match self.markets.get(&symbol).await {
-                            Ok(Some(bytes)) => serde_json::from_slice::<MarketSpecInput>(&bytes)
-                                .ok()
-                                .and_then(|i| i.validate().ok()),
-                            _ => None,
-                        };
+                        let stored = self.stored_spec(&symbol).await?.flatten();
                         if stored.as_ref() != Some(&spec) {
                             return Err(err(
                                 "market_exists",
@@ -351,7 +357,6 @@ impl Control {
                     }
                 }
             }
-            Err(e) => return Err(err("kv", format!("cannot read the market specs: {e}"))),
         };
         let mut stream =
             bus::ensure_market_stream(&self.js, &self.subjects, &symbol, &self.streams)
@@ -526,14 +531,7 @@ impl Control {
         let spec = input
             .validate()
             .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
-        let stored = match self.markets.get(&symbol).await {
-            Ok(Some(bytes)) => serde_json::from_slice::<MarketSpecInput>(&bytes)
-                .ok()
-                .and_then(|i| i.validate().ok()),
-            Ok(None) => None,
-            Err(e) => return Err(err("kv", format!("cannot read the market specs: {e}"))),
-        };
-        let Some(stored) = stored else {
+        let Some(stored) = self.stored_spec(&symbol).await?.flatten() else {
             return Err(err(
                 "unknown_market",
                 format!(

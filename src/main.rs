@@ -704,24 +704,34 @@ fn ctl_cmd(mut args: CtlArgs) -> Result<()> {
     if verb.is_empty() {
         bail!("name a verb: agora ctl --help lists them");
     }
-    let body = match &args.verb {
-        CtlVerb::MarketAdd { spec } | CtlVerb::MarketUpdate { spec } => {
-            serde_json::to_value(spec_file(spec)?)?
-        }
-        CtlVerb::MarketRemove { symbol } | CtlVerb::MarketResume { symbol } => {
-            serde_json::json!({ "symbol": symbol })
-        }
-        CtlVerb::MarketHalt {
-            symbol,
-            cancel_orders,
-        } => serde_json::json!({ "symbol": symbol, "cancel_orders": cancel_orders }),
-        CtlVerb::MarketMove { symbol, to } => serde_json::json!({ "symbol": symbol, "node": to }),
-        CtlVerb::NodeDrain { node } | CtlVerb::NodeUndrain { node } => {
-            serde_json::json!({ "node": node })
-        }
-        CtlVerb::MarketList | CtlVerb::NodeList => serde_json::json!({}),
-        CtlVerb::Other(_) => serde_json::json!({}),
+    use agora::control::protocol::{MoveRequest, NodeRequest, Request, SymbolRequest};
+    let symbol = |symbol: &String, cancel_orders: bool| SymbolRequest {
+        symbol: symbol.clone(),
+        cancel_orders,
     };
+    let node = |node: &String| NodeRequest { node: node.clone() };
+    let request = match &args.verb {
+        CtlVerb::MarketAdd { spec } => Some(Request::MarketAdd(spec_file(spec)?)),
+        CtlVerb::MarketUpdate { spec } => Some(Request::MarketUpdate(spec_file(spec)?)),
+        CtlVerb::MarketRemove { symbol: s } => Some(Request::MarketRemove(symbol(s, false))),
+        CtlVerb::MarketResume { symbol: s } => Some(Request::MarketResume(symbol(s, false))),
+        CtlVerb::MarketHalt {
+            symbol: s,
+            cancel_orders,
+        } => Some(Request::MarketHalt(symbol(s, *cancel_orders))),
+        CtlVerb::MarketMove { symbol, to } => Some(Request::MarketMove(MoveRequest {
+            symbol: symbol.clone(),
+            node: to.clone(),
+        })),
+        CtlVerb::NodeDrain { node: n } => Some(Request::NodeDrain(node(n))),
+        CtlVerb::NodeUndrain { node: n } => Some(Request::NodeUndrain(node(n))),
+        CtlVerb::MarketList => Some(Request::MarketList),
+        CtlVerb::NodeList => Some(Request::NodeList),
+        // A verb this agora does not know: sent as it is, the node answers whether it knows it.
+        CtlVerb::Other(_) => None,
+    };
+    // An unknown verb goes with an empty map.
+    let body = request.map_or_else(|| vec![0x80], |r| r.encode());
     let subjects = agora::bus::Subjects::new(&args.connect.prefix)?;
     let subject = subjects.ctl(&verb);
     let timeout = Duration::from_secs(args.timeout_secs.max(1));
@@ -732,9 +742,12 @@ fn ctl_cmd(mut args: CtlArgs) -> Result<()> {
         let client =
             agora::bus::connect_with(&args.connect.nats_url, "agora-ctl", &args.connect.options())
                 .await?;
-        let payload: bytes::Bytes = rmp_serde::to_vec_named(&body)?.into();
+        let payload: bytes::Bytes = body.into();
         let started = std::time::Instant::now();
-        let deadline = agora::control::Deadline::after(timeout);
+        // The nodes are told to give up a little before we do: a request a node takes just
+        // as we stop waiting must be dropped, not carried out after we reported a timeout.
+        let margin = (timeout / 4).min(Duration::from_secs(1));
+        let deadline = agora::control::Deadline::after(timeout.saturating_sub(margin));
         // A read-only verb asks again every few seconds (a stalled node in the queue group may
         // have taken the first request); any other verb asks once.
         let attempt_max = if args.verb.read_only() {
@@ -774,12 +787,10 @@ fn ctl_cmd(mut args: CtlArgs) -> Result<()> {
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
-    if reply["ok"] != serde_json::json!(true) {
-        bail!(
-            "refused: {}: {}",
-            reply["error"].as_str().unwrap_or("?"),
-            reply["message"].as_str().unwrap_or("")
-        );
+    match agora::control::protocol::read_reply::<serde::de::IgnoredAny>(&reply) {
+        Ok(Ok(_)) => {}
+        Ok(Err(failure)) => bail!("refused: {failure}"),
+        Err(e) => bail!("the node's reply cannot be read: {e}"),
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use agora::bus::{self, LocalServer};
 use async_nats::jetstream;
 use common::Agora;
-use common::journal_last_seq;
+use common::wait_journal;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -259,17 +259,8 @@ fn load(
     })
 }
 
-async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {
-    let started = Instant::now();
-    while journal_last_seq(js, market).await < Some(seq) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the journal of {market} never reached {seq} (at {:?})",
-            journal_last_seq(js, market).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a test waits for a market's journal to cover what it sent.
+const JOURNAL_WAIT: Duration = Duration::from_secs(60);
 
 /// The journal of `market` covers the stream without gaps or overlaps: each batch starts right
 /// after the one before.
@@ -303,47 +294,13 @@ async fn check_journal(js: &jetstream::Context, market: &str) -> usize {
 
 /// Every report in EXECS for `market` equals an offline replay of its order stream.
 async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
-    use agora::actors::{Incoming, MarketCore};
     let spec = agora::book::MarketSpecInput::new(market, 2, 0)
         .validate()
         .expect("spec");
-    let mut orders = js
-        .get_stream(format!("ORDERS_{market}"))
-        .await
-        .expect("orders stream");
-    let n = orders.info().await.expect("info").state.last_sequence;
-    let mut core = MarketCore::new(agora::bus::Subjects::default(), spec, 100);
-    let mut expected = Vec::new();
+    let offline = common::offline_replay(js, &agora::bus::Subjects::default(), &spec).await;
+    let expected = offline.sorted_reports();
     // Each account's reports in order: what its subscriber sees.
-    let mut expected_by_account: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for seq in 1..=n {
-        let m = orders.get_raw_message(seq).await.expect("message");
-        let msg = Incoming {
-            seq,
-            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
-            payload: m.payload.to_vec(),
-            json: false,
-            operator: m.subject.as_str() == format!("agora.admin.{market}"),
-            account: None,
-        };
-        if let Some(out) = core.process(std::slice::from_ref(&msg)) {
-            for x in out.execs {
-                let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
-                let reports: Vec<String> = v["reports"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(Value::to_string)
-                    .collect();
-                expected_by_account
-                    .entry(x.subject.clone())
-                    .or_default()
-                    .extend(reports.iter().cloned());
-                expected.extend(reports);
-            }
-        }
-    }
+    let expected_by_account = offline.reports;
     let mut execs = js.get_stream("EXECS").await.expect("EXECS");
     let last = execs.info().await.expect("info").state.last_sequence;
     let mut published = Vec::new();
@@ -352,14 +309,7 @@ async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
         if let Ok(m) = execs.get_raw_message(seq).await
             && m.subject.as_str().ends_with(&format!(".{market}"))
         {
-            let v: Value = rmp_serde::from_slice(&m.payload).expect("decodes");
-            let reports: Vec<String> = v["reports"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(Value::to_string)
-                .collect();
+            let reports = common::exec_reports(&m.payload);
             published_by_account
                 .entry(m.subject.to_string())
                 .or_default()
@@ -373,7 +323,6 @@ async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
             "{subject}: the reports are not those of an offline replay, in the same order"
         );
     }
-    expected.sort();
     published.sort();
     assert_eq!(
         published.len(),
@@ -421,7 +370,7 @@ async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() 
     assert_eq!(last_epoch, epoch + 3, "each move raises the epoch once");
     println!("moves under load: pauses {pauses:?} ms");
 
-    wait_journal(&cluster.js, "A-USD", total).await;
+    wait_journal(&cluster.js, "A-USD", total, JOURNAL_WAIT).await;
     let batches = check_journal(&cluster.js, "A-USD").await;
     let reports = check_exactly_once(&cluster.js, "A-USD").await;
     println!("A-USD: {total} commands, {batches} journal batches, {reports} reports");
@@ -474,7 +423,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
         killed.elapsed()
     );
     flow.await.expect("load");
-    wait_journal(&cluster.js, "A-USD", total).await;
+    wait_journal(&cluster.js, "A-USD", total, JOURNAL_WAIT).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
     assert_eq!(
@@ -525,7 +474,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     load(&cluster.js, "B-USD", more, 2000, Arc::default())
         .await
         .expect("load");
-    wait_journal(&cluster.js, "B-USD", n).await;
+    wait_journal(&cluster.js, "B-USD", n, JOURNAL_WAIT).await;
     check_exactly_once(&cluster.js, "B-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
 }
@@ -572,7 +521,7 @@ async fn a_paused_owner_publishes_nothing_after_it_lost_the_market() {
         "n2 ran A-USD again after losing it"
     );
     assert_eq!(cluster.placed("A-USD").await.0, "n1");
-    wait_journal(&cluster.js, "A-USD", total).await;
+    wait_journal(&cluster.js, "A-USD", total, JOURNAL_WAIT).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
     // n2 is a member again, with nothing.
@@ -648,7 +597,7 @@ async fn drained_nodes_empty_and_new_markets_go_to_the_least_loaded() {
     load(&cluster.js, "A-USD", more, 3000, Arc::default())
         .await
         .expect("load");
-    wait_journal(&cluster.js, "A-USD", n_first + n_more).await;
+    wait_journal(&cluster.js, "A-USD", n_first + n_more, JOURNAL_WAIT).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
 
@@ -743,8 +692,8 @@ async fn a_seeded_random_run_of_kills_moves_pauses_and_restarts_loses_nothing() 
     }
     flow_a.await.expect("load A-USD");
     flow_b.await.expect("load B-USD");
-    wait_journal(&cluster.js, "A-USD", na).await;
-    wait_journal(&cluster.js, "B-USD", nb).await;
+    wait_journal(&cluster.js, "A-USD", na, JOURNAL_WAIT).await;
+    wait_journal(&cluster.js, "B-USD", nb, JOURNAL_WAIT).await;
     for market in ["A-USD", "B-USD"] {
         let batches = check_journal(&cluster.js, market).await;
         let reports = check_exactly_once(&cluster.js, market).await;
@@ -818,7 +767,7 @@ async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
         Duration::from_secs(10),
     );
     flow.await.expect("load");
-    wait_journal(&cluster.js, "A-USD", total).await;
+    wait_journal(&cluster.js, "A-USD", total, JOURNAL_WAIT).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
 }
@@ -865,8 +814,8 @@ async fn the_rebalancer_moves_a_hot_market_off_a_busy_node_once() {
     );
     assert_ne!(a, b, "one market on each node: A-USD on {a}, B-USD on {b}");
     assert_eq!(cluster.metric("matching_handoffs_total"), 1.0);
-    wait_journal(&cluster.js, "A-USD", na).await;
-    wait_journal(&cluster.js, "B-USD", nb).await;
+    wait_journal(&cluster.js, "A-USD", na, JOURNAL_WAIT).await;
+    wait_journal(&cluster.js, "B-USD", nb, JOURNAL_WAIT).await;
     check_exactly_once(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "B-USD").await;
 }

@@ -2,15 +2,18 @@
 //! execution reports, tape and book out; stopped and restarted mid-flow, it loses and repeats
 //! nothing, and its book equals an offline replay of the stream.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use agora::actors::MarketCore;
 use agora::actors::market::{self, MarketBus, MarketSettings, State};
-use agora::actors::{Incoming, MarketCore};
 use agora::book::MarketSpecInput;
 use agora::bus::{self, LocalServer, SnapshotStore, StreamSettings, Subjects};
 use agora::wire::WireCommandOut;
 use agora::workload::{self, FlowParams};
 use async_nats::jetstream;
+use common::wait_journal;
 use serde_json::{Value, json};
 
 struct Env {
@@ -62,6 +65,7 @@ impl Env {
             js: self.js.clone(),
             subjects: self.subjects.clone(),
             snapshots: store,
+            pull_cap: agora::bus::PullCap::new(),
         }
     }
 }
@@ -79,31 +83,8 @@ async fn publish_json(env: &Env, market: &str, value: &Value) -> u64 {
         .sequence
 }
 
-/// The journal's last covered input sequence, once it reaches `seq` (panics after 20 s).
-async fn wait_journal(env: &Env, market: &str, seq: u64) {
-    let started = Instant::now();
-    let events = env
-        .js
-        .get_stream(env.subjects.events_stream())
-        .await
-        .expect("EVENTS");
-    loop {
-        if let Ok(last) = events
-            .get_last_raw_message_by_subject(&env.subjects.events(market))
-            .await
-        {
-            let head: Value = rmp_serde::from_slice(&last.payload).expect("journal decodes");
-            if head["last_seq"].as_u64() >= Some(seq) {
-                return;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the journal never reached {seq}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a test waits for a market's journal to cover what it sent.
+const JOURNAL_WAIT: Duration = Duration::from_secs(20);
 
 /// Every message of a stream, decoded.
 async fn read_all(env: &Env, stream: &str) -> Vec<(String, Value)> {
@@ -152,7 +133,7 @@ async fn orders_in_give_journal_reports_tape_out() {
         &json!({"op":"new","account":"bob","cid":"b2","side":"buy","price":"65000.005","qty":"1"}),
     )
     .await;
-    wait_journal(&env, "BTC-USDC", 3).await;
+    wait_journal(&env.js, "BTC-USDC", 3, JOURNAL_WAIT).await;
 
     let execs = read_all(&env, "EXECS").await;
     let reports = |who: &str| -> Vec<Value> {
@@ -231,27 +212,6 @@ async fn orders_in_give_journal_reports_tape_out() {
     assert_eq!(states[1]["state_hash"], empty.to_string());
 }
 
-/// The reports an offline replay of the stream gives, one batch per message.
-fn offline_reports(
-    spec: &agora::book::MarketSpec,
-    msgs: &[Incoming],
-) -> (Vec<String>, agora::book::StateHash) {
-    let mut core = MarketCore::new(Subjects::default(), spec.clone(), 100);
-    let mut reports = Vec::new();
-    for m in msgs {
-        if let Some(out) = core.process(std::slice::from_ref(m)) {
-            for x in out.execs {
-                let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
-                for r in v["reports"].as_array().cloned().unwrap_or_default() {
-                    reports.push(r.to_string());
-                }
-            }
-        }
-    }
-    reports.sort();
-    (reports, core.book().state_hash())
-}
-
 #[actix_rt::test]
 async fn a_restarted_market_loses_and_repeats_nothing() {
     restart_case(None, false).await;
@@ -305,7 +265,7 @@ async fn restart_case(snapshot_every: Option<u64>, damage: bool) {
     for line in first {
         publish_json(&env, "SAMPLE-USD", line).await;
     }
-    wait_journal(&env, "SAMPLE-USD", first.len() as u64).await;
+    wait_journal(&env.js, "SAMPLE-USD", first.len() as u64, JOURNAL_WAIT).await;
     if snapshot_every.is_some() {
         let stats = running
             .addr
@@ -350,31 +310,14 @@ async fn restart_case(snapshot_every: Option<u64>, damage: bool) {
     for line in &second[second.len() / 2..] {
         publish_json(&env, "SAMPLE-USD", line).await;
     }
-    wait_journal(&env, "SAMPLE-USD", lines.len() as u64).await;
+    wait_journal(&env.js, "SAMPLE-USD", lines.len() as u64, JOURNAL_WAIT).await;
     let (last, hash) = running.addr.send(State).await.expect("actor answers");
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(last, lines.len() as u64);
 
     // Offline: the same stream messages (with their stream timestamps) through a fresh core.
-    let mut orders = env
-        .js
-        .get_stream(env.subjects.orders_stream("SAMPLE-USD"))
-        .await
-        .expect("stream");
-    let n = orders.info().await.expect("info").state.last_sequence;
-    let mut msgs = Vec::new();
-    for seq in 1..=n {
-        let m = orders.get_raw_message(seq).await.expect("message");
-        msgs.push(Incoming {
-            seq,
-            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
-            payload: m.payload.to_vec(),
-            json: true,
-            operator: m.subject.as_str() == "agora.admin.SAMPLE-USD",
-            account: None,
-        });
-    }
-    let (expected, offline_hash) = offline_reports(&spec, &msgs);
+    let offline = common::offline_replay(&env.js, &env.subjects, &spec).await;
+    let (expected, offline_hash) = (offline.sorted_reports(), offline.state_hash);
     assert_eq!(
         hash, offline_hash,
         "the restarted market's book differs from an offline replay"
@@ -455,7 +398,7 @@ async fn bad_input_is_rejected_clearly_and_the_market_goes_on() {
     .await;
     // And the market goes on.
     publish_raw(msgpack(json!({"op": "new", "account": "carol", "cid": "ok", "side": "buy", "price": "1.00", "qty": "1"}))).await;
-    wait_journal(&env, "BTC-USDC", 6).await;
+    wait_journal(&env.js, "BTC-USDC", 6, JOURNAL_WAIT).await;
 
     let mut unreadable = Vec::new();
     while unreadable.len() < 2 {
@@ -534,8 +477,8 @@ async fn two_markets_on_two_arbiters_trade_in_parallel() {
         }
     };
     futures::join!(flow("AAA-USD"), flow("BBB-USD"));
-    wait_journal(&env, "AAA-USD", 100).await;
-    wait_journal(&env, "BBB-USD", 100).await;
+    wait_journal(&env.js, "AAA-USD", 100, JOURNAL_WAIT).await;
+    wait_journal(&env.js, "BBB-USD", 100, JOURNAL_WAIT).await;
     let markets = supervisor
         .send(ListMarkets)
         .await
@@ -597,7 +540,7 @@ async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
         })
         .collect();
     let last = publish_batches(&env, "BIG-USD", &orders, 250).await;
-    wait_journal(&env, "BIG-USD", last).await;
+    wait_journal(&env.js, "BIG-USD", last, JOURNAL_WAIT).await;
     let stats = running
         .addr
         .send(market::Stats)
@@ -687,7 +630,7 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
         [(seq + 1, false), (seq + 1, true), (seq + 1, true)],
         "retries of one Msg-Id are one message"
     );
-    wait_journal(&env, "BTC-USDC", seq + 1).await;
+    wait_journal(&env.js, "BTC-USDC", seq + 1, JOURNAL_WAIT).await;
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
 
     let reports: Vec<Value> = read_all(&env, "EXECS")
@@ -784,7 +727,7 @@ async fn an_accounts_own_subject_carries_only_its_commands() {
         json!({"op": "new", "account": "alice", "side": "buy", "price": "1.00", "qty": "1"}),
     )
     .await;
-    wait_journal(&env, "BTC-USDC", bad).await;
+    wait_journal(&env.js, "BTC-USDC", bad, JOURNAL_WAIT).await;
     use futures::StreamExt;
     let reject = tokio::time::timeout(Duration::from_secs(10), rejects.next())
         .await
@@ -1061,25 +1004,10 @@ async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
         .validate()
         .expect("spec");
     publish_flow(&env, "GAP-USD", 5, 20, 90, 4).await;
-    let mut orders = env
-        .js
-        .get_stream(env.subjects.orders_stream("GAP-USD"))
-        .await
-        .expect("stream");
-    let n = orders.info().await.expect("info").state.last_sequence;
-    let mut msgs = Vec::new();
-    for seq in 1..=n {
-        let m = orders.get_raw_message(seq).await.expect("message");
-        msgs.push(Incoming {
-            seq,
-            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
-            payload: m.payload.to_vec(),
-            json: true,
-            operator: false,
-            account: None,
-        });
-    }
-    let (expected, offline_hash) = offline_reports(&spec, &msgs);
+    let offline = common::offline_replay(&env.js, &env.subjects, &spec).await;
+    let (expected, offline_hash) = (offline.sorted_reports(), offline.state_hash);
+    let msgs = offline.msgs;
+    let n = msgs.len() as u64;
 
     // The dead owner: three batches, the views of the last two never published.
     let mut core = MarketCore::new(Subjects::default(), spec.clone(), 100);
@@ -1147,7 +1075,7 @@ async fn a_backlog_is_taken_in_full_batches() {
     let running = market::start(env.bus(false).await, spec, settings)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_journal(&env, "FILL-USD", n).await;
+    wait_journal(&env.js, "FILL-USD", n, JOURNAL_WAIT).await;
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
 
     let ends: Vec<u64> = read_all(&env, "EVENTS")
@@ -1189,7 +1117,7 @@ async fn released(market: &str) -> Released {
     };
     let owner = MarketSettings {
         node_id: "n1".into(),
-        epoch: 1,
+        takeover: market::Takeover::at(1, market::TakeoverKind::Placement),
         ..MarketSettings::default()
     };
     let running = market::start(env.bus(false).await, spec.clone(), owner)
@@ -1199,7 +1127,7 @@ async fn released(market: &str) -> Released {
     for i in 0..30 {
         seq = publish_json(&env, market, &order(i)).await;
     }
-    wait_journal(&env, market, seq).await;
+    wait_journal(&env.js, market, seq, JOURNAL_WAIT).await;
     let copy_settings = MarketSettings {
         node_id: "n2".into(),
         ..MarketSettings::default()
@@ -1210,7 +1138,7 @@ async fn released(market: &str) -> Released {
     for i in 30..60 {
         seq = publish_json(&env, market, &order(i)).await;
     }
-    wait_journal(&env, market, seq).await;
+    wait_journal(&env.js, market, seq, JOURNAL_WAIT).await;
     let started = Instant::now();
     while copy.lag() == u64::MAX || copy.lag() > 60 {
         assert!(
@@ -1247,7 +1175,10 @@ async fn take_over(r: Released, stop_point: Option<market::StopPoint>) {
     let market = r.spec.symbol.clone();
     let running = r
         .copy
-        .promote(2, None, true, stop_point)
+        .promote(market::Takeover::at(
+            2,
+            market::TakeoverKind::Handoff { stop_point },
+        ))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let (last, hash) = running.addr.send(State).await.expect("actor answers");
@@ -1264,7 +1195,7 @@ async fn take_over(r: Released, stop_point: Option<market::StopPoint>) {
                 "price": "103.00", "qty": "1"}),
     )
     .await;
-    wait_journal(&r.env, &market, seq).await;
+    wait_journal(&r.env.js, &market, seq, JOURNAL_WAIT).await;
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
     assert!(
         read_all(&r.env, "EXECS").await.len() > execs,
@@ -1325,7 +1256,12 @@ async fn a_journal_written_after_the_release_fences_the_new_owner() {
         .expect("the zombie's batch lands");
     let running = r
         .copy
-        .promote(2, None, true, Some(r.at))
+        .promote(market::Takeover::at(
+            2,
+            market::TakeoverKind::Handoff {
+                stop_point: Some(r.at),
+            },
+        ))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let execs = read_all(&r.env, "EXECS").await.len();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agora::bus::{self, LocalServer};
 use async_nats::jetstream;
-use common::{http_get, journal_last_seq, publish, scrape};
+use common::{http_get, publish, scrape, wait_journal};
 use serde_json::{Value, json};
 
 struct Node {
@@ -81,16 +81,8 @@ impl Drop for Node {
     }
 }
 
-async fn wait_journal(js: &jetstream::Context, market: &str, seq: u64) {
-    let started = Instant::now();
-    while journal_last_seq(js, market).await < Some(seq) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "journal never reached {seq}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a test waits for a market's journal to cover what it sent.
+const JOURNAL_WAIT: Duration = Duration::from_secs(20);
 
 /// A nats-server for the test, and the `agora node` arguments that point a node at it with
 /// `config` (TOML) as its configuration file and a data directory under `dir`.
@@ -139,7 +131,7 @@ async fn a_node_runs_stops_on_sigterm_and_resumes() {
     let js = jetstream::new(client);
     publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
     publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
-    wait_journal(&js, "TEST-USD", 2).await;
+    wait_journal(&js, "TEST-USD", 2, JOURNAL_WAIT).await;
     let status = node.terminate();
     assert!(status.success(), "agora node exited with {status}");
 
@@ -148,7 +140,7 @@ async fn a_node_runs_stops_on_sigterm_and_resumes() {
     let node = Node::start(&args);
     node.wait_line("ready");
     publish(&js, "TEST-USD", order("dave", "d1", "buy", "11.00")).await;
-    wait_journal(&js, "TEST-USD", 4).await;
+    wait_journal(&js, "TEST-USD", 4, JOURNAL_WAIT).await;
     assert!(node.terminate().success());
 
     // Two trades on the tape, each once.
@@ -186,7 +178,7 @@ async fn a_node_without_a_nats_url_runs_its_own_server() {
         .unwrap_or_else(|e| panic!("{e}"));
     let js = jetstream::new(client);
     publish(&js, "ETH-USDC", order("alice", "a1", "sell", "3000.00")).await;
-    wait_journal(&js, "ETH-USDC", 1).await;
+    wait_journal(&js, "ETH-USDC", 1, JOURNAL_WAIT).await;
     assert!(
         data.join("node-id").is_file(),
         "the generated node id is kept"
@@ -232,62 +224,23 @@ async fn a_killed_node_takes_its_own_server_with_it() {
     }
 }
 
-/// Every report in EXECS (sorted, as JSON text), and an offline replay's, for the stream as
-/// it stands.
+/// Every report in EXECS (sorted, as JSON text), and an offline replay's, for the stream of
+/// `spec`'s market as it stands.
 async fn reports_and_offline(
     js: &jetstream::Context,
-    market: &str,
     spec: &agora::book::MarketSpec,
 ) -> (Vec<String>, Vec<String>) {
-    use agora::actors::{Incoming, MarketCore};
-    let mut orders = js
-        .get_stream(format!("ORDERS_{market}"))
+    let expected = common::offline_replay(js, &agora::bus::Subjects::default(), spec)
         .await
-        .expect("orders stream");
-    let n = orders.info().await.expect("info").state.last_sequence;
-    let mut core = MarketCore::new(agora::bus::Subjects::default(), spec.clone(), 100);
-    let mut expected = Vec::new();
-    for seq in 1..=n {
-        let m = orders.get_raw_message(seq).await.expect("message");
-        let msg = Incoming {
-            seq,
-            ts: u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0),
-            payload: m.payload.to_vec(),
-            json: false,
-            operator: m.subject.as_str() == format!("agora.admin.{market}"),
-            account: None,
-        };
-        if let Some(out) = core.process(std::slice::from_ref(&msg)) {
-            for x in out.execs {
-                let v: Value = rmp_serde::from_slice(&x.payload).expect("decodes");
-                expected.extend(
-                    v["reports"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(Value::to_string),
-                );
-            }
-        }
-    }
+        .sorted_reports();
     let mut execs = js.get_stream("EXECS").await.expect("EXECS");
     let last = execs.info().await.expect("info").state.last_sequence;
     let mut published = Vec::new();
     for seq in 1..=last {
         if let Ok(m) = execs.get_raw_message(seq).await {
-            let v: Value = rmp_serde::from_slice(&m.payload).expect("decodes");
-            published.extend(
-                v["reports"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(Value::to_string),
-            );
+            published.extend(common::exec_reports(&m.payload));
         }
     }
-    expected.sort();
     published.sort();
     (published, expected)
 }
@@ -336,13 +289,13 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
             node.wait_line("ready");
         }
     }
-    wait_journal(&js, "SAMPLE-USD", lines.len() as u64).await;
+    wait_journal(&js, "SAMPLE-USD", lines.len() as u64, JOURNAL_WAIT).await;
     assert!(node.terminate().success());
 
     let spec = agora::book::MarketSpecInput::new("SAMPLE-USD", 2, 0)
         .validate()
         .expect("spec");
-    let (published, expected) = reports_and_offline(&js, "SAMPLE-USD", &spec).await;
+    let (published, expected) = reports_and_offline(&js, &spec).await;
     assert_eq!(
         published.len(),
         expected.len(),
@@ -370,7 +323,7 @@ async fn a_node_goes_on_after_nats_restarts() {
             .unwrap_or_else(|e| panic!("{e}")),
     );
     publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
-    wait_journal(&js, "TEST-USD", 1).await;
+    wait_journal(&js, "TEST-USD", 1, JOURNAL_WAIT).await;
 
     // NATS goes away and comes back on the same port with its data; the node reconnects
     // (backing off up to 500 ms) and its market resumes from the streams.
@@ -387,10 +340,9 @@ async fn a_node_goes_on_after_nats_restarts() {
     );
     publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
     publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
-    wait_journal(&js, "TEST-USD", 3).await;
+    wait_journal(&js, "TEST-USD", 3, JOURNAL_WAIT).await;
     let (published, expected) = reports_and_offline(
         &js,
-        "TEST-USD",
         &agora::book::MarketSpecInput::new("TEST-USD", 2, 0)
             .validate()
             .expect("spec"),
@@ -426,7 +378,7 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
             .unwrap_or_else(|e| panic!("{e}")),
     );
     publish(&js, "TEST-USD", order("alice", "a1", "sell", "10.00")).await;
-    wait_journal(&js, "TEST-USD", 1).await;
+    wait_journal(&js, "TEST-USD", 1, JOURNAL_WAIT).await;
     let (status, body) = http_get(port, "GET /ready");
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["markets"][0]["market"], "TEST-USD");
@@ -435,7 +387,7 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
     publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
     publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
     publish(&js, "TEST-USD", order("dave", "d1", "buy", "9.001")).await;
-    wait_journal(&js, "TEST-USD", 4).await;
+    wait_journal(&js, "TEST-USD", 4, JOURNAL_WAIT).await;
     // The journal goes out before the reports, and a batch is counted once its reports are
     // acknowledged: wait for the count to catch up.
     let started = Instant::now();
@@ -701,7 +653,7 @@ async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
         ready_entry(&body, "LAG-USD")["lag"].as_u64() <= Some(1_000),
         "{body}"
     );
-    wait_journal(&js, "LAG-USD", 100_000).await;
+    wait_journal(&js, "LAG-USD", 100_000, JOURNAL_WAIT).await;
     let (status, body) = http_get(port, "GET /ready");
     assert_eq!(status, 200, "{body}");
     assert_eq!(ready_entry(&body, "LAG-USD")["lag"], 0, "{body}");
@@ -762,6 +714,6 @@ async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
         "{text}"
     );
     publish(&js, "GONE-USD", order("alice", "a1", "sell", "10.00")).await;
-    wait_journal(&js, "GONE-USD", 1).await;
+    wait_journal(&js, "GONE-USD", 1, JOURNAL_WAIT).await;
     assert!(node.terminate().success());
 }

@@ -10,13 +10,15 @@ pub mod lease;
 pub mod market;
 pub mod metrics;
 pub mod supervisor;
+pub mod takeover;
 
 pub use self::core::{Incoming, MarketCore};
 pub use lease::Lease;
 pub use market::{
-    MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket, StopPoint,
+    MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket,
 };
 pub use supervisor::{
     Follow, FollowerLag, Held, ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket,
     Supervisor, Unfollow,
 };
+pub use takeover::{StopPoint, Takeover, TakeoverKind};

@@ -14,7 +14,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use super::market::{self, MarketBus, MarketControl, MarketError, MarketSettings, StopPoint};
+use super::market::{self, MarketBus, MarketControl, MarketError, MarketSettings};
+use super::takeover::{StopPoint, Takeover, TakeoverKind};
 use crate::book::{MarketSpec, Seq};
 
 /// Wait before restarting a failed market; each restart that fails doubles it, up to
@@ -118,6 +119,8 @@ async fn arbiter_bus(shared: MarketBus, own: Option<OwnConnection>, slot: Arbite
             let bus = MarketBus {
                 js: async_nats::jetstream::new(client.clone()),
                 client,
+                // A connection of its own: a cap of its own.
+                pull_cap: crate::bus::PullCap::new(),
                 ..shared
             };
             *slot = Some(bus.clone());
@@ -140,13 +143,8 @@ impl Actor for Supervisor {
 #[rtype(result = "Result<bool, String>")]
 pub struct StartMarket {
     pub spec: MarketSpec,
-    pub epoch: u64,
-    /// The `traceparent` of the handoff or failover that placed it here.
-    pub trace: Option<String>,
-    /// Released by its previous owner with every output published (a planned move).
-    pub handed_over: bool,
-    /// With `handed_over`: where that owner stopped, from its release record.
-    pub stop_point: Option<StopPoint>,
+    /// At which epoch, in whose trace, and why (a handoff says where its owner stopped).
+    pub takeover: Takeover,
 }
 
 impl StartMarket {
@@ -154,10 +152,7 @@ impl StartMarket {
     pub fn standalone(spec: MarketSpec) -> StartMarket {
         StartMarket {
             spec,
-            epoch: 0,
-            trace: None,
-            handed_over: false,
-            stop_point: None,
+            takeover: Takeover::standalone(),
         }
     }
 }
@@ -225,7 +220,7 @@ impl Handler<Held> for Supervisor {
 #[rtype(result = "Vec<MarketInfo>")]
 pub struct ListMarkets;
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MarketInfo {
     pub symbol: String,
     pub running: bool,
@@ -260,13 +255,7 @@ impl Handler<StartMarket> for Supervisor {
     type Result = ResponseActFuture<Self, Result<bool, String>>;
 
     fn handle(&mut self, msg: StartMarket, _: &mut Self::Context) -> Self::Result {
-        self.start(
-            msg.spec,
-            msg.epoch,
-            msg.trace,
-            msg.handed_over,
-            msg.stop_point,
-        )
+        self.start(msg.spec, msg.takeover)
     }
 }
 
@@ -276,11 +265,9 @@ impl Supervisor {
     fn start(
         &mut self,
         spec: MarketSpec,
-        epoch: u64,
-        trace: Option<String>,
-        handed_over: bool,
-        stop_point: Option<StopPoint>,
+        takeover: Takeover,
     ) -> ResponseActFuture<Self, Result<bool, String>> {
+        let epoch = takeover.epoch;
         let symbol = spec.symbol.clone();
         if self.shutting_down {
             return Box::pin(fut::ready(Err(format!(
@@ -308,10 +295,7 @@ impl Supervisor {
         };
         let (tx, rx) = oneshot::channel();
         let mut settings = self.settings.clone();
-        settings.epoch = epoch;
-        settings.trace = trace.clone();
-        settings.handed_over = handed_over;
-        settings.stop_point = stop_point;
+        settings.takeover = takeover.clone();
         let (bus, start_spec) = (self.bus.clone(), spec.clone());
         let (own, slot) = (
             self.own_connection.clone(),
@@ -325,7 +309,7 @@ impl Supervisor {
             let bus = arbiter_bus(bus, own, slot).await;
             let started = match follower {
                 Some(follower) => match follower
-                    .promote(epoch, trace, handed_over, stop_point)
+                    .promote(takeover)
                     .await
                 {
                     Ok(running) => Ok((running, true)),
@@ -429,7 +413,9 @@ impl Handler<Restart> for Supervisor {
             return Box::pin(fut::ready(()));
         };
         let (spec, epoch) = (entry.spec.clone(), entry.epoch);
-        Box::pin(self.start(spec, epoch, None, false, None).map(move |started, act, ctx| {
+        // Its own market, failed here, at the same epoch: rebuilt like any unplanned start.
+        let takeover = Takeover::at(epoch, TakeoverKind::Reclaim);
+        Box::pin(self.start(spec, takeover).map(move |started, act, ctx| {
             let Err(e) = started else { return };
             let Some(entry) = act.markets.get_mut(&msg.market) else {
                 return;

@@ -29,6 +29,13 @@ pub enum BusError {
     Bucket { bucket: String, reason: String },
     #[error("snapshot store {bucket}: {reason}")]
     Snapshot { bucket: String, reason: String },
+    /// Reading a market's streams (its order feed, its journal) failed.
+    #[error("{market}: {what}: {reason}")]
+    Market {
+        market: String,
+        what: &'static str,
+        reason: String,
+    },
     #[error("{what} {value:?} cannot stand in a NATS subject: {rule}")]
     Name {
         what: &'static str,

@@ -8,6 +8,8 @@
 pub mod acks;
 pub mod connect;
 pub mod error;
+pub mod feed;
+pub mod journal;
 pub mod outputs;
 pub mod server;
 pub mod snapshots;
@@ -16,10 +18,12 @@ pub mod subjects;
 
 pub use connect::{NatsOptions, closing, connect_with, redact};
 pub use error::BusError;
+pub use feed::{Delivered, Feed, Pull, PullCap, RangeReader};
+pub use journal::Journal;
 pub use server::LocalServer;
 pub use snapshots::{SnapshotBlob, SnapshotStore};
 pub use streams::{
-    Buckets, StreamSettings, connect, detach_market_stream, ensure_buckets, ensure_core_streams,
-    ensure_market_stream,
+    Buckets, StreamSettings, bucket_keys, connect, detach_market_stream, ensure_buckets,
+    ensure_core_streams, ensure_market_stream,
 };
 pub use subjects::Subjects;

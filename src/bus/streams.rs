@@ -253,3 +253,39 @@ pub async fn ensure_buckets(
         nodes: open("nodes", 1, settings.heartbeat_ttl).await?,
     })
 }
+
+/// Every key of a KV bucket. A listing is a consumer over the bucket's stream; one that fails
+/// part way (its consumer reset under load, a lost heartbeat) would otherwise end early and
+/// silently leave keys out, so a failed listing is started again, three times at most.
+pub async fn bucket_keys(store: &kv::Store) -> Result<Vec<String>, BusError> {
+    use futures::StreamExt;
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        let mut keys = match store.keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                last_error = e.to_string();
+                continue;
+            }
+        };
+        let mut out = Vec::new();
+        let mut failed = None;
+        while let Some(key) = keys.next().await {
+            match key {
+                Ok(key) => out.push(key),
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => return Ok(out),
+            Some(e) => last_error = e,
+        }
+    }
+    Err(BusError::Bucket {
+        bucket: store.name.clone(),
+        reason: format!("listing its keys failed three times: {last_error}"),
+    })
+}

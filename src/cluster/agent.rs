@@ -20,18 +20,19 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::placement::{Placement, PlacementState};
 use super::{ClusterSettings, Lease};
-use crate::actors::market::StopPoint;
+use crate::actors::takeover::{Takeover, TakeoverKind};
 use crate::actors::{
     Follow, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor, Unfollow,
 };
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::Subjects;
+use crate::control::protocol::node::{self, MarketRequest, ReleaseRequest};
+use crate::control::protocol::{Failure, Reply, reply_value};
 use crate::telemetry::traces;
 use tracing::Instrument;
 
@@ -98,36 +99,12 @@ struct State {
     standing_by: HashSet<String>,
 }
 
-/// How a claimed market starts: at which epoch, in whose trace, whether its previous owner
-/// released it, and why it came here (`placement`, `handoff`, `failover`, `reclaim`).
-struct Start {
-    epoch: u64,
-    trace: Option<String>,
-    handed_over: bool,
-    stop_point: Option<StopPoint>,
-    kind: &'static str,
-}
-
 /// A finished start: the market, its epoch, and whether it came from a warm copy (or what
 /// went wrong).
 type Started = (String, u64, Result<bool, String>);
 
-#[derive(Deserialize)]
-struct MarketRequest {
-    market: String,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct ReleaseRequest {
-    market: String,
-    to: String,
-    epoch: u64,
-}
-
-fn error(error: &str, message: impl Into<String>) -> Value {
-    json!({"ok": false, "error": error, "message": message.into()})
+fn error(error: &str, message: impl Into<String>) -> Failure {
+    Failure::new(error, message)
 }
 
 /// A market's spec from the markets bucket.
@@ -327,20 +304,19 @@ impl Agent {
                 state.starting.insert(market.to_string());
                 state.retry_at.remove(market);
                 // A release (Assigned with `released`) lets the new owner skip republishing.
-                let handed_over = p.state == PlacementState::Assigned && p.released;
                 let kind = match p.state {
-                    PlacementState::Assigned if p.released => "handoff",
-                    PlacementState::Assigned if epoch == 1 => "placement",
-                    PlacementState::Assigned => "failover",
-                    PlacementState::Active => "reclaim",
+                    PlacementState::Assigned if p.released => TakeoverKind::Handoff {
+                        stop_point: p.stopped_at,
+                    },
+                    PlacementState::Assigned if epoch == 1 => TakeoverKind::Placement,
+                    PlacementState::Assigned => TakeoverKind::Failover,
+                    PlacementState::Active => TakeoverKind::Reclaim,
                 };
                 self.start_market(
                     market,
-                    Start {
+                    Takeover {
                         epoch,
                         trace: p.trace.clone(),
-                        handed_over,
-                        stop_point: p.stopped_at.filter(|_| handed_over),
                         kind,
                     },
                     started.clone(),
@@ -351,21 +327,18 @@ impl Agent {
         }
     }
 
-    fn start_market(&self, market: &str, start: Start, done: mpsc::UnboundedSender<Started>) {
-        let Start {
-            epoch,
-            trace,
-            handed_over,
-            stop_point,
-            kind,
-        } = start;
+    fn start_market(&self, market: &str, takeover: Takeover, done: mpsc::UnboundedSender<Started>) {
+        let (epoch, kind) = (takeover.epoch, takeover.kind.name());
         let (markets, supervisor, market) = (
             self.markets.clone(),
             self.supervisor.clone(),
             market.to_string(),
         );
         // A handoff's warm copy had its spec read when it started (and runs on it anyway).
-        let cached = self.specs.get(&market).filter(|_| handed_over);
+        let cached = self
+            .specs
+            .get(&market)
+            .filter(|_| takeover.kind.handed_over());
         self.specs.forget(&market);
         actix_rt::spawn(async move {
             let claimed = Instant::now();
@@ -375,13 +348,7 @@ impl Agent {
             };
             let result = match spec {
                 Ok(spec) => supervisor
-                    .send(StartMarket {
-                        spec,
-                        epoch,
-                        trace,
-                        handed_over,
-                        stop_point,
-                    })
+                    .send(StartMarket { spec, takeover })
                     .await
                     .map_err(|e| format!("the supervisor is gone: {e}"))
                     .and_then(|r| r),
@@ -455,49 +422,62 @@ impl Agent {
                         async move {
                             let answer = this.follow(&r).await;
                             let span = tracing::Span::current();
-                            span.record("lag", answer["lag"].as_u64().map_or(-1, traces::int));
-                            if answer["ok"] != json!(true) {
-                                traces::fail(&span, &answer["message"]);
+                            match &answer {
+                                Ok(followed) => {
+                                    span.record("lag", traces::int(followed.lag));
+                                }
+                                Err(e) => {
+                                    span.record("lag", -1);
+                                    traces::fail(&span, &e.message);
+                                }
                             }
-                            this.respond(reply, &answer).await;
+                            this.respond(reply, &reply_value(&answer)).await;
                         }
                         .instrument(span),
                     );
                     return;
                 }
-                Err(e) => error("bad_request", format!("follow takes {{market}}: {e}")),
+                Err(e) => reply_value::<()>(&Err(error(
+                    "bad_request",
+                    format!("follow takes {{market}}: {e}"),
+                ))),
             },
             "markets" => {
                 let markets = self.supervisor.send(ListMarkets).await.unwrap_or_default();
-                json!({"ok": true, "node": self.node, "markets": markets})
+                reply_value::<_>(&Ok::<_, Failure>(node::Markets {
+                    node: self.node.clone(),
+                    markets,
+                }))
             }
             "unfollow" => match serde_json::from_slice::<MarketRequest>(&request.payload) {
                 Ok(r) => {
                     let _ = self.supervisor.send(Unfollow(r.market.clone())).await;
                     self.specs.forget(&r.market);
-                    json!({"ok": true, "market": r.market})
+                    reply_value(&Ok::<_, Failure>(node::Unfollowed { market: r.market }))
                 }
-                Err(e) => error("bad_request", format!("unfollow takes {{market}}: {e}")),
+                Err(e) => reply_value::<()>(&Err(error(
+                    "bad_request",
+                    format!("unfollow takes {{market}}: {e}"),
+                ))),
             },
             "release" => match serde_json::from_slice::<ReleaseRequest>(&request.payload) {
                 Ok(r) => {
                     let span =
                         traces::node_span("release", &r.market, &self.node, parent.as_deref());
-                    let Release {
-                        mut answer,
-                        stopped,
-                    } = self
+                    let Release { answer, stopped } = self
                         .release(state, &r, traces::traceparent(&span).or(parent))
                         .instrument(span.clone())
                         .await;
-                    if let Some(seq) = answer["seq"].as_u64() {
-                        span.record("seq", traces::int(seq));
+                    match &answer {
+                        Ok(released) => {
+                            if let Some(seq) = released.seq {
+                                span.record("seq", traces::int(seq));
+                            }
+                        }
+                        Err(e) => traces::fail(&span, &e.message),
                     }
-                    if answer["ok"] != json!(true) {
-                        traces::fail(&span, &answer["message"]);
-                    }
-                    let Some(stopped) = stopped else {
-                        self.respond(reply, &answer).await;
+                    let (Some(stopped), Ok(mut released)) = (stopped, answer.clone()) else {
+                        self.respond(reply, &reply_value(&answer)).await;
                         return;
                     };
                     // Answered with the stopped book's hash, from a task of its own: the agent
@@ -505,22 +485,26 @@ impl Agent {
                     let this = self.clone();
                     actix_rt::spawn(
                         async move {
-                            answer["state_hash"] = json!(stopped.state_hash().await);
-                            this.respond(reply, &answer).await;
+                            released.state_hash = stopped.state_hash().await;
+                            this.respond(reply, &reply_value(&Ok::<_, Failure>(released)))
+                                .await;
                         }
                         .instrument(span),
                     );
                     return;
                 }
-                Err(e) => error(
+                Err(e) => reply_value::<()>(&Err(error(
                     "bad_request",
                     format!("release takes {{market, to, epoch}}: {e}"),
-                ),
+                ))),
             },
-            other => error(
+            other => reply_value::<()>(&Err(error(
                 "unknown_verb",
-                format!("{other:?} is not a node verb; use markets, follow, unfollow or release"),
-            ),
+                format!(
+                    "{other:?} is not a node verb; use {}",
+                    node::VERBS.join(", ")
+                ),
+            ))),
         };
         self.respond(reply, &answer).await;
     }
@@ -531,19 +515,19 @@ impl Agent {
     }
 
     /// Starts a warm copy and answers once it is close behind the owner.
-    async fn follow(&self, r: &MarketRequest) -> Value {
+    async fn follow(&self, r: &MarketRequest) -> Reply<node::Followed> {
         let spec = match spec_of(&self.markets, &r.market).await {
             Ok(spec) => spec,
-            Err(e) => return error("unknown_market", e),
+            Err(e) => return Err(error("unknown_market", e)),
         };
         self.specs.keep(&spec);
         match self.supervisor.send(Follow(spec)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.specs.forget(&r.market);
-                return error("follow_failed", e);
+                return Err(error("follow_failed", e));
             }
-            Err(e) => return error("node", format!("the supervisor is gone: {e}")),
+            Err(e) => return Err(error("node", format!("the supervisor is gone: {e}"))),
         }
         let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(30_000));
         let deadline = Instant::now() + timeout;
@@ -556,9 +540,17 @@ impl Agent {
                 .flatten();
             match lag {
                 // Running here already (placed here meanwhile).
-                None => return json!({"ok": true, "market": r.market, "lag": 0}),
+                None => {
+                    return Ok(node::Followed {
+                        market: r.market.clone(),
+                        lag: 0,
+                    });
+                }
                 Some(lag) if lag <= FOLLOW_READY_LAG => {
-                    return json!({"ok": true, "market": r.market, "lag": lag});
+                    return Ok(node::Followed {
+                        market: r.market.clone(),
+                        lag,
+                    });
                 }
                 Some(lag) if Instant::now() > deadline => {
                     let _ = self.supervisor.send(Unfollow(r.market.clone())).await;
@@ -568,13 +560,13 @@ impl Agent {
                     } else {
                         format!("is {lag} commands behind")
                     };
-                    return error(
+                    return Err(error(
                         "not_caught_up",
                         format!(
                             "the warm copy of {} on {} {behind} after {timeout:?}",
                             r.market, self.node
                         ),
-                    );
+                    ));
                 }
                 Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -589,8 +581,8 @@ impl Agent {
         r: &ReleaseRequest,
         trace: Option<String>,
     ) -> Release {
-        let refused = |answer| Release {
-            answer,
+        let refused = |failure| Release {
+            answer: Err(failure),
             stopped: None,
         };
         let Some((p, revision)) = state.view.get(&r.market).cloned() else {
@@ -684,14 +676,13 @@ impl Agent {
                     p.epoch + 1
                 );
                 Release {
-                    answer: json!({
-                        "ok": true,
-                        "market": r.market,
-                        "seq": at.map(|a| a.seq),
-                        "state_hash": null,
-                        "epoch": p.epoch + 1,
-                        "stopped_us": stopped_us,
-                        "released_us": started.elapsed().as_micros() as u64,
+                    answer: Ok(node::Released {
+                        market: r.market.clone(),
+                        seq: at.map(|a| a.seq),
+                        state_hash: None,
+                        epoch: p.epoch + 1,
+                        stopped_us,
+                        released_us: started.elapsed().as_micros() as u64,
                     }),
                     stopped: stopped.map(|(_, addr)| Stopped {
                         addr,
@@ -714,7 +705,7 @@ impl Agent {
 
 /// What `release` did: its answer, and the stopped market whose book's hash completes it.
 struct Release {
-    answer: Value,
+    answer: Reply<node::Released>,
     stopped: Option<Stopped>,
 }
 

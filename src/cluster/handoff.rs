@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::placement::{Placement, PlacementState};
 use crate::bus::Subjects;
+use crate::control::protocol::node::{self, MarketRequest, ReleaseRequest};
+use crate::control::protocol::read_reply;
 use crate::telemetry::traces;
 use tracing::Instrument;
 
@@ -70,13 +72,14 @@ fn fail(error: &'static str, message: impl Into<String>) -> MoveError {
     }
 }
 
-async fn request(
+/// Asks a node (`<prefix>.node.<ID>.<verb>`) and reads its answer as `T`.
+async fn request<T: serde::de::DeserializeOwned>(
     client: &async_nats::Client,
     subject: String,
-    body: Value,
+    body: &impl serde::Serialize,
     timeout: Duration,
-) -> Result<Value, MoveError> {
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+) -> Result<T, MoveError> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
     // The handoff's trace context rides along, so each node's part joins its trace.
     let mut headers = async_nats::HeaderMap::new();
     traces::inject(&tracing::Span::current(), &mut headers);
@@ -98,17 +101,16 @@ async fn request(
             format!("{subject} answered something unreadable: {e}"),
         )
     })?;
-    if value["ok"] == json!(true) {
-        Ok(value)
-    } else {
-        Err(fail(
+    match read_reply::<T>(&value) {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(refusal)) => Err(fail(
             "refused",
-            format!(
-                "{subject}: {} ({})",
-                value["message"].as_str().unwrap_or("no message"),
-                value["error"].as_str().unwrap_or("error")
-            ),
-        ))
+            format!("{subject}: {} ({})", refusal.message, refusal.error),
+        )),
+        Err(e) => Err(fail(
+            "bad_answer",
+            format!("{subject} answered something unreadable: {e}"),
+        )),
     }
 }
 
@@ -175,10 +177,13 @@ async fn handoff(
         ));
     }
     // 1. The warm copy on the target.
-    let followed = request(
+    let followed: node::Followed = request(
         client,
         subjects.node(to, "follow"),
-        json!({"market": market, "timeout_ms": catch_up.as_millis() as u64}),
+        &MarketRequest {
+            market: market.to_string(),
+            timeout_ms: Some(catch_up.as_millis() as u64),
+        },
         catch_up + Duration::from_secs(5),
     )
     .await
@@ -186,7 +191,7 @@ async fn handoff(
         error: e.error,
         message: format!("{to} could not keep a copy of {market}: {}", e.message),
     })?;
-    let lag = followed["lag"].as_u64().unwrap_or(0);
+    let lag = followed.lag;
     // 2. The announcement of the new owner is awaited from before the release.
     let mut status = client
         .subscribe(subjects.status(market))
@@ -201,10 +206,15 @@ async fn handoff(
     let epoch = p.epoch + 1;
     // The release's answer (after the source hashed its stopped book) and the target's
     // announcement race: the pause ends when the announcement arrives, whichever comes first.
-    let release = request(
+    let release_request = ReleaseRequest {
+        market: market.to_string(),
+        to: to.to_string(),
+        epoch: p.epoch,
+    };
+    let release = request::<node::Released>(
         client,
         subjects.node(&p.node, "release"),
-        json!({"market": market, "to": to, "epoch": p.epoch}),
+        &release_request,
         Duration::from_secs(10),
     );
     let deadline = Duration::from_secs(30);
@@ -242,10 +252,13 @@ async fn handoff(
             r = &mut release, if released.is_none() => match r {
                 Ok(r) => released = Some(r),
                 Err(e) => {
-                    let _ = request(
+                    let _ = request::<node::Unfollowed>(
                         client,
                         subjects.node(to, "unfollow"),
-                        json!({"market": market}),
+                        &MarketRequest {
+                            market: market.to_string(),
+                            timeout_ms: None,
+                        },
                         Duration::from_secs(2),
                     )
                     .await;
@@ -274,8 +287,7 @@ async fn handoff(
     };
     metrics::counter!("matching_handoffs_total").increment(1);
     metrics::histogram!("matching_handoff_pause_us").record(pause.as_micros() as f64);
-    let seq = released["seq"].as_u64();
-    let state_hash = released["state_hash"].as_str().map(str::to_string);
+    let (seq, state_hash) = (released.seq, released.state_hash);
     let state_hash_equal = seq.is_some() && taken.seq == seq && taken.state_hash == state_hash;
     if !state_hash_equal {
         tracing::error!(

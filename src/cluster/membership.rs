@@ -242,7 +242,7 @@ pub async fn heartbeat(
 /// The nodes bucket as one node sees it: every record, and when it was last seen renewed by
 /// this process's clock (records are only ever compared with this clock, never with another
 /// node's).
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeView {
     pub records: BTreeMap<String, (NodeRecord, Instant)>,
 }
@@ -268,15 +268,25 @@ impl NodeView {
 
     /// Nodes renewed within `lease`.
     pub fn live(&self, lease: Duration) -> impl Iterator<Item = &NodeRecord> {
-        self.records
-            .values()
-            .filter(move |(_, seen)| seen.elapsed() < lease)
-            .map(|(r, _)| r)
+        self.live_at(Instant::now(), lease)
     }
 
     pub fn is_live(&self, node: &str, lease: Duration) -> bool {
+        self.is_live_at(Instant::now(), node, lease)
+    }
+
+    /// Nodes renewed within `lease` before `now`: a node counts as dead once a whole lease
+    /// passed without a renewal.
+    pub fn live_at(&self, now: Instant, lease: Duration) -> impl Iterator<Item = &NodeRecord> {
+        self.records
+            .values()
+            .filter(move |(_, seen)| now.saturating_duration_since(*seen) < lease)
+            .map(|(r, _)| r)
+    }
+
+    pub fn is_live_at(&self, now: Instant, node: &str, lease: Duration) -> bool {
         self.records
             .get(node)
-            .is_some_and(|(_, seen)| seen.elapsed() < lease)
+            .is_some_and(|(_, seen)| now.saturating_duration_since(*seen) < lease)
     }
 }

@@ -31,6 +31,7 @@ pub mod agent;
 pub mod handoff;
 pub mod membership;
 pub mod placement;
+pub mod plan;
 pub mod rebalancer;
 
 /// The node's lease lives with the markets that check it (`actors::lease`); the cluster

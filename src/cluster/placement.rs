@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::actors::market::StopPoint;
+use crate::actors::takeover::StopPoint;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -13,7 +13,6 @@
 //!   its hottest market that fits to the least busy node; at most `max_moves_per_minute`
 //!   moves a minute, and a market moved is not moved again for five minutes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
@@ -21,16 +20,12 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::handoff;
-use super::membership::{NodeView, REBALANCER_KEY};
+use super::membership::REBALANCER_KEY;
 use super::placement::{self, Placement};
+use super::plan::{Action, MoveReason, Planner, Seen};
 use super::{ClusterSettings, Lease};
 use crate::bus::Subjects;
 use crate::telemetry::traces;
-
-/// A market moved by load stays where it went at least this long.
-const MOVED_STAYS: Duration = Duration::from_secs(300);
-/// Checks in a row a node must be overloaded before a load move.
-const OVERLOADED_CHECKS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Rebalancer {
@@ -43,13 +38,11 @@ pub struct Rebalancer {
     pub settings: ClusterSettings,
 }
 
+/// The buckets as watched (what the planner decides from), and the rebalancer lease as last
+/// seen: holder, revision, when seen.
 #[derive(Default)]
 struct View {
-    nodes: NodeView,
-    placement: BTreeMap<String, (Placement, u64)>,
-    drained: BTreeSet<String>,
-    specs: BTreeSet<String>,
-    /// The rebalancer lease as last seen: holder, revision, when seen.
+    seen: Seen,
     lease_seen: Option<(String, u64, Instant)>,
 }
 
@@ -78,12 +71,8 @@ impl Rebalancer {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut view = View::default();
         let mut leader: Option<Leadership> = None;
-        let mut unplaced_before: BTreeSet<String> = BTreeSet::new();
+        let mut planner = Planner::new(Instant::now());
         let mut moving: Option<MoveTask> = None;
-        let mut moves: VecDeque<Instant> = VecDeque::new();
-        let mut moved_at: HashMap<String, Instant> = HashMap::new();
-        let mut overloaded: (Option<String>, u32) = (None, 0);
-        let mut last_load_check = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.changed() => {
@@ -104,33 +93,33 @@ impl Rebalancer {
                             _ => None,
                         };
                     }
-                    Ok(entry) => view.nodes.apply(&entry),
+                    Ok(entry) => view.seen.nodes.apply(&entry),
                     Err(e) => tracing::warn!("nodes watch: {e}"),
                 },
                 Some(entry) = placements.next() => match entry {
                     Ok(entry) => {
                         if let Some(node) = placement::drained_node(&entry.key) {
                             if entry.operation == kv::Operation::Put {
-                                view.drained.insert(node.to_string());
+                                view.seen.drained.insert(node.to_string());
                             } else {
-                                view.drained.remove(node);
+                                view.seen.drained.remove(node);
                             }
                         } else if entry.operation == kv::Operation::Put {
                             if let Some(p) = Placement::decode(&entry.value) {
-                                view.placement.insert(entry.key.clone(), (p, entry.revision));
+                                view.seen.placement.insert(entry.key.clone(), (p, entry.revision));
                             }
                         } else {
-                            view.placement.remove(&entry.key);
+                            view.seen.placement.remove(&entry.key);
                         }
                     }
                     Err(e) => tracing::warn!("placement watch: {e}"),
                 },
                 Some(entry) = specs.next() => match entry {
                     Ok(entry) if entry.operation == kv::Operation::Put => {
-                        view.specs.insert(entry.key.clone());
+                        view.seen.specs.insert(entry.key.clone());
                     }
                     Ok(entry) => {
-                        view.specs.remove(&entry.key);
+                        view.seen.specs.remove(&entry.key);
                     }
                     Err(e) => tracing::warn!("markets watch: {e}"),
                 },
@@ -146,28 +135,15 @@ impl Rebalancer {
                         match result {
                             Ok(m) => {
                                 tracing::info!(market = %market, from = %m.from, to = %m.to, pause_us = m.pause_us, "moved");
-                                moved_at.insert(market, Instant::now());
+                                planner.moved(&market, Instant::now());
                             }
                             Err(e) => tracing::warn!(market = %market, "move failed: {} ({})", e.message, e.error),
                         }
                     }
-                    self.place(&view, &mut unplaced_before).await;
-                    self.fail_over(&view).await;
-                    if self.settings.standbys > 0 {
-                        self.keep_standbys(&view).await;
-                    }
-                    if moving.is_none() {
-                        moving = self.drain(&view);
-                    }
-                    let every = self.settings.rebalance_every;
-                    if moving.is_none() && !every.is_zero() && last_load_check.elapsed() >= every {
-                        last_load_check = Instant::now();
-                        moves.retain(|t| t.elapsed() < Duration::from_secs(60));
-                        if (moves.len() as u32) < self.settings.max_moves_per_minute {
-                            moving = self.balance(&view, &mut overloaded, &moved_at);
-                            if moving.is_some() {
-                                moves.push_back(Instant::now());
-                            }
+                    let actions = planner.tick(&view.seen, &self.settings, Instant::now(), moving.is_some());
+                    for action in actions {
+                        if let Some(task) = self.carry_out(&view.seen, action).await {
+                            moving = Some(task);
                         }
                     }
                 }
@@ -227,103 +203,77 @@ impl Rebalancer {
         }
     }
 
-    /// Live nodes that may take markets.
-    fn targets<'a>(&self, view: &'a View) -> Vec<&'a str> {
-        view.nodes
-            .live(self.settings.lease)
-            .map(|r| r.node.as_str())
-            .filter(|n| !view.drained.contains(*n))
-            .collect()
-    }
-
-    async fn place(&self, view: &View, unplaced_before: &mut BTreeSet<String>) {
-        let unplaced: BTreeSet<String> = view
-            .specs
-            .iter()
-            .filter(|m| !view.placement.contains_key(*m))
-            .cloned()
-            .collect();
-        let targets = self.targets(view);
-        for market in unplaced.intersection(unplaced_before) {
-            let Some(node) = placement::rendezvous(market, targets.iter().copied()) else {
-                break;
-            };
-            if self
-                .placement
-                .create(market, Placement::assigned(node, 1).encode().into())
-                .await
-                .is_ok()
-            {
-                tracing::info!(market = %market, node, "placed");
+    /// Makes one of the planner's writes, by compare-and-set (a lost race changes nothing;
+    /// the watch brings what won). Answers the task of a move it started.
+    async fn carry_out(&self, seen: &Seen, action: Action) -> Option<MoveTask> {
+        match action {
+            Action::Place { market, node } => {
+                if self
+                    .placement
+                    .create(&market, Placement::assigned(&node, 1).encode().into())
+                    .await
+                    .is_ok()
+                {
+                    tracing::info!(market = %market, node, "placed");
+                }
+                None
             }
-        }
-        *unplaced_before = unplaced;
-    }
-
-    async fn fail_over(&self, view: &View) {
-        let targets = self.targets(view);
-        for (market, (p, revision)) in &view.placement {
-            if view.nodes.is_live(&p.node, self.settings.lease) {
-                continue;
+            Action::FailOver {
+                market,
+                from,
+                to,
+                epoch,
+                revision,
+            } => {
+                let span = traces::failover_span(&market, &from, &to, epoch);
+                let next = Placement::assigned(&to, epoch).with_trace(traces::traceparent(&span));
+                if self
+                    .placement
+                    .update(&market, next.encode().into(), revision)
+                    .await
+                    .is_ok()
+                {
+                    metrics::counter!("matching_failovers_total").increment(1);
+                    say!(
+                        "agora node {}: failover: {market} from {from} (not heard from for {:?}) to {to} at epoch {epoch}",
+                        self.node,
+                        self.settings.lease,
+                    );
+                }
+                None
             }
-            // The standby first: its warm copy takes over without a snapshot or a replay.
-            let standby = p.standby.as_deref().filter(|s| targets.contains(s));
-            let Some(node) =
-                standby.or_else(|| placement::rendezvous(market, targets.iter().copied()))
-            else {
-                return;
-            };
-            let span = traces::failover_span(market, &p.node, node, p.epoch + 1);
-            let next =
-                Placement::assigned(node, p.epoch + 1).with_trace(traces::traceparent(&span));
-            if self
-                .placement
-                .update(market, next.encode().into(), *revision)
-                .await
-                .is_ok()
-            {
-                metrics::counter!("matching_failovers_total").increment(1);
-                say!(
-                    "agora node {}: failover: {market} from {} (not heard from for {:?}) to {node} at epoch {}",
-                    self.node,
-                    p.node,
-                    self.settings.lease,
-                    p.epoch + 1
-                );
+            Action::NameStandby {
+                market,
+                standby,
+                revision,
+            } => {
+                let (p, _) = seen.placement.get(&market)?;
+                let next = p.clone().with_standby(standby.as_deref());
+                if self
+                    .placement
+                    .update(&market, next.encode().into(), revision)
+                    .await
+                    .is_ok()
+                {
+                    tracing::info!(market = %market, standby = ?standby, "standby named");
+                }
+                None
             }
-        }
-    }
-
-    /// Names a standby for every running market that lacks a live one: rendezvous over the
-    /// live nodes other than the owner.
-    async fn keep_standbys(&self, view: &View) {
-        let targets = self.targets(view);
-        for (market, (p, revision)) in &view.placement {
-            if p.state != placement::PlacementState::Active
-                || !view.nodes.is_live(&p.node, self.settings.lease)
-            {
-                continue;
-            }
-            let current = p
-                .standby
-                .as_deref()
-                .filter(|s| *s != p.node && targets.contains(s));
-            if current.is_some() {
-                continue;
-            }
-            let others = targets.iter().copied().filter(|n| *n != p.node);
-            let standby = placement::rendezvous(market, others);
-            if standby == p.standby.as_deref() {
-                continue;
-            }
-            let next = p.clone().with_standby(standby);
-            if self
-                .placement
-                .update(market, next.encode().into(), *revision)
-                .await
-                .is_ok()
-            {
-                tracing::info!(market = %market, standby = ?standby, "standby named");
+            Action::Move {
+                market,
+                from,
+                to,
+                reason,
+            } => {
+                match reason {
+                    MoveReason::Drain => {
+                        tracing::info!(market = %market, from = %from, to = %to, "draining")
+                    }
+                    MoveReason::Load { rate } => {
+                        tracing::info!(market = %market, from = %from, to = %to, rate, "moving for load")
+                    }
+                }
+                Some(self.start_move(&market, &to))
             }
         }
     }
@@ -342,74 +292,5 @@ impl Rebalancer {
             .await;
             (market, moved)
         })
-    }
-
-    /// The next market of a drained node to move, if any.
-    fn drain(&self, view: &View) -> Option<MoveTask> {
-        let targets = self.targets(view);
-        for (market, (p, _)) in &view.placement {
-            if view.drained.contains(&p.node)
-                && p.state == placement::PlacementState::Active
-                && view.nodes.is_live(&p.node, self.settings.lease)
-            {
-                let to = placement::rendezvous(market, targets.iter().copied())?;
-                tracing::info!(market = %market, from = %p.node, to, "draining");
-                return Some(self.start_move(market, to));
-            }
-        }
-        None
-    }
-
-    /// A load move when one node has been overloaded long enough.
-    fn balance(
-        &self,
-        view: &View,
-        overloaded: &mut (Option<String>, u32),
-        moved_at: &HashMap<String, Instant>,
-    ) -> Option<MoveTask> {
-        let live: Vec<_> = view
-            .nodes
-            .live(self.settings.lease)
-            .filter(|r| !view.drained.contains(&r.node))
-            .collect();
-        if live.len() < 2 {
-            *overloaded = (None, 0);
-            return None;
-        }
-        let mean = live.iter().map(|r| r.commands_per_sec).sum::<f64>() / live.len() as f64;
-        let by_load = |a: &&&super::membership::NodeRecord, b: &&&super::membership::NodeRecord| {
-            a.commands_per_sec.total_cmp(&b.commands_per_sec)
-        };
-        let hot = live.iter().max_by(by_load)?;
-        let cool = live.iter().min_by(by_load)?;
-        let gap = hot.commands_per_sec - cool.commands_per_sec;
-        if hot.commands_per_sec < mean * self.settings.imbalance_ratio
-            || gap < self.settings.min_rate_gap
-        {
-            *overloaded = (None, 0);
-            return None;
-        }
-        if overloaded.0.as_deref() == Some(hot.node.as_str()) {
-            overloaded.1 += 1;
-        } else {
-            *overloaded = (Some(hot.node.clone()), 1);
-        }
-        if overloaded.1 < OVERLOADED_CHECKS {
-            return None;
-        }
-        // The hottest market whose move narrows the gap (it must not simply swap the roles).
-        let market = hot
-            .markets
-            .iter()
-            .filter(|m| m.commands_per_sec > 0.0 && m.commands_per_sec < gap)
-            .filter(|m| {
-                moved_at
-                    .get(&m.symbol)
-                    .is_none_or(|t| t.elapsed() > MOVED_STAYS)
-            })
-            .max_by(|a, b| a.commands_per_sec.total_cmp(&b.commands_per_sec))?;
-        *overloaded = (None, 0);
-        tracing::info!(market = %market.symbol, from = %hot.node, to = %cool.node, rate = market.commands_per_sec, "moving for load");
-        Some(self.start_move(&market.symbol, &cool.node))
     }
 }

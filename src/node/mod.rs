@@ -106,14 +106,11 @@ async fn spec_for(
 
 /// Every spec in the markets bucket.
 async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, NodeError> {
-    use futures::StreamExt;
-    let fail = |e: &dyn std::fmt::Display| {
-        NodeError::Market(format!("cannot list the stored markets: {e}"))
-    };
-    let mut keys = store.keys().await.map_err(|e| fail(&e))?;
+    let keys = crate::bus::bucket_keys(store)
+        .await
+        .map_err(|e| NodeError::Market(format!("cannot list the stored markets: {e}")))?;
     let mut specs = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| fail(&e))?;
+    for key in keys {
         if let Ok(Some(bytes)) = store.get(&key).await {
             match serde_json::from_slice::<MarketSpecInput>(&bytes).map(|i| i.validate()) {
                 Ok(Ok(spec)) => specs.push(spec),
@@ -261,19 +258,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         backlog_wait: std::time::Duration::from_micros(config.market.backlog_wait_us),
         batch_max: config.market.batch_max,
         node_id: node_id.clone(),
-        epoch: 0,
         snapshot_every_commands: config.snapshots.every_commands,
         snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
         lease: Some(lease.clone()),
-        trace: None,
-        handed_over: false,
-        stop_point: None,
+        takeover: Default::default(),
     };
     let bus = MarketBus {
         client: client.clone(),
         js: js.clone(),
         subjects: subjects.clone(),
         snapshots: Some(snapshots),
+        pull_cap: crate::bus::PullCap::new(),
     };
     let supervisor = Supervisor::new(bus, settings, config.market.arbiters)
         .with_own_connections(

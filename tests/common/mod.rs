@@ -2,6 +2,7 @@
 //! output lines are collected), killed when dropped.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -212,15 +213,117 @@ pub async fn publish(js: &async_nats::jetstream::Context, market: &str, value: s
         .expect("publish acknowledged");
 }
 
-/// The last input sequence in `market`'s journal, if it has one.
+/// The last input sequence in `market`'s journal, if it has one (read with the product's
+/// own journal reader).
 pub async fn journal_last_seq(js: &async_nats::jetstream::Context, market: &str) -> Option<u64> {
-    let events = js.get_stream("EVENTS").await.ok()?;
-    let last = events
-        .get_last_raw_message_by_subject(&format!("agora.events.{market}"))
+    let journal = agora::bus::Journal::open(js, &agora::bus::Subjects::default())
         .await
         .ok()?;
-    let head: serde_json::Value = rmp_serde::from_slice(&last.payload).ok()?;
-    head["last_seq"].as_u64()
+    journal.last_seq(market).await.ok().filter(|&seq| seq > 0)
+}
+
+/// Waits until `market`'s journal covers input sequence `seq` (its last journaled sequence is
+/// `seq` or later), reading it with [`journal_last_seq`] every 20 ms (up to every 100 ms for
+/// waits of minutes, not to load a busy machine further). Panics after `timeout`, naming the
+/// market, `seq` and the last sequence the journal showed.
+pub async fn wait_journal(
+    js: &async_nats::jetstream::Context,
+    market: &str,
+    seq: u64,
+    timeout: Duration,
+) {
+    let started = Instant::now();
+    let poll = (timeout / 1000).clamp(Duration::from_millis(20), Duration::from_millis(100));
+    loop {
+        let last = journal_last_seq(js, market).await;
+        if last >= Some(seq) {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "the journal of {market} did not reach input sequence {seq} within {timeout:?}; the last sequence it showed was {}",
+            last.map_or_else(|| "none (no journal yet)".to_string(), |s| s.to_string())
+        );
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// What an offline replay of a market's order stream gives.
+pub struct Offline {
+    /// The stream's messages, 1 to its last, as the market's core takes them.
+    pub msgs: Vec<agora::actors::Incoming>,
+    /// The execution reports (each as JSON text) of each exec subject, in the order its
+    /// subscriber sees them.
+    pub reports: BTreeMap<String, Vec<String>>,
+    /// The book's state hash after the last message.
+    pub state_hash: agora::book::StateHash,
+}
+
+impl Offline {
+    /// Every report of every subject, sorted.
+    pub fn sorted_reports(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.reports.values().flatten().cloned().collect();
+        all.sort();
+        all
+    }
+}
+
+/// The reports of one message of the exec stream, each as JSON text.
+pub fn exec_reports(payload: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = rmp_serde::from_slice(payload).expect("exec message decodes");
+    v["reports"]
+        .as_array()
+        .map(|reports| reports.iter().map(serde_json::Value::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Replays the order stream of `spec`'s market offline, as the market would have: messages 1
+/// to the stream's last, each read with `get_raw_message` and decoded by the product's own
+/// [`agora::actors::market::Routes`] (so per-account and admin subjects say who sent it, and
+/// `Content-Type` whether it is JSON), through a fresh [`agora::actors::MarketCore`] (batches
+/// of at most 100) one message at a time.
+pub async fn offline_replay(
+    js: &async_nats::jetstream::Context,
+    subjects: &agora::bus::Subjects,
+    spec: &agora::book::MarketSpec,
+) -> Offline {
+    let market = spec.symbol.as_str();
+    let routes = agora::actors::market::Routes::new(subjects, market);
+    let mut orders = js
+        .get_stream(subjects.orders_stream(market))
+        .await
+        .unwrap_or_else(|e| panic!("the order stream of {market}: {e}"));
+    let n = orders
+        .info()
+        .await
+        .unwrap_or_else(|e| panic!("the order stream of {market}: {e}"))
+        .state
+        .last_sequence;
+    let mut core = agora::actors::MarketCore::new(subjects.clone(), spec.clone(), 100);
+    let mut msgs = Vec::new();
+    let mut reports: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for seq in 1..=n {
+        let m = orders
+            .get_raw_message(seq)
+            .await
+            .unwrap_or_else(|e| panic!("message {seq} of the order stream of {market}: {e}"));
+        let ts = u64::try_from(m.time.unix_timestamp_nanos()).unwrap_or(0);
+        let msg = routes.decode(m.subject.as_str(), Some(&m.headers), &m.payload, seq, ts);
+        if let Some(out) = core.process(std::slice::from_ref(&msg)) {
+            for x in out.execs {
+                reports
+                    .entry(x.subject.clone())
+                    .or_default()
+                    .extend(exec_reports(&x.payload));
+            }
+        }
+        msgs.push(msg);
+    }
+    Offline {
+        msgs,
+        reports,
+        state_hash: core.book().state_hash(),
+    }
 }
 
 /// `GET /metrics` on localhost:`port`: the body (panics unless 200).

@@ -20,12 +20,10 @@
 //! started running.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishError;
@@ -38,17 +36,20 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::bus::{self, LocalServer, Subjects};
+use crate::bus::{self, Journal, LocalServer, Subjects};
+
+mod print;
+mod process;
+mod raw;
+
 use crate::telemetry::process::cpu_ms;
 use crate::wire::WireCommandOut;
 use crate::workload::{self, FlowParams};
+use process::{NodeProcess, TempDir};
+use raw::raw_phase;
 
 /// How long a phase may go without a single command answered before it is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the node may take to print its `ready` line.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the node may take to stop after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the progress line is refreshed (on a terminal).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// Messages a pull request of the raw consumers asks for: the node's default `fetch_max`.
@@ -786,130 +787,6 @@ async fn wait_phase(
     result
 }
 
-/// Phase 1: the same payloads through JetStream alone (publish + pull consume), no engine.
-async fn raw_phase(
-    run: &mut Run<'_>,
-    js: &jetstream::Context,
-    pace: Option<f64>,
-) -> Result<PhaseResult, BenchError> {
-    let (name, label) = match pace {
-        None => ("raw", "raw JetStream, as fast as possible".to_string()),
-        Some(rate) => ("raw_paced", format!("raw JetStream at {rate:.0}/s")),
-    };
-    let stream_name = run.raw_stream.clone();
-    let raw_subject = |market: &str| format!("{}.raw.{market}", run.subjects.prefix());
-    let stream = js
-        .create_stream(stream::Config {
-            name: stream_name.clone(),
-            subjects: vec![format!("{}.raw.>", run.subjects.prefix())],
-            storage: if run.options.memory {
-                stream::StorageType::Memory
-            } else {
-                stream::StorageType::File
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| BenchError::new(format!("cannot create the stream {stream_name}: {e}")))?;
-    let counts: Vec<usize> = run.flows.iter().map(|f| f.commands.len()).collect();
-    let total: u64 = counts.iter().map(|&n| n as u64).sum();
-    let mut consumers = Vec::new();
-    for market in &run.max_markets {
-        let consumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: raw_subject(market),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                BenchError::new(format!("cannot create a consumer on {stream_name}: {e}"))
-            })?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(RAW_FETCH_MAX)
-            .messages()
-            .await
-            .map_err(|e| BenchError::new(format!("cannot consume {stream_name}: {e}")))?;
-        consumers.push(messages);
-    }
-    let cpu_before = Cpu::read(&run.pids);
-    let shared = Shared::new(
-        &counts,
-        run.options.window,
-        run.options.latency_log.is_some(),
-    );
-    let collector = {
-        let shared = shared.clone();
-        let counts = counts.clone();
-        tokio::spawn(async move {
-            let mut tasks = JoinSet::new();
-            for (m, mut messages) in consumers.into_iter().enumerate() {
-                let shared = shared.clone();
-                let count = counts[m];
-                tasks.spawn(async move {
-                    let mut histogram = histogram();
-                    let mut last = Instant::now();
-                    for k in 0..count {
-                        match messages.next().await {
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => {
-                                return Err(BenchError::new(format!(
-                                    "reading the raw stream: {e}"
-                                )));
-                            }
-                            None => return Err(BenchError::new("the raw consumer ended early")),
-                        }
-                        last = Instant::now();
-                        if let Some(us) = shared.latency_us(m, k, last) {
-                            histogram.saturating_record(us.max(1));
-                        }
-                        shared.answered(m);
-                    }
-                    Ok::<_, BenchError>(Collected { histogram, last })
-                });
-            }
-            merge(tasks).await
-        })
-    };
-    let mut publishers = JoinSet::new();
-    let start = tokio::time::Instant::now();
-    let per_market_rate = pace.map(|rate| rate / run.flows.len() as f64);
-    for (m, flow) in run.flows.iter().enumerate() {
-        publishers.spawn(publish(
-            Publish {
-                js: js.clone(),
-                subject: raw_subject(&run.max_markets[m]),
-                market: m,
-                payloads: flow.commands.clone(),
-                first_seq: None,
-                release_on_ack: false,
-                pace: per_market_rate.map(|per_sec| Pace { start, per_sec }),
-            },
-            shared.clone(),
-        ));
-    }
-    let collected = wait_phase(&label, total, &shared, &mut publishers, collector, run.node).await;
-    let cpu_after = Cpu::read(&run.pids);
-    if let Err(e) = js.delete_stream(&stream_name).await {
-        eprintln!("agora bench: could not delete the stream {stream_name}: {e}");
-    }
-    let collected = collected?;
-    if let Some(path) = &run.options.latency_log {
-        append_latency_log(path, name, &shared)?;
-    }
-    Ok(phase_result(
-        name,
-        pace,
-        total,
-        &shared,
-        &collected,
-        (cpu_before, cpu_after),
-        Written::default(),
-    ))
-}
-
 async fn merge(mut tasks: JoinSet<Result<Collected, BenchError>>) -> Result<Collected, BenchError> {
     let mut all = Collected {
         histogram: histogram(),
@@ -1023,39 +900,10 @@ struct ReportSeq {
     seq: u64,
 }
 
-/// A journal message, as much of it as the bench reads.
-#[derive(Deserialize)]
-struct JournalHead {
-    last_seq: u64,
-}
-
-/// The last input sequence in a market's journal (0 when it has none yet).
-async fn journal_last_seq(
-    events: &jetstream::stream::Stream,
-    subject: &str,
-) -> Result<u64, BenchError> {
-    match events.get_last_raw_message_by_subject(subject).await {
-        Ok(m) => rmp_serde::from_slice::<JournalHead>(&m.payload)
-            .map(|h| h.last_seq)
-            .map_err(|e| BenchError::new(format!("the journal on {subject} cannot be read: {e}"))),
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-            ) =>
-        {
-            Ok(0)
-        }
-        Err(e) => Err(BenchError::new(format!(
-            "cannot read the journal on {subject}: {e}"
-        ))),
-    }
-}
-
 /// Waits until every market's journal reaches its sequence.
 async fn wait_journals(
     run: &mut Run<'_>,
-    events: &jetstream::stream::Stream,
+    journal: &Journal,
     markets: &[String],
     seqs: &[u64],
 ) -> Result<(), BenchError> {
@@ -1067,7 +915,10 @@ async fn wait_journals(
             if reached[m] >= seqs[m] {
                 continue;
             }
-            let seq = journal_last_seq(events, &run.subjects.events(market)).await?;
+            let seq = journal
+                .last_seq(market)
+                .await
+                .map_err(|e| BenchError::new(e.to_string()))?;
             if seq > reached[m] {
                 reached[m] = seq;
                 last_progress = Instant::now();
@@ -1118,6 +969,7 @@ async fn end_to_end_phase(
         .get_stream(&events_name)
         .await
         .map_err(|e| BenchError::new(format!("cannot open the stream {events_name}: {e}")))?;
+    let journal = Journal::of(events.clone(), &run.subjects);
     let execs_name = run.subjects.execs_stream();
     let execs = js
         .get_stream(&execs_name)
@@ -1189,7 +1041,7 @@ async fn end_to_end_phase(
         done.map_err(|e| BenchError::new(format!("a prefill publisher failed: {e}")))??;
     }
     let bases: Vec<u64> = prefill_counts.iter().map(|&n| n as u64).collect();
-    wait_journals(run, &events, &markets, &bases).await?;
+    wait_journals(run, &journal, &markets, &bases).await?;
     let written_before = Written::count(&events, &execs, &run.subjects, &markets).await;
 
     let counts: Vec<usize> = run.flows.iter().map(|f| f.commands.len()).collect();
@@ -1272,7 +1124,7 @@ async fn end_to_end_phase(
         .zip(&counts)
         .map(|(b, &n)| b + n as u64)
         .collect();
-    wait_journals(run, &events, &markets, &ends).await?;
+    wait_journals(run, &journal, &markets, &ends).await?;
     let written = Written::count(&events, &execs, &run.subjects, &markets)
         .await
         .since(written_before);
@@ -1322,313 +1174,4 @@ async fn delete_run_streams(
         })?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes and files
-
-/// The node under test: this binary's `agora node`, as a child process.
-struct NodeProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: PathBuf,
-}
-
-impl NodeProcess {
-    fn start(config: &Path, log: &Path) -> Result<NodeProcess, BenchError> {
-        let exe = std::env::current_exe().map_err(|e| {
-            BenchError::new(format!("cannot find this program to start the node: {e}"))
-        })?;
-        let log_file = std::fs::File::create(log).map_err(|e| {
-            BenchError::new(format!(
-                "cannot create the node's log {}: {e}",
-                log.display()
-            ))
-        })?;
-        let mut command = Command::new(&exe);
-        command
-            .arg("node")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file));
-        // The bench's configuration file is the whole configuration: no AGORA_* variable of
-        // this shell may change it (only the log filter and the nats-server path pass).
-        for (key, _) in std::env::vars_os() {
-            let key_text = key.to_string_lossy();
-            if key_text.starts_with("AGORA_")
-                && key_text != "AGORA_LOG"
-                && key_text != "AGORA_NATS_SERVER"
-            {
-                command.env_remove(&key);
-            }
-        }
-        if std::env::var_os("AGORA_LOG").is_none() {
-            command.env("AGORA_LOG", "warn");
-        }
-        let mut child = command.spawn().map_err(|e| {
-            BenchError::new(format!(
-                "cannot start the node ({} node): {e}",
-                exe.display()
-            ))
-        })?;
-        let Some(stdout) = child.stdout.take() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(BenchError::new(
-                "the node's standard output was not captured",
-            ));
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Ok(NodeProcess {
-            child,
-            lines,
-            log: log.to_path_buf(),
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The last lines of the node's log, for an error message.
-    fn log_tail(&self) -> String {
-        match std::fs::read_to_string(&self.log) {
-            Ok(text) if !text.trim().is_empty() => {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(12)..].join("\n  ");
-                format!("the node's log ends with:\n  {tail}")
-            }
-            _ => "the node logged nothing (AGORA_LOG=info shows more)".into(),
-        }
-    }
-
-    fn wait_ready(&mut self) -> Result<(), BenchError> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains(" ready: ") => return Ok(()),
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                return Err(BenchError::new(format!(
-                    "the node did not say ready within {} s; {}",
-                    READY_TIMEOUT.as_secs(),
-                    self.log_tail()
-                )));
-            }
-        }
-    }
-
-    /// An error if the node has exited.
-    fn check_alive(&mut self) -> Result<(), BenchError> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(BenchError::new(format!(
-                "the node exited ({status}); {}",
-                self.log_tail()
-            ))),
-            Err(e) => Err(BenchError::new(format!("cannot watch the node: {e}"))),
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit (status 0); SIGKILL after `STOP_TIMEOUT`.
-    fn stop(&mut self) -> Result<(), BenchError> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Err(BenchError::new(format!(
-                "the node had already exited ({status}); {}",
-                self.log_tail()
-            )));
-        }
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: `kill` with our child's pid and a valid signal has no memory effects.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => {
-                    return Err(BenchError::new(format!(
-                        "the node did not stop cleanly on SIGTERM ({status}); {}",
-                        self.log_tail()
-                    )));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => return Err(BenchError::new(format!("cannot watch the node: {e}"))),
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        Err(BenchError::new(format!(
-            "the node did not stop within {} s of SIGTERM and was killed; {}",
-            STOP_TIMEOUT.as_secs(),
-            self.log_tail()
-        )))
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The run's temporary directory (node data, its log, the nats-server's data), removed when
-/// the run ends.
-struct TempDir {
-    path: PathBuf,
-    /// A short id unique to this run, also used in its NATS names.
-    id: String,
-}
-
-impl TempDir {
-    fn create() -> Result<TempDir, BenchError> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let id = format!(
-            "{:08x}",
-            (nanos ^ u64::from(std::process::id()).rotate_left(32)) & 0xffff_ffff
-        );
-        let path = std::env::temp_dir().join(format!("agora-bench-{id}"));
-        std::fs::create_dir_all(&path).map_err(|e| {
-            BenchError::new(format!(
-                "cannot create the temporary directory {}: {e}; set TMPDIR to a writable place",
-                path.display()
-            ))
-        })?;
-        Ok(TempDir { path, id })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Printing
-
-impl BenchReport {
-    /// The results as a table, then the ratio and each target, met or missed.
-    pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
-        writeln!(
-            out,
-            "agora bench: {} markets, {} commands a phase after {} resting orders a market, seed {}, \
-             window {}, {} streams, NATS {}",
-            self.markets,
-            self.orders_per_phase,
-            self.resting_per_market,
-            self.seed,
-            self.window,
-            self.storage,
-            self.nats
-        )?;
-        writeln!(
-            out,
-            "{:<26} {:>9} {:>8} {:>11} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
-            "phase",
-            "commands",
-            "seconds",
-            "commands/s",
-            "p50 ms",
-            "p99 ms",
-            "p99.9 ms",
-            "max ms",
-            "node CPU",
-            "nats CPU",
-            "bench CPU",
-            "per batch",
-            "reports/cmd"
-        )?;
-        let ms = |us: u64| us as f64 / 1000.0;
-        for p in &self.phases {
-            let label = match (p.name.as_str(), p.target_rate) {
-                ("raw", _) => "raw JetStream, max".to_string(),
-                ("raw_paced", Some(rate)) => format!("raw JetStream at {rate:.0}/s"),
-                (_, None) => "end to end, max".to_string(),
-                (_, Some(rate)) => format!("end to end at {rate:.0}/s"),
-            };
-            let nats = p
-                .nats_cpu_ms_per_1000
-                .map_or("-".to_string(), |v| format!("{v:.1}"));
-            let per_batch = p.batches.filter(|&b| b > 0).map_or("-".to_string(), |b| {
-                format!("{:.1}", p.commands as f64 / b as f64)
-            });
-            let reports = p.report_messages.map_or("-".to_string(), |r| {
-                format!("{:.2}", r as f64 / p.commands.max(1) as f64)
-            });
-            writeln!(
-                out,
-                "{label:<26} {:>9} {:>8.2} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>9.1} {:>9} {:>9.1} {:>9} {:>11}",
-                p.commands,
-                p.seconds,
-                p.commands_per_sec,
-                ms(p.latency_us.p50),
-                ms(p.latency_us.p99),
-                ms(p.latency_us.p999),
-                ms(p.latency_us.max),
-                p.node_cpu_ms_per_1000,
-                nats,
-                p.bench_cpu_ms_per_1000,
-                per_batch,
-                reports,
-            )?;
-        }
-        writeln!(
-            out,
-            "(CPU: milliseconds of CPU time per 1,000 commands; per batch: commands per journal \
-             message, that is per batch the node processed; reports/cmd: execution-report \
-             messages, one per account per batch, per command)"
-        )?;
-        writeln!(
-            out,
-            "ratio, end to end max / raw ceiling: {:.2}",
-            self.ratio
-        )?;
-        if let Some(raw) = self.phases.iter().find(|p| p.name == "raw_paced") {
-            writeln!(
-                out,
-                "JetStream alone at the paced rate: p50 {:.2} ms, p99 {:.2} ms (the floor under the \
-                 end-to-end latency)",
-                ms(raw.latency_us.p50),
-                ms(raw.latency_us.p99)
-            )?;
-        }
-        for t in &self.targets {
-            let value = match t.unit {
-                "us" => format!("{:.2} ms", t.value / 1000.0),
-                _ => format!("{:.0}%", t.value * 100.0),
-            };
-            writeln!(
-                out,
-                "target: {}: {} ({value})",
-                t.what,
-                if t.met { "met" } else { "MISSED" }
-            )?;
-        }
-        Ok(())
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
 }

@@ -15,15 +15,24 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::actors::MarketInfo;
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::{self, BusError, StreamSettings, Subjects};
+use crate::wire::WireCommandOut;
+
+pub mod protocol;
+
+use crate::bus::{self, BusError, Journal, StreamSettings, Subjects};
 use crate::cluster::handoff;
 use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, unix_ms};
 use crate::cluster::placement::{self, Placement, PlacementState};
+use protocol::{
+    Failure, MarketAdded, MarketHalted, MarketList, MarketMoved, MarketRemoved, MarketRow,
+    MarketState, MarketUpdated, NodeDrained, NodeList, NodeRow, NodeUndrained, Request,
+    reply_value,
+};
 
 /// The request header holding the time (Unix milliseconds) after which the sender no longer
 /// waits for the reply. A node that takes the request later (it was stalled: paused, swapped,
@@ -92,25 +101,11 @@ pub struct Control {
     pub heartbeat: crate::cluster::membership::HeartbeatStatus,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SymbolRequest {
-    symbol: String,
-    #[serde(default)]
-    cancel_orders: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MoveRequest {
-    symbol: String,
-    node: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NodeRequest {
-    node: String,
+/// The operator commands sent through a market's own stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AdminOp {
+    Halt,
+    Resume,
 }
 
 /// A node's record and whether it is alive (renewed within twice the lease, by the server's
@@ -121,21 +116,8 @@ struct NodeEntry {
     age_ms: u64,
 }
 
-fn err(error: &str, message: impl Into<String>) -> Value {
-    json!({"ok": false, "error": error, "message": message.into()})
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(
-    payload: &[u8],
-    json: bool,
-    what: &str,
-) -> Result<T, Value> {
-    let decoded = if json {
-        serde_json::from_slice(payload).map_err(|e| e.to_string())
-    } else {
-        rmp_serde::from_slice(payload).map_err(|e| e.to_string())
-    };
-    decoded.map_err(|e| err("bad_request", format!("the request is not {what}: {e}")))
+fn err(error: &str, message: impl Into<String>) -> Failure {
+    Failure::new(error, message)
 }
 
 impl Control {
@@ -189,7 +171,10 @@ impl Control {
                 );
                 continue;
             }
-            let reply = self.handle(&verb, &request.payload, json).await;
+            let reply = match Request::decode(&verb, &request.payload, json) {
+                Ok(request) => self.handle(request).await,
+                Err(failure) => reply_value::<()>(&Err(failure)),
+            };
             tracing::info!(verb, ok = %reply["ok"], "control request");
             let bytes = if json {
                 serde_json::to_vec(&reply).unwrap_or_default()
@@ -200,60 +185,33 @@ impl Control {
         }
     }
 
-    /// The answer to one request.
-    pub async fn handle(&self, verb: &str, payload: &[u8], json: bool) -> Value {
-        let result = match verb {
-            "market.add" => match decode::<MarketSpecInput>(payload, json, "a market spec") {
-                Ok(input) => self.add(input).await,
-                Err(e) => Err(e),
-            },
-            "market.update" => match decode::<MarketSpecInput>(payload, json, "a market spec") {
-                Ok(input) => self.update(input).await,
-                Err(e) => Err(e),
-            },
-            "market.remove" | "market.halt" | "market.resume" => {
-                match decode::<SymbolRequest>(payload, json, "{symbol}") {
-                    Ok(r) if verb == "market.remove" => self.remove(&r.symbol).await,
-                    Ok(r) if verb == "market.halt" => {
-                        self.admin(&r.symbol, "halt", r.cancel_orders).await
-                    }
-                    Ok(r) => self.admin(&r.symbol, "resume", false).await,
-                    Err(e) => Err(e),
-                }
+    /// The answer to one request, as it travels (`{ok: true, ...}` or `{ok: false, ...}`).
+    pub async fn handle(&self, request: Request) -> Value {
+        match request {
+            Request::MarketAdd(input) => reply_value(&self.add(input).await),
+            Request::MarketUpdate(input) => reply_value(&self.update(input).await),
+            Request::MarketRemove(r) => reply_value(&self.remove(&r.symbol).await),
+            Request::MarketHalt(r) => {
+                reply_value(&self.admin(&r.symbol, AdminOp::Halt, r.cancel_orders).await)
             }
-            "market.move" => match decode::<MoveRequest>(payload, json, "{symbol, node}") {
-                Ok(r) => self.move_market(&r.symbol, &r.node).await,
-                Err(e) => Err(e),
-            },
-            "market.list" => Ok(self.list().await),
-            "node.list" => Ok(self.node_list().await),
-            "node.drain" | "node.undrain" => match decode::<NodeRequest>(payload, json, "{node}") {
-                Ok(r) if verb == "node.drain" => self.drain(&r.node).await,
-                Ok(r) => self.undrain(&r.node).await,
-                Err(e) => Err(e),
-            },
-            _ => Err(err(
-                "unknown_verb",
-                format!(
-                    "{verb:?} is not a control verb; use market.add, market.update, market.remove, market.halt, market.resume, market.list, market.move, node.list, node.drain or node.undrain"
-                ),
-            )),
-        };
-        result.unwrap_or_else(|e| e)
+            Request::MarketResume(r) => {
+                reply_value(&self.admin(&r.symbol, AdminOp::Resume, false).await)
+            }
+            Request::MarketList => reply_value(&Ok::<_, Failure>(self.list().await)),
+            Request::MarketMove(r) => reply_value(&self.move_market(&r.symbol, &r.node).await),
+            Request::NodeList => reply_value(&Ok::<_, Failure>(self.node_list().await)),
+            Request::NodeDrain(r) => reply_value(&self.drain(&r.node).await),
+            Request::NodeUndrain(r) => reply_value(&self.undrain(&r.node).await),
+        }
     }
 
     /// Every node record, alive or not.
     async fn node_entries(&self) -> Vec<NodeEntry> {
         let mut out = Vec::new();
-        let Ok(mut keys) = self.nodes.keys().await else {
+        let Ok(keys) = bus::bucket_keys(&self.nodes).await else {
             return out;
         };
-        let mut names = Vec::new();
-        while let Some(Ok(key)) = keys.next().await {
-            if !key.contains('.') {
-                names.push(key);
-            }
-        }
+        let mut names: Vec<String> = keys.into_iter().filter(|k| !k.contains('.')).collect();
         names.sort();
         let now = unix_ms();
         for key in names {
@@ -278,7 +236,7 @@ impl Control {
         out
     }
 
-    async fn placement_of(&self, market: &str) -> Result<Option<(Placement, u64)>, Value> {
+    async fn placement_of(&self, market: &str) -> Result<Option<(Placement, u64)>, Failure> {
         match self.placement.entry(market).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => {
                 Ok(Placement::decode(&e.value).map(|p| (p, e.revision)))
@@ -293,11 +251,9 @@ impl Control {
 
     async fn drained(&self) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
-        if let Ok(mut keys) = self.placement.keys().await {
-            while let Some(Ok(key)) = keys.next().await {
-                if let Some(node) = placement::drained_node(&key) {
-                    out.insert(node.to_string());
-                }
+        for key in bus::bucket_keys(&self.placement).await.unwrap_or_default() {
+            if let Some(node) = placement::drained_node(&key) {
+                out.insert(node.to_string());
             }
         }
         out
@@ -305,7 +261,7 @@ impl Control {
 
     /// The spec stored for `symbol`: `None` when none is, `Some(None)` when the stored one
     /// cannot be used (it does not decode or validate).
-    async fn stored_spec(&self, symbol: &str) -> Result<Option<Option<MarketSpec>>, Value> {
+    async fn stored_spec(&self, symbol: &str) -> Result<Option<Option<MarketSpec>>, Failure> {
         match self.markets.get(symbol).await {
             Ok(Some(bytes)) => Ok(Some(
                 serde_json::from_slice::<MarketSpecInput>(&bytes)
@@ -317,7 +273,7 @@ impl Control {
         }
     }
 
-    async fn add(&self, input: MarketSpecInput) -> Result<Value, Value> {
+    async fn add(&self, input: MarketSpecInput) -> Result<MarketAdded, Failure> {
         let spec = input
             .validate()
             .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
@@ -371,20 +327,19 @@ impl Control {
             .unwrap_or(0);
         let pending = stored.saturating_sub(self.journal_last_seq(&symbol).await);
         let (node, epoch) = self.place_and_wait(&symbol).await?;
-        Ok(json!({
-            "ok": true,
-            "market": symbol,
-            "created": created,
-            "node": node,
-            "epoch": epoch,
-            "orders": self.subjects.orders(&symbol),
-            "pending_applied": pending,
-        }))
+        Ok(MarketAdded {
+            orders: self.subjects.orders(&symbol),
+            market: symbol,
+            created,
+            node,
+            epoch,
+            pending_applied: pending,
+        })
     }
 
     /// Places a market that has no placement on the least loaded live node, and waits until
     /// it runs. Answers where it runs.
-    async fn place_and_wait(&self, symbol: &str) -> Result<(String, u64), Value> {
+    async fn place_and_wait(&self, symbol: &str) -> Result<(String, u64), Failure> {
         let nodes = self.node_entries().await;
         let alive = |node: &str| nodes.iter().any(|n| n.alive && n.record.node == node);
         // Announcements are awaited from before the market is placed.
@@ -448,7 +403,7 @@ impl Control {
         }
     }
 
-    async fn remove(&self, symbol: &str) -> Result<Value, Value> {
+    async fn remove(&self, symbol: &str) -> Result<MarketRemoved, Failure> {
         let placed = self.placement_of(symbol).await?;
         let stored = matches!(self.markets.get(symbol).await, Ok(Some(_)));
         if placed.is_none() && !stored {
@@ -507,26 +462,27 @@ impl Control {
         // are applied if the market is added again (and said so then), never silently.
         let applied = self.journal_last_seq(symbol).await;
         let unapplied = stream_last.map_or(0, |last| last.saturating_sub(applied));
-        Ok(json!({
-            "ok": true,
-            "market": symbol,
-            "stopped": stopped,
-            "unapplied": unapplied,
-            "message": format!(
+        Ok(MarketRemoved {
+            market: symbol.to_string(),
+            stopped,
+            unapplied,
+            message: format!(
                 "the market no longer takes orders (publishing to it fails at once); its streams are kept (history, and a new market.add with the same spec resumes it){}",
                 if unapplied > 0 {
-                    format!("; {unapplied} commands that arrived before the removal were not applied and will be if it is added again")
+                    format!(
+                        "; {unapplied} commands that arrived before the removal were not applied and will be if it is added again"
+                    )
                 } else {
                     String::new()
                 }
             ),
-        }))
+        })
     }
 
     /// Sends a new spec through the market's stream (so it is sequenced with the orders and
     /// every replay applies it at the same point), and answers once it is applied, or with
     /// the market's refusal (a new tick that open orders are off, say).
-    async fn update(&self, input: MarketSpecInput) -> Result<Value, Value> {
+    async fn update(&self, input: MarketSpecInput) -> Result<MarketUpdated, Failure> {
         let symbol = input.symbol.clone();
         let spec = input
             .validate()
@@ -543,67 +499,53 @@ impl Control {
         stored
             .update_rules(&input)
             .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
-        let command = json!({"op": "update_spec", "account": "operator", "spec": spec.to_input()});
+        let command = WireCommandOut {
+            op: "update_spec".into(),
+            account: "operator".into(),
+            spec: Some(spec.to_input()),
+            ..WireCommandOut::default()
+        };
         let seq = self.send_admin(&symbol, &command).await?;
         self.wait_applied(&symbol, seq, "update_spec").await?;
         if let Some(message) = self.refusal(&symbol, seq).await {
             return Err(err("refused", message));
         }
-        Ok(json!({"ok": true, "market": symbol, "seq": seq, "spec": spec.to_input()}))
+        Ok(MarketUpdated {
+            market: symbol,
+            seq,
+            spec: spec.to_input(),
+        })
     }
 
-    /// The last input sequence the market's journal covers (0: none).
-    async fn journal_last_seq(&self, symbol: &str) -> u64 {
-        let Ok(events) = self.js.get_stream(self.subjects.events_stream()).await else {
-            return 0;
-        };
-        match events
-            .get_last_raw_message_by_subject(&self.subjects.events(symbol))
+    /// The journal's reader.
+    async fn journal(&self) -> Result<Journal, Failure> {
+        Journal::open(&self.js, &self.subjects)
             .await
-        {
-            Ok(last) => rmp_serde::from_slice::<Value>(&last.payload)
-                .ok()
-                .and_then(|head| head["last_seq"].as_u64())
-                .unwrap_or(0),
+            .map_err(|e| err("stream", e.to_string()))
+    }
+
+    /// The last input sequence the market's journal covers (0: none, or unreadable).
+    async fn journal_last_seq(&self, symbol: &str) -> u64 {
+        match self.journal().await {
+            Ok(journal) => journal.last_seq(symbol).await.unwrap_or(0),
             Err(_) => 0,
         }
     }
 
     /// The `rejected` event the journal holds for the command at `seq`, if any.
     async fn refusal(&self, symbol: &str, seq: u64) -> Option<String> {
-        let events = self
-            .js
-            .get_stream(self.subjects.events_stream())
-            .await
-            .ok()?;
-        let subject = self.subjects.events(symbol);
-        // The journal message covering `seq` is the last one or close before it: look back a
-        // few messages on the subject.
-        let mut at = events
-            .get_last_raw_message_by_subject(&subject)
-            .await
-            .ok()?;
-        for _ in 0..64 {
-            let batch: Value = rmp_serde::from_slice(&at.payload).ok()?;
-            if batch["first_seq"].as_u64().is_some_and(|f| f <= seq)
-                || batch["last_seq"].as_u64().is_some_and(|l| l < seq)
-            {
-                return batch["events"].as_array()?.iter().find_map(|e| {
-                    (e["type"] == "rejected" && e["seq"].as_u64() == Some(seq))
-                        .then(|| e["message"].as_str().unwrap_or("refused").to_string())
-                });
-            }
-            let previous = at
-                .headers
-                .get("Nats-Expected-Last-Subject-Sequence")
-                .and_then(|v| v.as_str().parse::<u64>().ok())?;
-            at = events.get_raw_message(previous).await.ok()?;
-        }
-        None
+        // The journal message covering `seq` is the last one or close before it.
+        let journal = self.journal().await.ok()?;
+        let payload = journal.batch_covering(symbol, seq, 64).await.ok()??;
+        let batch: Value = rmp_serde::from_slice(&payload).ok()?;
+        batch["events"].as_array()?.iter().find_map(|e| {
+            (e["type"] == "rejected" && e["seq"].as_u64() == Some(seq))
+                .then(|| e["message"].as_str().unwrap_or("refused").to_string())
+        })
     }
 
     /// Publishes an operator command on the market's admin subject; answers its sequence.
-    async fn send_admin(&self, symbol: &str, command: &Value) -> Result<u64, Value> {
+    async fn send_admin(&self, symbol: &str, command: &WireCommandOut) -> Result<u64, Failure> {
         if self.placement_of(symbol).await?.is_none() {
             return Err(err(
                 "unknown_market",
@@ -622,56 +564,57 @@ impl Control {
     }
 
     /// Sends halt or resume through the market's stream and waits until it is applied.
-    async fn admin(&self, symbol: &str, op: &str, cancel_orders: bool) -> Result<Value, Value> {
-        let mut command = json!({"op": op, "account": "operator"});
-        if op == "halt" {
-            command["cancel_orders"] = json!(cancel_orders);
-        }
+    async fn admin(
+        &self,
+        symbol: &str,
+        op: AdminOp,
+        cancel_orders: bool,
+    ) -> Result<MarketHalted, Failure> {
+        let halt = op == AdminOp::Halt;
+        let name = if halt { "halt" } else { "resume" };
+        let command = WireCommandOut {
+            op: name.into(),
+            account: "operator".into(),
+            cancel_orders: halt.then_some(cancel_orders),
+            ..WireCommandOut::default()
+        };
         let seq = self.send_admin(symbol, &command).await?;
-        self.wait_applied(symbol, seq, op).await?;
-        Ok(json!({"ok": true, "market": symbol, "seq": seq, "halted": op == "halt"}))
+        self.wait_applied(symbol, seq, name).await?;
+        Ok(MarketHalted {
+            market: symbol.to_string(),
+            seq,
+            halted: halt,
+        })
     }
 
     /// Waits until the market's journal covers `seq`, wherever the market runs.
-    async fn wait_applied(&self, symbol: &str, seq: u64, op: &str) -> Result<(), Value> {
-        // Applied once the journal covers it, wherever the market runs.
-        let events = self
-            .js
-            .get_stream(self.subjects.events_stream())
+    async fn wait_applied(&self, symbol: &str, seq: u64, op: &str) -> Result<(), Failure> {
+        let journal = self.journal().await?;
+        if journal
+            .wait_covers(symbol, seq, APPLY_TIMEOUT, Duration::from_millis(10))
             .await
-            .map_err(|e| err("stream", e.to_string()))?;
-        let subject = self.subjects.events(symbol);
-        let deadline = Instant::now() + APPLY_TIMEOUT;
-        loop {
-            if let Ok(last) = events.get_last_raw_message_by_subject(&subject).await
-                && let Ok(head) = rmp_serde::from_slice::<Value>(&last.payload)
-                && head["last_seq"].as_u64().is_some_and(|s| s >= seq)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(err(
-                    "timeout",
-                    format!(
-                        "{op} was sent at stream sequence {seq} but not applied within {APPLY_TIMEOUT:?}; is the market running (market.list)?"
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        {
+            return Ok(());
         }
+        Err(err(
+            "timeout",
+            format!(
+                "{op} was sent at stream sequence {seq} but not applied within {APPLY_TIMEOUT:?}; is the market running (market.list)?"
+            ),
+        ))
     }
 
     /// Every market: its placement, and its figures from the node running it.
-    async fn list(&self) -> Value {
-        let mut symbols = Vec::new();
-        if let Ok(mut keys) = self.markets.keys().await {
-            while let Some(Ok(key)) = keys.next().await {
-                symbols.push(key);
-            }
-        }
+    async fn list(&self) -> MarketList {
+        let (mut symbols, listing) = match bus::bucket_keys(&self.markets).await {
+            Ok(keys) => (keys, None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
         symbols.sort();
         let nodes = self.node_entries().await;
-        let mut running: std::collections::BTreeMap<String, Value> = Default::default();
+        // Each market as the node running it (or restarting it) says, with that node's name.
+        let mut running: std::collections::BTreeMap<String, (MarketInfo, String)> =
+            Default::default();
         for n in nodes.iter().filter(|n| n.alive) {
             let subject = self.subjects.node(&n.record.node, "markets");
             let asked = tokio::time::timeout(
@@ -679,124 +622,124 @@ impl Control {
                 self.client.request(subject, "{}".into()),
             )
             .await;
-            if let Ok(Ok(answer)) = asked
-                && let Ok(v) = serde_json::from_slice::<Value>(&answer.payload)
-            {
-                for m in v["markets"].as_array().cloned().unwrap_or_default() {
-                    // A node that runs the market wins over one restarting it or following it.
-                    let Some(symbol) = m["symbol"].as_str() else {
-                        continue;
-                    };
-                    if m["following"] == json!(true) && m["running"] != json!(true) {
-                        continue;
-                    }
-                    if m["running"] == json!(true) || !running.contains_key(symbol) {
-                        let mut m = m.clone();
-                        m["node"] = json!(n.record.node);
-                        running.insert(symbol.to_string(), m);
-                    }
+            let Ok(Ok(answer)) = asked else { continue };
+            let Ok(answer) = serde_json::from_slice::<protocol::node::Markets>(&answer.payload)
+            else {
+                continue;
+            };
+            for m in answer.markets {
+                // A node that runs the market wins over one restarting it or following it.
+                if m.following && !m.running {
+                    continue;
+                }
+                if m.running || !running.contains_key(&m.symbol) {
+                    running.insert(m.symbol.clone(), (m, n.record.node.clone()));
                 }
             }
         }
-        let mut list = Vec::new();
+        let mut markets = Vec::new();
         for symbol in symbols {
             let placed = self.placement_of(&symbol).await.ok().flatten();
-            let mut v = json!({"symbol": symbol});
-            if let Some((p, _)) = &placed {
-                v["node"] = json!(p.node);
-                v["epoch"] = json!(p.epoch);
-                v["placement"] = json!(p.state);
-            }
-            match running.remove(&symbol) {
-                Some(m) if m["running"] != json!(true) => {
-                    v["running"] = json!(false);
-                    v["node"] = m["node"].clone();
-                    v["state"] = json!("restarting");
-                    v["restarts"] = m["restarts"].clone();
+            let mut row = MarketRow {
+                node: placed.as_ref().map(|(p, _)| p.node.clone()),
+                epoch: placed.as_ref().map(|(p, _)| p.epoch),
+                placement: placed.as_ref().map(|(p, _)| p.state),
+                symbol,
+                running: false,
+                state: if placed.is_some() {
+                    MarketState::Starting
+                } else {
+                    MarketState::Unplaced
+                },
+                restarts: None,
+                last_seq: None,
+                resting_orders: None,
+                stop_orders: None,
+                bid_levels: None,
+                ask_levels: None,
+                commands_per_sec: None,
+                snapshot_seq: None,
+                reason: None,
+            };
+            match running.remove(&row.symbol) {
+                Some((m, node)) if !m.running => {
+                    row.node = Some(node);
+                    row.state = MarketState::Restarting;
+                    row.restarts = Some(m.restarts);
                 }
-                Some(m) => {
-                    v["running"] = json!(true);
-                    v["node"] = m["node"].clone();
-                    let stats = &m["stats"];
-                    v["state"] = json!(if stats["halted"] == json!(true) {
-                        "halted"
+                Some((m, node)) => {
+                    row.running = true;
+                    row.node = Some(node);
+                    row.restarts = Some(m.restarts);
+                    row.last_seq = Some(m.last_seq);
+                    let halted = m.stats.as_ref().is_some_and(|s| s.halted);
+                    row.state = if halted {
+                        MarketState::Halted
                     } else {
-                        "active"
-                    });
-                    for key in ["last_seq", "restarts"] {
-                        v[key] = m[key].clone();
-                    }
-                    for key in [
-                        "resting_orders",
-                        "stop_orders",
-                        "bid_levels",
-                        "ask_levels",
-                        "commands_per_sec",
-                        "snapshot_seq",
-                    ] {
-                        v[key] = stats[key].clone();
+                        MarketState::Active
+                    };
+                    if let Some(stats) = m.stats {
+                        row.resting_orders = Some(stats.resting_orders);
+                        row.stop_orders = Some(stats.stop_orders);
+                        row.bid_levels = Some(stats.bid_levels);
+                        row.ask_levels = Some(stats.ask_levels);
+                        row.commands_per_sec = Some(stats.commands_per_sec);
+                        row.snapshot_seq = Some(stats.snapshot_seq);
                     }
                 }
-                None => {
-                    v["running"] = json!(false);
-                    v["state"] = json!(if placed.is_some() {
-                        "starting"
-                    } else {
-                        "unplaced"
-                    });
-                }
+                None => {}
             }
-            list.push(v);
+            markets.push(row);
         }
-        let mut reply = json!({"ok": true, "markets": list});
+        let mut problems: Vec<String> = listing.into_iter().collect();
         if let Some((since, why)) = self.heartbeat.failing() {
             let problem = format!(
                 "node {} runs no markets: its heartbeat has failed for {:.0} s ({why})",
                 self.node,
                 since.as_secs_f64()
             );
-            for m in reply["markets"].as_array_mut().into_iter().flatten() {
-                if m["node"] == json!(self.node) && m["running"] != json!(true) {
-                    m["reason"] = json!(problem);
+            for m in &mut markets {
+                if m.node.as_deref() == Some(self.node.as_str()) && !m.running {
+                    m.reason = Some(problem.clone());
                 }
             }
-            reply["problems"] = json!([problem]);
+            problems.push(problem);
         }
-        reply
+        MarketList { markets, problems }
     }
 
-    async fn node_list(&self) -> Value {
+    async fn node_list(&self) -> NodeList {
         let drained = self.drained().await;
         let rebalancer = match self.nodes.get(REBALANCER_KEY).await {
-            Ok(Some(holder)) => json!(String::from_utf8_lossy(&holder)),
-            _ => Value::Null,
+            Ok(Some(holder)) => Some(String::from_utf8_lossy(&holder).into_owned()),
+            _ => None,
         };
         let now = unix_ms();
-        let nodes: Vec<Value> = self
+        let nodes = self
             .node_entries()
             .await
             .into_iter()
             .map(|n| {
-                let r = &n.record;
-                json!({
-                    "node": r.node,
-                    "alive": n.alive,
-                    "last_heartbeat_ms_ago": n.age_ms,
-                    "draining": drained.contains(&r.node),
-                    "rebalancer": rebalancer == json!(r.node),
-                    "markets": r.markets.len(),
-                    "market_names": r.markets.iter().map(|m| m.symbol.clone()).collect::<Vec<_>>(),
-                    "following": r.following,
-                    "commands_per_sec": r.commands_per_sec,
-                    "cpu_pct": r.cpu_pct,
-                    "uptime_secs": now.saturating_sub(r.started_unix_ms) / 1000,
-                })
+                let r = n.record;
+                NodeRow {
+                    alive: n.alive,
+                    last_heartbeat_ms_ago: n.age_ms,
+                    draining: drained.contains(&r.node),
+                    rebalancer: rebalancer.as_deref() == Some(r.node.as_str()),
+                    markets: r.markets.len(),
+                    market_names: r.markets.iter().map(|m| m.symbol.clone()).collect(),
+                    following: r.following,
+                    commands_per_sec: r.commands_per_sec,
+                    cpu_pct: r.cpu_pct,
+                    uptime_secs: now.saturating_sub(r.started_unix_ms) / 1000,
+                    node: r.node,
+                }
             })
             .collect();
-        json!({"ok": true, "nodes": nodes, "rebalancer": rebalancer})
+        NodeList { nodes, rebalancer }
     }
 
-    async fn move_market(&self, symbol: &str, node: &str) -> Result<Value, Value> {
+    async fn move_market(&self, symbol: &str, node: &str) -> Result<MarketMoved, Failure> {
         let nodes = self.node_entries().await;
         if !nodes.iter().any(|n| n.alive && n.record.node == node) {
             return Err(err(
@@ -814,23 +757,22 @@ impl Control {
         )
         .await
         .map_err(|e| err(e.error, e.message))?;
-        Ok(json!({
-            "ok": true,
-            "market": moved.market,
-            "from": moved.from,
-            "to": moved.to,
-            "epoch": moved.epoch,
-            "seq": moved.seq,
-            "pause_ms": moved.pause_us as f64 / 1000.0,
-            "lag": moved.lag,
-            "state_hash": moved.state_hash,
-            "state_hash_equal": moved.state_hash_equal,
-        }))
+        Ok(MarketMoved {
+            market: moved.market,
+            from: moved.from,
+            to: moved.to,
+            epoch: moved.epoch,
+            seq: moved.seq,
+            pause_ms: moved.pause_us as f64 / 1000.0,
+            lag: moved.lag,
+            state_hash: moved.state_hash,
+            state_hash_equal: moved.state_hash_equal,
+        })
     }
 
     /// Marks the node drained (nothing is placed on it) and waits until the rebalancer moved
     /// its markets away.
-    async fn drain(&self, node: &str) -> Result<Value, Value> {
+    async fn drain(&self, node: &str) -> Result<NodeDrained, Failure> {
         let nodes = self.node_entries().await;
         if !nodes.iter().any(|n| n.record.node == node) {
             return Err(err(
@@ -855,20 +797,22 @@ impl Control {
         let started = Instant::now();
         loop {
             let mut left = Vec::new();
-            if let Ok(mut keys) = self.placement.keys().await {
-                while let Some(Ok(key)) = keys.next().await {
-                    if placement::drained_node(&key).is_none()
-                        && let Ok(Some((p, _))) = self.placement_of(&key).await
-                        && p.node == node
-                    {
-                        left.push(key);
-                    }
+            // A listing that failed says nothing: the drain is not over until one says so.
+            let listed = bus::bucket_keys(&self.placement).await;
+            for key in listed.as_deref().unwrap_or_default() {
+                if placement::drained_node(key).is_none()
+                    && let Ok(Some((p, _))) = self.placement_of(key).await
+                    && p.node == node
+                {
+                    left.push(key.clone());
                 }
             }
-            if left.is_empty() {
-                return Ok(
-                    json!({"ok": true, "node": node, "markets_left": 0, "elapsed_ms": started.elapsed().as_millis() as u64}),
-                );
+            if listed.is_ok() && left.is_empty() {
+                return Ok(NodeDrained {
+                    node: node.to_string(),
+                    markets_left: 0,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                });
             }
             if started.elapsed() > DRAIN_TIMEOUT {
                 return Err(err(
@@ -883,7 +827,7 @@ impl Control {
         }
     }
 
-    async fn undrain(&self, node: &str) -> Result<Value, Value> {
+    async fn undrain(&self, node: &str) -> Result<NodeUndrained, Failure> {
         let known = self
             .node_entries()
             .await
@@ -899,6 +843,9 @@ impl Control {
             .delete(placement::drain_key(node))
             .await
             .map_err(|e| err("kv", format!("cannot clear the drain of {node}: {e}")))?;
-        Ok(json!({"ok": true, "node": node, "draining": false}))
+        Ok(NodeUndrained {
+            node: node.to_string(),
+            draining: false,
+        })
     }
 }

@@ -1,0 +1,620 @@
+//! The rebalancer's decisions, as a pure function of what it sees and of the time: which
+//! markets to place and where, whose markets to fail over, which standbys to name, and which
+//! one market to move (off a drained node, or off an overloaded one), with the hysteresis and
+//! the moves-per-minute cap that keep moves from storming. The rebalancer (`rebalancer.rs`)
+//! feeds it the buckets as watched and carries out what it answers, each write a
+//! compare-and-set; the tests here run it on seeded random clusters with a fake clock.
+//!
+//! This module must never do I/O, read a clock, or decide from anything but its arguments.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::ClusterSettings;
+use super::membership::{NodeRecord, NodeView};
+use super::placement::{self, Placement, PlacementState};
+
+/// A market moved by load stays where it went at least this long.
+pub const MOVED_STAYS: Duration = Duration::from_secs(300);
+/// Checks in a row a node must be overloaded before a load move.
+pub const OVERLOADED_CHECKS: u32 = 3;
+
+/// What the rebalancer sees: the buckets as watched.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    pub nodes: NodeView,
+    /// Each market's placement and the revision it was read at.
+    pub placement: BTreeMap<String, (Placement, u64)>,
+    pub drained: BTreeSet<String>,
+    /// Markets with a spec.
+    pub specs: BTreeSet<String>,
+}
+
+/// Why a market moves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MoveReason {
+    /// Its node is drained.
+    Drain,
+    /// Its node has been overloaded for `OVERLOADED_CHECKS` checks.
+    Load { rate: f64 },
+}
+
+/// A write the rebalancer should make (each by compare-and-set: a lost race changes nothing).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// A market with a spec and no placement, seen so twice in a row: on `node` at epoch 1.
+    Place { market: String, node: String },
+    /// Its owner is dead: to `to` at `epoch` (the owner's plus one), over record `revision`.
+    FailOver {
+        market: String,
+        from: String,
+        to: String,
+        epoch: u64,
+        revision: u64,
+    },
+    /// A running market's standby (the first choice at its failover).
+    NameStandby {
+        market: String,
+        standby: Option<String>,
+        revision: u64,
+    },
+    /// A planned handoff.
+    Move {
+        market: String,
+        from: String,
+        to: String,
+        reason: MoveReason,
+    },
+}
+
+/// What the rebalancer remembers from one heartbeat to the next.
+#[derive(Debug)]
+pub struct Planner {
+    /// Markets seen unplaced at the last heartbeat.
+    unplaced_before: BTreeSet<String>,
+    /// The node overloaded at the last checks, and how many checks in a row.
+    overloaded: (Option<String>, u32),
+    /// When the load moves of the last minute started.
+    moves: VecDeque<Instant>,
+    /// When each market last finished a move.
+    moved_at: HashMap<String, Instant>,
+    last_load_check: Instant,
+}
+
+impl Planner {
+    /// A planner that last checked load at `now`.
+    pub fn new(now: Instant) -> Planner {
+        Planner {
+            unplaced_before: BTreeSet::new(),
+            overloaded: (None, 0),
+            moves: VecDeque::new(),
+            moved_at: HashMap::new(),
+            last_load_check: now,
+        }
+    }
+
+    /// A move of `market` finished at `now`: it stays where it went for `MOVED_STAYS`.
+    pub fn moved(&mut self, market: &str, now: Instant) {
+        self.moved_at.insert(market.to_string(), now);
+    }
+
+    /// One heartbeat of the active rebalancer at `now`. `moving`: a move is in flight (then no
+    /// other starts). At most one `Move` is answered.
+    pub fn tick(
+        &mut self,
+        seen: &Seen,
+        settings: &ClusterSettings,
+        now: Instant,
+        moving: bool,
+    ) -> Vec<Action> {
+        let targets = targets(seen, settings, now);
+        let mut actions = Vec::new();
+        self.place(seen, &targets, &mut actions);
+        fail_over(seen, settings, now, &targets, &mut actions);
+        if settings.standbys > 0 {
+            keep_standbys(seen, settings, now, &targets, &mut actions);
+        }
+        if moving {
+            return actions;
+        }
+        if let Some(m) = drain(seen, settings, now, &targets) {
+            actions.push(m);
+            return actions;
+        }
+        let every = settings.rebalance_every;
+        if !every.is_zero() && now.saturating_duration_since(self.last_load_check) >= every {
+            self.last_load_check = now;
+            while self
+                .moves
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(60))
+            {
+                self.moves.pop_front();
+            }
+            if (self.moves.len() as u32) < settings.max_moves_per_minute
+                && let Some(m) = self.balance(seen, settings, now)
+            {
+                self.moves.push_back(now);
+                actions.push(m);
+            }
+        }
+        actions
+    }
+
+    /// Markets with a spec and no placement on two heartbeats in a row (the first is left to
+    /// `market.add`), by rendezvous hashing over the targets.
+    fn place(&mut self, seen: &Seen, targets: &[&str], actions: &mut Vec<Action>) {
+        let unplaced: BTreeSet<String> = seen
+            .specs
+            .iter()
+            .filter(|m| !seen.placement.contains_key(*m))
+            .cloned()
+            .collect();
+        for market in unplaced.intersection(&self.unplaced_before) {
+            let Some(node) = placement::rendezvous(market, targets.iter().copied()) else {
+                break;
+            };
+            actions.push(Action::Place {
+                market: market.clone(),
+                node: node.to_string(),
+            });
+        }
+        self.unplaced_before = unplaced;
+    }
+
+    /// A load move when one node has been overloaded long enough: its hottest market whose
+    /// move narrows the gap, to the least busy node.
+    fn balance(&mut self, seen: &Seen, settings: &ClusterSettings, now: Instant) -> Option<Action> {
+        let live: Vec<&NodeRecord> = seen
+            .nodes
+            .live_at(now, settings.lease)
+            .filter(|r| !seen.drained.contains(&r.node))
+            .collect();
+        if live.len() < 2 {
+            self.overloaded = (None, 0);
+            return None;
+        }
+        let mean = live.iter().map(|r| r.commands_per_sec).sum::<f64>() / live.len() as f64;
+        let by_load =
+            |a: &&&NodeRecord, b: &&&NodeRecord| a.commands_per_sec.total_cmp(&b.commands_per_sec);
+        let hot = live.iter().max_by(by_load)?;
+        let cool = live.iter().min_by(by_load)?;
+        let gap = hot.commands_per_sec - cool.commands_per_sec;
+        if hot.commands_per_sec < mean * settings.imbalance_ratio || gap < settings.min_rate_gap {
+            self.overloaded = (None, 0);
+            return None;
+        }
+        if self.overloaded.0.as_deref() == Some(hot.node.as_str()) {
+            self.overloaded.1 += 1;
+        } else {
+            self.overloaded = (Some(hot.node.clone()), 1);
+        }
+        if self.overloaded.1 < OVERLOADED_CHECKS {
+            return None;
+        }
+        // It must not simply swap the roles: only a market below the gap narrows it.
+        let market = hot
+            .markets
+            .iter()
+            .filter(|m| m.commands_per_sec > 0.0 && m.commands_per_sec < gap)
+            .filter(|m| {
+                self.moved_at
+                    .get(&m.symbol)
+                    .is_none_or(|t| now.saturating_duration_since(*t) > MOVED_STAYS)
+            })
+            .max_by(|a, b| a.commands_per_sec.total_cmp(&b.commands_per_sec))?;
+        self.overloaded = (None, 0);
+        Some(Action::Move {
+            market: market.symbol.clone(),
+            from: hot.node.clone(),
+            to: cool.node.clone(),
+            reason: MoveReason::Load {
+                rate: market.commands_per_sec,
+            },
+        })
+    }
+}
+
+/// Live nodes that may take markets (not drained).
+fn targets<'a>(seen: &'a Seen, settings: &ClusterSettings, now: Instant) -> Vec<&'a str> {
+    seen.nodes
+        .live_at(now, settings.lease)
+        .map(|r| r.node.as_str())
+        .filter(|n| !seen.drained.contains(*n))
+        .collect()
+}
+
+/// Every market of a dead node (not heard from for a lease) to a target at the next epoch:
+/// its standby first (a warm copy takes over without a snapshot or a replay).
+fn fail_over(
+    seen: &Seen,
+    settings: &ClusterSettings,
+    now: Instant,
+    targets: &[&str],
+    actions: &mut Vec<Action>,
+) {
+    for (market, (p, revision)) in &seen.placement {
+        if seen.nodes.is_live_at(now, &p.node, settings.lease) {
+            continue;
+        }
+        let standby = p.standby.as_deref().filter(|s| targets.contains(s));
+        let Some(node) = standby.or_else(|| placement::rendezvous(market, targets.iter().copied()))
+        else {
+            return;
+        };
+        actions.push(Action::FailOver {
+            market: market.clone(),
+            from: p.node.clone(),
+            to: node.to_string(),
+            epoch: p.epoch + 1,
+            revision: *revision,
+        });
+    }
+}
+
+/// A standby for every running market that lacks a live one: rendezvous over the targets
+/// other than the owner.
+fn keep_standbys(
+    seen: &Seen,
+    settings: &ClusterSettings,
+    now: Instant,
+    targets: &[&str],
+    actions: &mut Vec<Action>,
+) {
+    for (market, (p, revision)) in &seen.placement {
+        if p.state != PlacementState::Active || !seen.nodes.is_live_at(now, &p.node, settings.lease)
+        {
+            continue;
+        }
+        let current = p
+            .standby
+            .as_deref()
+            .filter(|s| *s != p.node && targets.contains(s));
+        if current.is_some() {
+            continue;
+        }
+        let others = targets.iter().copied().filter(|n| *n != p.node);
+        let standby = placement::rendezvous(market, others);
+        if standby == p.standby.as_deref() {
+            continue;
+        }
+        actions.push(Action::NameStandby {
+            market: market.clone(),
+            standby: standby.map(str::to_string),
+            revision: *revision,
+        });
+    }
+}
+
+/// The next market of a drained (live) node to move, if any, in market order.
+fn drain(
+    seen: &Seen,
+    settings: &ClusterSettings,
+    now: Instant,
+    targets: &[&str],
+) -> Option<Action> {
+    for (market, (p, _)) in &seen.placement {
+        if seen.drained.contains(&p.node)
+            && p.state == PlacementState::Active
+            && seen.nodes.is_live_at(now, &p.node, settings.lease)
+        {
+            let to = placement::rendezvous(market, targets.iter().copied())?;
+            return Some(Action::Move {
+                market: market.clone(),
+                from: p.node.clone(),
+                to: to.to_string(),
+                reason: MoveReason::Drain,
+            });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::membership::MarketLoad;
+    use proptest::prelude::*;
+
+    fn settings() -> ClusterSettings {
+        ClusterSettings {
+            heartbeat: Duration::from_millis(100),
+            lease: Duration::from_millis(500),
+            rebalance_every: Duration::from_secs(1),
+            imbalance_ratio: 1.5,
+            min_rate_gap: 100.0,
+            max_moves_per_minute: 2,
+            standbys: 1,
+        }
+    }
+
+    fn record(node: &str, markets: &[(String, f64)]) -> NodeRecord {
+        NodeRecord {
+            node: node.to_string(),
+            instance: 1,
+            started_unix_ms: 0,
+            commands_per_sec: markets.iter().map(|(_, r)| r).sum(),
+            cpu_pct: 0.0,
+            markets: markets
+                .iter()
+                .map(|(symbol, rate)| MarketLoad {
+                    symbol: symbol.clone(),
+                    epoch: 1,
+                    last_seq: 0,
+                    commands_per_sec: *rate,
+                    resting_orders: 0,
+                    halted: false,
+                })
+                .collect(),
+            following: Vec::new(),
+        }
+    }
+
+    /// A random cluster: `nodes` nodes (some dead: last seen a lease ago), markets placed on
+    /// them (some unplaced), some drained nodes, random loads. `now` is after every sighting.
+    #[derive(Clone, Debug)]
+    struct Case {
+        nodes: Vec<(bool, bool)>,                               // (alive, drained)
+        markets: Vec<(Option<usize>, u64, f64, Option<usize>)>, // (owner, epoch, rate, standby)
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (1usize..6).prop_flat_map(|n| {
+            (
+                proptest::collection::vec((any::<bool>(), proptest::bool::weighted(0.2)), n),
+                proptest::collection::vec(
+                    (
+                        proptest::option::weighted(0.85, 0..n),
+                        1u64..20,
+                        0.0f64..5000.0,
+                        proptest::option::weighted(0.5, 0..n),
+                    ),
+                    0..24,
+                ),
+            )
+                .prop_map(|(nodes, markets)| Case { nodes, markets })
+        })
+    }
+
+    fn name(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    fn symbol(i: usize) -> String {
+        format!("M{i:02}-USD")
+    }
+
+    fn seen_of(case: &Case, now: Instant) -> Seen {
+        let lease = settings().lease;
+        let mut seen = Seen::default();
+        for (i, (alive, drained)) in case.nodes.iter().enumerate() {
+            let owned: Vec<(String, f64)> = case
+                .markets
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.0 == Some(i))
+                .map(|(j, m)| (symbol(j), m.2))
+                .collect();
+            let at = if *alive { now } else { now - lease * 2 };
+            seen.nodes
+                .records
+                .insert(name(i), (record(&name(i), &owned), at));
+            if *drained {
+                seen.drained.insert(name(i));
+            }
+        }
+        for (j, (owner, epoch, _, standby)) in case.markets.iter().enumerate() {
+            seen.specs.insert(symbol(j));
+            if let Some(owner) = owner {
+                let p = Placement::active(&name(*owner), *epoch)
+                    .with_standby(standby.map(name).as_deref());
+                seen.placement.insert(symbol(j), (p, j as u64 + 1));
+            }
+        }
+        seen
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every market of a dead node goes to a live target, at its epoch plus one, over the
+        /// record it was read at; no market gets two owners in one heartbeat; a live owner's
+        /// market is never failed over.
+        #[test]
+        fn dead_nodes_markets_all_go_to_live_targets_once(case in case()) {
+            let base = Instant::now();
+            let now = base + Duration::from_secs(10);
+            let seen = seen_of(&case, now);
+            let settings = settings();
+            let mut planner = Planner::new(now);
+            let actions = planner.tick(&seen, &settings, now, false);
+            let targets = targets(&seen, &settings, now);
+            let mut owned_by: BTreeMap<&str, usize> = BTreeMap::new();
+            for a in &actions {
+                match a {
+                    Action::FailOver { market, from, to, epoch, revision } => {
+                        let (p, r) = &seen.placement[market];
+                        prop_assert_eq!(&p.node, from);
+                        prop_assert!(!seen.nodes.is_live_at(now, from, settings.lease));
+                        prop_assert!(targets.contains(&to.as_str()), "{} is not a target", to);
+                        prop_assert_eq!(*epoch, p.epoch + 1);
+                        prop_assert_eq!(revision, r);
+                        *owned_by.entry(market).or_default() += 1;
+                    }
+                    Action::Move { market, to, .. } => {
+                        prop_assert!(targets.contains(&to.as_str()));
+                        *owned_by.entry(market).or_default() += 1;
+                    }
+                    Action::Place { market, node } => {
+                        prop_assert!(targets.contains(&node.as_str()));
+                        *owned_by.entry(market).or_default() += 1;
+                    }
+                    Action::NameStandby { market, standby, .. } => {
+                        let (p, _) = &seen.placement[market];
+                        prop_assert!(standby.as_deref() != Some(p.node.as_str()));
+                    }
+                }
+            }
+            prop_assert!(owned_by.values().all(|n| *n == 1), "two owners: {:?}", actions);
+            if !targets.is_empty() {
+                for (market, (p, _)) in &seen.placement {
+                    if !seen.nodes.is_live_at(now, &p.node, settings.lease) {
+                        prop_assert!(
+                            actions.iter().any(|a| matches!(a, Action::FailOver { market: m, .. } if m == market)),
+                            "{} on dead {} not failed over", market, p.node
+                        );
+                    }
+                }
+            }
+            // A failover prefers a live standby.
+            for a in &actions {
+                if let Action::FailOver { market, to, .. } = a {
+                    let (p, _) = &seen.placement[market];
+                    if let Some(s) = p.standby.as_deref().filter(|s| targets.contains(s)) {
+                        prop_assert_eq!(to.as_str(), s);
+                    }
+                }
+            }
+        }
+
+        /// Over ten simulated minutes of random, shifting loads: at most
+        /// `max_moves_per_minute` load moves in any minute, none while a move is in flight,
+        /// a market moved stays `MOVED_STAYS`, and a move goes from the busiest node to the
+        /// least busy with a market below their gap.
+        #[test]
+        fn load_moves_never_storm(seed in any::<u64>(), nodes in 2usize..5) {
+            let settings = settings();
+            let base = Instant::now();
+            let mut planner = Planner::new(base);
+            let mut rng = seed | 1;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let markets = 12;
+            let mut owner: Vec<usize> = (0..markets).map(|m| m % nodes).collect();
+            let mut moves_at: Vec<Instant> = Vec::new();
+            let mut last_move: HashMap<String, Instant> = HashMap::new();
+            let mut in_flight: Option<(String, usize, Instant)> = None;
+            for step in 0..6000u64 {
+                let now = base + settings.heartbeat * step as u32;
+                // Loads drift: one market in three changes its rate each second.
+                let rates: Vec<f64> = (0..markets)
+                    .map(|m| ((next() % 4000) as f64) * f64::from(u8::from(m % 3 == (step / 10 % 3) as usize)) + 10.0)
+                    .collect();
+                let mut seen = Seen::default();
+                for n in 0..nodes {
+                    let owned: Vec<(String, f64)> = (0..markets)
+                        .filter(|m| owner[*m] == n)
+                        .map(|m| (symbol(m), rates[m]))
+                        .collect();
+                    seen.nodes.records.insert(name(n), (record(&name(n), &owned), now));
+                }
+                for (m, node) in owner.iter().enumerate() {
+                    seen.specs.insert(symbol(m));
+                    seen.placement.insert(symbol(m), (Placement::active(&name(*node), 1), 1));
+                }
+                // A move takes two seconds.
+                if let Some((market, to, started)) = in_flight.take() {
+                    if now.duration_since(started) >= Duration::from_secs(2) {
+                        let m: usize = market[1..3].parse().unwrap_or(0);
+                        owner[m] = to;
+                        planner.moved(&market, now);
+                        last_move.insert(market, now);
+                    } else {
+                        in_flight = Some((market, to, started));
+                    }
+                }
+                let actions = planner.tick(&seen, &settings, now, in_flight.is_some());
+                let load_moves: Vec<_> = actions.iter().filter(|a| matches!(a, Action::Move { .. })).collect();
+                prop_assert!(load_moves.len() <= 1);
+                if let Some(Action::Move { market, from, to, reason }) = load_moves.first() {
+                    prop_assert!(in_flight.is_none(), "a move started while one is in flight");
+                    let MoveReason::Load { rate } = reason else {
+                        return Err(TestCaseError::fail("only load moves here"));
+                    };
+                    let hot = &seen.nodes.records[from].0;
+                    let cool = &seen.nodes.records[to].0;
+                    prop_assert!(hot.commands_per_sec >= cool.commands_per_sec);
+                    prop_assert!(*rate < hot.commands_per_sec - cool.commands_per_sec);
+                    if let Some(t) = last_move.get(market) {
+                        prop_assert!(now.duration_since(*t) > MOVED_STAYS, "{} moved again after {:?}", market, now.duration_since(*t));
+                    }
+                    moves_at.push(now);
+                    let to_index: usize = to[1..].parse().unwrap_or(0);
+                    in_flight = Some((market.clone(), to_index, now));
+                }
+                let minute_ago = now.checked_sub(Duration::from_secs(60)).unwrap_or(base);
+                let recent = moves_at.iter().filter(|t| **t > minute_ago).count();
+                prop_assert!(recent as u32 <= settings.max_moves_per_minute, "{} moves in a minute", recent);
+            }
+        }
+    }
+
+    #[test]
+    fn an_unplaced_market_is_placed_on_the_second_heartbeat_only() {
+        let settings = settings();
+        let now = Instant::now();
+        let mut seen = Seen::default();
+        seen.nodes
+            .records
+            .insert("n1".into(), (record("n1", &[]), now));
+        seen.specs.insert("BTC-USDC".into());
+        let mut planner = Planner::new(now);
+        assert!(planner.tick(&seen, &settings, now, false).is_empty());
+        let actions = planner.tick(&seen, &settings, now, false);
+        assert_eq!(
+            actions,
+            [Action::Place {
+                market: "BTC-USDC".into(),
+                node: "n1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_drained_node_is_emptied_one_market_at_a_time() {
+        let settings = ClusterSettings {
+            standbys: 0,
+            ..settings()
+        };
+        let now = Instant::now();
+        let mut seen = Seen::default();
+        for n in ["n1", "n2"] {
+            seen.nodes.records.insert(n.into(), (record(n, &[]), now));
+        }
+        for m in ["A-USD", "B-USD"] {
+            seen.specs.insert(m.into());
+            seen.placement
+                .insert(m.into(), (Placement::active("n1", 1), 1));
+        }
+        seen.drained.insert("n1".into());
+        let mut planner = Planner::new(now);
+        let first = planner.tick(&seen, &settings, now, false);
+        assert_eq!(
+            first,
+            [Action::Move {
+                market: "A-USD".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+                reason: MoveReason::Drain
+            }]
+        );
+        // While it moves, nothing else starts.
+        assert!(planner.tick(&seen, &settings, now, true).is_empty());
+    }
+
+    #[test]
+    fn a_node_counts_as_dead_once_a_whole_lease_passed() {
+        let settings = settings();
+        let seen_at = Instant::now();
+        let mut view = NodeView::default();
+        view.records
+            .insert("n1".into(), (record("n1", &[]), seen_at));
+        assert!(view.is_live_at(seen_at + settings.lease / 2, "n1", settings.lease));
+        assert!(!view.is_live_at(seen_at + settings.lease, "n1", settings.lease));
+        assert!(!view.is_live_at(seen_at, "n2", settings.lease));
+    }
+}

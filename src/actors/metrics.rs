@@ -1,4 +1,4 @@
-//! What a market records for Prometheus, under the seed documents' names. Handles are made
+//! What a market records for Prometheus, under the names `docs/observability.md` lists. Handles are made
 //! once per market (labels allocated once), and recorded once per batch, never per command,
 //! so the hot path pays a few atomic adds per batch. Without an installed recorder (tests,
 //! tools) every call is a no-op.

@@ -1,6 +1,6 @@
 //! Subject and stream names: `<prefix>.orders.<MARKET>`, `<prefix>.execs.<ACCOUNT>.<MARKET>`, ...
 //! The prefix (default `agora`) lets several deployments share one NATS. Stream names are those
-//! of the design (`ORDERS_<MARKET>`, `EVENTS`, `EXECS`, `TRADES`) for the default prefix, and
+//! of `docs/protocol.md` (`ORDERS_<MARKET>`, `EVENTS`, `EXECS`, `TRADES`) for the default prefix, and
 //! carry the prefix otherwise (`<PREFIX>_EVENTS`), so deployments never share a stream.
 //! This module must never build a subject from an unchecked token.
 
@@ -144,7 +144,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_follow_the_design() {
+    fn names_follow_the_protocol() {
         let s = Subjects::default();
         assert_eq!(s.orders("BTC-USDC"), "agora.orders.BTC-USDC");
         assert_eq!(s.execs("acct-1", "BTC-USDC"), "agora.execs.acct-1.BTC-USDC");

@@ -1,4 +1,4 @@
-//! The planned move of one market from its owner A to a node B (DESIGN section 6):
+//! The planned move of one market from its owner A to a node B (`docs/operations.md`, "Placement, moves and drains"):
 //!
 //! 1. B keeps a warm copy: it restores the latest snapshot and applies the stream silently
 //!    behind the journal (`follow`), until it is close behind A.

@@ -1,5 +1,5 @@
 //! The cluster: which node runs which market, and moving markets between nodes. The contract
-//! is DESIGN section 6; every decision about ownership is a compare-and-set result on the
+//! is in `docs/protocol.md` ("Cluster records") and `docs/operations.md`; every decision about ownership is a compare-and-set result on the
 //! placement bucket, never a read.
 //!
 //! - `Lease` (kept in `actors::lease`, where markets check it before every journal publish):

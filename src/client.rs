@@ -62,17 +62,38 @@ pub enum ClientError {
 }
 
 /// A `new` command, as decimal strings (the engine checks them against the market's spec).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Declared once: the same struct is the `agora order place` flags (their help is these docs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 pub struct NewOrderRequest {
+    /// buy or sell.
+    #[arg(long)]
     pub side: String,
+    /// limit (default), market, stop_limit or stop_market.
+    #[arg(long = "type")]
     pub order_type: Option<String>,
+    /// gtc (default), ioc, fok, gtd or post_only.
+    #[arg(long)]
     pub tif: Option<String>,
+    /// Limit price, as a decimal string ("65000.00"); not for market orders.
+    #[arg(long, allow_hyphen_values = true)]
     pub price: Option<String>,
+    /// Total quantity, as a decimal string ("0.5").
+    #[arg(long, allow_hyphen_values = true)]
     pub qty: String,
+    /// Trigger price of a stop_limit or stop_market order, as a decimal string.
+    #[arg(long, allow_hyphen_values = true)]
     pub stop_price: Option<String>,
+    /// Iceberg: the quantity shown at a time.
+    #[arg(long, allow_hyphen_values = true)]
     pub display_qty: Option<String>,
+    /// For gtd: expiry, nanoseconds since the Unix epoch.
+    #[arg(long)]
     pub expire_at: Option<u64>,
+    /// Self-trade prevention: none, cancel_newest, cancel_oldest, cancel_both, decrement_and_cancel.
+    #[arg(long)]
     pub stp: Option<String>,
+    /// Client order id (also the Nats-Msg-Id, so a retried publish counts once).
+    #[arg(long)]
     pub cid: Option<String>,
 }
 

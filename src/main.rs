@@ -376,36 +376,8 @@ enum OrderCmd {
     Place {
         #[command(flatten)]
         common: OrderCommon,
-        /// buy or sell.
-        #[arg(long)]
-        side: String,
-        /// Total quantity, as a decimal string ("0.5").
-        #[arg(long, allow_hyphen_values = true)]
-        qty: String,
-        /// Limit price, as a decimal string ("65000.00"); not for market orders.
-        #[arg(long, allow_hyphen_values = true)]
-        price: Option<String>,
-        /// limit (default), market, stop_limit or stop_market.
-        #[arg(long = "type")]
-        order_type: Option<String>,
-        /// gtc (default), ioc, fok, gtd or post_only.
-        #[arg(long)]
-        tif: Option<String>,
-        /// Trigger price of a stop_limit or stop_market order, as a decimal string.
-        #[arg(long, allow_hyphen_values = true)]
-        stop_price: Option<String>,
-        /// Iceberg: the quantity shown at a time.
-        #[arg(long, allow_hyphen_values = true)]
-        display_qty: Option<String>,
-        /// For gtd: expiry, nanoseconds since the Unix epoch.
-        #[arg(long)]
-        expire_at: Option<u64>,
-        /// Self-trade prevention: none, cancel_newest, cancel_oldest, cancel_both, decrement_and_cancel.
-        #[arg(long)]
-        stp: Option<String>,
-        /// Client order id (also the Nats-Msg-Id, so a retried publish counts once).
-        #[arg(long)]
-        cid: Option<String>,
+        #[command(flatten)]
+        order: agora::client::NewOrderRequest,
     },
     /// Cancel an order (by --cid or --oid).
     Cancel {
@@ -827,7 +799,6 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
 }
 
 fn order_cmd(cmd: OrderCmd) -> Result<()> {
-    use agora::client::NewOrderRequest;
     let common = match &cmd {
         OrderCmd::Place { common, .. }
         | OrderCmd::Cancel { common, .. }
@@ -856,32 +827,8 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
             None
         };
         let sent = match &cmd {
-            OrderCmd::Place {
-                side,
-                qty,
-                price,
-                order_type,
-                tif,
-                stop_price,
-                display_qty,
-                expire_at,
-                stp,
-                cid,
-                ..
-            } => {
-                let order = NewOrderRequest {
-                    side: side.clone(),
-                    order_type: order_type.clone(),
-                    tif: tif.clone(),
-                    price: price.clone(),
-                    qty: qty.clone(),
-                    stop_price: stop_price.clone(),
-                    display_qty: display_qty.clone(),
-                    expire_at: *expire_at,
-                    stp: stp.clone(),
-                    cid: cid.clone(),
-                };
-                client.place(market, account, &order).await?
+            OrderCmd::Place { order, .. } => {
+                client.place(market, account, order).await?
             }
             OrderCmd::Cancel { target, .. } => {
                 client.cancel(market, account, &target.target()).await?

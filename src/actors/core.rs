@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::{BookSnapshot, Event, MarketSpec, OrderBook, Seq, StateHash, Timestamp};
 use crate::bus::Subjects;
-use crate::bus::outputs::{self, Batch, BatchOutputs, Entry};
+use crate::bus::outputs::{self, Batch, BatchOutputs, Entry, Outcome};
 use crate::wire::{self, DecodeContext};
 
 /// Levels per side that L2 deltas cover.
@@ -299,10 +299,21 @@ impl MarketCore {
     /// events to `BATCH_EVENTS_MAX`: what each sends, and what it did. The split depends on
     /// the messages alone, so processing one of these batches again gives the same outputs.
     pub fn process_split(&mut self, msgs: &[Incoming]) -> Vec<(BatchOutputs, BatchStats)> {
+        self.process_traced(msgs, &[], &mut [])
+    }
+
+    /// `process_split`, also adding to `outcomes` what each message of `traced` (input
+    /// sequences, same length as `outcomes`) did. Free when `traced` is empty.
+    pub fn process_traced(
+        &mut self,
+        msgs: &[Incoming],
+        traced: &[Seq],
+        outcomes: &mut [Outcome],
+    ) -> Vec<(BatchOutputs, BatchStats)> {
         let mut out = Vec::new();
         let mut rest = msgs;
         while !rest.is_empty() {
-            let (batch, n) = self.process_some(rest, BATCH_EVENTS_MAX);
+            let (batch, n) = self.process_some(rest, BATCH_EVENTS_MAX, traced, outcomes);
             if let Some(batch) = batch {
                 let mut stats = self.stats.clone();
                 stats.report_messages = batch.execs.len() as u64;
@@ -315,7 +326,7 @@ impl MarketCore {
 
     /// Applies a batch and builds everything it sends. Returns `None` for an empty batch.
     pub fn process(&mut self, msgs: &[Incoming]) -> Option<BatchOutputs> {
-        self.process_some(msgs, usize::MAX).0
+        self.process_some(msgs, usize::MAX, &[], &mut []).0
     }
 
     /// Applies messages until their events reach `events_max` (the message that reaches it
@@ -324,6 +335,8 @@ impl MarketCore {
         &mut self,
         msgs: &[Incoming],
         events_max: usize,
+        traced: &[Seq],
+        outcomes: &mut [Outcome],
     ) -> (Option<BatchOutputs>, usize) {
         let Some(first) = msgs.first().map(|m| m.seq) else {
             return (None, 0);
@@ -343,6 +356,9 @@ impl MarketCore {
             }
         }
         self.stats.count(&entries, &self.book);
+        if !traced.is_empty() {
+            Outcome::add(&entries, traced, outcomes);
+        }
         let after = outputs::top(&self.book, self.top_levels);
         let out = outputs::build(
             &self.subjects,

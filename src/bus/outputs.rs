@@ -25,6 +25,70 @@ pub enum Entry {
     Reject(WireReject),
 }
 
+/// What one input message did within a batch: the order its first event (or rejection) is
+/// about, how many events and fills it caused, and its first rejection's reason. Traces
+/// annotate a command's span with it; it is read from the batch's entries, never re-decoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub oid: Option<crate::book::OrderId>,
+    pub cid: Option<crate::book::Cid>,
+    pub account: Option<crate::book::Account>,
+    pub events: u64,
+    pub fills: u64,
+    pub rejected: Option<crate::book::RejectReason>,
+}
+
+impl Outcome {
+    /// Adds what `entries` did for each of `seqs` to `outcomes` (same length as `seqs`), so a
+    /// message whose batch was split sums over the parts.
+    pub fn add(entries: &[Entry], seqs: &[Seq], outcomes: &mut [Outcome]) {
+        for entry in entries {
+            let seq = match entry {
+                Entry::Event(e) => e.seq(),
+                Entry::Reject(r) => r.seq,
+            };
+            let Some(o) = seqs
+                .iter()
+                .position(|s| *s == seq)
+                .and_then(|i| outcomes.get_mut(i))
+            else {
+                continue;
+            };
+            o.events += 1;
+            let first = o.events == 1;
+            let (oid, cid, account) = match entry {
+                Entry::Event(Event::Trade(t)) => {
+                    o.fills += 1;
+                    (Some(t.taker.oid), t.taker.cid, Some(t.taker.account))
+                }
+                Entry::Event(Event::Rejected(r)) => {
+                    o.rejected.get_or_insert(r.reason);
+                    (r.oid, r.cid, Some(r.account))
+                }
+                Entry::Event(Event::Accepted(e)) => {
+                    (Some(e.order.oid), e.order.cid, Some(e.order.account))
+                }
+                Entry::Event(Event::Cancelled(e)) => {
+                    (Some(e.order.oid), e.order.cid, Some(e.order.account))
+                }
+                Entry::Event(Event::Amended(e)) => {
+                    (Some(e.order.oid), e.order.cid, Some(e.order.account))
+                }
+                Entry::Event(Event::Triggered(e)) => {
+                    (Some(e.order.oid), e.order.cid, Some(e.order.account))
+                }
+                Entry::Reject(r) => {
+                    o.rejected.get_or_insert(r.reason);
+                    (None, r.cid, r.account)
+                }
+            };
+            if first {
+                (o.oid, o.cid, o.account) = (oid, cid, account);
+            }
+        }
+    }
+}
+
 /// A message to publish. The payload is shared (`Bytes`): a batch's report payloads are slices
 /// of one buffer, and publishing hands them over without a copy.
 #[derive(Clone, Debug, PartialEq, Eq)]

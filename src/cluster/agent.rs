@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::placement::{Placement, PlacementState};
 use super::{ClusterSettings, Lease};
+use crate::actors::market::MarketStatus;
 use crate::actors::takeover::{Takeover, TakeoverKind};
 use crate::actors::{
     Follow, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor, Unfollow,
@@ -102,10 +103,6 @@ struct State {
 /// A finished start: the market, its epoch, and whether it came from a warm copy (or what
 /// went wrong).
 type Started = (String, u64, Result<bool, String>);
-
-fn error(error: &str, message: impl Into<String>) -> Failure {
-    Failure::new(error, message)
-}
 
 /// A market's spec from the markets bucket.
 pub async fn spec_of(markets: &kv::Store, market: &str) -> Result<MarketSpec, String> {
@@ -437,7 +434,7 @@ impl Agent {
                     );
                     return;
                 }
-                Err(e) => reply_value::<()>(&Err(error(
+                Err(e) => reply_value::<()>(&Err(Failure::new(
                     "bad_request",
                     format!("follow takes {{market}}: {e}"),
                 ))),
@@ -455,7 +452,7 @@ impl Agent {
                     self.specs.forget(&r.market);
                     reply_value(&Ok::<_, Failure>(node::Unfollowed { market: r.market }))
                 }
-                Err(e) => reply_value::<()>(&Err(error(
+                Err(e) => reply_value::<()>(&Err(Failure::new(
                     "bad_request",
                     format!("unfollow takes {{market}}: {e}"),
                 ))),
@@ -493,12 +490,12 @@ impl Agent {
                     );
                     return;
                 }
-                Err(e) => reply_value::<()>(&Err(error(
+                Err(e) => reply_value::<()>(&Err(Failure::new(
                     "bad_request",
                     format!("release takes {{market, to, epoch}}: {e}"),
                 ))),
             },
-            other => reply_value::<()>(&Err(error(
+            other => reply_value::<()>(&Err(Failure::new(
                 "unknown_verb",
                 format!(
                     "{other:?} is not a node verb; use {}",
@@ -518,16 +515,16 @@ impl Agent {
     async fn follow(&self, r: &MarketRequest) -> Reply<node::Followed> {
         let spec = match spec_of(&self.markets, &r.market).await {
             Ok(spec) => spec,
-            Err(e) => return Err(error("unknown_market", e)),
+            Err(e) => return Err(Failure::new("unknown_market", e)),
         };
         self.specs.keep(&spec);
         match self.supervisor.send(Follow(spec)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.specs.forget(&r.market);
-                return Err(error("follow_failed", e));
+                return Err(Failure::new("follow_failed", e));
             }
-            Err(e) => return Err(error("node", format!("the supervisor is gone: {e}"))),
+            Err(e) => return Err(Failure::new("node", format!("the supervisor is gone: {e}"))),
         }
         let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(30_000));
         let deadline = Instant::now() + timeout;
@@ -560,7 +557,7 @@ impl Agent {
                     } else {
                         format!("is {lag} commands behind")
                     };
-                    return Err(error(
+                    return Err(Failure::new(
                         "not_caught_up",
                         format!(
                             "the warm copy of {} on {} {behind} after {timeout:?}",
@@ -586,7 +583,7 @@ impl Agent {
             stopped: None,
         };
         let Some((p, revision)) = state.view.get(&r.market).cloned() else {
-            return refused(error(
+            return refused(Failure::new(
                 "unknown_market",
                 format!("{} has no placement", r.market),
             ));
@@ -597,7 +594,7 @@ impl Agent {
             || state.owned.get(&r.market) != Some(&p.epoch)
             || state.starting.contains(&r.market)
         {
-            return refused(error(
+            return refused(Failure::new(
                 "not_owner",
                 format!(
                     "{} is placed on {} at epoch {} ({:?}); {} cannot release it at epoch {}",
@@ -692,7 +689,7 @@ impl Agent {
                     }),
                 }
             }
-            Err(e) => refused(error(
+            Err(e) => refused(Failure::new(
                 "placement_changed",
                 format!(
                     "{} stopped here but its placement changed meanwhile ({e}); it is claimed again where placement says",
@@ -730,13 +727,7 @@ impl Stopped {
             let (to, epoch) = (self.to.as_str(), self.epoch);
             let running = async {
                 while let Some(m) = status.next().await {
-                    let Ok(s) = rmp_serde::from_slice::<Value>(&m.payload) else {
-                        continue;
-                    };
-                    if s["node"].as_str() == Some(to)
-                        && s["epoch"].as_u64() >= Some(epoch)
-                        && s["state"].as_str() == Some("active")
-                    {
+                    if MarketStatus::decode(&m.payload).is_some_and(|s| s.runs_on(to, epoch)) {
                         return;
                     }
                 }

@@ -13,9 +13,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::actors::market::MarketStatus;
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::placement::{Placement, PlacementState};
@@ -46,17 +46,6 @@ pub struct Moved {
 
 /// How long a move waits, after the target runs the market, for its book's state hash.
 const HASH_WAIT: Duration = Duration::from_secs(10);
-
-#[derive(Deserialize)]
-struct Status {
-    node: String,
-    epoch: u64,
-    state: String,
-    #[serde(default)]
-    seq: Option<u64>,
-    #[serde(default)]
-    state_hash: Option<String>,
-}
 
 /// Why a move did not happen: an error code and what to do.
 #[derive(Debug)]
@@ -221,7 +210,7 @@ async fn handoff(
     // The target announces `active` as it starts consuming (the pause ends there), then again
     // with its book's state hash, computed off the market's thread.
     let announced = async {
-        let mut running: Option<(Status, Duration)> = None;
+        let mut running: Option<(MarketStatus, Duration)> = None;
         loop {
             let until = match &running {
                 Some((_, pause)) => *pause + HASH_WAIT,
@@ -233,10 +222,10 @@ async fn handoff(
                 // Without the hash, the books count as different (and the log says so).
                 return running;
             };
-            let Ok(s) = rmp_serde::from_slice::<Status>(&message.payload) else {
+            let Some(s) = MarketStatus::decode(&message.payload) else {
                 continue;
             };
-            if s.node == to && s.epoch >= epoch && s.state == "active" {
+            if s.runs_on(to, epoch) {
                 let pause = running.as_ref().map_or_else(|| started.elapsed(), |r| r.1);
                 if s.state_hash.is_some() {
                     return Some((s, pause));

@@ -19,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::actors::MarketInfo;
+use crate::actors::market::MarketStatus;
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::wire::WireCommandOut;
 
@@ -114,10 +115,6 @@ struct NodeEntry {
     record: NodeRecord,
     alive: bool,
     age_ms: u64,
-}
-
-fn err(error: &str, message: impl Into<String>) -> Failure {
-    Failure::new(error, message)
 }
 
 impl Control {
@@ -242,7 +239,7 @@ impl Control {
                 Ok(Placement::decode(&e.value).map(|p| (p, e.revision)))
             }
             Ok(_) => Ok(None),
-            Err(e) => Err(err(
+            Err(e) => Err(Failure::new(
                 "kv",
                 format!("cannot read the placement of {market}: {e}"),
             )),
@@ -269,19 +266,22 @@ impl Control {
                     .and_then(|i| i.validate().ok()),
             )),
             Ok(None) => Ok(None),
-            Err(e) => Err(err("kv", format!("cannot read the market specs: {e}"))),
+            Err(e) => Err(Failure::new(
+                "kv",
+                format!("cannot read the market specs: {e}"),
+            )),
         }
     }
 
     async fn add(&self, input: MarketSpecInput) -> Result<MarketAdded, Failure> {
-        let spec = input
-            .validate()
-            .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
+        let spec = input.validate().map_err(|e| {
+            Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
+        })?;
         let symbol = spec.symbol.clone();
         let created = match self.stored_spec(&symbol).await? {
             Some(stored) => {
                 if stored.as_ref() != Some(&spec) {
-                    return Err(err(
+                    return Err(Failure::new(
                         "market_exists",
                         format!(
                             "{symbol} exists with another spec; remove it first (market.remove)"
@@ -299,7 +299,7 @@ impl Control {
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                         let stored = self.stored_spec(&symbol).await?.flatten();
                         if stored.as_ref() != Some(&spec) {
-                            return Err(err(
+                            return Err(Failure::new(
                                 "market_exists",
                                 format!(
                                     "{symbol} was added meanwhile with another spec; market.list shows it"
@@ -309,7 +309,10 @@ impl Control {
                         false
                     }
                     Err(e) => {
-                        return Err(err("kv", format!("{symbol} could not be stored: {e}")));
+                        return Err(Failure::new(
+                            "kv",
+                            format!("{symbol} could not be stored: {e}"),
+                        ));
                     }
                 }
             }
@@ -317,7 +320,7 @@ impl Control {
         let mut stream =
             bus::ensure_market_stream(&self.js, &self.subjects, &symbol, &self.streams)
                 .await
-                .map_err(|e| err("stream", e.to_string()))?;
+                .map_err(|e| Failure::new("stream", e.to_string()))?;
         // A market added again after market.remove resumes its kept stream: commands stored
         // before the removal and never applied are applied now.
         let stored = stream
@@ -347,7 +350,7 @@ impl Control {
             .client
             .subscribe(self.subjects.status(symbol))
             .await
-            .map_err(|e| err("nats", e.to_string()))?;
+            .map_err(|e| Failure::new("nats", e.to_string()))?;
         match self.placement_of(symbol).await? {
             Some((p, _)) if p.state == PlacementState::Active && alive(&p.node) => {
                 return Ok((p.node, p.epoch));
@@ -365,7 +368,7 @@ impl Control {
                     })
                     .map(|n| n.record.node.clone())
                     .ok_or_else(|| {
-                        err(
+                        Failure::new(
                             "no_nodes",
                             format!("no live node can take {symbol}; start a node (agora node) and try again"),
                         )
@@ -382,17 +385,14 @@ impl Control {
             let left = START_TIMEOUT.saturating_sub(started.elapsed());
             match tokio::time::timeout(left, status.next()).await {
                 Ok(Some(m)) => {
-                    if let Ok(s) = rmp_serde::from_slice::<Value>(&m.payload)
-                        && s["state"] == "active"
+                    if let Some(s) = MarketStatus::decode(&m.payload)
+                        && s.is_active()
                     {
-                        return Ok((
-                            s["node"].as_str().unwrap_or("").to_string(),
-                            s["epoch"].as_u64().unwrap_or(0),
-                        ));
+                        return Ok((s.node, s.epoch));
                     }
                 }
                 _ => {
-                    return Err(err(
+                    return Err(Failure::new(
                         "start_timeout",
                         format!(
                             "{symbol} is placed but did not start within {START_TIMEOUT:?}; market.list shows where it is placed, the node's log why it did not start"
@@ -407,7 +407,7 @@ impl Control {
         let placed = self.placement_of(symbol).await?;
         let stored = matches!(self.markets.get(symbol).await, Ok(Some(_)));
         if placed.is_none() && !stored {
-            return Err(err(
+            return Err(Failure::new(
                 "unknown_market",
                 format!("{symbol} is not a market; market.list shows them"),
             ));
@@ -416,23 +416,22 @@ impl Control {
             .client
             .subscribe(self.subjects.status(symbol))
             .await
-            .map_err(|e| err("nats", e.to_string()))?;
+            .map_err(|e| Failure::new("nats", e.to_string()))?;
         // The stream stops taking commands first: from now on publishing to the market fails
         // at once, and nothing is stored for a market nobody will run.
         let stream_last = bus::detach_market_stream(&self.js, &self.subjects, symbol)
             .await
-            .map_err(|e| err("stream", e.to_string()))?;
+            .map_err(|e| Failure::new("stream", e.to_string()))?;
         // Then the spec, so the rebalancer does not place it again.
         if stored {
-            self.markets
-                .delete(symbol)
-                .await
-                .map_err(|e| err("kv", format!("cannot delete the spec of {symbol}: {e}")))?;
+            self.markets.delete(symbol).await.map_err(|e| {
+                Failure::new("kv", format!("cannot delete the spec of {symbol}: {e}"))
+            })?;
         }
         let mut stopped = false;
         if let Some((p, _)) = &placed {
             self.placement.delete(symbol).await.map_err(|e| {
-                err(
+                Failure::new(
                     "kv",
                     format!("cannot delete the placement of {symbol}: {e}"),
                 )
@@ -447,9 +446,7 @@ impl Control {
                 let left = APPLY_TIMEOUT.saturating_sub(started.elapsed());
                 match tokio::time::timeout(left, status.next()).await {
                     Ok(Some(m)) => {
-                        if let Ok(s) = rmp_serde::from_slice::<Value>(&m.payload)
-                            && s["state"] != "active"
-                        {
+                        if MarketStatus::decode(&m.payload).is_some_and(|s| !s.is_active()) {
                             stopped = true;
                             break;
                         }
@@ -484,11 +481,11 @@ impl Control {
     /// the market's refusal (a new tick that open orders are off, say).
     async fn update(&self, input: MarketSpecInput) -> Result<MarketUpdated, Failure> {
         let symbol = input.symbol.clone();
-        let spec = input
-            .validate()
-            .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
+        let spec = input.validate().map_err(|e| {
+            Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
+        })?;
         let Some(stored) = self.stored_spec(&symbol).await?.flatten() else {
-            return Err(err(
+            return Err(Failure::new(
                 "unknown_market",
                 format!(
                     "{symbol} is not a market; add it with market.add (market.list shows them)"
@@ -496,9 +493,9 @@ impl Control {
             ));
         };
         // What may not change is refused here already, with the field named.
-        stored
-            .update_rules(&input)
-            .map_err(|e| err("invalid_spec", format!("{} (field {})", e.message, e.field)))?;
+        stored.update_rules(&input).map_err(|e| {
+            Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
+        })?;
         let command = WireCommandOut {
             op: "update_spec".into(),
             account: "operator".into(),
@@ -508,7 +505,7 @@ impl Control {
         let seq = self.send_admin(&symbol, &command).await?;
         self.wait_applied(&symbol, seq, "update_spec").await?;
         if let Some(message) = self.refusal(&symbol, seq).await {
-            return Err(err("refused", message));
+            return Err(Failure::new("refused", message));
         }
         Ok(MarketUpdated {
             market: symbol,
@@ -521,7 +518,7 @@ impl Control {
     async fn journal(&self) -> Result<Journal, Failure> {
         Journal::open(&self.js, &self.subjects)
             .await
-            .map_err(|e| err("stream", e.to_string()))
+            .map_err(|e| Failure::new("stream", e.to_string()))
     }
 
     /// The last input sequence the market's journal covers (0: none, or unreadable).
@@ -547,7 +544,7 @@ impl Control {
     /// Publishes an operator command on the market's admin subject; answers its sequence.
     async fn send_admin(&self, symbol: &str, command: &WireCommandOut) -> Result<u64, Failure> {
         if self.placement_of(symbol).await?.is_none() {
-            return Err(err(
+            return Err(Failure::new(
                 "unknown_market",
                 format!("{symbol} is not a running market; market.list shows them"),
             ));
@@ -557,9 +554,9 @@ impl Control {
             .js
             .publish(self.subjects.admin(symbol), bytes.into())
             .await
-            .map_err(|e| err("publish", e.to_string()))?
+            .map_err(|e| Failure::new("publish", e.to_string()))?
             .await
-            .map_err(|e| err("publish", e.to_string()))?
+            .map_err(|e| Failure::new("publish", e.to_string()))?
             .sequence)
     }
 
@@ -596,7 +593,7 @@ impl Control {
         {
             return Ok(());
         }
-        Err(err(
+        Err(Failure::new(
             "timeout",
             format!(
                 "{op} was sent at stream sequence {seq} but not applied within {APPLY_TIMEOUT:?}; is the market running (market.list)?"
@@ -640,26 +637,16 @@ impl Control {
         let mut markets = Vec::new();
         for symbol in symbols {
             let placed = self.placement_of(&symbol).await.ok().flatten();
+            let state = if placed.is_some() {
+                MarketState::Starting
+            } else {
+                MarketState::Unplaced
+            };
             let mut row = MarketRow {
                 node: placed.as_ref().map(|(p, _)| p.node.clone()),
                 epoch: placed.as_ref().map(|(p, _)| p.epoch),
                 placement: placed.as_ref().map(|(p, _)| p.state),
-                symbol,
-                running: false,
-                state: if placed.is_some() {
-                    MarketState::Starting
-                } else {
-                    MarketState::Unplaced
-                },
-                restarts: None,
-                last_seq: None,
-                resting_orders: None,
-                stop_orders: None,
-                bid_levels: None,
-                ask_levels: None,
-                commands_per_sec: None,
-                snapshot_seq: None,
-                reason: None,
+                ..MarketRow::new(symbol, state)
             };
             match running.remove(&row.symbol) {
                 Some((m, node)) if !m.running => {
@@ -742,7 +729,7 @@ impl Control {
     async fn move_market(&self, symbol: &str, node: &str) -> Result<MarketMoved, Failure> {
         let nodes = self.node_entries().await;
         if !nodes.iter().any(|n| n.alive && n.record.node == node) {
-            return Err(err(
+            return Err(Failure::new(
                 "unknown_node",
                 format!("{node} is not a live node; node.list shows them"),
             ));
@@ -756,7 +743,7 @@ impl Control {
             Duration::from_secs(40),
         )
         .await
-        .map_err(|e| err(e.error, e.message))?;
+        .map_err(|e| Failure::new(e.error, e.message))?;
         Ok(MarketMoved {
             market: moved.market,
             from: moved.from,
@@ -775,7 +762,7 @@ impl Control {
     async fn drain(&self, node: &str) -> Result<NodeDrained, Failure> {
         let nodes = self.node_entries().await;
         if !nodes.iter().any(|n| n.record.node == node) {
-            return Err(err(
+            return Err(Failure::new(
                 "unknown_node",
                 format!("{node} is not a node; node.list shows them"),
             ));
@@ -785,7 +772,7 @@ impl Control {
             .iter()
             .any(|n| n.alive && n.record.node != node && !drained.contains(&n.record.node))
         {
-            return Err(err(
+            return Err(Failure::new(
                 "no_target",
                 format!("no other live node can take the markets of {node}; start one first"),
             ));
@@ -793,7 +780,7 @@ impl Control {
         self.placement
             .put(placement::drain_key(node), "1".into())
             .await
-            .map_err(|e| err("kv", format!("cannot mark {node} drained: {e}")))?;
+            .map_err(|e| Failure::new("kv", format!("cannot mark {node} drained: {e}")))?;
         let started = Instant::now();
         loop {
             let mut left = Vec::new();
@@ -815,7 +802,7 @@ impl Control {
                 });
             }
             if started.elapsed() > DRAIN_TIMEOUT {
-                return Err(err(
+                return Err(Failure::new(
                     "drain_incomplete",
                     format!(
                         "{node} still holds {} after {DRAIN_TIMEOUT:?} (moves go one at a time); ask again to keep waiting",
@@ -834,7 +821,7 @@ impl Control {
             .iter()
             .any(|n| n.record.node == node);
         if !known && !self.drained().await.contains(node) {
-            return Err(err(
+            return Err(Failure::new(
                 "unknown_node",
                 format!("{node} is not a node and is not drained; node.list shows them"),
             ));
@@ -842,7 +829,7 @@ impl Control {
         self.placement
             .delete(placement::drain_key(node))
             .await
-            .map_err(|e| err("kv", format!("cannot clear the drain of {node}: {e}")))?;
+            .map_err(|e| Failure::new("kv", format!("cannot clear the drain of {node}: {e}")))?;
         Ok(NodeUndrained {
             node: node.to_string(),
             draining: false,

@@ -32,7 +32,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::book::Seq;
-use crate::bus::outputs::Outgoing;
+use crate::bus::outputs::{Outcome, Outgoing};
 pub mod settings;
 
 use settings::{OtlpProtocol, Sampler, TracingConfig};
@@ -444,29 +444,25 @@ impl Matching {
         Matching { spans }
     }
 
-    /// Records what each traced message did, read from the journal messages of the batch
-    /// (one, or more when the batch was split), and ends the spans.
+    /// The input sequences of the traced messages, for the core to say what each did.
+    pub fn seqs(&self) -> Vec<Seq> {
+        self.spans.iter().map(|(seq, _)| *seq).collect()
+    }
+
+    /// Records what each traced message did (`outcomes` in the order of `seqs()`, from the
+    /// core) and ends the spans.
     #[inline]
-    pub fn finish<'a>(self, journals: impl IntoIterator<Item = &'a Outgoing>) {
+    pub fn finish(self, outcomes: &[Outcome]) {
         if !self.spans.is_empty() {
-            self.record(journals);
+            self.record(outcomes);
         }
     }
 
     #[cold]
-    fn record<'a>(self, journals: impl IntoIterator<Item = &'a Outgoing>) {
-        let seqs: Vec<Seq> = self.spans.iter().map(|(seq, _)| *seq).collect();
-        let mut outcomes = vec![Outcome::default(); seqs.len()];
-        for journal in journals {
-            for (all, one) in outcomes.iter_mut().zip(Outcome::read(journal, &seqs)) {
-                if one.events > 0 {
-                    *all = one;
-                }
-            }
-        }
-        for ((_, span), o) in self.spans.iter().zip(&outcomes) {
+    fn record(self, outcomes: &[Outcome]) {
+        for ((_, span), o) in self.spans.iter().zip(outcomes) {
             if let Some(oid) = o.oid {
-                span.record("oid", int(oid));
+                span.record("oid", int(oid.0));
             }
             if let Some(cid) = &o.cid {
                 span.record("cid", cid.as_str());
@@ -476,77 +472,10 @@ impl Matching {
             }
             span.record("events", int(o.events));
             span.record("fills", int(o.fills));
-            if let Some(reason) = &o.rejected {
+            if let Some(reason) = o.rejected {
                 span.record("rejected", reason.as_str());
             }
         }
-    }
-}
-
-/// What one stream message did in a batch: the order its first event (or rejection) is about,
-/// how many events and fills it caused, and the first rejection's reason. Read from the
-/// batch's journal message, which holds every event of the batch in order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    pub oid: Option<u64>,
-    pub cid: Option<String>,
-    pub account: Option<String>,
-    pub events: u64,
-    pub fills: u64,
-    pub rejected: Option<String>,
-}
-
-/// The fields of a journal's events that an `Outcome` needs (the others are skipped).
-#[derive(serde::Deserialize)]
-struct JournalEvents {
-    events: Vec<JournalEvent>,
-}
-
-#[derive(serde::Deserialize)]
-struct JournalEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    seq: Seq,
-    oid: Option<u64>,
-    cid: Option<String>,
-    account: Option<String>,
-    taker_oid: Option<u64>,
-    taker_cid: Option<String>,
-    taker_account: Option<String>,
-    reason: Option<String>,
-}
-
-impl Outcome {
-    /// The outcome of each of `seqs` in the batch whose journal message is `journal`
-    /// (`Outcome::default()` for all when it does not decode).
-    pub fn read(journal: &Outgoing, seqs: &[Seq]) -> Vec<Outcome> {
-        let events = rmp_serde::from_slice::<JournalEvents>(&journal.payload)
-            .map(|j| j.events)
-            .unwrap_or_default();
-        let mut outcomes = vec![Outcome::default(); seqs.len()];
-        for e in events {
-            let Some(i) = seqs.iter().position(|s| *s == e.seq) else {
-                continue;
-            };
-            let o = &mut outcomes[i];
-            o.events += 1;
-            let first = o.events == 1;
-            match e.kind.as_str() {
-                "trade" => {
-                    o.fills += 1;
-                    if first {
-                        (o.oid, o.cid, o.account) = (e.taker_oid, e.taker_cid, e.taker_account);
-                    }
-                    continue;
-                }
-                "rejected" if o.rejected.is_none() => o.rejected = e.reason,
-                _ => {}
-            }
-            if first {
-                (o.oid, o.cid, o.account) = (e.oid, e.cid, e.account);
-            }
-        }
-        outcomes
     }
 }
 
@@ -820,23 +749,27 @@ mod tests {
             operator: false,
             account: None,
         };
-        let out = core
-            .process(&[
+        let traced = [3, 4, 9];
+        let mut outcomes = [Outcome::default(); 3];
+        let out = core.process_traced(
+            &[
                 message(1, r#"{"op":"new","account":"bob","cid":"b1","side":"sell","price":"10.00","qty":"3"}"#),
                 message(2, r#"{"op":"new","account":"bob","cid":"b2","side":"sell","price":"10.00","qty":"3"}"#),
                 message(3, r#"{"op":"new","account":"alice","cid":"a1","side":"buy","price":"10.00","qty":"5"}"#),
                 message(4, r#"{"op":"new","account":"alice","side":"up","qty":"5"}"#),
-            ])
-            .expect("outputs");
-        let outcomes = Outcome::read(&out.journal, &[3, 4, 9]);
+            ],
+            &traced,
+            &mut outcomes,
+        );
+        assert_eq!(out.len(), 1);
         let o = &outcomes[0];
-        assert_eq!(o.oid, Some(3000));
-        assert_eq!(o.cid.as_deref(), Some("a1"));
-        assert_eq!(o.account.as_deref(), Some("alice"));
-        assert_eq!((o.events, o.fills, o.rejected.as_deref()), (3, 2, None));
+        assert_eq!(o.oid.map(|oid| oid.0), Some(3000));
+        assert_eq!(o.cid.as_ref().map(|c| c.as_str()), Some("a1"));
+        assert_eq!(o.account.as_ref().map(|a| a.as_str()), Some("alice"));
+        assert_eq!((o.events, o.fills, o.rejected), (3, 2, None));
         let o = &outcomes[1];
-        assert_eq!(o.account.as_deref(), Some("alice"));
-        assert_eq!(o.rejected.as_deref(), Some("invalid_field"));
+        assert_eq!(o.account.as_ref().map(|a| a.as_str()), Some("alice"));
+        assert_eq!(o.rejected.map(|r| r.as_str()), Some("invalid_field"));
         assert_eq!(outcomes[2], Outcome::default());
     }
 }

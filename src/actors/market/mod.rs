@@ -27,7 +27,7 @@ use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::lease::Lease;
 pub use super::takeover::{StopPoint, Takeover, TakeoverKind};
 use crate::book::{MarketSpec, OrderBook, Seq, StateHash};
-use crate::bus::outputs::{self, BatchOutputs, Top};
+use crate::bus::outputs::{self, BatchOutputs, Outcome, Top};
 use crate::bus::{BusError, PullCap, SnapshotStore, Subjects};
 use crate::telemetry::traces::{Matching, TracedCommand};
 
@@ -36,6 +36,7 @@ mod handle;
 mod recovery;
 mod snapshots;
 mod status;
+pub use status::MarketStatus;
 mod warm;
 
 pub use driver::{Routes, incoming, start};
@@ -202,8 +203,10 @@ impl Handler<Process> for MarketActor {
             &msg.traced,
             msg.batch.len(),
         );
-        let batches = self.core.process_split(&msg.batch);
-        matching.finish(batches.iter().map(|(out, _)| &out.journal));
+        let traced = matching.seqs();
+        let mut outcomes = vec![Outcome::default(); traced.len()];
+        let batches = self.core.process_traced(&msg.batch, &traced, &mut outcomes);
+        matching.finish(&outcomes);
         MessageResult(batches)
     }
 }

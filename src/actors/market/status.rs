@@ -9,19 +9,39 @@ use super::driver::Driver;
 use super::{L2Book, MarketError, SpecOf, nats_err};
 use crate::book::{Seq, StateHash};
 
-#[derive(serde::Serialize)]
-struct Status<'a> {
-    market: &'a str,
-    node: &'a str,
-    epoch: u64,
-    state: &'static str,
+/// A market's announcement on `<prefix>.status.<MARKET>`: who runs it, at which epoch, in
+/// which state. The one type both the market (publishing) and its watchers (handoff, the
+/// cluster agent, the control plane) use.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MarketStatus {
+    pub market: String,
+    pub node: String,
+    pub epoch: u64,
+    /// `active`, `halted`, `stopped`, ...
+    pub state: String,
     /// With `active`: the last command recovery applied; a second `active` adds the book's
     /// state hash then (computed off the market's thread), so a new owner's book can be checked
     /// against the old owner's.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<Seq>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<Seq>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_hash: Option<String>,
+}
+
+impl MarketStatus {
+    /// Reads an announcement; `None` for anything else on the subject.
+    pub fn decode(payload: &[u8]) -> Option<MarketStatus> {
+        rmp_serde::from_slice(payload).ok()
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state == "active"
+    }
+
+    /// Whether this says `node` runs the market at `epoch` or later.
+    pub fn runs_on(&self, node: &str, epoch: u64) -> bool {
+        self.is_active() && self.node == node && self.epoch >= epoch
+    }
 }
 
 /// Publishes a market's status; usable from a task of its own.
@@ -40,11 +60,11 @@ impl Announcer {
         seq: Option<Seq>,
         hash: Option<StateHash>,
     ) {
-        let status = Status {
-            market: &self.market,
-            node: &self.node,
+        let status = MarketStatus {
+            market: self.market.clone(),
+            node: self.node.clone(),
             epoch: self.epoch,
-            state,
+            state: state.to_string(),
             seq,
             state_hash: hash.map(|h| h.to_string()),
         };

@@ -2,7 +2,7 @@
 //! her own reports, but is refused on `agora.ctl.>` and `agora.admin.>` and cannot read another
 //! account's `agora.execs`; an operator may send operator commands.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! of its own: it loads the machine for a minute, and the node tests beside it are about
 //! timing.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

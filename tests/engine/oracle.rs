@@ -2,7 +2,7 @@
 //! [`OrderBook`] and the naive [`ReferenceBook`]; every event, snapshot and state hash must
 //! match, every order's quantity must be conserved, and snapshot/restore or a second run must
 //! change nothing. Hand-written scenarios with their events spelled out are the files of
-//! `tests/scenarios/`, which `tests/scenarios.rs` runs on both books.
+//! `tests/scenarios/`, which `tests/engine/scenarios.rs` runs on both books.
 //!
 //! Every failure message names its seed. `AGORA_ORACLE_SEED=<seed>` runs that one seed,
 //! `AGORA_ORACLE_COMMANDS=<n>` sets how many commands a test applies in all (soak runs). This
@@ -678,7 +678,7 @@ fn plan(first: u64, total_release: u64, total_debug: u64) -> Vec<(u64, u64)> {
 
 fn replay_hint(seed: u64) -> String {
     format!(
-        "replay with: AGORA_ORACLE_SEED={seed} cargo test --release --test oracle -- --nocapture"
+        "replay with: AGORA_ORACLE_SEED={seed} cargo test --release --test engine oracle -- --nocapture"
     )
 }
 

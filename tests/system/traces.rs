@@ -6,7 +6,7 @@
 //! Untraced and unsampled orders must leave no engine span. `AGORA_TRACES_DUMP=1` prints what
 //! the collector received.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

@@ -161,7 +161,7 @@ fn layers_only_point_down() {
                 .display()
                 .to_string();
             if shown.starts_with("src/bench/")
-                || ["src/main.rs", "src/lib.rs", "tests/layers.rs"].contains(&shown.as_str())
+                || ["src/main.rs", "src/lib.rs", "tests/engine/layers.rs"].contains(&shown.as_str())
             {
                 continue;
             }

@@ -3,7 +3,7 @@
 //! reports, trades and the book watched while it happens; an unknown market and bad input
 //! refused with what to fix.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! The cluster measured from outside, with real `agora node` processes on a local nats-server
-//! (the patterns of `tests/cluster.rs`):
+//! (the patterns of `tests/cluster/`):
 //!
 //! - **moves**: the pause of a planned `market.move` (the reply's `pause_ms`) between two nodes
 //!   with a book of resting orders that do not cross, idle and under a light order flow;

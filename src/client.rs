@@ -43,6 +43,14 @@ pub enum ClientError {
     UnknownMarket { market: String, subject: String },
     #[error("publishing to {subject}: {reason}")]
     Publish { subject: String, reason: String },
+    #[error(
+        "the order was not taken: NATS JetStream does not answer for {subject} ({reason}); a NATS cluster that lost its quorum refuses writes until a majority of its servers is back. Send it again then, with the same cid: it counts once"
+    )]
+    Unavailable { subject: String, reason: String },
+    #[error(
+        "no acknowledgement on {subject} ({reason}): the order may or may not be stored. Send it again with the same cid: JetStream keeps it once"
+    )]
+    Unacknowledged { subject: String, reason: String },
     #[error("subscribing to {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
     #[error("no answer on {subject} within {waited:?}: {hint}")]
@@ -322,20 +330,41 @@ impl Client {
             subject: subject.to_string(),
             reason,
         };
-        self.js
+        let acked = self
+            .js
             .publish_with_headers(subject.to_string(), headers, payload.into())
             .await
             .map_err(|e| publish_err(e.to_string()))?
-            .await
-            .map_err(|e| match e.kind() {
-                jetstream::context::PublishErrorKind::StreamNotFound => {
-                    ClientError::UnknownMarket {
+            .await;
+        let acked = match acked {
+            Ok(ack) => return Ok(ack),
+            Err(e) => e,
+        };
+        match acked.kind() {
+            // A cluster without a meta leader cannot map a subject to its stream either: it
+            // says "no stream". Tell that apart from a market that does not exist.
+            jetstream::context::PublishErrorKind::StreamNotFound => {
+                match tokio::time::timeout(Duration::from_secs(2), self.js.query_account()).await {
+                    Ok(Ok(_)) => Err(ClientError::UnknownMarket {
                         market: market.to_string(),
                         subject: subject.to_string(),
-                    }
+                    }),
+                    Ok(Err(e)) => Err(ClientError::Unavailable {
+                        subject: subject.to_string(),
+                        reason: e.to_string(),
+                    }),
+                    Err(_) => Err(ClientError::Unavailable {
+                        subject: subject.to_string(),
+                        reason: "no answer to an account query within 2 s".into(),
+                    }),
                 }
-                _ => publish_err(e.to_string()),
-            })
+            }
+            jetstream::context::PublishErrorKind::TimedOut => Err(ClientError::Unacknowledged {
+                subject: subject.to_string(),
+                reason: acked.to_string(),
+            }),
+            _ => Err(publish_err(acked.to_string())),
+        }
     }
 
     /// Places an order for `account`.

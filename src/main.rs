@@ -467,6 +467,10 @@ struct BenchArgs {
     /// Memory streams instead of file streams (node and raw alike).
     #[arg(long)]
     memory: bool,
+    /// Replicas of every stream, node and raw alike: 3 against a NATS cluster of three
+    /// (with --nats-url listing its servers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5))]
+    replicas: u16,
     /// Also print the result as one JSON object (the last line of standard output).
     #[arg(long)]
     json: bool,
@@ -779,6 +783,7 @@ fn bench_cmd(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         window: args.window,
         memory: args.memory,
+        replicas: usize::from(args.replicas),
         latency_log: args.latency_log,
     };
     let report = agora::bench::run(&options)?;

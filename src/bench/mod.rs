@@ -76,6 +76,8 @@ pub struct BenchOptions {
     pub window: usize,
     /// Memory streams (node and raw) instead of file streams.
     pub memory: bool,
+    /// Replicas of every stream, node and raw alike (3 against a NATS cluster of three).
+    pub replicas: usize,
     /// Where to write every timed command's publish time and latency (CSV), to see when the
     /// slow ones happened; `None`: nowhere.
     pub latency_log: Option<PathBuf>,
@@ -92,6 +94,7 @@ impl Default for BenchOptions {
             seed: 42,
             window: 2_000,
             memory: false,
+            replicas: 1,
             latency_log: None,
         }
     }
@@ -168,6 +171,7 @@ pub struct BenchReport {
     pub seed: u64,
     pub window: usize,
     pub storage: &'static str,
+    pub replicas: usize,
     /// `started by the bench` or the URL given.
     pub nats: String,
     pub phases: Vec<PhaseResult>,
@@ -219,7 +223,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         .map(|i| format!("PACED{i}-USD"))
         .collect();
     let all: Vec<&String> = max_markets.iter().chain(&paced_markets).collect();
-    let config = node_config(&url, &dir.path, &prefix, options.memory, &all)?;
+    let config = node_config(&url, &dir.path, &prefix, options, &all)?;
     let config_path = dir.path.join("node.toml");
     std::fs::write(&config_path, config).map_err(|e| {
         BenchError::new(format!(
@@ -334,17 +338,19 @@ fn node_config(
     url: &str,
     dir: &Path,
     prefix: &str,
-    memory: bool,
+    options: &BenchOptions,
     markets: &[&String],
 ) -> Result<String, BenchError> {
     // The generator's market, under each bench symbol.
     let spec = workload::bench_spec();
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut toml = format!(
-        "node_id = \"bench\"\nnats_url = {}\ndata_dir = {}\nprefix = {}\n\n[streams]\nmemory = {memory}\n",
+        "node_id = \"bench\"\nnats_url = {}\ndata_dir = {}\nprefix = {}\n\n[streams]\nmemory = {}\nreplicas = {}\n",
         quote(url),
         quote(&dir.join("node").to_string_lossy()),
         quote(prefix),
+        options.memory,
+        options.replicas,
     );
     for symbol in markets {
         let mut input = spec.to_input();
@@ -412,10 +418,11 @@ fn report(options: &BenchOptions, phases: Vec<PhaseResult>) -> BenchReport {
         seed: options.seed,
         window: options.window,
         storage: if options.memory { "memory" } else { "file" },
-        nats: options
-            .nats_url
-            .clone()
-            .unwrap_or_else(|| "started by the bench".into()),
+        replicas: options.replicas,
+        nats: options.nats_url.as_deref().map_or_else(
+            || "started by the bench".into(),
+            crate::bus::connect::redact,
+        ),
         phases,
         ratio,
         targets,

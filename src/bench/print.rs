@@ -10,13 +10,14 @@ impl BenchReport {
         writeln!(
             out,
             "agora bench: {} markets, {} commands a phase after {} resting orders a market, seed {}, \
-             window {}, {} streams, NATS {}",
+             window {}, {} streams at R{}, NATS {}",
             self.markets,
             self.orders_per_phase,
             self.resting_per_market,
             self.seed,
             self.window,
             self.storage,
+            self.replicas,
             self.nats
         )?;
         writeln!(

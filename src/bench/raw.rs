@@ -24,6 +24,7 @@ pub(super) async fn raw_phase(
             } else {
                 stream::StorageType::File
             },
+            num_replicas: run.options.replicas,
             ..Default::default()
         })
         .await

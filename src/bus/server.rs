@@ -280,7 +280,12 @@ impl LocalServer {
         }
     }
 
-    /// The name the server is started with: unique to this process and port.
+    /// The name the server is started with (`server_name`, as stream info names a stream's
+    /// leader): unique to this process and port, the same across restarts.
+    pub fn name(&self) -> String {
+        self.server_name()
+    }
+
     fn server_name(&self) -> String {
         format!("agora-local-{}-{}", std::process::id(), self.port)
     }
@@ -330,6 +335,20 @@ impl LocalServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Kills the server at once (SIGKILL: a crash, nothing flushed) and waits for it.
+    pub fn kill_now(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped or killed server again on the same port and data; a no-op while it
+    /// runs.
+    pub fn start_again(&mut self) -> Result<(), BusError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.spawn()
     }
 
     /// Stops the server and starts it again on the same port and data (a NATS restart).

@@ -341,23 +341,44 @@ impl Client {
             Err(e) => e,
         };
         match acked.kind() {
-            // A cluster without a meta leader cannot map a subject to its stream either: it
-            // says "no stream". Tell that apart from a market that does not exist.
+            // A cluster without a quorum cannot map a subject to its stream either: it says
+            // "no stream". Tell that apart from a market that does not exist by asking for the
+            // market's stream: only a cluster that works answers "not found".
             jetstream::context::PublishErrorKind::StreamNotFound => {
-                match tokio::time::timeout(Duration::from_secs(2), self.js.query_account()).await {
-                    Ok(Ok(_)) => Err(ClientError::UnknownMarket {
+                let stream = self.subjects.orders_stream(market);
+                let asked =
+                    tokio::time::timeout(Duration::from_secs(2), self.js.get_stream(&stream)).await;
+                // Unknown: no such stream, or one that no longer takes the subject (a removed
+                // market keeps its stream, detached).
+                let unknown = match &asked {
+                    Ok(Ok(found)) => !found
+                        .cached_info()
+                        .config
+                        .subjects
+                        .iter()
+                        .any(|filter| subject_matches(filter, subject)),
+                    Ok(Err(e)) => matches!(
+                        e.kind(),
+                        jetstream::context::GetStreamErrorKind::JetStream(js)
+                            if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                    ),
+                    Err(_) => false,
+                };
+                if unknown {
+                    return Err(ClientError::UnknownMarket {
                         market: market.to_string(),
                         subject: subject.to_string(),
-                    }),
-                    Ok(Err(e)) => Err(ClientError::Unavailable {
-                        subject: subject.to_string(),
-                        reason: e.to_string(),
-                    }),
-                    Err(_) => Err(ClientError::Unavailable {
-                        subject: subject.to_string(),
-                        reason: "no answer to an account query within 2 s".into(),
-                    }),
+                    });
                 }
+                let reason = match asked {
+                    Ok(Ok(_)) => format!("{stream} takes {subject}, but {acked}"),
+                    Ok(Err(e)) => format!("{acked}; asking for {stream}: {e}"),
+                    Err(_) => format!("{acked}; no answer about {stream} within 2 s"),
+                };
+                Err(ClientError::Unavailable {
+                    subject: subject.to_string(),
+                    reason,
+                })
             }
             jetstream::context::PublishErrorKind::TimedOut => Err(ClientError::Unacknowledged {
                 subject: subject.to_string(),
@@ -803,8 +824,52 @@ impl BookFeed<'_> {
     }
 }
 
+/// Whether the NATS subject `filter` (with `*` and `>` wildcards) matches `subject`.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for f in filter.split('.') {
+        match (f, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn subject_filters_match_as_nats_does() {
+        use super::subject_matches;
+        assert!(subject_matches("agora.orders.A-USD", "agora.orders.A-USD"));
+        assert!(subject_matches(
+            "agora.orders.A-USD.*",
+            "agora.orders.A-USD.carol"
+        ));
+        assert!(subject_matches(
+            "agora.orders.>",
+            "agora.orders.A-USD.carol"
+        ));
+        assert!(!subject_matches(
+            "agora.orders.A-USD",
+            "agora.orders.A-USD.carol"
+        ));
+        assert!(!subject_matches(
+            "agora.orders.A-USD.*",
+            "agora.orders.A-USD"
+        ));
+        assert!(!subject_matches(
+            "agora.orders.B-USD.>",
+            "agora.orders.A-USD.carol"
+        ));
+        assert!(!subject_matches(
+            "agora.removed.A-USD.>",
+            "agora.orders.A-USD.carol"
+        ));
+    }
+
     use super::*;
 
     fn level(price: &str, qty: &str) -> Level {

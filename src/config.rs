@@ -106,6 +106,10 @@ pub struct ClusterConfig {
     pub min_rate_gap: f64,
     pub max_moves_per_minute: u32,
     pub standbys: u32,
+    /// Markets this node prefers to run (static placement).
+    #[serde(default)]
+    pub prefer: Vec<String>,
+    pub failback_after_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -277,6 +281,11 @@ impl Config {
                 c.min_rate_gap
             )));
         }
+        for market in &c.prefer {
+            if let Err(e) = crate::book::spec::validate_symbol(market) {
+                return Err(ConfigError(format!("cluster.prefer: {market:?}: {e}")));
+            }
+        }
         if c.standbys > 1 {
             return Err(ConfigError(format!(
                 "cluster.standbys = {}: use 0 (none) or 1 (a warm copy of each market on another node)",
@@ -340,6 +349,8 @@ impl Config {
             min_rate_gap: c.min_rate_gap,
             max_moves_per_minute: c.max_moves_per_minute,
             standbys: c.standbys,
+            prefer: c.prefer.clone(),
+            failback_after: std::time::Duration::from_secs(c.failback_after_secs),
         }
     }
 

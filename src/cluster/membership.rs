@@ -76,6 +76,9 @@ pub struct NodeRecord {
     /// Markets of which this node keeps a warm copy.
     #[serde(default)]
     pub following: Vec<String>,
+    /// Markets this node prefers to run (`cluster.prefer`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefers: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -206,6 +209,7 @@ pub async fn heartbeat(
             cpu_pct,
             markets,
             following,
+            prefers: settings.prefer.clone(),
         };
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         let sent = Instant::now();

@@ -56,6 +56,12 @@ pub struct ClusterSettings {
     pub max_moves_per_minute: u32,
     /// Warm copies per market on other nodes (0 or 1).
     pub standbys: u32,
+    /// Markets this node prefers to run (static placement): while it lives, the rebalancer
+    /// places them here, and moves them back here after a failover.
+    pub prefer: Vec<String>,
+    /// How long a node that prefers a market must have been live before the market moves
+    /// back to it (hysteresis: a node that flaps does not drag markets back and forth).
+    pub failback_after: Duration,
 }
 
 impl ClusterSettings {
@@ -82,6 +88,8 @@ impl Default for ClusterSettings {
             min_rate_gap: 5000.0,
             max_moves_per_minute: 6,
             standbys: 0,
+            prefer: Vec::new(),
+            failback_after: Duration::from_secs(30),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The rebalancer's decisions, as a pure function of what it sees and of the time: which
 //! markets to place and where, whose markets to fail over, which standbys to name, and which
-//! one market to move (off a drained node, or off an overloaded one), with the hysteresis and
-//! the moves-per-minute cap that keep moves from storming. The rebalancer (`rebalancer.rs`)
+//! one market to move (off a drained node, back to a node that prefers it, or off an
+//! overloaded one), with the hysteresis and the moves-per-minute cap that keep moves from
+//! storming. A node's preferences (`cluster.prefer`, carried in its record) come first when a
+//! market is placed or failed over. The rebalancer (`rebalancer.rs`)
 //! feeds it the buckets as watched and carries out what it answers, each write a
 //! compare-and-set; the tests here run it on seeded random clusters with a fake clock.
 //!
@@ -37,6 +39,8 @@ pub enum MoveReason {
     Drain,
     /// Its node has been overloaded for `OVERLOADED_CHECKS` checks.
     Load { rate: f64 },
+    /// A node that prefers it has been live for `failback_after`: back to it.
+    Preferred,
 }
 
 /// A write the rebalancer should make (each by compare-and-set: a lost race changes nothing).
@@ -79,6 +83,8 @@ pub struct Planner {
     /// When each market last finished a move.
     moved_at: HashMap<String, Instant>,
     last_load_check: Instant,
+    /// Since when each live node (this process of it: its instance) has been seen live.
+    live_since: HashMap<String, (u64, Instant)>,
 }
 
 impl Planner {
@@ -90,6 +96,7 @@ impl Planner {
             moves: VecDeque::new(),
             moved_at: HashMap::new(),
             last_load_check: now,
+            live_since: HashMap::new(),
         }
     }
 
@@ -108,6 +115,19 @@ impl Planner {
         moving: bool,
     ) -> Vec<Action> {
         let targets = targets(seen, settings, now);
+        self.live_since.retain(|node, (instance, _)| {
+            seen.nodes.is_live_at(now, node, settings.lease)
+                && seen
+                    .nodes
+                    .records
+                    .get(node)
+                    .is_some_and(|(r, _)| r.instance == *instance)
+        });
+        for record in seen.nodes.live_at(now, settings.lease) {
+            self.live_since
+                .entry(record.node.clone())
+                .or_insert((record.instance, now));
+        }
         let mut actions = Vec::new();
         self.place(seen, &targets, &mut actions);
         fail_over(seen, settings, now, &targets, &mut actions);
@@ -121,16 +141,23 @@ impl Planner {
             actions.push(m);
             return actions;
         }
+        while self
+            .moves
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(60))
+        {
+            self.moves.pop_front();
+        }
+        if (self.moves.len() as u32) < settings.max_moves_per_minute
+            && let Some(m) = self.fail_back(seen, settings, now, &targets)
+        {
+            self.moves.push_back(now);
+            actions.push(m);
+            return actions;
+        }
         let every = settings.rebalance_every;
         if !every.is_zero() && now.saturating_duration_since(self.last_load_check) >= every {
             self.last_load_check = now;
-            while self
-                .moves
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(60))
-            {
-                self.moves.pop_front();
-            }
             if (self.moves.len() as u32) < settings.max_moves_per_minute
                 && let Some(m) = self.balance(seen, settings, now)
             {
@@ -151,7 +178,10 @@ impl Planner {
             .cloned()
             .collect();
         for market in unplaced.intersection(&self.unplaced_before) {
-            let Some(node) = placement::rendezvous(market, targets.iter().copied()) else {
+            let preferring = preferring(seen, market, targets);
+            let Some(node) = placement::rendezvous(market, preferring.iter().copied())
+                .or_else(|| placement::rendezvous(market, targets.iter().copied()))
+            else {
                 break;
             };
             actions.push(Action::Place {
@@ -160,6 +190,47 @@ impl Planner {
             });
         }
         self.unplaced_before = unplaced;
+    }
+
+    /// A market running away from the nodes that prefer it, back to one of them that has been
+    /// live for `failback_after` (and not one that finished a move within that time). One at
+    /// a time.
+    fn fail_back(
+        &self,
+        seen: &Seen,
+        settings: &ClusterSettings,
+        now: Instant,
+        targets: &[&str],
+    ) -> Option<Action> {
+        for (market, (p, _)) in &seen.placement {
+            if p.state != PlacementState::Active
+                || !seen.nodes.is_live_at(now, &p.node, settings.lease)
+                || prefers(seen, &p.node, market)
+                || self
+                    .moved_at
+                    .get(market)
+                    .is_some_and(|t| now.saturating_duration_since(*t) < settings.failback_after)
+            {
+                continue;
+            }
+            let settled: Vec<&str> = preferring(seen, market, targets)
+                .into_iter()
+                .filter(|n| {
+                    self.live_since.get(*n).is_some_and(|(_, since)| {
+                        now.saturating_duration_since(*since) >= settings.failback_after
+                    })
+                })
+                .collect();
+            if let Some(to) = placement::rendezvous(market, settled.iter().copied()) {
+                return Some(Action::Move {
+                    market: market.clone(),
+                    from: p.node.clone(),
+                    to: to.to_string(),
+                    reason: MoveReason::Preferred,
+                });
+            }
+        }
+        None
     }
 
     /// A load move when one node has been overloaded long enough: its hottest market whose
@@ -193,10 +264,12 @@ impl Planner {
             return None;
         }
         // It must not simply swap the roles: only a market below the gap narrows it.
+        // A market the hot node prefers stays (it would only come back).
         let market = hot
             .markets
             .iter()
             .filter(|m| m.commands_per_sec > 0.0 && m.commands_per_sec < gap)
+            .filter(|m| !hot.prefers.contains(&m.symbol))
             .filter(|m| {
                 self.moved_at
                     .get(&m.symbol)
@@ -213,6 +286,23 @@ impl Planner {
             },
         })
     }
+}
+
+/// Whether `node`'s record says it prefers `market`.
+fn prefers(seen: &Seen, node: &str, market: &str) -> bool {
+    seen.nodes
+        .records
+        .get(node)
+        .is_some_and(|(r, _)| r.prefers.iter().any(|m| m == market))
+}
+
+/// The targets that prefer `market`.
+fn preferring<'a>(seen: &Seen, market: &str, targets: &[&'a str]) -> Vec<&'a str> {
+    targets
+        .iter()
+        .copied()
+        .filter(|n| prefers(seen, n, market))
+        .collect()
 }
 
 /// Live nodes that may take markets (not drained).
@@ -237,8 +327,12 @@ fn fail_over(
         if seen.nodes.is_live_at(now, &p.node, settings.lease) {
             continue;
         }
+        // A warm standby first (the fastest takeover), then a node that prefers the market.
         let standby = p.standby.as_deref().filter(|s| targets.contains(s));
-        let Some(node) = standby.or_else(|| placement::rendezvous(market, targets.iter().copied()))
+        let preferring = preferring(seen, market, targets);
+        let Some(node) = standby
+            .or_else(|| placement::rendezvous(market, preferring.iter().copied()))
+            .or_else(|| placement::rendezvous(market, targets.iter().copied()))
         else {
             return;
         };
@@ -325,6 +419,8 @@ mod tests {
             min_rate_gap: 100.0,
             max_moves_per_minute: 2,
             standbys: 1,
+            prefer: Vec::new(),
+            failback_after: Duration::from_secs(5),
         }
     }
 
@@ -347,6 +443,7 @@ mod tests {
                 })
                 .collect(),
             following: Vec::new(),
+            prefers: Vec::new(),
         }
     }
 
@@ -616,5 +713,133 @@ mod tests {
         assert!(view.is_live_at(seen_at + settings.lease / 2, "n1", settings.lease));
         assert!(!view.is_live_at(seen_at + settings.lease, "n1", settings.lease));
         assert!(!view.is_live_at(seen_at, "n2", settings.lease));
+    }
+
+    /// n1 live at `now`, and n2 (as process `instance`, preferring A-USD) when given.
+    fn two_nodes(seen: &mut Seen, now: Instant, n2: Option<u64>) {
+        seen.nodes
+            .records
+            .insert("n1".into(), (record("n1", &[]), now));
+        if let Some(instance) = n2 {
+            let mut r = record("n2", &[]);
+            r.instance = instance;
+            r.prefers = vec!["A-USD".into()];
+            seen.nodes.records.insert("n2".into(), (r, now));
+        }
+    }
+
+    #[test]
+    fn a_preferred_market_is_placed_there_fails_over_and_comes_back_after_the_hysteresis() {
+        let settings = ClusterSettings {
+            standbys: 0,
+            rebalance_every: Duration::ZERO,
+            ..settings()
+        };
+        let t0 = Instant::now();
+        let mut planner = Planner::new(t0);
+        let mut seen = Seen::default();
+        seen.specs.insert("A-USD".into());
+        two_nodes(&mut seen, t0, Some(1));
+        assert!(planner.tick(&seen, &settings, t0, false).is_empty());
+        let t = t0 + Duration::from_millis(100);
+        two_nodes(&mut seen, t, Some(1));
+        assert_eq!(
+            planner.tick(&seen, &settings, t, false),
+            vec![Action::Place {
+                market: "A-USD".into(),
+                node: "n2".into()
+            }],
+            "placed on the node that prefers it"
+        );
+        seen.placement
+            .insert("A-USD".into(), (Placement::active("n2", 1), 1));
+        // n2 dies: its record stops being renewed.
+        let t = t0 + Duration::from_secs(1);
+        seen.nodes
+            .records
+            .insert("n1".into(), (record("n1", &[]), t));
+        assert_eq!(
+            planner.tick(&seen, &settings, t, false),
+            vec![Action::FailOver {
+                market: "A-USD".into(),
+                from: "n2".into(),
+                to: "n1".into(),
+                epoch: 2,
+                revision: 1
+            }]
+        );
+        seen.placement
+            .insert("A-USD".into(), (Placement::active("n1", 2), 2));
+        // n2 comes back (a new process): nothing moves before it has been live for
+        // failback_after (5 s here), even when it flaps in between.
+        let back = t0 + Duration::from_secs(2);
+        let mut now = back;
+        while now < back + Duration::from_secs(3) {
+            two_nodes(&mut seen, now, Some(2));
+            assert!(planner.tick(&seen, &settings, now, false).is_empty());
+            now += Duration::from_millis(100);
+        }
+        // It dies again for a second, and comes back as another process: the clock restarts.
+        now += Duration::from_secs(1);
+        two_nodes(&mut seen, now, None);
+        seen.nodes.records.remove("n2");
+        assert!(planner.tick(&seen, &settings, now, false).is_empty());
+        let again = now + Duration::from_millis(100);
+        now = again;
+        while now < again + Duration::from_millis(4900) {
+            two_nodes(&mut seen, now, Some(3));
+            assert!(
+                planner.tick(&seen, &settings, now, false).is_empty(),
+                "no failback {:?} after it came back",
+                now - again
+            );
+            now += Duration::from_millis(100);
+        }
+        now = again + Duration::from_secs(5);
+        two_nodes(&mut seen, now, Some(3));
+        assert_eq!(
+            planner.tick(&seen, &settings, now, false),
+            vec![Action::Move {
+                market: "A-USD".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+                reason: MoveReason::Preferred
+            }]
+        );
+        // Moved back: it stays, and nothing else moves.
+        seen.placement
+            .insert("A-USD".into(), (Placement::active("n2", 3), 3));
+        planner.moved("A-USD", now);
+        now += Duration::from_millis(100);
+        two_nodes(&mut seen, now, Some(3));
+        assert!(planner.tick(&seen, &settings, now, false).is_empty());
+    }
+
+    #[test]
+    fn a_market_its_hot_node_prefers_is_not_moved_for_load() {
+        let settings = ClusterSettings {
+            standbys: 0,
+            ..settings()
+        };
+        let t0 = Instant::now();
+        let mut planner = Planner::new(t0);
+        let mut seen = Seen::default();
+        for m in ["A-USD", "B-USD"] {
+            seen.specs.insert(m.into());
+            seen.placement
+                .insert(m.into(), (Placement::active("n1", 1), 1));
+        }
+        let mut moves = Vec::new();
+        for i in 1..=10u32 {
+            let now = t0 + Duration::from_secs(u64::from(i));
+            let mut hot = record("n1", &[("A-USD".into(), 900.0), ("B-USD".into(), 300.0)]);
+            hot.prefers = vec!["B-USD".into()];
+            seen.nodes.records.insert("n1".into(), (hot, now));
+            let cool = record("n2", &[("C-USD".into(), 400.0)]);
+            seen.nodes.records.insert("n2".into(), (cool, now));
+            moves.extend(planner.tick(&seen, &settings, now, false));
+        }
+        // The gap is 800: A-USD (900) does not fit; B-USD fits but n1 prefers it.
+        assert!(moves.is_empty(), "{moves:?}");
     }
 }

@@ -272,6 +272,9 @@ impl Rebalancer {
                     MoveReason::Load { rate } => {
                         tracing::info!(market = %market, from = %from, to = %to, rate, "moving for load")
                     }
+                    MoveReason::Preferred => {
+                        tracing::info!(market = %market, from = %from, to = %to, "moving back to a node that prefers it")
+                    }
                 }
                 Some(self.start_move(&market, &to))
             }

@@ -646,6 +646,11 @@ impl Control {
                 node: placed.as_ref().map(|(p, _)| p.node.clone()),
                 epoch: placed.as_ref().map(|(p, _)| p.epoch),
                 placement: placed.as_ref().map(|(p, _)| p.state),
+                preferred: nodes
+                    .iter()
+                    .filter(|n| n.record.prefers.contains(&symbol))
+                    .map(|n| n.record.node.clone())
+                    .collect(),
                 ..MarketRow::new(symbol, state)
             };
             match running.remove(&row.symbol) {

@@ -284,6 +284,10 @@ pub struct MarketRow {
     /// Why it does not run where it is placed, when the answering node knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The nodes that prefer it (`cluster.prefer`) among those with a record: it runs on one
+    /// of them while one lives, and moves back to one after a failover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred: Vec<String>,
 }
 
 impl MarketRow {
@@ -306,6 +310,7 @@ impl MarketRow {
             commands_per_sec: None,
             snapshot_seq: None,
             reason: None,
+            preferred: Vec::new(),
         }
     }
 }
@@ -562,6 +567,7 @@ mod tests {
             commands_per_sec: Some(12.5),
             snapshot_seq: Some(0),
             reason: None,
+            preferred: vec!["n1".into()],
         };
         let unplaced = MarketRow::new("ETH-USDC", MarketState::Unplaced);
         round_trip::<MarketList>(Ok(MarketList {

@@ -133,6 +133,21 @@ impl Cluster {
 
     /// A node connected to `url` (a proxy, say) instead of the servers themselves.
     fn start_node_at(&mut self, id: &str, extra: &str, url: &str) {
+        self.start_node_full(id, extra, url, "");
+    }
+
+    /// A node with `cluster_extra` added to its own `[cluster]` section (`prefer = [...]`).
+    fn start_node_preferring(&mut self, id: &str, markets: &[&str]) {
+        let url = self.url();
+        let list = markets
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.start_node_full(id, "", &url, &format!("prefer = [{list}]"));
+    }
+
+    fn start_node_full(&mut self, id: &str, extra: &str, url: &str, cluster_extra: &str) {
         let dir = self.dir.path().join(id);
         std::fs::create_dir_all(&dir).expect("node dir");
         // Timers loose enough for a busy two-core machine running tests side by side.
@@ -142,7 +157,7 @@ impl Cluster {
             .or_insert_with(|| bus::server::free_port().unwrap_or_else(|e| panic!("{e}")));
         let replicas = self.servers.len().min(3);
         let config = format!(
-            "node_id = \"{id}\"\nhttp_port = {port}\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\n{}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n[streams]\nreplicas = {replicas}\n{MARKETS}",
+            "node_id = \"{id}\"\nhttp_port = {port}\n{extra}\n[cluster]\nheartbeat_ms = 100\nlease_ms = 1500\n{}\n{cluster_extra}\n[snapshots]\nevery_commands = 400\n[market]\nfetch_max = 64\n[streams]\nreplicas = {replicas}\n{MARKETS}",
             self.cluster_lines
         );
         let node = Agora::node(url, &dir, &config);
@@ -168,6 +183,38 @@ impl Cluster {
                 .sum::<f64>();
         }
         total
+    }
+
+    /// Every node's output not read yet, for a failing test's message.
+    fn dump(&self) -> String {
+        let mut out = String::new();
+        for (id, node) in &self.nodes {
+            let (stdout, stderr) = node.rest();
+            out.push_str(&format!(
+                "\n--- {id} stdout:\n{}\n--- {id} stderr:\n{}",
+                stdout.join("\n"),
+                stderr.join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Waits until `market`'s journal covers input sequence `seq`; on a timeout the panic
+    /// carries every node's output.
+    async fn wait_journal(&self, market: &str, seq: u64, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let last = common::journal_last_seq(&self.js, market).await;
+            if last >= Some(seq) {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the journal of {market} did not reach input sequence {seq} within {timeout:?}; it showed {last:?}{}",
+                self.dump()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The NATS URL list of every server.

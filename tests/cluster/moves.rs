@@ -496,3 +496,77 @@ async fn the_rebalancer_moves_a_hot_market_off_a_busy_node_once() {
     check_exactly_once(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "B-USD").await;
 }
+
+/// Where placement says `market` runs, once it is on `node` (within `timeout`).
+async fn wait_placed_on(cluster: &Cluster, market: &str, node: &str, timeout: Duration) -> u64 {
+    let started = Instant::now();
+    loop {
+        let (owner, epoch) = cluster.placed(market).await;
+        if owner == node {
+            return epoch;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{market} is still on {owner}, not on {node}, after {timeout:?}{}",
+            cluster.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_market_runs_on_the_node_that_prefers_it_and_comes_back_after_a_failover() {
+    let mut cluster =
+        Cluster::start_with(1, "", "rebalance_every_secs = 0\nfailback_after_secs = 1").await;
+    // n1 came up first and placed both markets on itself; n2 prefers B-USD.
+    assert_eq!(cluster.placed("B-USD").await.0, "n1");
+    cluster.start_node_preferring("n2", &["B-USD"]);
+    let epoch = wait_placed_on(&cluster, "B-USD", "n2", Duration::from_secs(30)).await;
+    let (ok, list) = cluster.ctl(&["market.list"]);
+    assert!(ok, "{list}");
+    let row = |list: &Value, symbol: &str| {
+        list["markets"]
+            .as_array()
+            .expect("markets")
+            .iter()
+            .find(|m| m["symbol"] == symbol)
+            .cloned()
+            .expect("listed")
+    };
+    let b = row(&list, "B-USD");
+    assert_eq!(b["preferred"], serde_json::json!(["n2"]), "{b}");
+    assert_eq!(b["node"], "n2", "{b}");
+    assert!(
+        row(&list, "A-USD").get("preferred").is_none(),
+        "nobody prefers A-USD: {list}"
+    );
+
+    // Under load: n2 dies, B-USD fails over to n1, n2 comes back and B-USD follows it.
+    let commands = workload(15, 3000);
+    let total = commands.len() as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let flow = load(&cluster.js, "B-USD", commands, 1000, sent.clone());
+    while sent.load(Ordering::Relaxed) < total / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.kill("n2");
+    let failed_over = wait_placed_on(&cluster, "B-USD", "n1", Duration::from_secs(20)).await;
+    assert!(failed_over > epoch);
+    cluster.start_node_preferring("n2", &["B-USD"]);
+    let back = Instant::now();
+    let came_back = wait_placed_on(&cluster, "B-USD", "n2", Duration::from_secs(30)).await;
+    assert_eq!(
+        came_back,
+        failed_over + 1,
+        "one planned move back, no back and forth"
+    );
+    println!(
+        "B-USD back on n2 {:?} after it restarted (failback_after 1 s)",
+        back.elapsed()
+    );
+    flow.await.expect("load");
+    wait_journal(&cluster.js, "B-USD", total, JOURNAL_WAIT).await;
+    check_journal(&cluster.js, "B-USD").await;
+    check_exactly_once(&cluster.js, "B-USD").await;
+    assert_eq!(cluster.placed("A-USD").await.0, "n1", "A-USD stayed");
+}

@@ -17,6 +17,7 @@ use common::wait_journal;
 use serde_json::{Value, json};
 
 struct Env {
+    url: String,
     _server: LocalServer,
     _dir: tempfile::TempDir,
     client: async_nats::Client,
@@ -25,6 +26,10 @@ struct Env {
 }
 
 async fn env(market: &str) -> Env {
+    env_with(market, &StreamSettings::default()).await
+}
+
+async fn env_with(market: &str, settings: &StreamSettings) -> Env {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = LocalServer::start(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     let client = bus::connect(&server.url(), "test")
@@ -32,14 +37,14 @@ async fn env(market: &str) -> Env {
         .unwrap_or_else(|e| panic!("{e}"));
     let js = jetstream::new(client.clone());
     let subjects = Subjects::default();
-    let settings = StreamSettings::default();
-    bus::ensure_core_streams(&js, &subjects, &settings)
+    bus::ensure_core_streams(&js, &subjects, settings)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    bus::ensure_market_stream(&js, &subjects, market, &settings)
+    bus::ensure_market_stream(&js, &subjects, market, settings)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     Env {
+        url: server.url(),
         _server: server,
         _dir: dir,
         client,
@@ -1056,6 +1061,76 @@ async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
 }
 
 #[actix_rt::test]
+async fn a_market_back_later_than_the_duplicate_window_stores_and_shows_each_view_once() {
+    // The dead owner journaled three batches and published the views of the first two only.
+    // The market comes back after the streams' duplicate window has passed, so JetStream no
+    // longer knows the views' ids: only the market's own look at what is stored keeps it from
+    // storing (and republishing to every subscriber) the second batch's views again. The
+    // third batch's views go out once. A plain subscriber and the streams both count.
+    let settings = StreamSettings {
+        duplicate_window: Duration::from_secs(1),
+        ..StreamSettings::default()
+    };
+    let env = env_with("LATE-USD", &settings).await;
+    let tally = common::PublicTally::start(&env.url).await;
+    let spec = MarketSpecInput::new("LATE-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    publish_flow(&env, "LATE-USD", 7, 20, 120, 4).await;
+    let offline = common::offline_replay(&env.js, &env.subjects, &spec).await;
+    let expected = offline.sorted_reports();
+    let msgs = offline.msgs;
+
+    let mut core = MarketCore::new(Subjects::default(), spec.clone(), 100);
+    let cuts = [0, msgs.len() / 2, msgs.len() * 3 / 4, msgs.len()];
+    let mut prev = 0;
+    for (i, range) in cuts.windows(2).enumerate() {
+        let out = core.process(&msgs[range[0]..range[1]]).expect("outputs");
+        prev = publish_as_owner(&env, &out, prev, i < 2).await;
+    }
+    // Past the duplicate window.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let running = market::start(
+        env.bus(false).await,
+        spec.clone(),
+        MarketSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let mut published: Vec<String> = read_all(&env, "EXECS")
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .map(|r| r.to_string())
+        .collect();
+    published.sort();
+    assert_eq!(
+        published.len(),
+        expected.len(),
+        "reports stored twice (or lost) by a recovery later than the duplicate window"
+    );
+    assert!(
+        published == expected,
+        "the stored reports differ from an offline replay"
+    );
+    let mut trade_ids: Vec<String> = read_all(&env, "TRADES")
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v["trades"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["trade_id"].to_string())
+        .collect();
+    let stored = trade_ids.len();
+    trade_ids.sort();
+    trade_ids.dedup();
+    assert_eq!(stored, trade_ids.len(), "trades stored twice");
+    assert!(stored > 0, "the flow trades");
+    tally.check(stored, Duration::from_secs(5)).await;
+}
+
+#[actix_rt::test]
 async fn a_backlog_is_taken_in_full_batches() {
     // Commands already in the stream when the market starts are a backlog: a batch waits for
     // those that have not reached it yet, so they go through `fetch_max` at a time (one
@@ -1249,7 +1324,11 @@ async fn a_journal_written_after_the_release_fences_the_new_owner() {
             .expect("msgpack");
     r.env
         .js
-        .publish_with_headers(r.env.subjects.events(&market), headers, payload.into())
+        .publish_with_headers(
+            r.env.subjects.capture_events(&market),
+            headers,
+            payload.into(),
+        )
         .await
         .expect("sent")
         .await

@@ -255,6 +255,7 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
     let client = bus::connect(&server.url(), "test")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    let tally = common::PublicTally::start(&server.url()).await;
     let js = jetstream::new(client);
     let w = agora::workload::generate(&agora::workload::FlowParams {
         seed: 5,
@@ -305,6 +306,9 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
         published == expected,
         "the published reports differ from an offline replay of the stream"
     );
+    // And as a plain subscriber of the public subjects sees it: each trade and fill once.
+    let trades = common::stored_trades(&js).await;
+    tally.check(trades, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ pub mod connect;
 pub mod error;
 pub mod feed;
 pub mod journal;
+pub mod landed;
 pub mod outputs;
 pub mod server;
 pub mod snapshots;

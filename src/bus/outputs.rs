@@ -416,7 +416,7 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
     let execs = groups
         .into_iter()
         .map(|(account, range)| Outgoing {
-            subject: subjects.execs(account, market),
+            subject: subjects.capture_execs(account, market),
             msg_id: Some(format!("{market}:{last_seq}:x:{account}")),
             payload: views.slice(range),
         })
@@ -444,7 +444,7 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
         }
     });
     let trades = (!tape.is_empty()).then(|| Outgoing {
-        subject: subjects.trades(market),
+        subject: subjects.capture_trades(market),
         msg_id: Some(format!("{market}:{last_seq}:t")),
         payload: encode(&Tape {
             market,
@@ -475,7 +475,7 @@ pub fn build(subjects: &Subjects, spec: &MarketSpec, batch: &Batch<'_>) -> Batch
     });
     BatchOutputs {
         journal: Outgoing {
-            subject: subjects.events(market),
+            subject: subjects.capture_events(market),
             msg_id: Some(format!("{market}:{last_seq}")),
             payload: journal.into(),
         },
@@ -566,7 +566,7 @@ mod tests {
         };
         let out = build(&subjects, &spec, &batch);
 
-        assert_eq!(out.journal.subject, "agora.events.BTC-USDC");
+        assert_eq!(out.journal.subject, "agora.capture.events.BTC-USDC");
         assert_eq!(out.journal.msg_id.as_deref(), Some("BTC-USDC:4"));
         let journal = decode(&out.journal.payload);
         let types: Vec<&str> = journal["events"]
@@ -584,7 +584,7 @@ mod tests {
 
         assert_eq!(out.execs.len(), 2);
         let a = &out.execs[0];
-        assert_eq!(a.subject, "agora.execs.maker-a.BTC-USDC");
+        assert_eq!(a.subject, "agora.capture.execs.maker-a.BTC-USDC");
         assert_eq!(a.msg_id.as_deref(), Some("BTC-USDC:4:x:maker-a"));
         let reports = decode(&a.payload);
         let fill = reports["reports"]
@@ -608,7 +608,7 @@ mod tests {
             "{reports}"
         );
         let b = &out.execs[1];
-        assert_eq!(b.subject, "agora.execs.taker-b.BTC-USDC");
+        assert_eq!(b.subject, "agora.capture.execs.taker-b.BTC-USDC");
         let b_text = String::from_utf8_lossy(&b.payload);
         assert!(
             !b_text.contains("maker-a") && !b_text.contains("m1"),
@@ -889,7 +889,7 @@ mod tests {
                 .iter()
                 .map(|(account, reports)| {
                     (
-                        subjects.execs(account, market),
+                        subjects.capture_execs(account, market),
                         format!("{market}:{}:x:{account}", batch.last_seq),
                         rmp_serde::to_vec_named(&ReportBatch {
                             market,

@@ -7,7 +7,8 @@
 //! `agora_nodes` (heartbeats, short TTL). Creating is idempotent: an existing stream or bucket
 //! is opened as it is. This module must never delete an existing stream, nor reconfigure one
 //! beyond a market's order stream's subjects (detached at `market.remove`, so publishing to a
-//! removed market fails at once, and attached again at `market.add`).
+//! removed market fails at once, and attached again at `market.add`) and the shared streams'
+//! capture subjects, transform and republishing (given to streams of older builds).
 
 use std::time::Duration;
 
@@ -62,28 +63,38 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusErr
     super::connect::connect_with(url, name, &super::connect::NatsOptions::default()).await
 }
 
+fn stream_config(name: String, subjects: Vec<String>, settings: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name,
+        subjects,
+        storage: settings.storage(),
+        num_replicas: settings.replicas,
+        duplicate_window: settings.duplicate_window,
+        max_age: settings.max_age,
+        max_bytes: if settings.max_bytes == 0 {
+            -1
+        } else {
+            i64::try_from(settings.max_bytes).unwrap_or(i64::MAX)
+        },
+        ..Default::default()
+    }
+}
+
 async fn ensure_stream(
     js: &jetstream::Context,
     name: String,
     subjects: Vec<String>,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, BusError> {
-    let created = js
-        .get_or_create_stream(stream::Config {
-            name: name.clone(),
-            subjects,
-            storage: settings.storage(),
-            num_replicas: settings.replicas,
-            duplicate_window: settings.duplicate_window,
-            max_age: settings.max_age,
-            max_bytes: if settings.max_bytes == 0 {
-                -1
-            } else {
-                i64::try_from(settings.max_bytes).unwrap_or(i64::MAX)
-            },
-            ..Default::default()
-        })
-        .await;
+    ensure_stream_with(js, stream_config(name, subjects, settings)).await
+}
+
+async fn ensure_stream_with(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, BusError> {
+    let name = config.name.clone();
+    let created = js.get_or_create_stream(config).await;
     match created {
         Ok(stream) => Ok(stream),
         // Created meanwhile by another node (nodes starting together race): open it.
@@ -176,34 +187,59 @@ pub async fn detach_market_stream(
     Ok(Some(last))
 }
 
-/// The shared streams: journals, execution reports, the trade tape.
+/// The shared streams: journals, execution reports, the trade tape. Each listens on its
+/// capture subjects (`<prefix>.capture.<kind>.>`, where only the engine publishes), stores a
+/// message under its public subject (`<prefix>.<kind>.>`: consumers filter on it, and the fence
+/// of the journal checks it) and republishes what it stored there, once: a plain subscriber of
+/// a public subject sees each stored message once however often the engine sent it, with
+/// `Nats-Sequence` and `Nats-Last-Sequence` to see a gap.
+///
+/// A stream created by an older build (listening on the public subjects) is given this
+/// configuration in place; what it holds stays, under the same subjects.
 pub async fn ensure_core_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
     settings: &StreamSettings,
 ) -> Result<(), BusError> {
     let p = subjects.prefix();
-    ensure_stream(
-        js,
-        subjects.events_stream(),
-        vec![format!("{p}.events.>")],
-        settings,
-    )
-    .await?;
-    ensure_stream(
-        js,
-        subjects.execs_stream(),
-        vec![format!("{p}.execs.>")],
-        settings,
-    )
-    .await?;
-    ensure_stream(
-        js,
-        subjects.trades_stream(),
-        vec![format!("{p}.trades.>")],
-        settings,
-    )
-    .await?;
+    for (name, kind) in [
+        (subjects.events_stream(), "events"),
+        (subjects.execs_stream(), "execs"),
+        (subjects.trades_stream(), "trades"),
+    ] {
+        let capture = format!("{p}.capture.{kind}.>");
+        let public = format!("{p}.{kind}.>");
+        let wanted = |config: &mut stream::Config| {
+            config.subjects = vec![capture.clone()];
+            config.subject_transform = Some(stream::SubjectTransform {
+                source: capture.clone(),
+                destination: public.clone(),
+            });
+            config.republish = Some(stream::Republish {
+                source: public.clone(),
+                destination: public.clone(),
+                headers_only: false,
+            });
+        };
+        let mut config = stream_config(name.clone(), Vec::new(), settings);
+        wanted(&mut config);
+        let stream = ensure_stream_with(js, config).await?;
+        let mut have = stream.cached_info().config.clone();
+        let before = have.clone();
+        wanted(&mut have);
+        if have.subjects != before.subjects
+            || have.subject_transform != before.subject_transform
+            || have.republish != before.republish
+        {
+            tracing::info!(stream = %name, "giving the stream capture subjects and republishing (a stream of an older build)");
+            js.update_stream(have).await.map_err(|e| BusError::Stream {
+                name: name.clone(),
+                reason: format!(
+                    "cannot give it capture subjects and republishing: {e}; stop every node of an older build first"
+                ),
+            })?;
+        }
+    }
     Ok(())
 }
 

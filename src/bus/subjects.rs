@@ -99,6 +99,18 @@ impl Subjects {
     pub fn trades(&self, market: &str) -> String {
         format!("{}.trades.{market}", self.prefix)
     }
+    /// Where the engine publishes what the streams store (`capture_*`): the same subjects with
+    /// `capture.` after the prefix. Only the streams listen there; each stores a message under
+    /// its public subject and republishes it there once, however often the engine sent it.
+    pub fn capture_events(&self, market: &str) -> String {
+        format!("{}.capture.events.{market}", self.prefix)
+    }
+    pub fn capture_execs(&self, account: &str, market: &str) -> String {
+        format!("{}.capture.execs.{account}.{market}", self.prefix)
+    }
+    pub fn capture_trades(&self, market: &str) -> String {
+        format!("{}.capture.trades.{market}", self.prefix)
+    }
     pub fn book(&self, market: &str) -> String {
         format!("{}.book.{market}", self.prefix)
     }
@@ -150,6 +162,18 @@ mod tests {
         assert_eq!(s.execs("acct-1", "BTC-USDC"), "agora.execs.acct-1.BTC-USDC");
         assert_eq!(s.execs_of("acct-1"), "agora.execs.acct-1.>");
         assert_eq!(s.book_snapshot("ETH-USDC"), "agora.book.ETH-USDC.snapshot");
+        assert_eq!(
+            s.capture_execs("acct-1", "BTC-USDC"),
+            "agora.capture.execs.acct-1.BTC-USDC"
+        );
+        assert_eq!(
+            s.capture_events("BTC-USDC"),
+            "agora.capture.events.BTC-USDC"
+        );
+        assert_eq!(
+            s.capture_trades("BTC-USDC"),
+            "agora.capture.trades.BTC-USDC"
+        );
         assert_eq!(s.ctl("market.add"), "agora.ctl.market.add");
         assert_eq!(s.orders_stream("BTC-USDC"), "ORDERS_BTC-USDC");
         assert_eq!(s.events_stream(), "EVENTS");

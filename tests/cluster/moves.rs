@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::common::wait_journal;
+use crate::common::{PublicTally, stored_trades, wait_journal};
 use crate::{Cluster, JOURNAL_WAIT, check_exactly_once, check_journal, load, workload};
 
 #[tokio::test]
@@ -27,7 +27,8 @@ async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() 
     assert_eq!(cluster.placed("B-USD").await.0, "n2");
     println!("idle move: pause {pause:.2} ms");
 
-    // Three moves while orders flow.
+    // Three moves while orders flow; a plain subscriber counts every trade and fill.
+    let tally = PublicTally::start(&cluster.url()).await;
     let commands = workload(11, 3000);
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
@@ -50,6 +51,9 @@ async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() 
     let reports = check_exactly_once(&cluster.js, "A-USD").await;
     println!("A-USD: {total} commands, {batches} journal batches, {reports} reports");
     check_exactly_once(&cluster.js, "B-USD").await;
+    let trades = stored_trades(&cluster.js).await;
+    let fills = tally.check(trades, Duration::from_secs(10)).await;
+    println!("a plain subscriber saw {trades} trades and {fills} fills, each once");
 
     let (ok, nodes) = cluster.ctl(&["node.list"]);
     assert!(ok, "{nodes}");
@@ -81,6 +85,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
         .await
         .expect("subscribe");
 
+    let tally = PublicTally::start(&cluster.url()).await;
     let commands = workload(12, 2500);
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
@@ -152,6 +157,10 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     wait_journal(&cluster.js, "B-USD", n, JOURNAL_WAIT).await;
     check_exactly_once(&cluster.js, "B-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
+    // Two kills, and a plain subscriber of the public subjects saw each trade and fill once.
+    let trades = stored_trades(&cluster.js).await;
+    let fills = tally.check(trades, Duration::from_secs(10)).await;
+    println!("a plain subscriber saw {trades} trades and {fills} fills, each once");
 }
 
 #[tokio::test]

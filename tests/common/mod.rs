@@ -252,7 +252,7 @@ pub async fn wait_journal(
 pub struct Offline {
     /// The stream's messages, 1 to its last, as the market's core takes them.
     pub msgs: Vec<agora::actors::Incoming>,
-    /// The execution reports (each as JSON text) of each exec subject, in the order its
+    /// The execution reports (each as JSON text) of each (stored, public) exec subject, in the order its
     /// subscriber sees them.
     pub reports: BTreeMap<String, Vec<String>>,
     /// The book's state hash after the last message.
@@ -311,8 +311,10 @@ pub async fn offline_replay(
         let msg = routes.decode(m.subject.as_str(), Some(&m.headers), &m.payload, seq, ts);
         if let Some(out) = core.process(std::slice::from_ref(&msg)) {
             for x in out.execs {
+                // Published on the capture subject, stored under the public one.
+                let stored = x.subject.replacen(".capture.", ".", 1);
                 reports
-                    .entry(x.subject.clone())
+                    .entry(stored)
                     .or_default()
                     .extend(exec_reports(&x.payload));
             }
@@ -359,4 +361,183 @@ pub fn http_get(port: u16, request: &str) -> (u16, serde_json::Value) {
         status,
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// What a plain (core NATS) subscriber to the public tape and report subjects received, as a
+/// client connects: every trade id on the tape, every fill (trade id and liquidity) in the
+/// reports, and each subject's `Nats-Sequence` chain (`Nats-Last-Sequence` must be the sequence
+/// of the message before on that subject), so a duplicate or a gap shows.
+#[derive(Default)]
+pub struct Tally {
+    pub trades: BTreeMap<String, u32>,
+    pub fills: BTreeMap<(String, String), u32>,
+    /// Last `Nats-Sequence` seen per subject.
+    last: BTreeMap<String, u64>,
+    pub gaps: Vec<String>,
+    pub unsequenced: u64,
+}
+
+pub struct PublicTally {
+    tally: std::sync::Arc<std::sync::Mutex<Tally>>,
+    client: async_nats::Client,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl PublicTally {
+    /// Subscribes (core NATS, no JetStream) to `agora.trades.>` and `agora.execs.>` on `url`
+    /// (one or more, comma-separated).
+    pub async fn start(url: &str) -> PublicTally {
+        use futures::StreamExt;
+        let addrs: Vec<async_nats::ServerAddr> = url
+            .split(',')
+            .map(|u| u.parse().expect("a NATS URL"))
+            .collect();
+        let client = async_nats::connect(addrs.as_slice())
+            .await
+            .unwrap_or_else(|e| panic!("the plain subscriber connects: {e}"));
+        let tally = std::sync::Arc::new(std::sync::Mutex::new(Tally::default()));
+        let mut tasks = Vec::new();
+        for subject in ["agora.trades.>", "agora.execs.>"] {
+            let mut sub = client
+                .subscribe(subject)
+                .await
+                .unwrap_or_else(|e| panic!("subscribing to {subject}: {e}"));
+            let tally = tally.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    let mut t = tally.lock().expect("tally");
+                    t.add(&m);
+                }
+            }));
+        }
+        client.flush().await.expect("flush");
+        PublicTally {
+            tally,
+            client,
+            tasks,
+        }
+    }
+
+    /// Waits until `trades` distinct trade ids arrived (at most `timeout`), then checks that
+    /// every trade arrived once, every fill once on each side, and no subject skipped a
+    /// sequence. Answers the count of fills.
+    pub async fn check(&self, trades: usize, timeout: Duration) -> usize {
+        let started = Instant::now();
+        loop {
+            let have = self.tally.lock().expect("tally").trades.len();
+            if have >= trades || started.elapsed() > timeout {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = self.tally.lock().expect("tally");
+        let twice: Vec<_> = t.trades.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "trades a plain subscriber received more than once: {twice:?}"
+        );
+        let fills_twice: Vec<_> = t.fills.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            fills_twice.is_empty(),
+            "fills a plain subscriber received more than once: {fills_twice:?}"
+        );
+        assert!(
+            t.gaps.is_empty(),
+            "sequence gaps on public subjects: {:?}",
+            t.gaps
+        );
+        assert_eq!(
+            t.unsequenced, 0,
+            "public messages without Nats-Sequence headers"
+        );
+        assert_eq!(
+            t.trades.len(),
+            trades,
+            "a plain subscriber received {} of {trades} trades",
+            t.trades.len()
+        );
+        assert_eq!(
+            t.fills.len(),
+            2 * trades,
+            "a plain subscriber received {} fills for {trades} trades (two sides each)",
+            t.fills.len()
+        );
+        t.fills.len()
+    }
+
+    pub fn trades(&self) -> usize {
+        self.tally.lock().expect("tally").trades.len()
+    }
+}
+
+impl Drop for PublicTally {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = &self.client;
+    }
+}
+
+impl Tally {
+    fn add(&mut self, m: &async_nats::Message) {
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+        };
+        match (header("Nats-Sequence"), header("Nats-Last-Sequence")) {
+            (Some(seq), Some(prev)) => {
+                let subject = m.subject.to_string();
+                let expected = self.last.get(&subject).copied();
+                if let Some(expected) = expected
+                    && expected != prev
+                {
+                    self.gaps.push(format!(
+                        "{subject}: message {seq} follows {prev}, but the last one seen was {expected}"
+                    ));
+                }
+                self.last.insert(subject, seq);
+            }
+            _ => self.unsequenced += 1,
+        }
+        let v: serde_json::Value = match rmp_serde::from_slice(&m.payload) {
+            Ok(v) => v,
+            Err(e) => panic!("a public message on {} does not decode: {e}", m.subject),
+        };
+        for trade in v["trades"].as_array().into_iter().flatten() {
+            let id = format!("{}/{}", v["market"], trade["trade_id"]);
+            *self.trades.entry(id).or_default() += 1;
+        }
+        for report in v["reports"].as_array().into_iter().flatten() {
+            if report["type"] == "fill" {
+                let key = (
+                    format!("{}/{}", report["market"], report["trade_id"]),
+                    report["liquidity"].as_str().unwrap_or_default().to_string(),
+                );
+                *self.fills.entry(key).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// The trades stored in `TRADES` (every market), each once: panics on a trade id stored twice.
+pub async fn stored_trades(js: &async_nats::jetstream::Context) -> usize {
+    let mut trades = js.get_stream("TRADES").await.expect("TRADES");
+    let last = trades.info().await.expect("info").state.last_sequence;
+    let mut ids = std::collections::BTreeMap::<String, u32>::new();
+    for seq in 1..=last {
+        if let Ok(m) = trades.get_raw_message(seq).await {
+            let v: serde_json::Value = rmp_serde::from_slice(&m.payload).expect("tape decodes");
+            for t in v["trades"].as_array().into_iter().flatten() {
+                *ids.entry(format!("{}/{}", v["market"], t["trade_id"]))
+                    .or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "trades stored twice in TRADES: {twice:?}");
+    ids.len()
 }

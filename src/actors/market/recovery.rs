@@ -1,7 +1,8 @@
 //! Recovery: a market taken over (at start, from a warm copy, after a move or a failover)
 //! restores its latest snapshot, replays the order stream silently up to the journal's last
-//! two batches, and rebuilds those byte for byte to republish their views (JetStream drops
-//! those that had landed). No command is lost or applied twice; no output is published twice.
+//! two batches, and rebuilds those byte for byte to republish the views not yet stored
+//! (`bus::landed` looks; JetStream's duplicate window would drop them only inside it). No
+//! command is lost or applied twice; no output is stored twice.
 
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use super::{LastSeq, MarketError, Process, Replay, Restore, Stats, incoming};
 use crate::actors::core::{BatchStats, Incoming};
 use crate::book::Seq;
 use crate::bus::journal::JournalTail;
+use crate::bus::landed::Landed;
 use crate::bus::{Feed, Pull, RangeReader};
 use crate::telemetry::traces;
 
@@ -22,6 +24,8 @@ struct Recovered {
     snapshot_seq: Option<Seq>,
     replayed: u64,
     republished: u64,
+    /// Views of the rebuilt batches found already stored, and so not sent again.
+    stored: u64,
 }
 
 impl Driver {
@@ -107,6 +111,7 @@ impl Driver {
             // Released by its owner with every output published: all of it, silently.
             done.replayed = self.replay_range(from, tail.head.last_seq).await?;
         } else if let Some(tail) = tail {
+            let mut landed: Option<Landed> = None;
             // Everything before the last two batches, silently; then each of them again (unless
             // the snapshot or the copy is past it: a snapshot is taken with every output
             // acknowledged), to rebuild its outputs byte for byte and republish its views.
@@ -133,11 +138,17 @@ impl Driver {
                     batch,
                     traced: Vec::new(),
                 };
-                for (out, _) in self.send(batch).await? {
+                let lookup = match landed.take() {
+                    Some(lookup) => lookup,
+                    None => Landed::open(&self.js, &self.subjects).await?,
+                };
+                for (mut out, _) in self.send(batch).await? {
+                    done.stored += lookup.drop_stored(&mut out).await? as u64;
                     self.send_views(out, false).await?;
                     self.settle_views().await?;
                 }
                 from = b.last_seq + 1;
+                landed = Some(lookup);
             }
         }
         let stats = self.send(Stats).await?;
@@ -173,6 +184,7 @@ impl Driver {
             snapshot_seq = ?done.snapshot_seq,
             replayed = done.replayed,
             republished = done.republished,
+            views_already_stored = done.stored,
             last_seq,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "market recovered"

@@ -91,13 +91,30 @@ pub struct DecodeContext<'a> {
     pub operator: bool,
 }
 
-/// Decodes a JSON document into a wire command.
+mod shape;
+
+/// Decodes a JSON document into a wire command: a map whose fields have the documented kinds
+/// (`shape`), then its fields.
 pub fn parse_json(bytes: &[u8]) -> Result<WireCommand, String> {
-    serde_json::from_slice(bytes).map_err(|e| format!("not a valid JSON command: {e}"))
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    shape::check_json(&value)?;
+    serde_json::from_value(value).map_err(|e| format!("not a valid JSON command: {e}"))
 }
 
-/// Decodes a MessagePack map into a wire command.
+/// Decodes a MessagePack map into a wire command: a map with string keys whose fields have the
+/// documented kinds (`shape`), then its fields.
 pub fn parse_msgpack(bytes: &[u8]) -> Result<WireCommand, String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b'{' | b'['))
+        && serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+    {
+        return Err(
+            "this is JSON sent as MessagePack: set the header Content-Type: application/json, or send a MessagePack map"
+                .into(),
+        );
+    }
+    shape::check_msgpack(bytes)?;
     rmp_serde::from_slice(bytes).map_err(|e| format!("not a valid MessagePack command: {e}"))
 }
 

@@ -401,12 +401,22 @@ async fn bad_input_is_rejected_clearly_and_the_market_goes_on() {
         json!({"op": "new", "account": "carol", "side": "buy", "price": "1.001", "qty": "1"}),
     ))
     .await;
+    // What MessagePack allows but the protocol does not: a positional array, an integer key,
+    // a binary price; and JSON sent without its Content-Type. Each is refused in our words.
+    publish_raw(rmp_serde::to_vec(&("new", "carol", "x")).expect("encode")).await;
+    publish_raw(vec![0x81, 0x01, 0xa3, b'n', b'e', b'w']).await;
+    let mut binary_price = vec![0x82, 0xa2, b'o', b'p', 0xa3, b'n', b'e', b'w', 0xa5];
+    binary_price.extend(b"price");
+    binary_price.extend([0xc4, 0x04]);
+    binary_price.extend(b"1.00");
+    publish_raw(binary_price).await;
+    publish_raw(br#"{"op": "new", "account": "carol"}"#.to_vec()).await;
     // And the market goes on.
     publish_raw(msgpack(json!({"op": "new", "account": "carol", "cid": "ok", "side": "buy", "price": "1.00", "qty": "1"}))).await;
-    wait_journal(&env.js, "BTC-USDC", 6, JOURNAL_WAIT).await;
+    wait_journal(&env.js, "BTC-USDC", 10, JOURNAL_WAIT).await;
 
     let mut unreadable = Vec::new();
-    while unreadable.len() < 2 {
+    while unreadable.len() < 6 {
         let next = futures::StreamExt::next(&mut rejects);
         let msg = tokio::time::timeout(Duration::from_secs(5), next)
             .await
@@ -424,6 +434,23 @@ async fn bad_input_is_rejected_clearly_and_the_market_goes_on() {
             .contains("the limit is 65536"),
         "{}",
         unreadable[1]
+    );
+    let said = |i: usize| unreadable[i]["message"].as_str().unwrap_or("").to_string();
+    assert!(
+        said(2).contains("positional arrays are not accepted"),
+        "{}",
+        said(2)
+    );
+    assert!(
+        said(3).contains("field names must be strings"),
+        "{}",
+        said(3)
+    );
+    assert!(said(4).starts_with("price is binary data"), "{}", said(4));
+    assert!(
+        said(5).contains("Content-Type: application/json"),
+        "{}",
+        said(5)
     );
 
     let carol: Vec<Value> = read_all(&env, "EXECS")

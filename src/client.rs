@@ -24,6 +24,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::push;
+
 use async_nats::jetstream;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -187,9 +189,44 @@ pub struct Report {
     pub cid: Option<String>,
     #[serde(default)]
     pub account: Option<String>,
+    /// The sequence in stream `EXECS` of the message that carried it: `agora watch reports
+    /// --since` takes it, to go on after the last report a reader has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seq: Option<u64>,
     /// Everything else the report carries (price, qty, leaves, liquidity, reason, ...).
     #[serde(flatten)]
     pub fields: BTreeMap<String, serde_json::Value>,
+}
+
+/// Where a reader of an account's reports starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportsFrom {
+    /// Reports stored from now on.
+    Now,
+    /// From this `EXECS` sequence (a report's `stream_seq` + 1 goes on after it).
+    Seq(u64),
+    /// From the first report stored at or after this time.
+    Time(async_nats::datetime::DateTime),
+}
+
+impl std::str::FromStr for ReportsFrom {
+    type Err = String;
+    /// `now`, a sequence (`1042`), or an RFC 3339 time (`2026-12-05T09:30:00Z`).
+    fn from_str(s: &str) -> Result<ReportsFrom, String> {
+        if s == "now" {
+            return Ok(ReportsFrom::Now);
+        }
+        if let Ok(seq) = s.parse::<u64>() {
+            return Ok(ReportsFrom::Seq(seq.max(1)));
+        }
+        async_nats::datetime::parse_rfc3339(s)
+            .map(ReportsFrom::Time)
+            .map_err(|_| {
+                format!(
+                    "{s:?} is neither a stream sequence (such as 1042) nor an RFC 3339 time (such as 2026-12-05T09:30:00Z)"
+                )
+            })
+    }
 }
 
 #[derive(Deserialize)]
@@ -475,6 +512,22 @@ impl Client {
         account: &str,
         market: Option<&str>,
     ) -> Result<Reports, ClientError> {
+        self.reports_from(account, market, ReportsFrom::Now).await
+    }
+
+    /// `account`'s execution reports from `from` on, in one market or all, read from stream
+    /// `EXECS` through an ordered consumer filtered to the account's subjects: each report once,
+    /// in order, and after a lost connection the reader goes on from the last message it
+    /// yielded. NATS permissions can let a trader create exactly this consumer
+    /// (`$JS.API.CONSUMER.CREATE.EXECS.*.<prefix>.execs.<ACCOUNT>.>`, see
+    /// `config/nats/permissions.conf`) and nothing on another account's reports.
+    pub async fn reports_from(
+        &self,
+        account: &str,
+        market: Option<&str>,
+        from: ReportsFrom,
+    ) -> Result<Reports, ClientError> {
+        use async_nats::jetstream::consumer::DeliverPolicy;
         Subjects::check_token("account", account)?;
         let subject = match market {
             Some(m) => {
@@ -483,10 +536,47 @@ impl Client {
             }
             None => self.subjects.execs_of(account),
         };
+        let deliver_policy = match from {
+            ReportsFrom::Now => DeliverPolicy::New,
+            ReportsFrom::Seq(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            ReportsFrom::Time(start_time) => DeliverPolicy::ByStartTime { start_time },
+        };
+        // A name of our own (the inbox's random token): the create request then carries the
+        // filter in its subject, which is what permissions can name.
+        let inbox = self.nats.new_inbox();
+        let token = inbox.rsplit('.').next().unwrap_or("0");
+        let config = push::OrderedConfig {
+            name: Some(format!("reports-{account}-{token}")),
+            deliver_subject: self.nats.new_inbox(),
+            filter_subject: subject.clone(),
+            deliver_policy,
+            ..Default::default()
+        };
+        let stream = self.subjects.execs_stream();
+        let refused = |e: &dyn std::fmt::Display| ClientError::Subscribe {
+            subject: subject.clone(),
+            reason: format!(
+                "cannot read the reports from stream {stream}: {e}; this user needs permission to create a consumer on {stream} filtered to {subject}"
+            ),
+        };
+        let consumer: async_nats::jetstream::consumer::Consumer<push::OrderedConfig> = self
+            .js
+            .create_consumer_on_stream(config, stream.clone())
+            .await
+            .map_err(|e| refused(&e))?;
+        // Where the reader starts: a consumer made again after a lost connection before the
+        // first message would start from the stream's beginning; below this it yields nothing.
+        let last = match from {
+            ReportsFrom::Now => consumer.cached_info().delivered.stream_sequence,
+            ReportsFrom::Seq(seq) => seq.saturating_sub(1),
+            ReportsFrom::Time(_) => 0,
+        };
+        let messages = consumer.messages().await.map_err(|e| refused(&e))?;
         Ok(Reports {
-            sub: self.subscribe(subject.clone()).await?,
+            messages,
             subject,
             pending: std::collections::VecDeque::new(),
+            last,
         })
     }
 
@@ -613,24 +703,60 @@ fn set_target(command: &mut WireCommandOut, target: &Target) {
 
 /// Execution reports as they arrive.
 pub struct Reports {
-    sub: async_nats::Subscriber,
+    messages: push::Ordered,
     subject: String,
     pending: std::collections::VecDeque<Report>,
+    /// `EXECS` sequence of the last message taken.
+    last: u64,
 }
 
 impl Reports {
-    /// The next report; `None` when the connection closed.
+    /// The next report; `None` when the reader ended.
     pub async fn next(&mut self) -> Result<Option<Report>, ClientError> {
         loop {
             if let Some(r) = self.pending.pop_front() {
                 return Ok(Some(r));
             }
-            let Some(msg) = self.sub.next().await else {
-                return Ok(None);
+            let msg = match self.messages.next().await {
+                None => return Ok(None),
+                Some(Ok(msg)) => msg,
+                // Said while the connection is away or the consumer is made again; the reader
+                // goes on from its last message by itself.
+                Some(Err(e))
+                    if matches!(
+                        e.kind(),
+                        push::OrderedErrorKind::MissingHeartbeat
+                            | push::OrderedErrorKind::ConsumerDeleted
+                    ) =>
+                {
+                    continue;
+                }
+                Some(Err(e)) => {
+                    return Err(ClientError::Subscribe {
+                        subject: self.subject.clone(),
+                        reason: format!("the report reader stopped: {e}"),
+                    });
+                }
             };
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            // The ordered consumer never yields a message twice; this holds it even so, and
+            // keeps a consumer made again from the start (see `reports_from`) from going back.
+            if seq != 0 && seq <= self.last {
+                continue;
+            }
+            self.last = self.last.max(seq);
             let batch: ReportBatch = decode(&self.subject, &msg.payload)?;
-            self.pending.extend(batch.reports);
+            self.pending.extend(batch.reports.into_iter().map(|mut r| {
+                r.stream_seq = Some(seq);
+                r
+            }));
         }
+    }
+
+    /// The `EXECS` sequence of the last message read (before the first, the one before where
+    /// the reader started): start a new reader at this + 1 to go on from here.
+    pub fn stream_seq(&self) -> u64 {
+        self.last
     }
 
     /// Every report about the command at stream sequence `seq` (they travel in one message

@@ -286,6 +286,15 @@ struct ConnectArgs {
     /// NATS token.
     #[arg(long, env = "AGORA_NATS__TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// Where replies to this client's requests go (default `_INBOX_<user>` with --user,
+    /// else `_INBOX`): NATS permissions give each user its own.
+    #[arg(
+        long,
+        env = "AGORA_NATS__INBOX_PREFIX",
+        value_name = "PREFIX",
+        global = true
+    )]
+    inbox_prefix: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate; turns TLS on.
     #[arg(
         long,
@@ -323,6 +332,7 @@ impl ConnectArgs {
             tls_ca_file: self.tls_ca.clone(),
             tls_cert_file: self.tls_cert.clone(),
             tls_key_file: self.tls_key.clone(),
+            inbox_prefix: self.inbox_prefix.clone(),
             ..Default::default()
         }
     }
@@ -417,6 +427,10 @@ enum WatchCmd {
         /// Only this market's (default: every market's).
         #[arg(long)]
         market: Option<String>,
+        /// Start here instead of now: an EXECS sequence (a printed report's stream_seq + 1
+        /// goes on after it) or an RFC 3339 time, such as 2026-12-05T09:30:00Z.
+        #[arg(long, value_name = "SEQ|TIME", default_value = "now")]
+        since: agora::client::ReportsFrom,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -871,8 +885,26 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
                     Err(e) => return Err(e.into()),
                 }
             } else {
-                for report in reports.for_seq(sent.seq, wait).await? {
-                    print_json(&report)?;
+                let found = reports.for_seq(sent.seq, wait).await?;
+                for report in &found {
+                    print_json(report)?;
+                }
+                // A refusal is a failure of the command: say so in the exit status, as
+                // `agora ctl` does.
+                if let Some(refused) = found.iter().find(|r| r.kind == "rejected") {
+                    let field = |name: &str| {
+                        refused
+                            .fields
+                            .get(name)
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    anyhow::bail!(
+                        "{market}: the command was rejected ({}): {}",
+                        field("reason"),
+                        field("message")
+                    );
                 }
             }
         }
@@ -892,13 +924,16 @@ fn watch_cmd(cmd: WatchCmd) -> Result<()> {
             WatchCmd::Reports {
                 account,
                 market,
+                since,
                 connect,
             } => {
                 let client = connect.client().await?;
                 if let Some(market) = &market {
                     client.check_market(market).await?;
                 }
-                let mut reports = client.reports(&account, market.as_deref()).await?;
+                let mut reports = client
+                    .reports_from(&account, market.as_deref(), since)
+                    .await?;
                 eprintln!("agora: watching the reports of {account}");
                 while let Some(report) = reports.next().await? {
                     print_json(&report)?;

@@ -35,6 +35,10 @@ pub struct NatsOptions {
     pub tls_required: bool,
     /// Longest wait between two reconnect attempts; they start at 100 ms and double.
     pub reconnect_delay_max_ms: Option<u64>,
+    /// Where replies to this connection's requests go: `<inbox_prefix>.<random>`. Unset, it
+    /// is `_INBOX_<user>` for a user/password login (so NATS permissions can give each user
+    /// its own inbox, `_INBOX_<user>.>`, and nobody else's replies) and `_INBOX` otherwise.
+    pub inbox_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for NatsOptions {
@@ -51,6 +55,7 @@ impl std::fmt::Debug for NatsOptions {
             .field("tls_key_file", &self.tls_key_file)
             .field("tls_required", &self.tls_required)
             .field("reconnect_delay_max_ms", &self.reconnect_delay_max_ms)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -73,6 +78,16 @@ fn set(s: &Option<String>) -> bool {
 
 fn set_path(p: &Option<PathBuf>) -> bool {
     p.as_deref().is_some_and(|p| !p.as_os_str().is_empty())
+}
+
+/// Whether `prefix` can stand before `.<random>` as an inbox: tokens of letters, digits, '-'
+/// and '_' separated by dots.
+fn valid_inbox_prefix(prefix: &str) -> bool {
+    prefix.split('.').all(|t| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
 }
 
 impl NatsOptions {
@@ -123,7 +138,23 @@ impl NatsOptions {
                 "nats.reconnect_delay_max_ms = {ms}: use 100 to 60000"
             ));
         }
+        if let Some(prefix) = self.inbox_prefix.as_deref().filter(|p| !p.is_empty())
+            && !valid_inbox_prefix(prefix)
+        {
+            return Err(format!(
+                "nats.inbox_prefix = {prefix:?}: use tokens of letters, digits, '-' and '_' separated by dots, such as \"_INBOX_alice\""
+            ));
+        }
         Ok(())
+    }
+
+    /// The inbox prefix this connection uses (see `inbox_prefix`).
+    pub fn inbox(&self) -> String {
+        match (self.inbox_prefix.as_deref(), self.user.as_deref()) {
+            (Some(prefix), _) if !prefix.is_empty() => prefix.to_string(),
+            (_, Some(user)) if valid_inbox_prefix(user) => format!("_INBOX_{user}"),
+            _ => "_INBOX".to_string(),
+        }
     }
 
     /// Whether a way to authenticate is set.
@@ -300,6 +331,7 @@ pub async fn connect_with(
     let who = name.to_string();
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(options.inbox())
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max))
         .event_callback(move |event| {
@@ -441,6 +473,40 @@ mod tests {
             ..NatsOptions::default()
         };
         assert!(empty.check().is_ok());
+    }
+
+    #[test]
+    fn a_user_login_gets_its_own_inbox() {
+        let alice = NatsOptions {
+            user: Some("alice".into()),
+            password: Some("x".into()),
+            ..NatsOptions::default()
+        };
+        assert_eq!(alice.inbox(), "_INBOX_alice");
+        assert_eq!(NatsOptions::default().inbox(), "_INBOX");
+        let chosen = NatsOptions {
+            inbox_prefix: Some("_INBOX_desk1".into()),
+            ..alice.clone()
+        };
+        assert_eq!(chosen.inbox(), "_INBOX_desk1");
+        let odd = NatsOptions {
+            user: Some("a b".into()),
+            ..NatsOptions::default()
+        };
+        assert_eq!(
+            odd.inbox(),
+            "_INBOX",
+            "a user name that cannot stand in a subject"
+        );
+        let bad = NatsOptions {
+            inbox_prefix: Some("_INBOX.>".into()),
+            ..NatsOptions::default()
+        };
+        assert!(
+            bad.check()
+                .expect_err("a wildcard")
+                .contains("inbox_prefix")
+        );
     }
 
     #[test]

@@ -142,14 +142,18 @@ fn the_shell_places_retries_amends_cancels_and_watches() {
     let top = book.wait_line(|l| l.contains("\"asks\":[]"), WAIT);
     assert!(top.contains("\"bids\":[]"), "{top}");
 
-    // Bad input: a clear rejection report, not silence.
-    let (ok, lines, _) = order(
+    // Bad input: a clear rejection report, not silence, and a failed exit status.
+    let (ok, lines, err) = order(
         &url,
         "place",
         "alice",
         &["--side", "sell", "--price", "10.001", "--qty", "1"],
     );
-    assert!(ok);
+    assert!(!ok, "a rejected command exits non-zero");
+    assert!(
+        err.contains("TEST-USD: the command was rejected (invalid_field)"),
+        "{err}"
+    );
     assert_eq!(types(&lines), ["rejected"]);
     assert!(
         lines[1]["message"]

@@ -19,7 +19,8 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
     .expect("the documented configuration exists")
     .replace("$AGORA_NODE_PASSWORD", "\"node-secret\"")
     .replace("$AGORA_OPERATOR_PASSWORD", "\"operator-secret\"")
-    .replace("$AGORA_ALICE_PASSWORD", "\"alice-secret\"");
+    .replace("$AGORA_ALICE_PASSWORD", "\"alice-secret\"")
+    .replace("$AGORA_BOB_PASSWORD", "\"bob-secret\"");
     let path = dir.join("permissions.conf");
     std::fs::write(&path, text).expect("write");
     path
@@ -34,6 +35,8 @@ async fn connect(
     let errors = Arc::new(Mutex::new(Vec::new()));
     let sink = errors.clone();
     let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        // Each user's replies go to her own inbox, the only one she may read.
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
         .event_callback(move |event| {
             let sink = sink.clone();
             async move {
@@ -220,4 +223,288 @@ async fn a_node_and_a_trader_work_under_the_documented_permissions() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("refused the credentials"), "{e}");
+}
+
+/// A client of the product's own, logged in as `user` (so its inbox is `_INBOX_<user>`).
+async fn client_as(url: &str, user: &str, password: &str) -> agora::client::Client {
+    let login = agora::bus::NatsOptions {
+        user: Some(user.into()),
+        password: Some(password.into()),
+        ..Default::default()
+    };
+    agora::client::Client::connect(url, &login, "agora")
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"))
+}
+
+/// Every message a connection receives on `subjects`, as (subject, payload as JSON text).
+async fn collect_all(
+    client: &async_nats::Client,
+    subjects: &[&str],
+) -> Arc<Mutex<Vec<(String, String)>>> {
+    use futures::StreamExt;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    for subject in subjects {
+        let mut sub = client
+            .subscribe(subject.to_string())
+            .await
+            .expect("subscribe sent");
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let text = rmp_serde::from_slice::<serde_json::Value>(&m.payload)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&m.payload).into_owned());
+                seen.lock()
+                    .map(|mut v| v.push((m.subject.to_string(), text)))
+                    .unwrap_or(());
+            }
+        });
+    }
+    client.flush().await.expect("flush");
+    seen
+}
+
+/// Two traders under the documented permissions, with a node that is restarted and a NATS
+/// server that goes away for a few seconds while they trade: alice replays her own reports
+/// from a sequence and from a time, her live reader comes back after the outage with every
+/// report once, and nothing of bob's (orders, reports, journal, snapshots, replies) reaches
+/// her on any subject she may subscribe to. She cannot read another account's reports or
+/// replies, the journal or the order streams, get messages directly from a stream, or publish
+/// on report, tape, journal or capture subjects.
+#[tokio::test]
+async fn a_trader_replays_her_own_reports_and_sees_nothing_of_anyone_else() {
+    use agora::client::{NewOrderRequest, ReportsFrom};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = LocalServer::start_with_config(&dir.path().join("nats"), &config(dir.path()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = server.url();
+    let node_config = "node_id = \"n1\"\n[nats]\nuser = \"agora-node\"\npassword = \"node-secret\"\n[snapshots]\nevery_commands = 5\n[[markets]]\nsymbol = \"TEST-USD\"\nprice_decimals = 2\nsize_decimals = 0\n";
+    let mut node = common::Agora::node(&url, dir.path(), node_config);
+
+    // alice listens to everything she may, as a hostile trader would.
+    let (spy, spy_errors) = connect(&url, "alice", "alice-secret").await;
+    let everything = collect_all(
+        &spy,
+        &[
+            "agora.execs.alice.>",
+            "agora.trades.>",
+            "agora.book.>",
+            "agora.status.>",
+            "_INBOX_alice.>",
+        ],
+    )
+    .await;
+    let started = time_now();
+    let alice = client_as(&url, "alice", "alice-secret").await;
+    let bob = client_as(&url, "bob", "bob-secret").await;
+    let mut live = alice
+        .reports("alice", None)
+        .await
+        .unwrap_or_else(|e| panic!("alice's reader: {e}"));
+
+    // Trading: bob rests, alice takes; bob asks for the book too (its reply is his).
+    let trade_round = |round: u32| {
+        let (alice, bob) = (&alice, &bob);
+        async move {
+            for i in 0..5 {
+                let cid = format!("bob-secret-cid-{round}-{i}");
+                bob.place(
+                    "TEST-USD",
+                    "bob",
+                    &NewOrderRequest::limit("sell", "10.00", "2").cid(&cid),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("bob places: {e}"));
+                alice
+                    .place(
+                        "TEST-USD",
+                        "alice",
+                        &NewOrderRequest::limit("buy", "10.00", "1").cid(&format!("a-{round}-{i}")),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("alice places: {e}"));
+            }
+            // (A market just restarted may not answer yet.)
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while let Err(e) = bob.book_snapshot("TEST-USD", Duration::from_secs(5)).await {
+                assert!(Instant::now() < deadline, "bob's book request: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    trade_round(0).await;
+    // The node restarts (recovery reads the journal, the stream and its snapshot)...
+    assert!(node.terminate(Duration::from_secs(20)).success());
+    node = common::Agora::node(&url, dir.path(), node_config);
+    trade_round(1).await;
+    // ...and NATS goes away for a few seconds while they trade.
+    server.kill_now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.start_again().unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let again = bob
+            .place(
+                "TEST-USD",
+                "bob",
+                &NewOrderRequest::limit("sell", "10.00", "2").cid("bob-after"),
+            )
+            .await;
+        if again.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "NATS did not come back: {again:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    trade_round(2).await;
+    let last = alice
+        .place(
+            "TEST-USD",
+            "alice",
+            &NewOrderRequest::limit("buy", "1.00", "1").cid("a-last"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // What EXECS holds for alice, read by the operator.
+    let (operator, _) = connect(&url, "operator", "operator-secret").await;
+    let mut execs = jetstream::new(operator)
+        .get_stream("EXECS")
+        .await
+        .expect("EXECS");
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let n = execs.info().await.expect("info").state.last_sequence;
+        let mut mine = Vec::new();
+        for seq in 1..=n {
+            if let Ok(m) = execs.get_raw_message(seq).await
+                && m.subject.as_str().starts_with("agora.execs.alice.")
+            {
+                mine.extend(common::exec_reports(&m.payload));
+            }
+        }
+        if mine.iter().any(|r| r.contains("\"a-last\"")) {
+            break mine;
+        }
+        assert!(
+            Instant::now() < wait_until,
+            "alice's last order was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stored.len() >= 31,
+        "alice has her reports: {}",
+        stored.len()
+    );
+
+    // The live reader, across the restart and the outage: each report once, in order.
+    let mut got = Vec::new();
+    while got.len() < stored.len() {
+        match tokio::time::timeout(Duration::from_secs(20), live.next()).await {
+            Ok(Ok(Some(mut r))) => {
+                r.stream_seq = None;
+                got.push(serde_json::to_value(&r).expect("json"));
+            }
+            other => {
+                let log = std::fs::read_to_string(dir.path().join("nats/nats-server.log"))
+                    .unwrap_or_default();
+                let tail = &log[log.len().saturating_sub(4000)..];
+                panic!(
+                    "alice's live reader stopped after {} of {}: {other:?}\nnats-server log:\n{tail}",
+                    got.len(),
+                    stored.len()
+                )
+            }
+        }
+    }
+    let as_stored: Vec<serde_json::Value> = stored
+        .iter()
+        .map(|r| serde_json::from_str(r).expect("json"))
+        .collect();
+    assert_eq!(
+        got, as_stored,
+        "the live reader's reports are not EXECS's, once each, in order"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), live.next())
+            .await
+            .is_err(),
+        "the live reader yielded a report again"
+    );
+
+    // Replays: from the start, and from a time before it all.
+    for from in [ReportsFrom::Seq(1), ReportsFrom::Time(started)] {
+        let mut replay = alice
+            .reports_from("alice", Some("TEST-USD"), from)
+            .await
+            .unwrap_or_else(|e| panic!("alice replays: {e}"));
+        let mut n = 0;
+        while n < stored.len() {
+            let r = tokio::time::timeout(Duration::from_secs(20), replay.next())
+                .await
+                .expect("replayed in time")
+                .expect("reads")
+                .expect("a report");
+            assert_eq!(r.account.as_deref(), Some("alice"));
+            n += 1;
+        }
+        assert!(replay.stream_seq() > 0);
+    }
+    let _ = last;
+
+    // Refused: another account's reports, the journal, the order streams, direct gets.
+    let e = alice
+        .reports_from("bob", None, ReportsFrom::Seq(1))
+        .await
+        .err()
+        .expect("alice may not read bob's reports");
+    assert!(e.to_string().contains("permission"), "{e}");
+    for subject in [
+        "$JS.API.CONSUMER.CREATE.EXECS.x.agora.execs.bob.>",
+        "$JS.API.CONSUMER.CREATE.EVENTS.x.agora.events.>",
+        "$JS.API.CONSUMER.CREATE.ORDERS_TEST-USD.x.agora.orders.>",
+        "$JS.API.DIRECT.GET.EXECS",
+        "$JS.API.STREAM.MSG.GET.EVENTS",
+        "agora.capture.execs.alice.TEST-USD",
+        "agora.execs.alice.TEST-USD",
+        "agora.trades.TEST-USD",
+        "agora.events.TEST-USD",
+    ] {
+        spy.publish(subject, "{}".into()).await.expect("sent");
+        refused(&spy_errors, subject).await;
+    }
+    for subject in [
+        "_INBOX.>",
+        "_INBOX_bob.>",
+        "agora.events.>",
+        "agora.capture.>",
+    ] {
+        let _s = spy.subscribe(subject).await.expect("subscribe sent");
+        refused(&spy_errors, subject).await;
+    }
+
+    // Nothing of bob's reached alice on anything she may subscribe to.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = everything.lock().map(|v| v.clone()).unwrap_or_default();
+    assert!(
+        seen.len() > 20,
+        "alice's subscriptions saw the public data: {}",
+        seen.len()
+    );
+    let leaks: Vec<_> = seen
+        .iter()
+        .filter(|(_, text)| text.contains("bob"))
+        .collect();
+    assert!(leaks.is_empty(), "bob's data reached alice: {leaks:?}");
+    drop(node);
+}
+
+/// Five seconds ago, as JetStream takes a start time.
+fn time_now() -> async_nats::datetime::DateTime {
+    async_nats::datetime::DateTime::now_utc() - Duration::from_secs(5)
 }

@@ -8,6 +8,10 @@
 //!   heartbeat/lease setting; the killed node is started again between kills;
 //! - **startup**: markets × resting orders on one node, stopped cleanly (final snapshots), then
 //!   started again: time to its `ready` line and its RSS.
+//! - **flood**: order → report latency on a market with a deep book (`AGORA_CBENCH_FLOOD_LEVELS`
+//!   price levels) and on a shallow market of the same node, before, during and after a flood
+//!   of book snapshot requests (`AGORA_CBENCH_FLOOD_CONNS` connections × 8 requests in flight,
+//!   for `AGORA_CBENCH_FLOOD_SECS`).
 //!
 //! Sizes come from `AGORA_CBENCH_*` variables (see `Settings::from_env`); the defaults finish in
 //! a few minutes. Needs `nats-server` on `PATH` (or `$AGORA_NATS_SERVER`); installs nothing.
@@ -45,6 +49,9 @@ struct Settings {
     failover_rate: u64,
     /// `markets x orders` pairs.
     startup: Vec<(usize, usize)>,
+    flood_levels: usize,
+    flood_conns: usize,
+    flood_secs: u64,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -84,7 +91,7 @@ impl Settings {
     fn from_env() -> Settings {
         Settings {
             parts: var("AGORA_CBENCH_PARTS")
-                .unwrap_or_else(|| "moves,failover,startup".into())
+                .unwrap_or_else(|| "moves,failover,startup,flood".into())
                 .split(',')
                 .map(|s| s.trim().to_string())
                 .collect(),
@@ -99,6 +106,9 @@ impl Settings {
                 .into_iter()
                 .map(|(m, o)| (m as usize, o as usize))
                 .collect(),
+            flood_levels: num("AGORA_CBENCH_FLOOD_LEVELS", 40_000),
+            flood_conns: num("AGORA_CBENCH_FLOOD_CONNS", 8),
+            flood_secs: num("AGORA_CBENCH_FLOOD_SECS", 20),
         }
     }
 
@@ -506,6 +516,184 @@ async fn bench_failover(s: &Settings, heartbeat: u64, lease: u64, out: &mut Vec<
     )));
 }
 
+// ----- snapshot flood -----------------------------------------------------------------------
+
+/// Order → first report latencies (ms) on `market`: `n` IOC sells far above the book (accepted,
+/// then cancelled), `per_sec` a second, timed from the publish to the report's arrival.
+async fn probe(c: &Cluster, market: &str, n: usize, per_sec: u64) -> Vec<f64> {
+    let mut reports = c
+        .client
+        .subscribe(format!("agora.execs.probe.{market}"))
+        .await
+        .expect("subscribe");
+    c.client.flush().await.expect("flush");
+    let subject = format!("agora.orders.{market}");
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let order = json!({"op": "new", "account": "probe", "side": "sell", "type": "limit",
+            "tif": "ioc", "price": "9999.00", "qty": "1"});
+        let bytes = rmp_serde::to_vec_named(&order).expect("msgpack");
+        let sent = Instant::now();
+        let ack =
+            c.js.publish(subject.clone(), bytes.into())
+                .await
+                .expect("publish");
+        let seq = ack.await.expect("ack").sequence;
+        let arrived = loop {
+            let m = tokio::time::timeout(Duration::from_secs(120), reports.next())
+                .await
+                .expect("a report within 120 s")
+                .expect("subscription");
+            let v: Value = rmp_serde::from_slice(&m.payload).unwrap_or(Value::Null);
+            let ours = v["reports"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["seq"].as_u64() == Some(seq)));
+            if ours {
+                break Instant::now();
+            }
+        };
+        out.push(ms(arrived - sent));
+        tokio::time::sleep(Duration::from_millis(1000 / per_sec.max(1))).await;
+    }
+    out
+}
+
+async fn bench_flood(s: &Settings, out: &mut Vec<String>) {
+    let (deep, near) = ("DEEP-USD".to_string(), "NEAR-USD".to_string());
+    let markets = vec![deep.clone(), near.clone()];
+    let mut c = Cluster::start().await;
+    c.start_node("n1", &node_config("n1", "", &markets));
+    // `flood_levels` bids at distinct prices (1.00, 1.01, ...), in batch messages of 100.
+    let orders: Vec<Value> = (0..s.flood_levels)
+        .map(|i| {
+            json!({"op": "new", "account": format!("mm-{}", i % 50), "side": "buy",
+                "price": format!("{}.{:02}", 1 + i / 100, i % 100), "qty": "1"})
+        })
+        .collect();
+    let batches: Vec<Vec<u8>> = orders
+        .chunks(100)
+        .map(|chunk| {
+            rmp_serde::to_vec_named(&json!({"op": "batch", "commands": chunk})).expect("msgpack")
+        })
+        .collect();
+    let n = batches.len() as u64;
+    publish_all(&c.js, std::slice::from_ref(&deep), &batches).await;
+    wait_journal(&c.js, &deep, n, Duration::from_secs(300)).await;
+
+    for body in ["", r#"{"depth": 5000}"#] {
+        let Ok(reply) = c
+            .client
+            .request(format!("agora.book.{deep}.snapshot"), body.into())
+            .await
+        else {
+            println!("flood: a request {body:?} is not answered");
+            continue;
+        };
+        let v: Value = rmp_serde::from_slice(&reply.payload).unwrap_or(Value::Null);
+        println!(
+            "flood: a request {body:?} is answered with {} bytes: {}",
+            reply.payload.len(),
+            v.get("error").map_or_else(
+                || format!("{} bid levels", v["bids"].as_array().map_or(0, Vec::len)),
+                |e| format!("{e}")
+            )
+        );
+    }
+    let mut phases: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
+    let before_deep = probe(&c, &deep, 100, 20).await;
+    let before_near = probe(&c, &near, 100, 20).await;
+    phases.push(("before", before_deep, before_near));
+
+    // The flood: connections each sending `FLOOD_RATE` requests a second without waiting for
+    // answers (as a hostile client would), half for the whole book and half for the best 5,000
+    // levels a side; the answers are counted by kind as they come.
+    const FLOOD_RATE: u64 = 2_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let mut flooders = Vec::new();
+    for _ in 0..s.flood_conns {
+        let client = bus::connect(&c.server.url(), "flood")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let inbox = client.new_inbox();
+        let mut answers = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .expect("subscribe");
+        let counting = counts.clone();
+        flooders.push(tokio::spawn(async move {
+            // 0: levels, 1: rate_limited, 2: too_large, 3: anything else.
+            while let Some(m) = answers.next().await {
+                let v: Value = rmp_serde::from_slice(&m.payload).unwrap_or(Value::Null);
+                let kind = match v["error"].as_str() {
+                    None if v["bids"].is_array() => 0,
+                    Some("rate_limited") => 1,
+                    Some("too_large") => 2,
+                    _ => 3,
+                };
+                counting[kind].fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        let (stop, subject) = (stop.clone(), format!("agora.book.{deep}.snapshot"));
+        flooders.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let body = if k.is_multiple_of(2) {
+                    ""
+                } else {
+                    r#"{"depth": 5000}"#
+                };
+                let _ = client
+                    .publish_with_reply(subject.clone(), format!("{inbox}.{k}"), body.into())
+                    .await;
+                k += 1;
+                if k.is_multiple_of(100) {
+                    let due = Duration::from_secs_f64(k as f64 / FLOOD_RATE as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            let _ = client.flush().await;
+        }));
+    }
+    let started = Instant::now();
+    let per = (s.flood_secs * 20 / 2).max(10) as usize;
+    let during_deep = probe(&c, &deep, per / 2, 20).await;
+    let during_near = probe(&c, &near, per / 2, 20).await;
+    if let Some(left) = Duration::from_secs(s.flood_secs).checked_sub(started.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flood_secs = started.elapsed().as_secs();
+    // Answers still on their way count too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for f in flooders {
+        f.abort();
+    }
+    let count = |i: usize| counts[i].load(Ordering::Relaxed);
+    println!(
+        "flood: {flood_secs} s of {} requests a second: {} answered with levels, {} rate_limited, {} too_large, {} other",
+        FLOOD_RATE * s.flood_conns as u64,
+        count(0),
+        count(1),
+        count(2),
+        count(3)
+    );
+    phases.push(("during", during_deep, during_near));
+    let after_deep = probe(&c, &deep, 100, 20).await;
+    let after_near = probe(&c, &near, 100, 20).await;
+    phases.push(("after", after_deep, after_near));
+    for (phase, d, n) in &phases {
+        out.push(Stats::of(d).row(&format!(
+            "flood {phase}: order->report ms, {} levels",
+            s.flood_levels
+        )));
+        out.push(Stats::of(n).row(&format!("flood {phase}: order->report ms, other market")));
+    }
+}
+
 // ----- start-up -----------------------------------------------------------------------------
 
 /// Runs `agora node` in `dir` (configuration written there) and waits for its ready line.
@@ -660,6 +848,9 @@ fn main() {
             for &(hb, lease) in &s.failover {
                 bench_failover(&s, hb, lease, &mut rows).await;
             }
+        }
+        if s.runs("flood") {
+            bench_flood(&s, &mut rows).await;
         }
         let mut startup = Vec::new();
         if s.runs("startup") {

@@ -67,8 +67,26 @@ pub enum ClientError {
         "no market {market} answers: it does not exist or no node runs it now; list markets with `agora ctl market.list`"
     )]
     NoSuchMarket { market: String },
+    #[error("{subject} refused the request ({error}): {message}")]
+    Refused {
+        subject: String,
+        /// `rate_limited`, `too_large`, `bad_request`.
+        error: String,
+        message: String,
+        /// For `rate_limited`: when asking again will be answered.
+        retry_after: Option<Duration>,
+    },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A refusal of a request (`{error, message, retry_after_ms?}`).
+#[derive(Deserialize)]
+struct RefusalReply {
+    error: String,
+    message: String,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
 }
 
 /// A `new` command, as decimal strings (the engine checks them against the market's spec).
@@ -592,7 +610,7 @@ impl Client {
             .send_request(
                 subject,
                 async_nats::Request::new()
-                    .payload("".into())
+                    .payload(r#"{"depth": 0}"#.into())
                     .timeout(Some(Duration::from_secs(5))),
             )
             .await;
@@ -634,9 +652,25 @@ impl Client {
         market: &str,
         timeout: Duration,
     ) -> Result<BookSnapshot, ClientError> {
+        self.book_request(market, None, timeout).await
+    }
+
+    /// The best `depth` levels a side of the market's book (0: only the sequence it reflects,
+    /// answered without touching the book). A refusal (`rate_limited` with when to ask again,
+    /// `too_large` for a book over NATS's max payload) is `ClientError::Refused`.
+    pub async fn book_request(
+        &self,
+        market: &str,
+        depth: Option<usize>,
+        timeout: Duration,
+    ) -> Result<BookSnapshot, ClientError> {
         Subjects::check_token("market", market)?;
         let subject = self.subjects.book_snapshot(market);
-        let reply = tokio::time::timeout(timeout, self.nats.request(subject.clone(), "".into()))
+        let body = match depth {
+            Some(d) => format!("{{\"depth\": {d}}}").into_bytes().into(),
+            None => bytes::Bytes::new(),
+        };
+        let reply = tokio::time::timeout(timeout, self.nats.request(subject.clone(), body))
             .await
             .map_err(|_| ClientError::Timeout {
                 subject: subject.clone(),
@@ -648,6 +682,14 @@ impl Client {
                 waited: timeout,
                 hint: "no market answers there; is the market running? (`agora ctl market.list`)",
             })?;
+        if let Ok(refused) = rmp_serde::from_slice::<RefusalReply>(&reply.payload) {
+            return Err(ClientError::Refused {
+                subject,
+                error: refused.error,
+                message: refused.message,
+                retry_after: refused.retry_after_ms.map(Duration::from_millis),
+            });
+        }
         decode(&subject, &reply.payload)
     }
 
@@ -661,8 +703,15 @@ impl Client {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.book_snapshot(market, left).await?.seq >= seq {
-                return Ok(());
+            // The sequence alone: answered without the book, and cheap for everyone.
+            match self.book_request(market, Some(0), left).await {
+                Ok(book) if book.seq >= seq => return Ok(()),
+                Ok(_) => {}
+                Err(ClientError::Refused {
+                    retry_after: Some(wait),
+                    ..
+                }) => tokio::time::sleep(wait.min(left)).await,
+                Err(e) => return Err(e),
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout {
@@ -671,7 +720,7 @@ impl Client {
                     hint: "the market runs but has not reached the command yet; it may be overloaded",
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

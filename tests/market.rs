@@ -543,6 +543,83 @@ async fn publish_batches(env: &Env, market: &str, commands: &[Value], per: usize
 }
 
 #[actix_rt::test]
+async fn book_requests_are_limited_never_too_large_and_do_not_stall_matching() {
+    // 40,000 price levels: the whole book is over NATS's 1 MiB max payload.
+    let env = env("DEEP-USD").await;
+    let spec = MarketSpecInput::new("DEEP-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    let settings = MarketSettings {
+        batch_max: 1000,
+        ..MarketSettings::default()
+    };
+    let running = market::start(env.bus(false).await, spec, settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let orders: Vec<Value> = (0..40_000u32)
+        .map(|i| {
+            json!({"op": "new", "account": format!("mm-{}", i % 50), "cid": format!("d{i}"),
+                   "side": "buy", "price": format!("{}.{:02}", 1 + i / 100, i % 100), "qty": "1"})
+        })
+        .collect();
+    let last = publish_batches(&env, "DEEP-USD", &orders, 500).await;
+    wait_journal(&env.js, "DEEP-USD", last, JOURNAL_WAIT).await;
+
+    let ask = |body: &'static str| {
+        let client = env.client.clone();
+        async move {
+            let reply = client
+                .request("agora.book.DEEP-USD.snapshot", body.into())
+                .await
+                .expect("answered");
+            rmp_serde::from_slice::<Value>(&reply.payload).expect("decodes")
+        }
+    };
+    // The whole book does not fit: refused with what to ask instead.
+    let whole = ask("").await;
+    assert_eq!(whole["error"], "too_large", "{whole}");
+    assert!(
+        whole["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("{\"depth\": 1000}"),
+        "{whole}"
+    );
+    // The best levels do, and the sequence alone.
+    let best = ask(r#"{"depth": 1000}"#).await;
+    assert_eq!(best["seq"], last);
+    assert_eq!(best["bids"].as_array().map(Vec::len), Some(1000));
+    assert_eq!(best["bids"][0]["price"], "400.99");
+    let seq_only = ask(r#"{"depth": 0}"#).await;
+    assert_eq!(
+        (&seq_only["seq"], &seq_only["bids"]),
+        (&json!(last), &json!([]))
+    );
+    let bad = ask(r#"{"levels": 3}"#).await;
+    assert_eq!(bad["error"], "bad_request", "{bad}");
+
+    // A flood from one connection: past 20 a second it is refused, saying when to ask again,
+    // and the market goes on matching meanwhile.
+    let mut refused = 0;
+    for _ in 0..100 {
+        let r = ask(r#"{"depth": 1000}"#).await;
+        if r["error"] == "rate_limited" {
+            assert!(r["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{r}");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 50, "only {refused} of 100 requests were limited");
+    let next = publish_json(
+        &env,
+        "DEEP-USD",
+        &json!({"op": "new", "account": "t", "cid": "after", "side": "sell", "price": "400.99", "qty": "1"}),
+    )
+    .await;
+    wait_journal(&env.js, "DEEP-USD", next, JOURNAL_WAIT).await;
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[actix_rt::test]
 async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
     let env = env("BIG-USD").await;
     let spec = MarketSpecInput::new("BIG-USD", 2, 0)

@@ -15,8 +15,8 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::book_requests::serve_book_snapshots;
 use super::handle::RunningMarket;
-use super::status::serve_book_snapshots;
 use super::{
     Fork, LastSeq, MarketActor, MarketBus, MarketError, MarketSettings, Process, StopPoint,
     hash_aside, nats_err,
@@ -65,6 +65,9 @@ pub(super) struct Driver {
     /// Where recovery ended, announced with `active`; the book's state hash there follows in a
     /// second `active`, computed on a copy once the first is out (`launch`).
     pub(super) recovered_at: Option<Seq>,
+    /// The last input sequence the book has applied, for book requests answered without the
+    /// actor (`book_requests`).
+    pub(super) book_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Which subject of the market's stream a message came on, and so who sent it: the decoding
@@ -192,6 +195,7 @@ impl Driver {
             snapshot_at: Instant::now(),
             snapshot_task: None,
             recovered_at: None,
+            book_seq: Default::default(),
             feed: None,
         })
     }
@@ -204,7 +208,8 @@ impl Driver {
         // market's stop, it would outlive a failed driver, whose task would then never finish,
         // and the supervisor would neither hear of the failure nor restart the market.
         let (stop_responder, responder_stopped) = watch::channel(false);
-        let responder = serve_book_snapshots(&self, responder_stopped).await?;
+        let responder =
+            serve_book_snapshots(&self, self.book_seq.clone(), responder_stopped).await?;
         // Where recovery ended: announced at once; the book's hash there follows in a second
         // `active` once computed (a move compares it with the old owner's), so hashing the
         // whole book never delays the first command.
@@ -398,6 +403,7 @@ impl Driver {
                 }
             }
             let n = batch.len() as u64;
+            let last_in = batch.last().map(|m| m.seq);
             let process = Process {
                 batch,
                 traced: traced.clone(),
@@ -416,6 +422,10 @@ impl Driver {
                     // The traced commands' report spans end with the acknowledgements.
                     self.settle_views().await?;
                 }
+            }
+            if let Some(seq) = last_in {
+                self.book_seq
+                    .store(seq, std::sync::atomic::Ordering::Release);
             }
             // The traced commands' spans end once their outputs are acknowledged.
             drop(traced);

@@ -31,6 +31,7 @@ use crate::bus::outputs::{self, BatchOutputs, Outcome, Top};
 use crate::bus::{BusError, PullCap, SnapshotStore, Subjects};
 use crate::telemetry::traces::{Matching, TracedCommand};
 
+mod book_requests;
 mod driver;
 mod handle;
 mod recovery;

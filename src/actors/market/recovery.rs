@@ -155,6 +155,8 @@ impl Driver {
         let last_seq = stats.last_seq;
         // The book's hash there is computed once it is announced (`launch`).
         self.recovered_at = Some(last_seq);
+        self.book_seq
+            .store(last_seq, std::sync::atomic::Ordering::Release);
         self.since_snapshot = if done.warm {
             last_seq.saturating_sub(stats.snapshot_seq)
         } else {

@@ -1,12 +1,7 @@
-//! What a market says about itself: its state on `<prefix>.status.<MARKET>`, and the full L2
-//! book on request (`<prefix>.book.<MARKET>.snapshot`). Best effort, off the matching path:
-//! never a reason to stop the market.
-
-use futures::StreamExt;
-use tokio::sync::watch;
+//! What a market says about itself: its state on `<prefix>.status.<MARKET>` (best effort,
+//! never a reason to stop the market). Its book on request is `book_requests`.
 
 use super::driver::Driver;
-use super::{L2Book, MarketError, SpecOf, nats_err};
 use crate::book::{Seq, StateHash};
 
 /// A market's announcement on `<prefix>.status.<MARKET>`: who runs it, at which epoch, in
@@ -76,65 +71,6 @@ impl Announcer {
             let _ = self.client.flush().await;
         }
     }
-}
-
-/// The answer to `<prefix>.book.<MARKET>.snapshot`.
-#[derive(serde::Serialize)]
-struct BookSnapshotReply<'a> {
-    market: &'a str,
-    /// The stream sequence the book reflects: apply deltas whose `seq` is above it.
-    seq: Seq,
-    bids: Vec<crate::wire::WireLevel>,
-    asks: Vec<crate::wire::WireLevel>,
-}
-
-/// Answers full-book requests on `<prefix>.book.<MARKET>.snapshot` until `stop`.
-pub(super) async fn serve_book_snapshots(
-    driver: &Driver,
-    mut stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, MarketError> {
-    let mut requests = driver
-        .client
-        .subscribe(driver.subjects.book_snapshot(&driver.market))
-        .await
-        .map_err(|e| nats_err(&driver.market, "subscribing to book snapshot requests", e))?;
-    let (client, addr, market) = (
-        driver.client.clone(),
-        driver.addr.clone(),
-        driver.market.clone(),
-    );
-    Ok(actix_rt::spawn(async move {
-        loop {
-            let request = tokio::select! {
-                _ = stop.changed() => break,
-                r = requests.next() => r,
-            };
-            let Some(request) = request else { break };
-            let Some(reply) = request.reply else { continue };
-            let Ok((seq, top)) = addr.send(L2Book).await else {
-                break;
-            };
-            let spec = match addr.send(SpecOf).await {
-                Ok(spec) => spec,
-                Err(_) => break,
-            };
-            let level = |l: &crate::book::L2Level| crate::wire::WireLevel {
-                price: spec.fmt_price(l.price),
-                qty: spec.fmt_qty(l.qty),
-                orders: l.orders,
-            };
-            let body = BookSnapshotReply {
-                market: &market,
-                seq,
-                bids: top.bids.iter().map(level).collect(),
-                asks: top.asks.iter().map(level).collect(),
-            };
-            if let Ok(bytes) = rmp_serde::to_vec_named(&body) {
-                let _ = client.publish(reply, bytes.into()).await;
-            }
-        }
-        let _ = requests.unsubscribe().await;
-    }))
 }
 
 impl Driver {

@@ -439,3 +439,101 @@ async fn tls_with_the_right_ca_connects_and_without_it_says_what_to_check() {
     .expect_err("an unknown CA is refused");
     assert!(e.contains("tls_ca_file"), "{e}");
 }
+
+/// A stream of an older build (listening on the public subjects) is given capture subjects
+/// and republishing in place: what it held stays, under the same subjects; a message published
+/// on a capture subject is stored under its public one and republished there once (a duplicate
+/// `Nats-Msg-Id` neither stored nor republished), with the stream's sequence headers; nothing
+/// published on the public subject is stored any more.
+#[tokio::test]
+async fn older_streams_get_capture_subjects_and_republish_each_stored_message_once() {
+    use futures::StreamExt;
+    let (server, _dir) = server();
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client.clone());
+    // As an older build made it.
+    js.create_stream(jetstream::stream::Config {
+        name: "EXECS".into(),
+        subjects: vec!["agora.execs.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("an old EXECS");
+    js.publish("agora.execs.alice.BTC-USDC", "old".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+
+    let subjects = Subjects::default();
+    bus::ensure_core_streams(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Twice: a second node starting finds it done.
+    bus::ensure_core_streams(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut execs = js.get_stream("EXECS").await.expect("EXECS");
+    let config = execs.info().await.expect("info").config.clone();
+    assert_eq!(config.subjects, ["agora.capture.execs.>"]);
+    assert_eq!(
+        config.republish.as_ref().map(|r| r.destination.as_str()),
+        Some("agora.execs.>")
+    );
+    let old = execs
+        .get_raw_message(1)
+        .await
+        .expect("the old message stays");
+    assert_eq!(old.subject.as_str(), "agora.execs.alice.BTC-USDC");
+
+    let mut public = client.subscribe("agora.execs.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    for _ in 0..3 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "BTC-USDC:7:x:alice");
+        js.publish_with_headers(
+            subjects.capture_execs("alice", "BTC-USDC"),
+            headers,
+            "new".into(),
+        )
+        .await
+        .expect("sent")
+        .await
+        .expect("acknowledged");
+    }
+    let got = tokio::time::timeout(Duration::from_secs(5), public.next())
+        .await
+        .expect("republished")
+        .expect("subscription");
+    assert_eq!(got.subject.as_str(), "agora.execs.alice.BTC-USDC");
+    assert_eq!(got.payload.as_ref(), b"new");
+    let header = |name: &str| {
+        got.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    assert_eq!(header("Nats-Sequence").as_deref(), Some("2"));
+    assert_eq!(header("Nats-Last-Sequence").as_deref(), Some("1"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), public.next())
+            .await
+            .is_err(),
+        "a duplicate was republished"
+    );
+    let stored = execs.get_raw_message(2).await.expect("stored");
+    assert_eq!(stored.subject.as_str(), "agora.execs.alice.BTC-USDC");
+    // Publishing on the public subject stores nothing: no stream listens there.
+    let direct = js
+        .publish("agora.execs.alice.BTC-USDC", "forged".into())
+        .await;
+    let stored_forged = match direct {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!stored_forged, "a message on a public subject was stored");
+    assert_eq!(execs.info().await.expect("info").state.messages, 2);
+}

@@ -390,7 +390,8 @@ async fn markets_removed_updated_and_checked_as_an_operator_does() {
         "--nats-url",
         &url,
     ]);
-    assert!(ok && out.contains("qty_above_max"), "{out}");
+    // A rejected command prints its report and exits non-zero.
+    assert!(!ok && out.contains("qty_above_max"), "{out}");
     // A negative price parses as a value (and the engine says what is wrong with it).
     let (ok, out, err) = agora(&[
         "order",
@@ -408,7 +409,8 @@ async fn markets_removed_updated_and_checked_as_an_operator_does() {
         "--nats-url",
         &url,
     ]);
-    assert!(ok && out.contains("negative"), "{out}{err}");
+    assert!(!ok && out.contains("negative"), "{out}{err}");
+    assert!(err.contains("the command was rejected"), "{err}");
 
     // market.update: refused while an open order is off the new tick, applied after.
     let (ok, out, _) = agora(&[

@@ -91,6 +91,18 @@ async fn publish_json(env: &Env, market: &str, value: &Value) -> u64 {
 /// How long a test waits for a market's journal to cover what it sent.
 const JOURNAL_WAIT: Duration = Duration::from_secs(20);
 
+/// Every report stored in `EXECS` (as JSON text), sorted.
+async fn stored_reports(env: &Env) -> Vec<String> {
+    let mut all: Vec<String> = read_all(env, "EXECS")
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .map(|r| r.to_string())
+        .collect();
+    all.sort();
+    all
+}
+
 /// Every message of a stream, decoded.
 async fn read_all(env: &Env, stream: &str) -> Vec<(String, Value)> {
     let mut s = env.js.get_stream(stream).await.expect("stream");
@@ -328,13 +340,7 @@ async fn restart_case(snapshot_every: Option<u64>, damage: bool) {
         "the restarted market's book differs from an offline replay"
     );
 
-    let mut published: Vec<String> = read_all(&env, "EXECS")
-        .await
-        .into_iter()
-        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
-        .map(|r| r.to_string())
-        .collect();
-    published.sort();
+    let published = stored_reports(&env).await;
     assert_eq!(
         published.len(),
         expected.len(),
@@ -1144,13 +1150,7 @@ async fn a_new_owner_republishes_the_views_of_the_journals_last_two_batches() {
         "the book differs from an offline replay"
     );
 
-    let mut published: Vec<String> = read_all(&env, "EXECS")
-        .await
-        .into_iter()
-        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
-        .map(|r| r.to_string())
-        .collect();
-    published.sort();
+    let published = stored_reports(&env).await;
     assert_eq!(
         published.len(),
         expected.len(),
@@ -1204,13 +1204,7 @@ async fn a_market_back_later_than_the_duplicate_window_stores_and_shows_each_vie
     .unwrap_or_else(|e| panic!("{e}"));
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
 
-    let mut published: Vec<String> = read_all(&env, "EXECS")
-        .await
-        .into_iter()
-        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
-        .map(|r| r.to_string())
-        .collect();
-    published.sort();
+    let published = stored_reports(&env).await;
     assert_eq!(
         published.len(),
         expected.len(),

@@ -14,9 +14,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A command with a `cid` is published with `Nats-Msg-Id` = cid, so a retried publish is
-//! dropped by JetStream (within its duplicate window) on top of the engine's `duplicate_cid`
-//! rule. Each command is sent under a span `agora.order.<op>` whose context travels in the
+//! Commands carry no `Nats-Msg-Id`: JetStream's duplicate window is one space shared by every
+//! account of a market, so another account could make an order vanish by using its cid first.
+//! A retried `new` is safe through its `cid` instead: the market remembers each (account,
+//! cid) for its cid window and rejects the retry `duplicate_cid` (`docs/clients.md`). Each
+//! command is sent under a span `agora.order.<op>` whose context travels in the
 //! W3C `traceparent` header, so the engine's spans join the client's trace when an
 //! OpenTelemetry layer is installed (`telemetry::traces::init`); without one the span is free.
 //! This module must never decide anything about an order: the engine does.
@@ -120,7 +122,8 @@ pub struct NewOrderRequest {
     /// Self-trade prevention: none, cancel_newest, cancel_oldest, cancel_both, decrement_and_cancel.
     #[arg(long)]
     pub stp: Option<String>,
-    /// Client order id (also the Nats-Msg-Id, so a retried publish counts once).
+    /// Client order id: names the order in reports and cancels, and makes a retry safe (the
+    /// market rejects a second `new` with it within its cid window, `duplicate_cid`).
     #[arg(long)]
     pub cid: Option<String>,
 }
@@ -189,8 +192,6 @@ pub struct Sent {
     pub seq: u64,
     /// For a `new`: the engine's order id (`seq * 1000`).
     pub oid: Option<u64>,
-    /// JetStream had this `Nats-Msg-Id` (cid) already: a retry, not a new command.
-    pub duplicate: bool,
 }
 
 /// One execution report: `type` is accepted, rejected, fill, cancelled, amended, triggered.
@@ -347,11 +348,6 @@ impl Client {
         let payload = rmp_serde::to_vec_named(command)
             .map_err(|e| ClientError::Invalid(format!("cannot encode the command: {e}")))?;
         let mut headers = async_nats::HeaderMap::new();
-        if command.op == "new"
-            && let Some(cid) = &command.cid
-        {
-            headers.insert("Nats-Msg-Id", cid.as_str());
-        }
         let span = traces::client_span(
             &command.op,
             market,
@@ -367,9 +363,8 @@ impl Client {
         let sent = Sent {
             seq: ack.sequence,
             oid: (command.op == "new").then(|| ack.sequence.saturating_mul(1000)),
-            duplicate: ack.duplicate,
         };
-        traces::record_sent(&span, sent.seq, sent.oid, sent.duplicate);
+        traces::record_sent(&span, sent.seq, sent.oid);
         Ok(sent)
     }
 

@@ -307,12 +307,17 @@ impl Config {
         Ok(())
     }
 
-    /// The markets to create at start: the configured ones, or the seed markets.
+    /// The markets to create at start: the configured ones, or the seed markets, with the
+    /// defaults of a market created now (`MarketSpecInput::for_new_market`).
     pub fn market_inputs(&self) -> Result<Vec<MarketSpecInput>, ConfigError> {
-        match &self.markets {
-            Some(markets) => Ok(markets.clone()),
-            None => seed_markets(),
-        }
+        let inputs = match &self.markets {
+            Some(markets) => markets.clone(),
+            None => seed_markets()?,
+        };
+        Ok(inputs
+            .into_iter()
+            .map(MarketSpecInput::for_new_market)
+            .collect())
     }
 
     /// The validated market specs (checked at load, so none is dropped here).
@@ -402,16 +407,21 @@ mod tests {
             let specs = config.market_specs();
             let symbols: Vec<&str> = specs.iter().map(|m| m.symbol.as_str()).collect();
             assert_eq!(symbols, ["BTC-USDC", "ETH-USDC", "SOL-USDC"]);
-            // The shipped files are what runs: BTC-USDC's band, limits and STP default.
-            let btc = MarketSpecInput::validate(
-                &figment::Figment::from(Toml::string(include_str!(
-                    "../config/markets/btc-usdc.toml"
-                )))
-                .extract::<MarketSpecInput>()
-                .map_err(|e| e.to_string())?,
-            )
+            // The shipped files are what runs: BTC-USDC's band, limits and STP default, and
+            // the cid window of a market created now.
+            let btc = figment::Figment::from(Toml::string(include_str!(
+                "../config/markets/btc-usdc.toml"
+            )))
+            .extract::<MarketSpecInput>()
+            .map_err(|e| e.to_string())?
+            .for_new_market()
+            .validate()
             .map_err(|e| e.to_string())?;
             assert_eq!(specs[0], btc);
+            assert_eq!(
+                btc.cid_window_secs,
+                crate::book::spec::CID_WINDOW_SECS_DEFAULT
+            );
             assert!(btc.price_band_bps.is_some() && btc.max_qty.is_some());
             // markets = [] means none.
             let none = Config::load(

@@ -846,9 +846,7 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
             None
         };
         let sent = match &cmd {
-            OrderCmd::Place { order, .. } => {
-                client.place(market, account, order).await?
-            }
+            OrderCmd::Place { order, .. } => client.place(market, account, order).await?,
             OrderCmd::Cancel { target, .. } => {
                 client.cancel(market, account, &target.target()).await?
             }
@@ -856,18 +854,18 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
                 target, qty, price, ..
             } => {
                 client
-                    .amend(market, account, &target.target(), qty.as_deref(), price.as_deref())
+                    .amend(
+                        market,
+                        account,
+                        &target.target(),
+                        qty.as_deref(),
+                        price.as_deref(),
+                    )
                     .await?
             }
             OrderCmd::CancelAll { .. } => client.cancel_all(market, account).await?,
         };
         print_json(&serde_json::json!({"sent": sent}))?;
-        if sent.duplicate {
-            eprintln!(
-                "agora: the stream already had a command with this cid (a retry): nothing new was sent"
-            );
-            return Ok(());
-        }
         if let Some(reports) = &mut reports {
             let wait = Duration::from_secs(common.wait_secs);
             if let OrderCmd::CancelAll { .. } = cmd {
@@ -880,7 +878,10 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
                         }
                     }
                     Err(agora::client::ClientError::Timeout { .. }) => {
-                        eprintln!("agora: applied at seq {}; {account} had no open orders in {market}", sent.seq);
+                        eprintln!(
+                            "agora: applied at seq {}; {account} had no open orders in {market}",
+                            sent.seq
+                        );
                     }
                     Err(e) => return Err(e.into()),
                 }

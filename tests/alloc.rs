@@ -40,8 +40,13 @@ fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
 }
 
-fn check(name: &str, params: FlowParams) {
-    let w = workload::generate(&params);
+/// `window`: the market's cid window (seconds, entries), or none.
+fn check(name: &str, params: FlowParams, window: Option<(u32, u32)>) {
+    let mut w = workload::generate(&params);
+    if let Some((secs, orders)) = window {
+        w.spec.cid_window_secs = secs;
+        w.spec.cid_window_orders = orders;
+    }
     let mut book = w.prefilled_book();
     let mut events: Vec<Event> = Vec::with_capacity(4096);
     let (warm, measured) = w.commands.split_at(w.commands.len() / 2);
@@ -73,9 +78,20 @@ fn check(name: &str, params: FlowParams) {
 fn no_heap_allocation_per_command_once_warm() {
     // Debug builds check every invariant after each command; keep them to the small book.
     if cfg!(debug_assertions) {
-        check("a (small book)", FlowParams::small_book(7, 10_000));
+        check("a (small book)", FlowParams::small_book(7, 10_000), None);
+        check(
+            "a (small book, cid window)",
+            FlowParams::small_book(7, 10_000),
+            Some((120, 1_000)),
+        );
     } else {
-        check("a (1k resting)", FlowParams::small_book(7, 400_000));
-        check("b (100k resting)", FlowParams::large_book(7, 400_000));
+        check("a (1k resting)", FlowParams::small_book(7, 400_000), None);
+        check("b (100k resting)", FlowParams::large_book(7, 400_000), None);
+        // The window full (by its cap) for the whole measured half: entries leave and come.
+        check(
+            "a (1k resting, cid window)",
+            FlowParams::small_book(7, 400_000),
+            Some((120, 50_000)),
+        );
     }
 }

@@ -704,12 +704,19 @@ async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A batch of quotes, and retries made safe by the market's cid window rather than by
+/// JetStream's shared `Nats-Msg-Id` space: another account that publishes with a `Nats-Msg-Id`
+/// equal to a taker's cid does not make the taker's order disappear, and a taker that
+/// publishes its order three times (no Msg-Id) is placed and filled once; its retries are
+/// rejected `duplicate_cid`, after the order has filled and closed.
 #[actix_rt::test]
-async fn batch_messages_and_msg_id_retries_work_end_to_end() {
+async fn batch_messages_and_cid_retries_work_end_to_end() {
     let env = env("BTC-USDC").await;
     let spec = MarketSpecInput::new("BTC-USDC", 2, 8)
+        .for_new_market()
         .validate()
         .expect("spec");
+    assert!(spec.cid_window_secs > 0);
     let running = market::start(env.bus(false).await, spec, MarketSettings::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -720,13 +727,39 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
         {"op": "new", "cid": "q3", "side": "sell", "price": "65010.001", "qty": "1"},
     ]});
     let seq = publish_json(&env, "BTC-USDC", &quotes).await;
-    // A taker retries its publish with the same Nats-Msg-Id (its cid): JetStream keeps one.
+
+    // mallory publishes first with the Msg-Id the taker's cid would have been.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    headers.insert("Nats-Msg-Id", "t1");
+    let mallory = serde_json::to_vec(&json!({"op": "new", "account": "mallory", "cid": "m1", "side": "buy", "price": "1.00", "qty": "1"})).expect("json");
+    let ack = env
+        .js
+        .publish_with_headers(env.subjects.orders("BTC-USDC"), headers, mallory.into())
+        .await
+        .expect("sent")
+        .await
+        .expect("acknowledged");
+    assert_eq!(ack.sequence, seq + 1);
+
+    // The taker's order through the client lands all the same.
+    let client = agora::client::Client::with_connection(env.client.clone(), env.subjects.clone());
+    let order = agora::client::NewOrderRequest::market("buy", "0.4").cid("t1");
+    let sent = client
+        .place("BTC-USDC", "taker", &order)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        sent.seq,
+        seq + 2,
+        "the taker's order is stored, not dropped"
+    );
+
+    // Two retries of the same command, published as a client that lost the ack would.
     let take = serde_json::to_vec(&json!({"op": "new", "account": "taker", "cid": "t1", "side": "buy", "type": "market", "qty": "0.4"})).expect("json");
-    let mut seqs = Vec::new();
-    for _ in 0..3 {
+    for n in 3..=4 {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Content-Type", "application/json");
-        headers.insert("Nats-Msg-Id", "t1");
         let ack = env
             .js
             .publish_with_headers(
@@ -738,14 +771,9 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
             .expect("sent")
             .await
             .expect("acknowledged");
-        seqs.push((ack.sequence, ack.duplicate));
+        assert_eq!(ack.sequence, seq + n);
     }
-    assert_eq!(
-        seqs,
-        [(seq + 1, false), (seq + 1, true), (seq + 1, true)],
-        "retries of one Msg-Id are one message"
-    );
-    wait_journal(&env.js, "BTC-USDC", seq + 1, JOURNAL_WAIT).await;
+    wait_journal(&env.js, "BTC-USDC", seq + 4, JOURNAL_WAIT).await;
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
 
     let reports: Vec<Value> = read_all(&env, "EXECS")
@@ -757,16 +785,28 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
         reports
             .iter()
             .filter(|r| r["cid"] == cid)
-            .map(|r| r["type"].as_str().unwrap_or("?").to_string())
+            .map(|r| {
+                let kind = r["type"].as_str().unwrap_or("?");
+                match r["reason"].as_str() {
+                    Some(reason) if kind == "rejected" => format!("rejected {reason}"),
+                    _ => kind.to_string(),
+                }
+            })
             .collect()
     };
     assert_eq!(of("q1"), ["accepted"]);
     assert_eq!(of("q2"), ["accepted", "fill"]);
-    assert_eq!(of("q3"), ["rejected"]);
+    assert_eq!(of("q3"), ["rejected invalid_field"]);
+    assert_eq!(of("m1"), ["accepted"]);
     assert_eq!(
         of("t1"),
-        ["accepted", "fill"],
-        "one taker order, filled once"
+        [
+            "accepted",
+            "fill",
+            "rejected duplicate_cid",
+            "rejected duplicate_cid"
+        ],
+        "one taker order, filled once; its retries refused"
     );
     // Each quote has its own id: the message's sequence and its position in the batch.
     let oid = |cid: &str| {
@@ -777,7 +817,7 @@ async fn batch_messages_and_msg_id_retries_work_end_to_end() {
     };
     assert_eq!(oid("q1"), Some(seq * 1000));
     assert_eq!(oid("q2"), Some(seq * 1000 + 1));
-    assert_eq!(oid("t1"), Some((seq + 1) * 1000));
+    assert_eq!(oid("t1"), Some((seq + 2) * 1000));
 }
 
 #[actix_rt::test]

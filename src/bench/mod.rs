@@ -341,7 +341,8 @@ fn node_config(
     options: &BenchOptions,
     markets: &[&String],
 ) -> Result<String, BenchError> {
-    // The generator's market, under each bench symbol.
+    // The generator's market, under each bench symbol, as a market created now runs it (with
+    // the default cid window).
     let spec = workload::bench_spec();
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut toml = format!(
@@ -354,6 +355,8 @@ fn node_config(
     );
     for symbol in markets {
         let mut input = spec.to_input();
+        input.cid_window_secs = None;
+        let mut input = input.for_new_market();
         input.symbol = (*symbol).clone();
         input.base_token = None;
         input.quote_token = None;

@@ -277,6 +277,7 @@ impl RejectReason {
             RejectReason::InvalidField => "a field broke its rules".into(),
             RejectReason::BatchTooLarge => "the batch holds too many commands; split it into smaller batches".into(),
             RejectReason::Halted => format!("{m} is halted; only cancels are accepted until it resumes"),
+            RejectReason::DuplicateCid if spec.cid_window_secs > 0 => format!("this account already sent an order with this cid to {m} (it is open, or arrived within the last {} s): a retry of it is not placed again, and its first reports stand; use a new cid for each new order", spec.cid_window_secs),
             RejectReason::DuplicateCid => "this account already has an open order with this cid; use a new cid for each order".into(),
             RejectReason::UnknownOrder => format!("no open order in {m} matches; it may have filled, expired or been cancelled"),
             RejectReason::NotOwner => "the order belongs to another account".into(),

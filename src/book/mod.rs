@@ -20,6 +20,15 @@
 //! GTD order (resting or stop) with `expire_at <= ts` is cancelled `expired`, in order of
 //! `(expire_at, oid)`. (4) The operation runs. (5) Stops are triggered (below).
 //!
+//! **cid window** (when the spec's `cid_window_secs` is above 0). The book keeps the
+//! (account, cid, ts) of recent `new` commands, oldest first, each (account, cid) at most once.
+//! At step (3), before GTD expiry, entries with `ts − entry.ts ≥ cid_window_secs` seconds (in
+//! nanoseconds, saturating) leave from the front. A `new` with a cid whose (account, cid) the
+//! window holds is rejected `duplicate_cid` before any other check; any other `new` with a
+//! cid is added at the back whatever the checks below decide (the oldest entry leaves first
+//! when the window holds `cid_window_orders`). An update of the spec applies new limits from
+//! the next command: off empties the window, a smaller cap drops the oldest entries.
+//!
 //! **new**, checked in this order, the first failure is the reason: `halted`; qty (`qty_zero`,
 //! `qty_not_on_lot`, `qty_below_min`, `qty_above_max`); price (limit and stop_limit:
 //! `price_missing`, `price_zero`, `price_not_on_tick`; market types: `price_not_allowed`);
@@ -98,6 +107,7 @@
 //! amend, the oid if given or found, the cid if given (or the found order's if it is the
 //! sender's), and for amend its price and qty.
 
+pub mod cid_window;
 pub mod command;
 pub mod event;
 mod index;
@@ -110,6 +120,7 @@ pub mod types;
 
 mod order_book;
 
+pub use cid_window::CidSeen;
 pub use command::{Amend, Command, NewOrder, Op, OpKind, OrderRef};
 pub use event::{
     Accepted, Amended, CancelReason, Cancelled, Event, OrderTag, RejectReason, Rejected, Trade,

@@ -15,6 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::hash::BuildHasher;
 
+use super::cid_window::CidWindow;
 use super::index::SlotIndex;
 
 use super::command::{Amend, Command, NewOrder, Op, OrderRef};
@@ -173,10 +174,13 @@ pub struct OrderBook {
     sell_stops: BTreeMap<(u64, u64), u32>,
     expiries: BinaryHeap<Reverse<(Timestamp, u64)>>,
     gtd_open: usize,
+    /// (account, cid) of the recent `new`s, for retries after the first order closed.
+    cid_window: CidWindow,
 }
 
 impl OrderBook {
     pub fn new(spec: MarketSpec) -> OrderBook {
+        let cid_window = CidWindow::new(spec.cid_window_secs, spec.cid_window_orders);
         OrderBook {
             spec,
             halted: false,
@@ -198,6 +202,7 @@ impl OrderBook {
             sell_stops: BTreeMap::new(),
             expiries: BinaryHeap::new(),
             gtd_open: 0,
+            cid_window,
         }
     }
 
@@ -297,6 +302,9 @@ impl OrderBook {
             self.trade_n = 0;
         }
         self.last_input = Some((cmd.seq, cmd.pos));
+        if self.cid_window.is_on() {
+            self.cid_window.expire(cmd.ts);
+        }
         self.expire(at, out);
         match &cmd.op {
             Op::New(order) => self.on_new(cmd, at, order, out),
@@ -391,7 +399,13 @@ impl OrderBook {
     // ----- new ----------------------------------------------------------------------------
 
     /// Checks a new order; on success returns the hash of its cid (if any), for `store`.
-    fn check_new(&self, cmd: &Command, o: &NewOrder) -> Result<Option<u64>, RejectReason> {
+    /// `known_hash` is that hash when the cid window has computed it already.
+    fn check_new(
+        &self,
+        cmd: &Command,
+        o: &NewOrder,
+        known_hash: Option<u64>,
+    ) -> Result<Option<u64>, RejectReason> {
         use RejectReason as R;
         let spec = &self.spec;
         if self.halted {
@@ -452,7 +466,7 @@ impl OrderBook {
         // The cid's hash, kept for `store`.
         let mut cid_hash = None;
         if let Some(cid) = &o.cid {
-            let hash = self.cid_hash(&cmd.account, cid);
+            let hash = known_hash.unwrap_or_else(|| self.cid_hash(&cmd.account, cid));
             if self.find_cid_hashed(&cmd.account, cid, hash).is_some() {
                 return Err(R::DuplicateCid);
             }
@@ -472,7 +486,17 @@ impl OrderBook {
     }
 
     fn on_new(&mut self, cmd: &Command, at: At, o: &NewOrder, out: &mut Vec<Event>) {
-        let cid_hash = match self.check_new(cmd, o) {
+        let mut known_hash = None;
+        if self.cid_window.is_on()
+            && let Some(cid) = &o.cid
+        {
+            let hash = self.cid_hash(&cmd.account, cid);
+            if self.cid_window.seen_before(&cmd.account, cid, hash, cmd.ts) {
+                return self.reject(cmd, at, RejectReason::DuplicateCid, None, out);
+            }
+            known_hash = Some(hash);
+        }
+        let cid_hash = match self.check_new(cmd, o, known_hash) {
             Ok(hash) => hash,
             Err(reason) => return self.reject(cmd, at, reason, None, out),
         };
@@ -1436,6 +1460,8 @@ impl OrderBook {
     fn on_update_spec(&mut self, cmd: &Command, at: At, rules: SpecRules, out: &mut Vec<Event>) {
         if rules.tick == self.spec.tick {
             self.spec = self.spec.with_rules(rules);
+            self.cid_window
+                .configure(rules.cid_window_secs, rules.cid_window_orders);
             return;
         }
         let mut snapshot = self.snapshot();
@@ -1451,6 +1477,15 @@ impl OrderBook {
             return;
         }
         snapshot.spec = self.spec.with_rules(rules);
+        // The window under its new limits, as `configure` leaves it.
+        if rules.cid_window_secs == 0 {
+            snapshot.cid_window.clear();
+        }
+        let over = snapshot
+            .cid_window
+            .len()
+            .saturating_sub(rules.cid_window_orders as usize);
+        snapshot.cid_window.drain(..over);
         match OrderBook::restore(&snapshot) {
             Ok(book) => *self = book,
             // A book that cannot be rebuilt from its own snapshot is a bug: stop rather than
@@ -1478,6 +1513,7 @@ impl OrderBook {
             bids: self.side_records(Side::Buy),
             asks: self.side_records(Side::Sell),
             stops,
+            cid_window: self.cid_window.iter().copied().collect(),
         }
     }
 
@@ -1600,12 +1636,44 @@ impl OrderBook {
                 b.0, a.0
             )));
         }
+        if !book.cid_window.is_on() && !s.cid_window.is_empty() {
+            return Err(bad("the cid window holds entries but is off".into()));
+        }
+        if s.cid_window.len() > s.spec.cid_window_orders as usize {
+            return Err(bad(format!(
+                "the cid window holds {} entries, more than its cap of {}",
+                s.cid_window.len(),
+                s.spec.cid_window_orders
+            )));
+        }
+        for seen in &s.cid_window {
+            let hash = book.cid_hash(&seen.account, &seen.cid);
+            if book
+                .cid_window
+                .seen_before(&seen.account, &seen.cid, hash, seen.ts)
+            {
+                return Err(bad(format!(
+                    "the cid window holds cid {} of {} twice",
+                    seen.cid, seen.account
+                )));
+            }
+        }
         Ok(book)
     }
 
     /// Checks every structural invariant; O(open orders). Run after every command in debug
     /// builds and tests.
     pub fn check_invariants(&self) -> Result<(), String> {
+        if self.cid_window.len() > self.spec.cid_window_orders as usize
+            || (!self.cid_window.is_on() && self.cid_window.len() > 0)
+        {
+            return Err(format!(
+                "the cid window holds {} entries (cap {}, {} s)",
+                self.cid_window.len(),
+                self.spec.cid_window_orders,
+                self.spec.cid_window_secs
+            ));
+        }
         let mut seen = 0usize;
         // No allocation here: debug builds run this after every command, and the allocation
         // proof counts them. Per-account counts are checked through the account lists below.

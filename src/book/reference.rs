@@ -10,8 +10,9 @@
 //! and never trade clarity for speed.
 
 use std::cmp::min;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
+use super::cid_window::CidSeen;
 use super::command::{Amend, Command, NewOrder, Op, OpKind, OrderRef};
 use super::event::{
     Accepted, Amended, CancelReason, Cancelled, Event, OrderTag, RejectReason, Rejected, Trade,
@@ -46,6 +47,10 @@ pub struct ReferenceBook {
     cids: HashMap<(Account, Cid), OrderId>,
     /// `(expire_at, oid)` of every open GTD order.
     expiries: BTreeSet<(Timestamp, OrderId)>,
+    /// The cid window: (account, cid, ts) of recent `new`s, oldest first, and the same keys
+    /// as a set.
+    window: VecDeque<CidSeen>,
+    window_keys: HashSet<(Account, Cid)>,
 }
 
 /// What every event of one command shares.
@@ -126,6 +131,8 @@ impl ReferenceBook {
             orders: HashMap::new(),
             cids: HashMap::new(),
             expiries: BTreeSet::new(),
+            window: VecDeque::new(),
+            window_keys: HashSet::new(),
         }
     }
 
@@ -153,7 +160,8 @@ impl ReferenceBook {
             self.trade_n = 0;
         }
         self.last_input = Some((cmd.seq, cmd.pos));
-        // (3) GTD expiry.
+        // (3) The cid window forgets what is as old as the window; GTD expiry.
+        self.forget_old_cids(ctx.ts);
         self.expire(ctx, out);
         // (4) The operation.
         match &cmd.op {
@@ -207,6 +215,49 @@ impl ReferenceBook {
         out.push(Event::Rejected(rejected));
     }
 
+    fn forget_old_cids(&mut self, ts: Timestamp) {
+        let window_ns = u64::from(self.spec.cid_window_secs) * 1_000_000_000;
+        if window_ns == 0 {
+            return;
+        }
+        while let Some(front) = self.window.front() {
+            if ts.saturating_sub(front.ts) < window_ns {
+                break;
+            }
+            self.forget_oldest_cid();
+        }
+    }
+
+    fn forget_oldest_cid(&mut self) {
+        if let Some(front) = self.window.pop_front() {
+            self.window_keys.remove(&(front.account, front.cid));
+        }
+    }
+
+    /// The window under the spec's limits: off empties it, a smaller cap forgets the oldest.
+    fn fit_window(&mut self) {
+        if self.spec.cid_window_secs == 0 {
+            self.window.clear();
+            self.window_keys.clear();
+        }
+        while self.window.len() > self.spec.cid_window_orders as usize {
+            self.forget_oldest_cid();
+        }
+    }
+
+    /// Whether the window holds (account, cid); if not, it is remembered at `ts`.
+    fn cid_seen_before(&mut self, account: Account, cid: Cid, ts: Timestamp) -> bool {
+        if self.window_keys.contains(&(account, cid)) {
+            return true;
+        }
+        if self.window.len() >= self.spec.cid_window_orders as usize {
+            self.forget_oldest_cid();
+        }
+        self.window.push_back(CidSeen { account, cid, ts });
+        self.window_keys.insert((account, cid));
+        false
+    }
+
     fn expire(&mut self, ctx: Ctx, out: &mut Vec<Event>) {
         while let Some(&(expire_at, oid)) = self.expiries.first() {
             if expire_at > ctx.ts {
@@ -223,7 +274,18 @@ impl ReferenceBook {
 
     fn new_order(&mut self, ctx: Ctx, account: Account, new: &NewOrder, out: &mut Vec<Event>) {
         let oid = OrderId::from_input(ctx.seq, ctx.pos);
-        if let Err(reason) = self.check_new(ctx, account, new) {
+        // A cid the window holds is a retry (or a reuse); any other cid is remembered,
+        // whatever the checks below decide.
+        let repeated = self.spec.cid_window_secs > 0
+            && new
+                .cid
+                .is_some_and(|cid| self.cid_seen_before(account, cid, ctx.ts));
+        let checked = if repeated {
+            Err(RejectReason::DuplicateCid)
+        } else {
+            self.check_new(ctx, account, new)
+        };
+        if let Err(reason) = checked {
             out.push(Event::Rejected(Rejected {
                 oid: Some(oid),
                 cid: new.cid,
@@ -865,6 +927,7 @@ impl ReferenceBook {
             return;
         }
         self.spec = self.spec.with_rules(rules);
+        self.fit_window();
     }
 
     fn resume(&mut self, ctx: Ctx, account: Account, out: &mut Vec<Event>) {
@@ -965,6 +1028,13 @@ impl ReferenceBook {
             .collect()
     }
 
+    /// The open order (resting or waiting stop) of `account` with this cid.
+    pub fn open_order_by_cid(&self, account: Account, cid: Cid) -> Option<&OrderRecord> {
+        self.cids
+            .get(&(account, cid))
+            .and_then(|oid| self.orders.get(oid))
+    }
+
     /// Resting orders (waiting stops excluded).
     pub fn order_count(&self) -> usize {
         self.orders.len() - self.stops.len()
@@ -991,6 +1061,7 @@ impl ReferenceBook {
                 .iter()
                 .map(|oid| self.orders[oid].clone())
                 .collect(),
+            cid_window: self.window.iter().copied().collect(),
         }
     }
 
@@ -1087,6 +1158,27 @@ impl ReferenceBook {
                 "the book is crossed: best bid {} >= best ask {}",
                 bid.0, ask.0
             )));
+        }
+        if s.spec.cid_window_secs == 0 && !s.cid_window.is_empty() {
+            return Err(inconsistent(
+                "the cid window holds entries but is off".into(),
+            ));
+        }
+        if s.cid_window.len() > s.spec.cid_window_orders as usize {
+            return Err(inconsistent(format!(
+                "the cid window holds {} entries, more than its cap of {}",
+                s.cid_window.len(),
+                s.spec.cid_window_orders
+            )));
+        }
+        for seen in &s.cid_window {
+            if !book.window_keys.insert((seen.account, seen.cid)) {
+                return Err(inconsistent(format!(
+                    "the cid window holds cid {} of {} twice",
+                    seen.cid, seen.account
+                )));
+            }
+            book.window.push_back(*seen);
         }
         Ok(book)
     }

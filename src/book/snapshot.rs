@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::cid_window::CidSeen;
 use super::num::{Price, Qty};
 use super::spec::MarketSpec;
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
@@ -57,6 +58,9 @@ pub struct BookSnapshot {
     pub asks: Vec<OrderRecord>,
     /// Stop orders waiting for their trigger, in oid order.
     pub stops: Vec<OrderRecord>,
+    /// The cid window (`spec.cid_window_secs`), oldest first; empty when it is off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cid_window: Vec<CidSeen>,
 }
 
 /// A stable 64-bit hash of a book's canonical content.
@@ -139,7 +143,8 @@ fn hash_order(h: &mut Fnv, o: &OrderRecord) {
 }
 
 impl BookSnapshot {
-    /// FNV-1a 64 over the spec, the market state and every open order in canonical order.
+    /// FNV-1a 64 over the spec, the market state, every open order in canonical order, and
+    /// the cid window when the market has one.
     pub fn state_hash(&self) -> StateHash {
         let mut h = Fnv::new();
         let s = &self.spec;
@@ -169,6 +174,19 @@ impl BookSnapshot {
             h.u64(orders.len() as u64);
             for o in orders.iter() {
                 hash_order(&mut h, o);
+            }
+        }
+        // Only a market with a cid window hashes it, so books without one (every book of
+        // older builds) keep their hashes.
+        if s.cid_window_secs > 0 {
+            h.str("cid_window");
+            h.u64(u64::from(s.cid_window_secs));
+            h.u64(u64::from(s.cid_window_orders));
+            h.u64(self.cid_window.len() as u64);
+            for seen in &self.cid_window {
+                h.str(seen.account.as_str());
+                h.str(seen.cid.as_str());
+                h.u64(seen.ts);
             }
         }
         StateHash(h.0)

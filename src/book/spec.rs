@@ -13,6 +13,18 @@ use super::types::StpMode;
 /// Default cap on open orders (resting and stop) in one market.
 pub const ORDERS_MAX_DEFAULT: u32 = 1_000_000;
 
+/// The cid window of a market created by this build when its spec names none: long enough
+/// for any client's retry (JetStream's own default duplicate window is as long).
+pub const CID_WINDOW_SECS_DEFAULT: u32 = 120;
+
+/// Default cap on the cid window's entries: ~90 bytes each, so ~18 MB for a market that
+/// receives more than 1,600 orders with a cid a second for the whole window.
+pub const CID_WINDOW_ORDERS_DEFAULT: u32 = 200_000;
+
+/// Limits on the cid window (a day; ten million entries).
+pub const CID_WINDOW_SECS_MAX: u32 = 86_400;
+pub const CID_WINDOW_ORDERS_MAX: u32 = 10_000_000;
+
 /// The most symbols characters; a symbol names a NATS subject token and a stream.
 pub const SYMBOL_LEN_MAX: usize = 32;
 
@@ -48,6 +60,15 @@ pub struct MarketSpecInput {
     /// Cap on open orders in the market; default 1,000,000.
     #[serde(default)]
     pub orders_max: Option<u32>,
+    /// How long (seconds of stream time) a `new` is remembered by (account, cid), so that a
+    /// retry is rejected `duplicate_cid` even after the first order closed; 0 turns it off.
+    /// Absent: off here; a market created by `market.add` or a node's configuration gets
+    /// `CID_WINDOW_SECS_DEFAULT` (see `for_new_market`), and `update_spec` keeps the current.
+    #[serde(default)]
+    pub cid_window_secs: Option<u32>,
+    /// The most `new`s the window remembers (the oldest are forgotten first); default 200,000.
+    #[serde(default)]
+    pub cid_window_orders: Option<u32>,
 }
 
 /// A validated market spec, in integer units.
@@ -66,6 +87,16 @@ pub struct MarketSpec {
     pub price_band_bps: Option<u32>,
     pub stp_default: StpMode,
     pub orders_max: u32,
+    /// The cid window in seconds, 0 when off (specs and snapshots of older builds).
+    #[serde(default)]
+    pub cid_window_secs: u32,
+    /// The most entries of the cid window.
+    #[serde(default = "cid_window_orders_default")]
+    pub cid_window_orders: u32,
+}
+
+fn cid_window_orders_default() -> u32 {
+    CID_WINDOW_ORDERS_DEFAULT
 }
 
 /// The part of a spec that `market.update` may change, in integer units: everything but the
@@ -81,6 +112,8 @@ pub struct SpecRules {
     pub price_band_bps: Option<u32>,
     pub stp_default: StpMode,
     pub orders_max: u32,
+    pub cid_window_secs: u32,
+    pub cid_window_orders: u32,
 }
 
 /// A spec field that broke a rule: which field, the value, and what is allowed.
@@ -111,7 +144,16 @@ impl MarketSpecInput {
             price_band_pct: None,
             stp_default: None,
             orders_max: None,
+            cid_window_secs: None,
+            cid_window_orders: None,
         }
+    }
+
+    /// This spec for a market being created now: a cid window left unset gets the default
+    /// (an unset window means off only for specs stored by builds that had none).
+    pub fn for_new_market(mut self) -> MarketSpecInput {
+        self.cid_window_secs.get_or_insert(CID_WINDOW_SECS_DEFAULT);
+        self
     }
 
     pub fn validate(&self) -> Result<MarketSpec, SpecError> {
@@ -213,6 +255,24 @@ impl MarketSpecInput {
                 ),
             ));
         }
+        let cid_window_secs = self.cid_window_secs.unwrap_or(0);
+        if cid_window_secs > CID_WINDOW_SECS_MAX {
+            return Err(err(
+                "cid_window_secs",
+                format!(
+                    "cid_window_secs {cid_window_secs} in {symbol} must be at most {CID_WINDOW_SECS_MAX} (a day); 0 turns the window off"
+                ),
+            ));
+        }
+        let cid_window_orders = self.cid_window_orders.unwrap_or(CID_WINDOW_ORDERS_DEFAULT);
+        if cid_window_orders == 0 || cid_window_orders > CID_WINDOW_ORDERS_MAX {
+            return Err(err(
+                "cid_window_orders",
+                format!(
+                    "cid_window_orders {cid_window_orders} in {symbol} must be between 1 and {CID_WINDOW_ORDERS_MAX}; turn the window off with cid_window_secs = 0"
+                ),
+            ));
+        }
         Ok(MarketSpec {
             symbol: symbol.to_string(),
             base_token,
@@ -226,6 +286,8 @@ impl MarketSpecInput {
             price_band_bps,
             stp_default: self.stp_default.unwrap_or_default(),
             orders_max,
+            cid_window_secs,
+            cid_window_orders,
         })
     }
 }
@@ -241,7 +303,20 @@ impl MarketSpec {
             price_band_bps: self.price_band_bps,
             stp_default: self.stp_default,
             orders_max: self.orders_max,
+            cid_window_secs: self.cid_window_secs,
+            cid_window_orders: self.cid_window_orders,
         }
+    }
+
+    /// `update` with the fields an update may leave out taken from this spec: the cid window
+    /// (absent from updates written before it existed, which must not change it).
+    pub fn complete_update(&self, update: &MarketSpecInput) -> MarketSpecInput {
+        let mut update = update.clone();
+        update.cid_window_secs.get_or_insert(self.cid_window_secs);
+        update
+            .cid_window_orders
+            .get_or_insert(self.cid_window_orders);
+        update
     }
 
     /// This spec under `rules`.
@@ -254,14 +329,18 @@ impl MarketSpec {
             price_band_bps: rules.price_band_bps,
             stp_default: rules.stp_default,
             orders_max: rules.orders_max,
+            cid_window_secs: rules.cid_window_secs,
+            cid_window_orders: rules.cid_window_orders,
             ..self.clone()
         }
     }
 
     /// The rules of `update`, a whole new spec for this market: refused when it is not valid
     /// or changes what an update may not (symbol, tokens, decimals).
+    /// Fields the update leaves out that an update may omit keep their value
+    /// (`complete_update`).
     pub fn update_rules(&self, update: &MarketSpecInput) -> Result<SpecRules, SpecError> {
-        let new = update.validate()?;
+        let new = self.complete_update(update).validate()?;
         let symbol = &self.symbol;
         if new.symbol != self.symbol {
             return Err(err(
@@ -313,6 +392,8 @@ impl MarketSpec {
             price_band_pct: self.price_band_bps.map(|b| format_decimal(u64::from(b), 2)),
             stp_default: Some(self.stp_default),
             orders_max: Some(self.orders_max),
+            cid_window_secs: Some(self.cid_window_secs),
+            cid_window_orders: Some(self.cid_window_orders),
         }
     }
 
@@ -402,6 +483,46 @@ mod tests {
         let mut tokens = MarketSpecInput::new("BTC-USDC", 2, 8);
         tokens.quote_token = Some("USDT".into());
         assert_eq!(spec.update_rules(&tokens).unwrap_err().field, "quote_token");
+    }
+
+    /// A spec without a cid window (stored by an older build) runs without one; a market
+    /// created now gets the default; an update that leaves the window out keeps it; every
+    /// written spec names it, so reading it back never depends on which build wrote it.
+    #[test]
+    fn the_cid_window_is_off_for_older_specs_and_on_for_new_markets() {
+        let older = MarketSpecInput::new("BTC-USDC", 2, 8);
+        assert_eq!(older.validate().unwrap().cid_window_secs, 0);
+        let created = older.clone().for_new_market().validate().unwrap();
+        assert_eq!(created.cid_window_secs, CID_WINDOW_SECS_DEFAULT);
+        assert_eq!(created.cid_window_orders, CID_WINDOW_ORDERS_DEFAULT);
+        let written = serde_json::to_value(created.to_input()).unwrap();
+        assert_eq!(written["cid_window_secs"], CID_WINDOW_SECS_DEFAULT);
+        let read: MarketSpecInput = serde_json::from_value(written).unwrap();
+        assert_eq!(read.validate().unwrap(), created);
+
+        let mut tick = MarketSpecInput::new("BTC-USDC", 2, 8);
+        tick.tick_size = Some("0.05".into());
+        let rules = created.update_rules(&tick).unwrap();
+        assert_eq!(rules.cid_window_secs, CID_WINDOW_SECS_DEFAULT);
+        let mut off = tick.clone();
+        off.cid_window_secs = Some(0);
+        assert_eq!(created.update_rules(&off).unwrap().cid_window_secs, 0);
+
+        let mut bad = MarketSpecInput::new("BTC-USDC", 2, 8);
+        bad.cid_window_secs = Some(CID_WINDOW_SECS_MAX + 1);
+        assert_eq!(bad.validate().unwrap_err().field, "cid_window_secs");
+        bad.cid_window_secs = Some(60);
+        bad.cid_window_orders = Some(0);
+        assert_eq!(bad.validate().unwrap_err().field, "cid_window_orders");
+
+        // A snapshot of an older build has neither field: off, default cap.
+        let mut old_snapshot = serde_json::to_value(older.validate().unwrap()).unwrap();
+        let fields = old_snapshot.as_object_mut().unwrap();
+        fields.remove("cid_window_secs");
+        fields.remove("cid_window_orders");
+        let spec: MarketSpec = serde_json::from_value(old_snapshot).unwrap();
+        assert_eq!(spec.cid_window_secs, 0);
+        assert_eq!(spec.cid_window_orders, CID_WINDOW_ORDERS_DEFAULT);
     }
 
     #[test]

@@ -274,7 +274,7 @@ impl Control {
     }
 
     async fn add(&self, input: MarketSpecInput) -> Result<MarketAdded, Failure> {
-        let spec = input.validate().map_err(|e| {
+        let spec = input.for_new_market().validate().map_err(|e| {
             Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
         })?;
         let symbol = spec.symbol.clone();
@@ -481,7 +481,7 @@ impl Control {
     /// the market's refusal (a new tick that open orders are off, say).
     async fn update(&self, input: MarketSpecInput) -> Result<MarketUpdated, Failure> {
         let symbol = input.symbol.clone();
-        let spec = input.validate().map_err(|e| {
+        input.validate().map_err(|e| {
             Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
         })?;
         let Some(stored) = self.stored_spec(&symbol).await?.flatten() else {
@@ -492,6 +492,10 @@ impl Control {
                 ),
             ));
         };
+        // What the update leaves out that it may (the cid window) stays as it is.
+        let spec = stored.complete_update(&input).validate().map_err(|e| {
+            Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
+        })?;
         // What may not change is refused here already, with the field named.
         stored.update_rules(&input).map_err(|e| {
             Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))

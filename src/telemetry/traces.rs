@@ -304,7 +304,6 @@ pub fn client_span(op: &str, market: &str, account: &str, cid: Option<&str>) -> 
         cid = cid.unwrap_or(""),
         seq = Empty,
         oid = Empty,
-        duplicate = Empty,
     );
     if !span.is_disabled() {
         span.record("otel.name", format!("agora.order.{op}").as_str());
@@ -329,12 +328,11 @@ pub fn int(value: u64) -> i64 {
 }
 
 /// Records on a client's span what the stream answered.
-pub fn record_sent(span: &Span, seq: Seq, oid: Option<u64>, duplicate: bool) {
+pub fn record_sent(span: &Span, seq: Seq, oid: Option<u64>) {
     span.record("seq", int(seq));
     if let Some(oid) = oid {
         span.record("oid", int(oid));
     }
-    span.record("duplicate", duplicate);
 }
 
 /// Marks `span` failed with `reason`.

@@ -100,6 +100,11 @@ fn random_spec(rng: &mut Rng) -> MarketSpec {
     if rng.chance(250) {
         input.orders_max = Some(rng.pick(&[12u32, 40]));
     }
+    if rng.chance(400) {
+        // Short windows and small caps, so entries leave by time and by count.
+        input.cid_window_secs = Some(rng.pick(&[1u32, 1, 2, 30]));
+        input.cid_window_orders = Some(rng.pick(&[3u32, 20, 20, 10_000]));
+    }
     input.validate().expect("generated spec is valid")
 }
 
@@ -265,6 +270,10 @@ impl Gen {
     fn next_command(&mut self) -> Command {
         if !self.rng.chance(200) {
             self.ts += MS * self.rng.range(1, 5) as u64;
+        }
+        if self.rng.chance(2) {
+            // Now and then a quiet second or two (cid windows empty out by time).
+            self.ts += MS * self.rng.range(500, 2_500) as u64;
         }
         if self.rng.chance(120) {
             self.mid += self.rng.range(-1, 1);
@@ -1380,9 +1389,25 @@ fn reference_random_streams_conserve_and_cover_every_rule() {
             for index in 0..commands {
                 let cmd = generator.next_command();
                 *at.borrow_mut() = (index, Some(cmd.clone()));
+                // A cid that is not open: a `duplicate_cid` for it comes from the cid window.
+                let closed_cid = match &cmd.op {
+                    Op::New(new) => new
+                        .cid
+                        .filter(|&cid| book.open_order_by_cid(cmd.account, cid).is_none()),
+                    _ => None,
+                };
                 events.clear();
                 book.apply(&cmd, &mut events);
                 generator.observe(&events);
+                if closed_cid.is_some()
+                    && events.iter().any(|e| {
+                        matches!(e, Event::Rejected(r) if r.reason == RejectReason::DuplicateCid)
+                    })
+                {
+                    *counts
+                        .entry("rejected duplicate_cid by the cid window".into())
+                        .or_default() += 1;
+                }
                 if let Err(e) = book.check_invariants() {
                     panic!("seed {seed}: invariant broken after #{index} {cmd:?}: {e}");
                 }
@@ -1456,6 +1481,10 @@ fn reference_random_streams_conserve_and_cover_every_rule() {
         .map(|r| r.as_str())
         .collect();
     assert!(missing.is_empty(), "the streams never hit: {missing:?}");
+    assert!(
+        counts.contains_key("rejected duplicate_cid by the cid window"),
+        "no retry of a closed order was ever refused by a cid window"
+    );
     let all_cancels = [
         CancelReason::User,
         CancelReason::IocRemainder,

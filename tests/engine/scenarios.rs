@@ -367,6 +367,10 @@ fn spec_from(line: &str) -> MarketSpec {
             "max_qty" => input.max_qty = s,
             "price_band_pct" => input.price_band_pct = s,
             "orders_max" => input.orders_max = Some(v.parse().expect("orders_max")),
+            "cid_window_secs" => input.cid_window_secs = Some(v.parse().expect("cid_window_secs")),
+            "cid_window_orders" => {
+                input.cid_window_orders = Some(v.parse().expect("cid_window_orders"))
+            }
             "stp_default" => {
                 input.stp_default = Some(
                     serde_json::from_value(serde_json::Value::String(v.into()))

@@ -84,7 +84,8 @@ fn the_shell_places_retries_amends_cancels_and_watches() {
     assert_eq!(types(&lines), ["accepted"]);
     assert_eq!(lines[1]["seq"].as_u64(), Some(seq));
 
-    // The same cid again: JetStream drops the retried publish.
+    // The same cid again, as a retry: stored as a message of its own and refused
+    // `duplicate_cid` by the market; alice's order stands as it was.
     let (ok, lines, err) = order(
         &url,
         "place",
@@ -93,10 +94,10 @@ fn the_shell_places_retries_amends_cancels_and_watches() {
             "--side", "sell", "--price", "10.00", "--qty", "5", "--cid", "a1",
         ],
     );
-    assert!(ok, "{err}");
-    assert_eq!(lines[0]["sent"]["duplicate"], true);
-    assert_eq!(lines[0]["sent"]["seq"].as_u64(), Some(seq));
-    assert!(err.contains("retry"), "{err}");
+    assert!(!ok, "a refused command exits non-zero: {err}");
+    assert_eq!(lines[0]["sent"]["seq"].as_u64(), Some(seq + 1));
+    assert_eq!(types(&lines), ["rejected"]);
+    assert_eq!(lines[1]["reason"], "duplicate_cid", "{:?}", lines[1]);
 
     // bob takes 2 of them.
     let (ok, lines, err) = order(

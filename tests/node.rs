@@ -293,9 +293,7 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
     wait_journal(&js, "SAMPLE-USD", lines.len() as u64, JOURNAL_WAIT).await;
     assert!(node.terminate().success());
 
-    let spec = agora::book::MarketSpecInput::new("SAMPLE-USD", 2, 0)
-        .validate()
-        .expect("spec");
+    let spec = common::stored_spec(&js, "SAMPLE-USD").await;
     let (published, expected) = reports_and_offline(&js, &spec).await;
     assert_eq!(
         published.len(),
@@ -345,13 +343,8 @@ async fn a_node_goes_on_after_nats_restarts() {
     publish(&js, "TEST-USD", order("bob", "b1", "buy", "10.00")).await;
     publish(&js, "TEST-USD", order("carol", "c1", "buy", "9.00")).await;
     wait_journal(&js, "TEST-USD", 3, JOURNAL_WAIT).await;
-    let (published, expected) = reports_and_offline(
-        &js,
-        &agora::book::MarketSpecInput::new("TEST-USD", 2, 0)
-            .validate()
-            .expect("spec"),
-    )
-    .await;
+    let (published, expected) =
+        reports_and_offline(&js, &common::stored_spec(&js, "TEST-USD").await).await;
     assert_eq!(
         published, expected,
         "every report once, as an offline replay gives"

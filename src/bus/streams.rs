@@ -201,14 +201,12 @@ pub async fn ensure_core_streams(
     subjects: &Subjects,
     settings: &StreamSettings,
 ) -> Result<(), BusError> {
-    let p = subjects.prefix();
     for (name, kind) in [
         (subjects.events_stream(), "events"),
         (subjects.execs_stream(), "execs"),
         (subjects.trades_stream(), "trades"),
     ] {
-        let capture = format!("{p}.capture.{kind}.>");
-        let public = format!("{p}.{kind}.>");
+        let (capture, public) = subjects.capture_and_public(kind);
         let wanted = |config: &mut stream::Config| {
             config.subjects = vec![capture.clone()];
             config.subject_transform = Some(stream::SubjectTransform {

@@ -111,6 +111,16 @@ impl Subjects {
     pub fn capture_trades(&self, market: &str) -> String {
         format!("{}.capture.trades.{market}", self.prefix)
     }
+    /// What a view stream listens to and what it republishes onto, for `kind` (`events`,
+    /// `execs`, `trades`): `<prefix>.capture.<kind>.>` and `<prefix>.<kind>.>`. The stream's
+    /// subject transform maps one onto the other token for token, so every `capture_*`
+    /// subject above lands on its public subject.
+    pub fn capture_and_public(&self, kind: &str) -> (String, String) {
+        (
+            format!("{}.capture.{kind}.>", self.prefix),
+            format!("{}.{kind}.>", self.prefix),
+        )
+    }
     pub fn book(&self, market: &str) -> String {
         format!("{}.book.{market}", self.prefix)
     }
@@ -184,5 +194,31 @@ mod tests {
         assert!(Subjects::new("agora.>").is_err());
         assert!(Subjects::new("").is_err());
         assert!(Subjects::check_token("market", "BTC.USDC").is_err());
+    }
+
+    /// Each capture subject, put through its stream's transform (the wildcard tail kept),
+    /// is the public subject of the same view.
+    #[test]
+    fn capture_subjects_land_on_their_public_subjects() {
+        let s = Subjects::new("venue.agora").unwrap();
+        let land = |kind: &str, captured: String| {
+            let (capture, public) = s.capture_and_public(kind);
+            let tail = captured
+                .strip_prefix(capture.trim_end_matches('>'))
+                .unwrap_or_else(|| panic!("{captured} is not under {capture}"));
+            format!("{}{tail}", public.trim_end_matches('>'))
+        };
+        assert_eq!(
+            land("events", s.capture_events("BTC-USDC")),
+            s.events("BTC-USDC")
+        );
+        assert_eq!(
+            land("execs", s.capture_execs("alice", "BTC-USDC")),
+            s.execs("alice", "BTC-USDC")
+        );
+        assert_eq!(
+            land("trades", s.capture_trades("BTC-USDC")),
+            s.trades("BTC-USDC")
+        );
     }
 }

@@ -31,7 +31,7 @@ use crate::actors::{
     Follow, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor, Unfollow,
 };
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::Subjects;
+use crate::bus::{KvFollower, Subjects};
 use crate::control::protocol::node::{self, MarketRequest, ReleaseRequest};
 use crate::control::protocol::{Failure, Reply, reply_value};
 use crate::telemetry::traces;
@@ -42,6 +42,9 @@ pub const FOLLOW_READY_LAG: u64 = 2_000;
 
 /// Wait after a failed start before claiming the market again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a node checks that its bucket watches keep up (`bus::KvFollower`).
+pub(super) const FOLLOW_CHECK: Duration = Duration::from_secs(1);
 
 /// What the agent works with.
 #[derive(Clone)]
@@ -120,11 +123,11 @@ pub async fn spec_of(markets: &kv::Store, market: &str) -> Result<MarketSpec, St
 impl Agent {
     /// Runs until `stop` flips (markets are left to the supervisor's shutdown).
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), String> {
-        let mut entries = self
-            .placement
-            .watch_with_history(">")
+        let mut entries = KvFollower::open(self.placement.clone())
             .await
             .map_err(|e| format!("cannot watch the placement bucket: {e}"))?;
+        let mut follow_check = tokio::time::interval(FOLLOW_CHECK);
+        follow_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let subject = self.subjects.node(&self.node, "*");
         let mut requests = self
             .client
@@ -201,6 +204,9 @@ impl Agent {
                     }
                     lapsed = false;
                     self.reconcile(&mut state, &started_tx).await;
+                }
+                _ = follow_check.tick() => {
+                    entries.check().await;
                 }
             }
         }

@@ -16,7 +16,6 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::handoff;
@@ -24,7 +23,7 @@ use super::membership::REBALANCER_KEY;
 use super::placement::{self, Placement};
 use super::plan::{Action, MoveReason, Planner, Seen};
 use super::{ClusterSettings, Lease};
-use crate::bus::Subjects;
+use crate::bus::{KvFollower, Subjects};
 use crate::telemetry::traces;
 
 #[derive(Clone)]
@@ -58,8 +57,7 @@ impl Rebalancer {
         let watch = |store: &kv::Store, what: &'static str| {
             let store = store.clone();
             async move {
-                store
-                    .watch_with_history(">")
+                KvFollower::open(store)
                     .await
                     .map_err(|e| format!("cannot watch the {what} bucket: {e}"))
             }
@@ -69,6 +67,8 @@ impl Rebalancer {
         let mut specs = watch(&self.markets, "markets").await?;
         let mut timer = tokio::time::interval(self.settings.heartbeat);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut follow_check = tokio::time::interval(super::agent::FOLLOW_CHECK);
+        follow_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut view = View::default();
         let mut leader: Option<Leadership> = None;
         let mut planner = Planner::new(Instant::now());
@@ -123,6 +123,11 @@ impl Rebalancer {
                     }
                     Err(e) => tracing::warn!("markets watch: {e}"),
                 },
+                _ = follow_check.tick() => {
+                    nodes.check().await;
+                    placements.check().await;
+                    specs.check().await;
+                }
                 _ = timer.tick() => {
                     leader = self.hold_lease(&view, leader).await;
                     let Some(l) = &leader else { continue };
@@ -192,6 +197,9 @@ impl Rebalancer {
                 .await
                 .map_err(|e| e.to_string()),
         };
+        if let Err(e) = &taken {
+            tracing::warn!(node = %self.node, "rebalancer lease not taken: {e}");
+        }
         match taken {
             Ok(revision) => {
                 let lease = Lease::new();
@@ -227,18 +235,24 @@ impl Rebalancer {
             } => {
                 let span = traces::failover_span(&market, &from, &to, epoch);
                 let next = Placement::assigned(&to, epoch).with_trace(traces::traceparent(&span));
-                if self
+                match self
                     .placement
                     .update(&market, next.encode().into(), revision)
                     .await
-                    .is_ok()
                 {
-                    metrics::counter!("matching_failovers_total").increment(1);
-                    say!(
-                        "agora node {}: failover: {market} from {from} (not heard from for {:?}) to {to} at epoch {epoch}",
-                        self.node,
-                        self.settings.lease,
-                    );
+                    Ok(_) => {
+                        metrics::counter!("matching_failovers_total").increment(1);
+                        say!(
+                            "agora node {}: failover: {market} from {from} (not heard from for {:?}) to {to} at epoch {epoch}",
+                            self.node,
+                            self.settings.lease,
+                        );
+                    }
+                    // Another write won (the watch brings it), or NATS did not take it: the
+                    // next heartbeat decides again.
+                    Err(e) => {
+                        tracing::warn!(market = %market, from = %from, to = %to, epoch, revision, "failover not written: {e}")
+                    }
                 }
                 None
             }

@@ -420,9 +420,7 @@ async fn check_journal(js: &jetstream::Context, market: &str) -> usize {
 
 /// Every report in EXECS for `market` equals an offline replay of its order stream.
 async fn check_exactly_once(js: &jetstream::Context, market: &str) -> usize {
-    let spec = agora::book::MarketSpecInput::new(market, 2, 0)
-        .validate()
-        .expect("spec");
+    let spec = common::stored_spec(js, market).await;
     let offline = common::offline_replay(js, &agora::bus::Subjects::default(), &spec).await;
     let expected = offline.sorted_reports();
     // Each account's reports in order: what its subscriber sees.

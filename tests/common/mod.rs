@@ -541,3 +541,25 @@ pub async fn stored_trades(js: &async_nats::jetstream::Context) -> usize {
     assert!(twice.is_empty(), "trades stored twice in TRADES: {twice:?}");
     ids.len()
 }
+
+/// The spec a node runs `market` under, as stored in the markets bucket: what an offline
+/// replay must use to decide what the node decided (a market created by a node has a cid
+/// window; a spec written by hand in a test would not).
+pub async fn stored_spec(
+    js: &async_nats::jetstream::Context,
+    market: &str,
+) -> agora::book::MarketSpec {
+    let kv = js
+        .get_key_value("agora_markets")
+        .await
+        .expect("the markets bucket");
+    let bytes = kv
+        .get(market)
+        .await
+        .expect("read the stored spec")
+        .unwrap_or_else(|| panic!("{market} has no stored spec"));
+    serde_json::from_slice::<agora::book::MarketSpecInput>(&bytes)
+        .expect("a stored spec")
+        .validate()
+        .expect("a valid stored spec")
+}

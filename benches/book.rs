@@ -71,10 +71,47 @@ fn state(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same handoff costs on a book whose cid window is full at a busy market's size: 20,000
+/// resting orders and the last 120 s of a flow taking 0.5 ms a command (~165,000 remembered
+/// orders): the snapshot, its MessagePack encoding (what a handoff ships), and the restore
+/// (what the target runs before it resumes).
+fn state_with_window(c: &mut Criterion) {
+    let mut params = FlowParams::large_book(SEED, 240_000);
+    params.resting = 20_000;
+    params.spread_ticks = 2_000;
+    let mut w = workload::generate(&params);
+    w.spec.cid_window_secs = 120;
+    w.spec.cid_window_orders = 200_000;
+    let mut book = w.prefilled_book();
+    let mut events = Vec::new();
+    for cmd in &w.commands {
+        events.clear();
+        book.apply(cmd, &mut events);
+    }
+    let snapshot = book.snapshot();
+    let bytes = rmp_serde::to_vec_named(&snapshot).expect("encode");
+    eprintln!(
+        "state_with_cid_window: {} resting, {} in the cid window, {} bytes encoded",
+        snapshot.bids.len() + snapshot.asks.len(),
+        snapshot.cid_window.len(),
+        bytes.len()
+    );
+    let mut group = c.benchmark_group("state_with_cid_window");
+    group.sample_size(10);
+    group.bench_function("snapshot", |b| b.iter(|| black_box(book.snapshot())));
+    group.bench_function("encode", |b| {
+        b.iter(|| black_box(rmp_serde::to_vec_named(&snapshot).expect("encode")))
+    });
+    group.bench_function("restore", |b| {
+        b.iter(|| black_box(agora::book::OrderBook::restore(&snapshot).expect("restore")))
+    });
+    group.finish();
+}
+
 fn books(c: &mut Criterion) {
     run(c, "a_1k_resting", FlowParams::small_book(SEED, COMMANDS));
     run(c, "b_100k_resting", FlowParams::large_book(SEED, COMMANDS));
 }
 
-criterion_group!(benches, books, state);
+criterion_group!(benches, books, state, state_with_window);
 criterion_main!(benches);

@@ -1636,16 +1636,7 @@ impl OrderBook {
                 b.0, a.0
             )));
         }
-        if !book.cid_window.is_on() && !s.cid_window.is_empty() {
-            return Err(bad("the cid window holds entries but is off".into()));
-        }
-        if s.cid_window.len() > s.spec.cid_window_orders as usize {
-            return Err(bad(format!(
-                "the cid window holds {} entries, more than its cap of {}",
-                s.cid_window.len(),
-                s.spec.cid_window_orders
-            )));
-        }
+        s.check_cid_window()?;
         for seen in &s.cid_window {
             let hash = book.cid_hash(&seen.account, &seen.cid);
             if book

@@ -143,6 +143,24 @@ fn hash_order(h: &mut Fnv, o: &OrderRecord) {
 }
 
 impl BookSnapshot {
+    /// The cid window fits its spec: empty when the window is off, within its cap. (Each
+    /// book checks for a key held twice while it rebuilds its own window.)
+    pub fn check_cid_window(&self) -> Result<(), RestoreError> {
+        if self.spec.cid_window_secs == 0 && !self.cid_window.is_empty() {
+            return Err(RestoreError::Inconsistent(
+                "the cid window holds entries but is off".into(),
+            ));
+        }
+        if self.cid_window.len() > self.spec.cid_window_orders as usize {
+            return Err(RestoreError::Inconsistent(format!(
+                "the cid window holds {} entries, more than its cap of {}",
+                self.cid_window.len(),
+                self.spec.cid_window_orders
+            )));
+        }
+        Ok(())
+    }
+
     /// FNV-1a 64 over the spec, the market state, every open order in canonical order, and
     /// the cid window when the market has one.
     pub fn state_hash(&self) -> StateHash {

@@ -1,0 +1,240 @@
+//! The reference book's canonical content: its snapshot, the state hash, the restore that
+//! refuses an inconsistent snapshot, and the invariants checked after commands in tests.
+
+use std::cmp::min;
+
+use super::*;
+
+impl ReferenceBook {
+    pub fn snapshot(&self) -> BookSnapshot {
+        let records = |side: Side| -> Vec<OrderRecord> {
+            self.levels_by_priority(side)
+                .flat_map(|(_, level)| level.iter())
+                .map(|oid| self.orders[oid].clone())
+                .collect()
+        };
+        BookSnapshot {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            spec: self.spec.clone(),
+            halted: self.halted,
+            last_trade_price: self.last_trade_price,
+            last_input: self.last_input,
+            trade_n: self.trade_n,
+            bids: records(Side::Buy),
+            asks: records(Side::Sell),
+            stops: self
+                .stops
+                .iter()
+                .map(|oid| self.orders[oid].clone())
+                .collect(),
+            cid_window: self.window.iter().copied().collect(),
+        }
+    }
+
+    pub fn state_hash(&self) -> StateHash {
+        self.snapshot().state_hash()
+    }
+
+    /// Rebuilds a book from a snapshot, refusing one that breaks the book's invariants.
+    pub fn restore(s: &BookSnapshot) -> Result<ReferenceBook, RestoreError> {
+        if s.format_version != SNAPSHOT_FORMAT_VERSION {
+            return Err(RestoreError::Version {
+                found: s.format_version,
+                expected: SNAPSHOT_FORMAT_VERSION,
+            });
+        }
+        let mut book = ReferenceBook::new(s.spec.clone());
+        book.halted = s.halted;
+        book.last_trade_price = s.last_trade_price;
+        book.last_input = s.last_input;
+        book.trade_n = s.trade_n;
+        for (side, records) in [(Side::Buy, &s.bids), (Side::Sell, &s.asks)] {
+            let mut previous: Option<Price> = None;
+            for o in records {
+                book.check_record(o)?;
+                let oid = o.oid;
+                if o.side != side {
+                    return Err(inconsistent(format!(
+                        "order {oid} is a {} order in the {} list",
+                        o.side.as_str(),
+                        side.as_str()
+                    )));
+                }
+                let Some(price) = o.price else {
+                    return Err(inconsistent(format!("resting order {oid} has no price")));
+                };
+                if !o.order_type.has_limit_price() || !o.tif.rests() {
+                    return Err(inconsistent(format!(
+                        "order {oid} ({} {}) cannot rest",
+                        o.order_type.as_str(),
+                        o.tif.as_str()
+                    )));
+                }
+                let visible_ok = match o.display_qty {
+                    Some(d) => o.visible > Qty::ZERO && o.visible <= min(d, o.leaves),
+                    None => o.visible == o.leaves,
+                };
+                if !visible_ok {
+                    return Err(inconsistent(format!(
+                        "order {oid} shows {} of leaves {}",
+                        o.visible.0, o.leaves.0
+                    )));
+                }
+                let in_order = previous.is_none_or(|p| match side {
+                    Side::Buy => price <= p,
+                    Side::Sell => price >= p,
+                });
+                if !in_order {
+                    return Err(inconsistent(format!(
+                        "{} are not best price first at order {oid}",
+                        side.as_str()
+                    )));
+                }
+                previous = Some(price);
+                book.insert_resting(o.clone());
+            }
+        }
+        let mut previous: Option<OrderId> = None;
+        for o in &s.stops {
+            book.check_record(o)?;
+            let oid = o.oid;
+            if !o.order_type.is_stop() || o.stop_price.is_none() {
+                return Err(inconsistent(format!(
+                    "order {oid} among the stops is no stop order"
+                )));
+            }
+            if o.filled != Qty::ZERO || o.visible != o.leaves {
+                return Err(inconsistent(format!(
+                    "waiting stop {oid} has filled {} and shows {} of {}",
+                    o.filled.0, o.visible.0, o.leaves.0
+                )));
+            }
+            if previous.is_some_and(|p| p >= oid) {
+                return Err(inconsistent(format!("stops are not in oid order at {oid}")));
+            }
+            previous = Some(oid);
+            book.stops.insert(oid);
+            book.index(o);
+            book.orders.insert(oid, o.clone());
+        }
+        if let (Some(bid), Some(ask)) = (book.best_bid(), book.best_ask())
+            && bid >= ask
+        {
+            return Err(inconsistent(format!(
+                "the book is crossed: best bid {} >= best ask {}",
+                bid.0, ask.0
+            )));
+        }
+        s.check_cid_window()?;
+        for seen in &s.cid_window {
+            if !book.window_keys.insert((seen.account, seen.cid)) {
+                return Err(inconsistent(format!(
+                    "the cid window holds cid {} of {} twice",
+                    seen.cid, seen.account
+                )));
+            }
+            book.window.push_back(*seen);
+        }
+        Ok(book)
+    }
+
+    /// The checks every snapshot record must pass, whatever list it is in.
+    fn check_record(&self, o: &OrderRecord) -> Result<(), RestoreError> {
+        let oid = o.oid;
+        if self.orders.contains_key(&oid) {
+            return Err(inconsistent(format!("order {oid} appears twice")));
+        }
+        if o.leaves == Qty::ZERO || o.filled.0.checked_add(o.leaves.0) != Some(o.qty.0) {
+            return Err(inconsistent(format!(
+                "order {oid}: filled {} and leaves {} do not add up to qty {}",
+                o.filled.0, o.leaves.0, o.qty.0
+            )));
+        }
+        if (o.tif == Tif::Gtd) != o.expire_at.is_some() {
+            return Err(inconsistent(format!(
+                "order {oid}: expire_at goes with gtd and only gtd"
+            )));
+        }
+        if let Some(cid) = o.cid
+            && self.cids.contains_key(&(o.account, cid))
+        {
+            return Err(inconsistent(format!(
+                "account {} has two open orders with cid {cid}",
+                o.account
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that the book's structures agree with one another; `Err` names the first break.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = 0usize;
+        for side in [Side::Buy, Side::Sell] {
+            for (&price, level) in self.levels(side) {
+                if level.is_empty() {
+                    return Err(format!("empty {} level {}", side.as_str(), price.0));
+                }
+                for oid in level {
+                    let Some(o) = self.orders.get(oid) else {
+                        return Err(format!("order {oid} in a level is not open"));
+                    };
+                    if o.side != side || o.price != Some(price) || self.stops.contains(oid) {
+                        return Err(format!("order {oid} is in the wrong level"));
+                    }
+                    let visible_ok = o.visible > Qty::ZERO
+                        && o.visible <= o.leaves
+                        && match o.display_qty {
+                            Some(d) => o.visible <= d,
+                            None => o.visible == o.leaves,
+                        };
+                    if !visible_ok || o.filled.0 + o.leaves.0 != o.qty.0 {
+                        return Err(format!("order {oid} has inconsistent quantities"));
+                    }
+                    seen += 1;
+                }
+            }
+        }
+        for oid in &self.stops {
+            let stop_ok = self.orders.get(oid).is_some_and(|o| {
+                o.order_type.is_stop()
+                    && o.filled == Qty::ZERO
+                    && o.leaves == o.qty
+                    && o.visible == o.leaves
+            });
+            if !stop_ok {
+                return Err(format!("stop {oid} is not a whole open stop order"));
+            }
+            seen += 1;
+        }
+        if seen != self.orders.len() {
+            return Err(format!(
+                "{} open orders but {seen} in levels and stops",
+                self.orders.len()
+            ));
+        }
+        if let (Some(bid), Some(ask)) = (self.best_bid(), self.best_ask())
+            && bid >= ask
+        {
+            return Err(format!("crossed at rest: bid {} >= ask {}", bid.0, ask.0));
+        }
+        let cids = self.orders.values().filter(|o| o.cid.is_some()).count();
+        let gtds = self
+            .orders
+            .values()
+            .filter(|o| o.expire_at.is_some())
+            .count();
+        if cids != self.cids.len() || gtds != self.expiries.len() {
+            return Err("the cid or expiry index disagrees with the orders".to_string());
+        }
+        for (&(account, cid), oid) in &self.cids {
+            if !self
+                .orders
+                .get(oid)
+                .is_some_and(|o| o.account == account && o.cid == Some(cid))
+            {
+                return Err(format!("cid {cid} of {account} points at the wrong order"));
+            }
+        }
+        Ok(())
+    }
+}

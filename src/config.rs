@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::book::spec::MarketDefaults;
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{NatsOptions, StreamSettings, Subjects};
 pub use crate::telemetry::traces::settings::{OtlpProtocol, Sampler, TracingConfig};
@@ -64,6 +65,10 @@ pub struct Config {
     /// (`SEED_MARKETS`); `markets = []`: none.
     #[serde(default)]
     pub markets: Option<Vec<MarketSpecInput>>,
+    /// What a market created now (by `market.add`, or from `markets` at start) gets for the
+    /// cid window and per-account limits its spec leaves out.
+    #[serde(default)]
+    pub market_defaults: MarketDefaults,
 }
 
 /// The seed markets, `config/markets/*.toml` compiled in: what a node creates when its
@@ -316,7 +321,7 @@ impl Config {
         };
         Ok(inputs
             .into_iter()
-            .map(MarketSpecInput::for_new_market)
+            .map(|m| m.with_defaults(&self.market_defaults))
             .collect())
     }
 

@@ -53,6 +53,9 @@ enum Cmd {
     /// Send an order command (place, cancel, amend, cancel-all) and print its reports.
     #[command(subcommand)]
     Order(OrderCmd),
+    /// Print an account's open orders (resting and untriggered stops) in every market, or in
+    /// one, as JSON lines, from the books themselves.
+    Orders(OrdersArgs),
     /// Print a stream of execution reports, trades or book updates as JSON lines.
     #[command(subcommand)]
     Watch(WatchCmd),
@@ -415,6 +418,38 @@ enum OrderCmd {
         #[command(flatten)]
         common: OrderCommon,
     },
+    /// Print one open order's state (by --cid or --oid) as JSON; exits 1 when it is not open.
+    Status {
+        /// The market, e.g. BTC-USDC.
+        #[arg(long)]
+        market: String,
+        /// The account the order belongs to (a trader's NATS user may ask only for its own).
+        #[arg(long, env = "AGORA_ACCOUNT")]
+        account: String,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Seconds the market has to answer.
+        #[arg(long, default_value_t = 2)]
+        timeout_secs: u64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Args)]
+struct OrdersArgs {
+    /// The account whose open orders to print (a trader's NATS user may ask only for its own).
+    #[arg(long, env = "AGORA_ACCOUNT")]
+    account: String,
+    /// Only this market's (default: every market's).
+    #[arg(long)]
+    market: Option<String>,
+    /// Seconds the markets have to answer; those that do not are named on stderr, and the
+    /// command exits 1.
+    #[arg(long, default_value_t = 2)]
+    timeout_secs: u64,
+    #[command(flatten)]
+    connect: ConnectArgs,
 }
 
 #[derive(Subcommand)]
@@ -817,12 +852,69 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// `agora orders`: every page of the account's open orders, one JSON line each; markets that
+/// did not answer are said on stderr and make the exit status 1.
+fn orders_cmd(args: OrdersArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = args.connect.client().await?;
+        let open = client
+            .open_orders(
+                &args.account,
+                args.market.as_deref(),
+                Duration::from_secs(args.timeout_secs),
+            )
+            .await?;
+        for order in &open.orders {
+            print_json(order)?;
+        }
+        if !open.missing.is_empty() {
+            anyhow::bail!(
+                "these markets did not answer within {} s, so their orders are not listed: {}",
+                args.timeout_secs,
+                open.missing.join(", ")
+            );
+        }
+        Ok(())
+    })
+}
+
 fn order_cmd(cmd: OrderCmd) -> Result<()> {
     let common = match &cmd {
         OrderCmd::Place { common, .. }
         | OrderCmd::Cancel { common, .. }
         | OrderCmd::Amend { common, .. }
         | OrderCmd::CancelAll { common } => common,
+        OrderCmd::Status {
+            market,
+            account,
+            target,
+            timeout_secs,
+            connect,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return runtime.block_on(async {
+                let client = connect.client().await?;
+                let status = client
+                    .order_status(
+                        account,
+                        market,
+                        &target.target(),
+                        Duration::from_secs(*timeout_secs),
+                    )
+                    .await?;
+                match status {
+                    Some(status) => print_json(&status),
+                    None => anyhow::bail!(
+                        "{account} has no open order in {market} with this id: it filled, was cancelled, expired or was rejected, or never existed (its reports say which: agora watch reports --since 1)"
+                    ),
+                }
+            });
+        }
     };
     // Traces only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set.
     let mut tracing_config = agora::config::TracingConfig::client();
@@ -864,6 +956,7 @@ fn order_cmd(cmd: OrderCmd) -> Result<()> {
                     .await?
             }
             OrderCmd::CancelAll { .. } => client.cancel_all(market, account).await?,
+            OrderCmd::Status { .. } => unreachable!("answered above"),
         };
         print_json(&serde_json::json!({"sent": sent}))?;
         if let Some(reports) = &mut reports {
@@ -1013,6 +1106,7 @@ fn main() {
         Cmd::Ctl(args) => ctl_cmd(args),
         Cmd::Bench(args) => bench_cmd(args),
         Cmd::Order(cmd) => order_cmd(cmd),
+        Cmd::Orders(args) => orders_cmd(args),
         Cmd::Watch(cmd) => watch_cmd(cmd),
         Cmd::Replay(args) => replay_cmd(args),
         Cmd::Generate(args) => generate_cmd(args),

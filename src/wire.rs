@@ -91,6 +91,7 @@ pub struct DecodeContext<'a> {
     pub operator: bool,
 }
 
+pub mod query;
 mod shape;
 
 /// Decodes a JSON document into a wire command: a map whose fields have the documented kinds
@@ -624,6 +625,9 @@ struct WireRejected<'a> {
     account: Option<&'a str>,
     reason: &'static str,
     message: String,
+    /// For `rate_limited`: milliseconds until the account may send again (rounded up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -746,6 +750,7 @@ impl Serialize for EventView<'_> {
                 account: Some(e.account.as_str()),
                 reason: e.reason.as_str(),
                 message: e.reason.message(spec, e.price, e.qty),
+                retry_after_ms: e.retry_after.map(|ns| ns.div_ceil(1_000_000).max(1)),
             }
             .serialize(s),
             Event::Trade(e) => WireTrade {
@@ -840,6 +845,7 @@ impl Serialize for RejectView<'_> {
             account: r.account.as_ref().map(Account::as_str),
             reason: r.reason.as_str(),
             message: r.message.clone(),
+            retry_after_ms: None,
         }
         .serialize(s)
     }

@@ -1502,3 +1502,137 @@ async fn a_journal_written_after_the_release_fences_the_new_owner() {
         "a fenced owner published"
     );
 }
+
+/// Per-account limits as a trader meets them: past the burst a new order is refused
+/// `rate_limited` with when to retry, past the open-order cap `too_many_open_orders`, cancels
+/// always pass, another account is not affected; and `agora replay` of the stream, with its
+/// timestamps, gives the same answers.
+#[actix_rt::test]
+async fn per_account_limits_refuse_the_excess_and_replay_the_same() {
+    let env = env("BTC-USDC").await;
+    let mut input = MarketSpecInput::new("BTC-USDC", 2, 8);
+    input.account_rate_per_sec = Some(10);
+    input.account_burst = Some(3);
+    input.account_open_orders_max = Some(2);
+    let spec = input.for_new_market().validate().expect("spec");
+    let running = market::start(
+        env.bus(false).await,
+        spec.clone(),
+        MarketSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // One message, one timestamp: the burst of 3 is all alice gets at once.
+    let flood = json!({"op": "batch", "account": "alice", "commands": [
+        {"op": "new", "cid": "a1", "side": "buy", "price": "100.00", "qty": "1"},
+        {"op": "new", "cid": "a2", "side": "buy", "price": "100.00", "qty": "1"},
+        {"op": "new", "cid": "a3", "side": "buy", "price": "100.00", "qty": "1"},
+        {"op": "new", "cid": "a4", "side": "buy", "price": "100.00", "qty": "1", "tif": "ioc"},
+        {"op": "new", "cid": "a5", "side": "buy", "price": "100.00", "qty": "1", "tif": "ioc"},
+        {"op": "cancel", "cid": "a1"},
+    ]});
+    publish_json(&env, "BTC-USDC", &flood).await;
+    let seq = publish_json(
+        &env,
+        "BTC-USDC",
+        &json!({"op": "new", "account": "bob", "cid": "b1", "side": "sell", "price": "101.00", "qty": "1"}),
+    )
+    .await;
+    wait_journal(&env.js, "BTC-USDC", seq, JOURNAL_WAIT).await;
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let reports: Vec<Value> = read_all(&env, "EXECS")
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v["reports"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let outcome = |r: &Value| -> String {
+        match r["reason"].as_str() {
+            Some(reason) => format!(
+                "{} {} {reason}",
+                r["cid"].as_str().unwrap_or("-"),
+                r["type"].as_str().unwrap_or("?")
+            ),
+            None => format!(
+                "{} {}",
+                r["cid"].as_str().unwrap_or("-"),
+                r["type"].as_str().unwrap_or("?")
+            ),
+        }
+    };
+    let live: Vec<String> = reports.iter().map(outcome).collect();
+    assert_eq!(
+        live,
+        [
+            "a1 accepted",
+            "a2 accepted",
+            "a3 rejected too_many_open_orders",
+            "a4 accepted",
+            "a4 cancelled ioc_remainder",
+            "a5 rejected rate_limited",
+            "a1 cancelled user",
+            "b1 accepted",
+        ]
+    );
+    let limited = reports
+        .iter()
+        .find(|r| r["reason"] == "rate_limited")
+        .expect("a rate_limited report");
+    assert_eq!(limited["retry_after_ms"], 100, "{limited}");
+    assert!(
+        limited["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("10 a second (burst 3)")),
+        "{limited}"
+    );
+
+    // The stream as a file of JSON lines, each with its stream timestamp and sequence.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut lines = String::new();
+    let orders = env.js.get_stream("ORDERS_BTC-USDC").await.expect("stream");
+    for seq in 1..=seq {
+        let m = orders.get_raw_message(seq).await.expect("message");
+        let mut command: Value = serde_json::from_slice(&m.payload).expect("json command");
+        command["seq"] = seq.into();
+        command["ts"] = u64::try_from(m.time.unix_timestamp_nanos())
+            .expect("ts")
+            .into();
+        lines.push_str(&format!("{command}\n"));
+    }
+    std::fs::write(dir.path().join("stream.jsonl"), lines).expect("write");
+    let spec_file = dir.path().join("spec.toml");
+    std::fs::write(&spec_file, toml_of(&spec.to_input())).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+        .arg("replay")
+        .arg(dir.path().join("stream.jsonl"))
+        .arg("--market")
+        .arg(&spec_file)
+        .output()
+        .expect("agora replay runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["type"] != "trade" && e["type"] != "book")
+        .map(|e| outcome(&e))
+        .collect();
+    assert_eq!(replayed, live, "agora replay decides as the market did");
+}
+
+/// A spec as TOML (what `--market FILE` reads).
+fn toml_of(input: &MarketSpecInput) -> String {
+    let value = serde_json::to_value(input).expect("spec");
+    let mut out = String::new();
+    for (key, v) in value.as_object().expect("map") {
+        match v {
+            Value::Null => {}
+            Value::String(s) => out.push_str(&format!("{key} = {s:?}\n")),
+            other => out.push_str(&format!("{key} = {other}\n")),
+        }
+    }
+    out
+}

@@ -84,6 +84,8 @@ pub struct Rejected {
     /// The price and quantity the command carried, so the message can quote them.
     pub price: Option<Price>,
     pub qty: Option<Qty>,
+    /// For `rate_limited`: nanoseconds of stream time until the account may send again.
+    pub retry_after: Option<u64>,
 }
 
 /// One fill between a resting (maker) and an incoming (taker) order, at the maker's price.
@@ -264,6 +266,12 @@ reject_reasons! {
     /// A new tick size that some open order's price (or stop price) is not a multiple of;
     /// cancel those orders first, or choose a tick their prices are multiples of.
     OrdersOffTick = "orders_off_tick",
+    /// The account sent more new orders and amends than the market's per-account rate and
+    /// burst allow; retry after `retry_after_ms` (cancels are never limited).
+    RateLimited = "rate_limited",
+    /// The account holds the most open orders the market allows one account; cancel some,
+    /// or send orders that do not rest (ioc, fok, market).
+    TooManyOpenOrders = "too_many_open_orders",
 }
 
 impl RejectReason {
@@ -306,6 +314,8 @@ impl RejectReason {
             RejectReason::NotHalted => format!("{m} is not halted"),
             RejectReason::PostOnlyWouldCross => "the new price would trade against the book and the order is post_only; the order is unchanged".into(),
             RejectReason::NotPermitted => "only operators may send this command; they use agora ctl".into(),
+            RejectReason::RateLimited => format!("this account sent more new orders and amends to {m} than its limit of {} a second (burst {}) allows; retry after retry_after_ms (cancels are never limited)", spec.account_rate, spec.account_burst),
+            RejectReason::TooManyOpenOrders => format!("this account holds the most open orders {m} allows one account ({}); cancel some first, or send orders that do not rest (ioc, fok, market)", spec.account_orders_max),
             RejectReason::OrdersOffTick => format!("the tick size {} would leave open orders of {m} off the tick; cancel them first, or choose a tick their prices are multiples of", p(price)),
         }
     }

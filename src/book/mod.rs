@@ -29,6 +29,20 @@
 //! when the window holds `cid_window_orders`). An update of the spec applies new limits from
 //! the next command: off empties the window, a smaller cap drops the oldest entries.
 //!
+//! **Per-account limits** (when the spec has them; only `new` and `amend` are limited, never a
+//! cancel, `cancel_all` or an operator's command). While the spec has a rate
+//! (`account_rate`), each account has a debt `tat` (0 when it has none), and every applied
+//! command moves the limit's clock to its `ts` if that is later (turning the rate off forgets
+//! the clock and every debt; a debt at or behind the clock is the same as none). At step (4),
+//! before the operation's own checks (the cid window's included): (a) with a rate, interval
+//! `I = ⌊10⁹ / account_rate⌋` ns and tolerance `τ = (account_burst − 1) × I`, let
+//! `start = max(tat, clock)`: if `start − clock > τ` the command is rejected `rate_limited`
+//! with `retry_after = start − clock − τ`; (b) with `account_orders_max`, a `new` that may
+//! rest or wait (limit with gtc/gtd/post_only, every stop type) while its account has that
+//! many open orders (resting + stops) is rejected `too_many_open_orders`. A command these
+//! refuse changes nothing else: it costs no rate and the cid window does not remember it.
+//! Otherwise the account's `tat` becomes `start + I`, whatever the checks that follow decide.
+//!
 //! **new**, checked in this order, the first failure is the reason: `halted`; qty (`qty_zero`,
 //! `qty_not_on_lot`, `qty_below_min`, `qty_above_max`); price (limit and stop_limit:
 //! `price_missing`, `price_zero`, `price_not_on_tick`; market types: `price_not_allowed`);
@@ -112,6 +126,7 @@ pub mod command;
 pub mod event;
 mod index;
 mod ladder;
+pub mod limits;
 pub mod num;
 pub mod reference;
 pub mod snapshot;
@@ -126,8 +141,9 @@ pub use event::{
     Accepted, Amended, CancelReason, Cancelled, Event, OrderTag, RejectReason, Rejected, Trade,
     Triggered,
 };
+pub use limits::RateDebt;
 pub use num::{Price, Qty};
-pub use order_book::OrderBook;
+pub use order_book::{OpenOrder, OrderBook};
 pub use snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, StateHash};
 pub use spec::{MarketSpec, MarketSpecInput, SpecError, SpecRules};
 pub use types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};

@@ -17,6 +17,7 @@ use std::hash::BuildHasher;
 
 use super::cid_window::CidWindow;
 use super::index::SlotIndex;
+use super::limits::RateLimits;
 
 use super::command::{Amend, Command, NewOrder, Op, OrderRef};
 use super::event::{
@@ -72,6 +73,11 @@ struct Order {
     cid_hash: u64,
     acct_prev: u32,
     acct_next: u32,
+    /// When the order was accepted (stream timestamp), and the input sequence of the last
+    /// command that changed it (accepted, filled, amended, reduced, triggered to rest):
+    /// what an order-status query answers.
+    ts: Timestamp,
+    last_seq: Seq,
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +107,8 @@ struct Taker<'a> {
     display: u64,
     stop_price: u64,
     expire_at: Option<Timestamp>,
+    /// When the order was accepted.
+    created: Timestamp,
     slot: Option<u32>,
     /// Hash of (account, cid), when already computed.
     cid_hash: Option<u64>,
@@ -146,6 +154,14 @@ fn key_of(side: Side, price: u64, tick: u64) -> u64 {
     }
 }
 
+/// An open order as a query sees it: its record, and whether it is a stop still waiting for
+/// its trigger (`untriggered`) rather than on the book (`open`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenOrder {
+    pub record: OrderRecord,
+    pub waiting: bool,
+}
+
 /// The fast, deterministic limit order book of one market.
 #[derive(Clone, Debug)]
 pub struct OrderBook {
@@ -176,11 +192,14 @@ pub struct OrderBook {
     gtd_open: usize,
     /// (account, cid) of the recent `new`s, for retries after the first order closed.
     cid_window: CidWindow,
+    /// How far ahead of the market's per-account rate each account is.
+    rate_limits: RateLimits,
 }
 
 impl OrderBook {
     pub fn new(spec: MarketSpec) -> OrderBook {
         let cid_window = CidWindow::new(spec.cid_window_secs, spec.cid_window_orders);
+        let rate_limits = RateLimits::new(spec.account_rate_ns());
         OrderBook {
             spec,
             halted: false,
@@ -203,6 +222,7 @@ impl OrderBook {
             expiries: BinaryHeap::new(),
             gtd_open: 0,
             cid_window,
+            rate_limits,
         }
     }
 
@@ -302,6 +322,9 @@ impl OrderBook {
             self.trade_n = 0;
         }
         self.last_input = Some((cmd.seq, cmd.pos));
+        if self.rate_limits.is_on() {
+            self.rate_limits.tick(cmd.ts);
+        }
         if self.cid_window.is_on() {
             self.cid_window.expire(cmd.ts);
         }
@@ -393,6 +416,7 @@ impl OrderBook {
             reason,
             price,
             qty,
+            retry_after: None,
         }));
     }
 
@@ -485,7 +509,50 @@ impl OrderBook {
         Ok(cid_hash)
     }
 
+    /// The per-account limits on a `new` or an `amend` (`new` is the order, if one): `Ok` when
+    /// they pass, with what to charge once they all do; otherwise the rejection, already
+    /// pushed, and nothing changed.
+    #[inline]
+    fn check_account_limits(
+        &mut self,
+        cmd: &Command,
+        at: At,
+        new: Option<&NewOrder>,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        let orders_max = self.spec.account_orders_max;
+        if !self.rate_limits.is_on() && orders_max == 0 {
+            return true;
+        }
+        let hash = self.cid_hasher.hash_one(cmd.account);
+        let charge = match self.rate_limits.check(&cmd.account, hash) {
+            Ok(charge) => charge,
+            Err(over) => {
+                self.reject(cmd, at, RejectReason::RateLimited, None, out);
+                if let Some(Event::Rejected(r)) = out.last_mut() {
+                    r.retry_after = Some(over.retry_after);
+                }
+                return false;
+            }
+        };
+        if orders_max > 0
+            && let Some(o) = new
+            && (o.order_type.is_stop() || (o.order_type == OrderType::Limit && o.tif.rests()))
+            && self
+                .find_account(&cmd.account)
+                .is_some_and(|a| self.accounts[a as usize].open >= orders_max)
+        {
+            self.reject(cmd, at, RejectReason::TooManyOpenOrders, None, out);
+            return false;
+        }
+        self.rate_limits.charge(&cmd.account, charge);
+        true
+    }
+
     fn on_new(&mut self, cmd: &Command, at: At, o: &NewOrder, out: &mut Vec<Event>) {
+        if !self.check_account_limits(cmd, at, Some(o), out) {
+            return;
+        }
         let mut known_hash = None;
         if self.cid_window.is_on()
             && let Some(cid) = &o.cid
@@ -534,6 +601,7 @@ impl OrderBook {
             display: o.display_qty.map_or(0, |d| d.0),
             stop_price: o.stop_price.map_or(0, |p| p.0),
             expire_at: o.expire_at,
+            created: at.ts,
             slot: None,
             cid_hash,
         };
@@ -614,7 +682,7 @@ impl OrderBook {
                 self.cancel_taker(t, at, CancelReason::PostOnlyWouldCross, out);
                 self.finish(t);
             } else {
-                self.rest(t, opposite_best);
+                self.rest(t, opposite_best, at.seq);
             }
             return;
         }
@@ -638,7 +706,7 @@ impl OrderBook {
             self.cancel_taker(t, at, CancelReason::MarketRemainder, out);
             self.finish(t);
         } else if t.tif.rests() {
-            self.rest(t, opposite_best);
+            self.rest(t, opposite_best, at.seq);
         } else {
             debug_assert!(
                 t.tif == Tif::Ioc,
@@ -720,6 +788,7 @@ impl OrderBook {
             let fill = t.rem.min(maker.visible);
             maker.visible -= fill;
             maker.leaves -= fill;
+            maker.last_seq = at.seq;
 
             level.shown -= fill;
             level.total -= fill;
@@ -783,7 +852,7 @@ impl OrderBook {
                 if d == maker.leaves {
                     self.cancel_order(mi, at, CancelReason::Stp, out);
                 } else {
-                    self.reduce_resting(mi, d);
+                    self.reduce_resting(mi, d, at.seq);
                     let maker = &self.orders[mi as usize];
                     out.push(Event::Cancelled(Cancelled {
                         seq: at.seq,
@@ -812,8 +881,9 @@ impl OrderBook {
     }
 
     /// Takes `d` (< leaves) off a resting order's leaves and total, keeping its place.
-    fn reduce_resting(&mut self, idx: u32, d: u64) {
+    fn reduce_resting(&mut self, idx: u32, d: u64, seq: Seq) {
         let o = &mut self.orders[idx as usize];
+        o.last_seq = seq;
         o.leaves -= d;
         o.qty -= d;
         let shown = o.visible.min(o.leaves);
@@ -848,7 +918,7 @@ impl OrderBook {
 
     /// Puts the taker's remainder at the back of its level. `opposite_best` is the price of the
     /// best opposite level, as `execute` last read it (nothing changes that side in between).
-    fn rest(&mut self, t: &Taker, opposite_best: Option<u64>) {
+    fn rest(&mut self, t: &Taker, opposite_best: Option<u64>, seq: Seq) {
         // Only resting can cross a book: check it here, once, in every build. A crash beats a
         // crossed book that goes on trading.
         debug_assert_eq!(
@@ -876,6 +946,7 @@ impl OrderBook {
                 o.leaves = t.rem;
                 o.price = t.price;
                 o.visible = t.visible();
+                o.last_seq = seq;
                 idx
             }
             None => self.store(t, t.visible(), false),
@@ -915,6 +986,8 @@ impl OrderBook {
             },
             acct_prev: NIL,
             acct_next: NIL,
+            ts: t.created,
+            last_seq: t.oid.seq(),
         };
         let idx = match self.free.pop() {
             Some(idx) => {
@@ -1187,6 +1260,7 @@ impl OrderBook {
             display: o.display,
             stop_price: o.stop_price,
             expire_at: o.expire_at,
+            created: o.ts,
             slot: Some(idx),
             cid_hash: Some(o.cid_hash),
         }
@@ -1280,6 +1354,9 @@ impl OrderBook {
     }
 
     fn on_amend(&mut self, cmd: &Command, at: At, a: &Amend, out: &mut Vec<Event>) {
+        if !self.check_account_limits(cmd, at, None, out) {
+            return;
+        }
         let (idx, qty, price) = match self.check_amend(cmd, a) {
             Ok(v) => v,
             Err((reason, found)) => return self.reject(cmd, at, reason, found, out),
@@ -1307,7 +1384,7 @@ impl OrderBook {
         let leaves = qty - filled;
         if price == old_price && qty < old_qty {
             let d = old_qty - qty;
-            self.reduce_resting(idx, d);
+            self.reduce_resting(idx, d, at.seq);
             out.push(amended(self, leaves, true));
             return;
         }
@@ -1316,6 +1393,7 @@ impl OrderBook {
         o.qty = qty;
         o.leaves = leaves;
         o.price = price;
+        o.last_seq = at.seq;
         o.visible = if display > 0 {
             display.min(leaves)
         } else {
@@ -1439,6 +1517,8 @@ impl OrderBook {
             display_qty: (o.display > 0).then_some(Qty(o.display)),
             expire_at: o.expire_at,
             stp: o.stp,
+            ts: o.ts,
+            last_seq: o.last_seq,
         }
     }
 
@@ -1462,6 +1542,7 @@ impl OrderBook {
             self.spec = self.spec.with_rules(rules);
             self.cid_window
                 .configure(rules.cid_window_secs, rules.cid_window_orders);
+            self.rate_limits.configure(self.spec.account_rate_ns());
             return;
         }
         let mut snapshot = self.snapshot();
@@ -1486,12 +1567,61 @@ impl OrderBook {
             .len()
             .saturating_sub(rules.cid_window_orders as usize);
         snapshot.cid_window.drain(..over);
+        // The rate limit under its new rule, as `configure` leaves it.
+        if rules.account_rate == 0 {
+            snapshot.rate_clock = 0;
+            snapshot.rate_debts.clear();
+        }
         match OrderBook::restore(&snapshot) {
             Ok(book) => *self = book,
             // A book that cannot be rebuilt from its own snapshot is a bug: stop rather than
             // match on a book in doubt.
             Err(e) => panic!("the book cannot be rebuilt under its new tick: {e}"),
         }
+    }
+
+    /// The open orders of `account` (resting and waiting stops) in oid order, those after
+    /// `after` (paging), at most `limit`; and whether more follow. Each says whether it is a
+    /// stop waiting for its trigger. O(the account's open orders).
+    pub fn open_orders(
+        &self,
+        account: &Account,
+        after: Option<OrderId>,
+        limit: usize,
+    ) -> (Vec<OpenOrder>, bool) {
+        let mut orders = Vec::new();
+        let Some(a) = self.find_account(account) else {
+            return (orders, false);
+        };
+        let mut idx = self.accounts[a as usize].head;
+        while idx != NIL {
+            let o = &self.orders[idx as usize];
+            if after.is_none_or(|after| o.oid > after.0) {
+                if orders.len() == limit {
+                    return (orders, true);
+                }
+                orders.push(OpenOrder {
+                    record: self.record(idx),
+                    waiting: o.parked,
+                });
+            }
+            idx = o.acct_next;
+        }
+        (orders, false)
+    }
+
+    /// The open order of `account` named by oid or cid; `None` when it is not open, or is
+    /// another account's.
+    pub fn open_order(&self, account: &Account, target: OrderRef) -> Option<OpenOrder> {
+        let idx = match target {
+            OrderRef::Oid(oid) => self.find_oid(oid.0)?,
+            OrderRef::Cid(cid) => self.find_cid(account, &cid)?,
+        };
+        let o = &self.orders[idx as usize];
+        (self.accounts[o.account as usize].name == *account).then(|| OpenOrder {
+            record: self.record(idx),
+            waiting: o.parked,
+        })
     }
 
     /// The canonical content of the book.
@@ -1514,6 +1644,8 @@ impl OrderBook {
             asks: self.side_records(Side::Sell),
             stops,
             cid_window: self.cid_window.iter().copied().collect(),
+            rate_clock: self.rate_limits.clock(),
+            rate_debts: self.rate_limits.debts(),
         }
     }
 
@@ -1600,10 +1732,18 @@ impl OrderBook {
                 display: r.display_qty.map_or(0, |d| d.0),
                 stop_price: r.stop_price.map_or(0, |p| p.0),
                 expire_at: r.expire_at,
+                created: r.ts,
                 slot: None,
                 cid_hash: None,
             };
             let idx = book.store(&t, r.visible.0, false);
+            // Snapshots of older builds have no last sequence: the order's own is the best
+            // known.
+            book.orders[idx as usize].last_seq = if r.last_seq == 0 {
+                r.oid.seq()
+            } else {
+                r.last_seq
+            };
             slots[i] = idx;
         }
         for (i, &(r, list)) in all.iter().enumerate() {
@@ -1649,6 +1789,10 @@ impl OrderBook {
                 )));
             }
         }
+        s.check_rate_limits()?;
+        let hasher = &book.cid_hasher;
+        book.rate_limits
+            .restore(s.rate_clock, &s.rate_debts, |a| hasher.hash_one(a));
         Ok(book)
     }
 

@@ -11,6 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::cid_window::CidSeen;
+use super::limits::RateDebt;
 use super::num::{Price, Qty};
 use super::spec::MarketSpec;
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
@@ -39,6 +40,13 @@ pub struct OrderRecord {
     pub display_qty: Option<Qty>,
     pub expire_at: Option<Timestamp>,
     pub stp: StpMode,
+    /// When the order was accepted (0 in snapshots of older builds), and the input sequence
+    /// of the last command that changed it (0 there: read as the order's own). Not hashed,
+    /// so hashes stored by older builds still verify; both books keep them alike.
+    #[serde(default)]
+    pub ts: Timestamp,
+    #[serde(default)]
+    pub last_seq: Seq,
 }
 
 /// The whole state of a book.
@@ -61,6 +69,17 @@ pub struct BookSnapshot {
     /// The cid window (`spec.cid_window_secs`), oldest first; empty when it is off.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cid_window: Vec<CidSeen>,
+    /// The per-account rate limit's clock: the greatest timestamp applied while the market
+    /// has a rate (`spec.account_rate`); 0 without one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_clock: Timestamp,
+    /// The accounts ahead of the rate (debt beyond `rate_clock`), by account name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_debts: Vec<RateDebt>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A stable 64-bit hash of a book's canonical content.
@@ -161,6 +180,35 @@ impl BookSnapshot {
         Ok(())
     }
 
+    /// The rate limit's state fits its spec: none without a rate; otherwise debts beyond the
+    /// clock, one per account, in account order.
+    pub fn check_rate_limits(&self) -> Result<(), RestoreError> {
+        let bad = |m: String| Err(RestoreError::Inconsistent(m));
+        if self.spec.account_rate == 0 {
+            if self.rate_clock != 0 || !self.rate_debts.is_empty() {
+                return bad("the per-account rate limit holds state but is off".into());
+            }
+            return Ok(());
+        }
+        if let Some(d) = self.rate_debts.iter().find(|d| d.tat <= self.rate_clock) {
+            return bad(format!(
+                "the rate debt of {} ends at {}, not after the clock {}",
+                d.account, d.tat, self.rate_clock
+            ));
+        }
+        if let Some(w) = self
+            .rate_debts
+            .windows(2)
+            .find(|w| w[0].account.as_str() >= w[1].account.as_str())
+        {
+            return bad(format!(
+                "the rate debts are not one per account in account order ({} before {})",
+                w[0].account, w[1].account
+            ));
+        }
+        Ok(())
+    }
+
     /// FNV-1a 64 over the spec, the market state, every open order in canonical order, and
     /// the cid window when the market has one.
     pub fn state_hash(&self) -> StateHash {
@@ -205,6 +253,19 @@ impl BookSnapshot {
                 h.str(seen.account.as_str());
                 h.str(seen.cid.as_str());
                 h.u64(seen.ts);
+            }
+        }
+        // Likewise the per-account limits, only when a market has them.
+        if s.account_rate > 0 || s.account_orders_max > 0 {
+            h.str("account_limits");
+            h.u64(u64::from(s.account_rate));
+            h.u64(u64::from(s.account_burst));
+            h.u64(u64::from(s.account_orders_max));
+            h.u64(self.rate_clock);
+            h.u64(self.rate_debts.len() as u64);
+            for d in &self.rate_debts {
+                h.str(d.account.as_str());
+                h.u64(d.tat);
             }
         }
         StateHash(h.0)

@@ -25,6 +25,12 @@ pub const CID_WINDOW_ORDERS_DEFAULT: u32 = 200_000;
 pub const CID_WINDOW_SECS_MAX: u32 = 86_400;
 pub const CID_WINDOW_ORDERS_MAX: u32 = 10_000_000;
 
+/// Limits on the per-account limits: a billion commands a second (one a nanosecond), a
+/// burst of a million, a million open orders.
+pub const ACCOUNT_RATE_MAX: u32 = 1_000_000_000;
+pub const ACCOUNT_BURST_MAX: u32 = 1_000_000;
+pub const ACCOUNT_OPEN_ORDERS_MAX: u32 = 1_000_000;
+
 /// The most symbols characters; a symbol names a NATS subject token and a stream.
 pub const SYMBOL_LEN_MAX: usize = 32;
 
@@ -69,6 +75,42 @@ pub struct MarketSpecInput {
     /// The most `new`s the window remembers (the oldest are forgotten first); default 200,000.
     #[serde(default)]
     pub cid_window_orders: Option<u32>,
+    /// Commands (`new` and `amend`; cancels never count) one account may send per second,
+    /// measured in stream time; 0 or absent: no limit. A market created now takes the node's
+    /// `[market_defaults]` when its spec leaves it out.
+    #[serde(default)]
+    pub account_rate_per_sec: Option<u32>,
+    /// How many such commands an account may send at once above that rate; default: one
+    /// second's worth (`account_rate_per_sec`).
+    #[serde(default)]
+    pub account_burst: Option<u32>,
+    /// Open orders (resting and waiting stops) one account may hold in the market; 0 or
+    /// absent: no limit beyond `orders_max`.
+    #[serde(default)]
+    pub account_open_orders_max: Option<u32>,
+}
+
+/// What a market created now gets for the fields its spec leaves out (`for_new_market`):
+/// the node's `[market_defaults]`, or these built-in ones (a cid window of 120 s, no
+/// per-account limits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MarketDefaults {
+    pub cid_window_secs: u32,
+    pub account_rate_per_sec: u32,
+    pub account_burst: u32,
+    pub account_open_orders_max: u32,
+}
+
+impl Default for MarketDefaults {
+    fn default() -> MarketDefaults {
+        MarketDefaults {
+            cid_window_secs: CID_WINDOW_SECS_DEFAULT,
+            account_rate_per_sec: 0,
+            account_burst: 0,
+            account_open_orders_max: 0,
+        }
+    }
 }
 
 /// A validated market spec, in integer units.
@@ -93,6 +135,14 @@ pub struct MarketSpec {
     /// The most entries of the cid window.
     #[serde(default = "cid_window_orders_default")]
     pub cid_window_orders: u32,
+    /// Per-account limits (0: none): `new`s and `amend`s per second of stream time and the
+    /// burst above it, and open orders. Absent from specs of older builds: none.
+    #[serde(default)]
+    pub account_rate: u32,
+    #[serde(default)]
+    pub account_burst: u32,
+    #[serde(default)]
+    pub account_orders_max: u32,
 }
 
 fn cid_window_orders_default() -> u32 {
@@ -114,6 +164,9 @@ pub struct SpecRules {
     pub orders_max: u32,
     pub cid_window_secs: u32,
     pub cid_window_orders: u32,
+    pub account_rate: u32,
+    pub account_burst: u32,
+    pub account_orders_max: u32,
 }
 
 /// A spec field that broke a rule: which field, the value, and what is allowed.
@@ -146,13 +199,32 @@ impl MarketSpecInput {
             orders_max: None,
             cid_window_secs: None,
             cid_window_orders: None,
+            account_rate_per_sec: None,
+            account_burst: None,
+            account_open_orders_max: None,
         }
     }
 
-    /// This spec for a market being created now: a cid window left unset gets the default
-    /// (an unset window means off only for specs stored by builds that had none).
-    pub fn for_new_market(mut self) -> MarketSpecInput {
-        self.cid_window_secs.get_or_insert(CID_WINDOW_SECS_DEFAULT);
+    /// This spec for a market being created now, with the built-in defaults: a cid window
+    /// left unset gets 120 s (an unset window means off only for specs stored by builds that
+    /// had none).
+    pub fn for_new_market(self) -> MarketSpecInput {
+        self.with_defaults(&MarketDefaults::default())
+    }
+
+    /// This spec for a market being created now: what it leaves unset of the cid window and
+    /// the per-account limits comes from `defaults` (a node's `[market_defaults]`).
+    pub fn with_defaults(mut self, defaults: &MarketDefaults) -> MarketSpecInput {
+        self.cid_window_secs.get_or_insert(defaults.cid_window_secs);
+        if self.account_rate_per_sec.is_none() && defaults.account_rate_per_sec > 0 {
+            self.account_rate_per_sec = Some(defaults.account_rate_per_sec);
+            if self.account_burst.is_none() && defaults.account_burst > 0 {
+                self.account_burst = Some(defaults.account_burst);
+            }
+        }
+        if self.account_open_orders_max.is_none() && defaults.account_open_orders_max > 0 {
+            self.account_open_orders_max = Some(defaults.account_open_orders_max);
+        }
         self
     }
 
@@ -273,6 +345,47 @@ impl MarketSpecInput {
                 ),
             ));
         }
+        let account_rate = self.account_rate_per_sec.unwrap_or(0);
+        if account_rate > ACCOUNT_RATE_MAX {
+            return Err(err(
+                "account_rate_per_sec",
+                format!(
+                    "account_rate_per_sec {account_rate} in {symbol} must be at most {ACCOUNT_RATE_MAX}; 0 turns the limit off"
+                ),
+            ));
+        }
+        let account_burst = match (account_rate, self.account_burst) {
+            (0, None) => 0,
+            (0, Some(burst)) => {
+                return Err(err(
+                    "account_burst",
+                    format!(
+                        "account_burst {burst} in {symbol} needs account_rate_per_sec above 0; set the rate too, or leave the burst out"
+                    ),
+                ));
+            }
+            (rate, None) => rate.min(ACCOUNT_BURST_MAX),
+            (_, Some(burst)) => {
+                if burst == 0 || burst > ACCOUNT_BURST_MAX {
+                    return Err(err(
+                        "account_burst",
+                        format!(
+                            "account_burst {burst} in {symbol} must be between 1 and {ACCOUNT_BURST_MAX}"
+                        ),
+                    ));
+                }
+                burst
+            }
+        };
+        let account_orders_max = self.account_open_orders_max.unwrap_or(0);
+        if account_orders_max > ACCOUNT_OPEN_ORDERS_MAX {
+            return Err(err(
+                "account_open_orders_max",
+                format!(
+                    "account_open_orders_max {account_orders_max} in {symbol} must be at most {ACCOUNT_OPEN_ORDERS_MAX}; 0 turns the limit off"
+                ),
+            ));
+        }
         Ok(MarketSpec {
             symbol: symbol.to_string(),
             base_token,
@@ -288,6 +401,9 @@ impl MarketSpecInput {
             orders_max,
             cid_window_secs,
             cid_window_orders,
+            account_rate,
+            account_burst,
+            account_orders_max,
         })
     }
 }
@@ -305,17 +421,30 @@ impl MarketSpec {
             orders_max: self.orders_max,
             cid_window_secs: self.cid_window_secs,
             cid_window_orders: self.cid_window_orders,
+            account_rate: self.account_rate,
+            account_burst: self.account_burst,
+            account_orders_max: self.account_orders_max,
         }
     }
 
     /// `update` with the fields an update may leave out taken from this spec: the cid window
-    /// (absent from updates written before it existed, which must not change it).
+    /// and the per-account limits (absent from updates written before they existed, which
+    /// must not change them). A burst is kept only with the rate it was set with.
     pub fn complete_update(&self, update: &MarketSpecInput) -> MarketSpecInput {
         let mut update = update.clone();
         update.cid_window_secs.get_or_insert(self.cid_window_secs);
         update
             .cid_window_orders
             .get_or_insert(self.cid_window_orders);
+        if update.account_rate_per_sec.is_none() {
+            update.account_rate_per_sec = Some(self.account_rate);
+            if update.account_burst.is_none() && self.account_rate > 0 {
+                update.account_burst = Some(self.account_burst);
+            }
+        }
+        update
+            .account_open_orders_max
+            .get_or_insert(self.account_orders_max);
         update
     }
 
@@ -331,6 +460,9 @@ impl MarketSpec {
             orders_max: rules.orders_max,
             cid_window_secs: rules.cid_window_secs,
             cid_window_orders: rules.cid_window_orders,
+            account_rate: rules.account_rate,
+            account_burst: rules.account_burst,
+            account_orders_max: rules.account_orders_max,
             ..self.clone()
         }
     }
@@ -394,7 +526,21 @@ impl MarketSpec {
             orders_max: Some(self.orders_max),
             cid_window_secs: Some(self.cid_window_secs),
             cid_window_orders: Some(self.cid_window_orders),
+            account_rate_per_sec: Some(self.account_rate),
+            account_burst: (self.account_rate > 0).then_some(self.account_burst),
+            account_open_orders_max: Some(self.account_orders_max),
         }
+    }
+
+    /// The gap between two commands of one account at its rate, in nanoseconds, and the
+    /// debt its burst tolerates (`(burst − 1) ×` that); `None` without a rate limit.
+    pub fn account_rate_ns(&self) -> Option<(u64, u64)> {
+        if self.account_rate == 0 {
+            return None;
+        }
+        let interval = 1_000_000_000 / u64::from(self.account_rate);
+        let tolerance = u64::from(self.account_burst.max(1) - 1) * interval;
+        Some((interval, tolerance))
     }
 
     pub fn fmt_price(&self, p: Price) -> String {

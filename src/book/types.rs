@@ -35,6 +35,11 @@ impl OrderId {
                 .saturating_add(u64::from(pos)),
         )
     }
+
+    /// The input sequence of the `new` that created the order.
+    pub fn seq(self) -> Seq {
+        self.0 / u64::from(BATCH_COMMANDS_MAX)
+    }
 }
 
 impl fmt::Display for OrderId {

@@ -127,6 +127,14 @@ impl Subjects {
     pub fn book_snapshot(&self, market: &str) -> String {
         format!("{}.book.{market}.snapshot", self.prefix)
     }
+    /// A market's own query responder, asked by the nodes' query fronts (not by clients).
+    pub fn market_orders(&self, market: &str) -> String {
+        format!("{}.market.{market}.orders", self.prefix)
+    }
+    /// A query about an account: `<prefix>.query.<ACCOUNT>.orders` or `.order`.
+    pub fn query(&self, account: &str, kind: &str) -> String {
+        format!("{}.query.{account}.{kind}", self.prefix)
+    }
     pub fn status(&self, market: &str) -> String {
         format!("{}.status.{market}", self.prefix)
     }

@@ -100,6 +100,8 @@ pub struct Control {
     /// such a node runs no markets, and the others no longer see it).
     pub node: String,
     pub heartbeat: crate::cluster::membership::HeartbeatStatus,
+    /// What a market added now gets for the fields its spec leaves out.
+    pub market_defaults: crate::book::spec::MarketDefaults,
 }
 
 /// The operator commands sent through a market's own stream.
@@ -274,9 +276,12 @@ impl Control {
     }
 
     async fn add(&self, input: MarketSpecInput) -> Result<MarketAdded, Failure> {
-        let spec = input.for_new_market().validate().map_err(|e| {
-            Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
-        })?;
+        let spec = input
+            .with_defaults(&self.market_defaults)
+            .validate()
+            .map_err(|e| {
+                Failure::new("invalid_spec", format!("{} (field {})", e.message, e.field))
+            })?;
         let symbol = spec.symbol.clone();
         let created = match self.stored_spec(&symbol).await? {
             Some(stored) => {

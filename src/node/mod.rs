@@ -358,7 +358,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         lease: cluster.lease,
         node: node_id.clone(),
         heartbeat: heartbeat_status.clone(),
+        market_defaults: config.market_defaults.clone(),
     };
+    let queries = crate::query::QueryFront {
+        client: client.clone(),
+        subjects: subjects.clone(),
+        markets: buckets.markets.clone(),
+    };
+    let queries = actix_rt::spawn(queries.serve(control_stopped.clone()));
     let control = actix_rt::spawn(control.serve(control_stopped));
     let health = if config.http_port == 0 {
         String::new()
@@ -388,6 +395,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stopping = async move {
         let _ = stop_control.send(true);
         let _ = control.await;
+        let _ = queries.await;
         if let Some(http) = http {
             waiting.set("the HTTP port");
             let _ = http.await;

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod moves;
+mod queries;
 mod replicated;
 
 use std::collections::BTreeMap;

@@ -257,6 +257,8 @@ pub struct Offline {
     pub reports: BTreeMap<String, Vec<String>>,
     /// The book's state hash after the last message.
     pub state_hash: agora::book::StateHash,
+    /// The book after the last message.
+    pub book: agora::book::OrderBook,
 }
 
 impl Offline {
@@ -325,6 +327,7 @@ pub async fn offline_replay(
         msgs,
         reports,
         state_hash: core.book().state_hash(),
+        book: core.book().clone(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The layers point down, and this test breaks when an import points up. From the bottom:
 //! `book` (std, serde and its hashing and error crates only), `wire`, `bus`, `telemetry`,
-//! `actors`, then `cluster`, `control` and `node` above them. `bus` knows nothing of the
+//! `actors` and `query` (beside each other), then `cluster`, `control` and `node` above them. `bus` knows nothing of the
 //! runtime; `telemetry` nothing of the actors, the cluster or the node (the HTTP port is the
 //! node's); `actors` nothing of the cluster; nothing but `main.rs` imports the benchmark.
 //! Checked on the source text, so it needs no build of its own: every `use` path and every
@@ -150,6 +150,11 @@ fn layers_only_point_down() {
     wrong.extend(check(
         "src/actors",
         &["book", "bus", "wire", "telemetry", "actors"],
+        None,
+    ));
+    wrong.extend(check(
+        "src/query",
+        &["book", "bus", "wire", "telemetry", "query"],
         None,
     ));
     // Nothing but the command imports the benchmark.

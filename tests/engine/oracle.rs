@@ -9,7 +9,7 @@
 //! file must never draw randomness from anything but its own seeded generator, nor read a clock.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
@@ -18,8 +18,8 @@ use agora::book::reference::ReferenceBook;
 use agora::book::snapshot::SNAPSHOT_FORMAT_VERSION;
 use agora::book::{
     Account, Amend, BookSnapshot, CancelReason, Cid, Command, Event, MarketSpec, MarketSpecInput,
-    NewOrder, Op, OrderBook, OrderId, OrderRef, OrderType, Price, Qty, RejectReason, RestoreError,
-    Side, StpMode, Tif,
+    NewOrder, Op, OpenOrder, OrderBook, OrderId, OrderRef, OrderType, Price, Qty, RejectReason,
+    RestoreError, Side, StpMode, Tif,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -104,6 +104,15 @@ fn random_spec(rng: &mut Rng) -> MarketSpec {
         // Short windows and small caps, so entries leave by time and by count.
         input.cid_window_secs = Some(rng.pick(&[1u32, 1, 2, 30]));
         input.cid_window_orders = Some(rng.pick(&[3u32, 20, 20, 10_000]));
+    }
+    if rng.chance(300) {
+        // Rates near what an account of the generator sends (~100 a second), so that some
+        // commands pass and some wait.
+        input.account_rate_per_sec = Some(rng.pick(&[50u32, 200, 1000]));
+        input.account_burst = Some(rng.pick(&[1u32, 3, 20]));
+    }
+    if rng.chance(300) {
+        input.account_open_orders_max = Some(rng.pick(&[2u32, 6, 20]));
     }
     input.validate().expect("generated spec is valid")
 }
@@ -981,6 +990,59 @@ fn compare_books(seed: u64, index: u64, fast: &OrderBook, reference: &ReferenceB
             replay_hint(seed)
         );
     }
+    check_queries(seed, index, fast, &rs);
+}
+
+/// What the open-orders and order-status queries answer from the fast book is the reference
+/// snapshot's orders of each account, in oid order, stops marked waiting; paging in twos
+/// gives the same list; each order is found by oid and by cid by its account only.
+fn check_queries(seed: u64, index: u64, fast: &OrderBook, rs: &BookSnapshot) {
+    let mut expected: BTreeMap<Account, Vec<OpenOrder>> = BTreeMap::new();
+    for (records, waiting) in [(&rs.bids, false), (&rs.asks, false), (&rs.stops, true)] {
+        for r in records {
+            expected.entry(r.account).or_default().push(OpenOrder {
+                record: r.clone(),
+                waiting,
+            });
+        }
+    }
+    for (account, orders) in &mut expected {
+        orders.sort_by_key(|o| o.record.oid);
+        let (all, more) = fast.open_orders(account, None, usize::MAX);
+        assert!(
+            &all == orders && !more,
+            "seed {seed}: open orders of {account} differ after command #{index}"
+        );
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = fast.open_orders(account, after, 2);
+            after = page.last().map(|o| o.record.oid);
+            paged.extend(page);
+            if !more {
+                break;
+            }
+        }
+        assert!(
+            &paged == orders,
+            "seed {seed}: paged open orders of {account} differ"
+        );
+        for o in orders.iter() {
+            let r = &o.record;
+            assert_eq!(
+                fast.open_order(account, OrderRef::Oid(r.oid)).as_ref(),
+                Some(o)
+            );
+            if let Some(cid) = r.cid {
+                assert_eq!(
+                    fast.open_order(account, OrderRef::Cid(cid)).as_ref(),
+                    Some(o)
+                );
+            }
+            let stranger = Account::new("stranger").expect("account");
+            assert_eq!(fast.open_order(&stranger, OrderRef::Oid(r.oid)), None);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1041,6 +1103,85 @@ fn run_oracle_seed(seed: u64, commands: u64, tally: &mut Tally) {
         }
         tally.commands += commands;
     });
+}
+
+/// The per-account limits never change the outcome of a command they let through: a stream
+/// run under limits gives, for every command, the events of the same stream run without
+/// them in which each command a limit refused is replaced by a command that does nothing (a
+/// cancel of an order that never existed), leaving those two rejections aside; and the books
+/// end with the same orders.
+#[test]
+fn limits_never_change_an_accepted_commands_outcome() {
+    let limited_reasons = [RejectReason::RateLimited, RejectReason::TooManyOpenOrders];
+    let mut refused = 0u64;
+    let plan = plan(5_000, 200_000, 40_000);
+    for &(seed, commands) in &plan {
+        with_seed_context(seed, |at| {
+            let mut generator = Gen::new(seed);
+            let mut input = generator.spec.to_input();
+            input.account_rate_per_sec = Some([50u32, 200, 1000][(seed % 3) as usize]);
+            input.account_burst = Some([1u32, 3, 20][(seed / 3 % 3) as usize]);
+            input.account_open_orders_max = Some([2u32, 6, 20][(seed / 9 % 3) as usize]);
+            let limited_spec = input.validate().expect("limited spec");
+            let free_spec = |spec: &MarketSpec| {
+                let mut input = spec.to_input();
+                input.account_rate_per_sec = Some(0);
+                input.account_burst = None;
+                input.account_open_orders_max = Some(0);
+                input.validate().expect("free spec")
+            };
+            generator.spec = limited_spec.clone();
+            let mut limited = OrderBook::new(limited_spec.clone());
+            let mut free = OrderBook::new(free_spec(&limited_spec));
+            let (mut limited_events, mut free_events) = (Vec::new(), Vec::new());
+            for index in 0..commands {
+                let cmd = generator.next_command();
+                *at.borrow_mut() = (index, Some(cmd.clone()));
+                limited_events.clear();
+                limited.apply(&cmd, &mut limited_events);
+                generator.observe(&limited_events);
+                let was_refused = limited_events.iter().any(
+                    |e| matches!(e, Event::Rejected(r) if limited_reasons.contains(&r.reason)),
+                );
+                let free_cmd = match &cmd.op {
+                    _ if was_refused => Command {
+                        op: Op::Cancel(OrderRef::Oid(OrderId(1))),
+                        ..cmd.clone()
+                    },
+                    Op::UpdateSpec(rules) => Command {
+                        op: Op::UpdateSpec(free_spec(&limited.spec().with_rules(*rules)).rules()),
+                        ..cmd.clone()
+                    },
+                    _ => cmd.clone(),
+                };
+                free_events.clear();
+                free.apply(&free_cmd, &mut free_events);
+                if was_refused {
+                    refused += 1;
+                    limited_events.retain(
+                        |e| !matches!(e, Event::Rejected(r) if limited_reasons.contains(&r.reason)),
+                    );
+                    free_events.retain(|e| {
+                        !matches!(e, Event::Rejected(r) if r.reason == RejectReason::UnknownOrder && r.oid == Some(OrderId(1)))
+                    });
+                }
+                assert_same_events(
+                    seed,
+                    index,
+                    &cmd,
+                    ("with limits", &limited_events),
+                    ("without, refused commands inert", &free_events),
+                );
+            }
+            let (a, b) = (limited.snapshot(), free.snapshot());
+            assert_eq!(
+                (&a.bids, &a.asks, &a.stops),
+                (&b.bids, &b.asks, &b.stops),
+                "seed {seed}: the books end with different orders"
+            );
+        });
+    }
+    assert!(refused > 100, "the limits refused only {refused} commands");
 }
 
 #[test]

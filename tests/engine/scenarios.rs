@@ -143,7 +143,10 @@ fn render(spec: &MarketSpec, e: &Event) -> String {
                 (None, Some(oid)) => format!("#{oid}"),
                 (None, None) => "-".into(),
             };
-            format!("rejected {who} {}", r.reason.as_str())
+            match r.retry_after {
+                Some(ns) => format!("rejected {who} {} retry_after={ns}", r.reason.as_str()),
+                None => format!("rejected {who} {}", r.reason.as_str()),
+            }
         }
         Event::Trade(t) => format!(
             "trade {}@{} maker={}({}) taker={}({})",
@@ -224,16 +227,20 @@ fn render_full(spec: &MarketSpec, e: &Event) -> String {
             }
             s
         }
-        Event::Rejected(r) => format!(
-            "rejected {} {} {} oid={} cid={} price={} qty={}",
-            r.op.as_str(),
-            r.reason.as_str(),
-            r.account,
-            r.oid.map_or("-".to_string(), |o| o.to_string()),
-            r.cid.map_or("-".to_string(), |c| c.to_string()),
-            price(r.price),
-            qty(r.qty),
-        ),
+        Event::Rejected(r) => {
+            format!(
+                "rejected {} {} {} oid={} cid={} price={} qty={}",
+                r.op.as_str(),
+                r.reason.as_str(),
+                r.account,
+                r.oid.map_or("-".to_string(), |o| o.to_string()),
+                r.cid.map_or("-".to_string(), |c| c.to_string()),
+                price(r.price),
+                qty(r.qty),
+            ) + &r
+                .retry_after
+                .map_or(String::new(), |ns| format!(" retry_after={ns}"))
+        }
         Event::Trade(t) => format!(
             "trade {}-{} {}@{} {} maker={} leaves={} taker={} leaves={}",
             t.seq,
@@ -370,6 +377,13 @@ fn spec_from(line: &str) -> MarketSpec {
             "cid_window_secs" => input.cid_window_secs = Some(v.parse().expect("cid_window_secs")),
             "cid_window_orders" => {
                 input.cid_window_orders = Some(v.parse().expect("cid_window_orders"))
+            }
+            "account_rate_per_sec" => {
+                input.account_rate_per_sec = Some(v.parse().expect("account_rate_per_sec"))
+            }
+            "account_burst" => input.account_burst = Some(v.parse().expect("account_burst")),
+            "account_open_orders_max" => {
+                input.account_open_orders_max = Some(v.parse().expect("account_open_orders_max"))
             }
             "stp_default" => {
                 input.stp_default = Some(

@@ -112,6 +112,11 @@ async fn a_trader_is_refused_what_is_not_hers() {
         .await
         .expect("sent");
     refused(&errors, "agora.admin.TEST-USD").await;
+    // Queries about another account, and a market's own query responder (nodes only).
+    for subject in ["agora.query.bob.orders", "agora.market.TEST-USD.orders"] {
+        alice.publish(subject, "".into()).await.expect("sent");
+        refused(&errors, subject).await;
+    }
     let _bob = alice
         .subscribe("agora.execs.bob.>")
         .await
@@ -184,6 +189,27 @@ async fn a_node_and_a_trader_work_under_the_documented_permissions() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(mine[0].kind, "accepted");
+    // She asks what she has open, and is told, from the book.
+    let open = alice
+        .open_orders("alice", None, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(open.missing.is_empty(), "{:?}", open.missing);
+    assert_eq!(open.orders.len(), 1);
+    assert_eq!(open.orders[0].cid.as_deref(), Some("a1"));
+    assert_eq!(open.orders[0].price.as_deref(), Some("10.00"));
+    let status = alice
+        .order_status(
+            "alice",
+            "TEST-USD",
+            &agora::client::Target::Cid("a1".into()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("a1 is open");
+    assert_eq!(status.order.status, "open");
+    assert_eq!(status.order.last_seq, sent.seq);
     // A cancel-all with nothing open has no report; she can still see it applied.
     let sent = alice
         .send(

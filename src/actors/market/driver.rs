@@ -209,7 +209,8 @@ impl Driver {
         // and the supervisor would neither hear of the failure nor restart the market.
         let (stop_responder, responder_stopped) = watch::channel(false);
         let responder =
-            serve_book_snapshots(&self, self.book_seq.clone(), responder_stopped).await?;
+            serve_book_snapshots(&self, self.book_seq.clone(), responder_stopped.clone()).await?;
+        let queries = super::queries::serve_queries(&self, responder_stopped).await?;
         // Where recovery ended: announced at once; the book's hash there follows in a second
         // `active` once computed (a move compares it with the old owner's), so hashing the
         // whole book never delays the first command.
@@ -267,6 +268,7 @@ impl Driver {
             }
             let _ = stop_responder.send(true);
             let _ = responder.await;
+            let _ = queries.await;
             // The hash's announcement goes out before the market's last one.
             if let Some(hashed) = hashed {
                 let _ = hashed.await;

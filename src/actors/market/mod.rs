@@ -34,6 +34,7 @@ use crate::telemetry::traces::{Matching, TracedCommand};
 mod book_requests;
 mod driver;
 mod handle;
+mod queries;
 mod recovery;
 mod snapshots;
 mod status;
@@ -354,6 +355,32 @@ impl Handler<LastSeq> for MarketActor {
 #[derive(Message)]
 #[rtype(result = "MarketSpec")]
 pub struct SpecOf;
+
+/// An account's open orders (a page of them) or one of them, with the sequence the book
+/// reflects and the spec to show them with; and whether more follow the page.
+#[derive(Message)]
+#[rtype(result = "(Seq, MarketSpec, Vec<crate::book::OpenOrder>, bool)")]
+pub struct AccountOrders {
+    pub account: crate::book::Account,
+    pub query: crate::wire::query::BookQuery,
+}
+
+impl Handler<AccountOrders> for MarketActor {
+    type Result = MessageResult<AccountOrders>;
+    fn handle(&mut self, msg: AccountOrders, _: &mut Self::Context) -> Self::Result {
+        let book = self.core.book();
+        let (orders, more) = match msg.query {
+            crate::wire::query::BookQuery::Open { after, limit } => {
+                book.open_orders(&msg.account, after, limit)
+            }
+            crate::wire::query::BookQuery::One(target) => (
+                book.open_order(&msg.account, target).into_iter().collect(),
+                false,
+            ),
+        };
+        MessageResult((self.core.last_seq(), self.core.spec().clone(), orders, more))
+    }
+}
 
 impl Handler<SpecOf> for MarketActor {
     type Result = MessageResult<SpecOf>;

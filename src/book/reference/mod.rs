@@ -18,6 +18,7 @@ use super::event::{
     Accepted, Amended, CancelReason, Cancelled, Event, OrderTag, RejectReason, Rejected, Trade,
     Triggered,
 };
+use super::limits::RateDebt;
 use super::num::{Price, Qty};
 use super::snapshot::{
     BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION, StateHash,
@@ -53,6 +54,10 @@ pub struct ReferenceBook {
     /// as a set.
     window: VecDeque<CidSeen>,
     window_keys: HashSet<(Account, Cid)>,
+    /// The per-account rate limit: its clock, and each account's theoretical arrival time
+    /// (what is at or behind the clock counts as nothing; `snapshot` leaves it out).
+    rate_clock: Timestamp,
+    rate_tat: BTreeMap<Account, Timestamp>,
 }
 
 /// What every event of one command shares.
@@ -75,6 +80,7 @@ fn rejection(ctx: Ctx, op: OpKind, account: Account, reason: RejectReason) -> Re
         reason,
         price: None,
         qty: None,
+        retry_after: None,
     }
 }
 
@@ -135,6 +141,8 @@ impl ReferenceBook {
             expiries: BTreeSet::new(),
             window: VecDeque::new(),
             window_keys: HashSet::new(),
+            rate_clock: 0,
+            rate_tat: BTreeMap::new(),
         }
     }
 
@@ -162,6 +170,10 @@ impl ReferenceBook {
             self.trade_n = 0;
         }
         self.last_input = Some((cmd.seq, cmd.pos));
+        // The rate limit's clock never runs backwards.
+        if self.spec.account_rate > 0 {
+            self.rate_clock = self.rate_clock.max(ctx.ts);
+        }
         // (3) The cid window forgets what is as old as the window; GTD expiry.
         self.forget_old_cids(ctx.ts);
         self.expire(ctx, out);
@@ -272,10 +284,63 @@ impl ReferenceBook {
         }
     }
 
+    // ----- per-account limits -----
+
+    /// The per-account limits on a `new` (`new` given) or an `amend`: the rejection and its
+    /// `retry_after`, or the command passes and its account's debt grows by one interval.
+    fn account_limits(
+        &mut self,
+        account: Account,
+        new: Option<&NewOrder>,
+    ) -> Result<(), (RejectReason, Option<u64>)> {
+        let mut new_tat = None;
+        if self.spec.account_rate > 0 {
+            let interval = 1_000_000_000 / u64::from(self.spec.account_rate);
+            let tolerance = (u64::from(self.spec.account_burst) - 1) * interval;
+            let tat = self.rate_tat.get(&account).copied().unwrap_or(0);
+            let start = tat.max(self.rate_clock);
+            if start - self.rate_clock > tolerance {
+                let retry_after = start - self.rate_clock - tolerance;
+                return Err((RejectReason::RateLimited, Some(retry_after)));
+            }
+            new_tat = Some(start.saturating_add(interval));
+        }
+        let max = self.spec.account_orders_max as usize;
+        if max > 0
+            && let Some(new) = new
+        {
+            let may_rest =
+                (new.order_type == OrderType::Limit && new.tif.rests()) || new.order_type.is_stop();
+            let open = self
+                .orders
+                .values()
+                .filter(|o| o.account == account)
+                .count();
+            if may_rest && open >= max {
+                return Err((RejectReason::TooManyOpenOrders, None));
+            }
+        }
+        if let Some(tat) = new_tat {
+            self.rate_tat.insert(account, tat);
+        }
+        Ok(())
+    }
+
     // ----- new -----
 
     fn new_order(&mut self, ctx: Ctx, account: Account, new: &NewOrder, out: &mut Vec<Event>) {
         let oid = OrderId::from_input(ctx.seq, ctx.pos);
+        if let Err((reason, retry_after)) = self.account_limits(account, Some(new)) {
+            out.push(Event::Rejected(Rejected {
+                oid: Some(oid),
+                cid: new.cid,
+                price: new.price,
+                qty: Some(new.qty),
+                retry_after,
+                ..rejection(ctx, OpKind::New, account, reason)
+            }));
+            return;
+        }
         // A cid the window holds is a retry (or a reuse); any other cid is remembered,
         // whatever the checks below decide.
         let repeated = self.spec.cid_window_secs > 0
@@ -315,6 +380,8 @@ impl ReferenceBook {
             display_qty: new.display_qty,
             expire_at: new.expire_at,
             stp,
+            ts: ctx.ts,
+            last_seq: ctx.seq,
         };
         out.push(Event::Accepted(Accepted {
             seq: ctx.seq,
@@ -486,6 +553,8 @@ impl ReferenceBook {
 
     /// Runs `taker` (not on the book) as a taker: post_only, fok, the match loop, the remainder.
     fn execute(&mut self, ctx: Ctx, mut taker: OrderRecord, out: &mut Vec<Event>) {
+        // Whatever happens next changes the order in this command.
+        taker.last_seq = ctx.seq;
         if taker.tif == Tif::PostOnly
             && let Some(price) = taker.price
         {
@@ -602,6 +671,7 @@ impl ReferenceBook {
                         let d = min(taker.leaves, maker.leaves);
                         maker.leaves = Qty(maker.leaves.0 - d.0);
                         maker.qty = Qty(maker.qty.0 - d.0);
+                        maker.last_seq = ctx.seq;
                         maker.visible = min(maker.visible, maker.leaves);
                         push_cancelled(out, ctx, maker, CancelReason::Stp, d);
                         if maker.leaves == Qty::ZERO {
@@ -619,6 +689,7 @@ impl ReferenceBook {
             let qty = min(taker.leaves, maker.visible);
             maker.leaves = Qty(maker.leaves.0 - qty.0);
             maker.filled = Qty(maker.filled.0 + qty.0);
+            maker.last_seq = ctx.seq;
             maker.visible = Qty(maker.visible.0 - qty.0);
             taker.leaves = Qty(taker.leaves.0 - qty.0);
             taker.filled = Qty(taker.filled.0 + qty.0);
@@ -765,15 +836,22 @@ impl ReferenceBook {
     }
 
     fn amend(&mut self, ctx: Ctx, account: Account, amend: &Amend, out: &mut Vec<Event>) {
-        let (oid, qty, price) = match self.check_amend(account, amend) {
+        let checked = match self.account_limits(account, None) {
+            Err((reason, retry_after)) => Err((reason, None, retry_after)),
+            Ok(()) => self
+                .check_amend(account, amend)
+                .map_err(|(reason, found)| (reason, found, None)),
+        };
+        let (oid, qty, price) = match checked {
             Ok(checked) => checked,
-            Err((reason, found)) => {
+            Err((reason, found, retry_after)) => {
                 let (oid, cid) = self.target_ids(account, amend.target, found);
                 out.push(Event::Rejected(Rejected {
                     oid,
                     cid,
                     price: amend.price,
                     qty: amend.qty,
+                    retry_after,
                     ..rejection(ctx, OpKind::Amend, account, reason)
                 }));
                 return;
@@ -801,6 +879,7 @@ impl ReferenceBook {
             let order = self.orders.get_mut(&oid).expect("target is open");
             order.qty = qty;
             order.leaves = Qty(qty.0 - order.filled.0);
+            order.last_seq = ctx.seq;
             order.visible = match order.display_qty {
                 Some(_) => min(order.visible, order.leaves),
                 None => order.leaves,
@@ -811,6 +890,7 @@ impl ReferenceBook {
             order.qty = qty;
             order.leaves = Qty(qty.0 - order.filled.0);
             order.price = Some(price);
+            order.last_seq = ctx.seq;
             out.push(amended(&order, false));
             if same_price {
                 self.rest(order);
@@ -930,6 +1010,10 @@ impl ReferenceBook {
         }
         self.spec = self.spec.with_rules(rules);
         self.fit_window();
+        if self.spec.account_rate == 0 {
+            self.rate_clock = 0;
+            self.rate_tat.clear();
+        }
     }
 
     fn resume(&mut self, ctx: Ctx, account: Account, out: &mut Vec<Event>) {

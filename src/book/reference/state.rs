@@ -5,6 +5,16 @@ use std::cmp::min;
 
 use super::*;
 
+/// A record as the book keeps it: one from an older build, without a last sequence, has its
+/// own order's.
+fn with_last_seq(o: &OrderRecord) -> OrderRecord {
+    let mut o = o.clone();
+    if o.last_seq == 0 {
+        o.last_seq = o.oid.seq();
+    }
+    o
+}
+
 impl ReferenceBook {
     pub fn snapshot(&self) -> BookSnapshot {
         let records = |side: Side| -> Vec<OrderRecord> {
@@ -28,6 +38,17 @@ impl ReferenceBook {
                 .map(|oid| self.orders[oid].clone())
                 .collect(),
             cid_window: self.window.iter().copied().collect(),
+            rate_clock: self.rate_clock,
+            rate_debts: {
+                let mut debts: Vec<RateDebt> = self
+                    .rate_tat
+                    .iter()
+                    .filter(|&(_, &tat)| tat > self.rate_clock)
+                    .map(|(&account, &tat)| RateDebt { account, tat })
+                    .collect();
+                debts.sort_by(|a, b| a.account.as_str().cmp(b.account.as_str()));
+                debts
+            },
         }
     }
 
@@ -91,7 +112,7 @@ impl ReferenceBook {
                     )));
                 }
                 previous = Some(price);
-                book.insert_resting(o.clone());
+                book.insert_resting(with_last_seq(o));
             }
         }
         let mut previous: Option<OrderId> = None;
@@ -115,7 +136,7 @@ impl ReferenceBook {
             previous = Some(oid);
             book.stops.insert(oid);
             book.index(o);
-            book.orders.insert(oid, o.clone());
+            book.orders.insert(oid, with_last_seq(o));
         }
         if let (Some(bid), Some(ask)) = (book.best_bid(), book.best_ask())
             && bid >= ask
@@ -135,6 +156,9 @@ impl ReferenceBook {
             }
             book.window.push_back(*seen);
         }
+        s.check_rate_limits()?;
+        book.rate_clock = s.rate_clock;
+        book.rate_tat = s.rate_debts.iter().map(|d| (d.account, d.tat)).collect();
         Ok(book)
     }
 

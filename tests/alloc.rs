@@ -40,12 +40,23 @@ fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
 }
 
-/// `window`: the market's cid window (seconds, entries), or none.
-fn check(name: &str, params: FlowParams, window: Option<(u32, u32)>) {
+/// `window`: the market's cid window (seconds, entries), or none; `limits`: its per-account
+/// rate, burst and open-order cap, or none.
+fn check(
+    name: &str,
+    params: FlowParams,
+    window: Option<(u32, u32)>,
+    limits: Option<(u32, u32, u32)>,
+) {
     let mut w = workload::generate(&params);
     if let Some((secs, orders)) = window {
         w.spec.cid_window_secs = secs;
         w.spec.cid_window_orders = orders;
+    }
+    if let Some((rate, burst, open)) = limits {
+        w.spec.account_rate = rate;
+        w.spec.account_burst = burst;
+        w.spec.account_orders_max = open;
     }
     let mut book = w.prefilled_book();
     let mut events: Vec<Event> = Vec::with_capacity(4096);
@@ -78,20 +89,44 @@ fn check(name: &str, params: FlowParams, window: Option<(u32, u32)>) {
 fn no_heap_allocation_per_command_once_warm() {
     // Debug builds check every invariant after each command; keep them to the small book.
     if cfg!(debug_assertions) {
-        check("a (small book)", FlowParams::small_book(7, 10_000), None);
+        check(
+            "a (small book)",
+            FlowParams::small_book(7, 10_000),
+            None,
+            None,
+        );
         check(
             "a (small book, cid window)",
             FlowParams::small_book(7, 10_000),
             Some((120, 1_000)),
+            None,
         );
     } else {
-        check("a (1k resting)", FlowParams::small_book(7, 400_000), None);
-        check("b (100k resting)", FlowParams::large_book(7, 400_000), None);
+        check(
+            "a (1k resting)",
+            FlowParams::small_book(7, 400_000),
+            None,
+            None,
+        );
+        check(
+            "b (100k resting)",
+            FlowParams::large_book(7, 400_000),
+            None,
+            None,
+        );
         // The window full (by its cap) for the whole measured half: entries leave and come.
         check(
             "a (1k resting, cid window)",
             FlowParams::small_book(7, 400_000),
             Some((120, 50_000)),
+            None,
+        );
+        // Every account's rate debt tracked, some commands refused by each limit.
+        check(
+            "a (1k resting, per-account limits)",
+            FlowParams::small_book(7, 400_000),
+            None,
+            Some((200, 20, 8)),
         );
     }
 }

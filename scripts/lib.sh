@@ -31,12 +31,13 @@ need_nats_server() {
   fi
 }
 
-# The Python example's client libraries (nats-py, msgpack).
+# The Python SDK (clients/python, on nats-py and msgpack) and pytest, for its tests and the
+# examples.
 need_python_client() {
-  if ! python3 -c 'import nats, msgpack' >/dev/null 2>&1; then
-    echo "==> installing the Python example's packages (examples/python/requirements.txt)"
-    python3 -m pip install --quiet -r examples/python/requirements.txt || {
-      echo "could not install nats-py and msgpack: pip install -r examples/python/requirements.txt" >&2
+  if ! python3 -c 'import nats, msgpack, agora_client, pytest' >/dev/null 2>&1; then
+    echo "==> installing the Python SDK (pip install ./clients/python[test])"
+    python3 -m pip install --quiet "./clients/python[test]" || {
+      echo "could not install the Python SDK: pip install './clients/python[test]'" >&2
       exit 1
     }
   fi

@@ -1,30 +1,35 @@
-"""Place two crossing orders on a running Agora node and print bob's execution reports.
+"""Alice sells, Bob buys: two crossing orders on a running Agora node, Bob's fill, what Alice
+still has open (asked from the book), then Alice cancels it. Each trader publishes on her own
+subject (agora.orders.<MARKET>.<ACCOUNT>), as NATS permissions would require of a trader.
 
-    pip install -r examples/python/requirements.txt
+    pip install ./clients/python
     python3 examples/python/place_order.py nats://127.0.0.1:4222   # the URL the node printed
 """
 import asyncio
+import secrets
 import sys
 
-import msgpack
-import nats
+import agora_client
 
 
 async def main(url: str) -> None:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    reports = await nc.subscribe("agora.execs.bob.>")  # bob's execution reports, all markets
-    sell = {"op": "new", "account": "alice", "cid": "a1", "side": "sell", "price": "65000.00", "qty": "0.5"}
-    buy = {"op": "new", "account": "bob", "cid": "b1", "side": "buy", "price": "65000.00", "qty": "0.2"}
-    for order in (sell, buy):
-        ack = await js.publish("agora.orders.BTC-USDC", msgpack.packb(order))  # fails at once for an unknown market
-        print(f"{order['account']} {order['side']} accepted by the stream at seq {ack.seq} (oid {ack.seq * 1000})")
-    while True:
-        for report in msgpack.unpackb((await reports.next_msg(timeout=10)).data)["reports"]:
-            print(report["type"], report.get("side"), report.get("qty"), "@", report.get("price"), report.get("liquidity", ""))
-            if report["type"] == "fill":
-                await nc.close()
-                return
+    alice = await agora_client.connect(url, account="alice")
+    bob = await agora_client.connect(url, account="bob")
+    # cids of this run only: run it again and nothing is refused duplicate_cid.
+    run = secrets.token_hex(3)
+    sell_cid, buy_cid = f"ex-{run}-sell", f"ex-{run}-buy"
+
+    accepted = await alice.place("BTC-USDC", "sell", "0.5", "65000.00", cid=sell_cid, wait=10)
+    print(f"alice sell accepted: oid {accepted[0]['oid']} at stream seq {accepted[0].seq}")
+    for report in await bob.place("BTC-USDC", "buy", "0.2", "65000.00", cid=buy_cid, wait=10):
+        print("bob", report.type, report.get("side"), report.get("qty"), "@", report.get("price"), report.get("liquidity", ""))
+
+    mine = await alice.order_status("BTC-USDC", cid=sell_cid)
+    print(f"alice still has {mine.leaves} of {mine.qty} open at {mine.price} (filled {mine.filled})")
+    await alice.cancel("BTC-USDC", cid=sell_cid, wait=10)
+    print("alice cancelled the rest; open orders of alice now:", len((await alice.open_orders()).orders))
+    await alice.close()
+    await bob.close()
 
 
 asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "nats://127.0.0.1:4222"))

@@ -11,5 +11,6 @@ mod client;
 mod control;
 mod permissions;
 mod python_example;
+mod python_sdk;
 mod slow_consumer;
 mod traces;

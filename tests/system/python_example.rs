@@ -1,5 +1,6 @@
 //! `examples/python/place_order.py`, run as a user would, against an `agora node` that started
-//! its own nats-server: it places orders and prints its fill.
+//! its own nats-server: through the Python SDK it places orders, prints the fill, asks what is
+//! left open and cancels it.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -71,13 +72,20 @@ fn the_python_example_places_orders_and_prints_its_fill() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        text.contains("bob buy accepted by the stream at seq 2 (oid 2000)"),
+        text.contains("alice sell accepted: oid 1000 at stream seq 1"),
         "{text}"
     );
     assert!(
-        text.contains("fill buy 0.20000000 @ 65000.00 taker"),
+        text.contains("bob fill buy 0.20000000 @ 65000.00 taker"),
         "{text}"
     );
+    assert!(
+        text.contains(
+            "alice still has 0.30000000 of 0.50000000 open at 65000.00 (filled 0.20000000)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("open orders of alice now: 0"), "{text}");
     assert!(
         stopped.is_some_and(|s| s.success()),
         "the node did not stop cleanly on SIGTERM: {stopped:?}"

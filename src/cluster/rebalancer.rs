@@ -129,7 +129,7 @@ impl Rebalancer {
                     specs.check().await;
                 }
                 _ = timer.tick() => {
-                    leader = self.hold_lease(&view, leader).await;
+                    leader = self.hold_lease(&mut view, leader).await;
                     let Some(l) = &leader else { continue };
                     if !l.lease.valid() {
                         continue;
@@ -157,7 +157,7 @@ impl Rebalancer {
     }
 
     /// Renews the lease, or takes it when its holder went a whole lease without renewing.
-    async fn hold_lease(&self, view: &View, leader: Option<Leadership>) -> Option<Leadership> {
+    async fn hold_lease(&self, view: &mut View, leader: Option<Leadership>) -> Option<Leadership> {
         let sent = Instant::now();
         if let Some(l) = leader {
             return match self
@@ -196,6 +196,40 @@ impl Rebalancer {
                 .create(REBALANCER_KEY, self.node.clone().into())
                 .await
                 .map_err(|e| e.to_string()),
+        };
+        let taken = match taken {
+            Ok(revision) => Ok(revision),
+            // The record the watch showed may be gone: the nodes bucket's records expire with
+            // its max age, silently (a watch sees no deletion), so a dead holder's record
+            // vanishes and an update at its revision would fail for ever. Read what is there
+            // now: nothing, take it; a newer record, wait a lease from now as for any other.
+            Err(e) => match self.nodes.entry(REBALANCER_KEY).await {
+                Ok(None) => self
+                    .nodes
+                    .create(REBALANCER_KEY, self.node.clone().into())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Some(entry)) if entry.operation != kv::Operation::Put => self
+                    .nodes
+                    .create(REBALANCER_KEY, self.node.clone().into())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Some(entry)) => {
+                    let newer = view
+                        .lease_seen
+                        .as_ref()
+                        .is_none_or(|(_, revision, _)| entry.revision != *revision);
+                    if newer {
+                        view.lease_seen = Some((
+                            String::from_utf8_lossy(&entry.value).into_owned(),
+                            entry.revision,
+                            Instant::now(),
+                        ));
+                    }
+                    Err(e)
+                }
+                Err(read) => Err(format!("{e}; reading it: {read}")),
+            },
         };
         if let Err(e) = &taken {
             tracing::warn!(node = %self.node, "rebalancer lease not taken: {e}");

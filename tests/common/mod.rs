@@ -129,12 +129,23 @@ impl Agora {
     }
 
     /// Every line the child wrote and no wait took yet, stdout's then stderr's; waits up to
-    /// a second for the last of them (call it after the child exited).
+    /// 300 ms for more after the last, and a second in all (a live child may never stop
+    /// writing: a failing test's dump must still come back).
     pub fn rest(&self) -> (Vec<String>, Vec<String>) {
         let drain = |rx: &mpsc::Receiver<String>| {
+            let deadline = Instant::now() + Duration::from_secs(1);
             let mut out = Vec::new();
-            while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
-                out.push(line);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left.min(Duration::from_millis(300))) {
+                    Ok(line) => out.push(line),
+                    Err(_) => break,
+                }
+                if left.is_zero() {
+                    // Whatever is already buffered, without waiting.
+                    out.extend(rx.try_iter());
+                    break;
+                }
             }
             out
         };

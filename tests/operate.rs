@@ -609,8 +609,16 @@ fn a_control_request_taken_late_is_not_carried_out() {
     signal(&n1, libc::SIGSTOP);
     let (ok, reply) = ctl(&url, &["market.halt", "ETH-USDC", "--timeout-secs", "2"]);
     assert!(!ok, "{reply}");
+    println!("the halt sent to the stalled node: {reply}");
     signal(&n1, libc::SIGCONT);
-    n1.wait_err_line(|l| l.contains("control request dropped"), WAIT);
+    // Woken, the node finds the request past its deadline and drops it; on a loaded machine
+    // the server may instead have closed the stalled connection, and the request died with
+    // it. Either way it cannot happen later, which the state below checks.
+    let woke = n1.wait_err_line(
+        |l| l.contains("control request dropped") || l.contains("NATS connection lost"),
+        WAIT,
+    );
+    println!("after the stall: {woke}");
     // The stall outlived the node's lease, so its markets may be starting again: wait until
     // ETH-USDC runs, then it must be active, not halted.
     let started = Instant::now();

@@ -104,6 +104,18 @@ pub struct Control {
     pub market_defaults: crate::book::spec::MarketDefaults,
 }
 
+/// The control service, subscribed (`Control::listen`): `serve` answers until told to stop.
+pub struct Listening {
+    control: Control,
+    requests: async_nats::Subscriber,
+}
+
+impl Listening {
+    pub async fn serve(self, stop: watch::Receiver<bool>) -> Result<(), BusError> {
+        self.control.serve(self.requests, stop).await
+    }
+}
+
 /// The operator commands sent through a market's own stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AdminOp {
@@ -122,16 +134,33 @@ struct NodeEntry {
 impl Control {
     /// Answers control requests until `stop` flips. One node of a cluster answers each request
     /// (a queue group).
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
+    /// Subscribes to the control subject, and makes sure the server has the subscription
+    /// (a node says it is ready only once it answers control requests).
+    pub async fn listen(self) -> Result<Listening, BusError> {
         let subject = self.subjects.ctl(">");
-        let mut requests = self
+        let requests = self
             .client
             .queue_subscribe(subject.clone(), format!("{}-ctl", self.subjects.prefix()))
             .await
             .map_err(|e| BusError::Subscribe {
-                subject,
+                subject: subject.clone(),
                 reason: e.to_string(),
             })?;
+        self.client.flush().await.map_err(|e| BusError::Subscribe {
+            subject,
+            reason: e.to_string(),
+        })?;
+        Ok(Listening {
+            control: self,
+            requests,
+        })
+    }
+
+    async fn serve(
+        self,
+        mut requests: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), BusError> {
         // `<prefix>.ctl.`: what follows is the verb.
         let prefix = self.subjects.ctl("");
         loop {

@@ -365,8 +365,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         subjects: subjects.clone(),
         markets: buckets.markets.clone(),
     };
-    let queries = actix_rt::spawn(queries.serve(control_stopped.clone()));
-    let control = actix_rt::spawn(control.serve(control_stopped));
+    let queries = actix_rt::spawn(queries.listen().await?.serve(control_stopped.clone()));
+    let control = actix_rt::spawn(control.listen().await?.serve(control_stopped));
     let health = if config.http_port == 0 {
         String::new()
     } else {

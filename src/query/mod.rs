@@ -163,28 +163,52 @@ pub struct QueryFront {
     pub markets: kv::Store,
 }
 
+/// The front, subscribed (`QueryFront::listen`): `serve` answers until told to stop.
+pub struct QueryListening {
+    front: QueryFront,
+    subscriptions: Vec<async_nats::Subscriber>,
+}
+
 impl QueryFront {
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+    /// Subscribes to the query subjects, and makes sure the server has the subscriptions (a
+    /// node says it is ready only once it answers queries).
+    pub async fn listen(self) -> Result<QueryListening, crate::bus::BusError> {
         // Two subjects, not `query.*.*`: the history store answers the others.
         let mut subscriptions = Vec::new();
         for kind in ["orders", "order"] {
             let subject = format!("{}.query.*.{kind}", self.subjects.prefix());
-            match self
+            let subscription = self
                 .client
                 .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
                 .await
-            {
-                Ok(s) => subscriptions.push(s),
-                Err(e) => {
-                    tracing::error!(
-                        "queries are not answered here: cannot subscribe to {subject}: {e}"
-                    );
-                    return;
-                }
-            }
+                .map_err(|e| crate::bus::BusError::Subscribe {
+                    subject: subject.clone(),
+                    reason: e.to_string(),
+                })?;
+            subscriptions.push(subscription);
         }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| crate::bus::BusError::Subscribe {
+                subject: format!("{}.query.*", self.subjects.prefix()),
+                reason: e.to_string(),
+            })?;
+        Ok(QueryListening {
+            front: self,
+            subscriptions,
+        })
+    }
+}
+
+impl QueryListening {
+    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+        let QueryListening {
+            front,
+            subscriptions,
+        } = self;
         let mut requests = futures::stream::select_all(subscriptions);
-        let front = std::sync::Arc::new(self);
+        let front = std::sync::Arc::new(front);
         loop {
             let message = tokio::select! {
                 _ = stop.changed() => break,
@@ -205,7 +229,9 @@ impl QueryFront {
             let _ = subscription.unsubscribe().await;
         }
     }
+}
 
+impl QueryFront {
     async fn answer(&self, message: &async_nats::Message) -> Bytes {
         let format = Format::of(message.headers.as_ref(), &message.payload);
         let prefix_tokens = self.subjects.prefix().split('.').count();

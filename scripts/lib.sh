@@ -53,3 +53,86 @@ need_rotel() {
     }
   fi
 }
+
+# Installs the first of the Debian/Ubuntu packages given that apt knows (running apt-get update
+# once if it knows none); fails without apt-get, without root, or when the install fails.
+apt_install_any() {
+  command -v apt-get >/dev/null 2>&1 || return 1
+  [ "$(id -u)" = 0 ] || return 1
+  local pkg updated=""
+  while :; do
+    for pkg in "$@"; do
+      if apt-cache show "$pkg" >/dev/null 2>&1; then
+        echo "==> installing $pkg (apt-get install -y $pkg)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+        return
+      fi
+    done
+    [ -z "$updated" ] || return 1
+    echo "==> apt-get update (to find $*)"
+    apt-get update -qq >/dev/null || return 1
+    updated=1
+  done
+}
+
+# Whether one of the programs given is on PATH or in an sbin directory (where Debian puts
+# database servers, often not on a user's PATH).
+have_program() {
+  local name dir
+  for name in "$@"; do
+    command -v "$name" >/dev/null 2>&1 && return 0
+    for dir in /usr/sbin /usr/local/sbin /usr/libexec; do
+      [ -x "$dir/$name" ] && return 0
+    done
+  done
+  return 1
+}
+
+# Whether PostgreSQL's server programs are here: in /usr/lib/postgresql/<version>/bin (Debian,
+# Ubuntu), where the database tests look first, or initdb on PATH.
+have_postgres() {
+  local initdb
+  for initdb in /usr/lib/postgresql/*/bin/initdb; do
+    [ -x "$initdb" ] && return 0
+  done
+  command -v initdb >/dev/null 2>&1
+}
+
+# A PostgreSQL server for the database tests (tests/common/db.rs starts its own, on a free
+# port). As root the tests run it as the postgres user, which the package creates.
+need_postgres() {
+  if ! have_postgres; then
+    apt_install_any postgresql-15 postgresql || true
+    hash -r
+    if ! have_postgres; then
+      echo "could not install PostgreSQL (no /usr/lib/postgresql/*/bin/initdb, no initdb on PATH):" \
+        "install its server by hand (Debian/Ubuntu, as root: apt-get install postgresql), then run this again." >&2
+      exit 1
+    fi
+  fi
+  if [ "$(id -u)" = 0 ] && ! id -u postgres >/dev/null 2>&1; then
+    echo "PostgreSQL refuses to run as root and there is no postgres user for the tests to run it as:" \
+      "create one (useradd --system postgres) or run the tests as another user." >&2
+    exit 1
+  fi
+}
+
+# A MariaDB server, its mariadb-install-db and its client for the database tests
+# (tests/common/db.rs starts its own, on a free port).
+need_mariadb() {
+  if ! have_program mariadbd mysqld || ! have_program mariadb-install-db mysql_install_db \
+    || ! have_program mariadb mysql; then
+    apt_install_any mariadb-server || true
+    hash -r
+    if ! have_program mariadbd mysqld; then
+      echo "could not install MariaDB (no mariadbd or mysqld on PATH or in /usr/sbin):" \
+        "install it by hand (Debian/Ubuntu, as root: apt-get install mariadb-server), then run this again." >&2
+      exit 1
+    fi
+    if ! have_program mariadb-install-db mysql_install_db || ! have_program mariadb mysql; then
+      echo "MariaDB's server is here but not mariadb-install-db or the mariadb client:" \
+        "install them by hand (Debian/Ubuntu, as root: apt-get install mariadb-server mariadb-client), then run this again." >&2
+      exit 1
+    fi
+  fi
+}

@@ -361,6 +361,11 @@ impl Client {
         Client { nats, js, subjects }
     }
 
+    /// The NATS connection (for requests this client has no method for).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
     pub fn subjects(&self) -> &Subjects {
         &self.subjects
     }

@@ -30,6 +30,7 @@ const ENV_KEYS: &[&str] = &[
     "nats",
     "tracing",
     "cluster",
+    "history",
 ];
 
 /// The defaults, as shipped.
@@ -69,6 +70,9 @@ pub struct Config {
     /// cid window and per-account limits its spec leaves out.
     #[serde(default)]
     pub market_defaults: MarketDefaults,
+    /// `agora history`: the database and the process's own HTTP port.
+    #[serde(default)]
+    pub history: crate::history::HistoryConfig,
 }
 
 /// The seed markets, `config/markets/*.toml` compiled in: what a node creates when its
@@ -247,6 +251,7 @@ impl Config {
             )));
         }
         self.nats.check().map_err(ConfigError)?;
+        self.history.check().map_err(ConfigError)?;
         let s = &self.streams;
         if s.max_age_secs != 0 && s.max_age_secs <= s.duplicate_window_secs {
             return Err(ConfigError(format!(

@@ -21,6 +21,8 @@ pub mod config;
 pub mod control;
 pub mod fuzzing;
 #[cfg(feature = "runtime")]
+pub mod history;
+#[cfg(feature = "runtime")]
 pub mod node;
 #[cfg(feature = "runtime")]
 pub mod query;

@@ -4,6 +4,7 @@
 //! a command). A leaf: it knows nothing of the actors, the cluster or the node that serve
 //! these (the node's HTTP port is `node::http`).
 
+pub mod http;
 pub mod process;
 pub mod traces;
 

@@ -17,20 +17,15 @@ use std::time::Duration;
 use actix::Addr;
 use async_nats::jetstream;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use crate::actors::{Held, Lease, ListMarkets, Supervisor};
 use crate::bus::Subjects;
 use crate::cluster::membership::HeartbeatStatus;
-use crate::telemetry::process;
+use crate::telemetry::http::Endpoints;
+pub use crate::telemetry::http::{bind, serve};
 
 /// A market further behind its stream than this is not ready.
 pub const READY_LAG_MAX: u64 = 1_000;
-
-/// Longest request head read; longer ones are refused.
-const REQUEST_MAX: usize = 8 * 1024;
 
 /// What the endpoints look at.
 #[derive(Clone)]
@@ -49,6 +44,20 @@ pub struct Probes {
 
 /// How long the runtime may take to answer the liveness probe.
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Endpoints for Probes {
+    async fn health(&self) -> (bool, Value) {
+        Probes::health(self).await
+    }
+
+    async fn ready(&self) -> (bool, Value) {
+        Probes::ready(self).await
+    }
+
+    fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
+        self.metrics.as_ref()
+    }
+}
 
 impl Probes {
     /// `(alive, body)`: liveness. The process answers and its runtime is responsive (the
@@ -133,127 +142,4 @@ impl Probes {
         };
         (all, json!({"ready": all, "reason": reason, "markets": out}))
     }
-}
-
-/// Binds `addr:port`, failing with what to do when the port is taken.
-pub async fn bind(addr: &str, port: u16) -> Result<TcpListener, String> {
-    let ip: std::net::IpAddr = addr.parse().map_err(|_| {
-        format!("http_addr {addr:?} is not an IP address; use 0.0.0.0, 127.0.0.1 or one of this machine's")
-    })?;
-    TcpListener::bind((ip, port)).await.map_err(|e| {
-        format!(
-            "cannot listen on HTTP port {port} at {addr}: {e}; pick another with --http-port (0 turns it off) or --http-addr"
-        )
-    })
-}
-
-/// Serves the endpoints on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, probes: Probes, mut stop: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.changed() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let probes = probes.clone();
-        actix_rt::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &probes)).await;
-        });
-    }
-}
-
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, probes: &Probes) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > REQUEST_MAX {
-            return respond(
-                &mut stream,
-                431,
-                &json!({"error": "request head too large"}),
-            )
-            .await;
-        }
-    }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    if method != "GET" {
-        return respond(
-            &mut stream,
-            405,
-            &json!({"error": format!("{method} is not served; use GET /metrics, /health or /ready")}),
-        )
-        .await;
-    }
-    match path {
-        "/health" => {
-            let (ok, body) = probes.health().await;
-            respond(&mut stream, if ok { 200 } else { 503 }, &body).await
-        }
-        "/ready" => {
-            let (ok, body) = probes.ready().await;
-            respond(&mut stream, if ok { 200 } else { 503 }, &body).await
-        }
-        "/metrics" => match &probes.metrics {
-            Some(handle) => {
-                handle.run_upkeep();
-                let text = handle.render() + &process::exposition();
-                respond_text(&mut stream, &text).await
-            }
-            None => {
-                respond(
-                    &mut stream,
-                    503,
-                    &json!({"error": "no metrics recorder in this process"}),
-                )
-                .await
-            }
-        },
-        _ => {
-            respond(
-                &mut stream,
-                404,
-                &json!({"error": format!("{path} is not served; use /metrics, /health or /ready")}),
-            )
-            .await
-        }
-    }
-}
-
-async fn respond_text(stream: &mut TcpStream, body: &str) -> std::io::Result<()> {
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let body = body.to_string();
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }

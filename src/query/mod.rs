@@ -92,7 +92,9 @@ struct Refusal<'a> {
 
 /// Reads a request body: empty is `{}`, a JSON object when it starts with `{`, MessagePack
 /// otherwise.
-fn read_body<T: for<'de> Deserialize<'de> + Default>(payload: &[u8]) -> Result<T, String> {
+pub(crate) fn read_body<T: for<'de> Deserialize<'de> + Default>(
+    payload: &[u8],
+) -> Result<T, String> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -104,13 +106,13 @@ fn read_body<T: for<'de> Deserialize<'de> + Default>(payload: &[u8]) -> Result<T
 
 /// How a reply is encoded: as the request was.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     MessagePack,
     Json,
 }
 
 impl Format {
-    fn of(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Format {
+    pub(crate) fn of(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Format {
         let json_header = headers
             .and_then(|h| h.get("Content-Type"))
             .is_some_and(|v| v.as_str().starts_with("application/json"));
@@ -121,7 +123,7 @@ impl Format {
         }
     }
 
-    fn encode<T: Serialize>(self, value: &T) -> Bytes {
+    pub(crate) fn encode<T: Serialize>(self, value: &T) -> Bytes {
         match self {
             Format::Json => serde_json::to_vec(value).unwrap_or_default().into(),
             Format::MessagePack => rmp_serde::to_vec_named(value).unwrap_or_default().into(),
@@ -129,7 +131,7 @@ impl Format {
     }
 }
 
-fn refusal(format: Format, error: &str, message: String) -> Bytes {
+pub(crate) fn refusal(format: Format, error: &str, message: String) -> Bytes {
     format.encode(&Refusal {
         ok: false,
         error,
@@ -437,15 +439,18 @@ impl QueryFront {
                     order,
                     as_of: a.seq,
                 }),
-                None => refusal(
-                    format,
-                    "not_open",
-                    format!(
-                        "no open order of {account} in {market} has this {} (as of sequence {}): it filled, was cancelled, expired or rejected, or never existed; its reports say which",
-                        if request.oid.is_some() { "oid" } else { "cid" },
-                        a.seq
+                None => match self.closed_order(account, &request, until).await {
+                    Some(reply) => format.encode(&reply),
+                    None => refusal(
+                        format,
+                        "not_open",
+                        format!(
+                            "no open order of {account} in {market} has this {} (as of sequence {}): it filled, was cancelled, expired or rejected, or never existed; its reports say which",
+                            if request.oid.is_some() { "oid" } else { "cid" },
+                            a.seq
+                        ),
                     ),
-                ),
+                },
             },
             Ok(a) => refusal(
                 format,
@@ -454,6 +459,38 @@ impl QueryFront {
             ),
             Err(e) => refusal(format, "unavailable", e),
         }
+    }
+
+    /// A closed order from the history store (`agora history`), when one runs and has it
+    /// written: at most 1 s, within the request's deadline. An order the store still shows
+    /// open is one whose end it has not written yet: not an answer.
+    async fn closed_order(
+        &self,
+        account: &str,
+        request: &OrderRequest,
+        until: Instant,
+    ) -> Option<crate::history::query::OrderFound> {
+        let lookup = crate::history::query::OrderLookup {
+            account: account.to_string(),
+            market: request.market.clone(),
+            oid: request.oid,
+            cid: request.cid.clone(),
+        };
+        let payload: Bytes = rmp_serde::to_vec_named(&lookup).ok()?.into();
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        let asked = self
+            .client
+            .request(format!("{}.history.order", self.subjects.prefix()), payload);
+        let reply = tokio::time::timeout(left, asked).await.ok()?.ok()?;
+        let found: crate::history::query::OrderFoundOwned =
+            rmp_serde::from_slice(&reply.payload).ok()?;
+        (found.ok && found.order.status != "open").then_some(crate::history::query::OrderFound {
+            ok: true,
+            order: found.order,
+            as_of: found.as_of,
+        })
     }
 
     /// Asks one market, again while it has no responder (it is starting or moving), until

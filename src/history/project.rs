@@ -1,0 +1,735 @@
+//! The projection: journal messages in, the rows they change out. Pure (no I/O): the writer
+//! hands it the rows it needs from the database first (`Needs`), then `apply`s a run of
+//! journal messages and writes the resulting `Changes` in one transaction.
+//!
+//! An order's row follows its events: `accepted` opens it; each `trade` adds to `filled` and
+//! the notional, and sets `leaves`; a `cancelled` with nothing left closes it `cancelled`
+//! (`expired` for a gtd order's expiry) with the cancel reason; an `amended` sets price,
+//! quantity and leaves; a `rejected` new order is a row of its own, `rejected` with the
+//! reason. Each trade gives one `trades` row and one `fills` row per side, and updates its
+//! market's one-minute candle. This module must never decide anything the journal did not say.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Deserialize;
+
+use super::decimal::Dec;
+
+/// How many more decimals than its prices an order's average price gets.
+pub const AVG_EXTRA_DECIMALS: u8 = 8;
+
+/// Nanoseconds in a candle of the stored interval.
+pub const MINUTE_NS: i64 = 60_000_000_000;
+
+// ----- the journal, as the engine writes it (docs/protocol.md) -------------------------------
+
+/// One journal message: a batch of a market's commands and every event they caused.
+#[derive(Debug, Deserialize)]
+pub struct JournalBatch {
+    pub market: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    #[serde(default)]
+    pub events: Vec<JournalEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JournalEvent {
+    Accepted {
+        seq: u64,
+        ts: u64,
+        oid: u64,
+        cid: Option<String>,
+        account: String,
+        side: String,
+        order_type: String,
+        tif: String,
+        price: Option<String>,
+        qty: String,
+        stop_price: Option<String>,
+    },
+    Rejected {
+        seq: u64,
+        ts: u64,
+        op: Option<String>,
+        oid: Option<u64>,
+        cid: Option<String>,
+        account: Option<String>,
+        reason: String,
+    },
+    Trade {
+        seq: u64,
+        ts: u64,
+        trade_id: String,
+        price: String,
+        qty: String,
+        taker_side: String,
+        maker_oid: u64,
+        maker_cid: Option<String>,
+        maker_account: String,
+        maker_leaves: String,
+        taker_oid: u64,
+        taker_cid: Option<String>,
+        taker_account: String,
+        taker_leaves: String,
+    },
+    Cancelled {
+        seq: u64,
+        ts: u64,
+        oid: u64,
+        reason: String,
+        leaves: String,
+    },
+    Amended {
+        seq: u64,
+        ts: u64,
+        oid: u64,
+        price: String,
+        qty: String,
+        leaves: String,
+    },
+    Triggered {
+        seq: u64,
+        ts: u64,
+        oid: u64,
+    },
+    /// A type this build does not know (a newer engine's): nothing to project.
+    #[serde(other)]
+    Other,
+}
+
+impl JournalBatch {
+    /// Reads a journal message (MessagePack, as the engine publishes it; JSON too).
+    pub fn decode(payload: &[u8]) -> Result<JournalBatch, String> {
+        if payload.first() == Some(&b'{') {
+            serde_json::from_slice(payload).map_err(|e| e.to_string())
+        } else {
+            rmp_serde::from_slice(payload).map_err(|e| e.to_string())
+        }
+    }
+}
+
+// ----- rows ------------------------------------------------------------------------------------
+
+/// An order as the `orders` table holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderRow {
+    pub market: String,
+    pub oid: u64,
+    pub account: String,
+    pub cid: Option<String>,
+    pub side: Option<String>,
+    pub order_type: Option<String>,
+    pub tif: Option<String>,
+    pub price: Option<Dec>,
+    pub stop_price: Option<Dec>,
+    pub qty: Option<Dec>,
+    pub filled: Dec,
+    pub leaves: Dec,
+    /// Sum of price × quantity over the order's fills, exact.
+    pub notional: Dec,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub created_seq: u64,
+    pub updated_seq: u64,
+    pub created_ts: u64,
+    pub updated_ts: u64,
+}
+
+impl OrderRow {
+    /// `notional / filled` with `AVG_EXTRA_DECIMALS` more decimals than the market's prices
+    /// (rounded half up); `None` before the first fill.
+    pub fn avg_price(&self, price_decimals: u8) -> Option<Dec> {
+        self.notional.div_round(
+            self.filled,
+            price_decimals.saturating_add(AVG_EXTRA_DECIMALS),
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Open,
+    Filled,
+    Cancelled,
+    Expired,
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Open => "open",
+            Status::Filled => "filled",
+            Status::Cancelled => "cancelled",
+            Status::Expired => "expired",
+            Status::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Status> {
+        Some(match text {
+            "open" => Status::Open,
+            "filled" => Status::Filled,
+            "cancelled" => Status::Cancelled,
+            "expired" => Status::Expired,
+            "rejected" => Status::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// One side of one trade (`fills`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FillRow {
+    pub market: String,
+    pub trade_id: String,
+    pub account: String,
+    pub liquidity: &'static str,
+    pub oid: u64,
+    pub cid: Option<String>,
+    pub side: String,
+    pub price: Dec,
+    pub qty: Dec,
+    pub ts: u64,
+    pub seq: u64,
+}
+
+/// One trade of the public tape (`trades`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TradeRow {
+    pub market: String,
+    pub trade_id: String,
+    /// The trade's place among its command's fills (1, 2, ...): with `seq`, the tape's order.
+    pub n: u32,
+    pub price: Dec,
+    pub qty: Dec,
+    pub taker_side: String,
+    pub ts: u64,
+    pub seq: u64,
+}
+
+/// A one-minute candle (`candles`, interval `1m`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CandleRow {
+    pub market: String,
+    /// Start of the minute, nanoseconds since the epoch.
+    pub t: i64,
+    pub open: Dec,
+    pub high: Dec,
+    pub low: Dec,
+    pub close: Dec,
+    pub volume: Dec,
+    pub trades: u64,
+}
+
+/// How far a market's journal is written (`history_progress`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub last_seq: u64,
+    /// The `EVENTS` stream sequence of the last journal message written.
+    pub events_seq: u64,
+    pub price_decimals: Option<u8>,
+    pub size_decimals: Option<u8>,
+}
+
+/// What one transaction writes: each key once, in its final state.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub orders: BTreeMap<(String, u64), OrderRow>,
+    pub fills: Vec<FillRow>,
+    pub trades: Vec<TradeRow>,
+    pub candles: BTreeMap<(String, i64), CandleRow>,
+    /// Per market: the progress this transaction writes, and the `events_seq` it expects to
+    /// find (`None`: the market has no row yet). A mismatch means another writer got there.
+    pub progress: BTreeMap<String, (Progress, Option<u64>)>,
+    /// Journal messages that could not be read (logged; their sequence still counts).
+    pub unreadable: u64,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.progress.is_empty()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.orders.len() + self.fills.len() + self.trades.len() + self.candles.len()
+    }
+}
+
+/// Rows the projection must see before it can apply a run of messages.
+#[derive(Debug, Default)]
+pub struct Needs {
+    pub orders: BTreeMap<String, BTreeSet<u64>>,
+    pub candles: BTreeSet<(String, i64)>,
+}
+
+/// The projection's memory: progress of every market, the rows of open orders it has seen,
+/// and each market's latest candle.
+#[derive(Debug, Default)]
+pub struct Projector {
+    pub progress: HashMap<String, Progress>,
+    orders: HashMap<(String, u64), OrderRow>,
+    /// Orders the database was asked for and does not have (a journal trimmed by age).
+    absent: BTreeSet<(String, u64)>,
+    /// Candles by (market, minute): the latest of each market, and any the next messages
+    /// need; `candles_known` also holds those the database does not have.
+    candles: HashMap<(String, i64), CandleRow>,
+    candles_known: BTreeSet<(String, i64)>,
+}
+
+/// A journal message with where it sits in `EVENTS`.
+pub struct Message {
+    pub events_seq: u64,
+    pub batch: Result<JournalBatch, String>,
+}
+
+fn dec(text: &str, what: &str) -> Result<Dec, String> {
+    Dec::parse(text).ok_or_else(|| format!("{what} {text:?} is not a decimal"))
+}
+
+fn trade_minute(ts: u64) -> i64 {
+    let ts = i64::try_from(ts).unwrap_or(i64::MAX);
+    ts - ts.rem_euclid(MINUTE_NS)
+}
+
+impl Projector {
+    pub fn new(progress: HashMap<String, Progress>) -> Projector {
+        Projector {
+            progress,
+            ..Projector::default()
+        }
+    }
+
+    /// Whether the message at `events_seq` for `market` is written already.
+    pub fn written(&self, market: &str, events_seq: u64) -> bool {
+        self.progress
+            .get(market)
+            .is_some_and(|p| events_seq <= p.events_seq)
+    }
+
+    /// The rows `apply` will need that it does not hold.
+    pub fn needs(&self, messages: &[Message]) -> Needs {
+        let mut needs = Needs::default();
+        let mut opened: BTreeSet<(String, u64)> = BTreeSet::new();
+        for m in messages {
+            let Ok(b) = &m.batch else { continue };
+            for e in &b.events {
+                let mut wanted: [Option<u64>; 2] = [None, None];
+                match e {
+                    JournalEvent::Accepted { oid, .. } => {
+                        opened.insert((b.market.clone(), *oid));
+                    }
+                    JournalEvent::Trade {
+                        maker_oid,
+                        taker_oid,
+                        ts,
+                        ..
+                    } => {
+                        wanted = [Some(*maker_oid), Some(*taker_oid)];
+                        let key = (b.market.clone(), trade_minute(*ts));
+                        if !self.candles_known.contains(&key) {
+                            needs.candles.insert(key);
+                        }
+                    }
+                    JournalEvent::Cancelled { oid, .. }
+                    | JournalEvent::Amended { oid, .. }
+                    | JournalEvent::Triggered { oid, .. } => wanted[0] = Some(*oid),
+                    _ => {}
+                }
+                for oid in wanted.into_iter().flatten() {
+                    let key = (b.market.clone(), oid);
+                    if !opened.contains(&key)
+                        && !self.orders.contains_key(&key)
+                        && !self.absent.contains(&key)
+                    {
+                        needs
+                            .orders
+                            .entry(b.market.clone())
+                            .or_default()
+                            .insert(oid);
+                    }
+                }
+            }
+        }
+        needs
+    }
+
+    /// Takes what the database answered for `needs`: the orders' rows and the candles it has.
+    pub fn provide(&mut self, needs: &Needs, orders: Vec<OrderRow>, candles: Vec<CandleRow>) {
+        for row in orders {
+            self.orders.insert((row.market.clone(), row.oid), row);
+        }
+        for (market, oids) in &needs.orders {
+            for oid in oids {
+                let key = (market.clone(), *oid);
+                if !self.orders.contains_key(&key) {
+                    self.absent.insert(key);
+                }
+            }
+        }
+        for c in candles {
+            self.candles.insert((c.market.clone(), c.t), c);
+        }
+        self.candles_known.extend(needs.candles.iter().cloned());
+    }
+
+    /// Applies a run of messages (in `EVENTS` order) and returns what to write. Messages at or
+    /// below a market's progress are skipped (a redelivery). The projector's memory moves on
+    /// at once: if the write fails, write the same `Changes` again; if the writer loses its
+    /// role, drop the projector.
+    pub fn apply(&mut self, messages: Vec<Message>) -> Changes {
+        let mut ch = Changes::default();
+        for m in messages {
+            let batch = match m.batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(
+                        events_seq = m.events_seq,
+                        "journal message {} cannot be read and is skipped: {e}",
+                        m.events_seq
+                    );
+                    ch.unreadable += 1;
+                    continue;
+                }
+            };
+            if self.written(&batch.market, m.events_seq) {
+                continue;
+            }
+            let market = batch.market.clone();
+            let expected = self.progress.get(&market).map(|p| p.events_seq);
+            let mut progress = self.progress.get(&market).cloned().unwrap_or(Progress {
+                last_seq: 0,
+                events_seq: 0,
+                price_decimals: None,
+                size_decimals: None,
+            });
+            for e in batch.events {
+                if let Err(why) = self.event(&market, e, &mut ch, &mut progress) {
+                    tracing::error!(
+                        market = %market,
+                        events_seq = m.events_seq,
+                        "journal message {} of {market}: an event is skipped: {why}",
+                        m.events_seq
+                    );
+                    ch.unreadable += 1;
+                }
+            }
+            progress.last_seq = batch.last_seq.max(progress.last_seq);
+            progress.events_seq = m.events_seq;
+            ch.progress
+                .entry(market.clone())
+                .and_modify(|(p, _)| *p = progress.clone())
+                .or_insert((progress.clone(), expected));
+            self.progress.insert(market, progress);
+        }
+        // Closed orders leave the projector's memory (they are in `ch`, to be written), and
+        // of the candles only each market's latest stays.
+        self.orders.retain(|_, o| o.status == Status::Open);
+        let mut latest: HashMap<&str, i64> = HashMap::new();
+        for (m, t) in self.candles.keys() {
+            let e = latest.entry(m.as_str()).or_insert(*t);
+            *e = (*e).max(*t);
+        }
+        let keep: BTreeSet<(String, i64)> = latest
+            .into_iter()
+            .map(|(m, t)| (m.to_string(), t))
+            .collect();
+        self.candles.retain(|k, _| keep.contains(k));
+        self.candles_known.retain(|k| keep.contains(k));
+        ch
+    }
+
+    fn touch(
+        &mut self,
+        market: &str,
+        oid: u64,
+        seq: u64,
+        ts: u64,
+        ch: &mut Changes,
+        f: impl FnOnce(&mut OrderRow) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let key = (market.to_string(), oid);
+        let Some(row) = self.orders.get_mut(&key) else {
+            // The journal refers to an order it never opened (it was trimmed by age before
+            // this store began): its fills and trades are still written.
+            return Ok(());
+        };
+        f(row)?;
+        row.updated_seq = seq;
+        row.updated_ts = ts;
+        ch.orders.insert(key, row.clone());
+        Ok(())
+    }
+
+    fn event(
+        &mut self,
+        market: &str,
+        e: JournalEvent,
+        ch: &mut Changes,
+        progress: &mut Progress,
+    ) -> Result<(), String> {
+        let learn_price = |p: &mut Progress, d: Dec| {
+            p.price_decimals.get_or_insert(d.scale());
+        };
+        let learn_size = |p: &mut Progress, d: Dec| {
+            p.size_decimals.get_or_insert(d.scale());
+        };
+        match e {
+            JournalEvent::Accepted {
+                seq,
+                ts,
+                oid,
+                cid,
+                account,
+                side,
+                order_type,
+                tif,
+                price,
+                qty,
+                stop_price,
+            } => {
+                let qty = dec(&qty, "qty")?;
+                let price = price.as_deref().map(|p| dec(p, "price")).transpose()?;
+                let stop_price = stop_price
+                    .as_deref()
+                    .map(|p| dec(p, "stop_price"))
+                    .transpose()?;
+                learn_size(progress, qty);
+                if let Some(p) = price.or(stop_price) {
+                    learn_price(progress, p);
+                }
+                let row = OrderRow {
+                    market: market.to_string(),
+                    oid,
+                    account,
+                    cid,
+                    side: Some(side),
+                    order_type: Some(order_type),
+                    tif: Some(tif),
+                    price,
+                    stop_price,
+                    qty: Some(qty),
+                    filled: Dec::zero(qty.scale()),
+                    leaves: qty,
+                    notional: Dec::zero(0),
+                    status: Status::Open,
+                    reason: None,
+                    created_seq: seq,
+                    updated_seq: seq,
+                    created_ts: ts,
+                    updated_ts: ts,
+                };
+                let key = (market.to_string(), oid);
+                self.absent.remove(&key);
+                ch.orders.insert(key.clone(), row.clone());
+                self.orders.insert(key, row);
+            }
+            JournalEvent::Rejected {
+                seq,
+                ts,
+                op,
+                oid,
+                cid,
+                account,
+                reason,
+            } => {
+                // A refused new order is a row of its own; a refused cancel or amend changes
+                // nothing, and a message with no readable account belongs to no one.
+                if let (Some("new"), Some(oid), Some(account)) = (op.as_deref(), oid, account) {
+                    let row = OrderRow {
+                        market: market.to_string(),
+                        oid,
+                        account,
+                        cid,
+                        side: None,
+                        order_type: None,
+                        tif: None,
+                        price: None,
+                        stop_price: None,
+                        qty: None,
+                        filled: Dec::zero(0),
+                        leaves: Dec::zero(0),
+                        notional: Dec::zero(0),
+                        status: Status::Rejected,
+                        reason: Some(reason),
+                        created_seq: seq,
+                        updated_seq: seq,
+                        created_ts: ts,
+                        updated_ts: ts,
+                    };
+                    ch.orders.insert((market.to_string(), oid), row);
+                }
+            }
+            JournalEvent::Trade {
+                seq,
+                ts,
+                trade_id,
+                price,
+                qty,
+                taker_side,
+                maker_oid,
+                maker_cid,
+                maker_account,
+                maker_leaves,
+                taker_oid,
+                taker_cid,
+                taker_account,
+                taker_leaves,
+            } => {
+                let price = dec(&price, "price")?;
+                let qty = dec(&qty, "qty")?;
+                let maker_leaves = dec(&maker_leaves, "maker_leaves")?;
+                let taker_leaves = dec(&taker_leaves, "taker_leaves")?;
+                learn_price(progress, price);
+                learn_size(progress, qty);
+                let n = trade_id
+                    .rsplit_once('-')
+                    .and_then(|(_, n)| n.parse().ok())
+                    .ok_or_else(|| format!("trade_id {trade_id:?} is not <seq>-<n>"))?;
+                let maker_side = match taker_side.as_str() {
+                    "buy" => "sell",
+                    "sell" => "buy",
+                    other => return Err(format!("taker_side {other:?} is not buy or sell")),
+                };
+                let notional = price
+                    .checked_mul(qty)
+                    .ok_or("price × qty overflows 128 bits")?;
+                for (oid, leaves) in [(maker_oid, maker_leaves), (taker_oid, taker_leaves)] {
+                    self.touch(market, oid, seq, ts, ch, |o| {
+                        o.filled = o.filled.checked_add(qty).ok_or("filled overflows")?;
+                        o.notional = o
+                            .notional
+                            .checked_add(notional)
+                            .ok_or("notional overflows")?;
+                        o.leaves = leaves;
+                        if leaves.is_zero() {
+                            o.status = Status::Filled;
+                            o.reason = None;
+                        }
+                        Ok(())
+                    })?;
+                }
+                for (account, liquidity, oid, cid, side) in [
+                    (maker_account, "maker", maker_oid, maker_cid, maker_side),
+                    (
+                        taker_account,
+                        "taker",
+                        taker_oid,
+                        taker_cid,
+                        taker_side.as_str(),
+                    ),
+                ] {
+                    ch.fills.push(FillRow {
+                        market: market.to_string(),
+                        trade_id: trade_id.clone(),
+                        account,
+                        liquidity,
+                        oid,
+                        cid,
+                        side: side.to_string(),
+                        price,
+                        qty,
+                        ts,
+                        seq,
+                    });
+                }
+                ch.trades.push(TradeRow {
+                    market: market.to_string(),
+                    trade_id,
+                    n,
+                    price,
+                    qty,
+                    taker_side,
+                    ts,
+                    seq,
+                });
+                self.candle(market, ts, price, qty, ch)?;
+            }
+            JournalEvent::Cancelled {
+                seq,
+                ts,
+                oid,
+                reason,
+                leaves,
+            } => {
+                let leaves = dec(&leaves, "leaves")?;
+                self.touch(market, oid, seq, ts, ch, |o| {
+                    o.leaves = leaves;
+                    if leaves.is_zero() {
+                        o.status = if reason == "expired" {
+                            Status::Expired
+                        } else {
+                            Status::Cancelled
+                        };
+                        o.reason = Some(reason);
+                    }
+                    Ok(())
+                })?;
+            }
+            JournalEvent::Amended {
+                seq,
+                ts,
+                oid,
+                price,
+                qty,
+                leaves,
+            } => {
+                let price = dec(&price, "price")?;
+                let qty = dec(&qty, "qty")?;
+                let leaves = dec(&leaves, "leaves")?;
+                self.touch(market, oid, seq, ts, ch, |o| {
+                    o.price = Some(price);
+                    o.qty = Some(qty);
+                    o.leaves = leaves;
+                    if leaves.is_zero() {
+                        // A total at or below what is filled: everything asked for is filled.
+                        o.status = Status::Filled;
+                    }
+                    Ok(())
+                })?;
+            }
+            JournalEvent::Triggered { seq, ts, oid } => {
+                self.touch(market, oid, seq, ts, ch, |_| Ok(()))?;
+            }
+            JournalEvent::Other => {}
+        }
+        Ok(())
+    }
+
+    fn candle(
+        &mut self,
+        market: &str,
+        ts: u64,
+        price: Dec,
+        qty: Dec,
+        ch: &mut Changes,
+    ) -> Result<(), String> {
+        let key = (market.to_string(), trade_minute(ts));
+        let candle = match self.candles.get(&key).cloned() {
+            Some(mut c) => {
+                c.high = c.high.max(price);
+                c.low = c.low.min(price);
+                c.close = price;
+                c.volume = c.volume.checked_add(qty).ok_or("volume overflows")?;
+                c.trades += 1;
+                c
+            }
+            None => CandleRow {
+                market: market.to_string(),
+                t: key.1,
+                open: price,
+                high: price,
+                low: price,
+                close: price,
+                volume: qty,
+                trades: 1,
+            },
+        };
+        self.candles_known.insert(key.clone());
+        self.candles.insert(key.clone(), candle.clone());
+        ch.candles.insert(key, candle);
+        Ok(())
+    }
+}

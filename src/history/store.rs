@@ -1,0 +1,1032 @@
+//! `Store`: the history database, SQLite, PostgreSQL or MySQL/MariaDB through sqlx. The
+//! tables of DESIGN section 12, created if missing; one transaction per write, fenced by each
+//! market's progress row (an `UPDATE ... WHERE events_seq = <what this writer last wrote>`
+//! that must change exactly one row), so two writers can never both write a message; the
+//! rows the projection needs; and the reads the queries make (`query.rs`).
+//!
+//! Decimals are exact: `NUMERIC` in PostgreSQL, `DECIMAL(65,30)` in MySQL, and in SQLite the
+//! decimal string as the engine wrote it plus the value in the market's integer units
+//! (`price_units`, ...) for sorting and sums. Never a float. This module must never decide
+//! what a row holds (the projection does) or print a database password.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{QueryBuilder, Row};
+
+use super::decimal::{Dec, with_scale};
+use super::project::{CandleRow, Changes, FillRow, OrderRow, Progress, Status, TradeRow};
+
+/// The schema this build writes (`history_meta.schema_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Most rows one multi-row statement carries (24 columns × 500 stays under every database's
+/// limit on bound values).
+const ROWS_PER_STATEMENT: usize = 500;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
+/// Runs `$body` with `$p` bound to the concrete pool: one text, compiled for each database.
+macro_rules! on_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+            Pool::MySql($p) => $body,
+        }
+    };
+}
+
+/// What a write or a read can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer wrote this market's journal past where this one stands.
+    #[error(
+        "another writer has written {market}'s history past journal message {expected:?}: this process is no longer the writer"
+    )]
+    Fenced {
+        market: String,
+        expected: Option<u64>,
+    },
+    /// The database refused or could not be reached; the same write can be tried again.
+    #[error("database {what}: {reason}")]
+    Database { what: &'static str, reason: String },
+    /// The database holds something this build cannot use.
+    #[error("{0}")]
+    Schema(String),
+}
+
+fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| StoreError::Database {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// A value bound into a statement.
+enum Val {
+    Int(Option<i64>),
+    Text(Option<String>),
+    /// An exact decimal, as text (cast to NUMERIC in PostgreSQL).
+    Dec(Option<String>),
+}
+
+fn int(v: u64) -> Val {
+    Val::Int(i64::try_from(v).ok())
+}
+
+fn text(v: impl Into<String>) -> Val {
+    Val::Text(Some(v.into()))
+}
+
+fn opt_text(v: Option<&str>) -> Val {
+    Val::Text(v.map(str::to_string))
+}
+
+fn dec(v: Option<Dec>) -> Val {
+    Val::Dec(v.map(|d| d.to_string()))
+}
+
+/// A table's columns and one row's values, with SQLite's integer-unit twins of its decimals.
+struct Table {
+    name: &'static str,
+    keys: &'static [&'static str],
+    /// Whether a row with the same key is replaced (else it cannot exist: insert only).
+    upsert: bool,
+    columns: Vec<&'static str>,
+}
+
+impl Dialect {
+    pub fn of_url(url: &str) -> Result<Dialect, String> {
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "sqlite" => Ok(Dialect::Sqlite),
+            "postgres" | "postgresql" => Ok(Dialect::Postgres),
+            "mysql" | "mariadb" => Ok(Dialect::MySql),
+            _ => Err(format!(
+                "database {} is not a URL this build reads: use sqlite://PATH, postgres://USER@HOST:PORT/DB or mysql://USER:PASSWORD@HOST:PORT/DB",
+                crate::bus::redact(url)
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+            Dialect::MySql => "mysql",
+        }
+    }
+
+    fn dec_type(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "TEXT",
+            Dialect::Postgres => "NUMERIC",
+            Dialect::MySql => "DECIMAL(65,30)",
+        }
+    }
+
+    fn key_type(self, len: usize) -> String {
+        match self {
+            Dialect::Sqlite | Dialect::Postgres => "TEXT".into(),
+            Dialect::MySql => format!("VARCHAR({len})"),
+        }
+    }
+
+    fn int_type(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "INTEGER",
+            _ => "BIGINT",
+        }
+    }
+
+    /// `interval` is a reserved word in PostgreSQL and MySQL.
+    pub fn interval_col(self) -> &'static str {
+        match self {
+            Dialect::MySql => "`interval`",
+            _ => "\"interval\"",
+        }
+    }
+
+    /// A decimal column read back as text.
+    pub fn dec_text(self, col: &str) -> String {
+        match self {
+            Dialect::Sqlite => col.to_string(),
+            Dialect::Postgres => format!("CAST({col} AS TEXT) AS {col}"),
+            Dialect::MySql => format!("CAST({col} AS CHAR) AS {col}"),
+        }
+    }
+
+    fn upsert_clause(self, t: &Table) -> String {
+        let rest: Vec<String> = t
+            .columns
+            .iter()
+            .filter(|c| !t.keys.contains(c))
+            .map(|c| self.column_name(c))
+            .collect();
+        let keys: Vec<String> = t.keys.iter().map(|c| self.column_name(c)).collect();
+        match self {
+            Dialect::MySql => format!(
+                " ON DUPLICATE KEY UPDATE {}",
+                rest.iter()
+                    .map(|c| format!("{c} = VALUES({c})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                keys.join(", "),
+                rest.iter()
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// The DDL of every table, in creation order.
+    fn schema(self) -> Vec<String> {
+        let (i, d) = (self.int_type(), self.dec_type());
+        let (m, a, tid) = (self.key_type(32), self.key_type(36), self.key_type(40));
+        let short = self.key_type(16);
+        let units = |cols: &[&str]| -> String {
+            if self == Dialect::Sqlite {
+                cols.iter()
+                    .map(|c| format!(", {c}_units INTEGER"))
+                    .collect::<String>()
+            } else {
+                String::new()
+            }
+        };
+        let iv = self.interval_col();
+        let mut out = vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS history_meta (name {short} NOT NULL PRIMARY KEY, value {tid} NOT NULL)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS history_progress (market {m} NOT NULL PRIMARY KEY, last_seq {i} NOT NULL, events_seq {i} NOT NULL, price_decimals {i}, size_decimals {i})"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS orders (market {m} NOT NULL, oid {i} NOT NULL, account {a} NOT NULL, cid {a}, side {short}, order_type {short}, tif {short}, price {d}, stop_price {d}, qty {d}, filled {d} NOT NULL, leaves {d} NOT NULL, notional {d} NOT NULL, avg_price {d}, status {short} NOT NULL, reason {tid}, created_seq {i} NOT NULL, updated_seq {i} NOT NULL, created_ts {i} NOT NULL, updated_ts {i} NOT NULL{}, PRIMARY KEY (market, oid))",
+                units(&["price", "qty", "filled", "leaves"])
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS fills (market {m} NOT NULL, trade_id {tid} NOT NULL, account {a} NOT NULL, liquidity {short} NOT NULL, oid {i} NOT NULL, cid {a}, side {short} NOT NULL, price {d} NOT NULL, qty {d} NOT NULL, ts {i} NOT NULL, seq {i} NOT NULL{}, PRIMARY KEY (market, trade_id, account, liquidity))",
+                units(&["price", "qty"])
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS trades (market {m} NOT NULL, trade_id {tid} NOT NULL, n {i} NOT NULL, price {d} NOT NULL, qty {d} NOT NULL, taker_side {short} NOT NULL, ts {i} NOT NULL, seq {i} NOT NULL{}, PRIMARY KEY (market, trade_id))",
+                units(&["price", "qty"])
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS candles (market {m} NOT NULL, {iv} {short} NOT NULL, t {i} NOT NULL, open {d} NOT NULL, high {d} NOT NULL, low {d} NOT NULL, close {d} NOT NULL, volume {d} NOT NULL, trades {i} NOT NULL{}, PRIMARY KEY (market, {iv}, t))",
+                units(&["open", "high", "low", "close", "volume"])
+            ),
+        ];
+        // MySQL has no CREATE INDEX IF NOT EXISTS: its indexes go inside CREATE TABLE.
+        let indexes = [
+            (
+                "orders_account",
+                "orders",
+                "account, created_ts, market, oid",
+            ),
+            ("orders_cid", "orders", "account, market, cid"),
+            ("fills_account", "fills", "account, ts, market"),
+            ("trades_time", "trades", "market, ts"),
+        ];
+        for (name, table, cols) in indexes {
+            if self == Dialect::MySql {
+                let at = format!("CREATE TABLE IF NOT EXISTS {table} (");
+                if let Some(ddl) = out.iter_mut().find(|d| d.starts_with(&at)) {
+                    ddl.pop();
+                    ddl.push_str(&format!(", INDEX {name} ({cols}))"));
+                }
+            } else {
+                out.push(format!(
+                    "CREATE INDEX IF NOT EXISTS {name} ON {table} ({cols})"
+                ));
+            }
+        }
+        out
+    }
+
+    fn orders_table(self) -> Table {
+        let mut columns = vec![
+            "market",
+            "oid",
+            "account",
+            "cid",
+            "side",
+            "order_type",
+            "tif",
+            "price",
+            "stop_price",
+            "qty",
+            "filled",
+            "leaves",
+            "notional",
+            "avg_price",
+            "status",
+            "reason",
+            "created_seq",
+            "updated_seq",
+            "created_ts",
+            "updated_ts",
+        ];
+        if self == Dialect::Sqlite {
+            columns.extend(["price_units", "qty_units", "filled_units", "leaves_units"]);
+        }
+        Table {
+            name: "orders",
+            keys: &["market", "oid"],
+            upsert: true,
+            columns,
+        }
+    }
+
+    fn order_values(self, o: &OrderRow, price_decimals: u8) -> Vec<Val> {
+        let mut v = vec![
+            text(&o.market),
+            int(o.oid),
+            text(&o.account),
+            opt_text(o.cid.as_deref()),
+            opt_text(o.side.as_deref()),
+            opt_text(o.order_type.as_deref()),
+            opt_text(o.tif.as_deref()),
+            dec(o.price),
+            dec(o.stop_price),
+            dec(o.qty),
+            dec(Some(o.filled)),
+            dec(Some(o.leaves)),
+            dec(Some(o.notional)),
+            dec(o.avg_price(price_decimals)),
+            text(o.status.as_str()),
+            opt_text(o.reason.as_deref()),
+            int(o.created_seq),
+            int(o.updated_seq),
+            int(o.created_ts),
+            int(o.updated_ts),
+        ];
+        if self == Dialect::Sqlite {
+            let u = |d: Option<Dec>| Val::Int(d.and_then(Dec::units_i64));
+            v.extend([u(o.price), u(o.qty), u(Some(o.filled)), u(Some(o.leaves))]);
+        }
+        v
+    }
+
+    fn fills_table(self) -> Table {
+        let mut columns = vec![
+            "market",
+            "trade_id",
+            "account",
+            "liquidity",
+            "oid",
+            "cid",
+            "side",
+            "price",
+            "qty",
+            "ts",
+            "seq",
+        ];
+        if self == Dialect::Sqlite {
+            columns.extend(["price_units", "qty_units"]);
+        }
+        Table {
+            name: "fills",
+            keys: &["market", "trade_id", "account", "liquidity"],
+            upsert: false,
+            columns,
+        }
+    }
+
+    fn fill_values(self, f: &FillRow) -> Vec<Val> {
+        let mut v = vec![
+            text(&f.market),
+            text(&f.trade_id),
+            text(&f.account),
+            text(f.liquidity),
+            int(f.oid),
+            opt_text(f.cid.as_deref()),
+            text(&f.side),
+            dec(Some(f.price)),
+            dec(Some(f.qty)),
+            int(f.ts),
+            int(f.seq),
+        ];
+        if self == Dialect::Sqlite {
+            v.extend([Val::Int(f.price.units_i64()), Val::Int(f.qty.units_i64())]);
+        }
+        v
+    }
+
+    fn trades_table(self) -> Table {
+        let mut columns = vec![
+            "market",
+            "trade_id",
+            "n",
+            "price",
+            "qty",
+            "taker_side",
+            "ts",
+            "seq",
+        ];
+        if self == Dialect::Sqlite {
+            columns.extend(["price_units", "qty_units"]);
+        }
+        Table {
+            name: "trades",
+            keys: &["market", "trade_id"],
+            upsert: false,
+            columns,
+        }
+    }
+
+    fn trade_values(self, t: &TradeRow) -> Vec<Val> {
+        let mut v = vec![
+            text(&t.market),
+            text(&t.trade_id),
+            int(u64::from(t.n)),
+            dec(Some(t.price)),
+            dec(Some(t.qty)),
+            text(&t.taker_side),
+            int(t.ts),
+            int(t.seq),
+        ];
+        if self == Dialect::Sqlite {
+            v.extend([Val::Int(t.price.units_i64()), Val::Int(t.qty.units_i64())]);
+        }
+        v
+    }
+
+    fn candles_table(self) -> Table {
+        let mut columns = vec![
+            "market", "interval", "t", "open", "high", "low", "close", "volume", "trades",
+        ];
+        if self == Dialect::Sqlite {
+            columns.extend([
+                "open_units",
+                "high_units",
+                "low_units",
+                "close_units",
+                "volume_units",
+            ]);
+        }
+        Table {
+            name: "candles",
+            keys: &["market", "interval", "t"],
+            upsert: true,
+            columns,
+        }
+    }
+
+    fn candle_values(self, c: &CandleRow) -> Vec<Val> {
+        let mut v = vec![
+            text(&c.market),
+            text("1m"),
+            Val::Int(Some(c.t)),
+            dec(Some(c.open)),
+            dec(Some(c.high)),
+            dec(Some(c.low)),
+            dec(Some(c.close)),
+            dec(Some(c.volume)),
+            int(c.trades),
+        ];
+        if self == Dialect::Sqlite {
+            for d in [c.open, c.high, c.low, c.close, c.volume] {
+                v.push(Val::Int(d.units_i64()));
+            }
+        }
+        v
+    }
+
+    fn column_name(self, c: &str) -> String {
+        if c == "interval" {
+            self.interval_col().to_string()
+        } else {
+            c.to_string()
+        }
+    }
+}
+
+/// The history database.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    pub dialect: Dialect,
+    /// The URL with its password hidden, fit to print.
+    pub shown: String,
+}
+
+/// `url` with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    crate::bus::redact(url)
+}
+
+impl Store {
+    /// Connects (creating a SQLite file and its directory if missing) and creates the tables
+    /// that are missing. Fails at once if the database cannot be reached.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let dialect = Dialect::of_url(url).map_err(StoreError::Schema)?;
+        let shown = redact_url(url);
+        let bad_url = |e: sqlx::Error| {
+            StoreError::Schema(format!("database URL {shown} cannot be read: {e}"))
+        };
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                let path = url.trim_start_matches("sqlite://");
+                let path = path.split('?').next().unwrap_or(path);
+                if let Some(dir) = std::path::Path::new(path).parent()
+                    && !dir.as_os_str().is_empty()
+                {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StoreError::Schema(format!(
+                            "cannot create the directory {} for the history database: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                }
+                // WAL with synchronous = NORMAL: a power cut may lose the last transactions,
+                // progress rows with them, so they are written again from the journal.
+                let options = SqliteConnectOptions::from_str(url)
+                    .map_err(bad_url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10));
+                Pool::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(4)
+                        .acquire_timeout(Duration::from_secs(5))
+                        .connect_with(options)
+                        .await
+                        .map_err(db_err("unreachable"))?,
+                )
+            }
+            Dialect::Postgres => Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(PgConnectOptions::from_str(url).map_err(bad_url)?)
+                    .await
+                    .map_err(db_err("unreachable"))?,
+            ),
+            Dialect::MySql => Pool::MySql(
+                MySqlPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(MySqlConnectOptions::from_str(url).map_err(bad_url)?)
+                    .await
+                    .map_err(db_err("unreachable"))?,
+            ),
+        };
+        let store = Store {
+            pool,
+            dialect,
+            shown,
+        };
+        store.create_tables().await?;
+        Ok(store)
+    }
+
+    async fn create_tables(&self) -> Result<(), StoreError> {
+        for ddl in self.dialect.schema() {
+            on_pool!(&self.pool, p => sqlx::query(&ddl).execute(p).await.map(|_| ()))
+                .map_err(db_err("cannot create the history tables"))?;
+        }
+        let version = self.meta("schema_version").await?;
+        match version.as_deref().map(str::parse::<i64>) {
+            None => {
+                self.set_meta("schema_version", &SCHEMA_VERSION.to_string())
+                    .await
+            }
+            Some(Ok(v)) if v == SCHEMA_VERSION => Ok(()),
+            Some(v) => Err(StoreError::Schema(format!(
+                "the history database has schema version {v:?}; this build writes {SCHEMA_VERSION}: use the build that wrote it, or --rebuild into a new database"
+            ))),
+        }
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT value FROM history_meta WHERE name = ";
+        on_pool!(&self.pool, p => {
+            let mut b = QueryBuilder::new(sql);
+            b.push_bind(name.to_string());
+            b.build().fetch_optional(p).await.and_then(|r| r.map(|r| r.try_get::<String, _>("value")).transpose())
+        })
+        .map_err(db_err("cannot read history_meta"))
+    }
+
+    /// Sets `name` unless it is set already (two processes starting together agree).
+    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let sql = match self.dialect {
+            Dialect::MySql => "INSERT IGNORE INTO history_meta (name, value) VALUES (",
+            _ => "INSERT INTO history_meta (name, value) VALUES (",
+        };
+        let tail = match self.dialect {
+            Dialect::MySql => ")",
+            _ => ") ON CONFLICT (name) DO NOTHING",
+        };
+        on_pool!(&self.pool, p => {
+            let mut b = QueryBuilder::new(sql);
+            b.push_bind(name.to_string()).push(", ").push_bind(value.to_string()).push(tail);
+            b.build().execute(p).await.map(|_| ())
+        })
+        .map_err(db_err("cannot write history_meta"))
+    }
+
+    /// This database's id, made once: the writer's lease and consumer are named after it, so
+    /// two processes on one database share them and two databases never do.
+    pub async fn store_id(&self) -> Result<String, StoreError> {
+        if let Some(id) = self.meta("store_id").await? {
+            return Ok(id);
+        }
+        let mut bytes = [0u8; 8];
+        getrandom(&mut bytes);
+        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        self.set_meta("store_id", &id).await?;
+        self.meta("store_id")
+            .await?
+            .ok_or_else(|| StoreError::Schema("history_meta lost its store_id".into()))
+    }
+
+    /// Every market's progress.
+    pub async fn progress(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Progress>, StoreError> {
+        let sql = "SELECT market, last_seq, events_seq, price_decimals, size_decimals FROM history_progress";
+        let rows: Vec<ProgressCells> = on_pool!(&self.pool, p => {
+            sqlx::query(sql).fetch_all(p).await.and_then(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get("market")?,
+                            r.try_get("last_seq")?,
+                            r.try_get("events_seq")?,
+                            r.try_get("price_decimals")?,
+                            r.try_get("size_decimals")?,
+                        ))
+                    })
+                    .collect()
+            })
+        })
+        .map_err(db_err("cannot read history_progress"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(m, last, events, pd, sd)| {
+                (
+                    m,
+                    Progress {
+                        last_seq: u64::try_from(last).unwrap_or(0),
+                        events_seq: u64::try_from(events).unwrap_or(0),
+                        price_decimals: pd.and_then(|d| u8::try_from(d).ok()),
+                        size_decimals: sd.and_then(|d| u8::try_from(d).ok()),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The rows of these orders of `market` that the database has.
+    pub async fn orders(
+        &self,
+        market: &str,
+        oids: &[u64],
+        progress: Option<&Progress>,
+    ) -> Result<Vec<OrderRow>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in oids.chunks(ROWS_PER_STATEMENT) {
+            let select = self.order_select();
+            let rows: Vec<RawOrder> = on_pool!(&self.pool, p => {
+                let mut b = QueryBuilder::new(format!("{select} WHERE market = "));
+                b.push_bind(market.to_string()).push(" AND oid IN (");
+                let mut sep = b.separated(", ");
+                for oid in chunk {
+                    sep.push_bind(i64::try_from(*oid).unwrap_or(i64::MAX));
+                }
+                b.push(")");
+                b.build().fetch_all(p).await.and_then(|rows| rows.iter().map(RawOrder::read).collect())
+            })
+            .map_err(db_err("cannot read orders"))?;
+            for raw in rows {
+                out.push(raw.into_row(progress)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The column list of an order read back (decimals as text).
+    pub fn order_select(&self) -> String {
+        let d = |c: &str| self.dialect.dec_text(c);
+        format!(
+            "SELECT market, oid, account, cid, side, order_type, tif, {}, {}, {}, {}, {}, {}, {}, status, reason, created_seq, updated_seq, created_ts, updated_ts FROM orders",
+            d("price"),
+            d("stop_price"),
+            d("qty"),
+            d("filled"),
+            d("leaves"),
+            d("notional"),
+            d("avg_price"),
+        )
+    }
+
+    /// These candles (`1m`) if the database has them.
+    pub async fn candles(&self, keys: &[(String, i64)]) -> Result<Vec<CandleRow>, StoreError> {
+        let mut out = Vec::new();
+        let iv = self.dialect.interval_col();
+        let d = |c: &str| self.dialect.dec_text(c);
+        let select = format!(
+            "SELECT market, t, {}, {}, {}, {}, {}, trades FROM candles WHERE {iv} = '1m' AND ",
+            d("open"),
+            d("high"),
+            d("low"),
+            d("close"),
+            d("volume")
+        );
+        for (market, t) in keys {
+            let row: Option<CandleCells> = on_pool!(&self.pool, p => {
+                let mut b = QueryBuilder::new(select.as_str());
+                b.push("market = ").push_bind(market.clone()).push(" AND t = ").push_bind(*t);
+                b.build().fetch_optional(p).await.and_then(|r| r.map(|r| Ok::<_, sqlx::Error>((
+                    r.try_get("market")?,
+                    r.try_get("t")?,
+                    [r.try_get("open")?, r.try_get("high")?, r.try_get("low")?, r.try_get("close")?, r.try_get("volume")?],
+                    r.try_get("trades")?,
+                ))).transpose())
+            })
+            .map_err(db_err("cannot read candles"))?;
+            if let Some((market, t, [o, h, l, c, v], trades)) = row {
+                let p = |s: &str| {
+                    Dec::parse(s.trim()).ok_or_else(|| {
+                        StoreError::Schema(format!("candle value {s:?} is not a decimal"))
+                    })
+                };
+                out.push(CandleRow {
+                    market,
+                    t,
+                    open: p(&o)?,
+                    high: p(&h)?,
+                    low: p(&l)?,
+                    close: p(&c)?,
+                    volume: p(&v)?,
+                    trades: u64::try_from(trades).unwrap_or(0),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `changes` in one transaction: progress first (the fence), then the rows.
+    pub async fn write(&self, changes: &Changes) -> Result<(), StoreError> {
+        let dialect = self.dialect;
+        let decimals = |market: &str| {
+            changes
+                .progress
+                .get(market)
+                .and_then(|(p, _)| p.price_decimals)
+                .unwrap_or(0)
+        };
+        let orders: Vec<Vec<Val>> = changes
+            .orders
+            .values()
+            .map(|o| dialect.order_values(o, decimals(&o.market)))
+            .collect();
+        let fills: Vec<Vec<Val>> = changes
+            .fills
+            .iter()
+            .map(|f| dialect.fill_values(f))
+            .collect();
+        let trades: Vec<Vec<Val>> = changes
+            .trades
+            .iter()
+            .map(|t| dialect.trade_values(t))
+            .collect();
+        let candles: Vec<Vec<Val>> = changes
+            .candles
+            .values()
+            .map(|c| dialect.candle_values(c))
+            .collect();
+        let tables = [
+            (dialect.orders_table(), orders),
+            (dialect.fills_table(), fills),
+            (dialect.trades_table(), trades),
+            (dialect.candles_table(), candles),
+        ];
+        let pg = dialect == Dialect::Postgres;
+        on_pool!(&self.pool, p => {
+            let mut tx = p.begin().await.map_err(db_err("cannot begin a transaction"))?;
+            for (market, (progress, expected)) in &changes.progress {
+                let pd = progress.price_decimals.map(i64::from);
+                let sd = progress.size_decimals.map(i64::from);
+                let last = i64::try_from(progress.last_seq).unwrap_or(i64::MAX);
+                let events = i64::try_from(progress.events_seq).unwrap_or(i64::MAX);
+                let fenced = || StoreError::Fenced { market: market.clone(), expected: *expected };
+                match expected {
+                    Some(e) => {
+                        let mut b = QueryBuilder::new("UPDATE history_progress SET last_seq = ");
+                        b.push_bind(last)
+                            .push(", events_seq = ").push_bind(events)
+                            .push(", price_decimals = ").push_bind(pd)
+                            .push(", size_decimals = ").push_bind(sd)
+                            .push(" WHERE market = ").push_bind(market.clone())
+                            .push(" AND events_seq = ").push_bind(i64::try_from(*e).unwrap_or(i64::MAX));
+                        let done = b.build().execute(&mut *tx).await.map_err(db_err("cannot write history_progress"))?;
+                        if done.rows_affected() != 1 {
+                            return Err(fenced());
+                        }
+                    }
+                    None => {
+                        let mut b = QueryBuilder::new("INSERT INTO history_progress (market, last_seq, events_seq, price_decimals, size_decimals) VALUES (");
+                        b.push_bind(market.clone()).push(", ")
+                            .push_bind(last).push(", ")
+                            .push_bind(events).push(", ")
+                            .push_bind(pd).push(", ")
+                            .push_bind(sd).push(")");
+                        match b.build().execute(&mut *tx).await {
+                            Ok(_) => {}
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(fenced()),
+                            Err(e) => return Err(db_err("cannot write history_progress")(e)),
+                        }
+                    }
+                }
+            }
+            for (table, rows) in &tables {
+                let columns: Vec<String> = table.columns.iter().map(|c| dialect.column_name(c)).collect();
+                let head = format!("INSERT INTO {} ({}) ", table.name, columns.join(", "));
+                let tail = if table.upsert { dialect.upsert_clause(table) } else { String::new() };
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    let mut b = QueryBuilder::new(head.as_str());
+                    b.push_values(chunk, |mut sep, row| {
+                        for v in row {
+                            match v {
+                                Val::Int(i) => { sep.push_bind(*i); }
+                                Val::Text(s) => { sep.push_bind(s.clone()); }
+                                Val::Dec(s) if pg => {
+                                    sep.push("CAST(").push_bind_unseparated(s.clone()).push_unseparated(" AS NUMERIC)");
+                                }
+                                Val::Dec(s) => { sep.push_bind(s.clone()); }
+                            }
+                        }
+                    });
+                    b.push(tail.as_str());
+                    b.build().execute(&mut *tx).await.map_err(|e| match e {
+                        sqlx::Error::Database(e) if e.is_unique_violation() => StoreError::Fenced { market: "?".into(), expected: None },
+                        e => db_err("cannot write rows")(e),
+                    })?;
+                }
+            }
+            tx.commit().await.map_err(db_err("cannot commit"))
+        })
+    }
+
+    /// Empties every table but `history_meta` (for `--rebuild`).
+    pub async fn clear(&self) -> Result<(), StoreError> {
+        on_pool!(&self.pool, p => {
+            let mut tx = p.begin().await.map_err(db_err("cannot begin a transaction"))?;
+            for t in ["orders", "fills", "trades", "candles", "history_progress"] {
+                sqlx::query(&format!("DELETE FROM {t}")).execute(&mut *tx).await.map_err(db_err("cannot empty the tables"))?;
+            }
+            tx.commit().await.map_err(db_err("cannot commit"))
+        })
+    }
+
+    /// Whether the database answers now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(&self.pool, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
+            .map_err(db_err("unreachable"))
+    }
+
+    /// Runs `sql` with `binds` and returns the rows as strings and integers, column by
+    /// column, for the queries (`query.rs`), which build their SQL from this module's dialect.
+    pub async fn select(&self, sql: &str, binds: &[Bind]) -> Result<Vec<Vec<Cell>>, StoreError> {
+        on_pool!(&self.pool, p => {
+            let mut b = QueryBuilder::new("");
+            let mut parts = sql.split('?');
+            if let Some(first) = parts.next() {
+                b.push(first);
+            }
+            for (i, part) in parts.enumerate() {
+                match binds.get(i) {
+                    Some(Bind::Int(v)) => { b.push_bind(*v); }
+                    Some(Bind::Text(v)) => { b.push_bind(v.clone()); }
+                    None => { b.push_bind(None::<i64>); }
+                }
+                b.push(part);
+            }
+            b.build().fetch_all(p).await.and_then(|rows| {
+                rows.iter().map(|r| {
+                    (0..r.len()).map(|i| {
+                        if let Ok(v) = r.try_get::<Option<i64>, _>(i) {
+                            return Ok(v.map_or(Cell::Null, Cell::Int));
+                        }
+                        r.try_get::<Option<String>, _>(i).map(|v| v.map_or(Cell::Null, Cell::Text))
+                    }).collect::<Result<Vec<_>, sqlx::Error>>()
+                }).collect::<Result<Vec<_>, sqlx::Error>>()
+            })
+        })
+        .map_err(db_err("query failed"))
+    }
+}
+
+/// A progress row as read.
+type ProgressCells = (String, i64, i64, Option<i64>, Option<i64>);
+
+/// A candle as read: market, t, open/high/low/close/volume as text, trades.
+type CandleCells = (String, i64, [String; 5], i64);
+
+/// A value bound into a query (`Store::select`).
+#[derive(Clone, Debug)]
+pub enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// A value read by `Store::select`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cell {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+impl Cell {
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Cell::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Cell::Int(i) => Some(*i),
+            Cell::Text(s) => s.parse().ok(),
+            Cell::Null => None,
+        }
+    }
+}
+
+/// An order row as read, before its decimals are checked.
+struct RawOrder {
+    market: String,
+    oid: i64,
+    account: String,
+    cid: Option<String>,
+    side: Option<String>,
+    order_type: Option<String>,
+    tif: Option<String>,
+    decs: [Option<String>; 7],
+    status: String,
+    reason: Option<String>,
+    seqs: [i64; 4],
+}
+
+impl RawOrder {
+    fn read<R: Row>(r: &R) -> Result<RawOrder, sqlx::Error>
+    where
+        for<'a> &'a str: sqlx::ColumnIndex<R>,
+        for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(RawOrder {
+            market: r.try_get("market")?,
+            oid: r.try_get("oid")?,
+            account: r.try_get("account")?,
+            cid: r.try_get("cid")?,
+            side: r.try_get("side")?,
+            order_type: r.try_get("order_type")?,
+            tif: r.try_get("tif")?,
+            decs: [
+                r.try_get("price")?,
+                r.try_get("stop_price")?,
+                r.try_get("qty")?,
+                r.try_get("filled")?,
+                r.try_get("leaves")?,
+                r.try_get("notional")?,
+                r.try_get("avg_price")?,
+            ],
+            status: r.try_get("status")?,
+            reason: r.try_get("reason")?,
+            seqs: [
+                r.try_get("created_seq")?,
+                r.try_get("updated_seq")?,
+                r.try_get("created_ts")?,
+                r.try_get("updated_ts")?,
+            ],
+        })
+    }
+
+    fn into_row(self, progress: Option<&Progress>) -> Result<OrderRow, StoreError> {
+        let pd = progress.and_then(|p| p.price_decimals);
+        let sd = progress.and_then(|p| p.size_decimals);
+        let read = |s: &Option<String>, scale: Option<u8>| -> Result<Option<Dec>, StoreError> {
+            s.as_deref()
+                .map(|s| {
+                    let s = match scale {
+                        Some(scale) => with_scale(s, scale),
+                        None => s.trim().to_string(),
+                    };
+                    Dec::parse(&s).ok_or_else(|| {
+                        StoreError::Schema(format!("orders holds {s:?} where a decimal belongs"))
+                    })
+                })
+                .transpose()
+        };
+        let notional_scale = pd.zip(sd).map(|(p, s)| p + s);
+        let [price, stop, qty, filled, leaves, notional, _avg] = &self.decs;
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(OrderRow {
+            market: self.market,
+            oid: u(self.oid),
+            account: self.account,
+            cid: self.cid,
+            side: self.side,
+            order_type: self.order_type,
+            tif: self.tif,
+            price: read(price, pd)?,
+            stop_price: read(stop, pd)?,
+            qty: read(qty, sd)?,
+            filled: read(filled, sd)?.unwrap_or(Dec::zero(0)),
+            leaves: read(leaves, sd)?.unwrap_or(Dec::zero(0)),
+            notional: read(notional, notional_scale)?.unwrap_or(Dec::zero(0)),
+            status: Status::parse(&self.status).ok_or_else(|| {
+                StoreError::Schema(format!("orders holds status {:?}", self.status))
+            })?,
+            reason: self.reason,
+            created_seq: u(self.seqs[0]),
+            updated_seq: u(self.seqs[1]),
+            created_ts: u(self.seqs[2]),
+            updated_ts: u(self.seqs[3]),
+        })
+    }
+}
+
+/// Random bytes from the kernel (the store's id), without a crate for it.
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf));
+    if filled.is_err() {
+        // No /dev/urandom: the time is unique enough for a database's id.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> (8 * (i % 16))) as u8;
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The writer: one per database, chosen by a lease in NATS KV (`<prefix>_history`, key
+//! `writer-<store id>`, expiring after `lease_ms` unless renewed); the others wait as standbys
+//! and take the role when the key expires or is released. The writer reads `EVENTS` from the
+//! database's own position (the highest `events_seq` written, plus one) through an ordered
+//! consumer (gaps in delivery are repaired by the client, which re-creates it after the last
+//! message seen), and writes each run of waiting messages (up to `batch_max`) in one fenced
+//! transaction. A refused transaction is written again after a back-off (0.1 s doubling to
+//! 5 s) with nothing read meanwhile: the journal is the buffer, however long the outage.
+//!
+//! The database is the one cursor: nothing is acknowledged to NATS (the journal stream keeps
+//! its messages by its limits, not by consumers), so a new database, a restored backup or a
+//! rebuild always starts exactly where its own rows end.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+
+use super::project::{Message, Projector};
+use super::store::{Store, StoreError};
+use super::{Health, HistoryConfig, HistoryError};
+use crate::actors::Lease;
+use crate::bus::{Journal, Subjects};
+
+pub struct Writer {
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub store: Store,
+    pub settings: HistoryConfig,
+    pub health: Health,
+    pub rebuild: bool,
+}
+
+/// Why a writer stopped writing.
+enum Stopped {
+    Shutdown,
+    /// The lease lapsed or another writer fenced this one: back to standby.
+    Lost(String),
+}
+
+/// The lease on a database's writer role.
+struct WriterLease {
+    kv: kv::Store,
+    key: String,
+    holder: String,
+    revision: Option<u64>,
+    lease: Lease,
+    ttl: Duration,
+}
+
+impl WriterLease {
+    async fn open(
+        js: &jetstream::Context,
+        subjects: &Subjects,
+        store_id: &str,
+        ttl: Duration,
+    ) -> Result<WriterLease, HistoryError> {
+        let bucket = subjects.bucket("history");
+        let kv = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: "agora history: the writer of each database".into(),
+                    history: 1,
+                    max_age: ttl,
+                    ..Default::default()
+                })
+                .await
+                .or(js.get_key_value(&bucket).await.map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    HistoryError::Other(format!("cannot open the KV bucket {bucket}: {e}"))
+                })?,
+        };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        Ok(WriterLease {
+            kv,
+            key: format!("writer-{store_id}"),
+            holder: format!("{host}:{}", std::process::id()),
+            revision: None,
+            lease: Lease::new(),
+            ttl,
+        })
+    }
+
+    /// Takes the role if nobody holds it. `true` when held.
+    async fn try_take(&mut self) -> bool {
+        let sent = Instant::now();
+        match self.kv.create(&self.key, self.holder.clone().into()).await {
+            Ok(rev) => {
+                self.revision = Some(rev);
+                self.lease.extend_to(sent + self.ttl * 3 / 4);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Renews a held lease; `false` once it is lost.
+    async fn renew(&mut self) -> bool {
+        let Some(rev) = self.revision else {
+            return false;
+        };
+        let sent = Instant::now();
+        match self
+            .kv
+            .update(&self.key, self.holder.clone().into(), rev)
+            .await
+        {
+            Ok(rev) => {
+                self.revision = Some(rev);
+                self.lease.extend_to(sent + self.ttl * 3 / 4);
+                true
+            }
+            Err(e) => {
+                if self.lease.valid() {
+                    tracing::warn!("history writer lease not renewed: {e}");
+                    true
+                } else {
+                    self.revision = None;
+                    false
+                }
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        if let Some(rev) = self.revision.take() {
+            let _ = self.kv.delete_expect_revision(&self.key, Some(rev)).await;
+        }
+        self.lease.lapse();
+    }
+}
+
+impl Writer {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), HistoryError> {
+        let js = jetstream::new(self.client.clone());
+        let store_id = self.store.store_id().await?;
+        let ttl = Duration::from_millis(self.settings.lease_ms);
+        let mut lease = WriterLease::open(&js, &self.subjects, &store_id, ttl).await?;
+        let journal = loop {
+            match Journal::open(&js, &self.subjects).await {
+                Ok(j) => break j,
+                Err(e) => {
+                    tracing::warn!("waiting for the journal stream: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => return Ok(()),
+                    }
+                }
+            }
+        };
+        self.spawn_lag(journal, stop.clone());
+        let mut rebuild = self.rebuild;
+        let mut said_standby = false;
+        loop {
+            self.health.set_role("standby");
+            // Wait for the role.
+            loop {
+                if lease.try_take().await {
+                    break;
+                }
+                if !said_standby {
+                    println!(
+                        "agora history: another process writes {}; waiting as a standby",
+                        self.store.shown
+                    );
+                    said_standby = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 8) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+            said_standby = false;
+            self.health.set_role("writer");
+            if rebuild {
+                self.clear_waiting(&mut stop).await?;
+                println!(
+                    "agora history: emptied the tables of {}; writing them again from the start of the journal",
+                    self.store.shown
+                );
+                rebuild = false;
+            }
+            println!("agora history: writing {}", self.store.shown);
+            let outcome = self.write(&js, &mut lease, &mut stop).await;
+            match outcome {
+                Ok(Stopped::Shutdown) => {
+                    lease.release().await;
+                    self.health.set_role("standby");
+                    return Ok(());
+                }
+                Ok(Stopped::Lost(why)) => {
+                    tracing::warn!("history writer: {why}; waiting as a standby");
+                    println!("agora history: no longer the writer ({why}); waiting as a standby");
+                    lease.release().await;
+                }
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn clear_waiting(&self, stop: &mut watch::Receiver<bool>) -> Result<(), HistoryError> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.store.clear().await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Database { what, reason }) => {
+                    self.health.database_failed(&format!("{what}: {reason}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return Ok(()),
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads progress until the database answers (or the lease is lost meanwhile).
+    async fn progress_waiting(
+        &self,
+        lease: &mut WriterLease,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<HashMap<String, super::project::Progress>>, HistoryError> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.store.progress().await {
+                Ok(p) => {
+                    self.health.database_ok();
+                    return Ok(Some(p));
+                }
+                Err(StoreError::Database { what, reason }) => {
+                    self.health.database_failed(&format!("{what}: {reason}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return Ok(None),
+                    }
+                    if !lease.renew().await {
+                        return Ok(None);
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        js: &jetstream::Context,
+        lease: &mut WriterLease,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Stopped, HistoryError> {
+        let Some(progress) = self.progress_waiting(lease, stop).await? else {
+            return Ok(if *stop.borrow() {
+                Stopped::Shutdown
+            } else {
+                Stopped::Lost("the lease lapsed while the database was down".into())
+            });
+        };
+        let start = progress.values().map(|p| p.events_seq).max().unwrap_or(0) + 1;
+        let mut projector = Projector::new(progress);
+        let stream = js
+            .get_stream(self.subjects.events_stream())
+            .await
+            .map_err(|e| HistoryError::Other(format!("cannot open the journal stream: {e}")))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects.events(">"),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| HistoryError::Other(format!("cannot read the journal: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| HistoryError::Other(format!("cannot read the journal: {e}")))?;
+        tracing::info!(start, "history writer reads the journal");
+        let mut renew = tokio::time::interval(lease.ttl / 4);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            // The first message, waiting; then whatever else is already here.
+            let first = tokio::select! {
+                _ = stop.changed() => return Ok(Stopped::Shutdown),
+                _ = renew.tick() => {
+                    if !lease.renew().await {
+                        return Ok(Stopped::Lost("the writer lease was lost".into()));
+                    }
+                    continue;
+                }
+                m = messages.next() => m,
+            };
+            let mut run = Vec::new();
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Ok(m)) => {
+                        let events_seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        run.push(Message {
+                            events_seq,
+                            batch: super::project::JournalBatch::decode(&m.payload),
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("reading the journal: {e}");
+                        break;
+                    }
+                    None => {
+                        return Err(HistoryError::Other(
+                            "the journal consumer ended; start again".into(),
+                        ));
+                    }
+                }
+                if run.len() >= self.settings.batch_max {
+                    break;
+                }
+                match messages.next().now_or_never() {
+                    Some(m) => next = m,
+                    None => break,
+                }
+            }
+            if run.is_empty() {
+                continue;
+            }
+            let count = run.len() as u64;
+            if let Some(stopped) = self
+                .write_run(&mut projector, run, lease, stop, &mut renew)
+                .await?
+            {
+                return Ok(stopped);
+            }
+            metrics::counter!("history_journal_messages_total").increment(count);
+        }
+    }
+
+    /// Writes one run of messages; `Some` when the writer must stop.
+    async fn write_run(
+        &self,
+        projector: &mut Projector,
+        run: Vec<Message>,
+        lease: &mut WriterLease,
+        stop: &mut watch::Receiver<bool>,
+        renew: &mut tokio::time::Interval,
+    ) -> Result<Option<Stopped>, HistoryError> {
+        let mut wait = Duration::from_millis(100);
+        // The rows the projection needs from the database, then the changes.
+        let needs = projector.needs(&run);
+        let (orders, candles) = loop {
+            let loaded = async {
+                let mut orders = Vec::new();
+                for (market, oids) in &needs.orders {
+                    let oids: Vec<u64> = oids.iter().copied().collect();
+                    orders.extend(
+                        self.store
+                            .orders(market, &oids, projector.progress.get(market))
+                            .await?,
+                    );
+                }
+                let keys: Vec<(String, i64)> = needs.candles.iter().cloned().collect();
+                let candles = self.store.candles(&keys).await?;
+                Ok::<_, StoreError>((orders, candles))
+            }
+            .await;
+            match loaded {
+                Ok(l) => break l,
+                Err(StoreError::Database { what, reason }) => {
+                    if let Some(s) = self.back_off(what, &reason, &mut wait, lease, stop).await {
+                        return Ok(Some(s));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        projector.provide(&needs, orders, candles);
+        let changes = projector.apply(run);
+        if changes.unreadable > 0 {
+            metrics::counter!("history_unreadable_total").increment(changes.unreadable);
+        }
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        loop {
+            if !lease.lease.valid() && !lease.renew().await {
+                return Ok(Some(Stopped::Lost(
+                    "the writer lease lapsed before a transaction".into(),
+                )));
+            }
+            match self.store.write(&changes).await {
+                Ok(()) => {
+                    self.health.database_ok();
+                    metrics::counter!("history_transactions_total").increment(1);
+                    for (table, n) in [
+                        ("orders", changes.orders.len()),
+                        ("fills", changes.fills.len()),
+                        ("trades", changes.trades.len()),
+                        ("candles", changes.candles.len()),
+                    ] {
+                        metrics::counter!("history_rows_written_total", "table" => table)
+                            .increment(n as u64);
+                    }
+                    return Ok(None);
+                }
+                Err(StoreError::Fenced { market, expected }) => {
+                    return Ok(Some(Stopped::Lost(format!(
+                        "another writer wrote {market} past journal message {}",
+                        expected.unwrap_or(0)
+                    ))));
+                }
+                Err(StoreError::Database { what, reason }) => {
+                    metrics::counter!("history_write_failures_total").increment(1);
+                    if let Some(s) = self.back_off(what, &reason, &mut wait, lease, stop).await {
+                        return Ok(Some(s));
+                    }
+                    renew.reset();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Says the database failed, waits, renews the lease; `Some` when the writer must stop.
+    async fn back_off(
+        &self,
+        what: &str,
+        reason: &str,
+        wait: &mut Duration,
+        lease: &mut WriterLease,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Stopped> {
+        let first = self.health.database_down_for().is_none();
+        self.health.database_failed(&format!("{what}: {reason}"));
+        if first {
+            println!(
+                "agora history: the database failed ({what}: {reason}); writing again every few seconds until it answers, nothing is lost"
+            );
+        }
+        tracing::warn!(
+            "history database {} failed ({what}: {reason}); trying again in {:.1} s",
+            self.store.shown,
+            wait.as_secs_f64()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(*wait) => {}
+            _ = stop.changed() => return Some(Stopped::Shutdown),
+        }
+        *wait = (*wait * 2).min(Duration::from_secs(5));
+        if !lease.renew().await {
+            return Some(Stopped::Lost(
+                "the writer lease lapsed while the database was down".into(),
+            ));
+        }
+        None
+    }
+
+    /// Every 5 s: each market's lag (journal's last command minus the last written).
+    fn spawn_lag(&self, journal: Journal, mut stop: watch::Receiver<bool>) {
+        let store = self.store.clone();
+        let health = self.health.clone();
+        let js = jetstream::new(self.client.clone());
+        let subjects = self.subjects.clone();
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let progress = match store.progress().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        health.set_lag(Vec::new(), Some(e.to_string()));
+                        continue;
+                    }
+                };
+                let mut markets: Vec<String> = progress.keys().cloned().collect();
+                if let Ok(kv) = js.get_key_value(subjects.bucket("markets")).await
+                    && let Ok(keys) = crate::bus::streams::bucket_keys(&kv).await
+                {
+                    markets.extend(keys);
+                }
+                markets.sort();
+                markets.dedup();
+                let mut lag = Vec::new();
+                for m in markets {
+                    if let Ok(last) = journal.last_seq(&m).await {
+                        let written = progress.get(&m).map_or(0, |p| p.last_seq);
+                        lag.push((m, last.saturating_sub(written)));
+                    }
+                }
+                health.set_lag(lag, None);
+            }
+        });
+    }
+}

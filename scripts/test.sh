@@ -22,6 +22,8 @@ fi
 need_nats_server
 need_python_client
 need_rotel
+need_postgres
+need_mariadb
 echo "nats-server: $(command -v nats-server) ($(nats-server --version))"
 
 step "cargo fmt --check"

@@ -247,7 +247,7 @@ async fn open_waiting(
                 let why = format!("{what}: {reason}");
                 health.database_failed(&why);
                 tracing::warn!(
-                    "history database {} cannot be reached ({why}); trying again in {:.1} s",
+                    "history database {} cannot be opened ({why}); trying again in {:.1} s",
                     store::redact_url(url),
                     wait.as_secs_f64()
                 );

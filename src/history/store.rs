@@ -299,7 +299,22 @@ impl Dialect {
         }
     }
 
-    fn order_values(self, o: &OrderRow, price_decimals: u8) -> Vec<Val> {
+    /// An order's values, each decimal at its market's scale (prices, quantities, and
+    /// their sum for the notional) whatever scale it was read back with, so that one journal
+    /// always writes the same text.
+    fn order_values(self, o: &OrderRow, decimals: (Option<u8>, Option<u8>)) -> Vec<Val> {
+        let (pd, sd) = decimals;
+        let at = |d: Dec, scale: Option<u8>| scale.and_then(|s| d.rescale(s)).unwrap_or(d);
+        let price_decimals = pd.unwrap_or(0);
+        let o = &OrderRow {
+            price: o.price.map(|d| at(d, pd)),
+            stop_price: o.stop_price.map(|d| at(d, pd)),
+            qty: o.qty.map(|d| at(d, sd)),
+            filled: at(o.filled, sd),
+            leaves: at(o.leaves, sd),
+            notional: at(o.notional, pd.zip(sd).map(|(p, s)| p + s)),
+            ..o.clone()
+        };
         let mut v = vec![
             text(&o.market),
             int(o.oid),
@@ -507,14 +522,14 @@ impl Store {
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10));
+                    .busy_timeout(Duration::from_millis(500));
                 Pool::Sqlite(
                     SqlitePoolOptions::new()
                         .max_connections(4)
                         .acquire_timeout(Duration::from_secs(5))
                         .connect_with(options)
                         .await
-                        .map_err(db_err("unreachable"))?,
+                        .map_err(db_err("refused the connection"))?,
                 )
             }
             Dialect::Postgres => Pool::Postgres(
@@ -523,7 +538,7 @@ impl Store {
                     .acquire_timeout(Duration::from_secs(5))
                     .connect_with(PgConnectOptions::from_str(url).map_err(bad_url)?)
                     .await
-                    .map_err(db_err("unreachable"))?,
+                    .map_err(db_err("refused the connection"))?,
             ),
             Dialect::MySql => Pool::MySql(
                 MySqlPoolOptions::new()
@@ -531,7 +546,7 @@ impl Store {
                     .acquire_timeout(Duration::from_secs(5))
                     .connect_with(MySqlConnectOptions::from_str(url).map_err(bad_url)?)
                     .await
-                    .map_err(db_err("unreachable"))?,
+                    .map_err(db_err("refused the connection"))?,
             ),
         };
         let store = Store {
@@ -737,8 +752,7 @@ impl Store {
             changes
                 .progress
                 .get(market)
-                .and_then(|(p, _)| p.price_decimals)
-                .unwrap_or(0)
+                .map_or((None, None), |(p, _)| (p.price_decimals, p.size_decimals))
         };
         let orders: Vec<Vec<Val>> = changes
             .orders

@@ -40,14 +40,20 @@ enum Stopped {
     Lost(String),
 }
 
-/// The lease on a database's writer role.
+/// The lease on a database's writer role. Once taken it is renewed by a task of its own
+/// every quarter of its time to live, so a database that stalls the writer never costs it the
+/// role; the writer checks `held` before each transaction (and the transaction's fence makes
+/// even a stale holder harmless).
 struct WriterLease {
     kv: kv::Store,
     key: String,
     holder: String,
-    revision: Option<u64>,
     lease: Lease,
     ttl: Duration,
+    renewer: Option<(
+        tokio::task::JoinHandle<()>,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    )>,
 }
 
 impl WriterLease {
@@ -81,55 +87,64 @@ impl WriterLease {
             kv,
             key: format!("writer-{store_id}"),
             holder: format!("{host}:{}", std::process::id()),
-            revision: None,
             lease: Lease::new(),
             ttl,
+            renewer: None,
         })
     }
 
-    /// Takes the role if nobody holds it. `true` when held.
+    /// Takes the role if nobody holds it, and starts renewing it. `true` when held.
     async fn try_take(&mut self) -> bool {
         let sent = Instant::now();
-        match self.kv.create(&self.key, self.holder.clone().into()).await {
-            Ok(rev) => {
-                self.revision = Some(rev);
-                self.lease.extend_to(sent + self.ttl * 3 / 4);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Renews a held lease; `false` once it is lost.
-    async fn renew(&mut self) -> bool {
-        let Some(rev) = self.revision else {
+        let Ok(rev) = self.kv.create(&self.key, self.holder.clone().into()).await else {
             return false;
         };
-        let sent = Instant::now();
-        match self
-            .kv
-            .update(&self.key, self.holder.clone().into(), rev)
-            .await
-        {
-            Ok(rev) => {
-                self.revision = Some(rev);
-                self.lease.extend_to(sent + self.ttl * 3 / 4);
-                true
-            }
-            Err(e) => {
-                if self.lease.valid() {
-                    tracing::warn!("history writer lease not renewed: {e}");
-                    true
-                } else {
-                    self.revision = None;
-                    false
+        self.lease.extend_to(sent + self.ttl * 3 / 4);
+        let revision = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rev));
+        let (kv, key, holder, lease, ttl) = (
+            self.kv.clone(),
+            self.key.clone(),
+            self.holder.clone(),
+            self.lease.clone(),
+            self.ttl,
+        );
+        let rev = revision.clone();
+        let task = actix_rt::spawn(async move {
+            use std::sync::atomic::Ordering;
+            loop {
+                tokio::time::sleep(ttl / 4).await;
+                let sent = Instant::now();
+                let asked = kv.update(&key, holder.clone().into(), rev.load(Ordering::Acquire));
+                match tokio::time::timeout(ttl / 2, asked).await {
+                    Ok(Ok(r)) => {
+                        rev.store(r, Ordering::Release);
+                        lease.extend_to(sent + ttl * 3 / 4);
+                    }
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        // Taken by another: the role is gone.
+                        lease.lapse();
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::warn!("history writer lease not renewed: {e}"),
+                    Err(_) => tracing::warn!("history writer lease not renewed in time"),
+                }
+                if !lease.valid() {
+                    return;
                 }
             }
-        }
+        });
+        self.renewer = Some((task, revision));
+        true
+    }
+
+    fn held(&self) -> bool {
+        self.lease.valid()
     }
 
     async fn release(&mut self) {
-        if let Some(rev) = self.revision.take() {
+        if let Some((task, rev)) = self.renewer.take() {
+            task.abort();
+            let rev = rev.load(std::sync::atomic::Ordering::Acquire);
             let _ = self.kv.delete_expect_revision(&self.key, Some(rev)).await;
         }
         self.lease.lapse();
@@ -244,7 +259,7 @@ impl Writer {
                         _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => return Ok(None),
                     }
-                    if !lease.renew().await {
+                    if !lease.held() {
                         return Ok(None);
                     }
                     wait = (wait * 2).min(Duration::from_secs(5));
@@ -288,14 +303,14 @@ impl Writer {
             .await
             .map_err(|e| HistoryError::Other(format!("cannot read the journal: {e}")))?;
         tracing::info!(start, "history writer reads the journal");
-        let mut renew = tokio::time::interval(lease.ttl / 4);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut check = tokio::time::interval(lease.ttl / 4);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             // The first message, waiting; then whatever else is already here.
             let first = tokio::select! {
                 _ = stop.changed() => return Ok(Stopped::Shutdown),
-                _ = renew.tick() => {
-                    if !lease.renew().await {
+                _ = check.tick() => {
+                    if !lease.held() {
                         return Ok(Stopped::Lost("the writer lease was lost".into()));
                     }
                     continue;
@@ -335,10 +350,7 @@ impl Writer {
                 continue;
             }
             let count = run.len() as u64;
-            if let Some(stopped) = self
-                .write_run(&mut projector, run, lease, stop, &mut renew)
-                .await?
-            {
+            if let Some(stopped) = self.write_run(&mut projector, run, lease, stop).await? {
                 return Ok(stopped);
             }
             metrics::counter!("history_journal_messages_total").increment(count);
@@ -352,7 +364,6 @@ impl Writer {
         run: Vec<Message>,
         lease: &mut WriterLease,
         stop: &mut watch::Receiver<bool>,
-        renew: &mut tokio::time::Interval,
     ) -> Result<Option<Stopped>, HistoryError> {
         let mut wait = Duration::from_millis(100);
         // The rows the projection needs from the database, then the changes.
@@ -392,7 +403,7 @@ impl Writer {
             return Ok(None);
         }
         loop {
-            if !lease.lease.valid() && !lease.renew().await {
+            if !lease.held() {
                 return Ok(Some(Stopped::Lost(
                     "the writer lease lapsed before a transaction".into(),
                 )));
@@ -423,7 +434,6 @@ impl Writer {
                     if let Some(s) = self.back_off(what, &reason, &mut wait, lease, stop).await {
                         return Ok(Some(s));
                     }
-                    renew.reset();
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -436,7 +446,7 @@ impl Writer {
         what: &str,
         reason: &str,
         wait: &mut Duration,
-        lease: &mut WriterLease,
+        lease: &WriterLease,
         stop: &mut watch::Receiver<bool>,
     ) -> Option<Stopped> {
         let first = self.health.database_down_for().is_none();
@@ -456,7 +466,7 @@ impl Writer {
             _ = stop.changed() => return Some(Stopped::Shutdown),
         }
         *wait = (*wait * 2).min(Duration::from_secs(5));
-        if !lease.renew().await {
+        if !lease.held() {
             return Some(Stopped::Lost(
                 "the writer lease lapsed while the database was down".into(),
             ));

@@ -2,6 +2,8 @@
 //! output lines are collected), killed when dropped.
 #![allow(dead_code)]
 
+pub mod db;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

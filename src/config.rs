@@ -72,7 +72,7 @@ pub struct Config {
     pub market_defaults: MarketDefaults,
     /// `agora history`: the database and the process's own HTTP port.
     #[serde(default)]
-    pub history: crate::history::HistoryConfig,
+    pub history: HistoryConfig,
 }
 
 /// The seed markets, `config/markets/*.toml` compiled in: what a node creates when its
@@ -160,6 +160,75 @@ pub struct Overrides {
     pub http_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_addr: Option<String>,
+}
+
+/// The database URL schemes `agora history` reads.
+pub const DATABASE_SCHEMES: &[&str] = &["sqlite", "postgres", "postgresql", "mysql", "mariadb"];
+
+/// Settings of `agora history` (`[history]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// `sqlite://PATH`, `postgres://USER:PASSWORD@HOST:PORT/DB` or
+    /// `mysql://USER:PASSWORD@HOST:PORT/DB`; empty: `sqlite://<data_dir>/history.db`.
+    pub database: String,
+    /// `/metrics`, `/health` and `/ready` of the history process (0: off).
+    pub http_port: u16,
+    /// Most journal messages one transaction writes.
+    pub batch_max: usize,
+    /// How long a writer that stops renewing keeps the role before a standby takes it.
+    pub lease_ms: u64,
+    /// Whether this process answers the history queries (every instance may, writer or not).
+    pub queries: bool,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> HistoryConfig {
+        HistoryConfig {
+            database: String::new(),
+            http_port: 0,
+            batch_max: 1000,
+            lease_ms: 2000,
+            queries: true,
+        }
+    }
+}
+
+impl HistoryConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if !self.database.is_empty()
+            && !DATABASE_SCHEMES
+                .iter()
+                .any(|scheme| self.database.starts_with(&format!("{scheme}://")))
+        {
+            return Err(format!(
+                "history.database {} is not a URL agora history reads: use sqlite://PATH, postgres://USER:PASSWORD@HOST:PORT/DB or mysql://USER:PASSWORD@HOST:PORT/DB",
+                crate::bus::redact(&self.database)
+            ));
+        }
+        if !(1..=10_000).contains(&self.batch_max) {
+            return Err(format!(
+                "history.batch_max = {}: use 1 to 10000",
+                self.batch_max
+            ));
+        }
+        if !(1000..=60_000).contains(&self.lease_ms) {
+            return Err(format!(
+                "history.lease_ms = {}: use 1000 to 60000",
+                self.lease_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL: the configured one, else SQLite in the data directory.
+    pub fn database_url(&self, data_dir: &std::path::Path) -> String {
+        if self.database.is_empty() {
+            format!("sqlite://{}", data_dir.join("history.db").display())
+        } else {
+            self.database.clone()
+        }
+    }
 }
 
 /// A configuration that cannot run, with what to change.

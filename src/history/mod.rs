@@ -33,64 +33,7 @@ use crate::telemetry::http::Endpoints;
 
 pub use store::{Dialect, Store, StoreError};
 
-/// Settings of `agora history` (`[history]`).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HistoryConfig {
-    /// `sqlite://PATH`, `postgres://USER:PASSWORD@HOST:PORT/DB` or
-    /// `mysql://USER:PASSWORD@HOST:PORT/DB`; empty: `sqlite://<data_dir>/history.db`.
-    pub database: String,
-    /// `/metrics`, `/health` and `/ready` of the history process (0: off).
-    pub http_port: u16,
-    /// Most journal messages one transaction writes.
-    pub batch_max: usize,
-    /// How long a writer that stops renewing keeps the role before a standby takes it.
-    pub lease_ms: u64,
-    /// Whether this process answers the history queries (every instance may, writer or not).
-    pub queries: bool,
-}
-
-impl Default for HistoryConfig {
-    fn default() -> HistoryConfig {
-        HistoryConfig {
-            database: String::new(),
-            http_port: 0,
-            batch_max: 1000,
-            lease_ms: 2000,
-            queries: true,
-        }
-    }
-}
-
-impl HistoryConfig {
-    pub fn check(&self) -> Result<(), String> {
-        if !self.database.is_empty() {
-            Dialect::of_url(&self.database)?;
-        }
-        if !(1..=10_000).contains(&self.batch_max) {
-            return Err(format!(
-                "history.batch_max = {}: use 1 to 10000",
-                self.batch_max
-            ));
-        }
-        if !(1000..=60_000).contains(&self.lease_ms) {
-            return Err(format!(
-                "history.lease_ms = {}: use 1000 to 60000",
-                self.lease_ms
-            ));
-        }
-        Ok(())
-    }
-
-    /// The database URL: the configured one, else SQLite in the data directory.
-    pub fn database_url(&self, data_dir: &std::path::Path) -> String {
-        if self.database.is_empty() {
-            format!("sqlite://{}", data_dir.join("history.db").display())
-        } else {
-            self.database.clone()
-        }
-    }
-}
+pub use crate::config::HistoryConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {

@@ -32,6 +32,7 @@ use super::store::{Bind, Cell, Dialect, Store};
 use crate::book::Account;
 use crate::bus::Subjects;
 use crate::query::{Format, read_body, refusal};
+pub use crate::wire::query::{HistoryOrder, OrderFound, OrderFoundOwned, OrderLookup};
 
 /// The queue group of the history processes.
 pub const QUEUE_GROUP: &str = "agora-history";
@@ -43,32 +44,6 @@ pub const LIMIT_DEFAULT: usize = 100;
 pub const CANDLES_MAX: usize = 1000;
 
 const DAY_NS: i64 = 86_400_000_000_000;
-
-/// An order as the history shows it: the fields of a query's order (DESIGN section 11), and
-/// what only the history knows.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryOrder {
-    pub market: String,
-    pub oid: u64,
-    pub cid: Option<String>,
-    pub account: String,
-    pub side: Option<String>,
-    pub order_type: Option<String>,
-    pub tif: Option<String>,
-    pub price: Option<String>,
-    pub stop_price: Option<String>,
-    pub qty: Option<String>,
-    pub filled: String,
-    pub leaves: String,
-    pub avg_price: Option<String>,
-    pub status: String,
-    pub reason: Option<String>,
-    /// When it was accepted (or rejected), stream nanoseconds.
-    pub ts: u64,
-    pub updated_ts: u64,
-    pub created_seq: u64,
-    pub last_seq: u64,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryFill {
@@ -121,18 +96,6 @@ struct HistoryRequest {
     before: Option<u64>,
 }
 
-/// What the node's query front asks for a closed order.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OrderLookup {
-    pub account: String,
-    pub market: String,
-    #[serde(default)]
-    pub oid: Option<u64>,
-    #[serde(default)]
-    pub cid: Option<String>,
-}
-
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TradesRequest {
@@ -164,23 +127,6 @@ struct HistoryReply {
     fills: Vec<HistoryFill>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<u64>,
-}
-
-#[derive(Serialize)]
-pub struct OrderFound {
-    pub ok: bool,
-    pub order: HistoryOrder,
-    /// The last journal sequence of the market the store has written.
-    pub as_of: u64,
-}
-
-/// `OrderFound` as read back (by the node's query front).
-#[derive(Deserialize)]
-pub struct OrderFoundOwned {
-    pub ok: bool,
-    pub order: HistoryOrder,
-    #[serde(default)]
-    pub as_of: u64,
 }
 
 #[derive(Serialize)]

@@ -469,8 +469,8 @@ impl QueryFront {
         account: &str,
         request: &OrderRequest,
         until: Instant,
-    ) -> Option<crate::history::query::OrderFound> {
-        let lookup = crate::history::query::OrderLookup {
+    ) -> Option<crate::wire::query::OrderFound> {
+        let lookup = crate::wire::query::OrderLookup {
             account: account.to_string(),
             market: request.market.clone(),
             oid: request.oid,
@@ -484,9 +484,9 @@ impl QueryFront {
             .client
             .request(format!("{}.history.order", self.subjects.prefix()), payload);
         let reply = tokio::time::timeout(left, asked).await.ok()?.ok()?;
-        let found: crate::history::query::OrderFoundOwned =
+        let found: crate::wire::query::OrderFoundOwned =
             rmp_serde::from_slice(&reply.payload).ok()?;
-        (found.ok && found.order.status != "open").then_some(crate::history::query::OrderFound {
+        (found.ok && found.order.status != "open").then_some(crate::wire::query::OrderFound {
             ok: true,
             order: found.order,
             as_of: found.as_of,

@@ -136,6 +136,61 @@ impl MarketAnswer {
     }
 }
 
+/// An order as the history shows it: the fields of a query's order (DESIGN section 11), and
+/// what only the history knows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryOrder {
+    pub market: String,
+    pub oid: u64,
+    pub cid: Option<String>,
+    pub account: String,
+    pub side: Option<String>,
+    pub order_type: Option<String>,
+    pub tif: Option<String>,
+    pub price: Option<String>,
+    pub stop_price: Option<String>,
+    pub qty: Option<String>,
+    pub filled: String,
+    pub leaves: String,
+    pub avg_price: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    /// When it was accepted (or rejected), stream nanoseconds.
+    pub ts: u64,
+    pub updated_ts: u64,
+    pub created_seq: u64,
+    pub last_seq: u64,
+}
+
+/// What the node's query front asks for a closed order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderLookup {
+    pub account: String,
+    pub market: String,
+    #[serde(default)]
+    pub oid: Option<u64>,
+    #[serde(default)]
+    pub cid: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct OrderFound {
+    pub ok: bool,
+    pub order: HistoryOrder,
+    /// The last journal sequence of the market the store has written.
+    pub as_of: u64,
+}
+
+/// `OrderFound` as read back (by the node's query front).
+#[derive(Deserialize)]
+pub struct OrderFoundOwned {
+    pub ok: bool,
+    pub order: HistoryOrder,
+    #[serde(default)]
+    pub as_of: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,6 +157,20 @@ fn layers_only_point_down() {
         &["book", "bus", "wire", "telemetry", "query"],
         None,
     ));
+    wrong.extend(check(
+        "src/history",
+        &[
+            "book",
+            "bus",
+            "wire",
+            "telemetry",
+            "actors",
+            "query",
+            "config",
+            "history",
+        ],
+        None,
+    ));
     // Nothing but the command imports the benchmark.
     for dir in ["src", "tests", "benches"] {
         for file in files(&root().join(dir)) {

@@ -18,6 +18,7 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
     ))
     .expect("the documented configuration exists")
     .replace("$AGORA_NODE_PASSWORD", "\"node-secret\"")
+    .replace("$AGORA_HISTORY_PASSWORD", "\"history-secret\"")
     .replace("$AGORA_OPERATOR_PASSWORD", "\"operator-secret\"")
     .replace("$AGORA_ALICE_PASSWORD", "\"alice-secret\"")
     .replace("$AGORA_BOB_PASSWORD", "\"bob-secret\"");
@@ -112,8 +113,14 @@ async fn a_trader_is_refused_what_is_not_hers() {
         .await
         .expect("sent");
     refused(&errors, "agora.admin.TEST-USD").await;
-    // Queries about another account, and a market's own query responder (nodes only).
-    for subject in ["agora.query.bob.orders", "agora.market.TEST-USD.orders"] {
+    // Queries about another account (open orders and history), a market's own query
+    // responder and the history's order lookup (nodes only).
+    for subject in [
+        "agora.query.bob.orders",
+        "agora.query.bob.history",
+        "agora.market.TEST-USD.orders",
+        "agora.history.order",
+    ] {
         alice.publish(subject, "".into()).await.expect("sent");
         refused(&errors, subject).await;
     }
@@ -243,6 +250,56 @@ async fn a_node_and_a_trader_work_under_the_documented_permissions() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // `agora history` runs as its own user: alice reads her history and the public tape
+    // through it, and cannot read bob's.
+    let config = dir.path().join("history.toml");
+    std::fs::write(
+        &config,
+        "[nats]\nuser = \"agora-history\"\npassword = \"history-secret\"\n",
+    )
+    .expect("config");
+    let history = common::Agora::spawn(&[
+        "history".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--nats-url".as_ref(),
+        url.as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().join("history").as_os_str(),
+    ]);
+    history.wait_line(|l| l.contains("writing"), Duration::from_secs(30));
+    let (alice_raw, errors) = connect(&url, "alice", "alice-secret").await;
+    let ask = |subject: &'static str| {
+        let alice_raw = alice_raw.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let reply = alice_raw
+                    .request(subject, "{}".into())
+                    .await
+                    .unwrap_or_else(|e| panic!("{subject}: {e}"));
+                let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+                    .unwrap_or_else(|_| rmp_serde::from_slice(&reply.payload).expect("reply"));
+                let empty = v["orders"].as_array().is_some_and(Vec::is_empty);
+                if !empty || started.elapsed() > Duration::from_secs(20) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mine = ask("agora.query.alice.history").await;
+    assert_eq!(mine["ok"], true, "{mine}");
+    assert_eq!(mine["orders"][0]["cid"], "a1", "{mine}");
+    let ticker = ask("agora.query.ticker.TEST-USD").await;
+    assert_eq!(ticker["ok"], true, "{ticker}");
+    alice_raw
+        .publish("agora.query.bob.history", "{}".into())
+        .await
+        .expect("sent");
+    refused(&errors, "agora.query.bob.history").await;
+    drop(history);
+
     // A wrong password through the same options is refused with what to check.
     let e = Client::connect(&url, &login("alice", "nope"), "agora")
         .await

@@ -323,7 +323,8 @@ struct OpenOrdersPage {
     next: Option<String>,
 }
 
-/// One open order and the stream sequence its market's answer reflects.
+/// One order and the input sequence the answer reflects (its market's book for an open
+/// order, the history store's progress for a closed one).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrderStatus {
     pub order: crate::wire::query::OrderView,
@@ -759,8 +760,10 @@ impl Client {
         }
     }
 
-    /// One open order of the account in `market`, by cid or oid; `None` when it is not open
-    /// (filled, cancelled, expired, rejected, or never placed).
+    /// One order of the account in `market`, by cid or oid: an open one from the books; a
+    /// closed one (`filled`, `cancelled`, `expired`, `rejected`, with `reason` and
+    /// `avg_price`) from the history store when `agora history` runs. `None` when no order is
+    /// known (never placed, or closed without a history store).
     pub async fn order_status(
         &self,
         account: &str,
@@ -777,8 +780,16 @@ impl Client {
             Target::Cid(cid) => body["cid"] = cid.clone().into(),
             Target::Oid(oid) => body["oid"] = (*oid).into(),
         }
-        match self.query::<OrderStatus>(&subject, &body, timeout).await {
-            Ok(status) => Ok(Some(status)),
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            order: crate::wire::query::HistoryOrder,
+            as_of: u64,
+        }
+        match self.query::<Answer>(&subject, &body, timeout).await {
+            Ok(a) => Ok(Some(OrderStatus {
+                order: a.order.into_view(),
+                as_of: a.as_of,
+            })),
             Err(ClientError::Refused { error, .. }) if error == "not_open" => Ok(None),
             Err(e) => Err(e),
         }

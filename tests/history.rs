@@ -90,6 +90,32 @@ impl Db {
         }
     }
 
+    /// `sql` through the database's own command-line client (psql, mariadb, Python's sqlite3),
+    /// as a back office would read the tables: the first column of each row.
+    fn client_query(&self, sql: &str) -> Vec<String> {
+        let text = match self {
+            Db::Sqlite(p) => {
+                let script = format!(
+                    "import sqlite3\nfor r in sqlite3.connect({:?}).execute({sql:?}): print(r[0])\n",
+                    p.join("history.db").display().to_string()
+                );
+                let out = std::process::Command::new("python3")
+                    .args(["-c", &script])
+                    .output()
+                    .expect("python3 runs");
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+            Db::Postgres(pg) => pg.psql(sql),
+            Db::MariaDb(m) => m.sql(sql),
+        };
+        text.lines().map(|l| l.trim().to_string()).collect()
+    }
+
     fn end_outage(&mut self, outage: Outage) {
         match outage {
             Outage::Lock(mut child) => {
@@ -568,6 +594,15 @@ async fn exercise(mut db: Db) {
     assert_eq!(want.fills, have.fills);
     assert_eq!(want.trades, have.trades);
     assert_eq!(want.candles, have.candles);
+
+    // A back office reads the same with its own tools.
+    let count = db.client_query("SELECT COUNT(*) FROM orders");
+    assert_eq!(count, vec![want.orders.len().to_string()]);
+    let filled = db.client_query(
+        "SELECT COUNT(*) FROM orders WHERE status = 'filled' AND leaves = 0 AND filled > 0",
+    );
+    let want_filled = want.orders.values().filter(|o| o.1 == "filled").count();
+    assert_eq!(filled, vec![want_filled.to_string()]);
 
     // The queries answer from it.
     let account = want

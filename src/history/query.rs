@@ -316,6 +316,7 @@ impl HistoryQueries {
             side: cell_text(r.get(4)),
             order_type: cell_text(r.get(5)),
             tif: cell_text(r.get(6)),
+            display_qty: None,
             price: p(7),
             stop_price: p(8),
             qty: q(9),

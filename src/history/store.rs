@@ -27,6 +27,9 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// limit on bound values).
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// Rows one PostgreSQL statement carries (arrays, a bind a column).
+const PG_ROWS_PER_STATEMENT: usize = 5000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -478,6 +481,48 @@ impl Dialect {
     }
 }
 
+/// Moves each market's progress row from the `events_seq` this writer expects to the new
+/// one, in transaction `$tx`, or fails `Fenced`: the first statements of every write.
+macro_rules! fence {
+    ($tx:ident, $changes:ident) => {
+            for (market, (progress, expected)) in &$changes.progress {
+                let pd = progress.price_decimals.map(i64::from);
+                let sd = progress.size_decimals.map(i64::from);
+                let last = i64::try_from(progress.last_seq).unwrap_or(i64::MAX);
+                let events = i64::try_from(progress.events_seq).unwrap_or(i64::MAX);
+                let fenced = || StoreError::Fenced { market: market.clone(), expected: *expected };
+                match expected {
+                    Some(e) => {
+                        let mut b = QueryBuilder::new("UPDATE history_progress SET last_seq = ");
+                        b.push_bind(last)
+                            .push(", events_seq = ").push_bind(events)
+                            .push(", price_decimals = ").push_bind(pd)
+                            .push(", size_decimals = ").push_bind(sd)
+                            .push(" WHERE market = ").push_bind(market.clone())
+                            .push(" AND events_seq = ").push_bind(i64::try_from(*e).unwrap_or(i64::MAX));
+                        let done = b.build().execute(&mut *$tx).await.map_err(db_err("cannot write history_progress"))?;
+                        if done.rows_affected() != 1 {
+                            return Err(fenced())
+                        }
+                    }
+                    None => {
+                        let mut b = QueryBuilder::new("INSERT INTO history_progress (market, last_seq, events_seq, price_decimals, size_decimals) VALUES (");
+                        b.push_bind(market.clone()).push(", ")
+                            .push_bind(last).push(", ")
+                            .push_bind(events).push(", ")
+                            .push_bind(pd).push(", ")
+                            .push_bind(sd).push(")");
+                        match b.build().execute(&mut *$tx).await {
+                            Ok(_) => {}
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(fenced()),
+                            Err(e) => return Err(db_err("cannot write history_progress")(e)),
+                        }
+                    }
+                }
+            }
+    };
+}
+
 /// The history database.
 #[derive(Clone)]
 pub struct Store {
@@ -522,6 +567,10 @@ impl Store {
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                    // An upsert's statement journal in memory, not a temporary file; 64 MiB of
+                    // page cache for the indexes a run touches.
+                    .pragma("temp_store", "memory")
+                    .pragma("cache_size", "-65536")
                     .busy_timeout(Duration::from_millis(500));
                 Pool::Sqlite(
                     SqlitePoolOptions::new()
@@ -754,85 +803,150 @@ impl Store {
                 .get(market)
                 .map_or((None, None), |(p, _)| (p.price_decimals, p.size_decimals))
         };
-        let orders: Vec<Vec<Val>> = changes
-            .orders
-            .values()
-            .map(|o| dialect.order_values(o, decimals(&o.market)))
-            .collect();
-        let fills: Vec<Vec<Val>> = changes
-            .fills
-            .iter()
-            .map(|f| dialect.fill_values(f))
-            .collect();
-        let trades: Vec<Vec<Val>> = changes
-            .trades
-            .iter()
-            .map(|t| dialect.trade_values(t))
-            .collect();
-        let candles: Vec<Vec<Val>> = changes
-            .candles
-            .values()
-            .map(|c| dialect.candle_values(c))
-            .collect();
+        // Values are made a statement at a time: a run's rows are never all held as values.
+        let orders: Vec<&OrderRow> = changes.orders.values().collect();
+        let candles: Vec<&CandleRow> = changes.candles.values().collect();
+        let counts = [
+            orders.len(),
+            changes.fills.len(),
+            changes.trades.len(),
+            candles.len(),
+        ];
+        let values = |table: usize, range: std::ops::Range<usize>| -> Vec<Vec<Val>> {
+            match table {
+                0 => orders[range]
+                    .iter()
+                    .map(|o| dialect.order_values(o, decimals(&o.market)))
+                    .collect(),
+                1 => changes.fills[range]
+                    .iter()
+                    .map(|f| dialect.fill_values(f))
+                    .collect(),
+                2 => changes.trades[range]
+                    .iter()
+                    .map(|t| dialect.trade_values(t))
+                    .collect(),
+                _ => candles[range]
+                    .iter()
+                    .map(|c| dialect.candle_values(c))
+                    .collect(),
+            }
+        };
         let tables = [
-            (dialect.orders_table(), orders),
-            (dialect.fills_table(), fills),
-            (dialect.trades_table(), trades),
-            (dialect.candles_table(), candles),
+            dialect.orders_table(),
+            dialect.fills_table(),
+            dialect.trades_table(),
+            dialect.candles_table(),
         ];
         let pg = dialect == Dialect::Postgres;
-        on_pool!(&self.pool, p => {
-            let mut tx = p.begin().await.map_err(db_err("cannot begin a transaction"))?;
-            for (market, (progress, expected)) in &changes.progress {
-                let pd = progress.price_decimals.map(i64::from);
-                let sd = progress.size_decimals.map(i64::from);
-                let last = i64::try_from(progress.last_seq).unwrap_or(i64::MAX);
-                let events = i64::try_from(progress.events_seq).unwrap_or(i64::MAX);
-                let fenced = || StoreError::Fenced { market: market.clone(), expected: *expected };
-                match expected {
-                    Some(e) => {
-                        let mut b = QueryBuilder::new("UPDATE history_progress SET last_seq = ");
-                        b.push_bind(last)
-                            .push(", events_seq = ").push_bind(events)
-                            .push(", price_decimals = ").push_bind(pd)
-                            .push(", size_decimals = ").push_bind(sd)
-                            .push(" WHERE market = ").push_bind(market.clone())
-                            .push(" AND events_seq = ").push_bind(i64::try_from(*e).unwrap_or(i64::MAX));
-                        let done = b.build().execute(&mut *tx).await.map_err(db_err("cannot write history_progress"))?;
-                        if done.rows_affected() != 1 {
-                            return Err(fenced());
+        if let Pool::Postgres(p) = &self.pool {
+            // PostgreSQL: each table's rows as one array a column, unnested (a few binds a
+            // statement instead of one a value: the fast path short of COPY, and it upserts).
+            let mut tx = p
+                .begin()
+                .await
+                .map_err(db_err("cannot begin a transaction"))?;
+            // The commit need not wait for the server's disk: a transaction a crash of the
+            // server loses takes its progress rows with it, so the journal writes it again.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("cannot begin a transaction"))?;
+            fence!(tx, changes);
+            for (t, table) in tables.iter().enumerate() {
+                if counts[t] == 0 {
+                    continue;
+                }
+                let columns: Vec<String> = table
+                    .columns
+                    .iter()
+                    .map(|c| dialect.column_name(c))
+                    .collect();
+                let tail = if table.upsert {
+                    dialect.upsert_clause(table)
+                } else {
+                    String::new()
+                };
+                for start in (0..counts[t]).step_by(PG_ROWS_PER_STATEMENT) {
+                    let rows = values(t, start..(start + PG_ROWS_PER_STATEMENT).min(counts[t]));
+                    let width = rows.first().map_or(0, Vec::len);
+                    let mut ints: Vec<Option<Vec<Option<i64>>>> = vec![None; width];
+                    let mut texts: Vec<Option<Vec<Option<String>>>> = vec![None; width];
+                    let mut kinds = vec![""; width];
+                    for row in rows {
+                        for (i, v) in row.into_iter().enumerate() {
+                            match v {
+                                Val::Int(x) => {
+                                    kinds[i] = "bigint";
+                                    ints[i].get_or_insert_with(Vec::new).push(x);
+                                }
+                                Val::Text(x) => {
+                                    kinds[i] = "text";
+                                    texts[i].get_or_insert_with(Vec::new).push(x);
+                                }
+                                Val::Dec(x) => {
+                                    kinds[i] = "numeric";
+                                    texts[i].get_or_insert_with(Vec::new).push(x);
+                                }
+                            }
                         }
                     }
-                    None => {
-                        let mut b = QueryBuilder::new("INSERT INTO history_progress (market, last_seq, events_seq, price_decimals, size_decimals) VALUES (");
-                        b.push_bind(market.clone()).push(", ")
-                            .push_bind(last).push(", ")
-                            .push_bind(events).push(", ")
-                            .push_bind(pd).push(", ")
-                            .push_bind(sd).push(")");
-                        match b.build().execute(&mut *tx).await {
-                            Ok(_) => {}
-                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(fenced()),
-                            Err(e) => return Err(db_err("cannot write history_progress")(e)),
+                    let mut b = QueryBuilder::<sqlx::Postgres>::new(format!(
+                        "INSERT INTO {} ({}) SELECT * FROM UNNEST(",
+                        table.name,
+                        columns.join(", ")
+                    ));
+                    for i in 0..width {
+                        if i > 0 {
+                            b.push(", ");
+                        }
+                        match kinds[i] {
+                            "bigint" => {
+                                b.push_bind(ints[i].take().unwrap_or_default())
+                                    .push("::bigint[]");
+                            }
+                            "numeric" => {
+                                b.push_bind(texts[i].take().unwrap_or_default())
+                                    .push("::text[]::numeric[]");
+                            }
+                            _ => {
+                                b.push_bind(texts[i].take().unwrap_or_default())
+                                    .push("::text[]");
+                            }
                         }
                     }
+                    b.push(")");
+                    b.push(tail.as_str());
+                    b.build().execute(&mut *tx).await.map_err(|e| match e {
+                        sqlx::Error::Database(e) if e.is_unique_violation() => StoreError::Fenced {
+                            market: "?".into(),
+                            expected: None,
+                        },
+                        e => db_err("cannot write rows")(e),
+                    })?;
                 }
             }
-            for (table, rows) in &tables {
+            return tx.commit().await.map_err(db_err("cannot commit"));
+        }
+        on_pool!(&self.pool, p => {
+            let mut tx = p.begin().await.map_err(db_err("cannot begin a transaction"))?;
+            fence!(tx, changes);
+            for (t, table) in tables.iter().enumerate() {
                 let columns: Vec<String> = table.columns.iter().map(|c| dialect.column_name(c)).collect();
                 let head = format!("INSERT INTO {} ({}) ", table.name, columns.join(", "));
                 let tail = if table.upsert { dialect.upsert_clause(table) } else { String::new() };
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                for start in (0..counts[t]).step_by(ROWS_PER_STATEMENT) {
+                    let chunk = values(t, start..(start + ROWS_PER_STATEMENT).min(counts[t]));
                     let mut b = QueryBuilder::new(head.as_str());
                     b.push_values(chunk, |mut sep, row| {
                         for v in row {
                             match v {
-                                Val::Int(i) => { sep.push_bind(*i); }
-                                Val::Text(s) => { sep.push_bind(s.clone()); }
+                                Val::Int(i) => { sep.push_bind(i); }
+                                Val::Text(s) => { sep.push_bind(s); }
                                 Val::Dec(s) if pg => {
-                                    sep.push("CAST(").push_bind_unseparated(s.clone()).push_unseparated(" AS NUMERIC)");
+                                    sep.push("CAST(").push_bind_unseparated(s).push_unseparated(" AS NUMERIC)");
                                 }
-                                Val::Dec(s) => { sep.push_bind(s.clone()); }
+                                Val::Dec(s) => { sep.push_bind(s); }
                             }
                         }
                     });

@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, consumer, kv};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use super::project::{Message, Projector};
+use super::project::{Changes, Message, Projector};
 use super::store::{Store, StoreError};
 use super::{Health, HistoryConfig, HistoryError};
 use crate::actors::Lease;
@@ -305,12 +305,23 @@ impl Writer {
         tracing::info!(start, "history writer reads the journal");
         let mut check = tokio::time::interval(lease.ttl / 4);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let committer = Committer {
+            store: self.store.clone(),
+            health: self.health.clone(),
+            lease: lease.lease.clone(),
+        };
+        // One transaction in flight while the next run is read and projected.
+        let mut inflight: Option<tokio::task::JoinHandle<Commit>> = None;
         loop {
             // The first message, waiting; then whatever else is already here.
             let first = tokio::select! {
-                _ = stop.changed() => return Ok(Stopped::Shutdown),
+                _ = stop.changed() => {
+                    settle(&mut inflight).await?;
+                    return Ok(Stopped::Shutdown);
+                }
                 _ = check.tick() => {
                     if !lease.held() {
+                        settle(&mut inflight).await?;
                         return Ok(Stopped::Lost("the writer lease was lost".into()));
                     }
                     continue;
@@ -333,6 +344,7 @@ impl Writer {
                         break;
                     }
                     None => {
+                        settle(&mut inflight).await?;
                         return Err(HistoryError::Other(
                             "the journal consumer ended; start again".into(),
                         ));
@@ -350,128 +362,33 @@ impl Writer {
                 continue;
             }
             let count = run.len() as u64;
-            if let Some(stopped) = self.write_run(&mut projector, run, lease, stop).await? {
+            let prepared = Instant::now();
+            let changes = match committer.prepare(&mut projector, run, stop).await? {
+                Ok(changes) => changes,
+                Err(stopped) => {
+                    settle(&mut inflight).await?;
+                    return Ok(stopped);
+                }
+            };
+            let prepare_us = prepared.elapsed().as_micros();
+            let settled = Instant::now();
+            if let Some(stopped) = settle(&mut inflight).await? {
                 return Ok(stopped);
             }
-            metrics::counter!("history_journal_messages_total").increment(count);
-        }
-    }
-
-    /// Writes one run of messages; `Some` when the writer must stop.
-    async fn write_run(
-        &self,
-        projector: &mut Projector,
-        run: Vec<Message>,
-        lease: &mut WriterLease,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<Option<Stopped>, HistoryError> {
-        let mut wait = Duration::from_millis(100);
-        // The rows the projection needs from the database, then the changes.
-        let needs = projector.needs(&run);
-        let (orders, candles) = loop {
-            let loaded = async {
-                let mut orders = Vec::new();
-                for (market, oids) in &needs.orders {
-                    let oids: Vec<u64> = oids.iter().copied().collect();
-                    orders.extend(
-                        self.store
-                            .orders(market, &oids, projector.progress.get(market))
-                            .await?,
-                    );
-                }
-                let keys: Vec<(String, i64)> = needs.candles.iter().cloned().collect();
-                let candles = self.store.candles(&keys).await?;
-                Ok::<_, StoreError>((orders, candles))
-            }
-            .await;
-            match loaded {
-                Ok(l) => break l,
-                Err(StoreError::Database { what, reason }) => {
-                    if let Some(s) = self.back_off(what, &reason, &mut wait, lease, stop).await {
-                        return Ok(Some(s));
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        projector.provide(&needs, orders, candles);
-        let changes = projector.apply(run);
-        if changes.unreadable > 0 {
-            metrics::counter!("history_unreadable_total").increment(changes.unreadable);
-        }
-        if changes.is_empty() {
-            return Ok(None);
-        }
-        loop {
-            if !lease.held() {
-                return Ok(Some(Stopped::Lost(
-                    "the writer lease lapsed before a transaction".into(),
-                )));
-            }
-            match self.store.write(&changes).await {
-                Ok(()) => {
-                    self.health.database_ok();
-                    metrics::counter!("history_transactions_total").increment(1);
-                    for (table, n) in [
-                        ("orders", changes.orders.len()),
-                        ("fills", changes.fills.len()),
-                        ("trades", changes.trades.len()),
-                        ("candles", changes.candles.len()),
-                    ] {
-                        metrics::counter!("history_rows_written_total", "table" => table)
-                            .increment(n as u64);
-                    }
-                    return Ok(None);
-                }
-                Err(StoreError::Fenced { market, expected }) => {
-                    return Ok(Some(Stopped::Lost(format!(
-                        "another writer wrote {market} past journal message {}",
-                        expected.unwrap_or(0)
-                    ))));
-                }
-                Err(StoreError::Database { what, reason }) => {
-                    metrics::counter!("history_write_failures_total").increment(1);
-                    if let Some(s) = self.back_off(what, &reason, &mut wait, lease, stop).await {
-                        return Ok(Some(s));
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Says the database failed, waits, renews the lease; `Some` when the writer must stop.
-    async fn back_off(
-        &self,
-        what: &str,
-        reason: &str,
-        wait: &mut Duration,
-        lease: &WriterLease,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<Stopped> {
-        let first = self.health.database_down_for().is_none();
-        self.health.database_failed(&format!("{what}: {reason}"));
-        if first {
-            println!(
-                "agora history: the database failed ({what}: {reason}); writing again every few seconds until it answers, nothing is lost"
+            tracing::debug!(
+                messages = count,
+                rows = changes.rows(),
+                prepare_us,
+                waited_for_the_last_us = settled.elapsed().as_micros(),
+                "history run"
             );
+            metrics::counter!("history_journal_messages_total").increment(count);
+            if !changes.is_empty() {
+                inflight = Some(actix_rt::spawn(
+                    committer.clone().commit(changes, stop.clone()),
+                ));
+            }
         }
-        tracing::warn!(
-            "history database {} failed ({what}: {reason}); trying again in {:.1} s",
-            self.store.shown,
-            wait.as_secs_f64()
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(*wait) => {}
-            _ = stop.changed() => return Some(Stopped::Shutdown),
-        }
-        *wait = (*wait * 2).min(Duration::from_secs(5));
-        if !lease.held() {
-            return Some(Stopped::Lost(
-                "the writer lease lapsed while the database was down".into(),
-            ));
-        }
-        None
     }
 
     /// Every 5 s: each market's lag (journal's last command minus the last written).
@@ -512,5 +429,146 @@ impl Writer {
                 health.set_lag(lag, None);
             }
         });
+    }
+}
+
+/// What a transaction came to: `Some` when the writer must stop.
+type Commit = Result<Option<Stopped>, HistoryError>;
+
+/// Waits for the transaction in flight, if any.
+async fn settle(inflight: &mut Option<tokio::task::JoinHandle<Commit>>) -> Commit {
+    match inflight.take() {
+        Some(h) => h
+            .await
+            .unwrap_or_else(|e| Err(HistoryError::Other(format!("a write task failed: {e}")))),
+        None => Ok(None),
+    }
+}
+
+/// Prepares and commits runs: what the writer's loop and its transaction in flight share.
+#[derive(Clone)]
+struct Committer {
+    store: Store,
+    health: Health,
+    lease: Lease,
+}
+
+impl Committer {
+    /// The changes of one run: the rows the projection needs read from the database first
+    /// (tried again while it fails), then applied. `Err` when the writer must stop.
+    async fn prepare(
+        &self,
+        projector: &mut Projector,
+        run: Vec<Message>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Result<Changes, Stopped>, HistoryError> {
+        let mut wait = Duration::from_millis(100);
+        let needs = projector.needs(&run);
+        let (orders, candles) = loop {
+            let loaded = async {
+                let mut orders = Vec::new();
+                for (market, oids) in &needs.orders {
+                    let oids: Vec<u64> = oids.iter().copied().collect();
+                    orders.extend(
+                        self.store
+                            .orders(market, &oids, projector.progress.get(market))
+                            .await?,
+                    );
+                }
+                let keys: Vec<(String, i64)> = needs.candles.iter().cloned().collect();
+                let candles = self.store.candles(&keys).await?;
+                Ok::<_, StoreError>((orders, candles))
+            }
+            .await;
+            match loaded {
+                Ok(l) => break l,
+                Err(StoreError::Database { what, reason }) => {
+                    if let Some(s) = self.back_off(what, &reason, &mut wait, stop).await {
+                        return Ok(Err(s));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        projector.provide(&needs, orders, candles);
+        let changes = projector.apply(run);
+        if changes.unreadable > 0 {
+            metrics::counter!("history_unreadable_total").increment(changes.unreadable);
+        }
+        Ok(Ok(changes))
+    }
+
+    /// Writes `changes` in one transaction, again after a back-off while the database fails.
+    async fn commit(self, changes: Changes, mut stop: watch::Receiver<bool>) -> Commit {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            if !self.lease.valid() {
+                return Ok(Some(Stopped::Lost(
+                    "the writer lease lapsed before a transaction".into(),
+                )));
+            }
+            match self.store.write(&changes).await {
+                Ok(()) => {
+                    self.health.database_ok();
+                    metrics::counter!("history_transactions_total").increment(1);
+                    for (table, n) in [
+                        ("orders", changes.orders.len()),
+                        ("fills", changes.fills.len()),
+                        ("trades", changes.trades.len()),
+                        ("candles", changes.candles.len()),
+                    ] {
+                        metrics::counter!("history_rows_written_total", "table" => table)
+                            .increment(n as u64);
+                    }
+                    return Ok(None);
+                }
+                Err(StoreError::Fenced { market, expected }) => {
+                    return Ok(Some(Stopped::Lost(format!(
+                        "another writer wrote {market} past journal message {}",
+                        expected.unwrap_or(0)
+                    ))));
+                }
+                Err(StoreError::Database { what, reason }) => {
+                    metrics::counter!("history_write_failures_total").increment(1);
+                    if let Some(s) = self.back_off(what, &reason, &mut wait, &mut stop).await {
+                        return Ok(Some(s));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Says the database failed and waits; `Some` when the writer must stop.
+    async fn back_off(
+        &self,
+        what: &str,
+        reason: &str,
+        wait: &mut Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Stopped> {
+        let first = self.health.database_down_for().is_none();
+        self.health.database_failed(&format!("{what}: {reason}"));
+        if first {
+            println!(
+                "agora history: the database failed ({what}: {reason}); writing again every few seconds until it answers, nothing is lost"
+            );
+        }
+        tracing::warn!(
+            "history database {} failed ({what}: {reason}); trying again in {:.1} s",
+            self.store.shown,
+            wait.as_secs_f64()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(*wait) => {}
+            _ = stop.changed() => return Some(Stopped::Shutdown),
+        }
+        *wait = (*wait * 2).min(Duration::from_secs(5));
+        if !self.lease.valid() {
+            return Some(Stopped::Lost(
+                "the writer lease lapsed while the database was down".into(),
+            ));
+        }
+        None
     }
 }

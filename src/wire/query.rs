@@ -33,6 +33,12 @@ pub struct OrderView {
     pub ts: u64,
     /// The input sequence of the last command that changed it.
     pub last_seq: Seq,
+    /// For a closed order (from the history store): the notional over the filled quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avg_price: Option<String>,
+    /// For a closed order: the cancel or reject reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl OrderView {
@@ -55,6 +61,8 @@ impl OrderView {
             status: if o.waiting { "untriggered" } else { "open" }.into(),
             ts: r.ts,
             last_seq: r.last_seq,
+            avg_price: None,
+            reason: None,
         }
     }
 }
@@ -150,16 +158,49 @@ pub struct HistoryOrder {
     pub price: Option<String>,
     pub stop_price: Option<String>,
     pub qty: Option<String>,
+    #[serde(default)]
+    pub display_qty: Option<String>,
     pub filled: String,
     pub leaves: String,
+    #[serde(default)]
     pub avg_price: Option<String>,
     pub status: String,
+    #[serde(default)]
     pub reason: Option<String>,
     /// When it was accepted (or rejected), stream nanoseconds.
     pub ts: u64,
+    #[serde(default)]
     pub updated_ts: u64,
+    #[serde(default)]
     pub created_seq: u64,
     pub last_seq: u64,
+}
+
+impl HistoryOrder {
+    /// The order as every query shows one (a rejected order's unknown side, type and
+    /// quantity as empty strings).
+    pub fn into_view(self) -> OrderView {
+        OrderView {
+            market: self.market,
+            oid: self.oid,
+            cid: self.cid,
+            account: self.account,
+            side: self.side.unwrap_or_default(),
+            order_type: self.order_type.unwrap_or_default(),
+            tif: self.tif.unwrap_or_default(),
+            price: self.price,
+            stop_price: self.stop_price,
+            qty: self.qty.unwrap_or_default(),
+            display_qty: self.display_qty,
+            filled: self.filled,
+            leaves: self.leaves,
+            status: self.status,
+            ts: self.ts,
+            last_seq: self.last_seq,
+            avg_price: self.avg_price,
+            reason: self.reason,
+        }
+    }
 }
 
 /// What the node's query front asks for a closed order.

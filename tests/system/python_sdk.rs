@@ -1,7 +1,7 @@
 //! The Python SDK's own tests (`clients/python/tests`, pytest) against a real `agora node`
 //! that started its own nats-server: orders and fills in decimals, typed refusals, queries,
 //! batches, the book and the tape, catch-up after a restart, a lost connection that misses
-//! nothing, and market status.
+//! nothing, market status, and the history store's answers (`agora history` beside the node).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -37,6 +37,14 @@ fn the_python_sdk_passes_its_tests_against_a_node() {
         }
     }
     let url = url.expect("the node printed its NATS URL");
+    // The history store beside it, as the README runs it: same data directory, so it finds
+    // the node's NATS by itself, and SQLite there.
+    let history = crate::common::Agora::spawn(&[
+        "history".as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().join("data").as_os_str(),
+    ]);
+    history.wait_line(|l| l.contains("writing"), Duration::from_secs(30));
     let output = Command::new("python3")
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python"))
@@ -67,5 +75,6 @@ fn the_python_sdk_passes_its_tests_against_a_node() {
         output.status.code(),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(text.contains("8 passed"), "{text}");
+    drop(history);
+    assert!(text.contains("9 passed"), "{text}");
 }

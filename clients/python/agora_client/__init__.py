@@ -9,12 +9,13 @@ See clients/python/README.md, and docs/clients.md for what a client can rely on.
 
 from ._client import Book, Client, Reports, StatusFeed, Tape, connect
 from .errors import AgoraError, NotAcknowledged, OrderRejected, QueryRefused, Timeout, UnknownMarket
-from .types import Level, MarketStatus, OpenOrders, Order, Report, Sent, Trade
+from .types import History, Level, MarketStatus, OpenOrders, Order, Report, Sent, Trade
 
 __all__ = [
     "AgoraError",
     "Book",
     "Client",
+    "History",
     "Level",
     "MarketStatus",
     "NotAcknowledged",

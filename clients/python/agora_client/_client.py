@@ -14,6 +14,7 @@ from ._reader import OrderedReader, Start
 from .errors import NotAcknowledged, OrderRejected, QueryRefused, Timeout, UnknownMarket
 from .types import (
     Amount,
+    History,
     Level,
     MarketStatus,
     OpenOrders,
@@ -325,8 +326,10 @@ class Client:
         account: Optional[str] = None,
         timeout: float = 2.0,
     ) -> Optional[Order]:
-        """One open order of the account by ``cid`` or ``oid``; ``None`` when it is not open
-        (filled, cancelled, expired, rejected, or never placed)."""
+        """One order of the account by ``cid`` or ``oid``: an open one from the books; a closed
+        one (``filled``, ``cancelled``, ``expired``, ``rejected``) from the history store when
+        ``agora history`` runs. ``None`` when no order is known (never placed, or closed
+        without a history store)."""
         account = self._who(account)
         body: Dict[str, Any] = {"market": market, "timeout_ms": int(timeout * 1000), **_target(cid, oid)}
         try:
@@ -337,6 +340,73 @@ class Client:
             raise
         return Order.from_wire(reply["order"])
 
+    # ----- the history store (agora history) ------------------------------------------
+
+    async def history(
+        self,
+        account: Optional[str] = None,
+        market: Optional[str] = None,
+        since: Optional[int] = None,
+        until: Optional[int] = None,
+        limit: int = 1000,
+        timeout: float = 5.0,
+    ) -> History:
+        """The account's orders and fills from the history store, newest first, at most
+        ``limit`` items over every page; ``since``/``until`` in nanoseconds since the epoch."""
+        account = self._who(account)
+        subject = f"{self._prefix}.query.{account}.history"
+        out = History()
+        body: Dict[str, Any] = {}
+        if market:
+            body["market"] = market
+        if since is not None:
+            body["from"] = since
+        if until is not None:
+            body["to"] = until
+        while True:
+            left = limit - len(out.orders) - len(out.fills)
+            body["limit"] = max(1, min(left, 1000))
+            page = await self._query(subject, body, timeout)
+            out.orders.extend(Order.from_wire(o) for o in page.get("orders", []))
+            out.fills.extend(decimals(f) for f in page.get("fills", []))
+            nxt = page.get("next")
+            if nxt is None or len(out.orders) + len(out.fills) >= limit or not (page.get("orders") or page.get("fills")):
+                return out
+            body["before"] = nxt
+
+    async def trade_history(self, market: str, limit: int = 100, timeout: float = 5.0) -> List[Dict[str, Any]]:
+        """The market's last trades from the history store, newest first."""
+        subject = f"{self._prefix}.query.trades.{market}"
+        out: List[Dict[str, Any]] = []
+        body: Dict[str, Any] = {}
+        while len(out) < limit:
+            body["limit"] = min(limit - len(out), 1000)
+            page = await self._query(subject, body, timeout)
+            out.extend(decimals(t) for t in page.get("trades", []))
+            if not page.get("next"):
+                break
+            body["before"] = page["next"]
+        return out
+
+    async def candles(
+        self, market: str, interval: str = "1m", since: Optional[int] = None, until: Optional[int] = None,
+        timeout: float = 5.0,
+    ) -> List[Dict[str, Any]]:
+        """Candles (``t, open, high, low, close, volume, trades``), oldest first: ``1m``,
+        ``5m``, ``1h`` or ``1d``."""
+        body: Dict[str, Any] = {"interval": interval}
+        if since is not None:
+            body["from"] = since
+        if until is not None:
+            body["to"] = until
+        page = await self._query(f"{self._prefix}.query.candles.{market}", body, timeout)
+        return [decimals(c) for c in page.get("candles", [])]
+
+    async def ticker(self, market: str, timeout: float = 5.0) -> Dict[str, Any]:
+        """Last price, the last 24 hours (open, high, low, volume, change) and the best bid
+        and ask."""
+        return decimals(await self._query(f"{self._prefix}.query.ticker.{market}", {}, timeout))
+
     async def _query(self, subject: str, body: Dict[str, Any], timeout: float) -> Dict[str, Any]:
         # The nodes share the subject in a queue group: a stalled node swallows a request, so
         # a query (which changes nothing) is asked again, up to three times.
@@ -344,7 +414,8 @@ class Client:
             try:
                 msg = await self._nc.request(subject, _pack(body), timeout=timeout + 1.0)
             except nats.errors.NoRespondersError:
-                raise Timeout(subject, "no node answers queries: is a node running? (a trader may ask only on her own account's subject)") from None
+                what = "agora history" if (".history" in subject or subject.split(".")[-2] in ("trades", "candles", "ticker")) else "a node"
+                raise Timeout(subject, f"nothing answers this query: is {what} running? (a trader may ask only on her own account's subject)") from None
             except nats.errors.TimeoutError:
                 if attempt == 2:
                     raise Timeout(subject, "asked three times: is a node running? (agora ctl market.list)") from None

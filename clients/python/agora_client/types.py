@@ -16,6 +16,20 @@ DECIMAL_FIELDS = frozenset(
         "last_price",
         "maker_leaves",
         "taker_leaves",
+        "avg_price",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "last",
+        "open_24h",
+        "high_24h",
+        "low_24h",
+        "volume_24h",
+        "change_24h",
+        "best_bid",
+        "best_ask",
     ]
 )
 
@@ -112,25 +126,30 @@ class Trade:
 
 @dataclass(frozen=True)
 class Order:
-    """An open order as a query shows it: ``status`` is ``open`` (on the book) or
-    ``untriggered`` (a stop waiting for its trigger)."""
+    """An order as a query shows it: ``status`` is ``open`` (on the book) or ``untriggered``
+    (a stop waiting for its trigger) from the books; from the history store also
+    ``filled``, ``cancelled``, ``expired`` or ``rejected``, with ``reason`` and
+    ``avg_price`` (a rejected order has no side, type or quantity: the rejection did not say
+    them)."""
 
     market: str
     oid: int
     cid: Optional[str]
     account: str
-    side: str
-    order_type: str
-    tif: str
+    side: Optional[str]
+    order_type: Optional[str]
+    tif: Optional[str]
     price: Optional[Decimal]
     stop_price: Optional[Decimal]
-    qty: Decimal
+    qty: Optional[Decimal]
     display_qty: Optional[Decimal]
     filled: Decimal
     leaves: Decimal
     status: str
     ts: int
     last_seq: int
+    avg_price: Optional[Decimal] = None
+    reason: Optional[str] = None
 
     @staticmethod
     def from_wire(m: Dict[str, Any]) -> "Order":
@@ -140,19 +159,31 @@ class Order:
             oid=d["oid"],
             cid=d.get("cid"),
             account=d["account"],
-            side=d["side"],
-            order_type=d["order_type"],
-            tif=d["tif"],
+            side=d.get("side"),
+            order_type=d.get("order_type"),
+            tif=d.get("tif"),
             price=d.get("price"),
             stop_price=d.get("stop_price"),
-            qty=d["qty"],
+            qty=d.get("qty"),
             display_qty=d.get("display_qty"),
             filled=d["filled"],
             leaves=d["leaves"],
             status=d["status"],
             ts=d.get("ts", 0),
             last_seq=d.get("last_seq", 0),
+            avg_price=d.get("avg_price"),
+            reason=d.get("reason"),
         )
+
+
+@dataclass
+class History:
+    """An account's orders (newest first) and fills (each a dict: ``market, trade_id, oid,
+    cid, side, liquidity, price, qty, ts, seq``, amounts as ``Decimal``) from the history
+    store."""
+
+    orders: List["Order"] = field(default_factory=list)
+    fills: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

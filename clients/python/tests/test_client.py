@@ -29,6 +29,17 @@ async def tidy(client, market, *accounts):
         await client.cancel_all(market, account=a)
 
 
+async def until(ask, timeout: float = 10.0):
+    """``await ask()`` again until it gives something (the history store lags the books)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await ask()
+        if got:
+            return got
+        assert asyncio.get_running_loop().time() < deadline, "nothing within the time"
+        await asyncio.sleep(0.1)
+
+
 def test_place_fill_and_reports_in_decimals(url):
     async def main():
         client = await agora_client.connect(url)
@@ -103,7 +114,11 @@ def test_open_orders_and_order_status_from_the_books(url):
             # Another account cannot see it.
             assert await client.order_status(MARKET, oid=one.oid, account=taker) is None
             await client.cancel(MARKET, cid="m1", account=maker, wait=10)
-            assert await client.order_status(MARKET, cid="m1", account=maker) is None
+            # Closed: the books no longer have it; the history store (running beside the node
+            # here) answers it once written.
+            closed = await until(lambda: client.order_status(MARKET, cid="m1", account=maker))
+            assert closed.status == "cancelled" and closed.reason == "user"
+            assert closed.filled == Decimal("0.25") and closed.leaves == 0
         finally:
             await tidy(client, MARKET, maker, taker)
             await client.close()
@@ -263,3 +278,40 @@ def test_market_status_says_who_runs_a_new_market(url):
             await client.close()
 
     run(main())
+
+
+def test_history_answers_closed_orders_fills_and_the_tape(url):
+    async def main():
+        client = await agora_client.connect(url)
+        maker, taker = name("hana"), name("ivan")
+        try:
+            await client.place(MARKET, "sell", "0.5", "64000.00", account=maker, cid="h1", wait=10)
+            await client.place(MARKET, "buy", "0.5", "64000.00", account=taker, cid="h2", wait=10)
+            mine = await until(
+                lambda: _filled(client.history(account=maker, market=MARKET))
+            )
+            order = mine.orders[0]
+            assert order.cid == "h1" and order.status == "filled"
+            assert order.avg_price == Decimal("64000.00") and order.leaves == 0
+            fill = mine.fills[0]
+            assert fill["liquidity"] == "maker" and fill["qty"] == Decimal("0.50000000")
+            # The filled order is answered from the history, with how it ended.
+            done = await client.order_status(MARKET, cid="h2", account=taker)
+            assert done.status == "filled" and done.filled == Decimal("0.5")
+            # The public tape, candles and ticker.
+            trades = await client.trade_history(MARKET, limit=5)
+            assert trades[0]["price"] == Decimal("64000.00")
+            candles = await client.candles(MARKET, "1m")
+            assert candles and candles[-1]["close"] == Decimal("64000.00")
+            ticker = await client.ticker(MARKET)
+            assert ticker["last"] == Decimal("64000.00") and ticker["trades_24h"] >= 1
+        finally:
+            await tidy(client, MARKET, maker, taker)
+            await client.close()
+
+    run(main())
+
+
+async def _filled(history_coro):
+    h = await history_coro
+    return h if h.orders and h.orders[0].status == "filled" and h.fills else None

@@ -136,3 +136,16 @@ need_mariadb() {
     fi
   fi
 }
+
+# Prometheus's promtool, which checks and unit-tests the alert rules (deploy/prometheus).
+need_promtool() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    apt_install_any prometheus || true
+    hash -r
+    if ! command -v promtool >/dev/null 2>&1; then
+      echo "could not install promtool: install Prometheus by hand (Debian/Ubuntu, as root:" \
+        "apt-get install prometheus; or put the promtool of a Prometheus release on PATH), then run this again." >&2
+      exit 1
+    fi
+  fi
+}

@@ -24,7 +24,12 @@ need_python_client
 need_rotel
 need_postgres
 need_mariadb
+need_promtool
 echo "nats-server: $(command -v nats-server) ($(nats-server --version))"
+
+step "alert rules: promtool check rules, promtool test rules"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

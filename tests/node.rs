@@ -457,6 +457,25 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
             "the dashboard plots {name}, which the node does not export"
         );
     }
+    // And every metric the alert rules look at.
+    let alerts = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/prometheus/alerts.yml"
+    ))
+    .expect("the alert rules");
+    let mut watched: Vec<&str> = alerts
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("matching_"))
+        .collect();
+    watched.sort_unstable();
+    watched.dedup();
+    assert!(watched.len() >= 6, "{watched:?}");
+    for name in watched {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "an alert rule looks at {name}, which the node does not export"
+        );
+    }
     let (status, body) = http_get(port, "GET /nothing-here");
     assert_eq!(status, 404);
     assert!(

@@ -241,6 +241,9 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    // The lease bucket at the streams' replicas: losing one NATS server of three must not
+    // leave the history without a writer.
+    let replicas = config.streams.replicas;
     let main = async move {
         let nats_url = nats_url(&config);
         let client = loop {
@@ -278,6 +281,7 @@ pub async fn run(
         writer::Writer {
             client,
             subjects,
+            replicas,
             store,
             settings,
             health,

@@ -27,6 +27,8 @@ use crate::bus::{Journal, Subjects};
 pub struct Writer {
     pub client: async_nats::Client,
     pub subjects: Subjects,
+    /// Replicas of the lease bucket (`[streams] replicas`).
+    pub replicas: usize,
     pub store: Store,
     pub settings: HistoryConfig,
     pub health: Health,
@@ -62,6 +64,7 @@ impl WriterLease {
         subjects: &Subjects,
         store_id: &str,
         ttl: Duration,
+        replicas: usize,
     ) -> Result<WriterLease, HistoryError> {
         let bucket = subjects.bucket("history");
         let kv = match js.get_key_value(&bucket).await {
@@ -72,6 +75,7 @@ impl WriterLease {
                     description: "agora history: the writer of each database".into(),
                     history: 1,
                     max_age: ttl,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
@@ -156,7 +160,8 @@ impl Writer {
         let js = jetstream::new(self.client.clone());
         let store_id = self.store.store_id().await?;
         let ttl = Duration::from_millis(self.settings.lease_ms);
-        let mut lease = WriterLease::open(&js, &self.subjects, &store_id, ttl).await?;
+        let mut lease =
+            WriterLease::open(&js, &self.subjects, &store_id, ttl, self.replicas).await?;
         let journal = loop {
             match Journal::open(&js, &self.subjects).await {
                 Ok(j) => break j,

@@ -459,11 +459,13 @@ async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
 }
 
 #[tokio::test]
-async fn the_rebalancer_moves_a_hot_market_off_a_busy_node_once() {
-    // Checks every second; a node at 1.2 x the mean and 100 commands/s above the other is
-    // overloaded, and after three checks in a row one market moves.
-    let cluster = Cluster::start_with(
-        2,
+async fn a_node_joining_a_loaded_cluster_takes_a_hot_market_by_a_load_move() {
+    // What an autoscaler counts on: n1 runs both markets under load, n2 joins, and the
+    // rebalancer gives it one. Checks every second; a node at 1.2 x the mean and 100
+    // commands/s above the other is overloaded, and after three checks in a row one market
+    // moves.
+    let mut cluster = Cluster::start_with(
+        1,
         "",
         "rebalance_every_secs = 1\nimbalance_ratio = 1.2\nmin_rate_gap = 100.0",
     )
@@ -473,8 +475,13 @@ async fn the_rebalancer_moves_a_hot_market_off_a_busy_node_once() {
     let a = workload(21, 6000);
     let b = workload(22, 6000);
     let (na, nb) = (a.len() as u64, b.len() as u64);
-    let flow_a = load(&cluster.js, "A-USD", a, 400, Arc::default());
+    let sent = Arc::new(AtomicU64::new(0));
+    let flow_a = load(&cluster.js, "A-USD", a, 400, sent.clone());
     let flow_b = load(&cluster.js, "B-USD", b, 400, Arc::default());
+    while sent.load(Ordering::Relaxed) < 400 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.start_node("n2", "");
     let started = Instant::now();
     let moved = loop {
         let (a, b) = (

@@ -149,3 +149,82 @@ need_promtool() {
     fi
   fi
 }
+
+# A Compose implementation that validates a compose file against the Compose schema (unknown
+# keys, wrong types, services or volumes named but not defined are errors), without a container
+# engine or any image: Debian's docker-compose 1.29 (Python; it reads files without `version:`
+# as the Compose spec). Debian 12's podman-compose 1.0.3 checks no schema and has no `config`
+# (its --dry-run still creates volumes and networks), so it is no use here.
+need_compose() {
+  if ! command -v docker-compose >/dev/null 2>&1; then
+    apt_install_any docker-compose || true
+    hash -r
+    if ! command -v docker-compose >/dev/null 2>&1; then
+      echo "could not install docker-compose: install it by hand (Debian/Ubuntu, as root:" \
+        "apt-get install docker-compose), then run this again." >&2
+      exit 1
+    fi
+  fi
+}
+
+# A container engine for the image (scripts/image.sh, scripts/image-test.sh): podman, else a
+# docker whose daemon answers; where neither, Debian's podman and runc are installed. Sets
+# AGORA_CONTAINER_ENGINE (podman or docker; set it to choose), CONTAINER_RUNTIME_FLAGS (podman:
+# --runtime runc when runc is here, as crun fails on hosts whose cgroups are in hybrid mode; or
+# --runtime $AGORA_CONTAINER_RUNTIME) and CONTAINER_RUN_FLAGS (explicit open-file and process
+# limits: the defaults can exceed what a sandbox allows).
+need_container_engine() {
+  if [ -z "${AGORA_CONTAINER_ENGINE:-}" ]; then
+    if command -v podman >/dev/null 2>&1; then
+      AGORA_CONTAINER_ENGINE=podman
+    elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+      AGORA_CONTAINER_ENGINE=docker
+    else
+      apt_install_any podman || true
+      apt_install_any runc || true
+      hash -r
+      if ! command -v podman >/dev/null 2>&1; then
+        echo "no container engine: install podman (Debian/Ubuntu, as root: apt-get install podman runc)" \
+          "or start a Docker daemon, then run this again." >&2
+        exit 1
+      fi
+      AGORA_CONTAINER_ENGINE=podman
+    fi
+  fi
+  export AGORA_CONTAINER_ENGINE
+  CONTAINER_RUNTIME_FLAGS=()
+  if [ "$AGORA_CONTAINER_ENGINE" = podman ]; then
+    if [ -n "${AGORA_CONTAINER_RUNTIME:-}" ]; then
+      CONTAINER_RUNTIME_FLAGS=(--runtime "$AGORA_CONTAINER_RUNTIME")
+    elif command -v runc >/dev/null 2>&1; then
+      CONTAINER_RUNTIME_FLAGS=(--runtime runc)
+    fi
+  fi
+  CONTAINER_RUN_FLAGS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+}
+
+# debootstrap, which makes the image's Debian base where no image can be pulled.
+need_debootstrap() {
+  if ! command -v debootstrap >/dev/null 2>&1 && [ ! -x /usr/sbin/debootstrap ]; then
+    apt_install_any debootstrap || true
+    hash -r
+    if ! command -v debootstrap >/dev/null 2>&1 && [ ! -x /usr/sbin/debootstrap ]; then
+      echo "could not install debootstrap: install it by hand (Debian/Ubuntu, as root:" \
+        "apt-get install debootstrap), or use an engine that can pull images (bash scripts/image.sh --pull)." >&2
+      exit 1
+    fi
+  fi
+  PATH="$PATH:/usr/sbin"
+}
+
+# kubernetes-validate (Python, with the Kubernetes JSON schemas inside), which
+# scripts/check-k8s.py checks deploy/k8s with, offline.
+need_kubernetes_validate() {
+  if ! python3 -c 'import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != "1.37.0")' >/dev/null 2>&1; then
+    echo "==> installing kubernetes-validate 1.37.0 (pip install kubernetes-validate==1.37.0)"
+    python3 -m pip install --quiet kubernetes-validate==1.37.0 || {
+      echo "could not install kubernetes-validate: install it by hand (pip install kubernetes-validate==1.37.0)" >&2
+      exit 1
+    }
+  fi
+}

@@ -2,8 +2,10 @@
 # All the tests, as CI runs them: formatting, lints, every test (release build, so the oracle
 # test runs its full million commands; the bus tests start real nats-servers), the benches and
 # the fuzz target must build, and the committed sample must still replay to its recorded hash.
-# Installs what is missing (nats-server, the rotel collector, the clippy and rustfmt
-# components) and says what it cannot install.
+# The deployment files are validated (compose, Kubernetes schemas, alert rules with promtool) and
+# the container image is built and traded through. Installs what is missing (nats-server, the
+# rotel collector, PostgreSQL, MariaDB, promtool, docker-compose, kubernetes-validate, podman, the
+# clippy and rustfmt components) and says what it cannot install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,11 +27,18 @@ need_rotel
 need_postgres
 need_mariadb
 need_promtool
+need_compose
+need_kubernetes_validate
+need_container_engine
 echo "nats-server: $(command -v nats-server) ($(nats-server --version))"
 
 step "alert rules: promtool check rules, promtool test rules"
 promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts.test.yml
+
+step "deployment files: deploy/compose.yaml (docker-compose config and consistency), deploy/k8s (Kubernetes schemas, keys, references)"
+bash scripts/check-compose.sh
+python3 scripts/check-k8s.py
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -39,6 +48,9 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test --release (unit, scenarios, oracle, samples, allocation, bus, market, node)"
 cargo test --release
+
+step "the container image: built (scripts/image.sh), started, traded through from this host"
+bash scripts/image-test.sh
 
 step "benches and the fuzz target build"
 cargo bench --no-run

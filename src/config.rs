@@ -31,6 +31,8 @@ const ENV_KEYS: &[&str] = &[
     "tracing",
     "cluster",
     "history",
+    "market_defaults",
+    "embedded_nats",
 ];
 
 /// The defaults, as shipped.
@@ -73,6 +75,26 @@ pub struct Config {
     /// `agora history`: the database and the process's own HTTP port.
     #[serde(default)]
     pub history: HistoryConfig,
+    /// The nats-server a node starts when `nats_url` is empty.
+    #[serde(default)]
+    pub embedded_nats: EmbeddedNatsConfig,
+}
+
+/// `[embedded_nats]`: the node's own nats-server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedNatsConfig {
+    /// The address it listens on: 127.0.0.1 (this machine only) or 0.0.0.0 (every
+    /// interface, as in the container image, whose port is published only when asked).
+    pub addr: String,
+}
+
+impl Default for EmbeddedNatsConfig {
+    fn default() -> EmbeddedNatsConfig {
+        EmbeddedNatsConfig {
+            addr: "127.0.0.1".into(),
+        }
+    }
 }
 
 /// The seed markets, `config/markets/*.toml` compiled in: what a node creates when its
@@ -284,6 +306,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "http_addr = {:?}: use an IP address of this machine (0.0.0.0 for every interface, 127.0.0.1 for this machine only, :: for IPv6)",
                 self.http_addr
+            )));
+        }
+        if self.embedded_nats.addr.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError(format!(
+                "embedded_nats.addr = {:?}: use an IP address of this machine (127.0.0.1 for this machine only, 0.0.0.0 for every interface)",
+                self.embedded_nats.addr
             )));
         }
         if !(1..=3600).contains(&self.shutdown_timeout_secs) {
@@ -567,6 +595,7 @@ mod tests {
             refused("[snapshots]\nevery_secs = 100000\n", "snapshots.every_secs")?;
             refused("http_port = 70000\n", "http_port")?;
             refused("http_addr = \"localhost:80\"\n", "http_addr")?;
+            refused("[embedded_nats]\naddr = \"any\"\n", "embedded_nats.addr")?;
             let missing = jail.directory().join("missing.toml");
             let err = Config::load(Some(&missing), &Overrides::default())
                 .err()

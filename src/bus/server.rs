@@ -28,6 +28,9 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// Where test and embedded servers listen unless told otherwise: this machine only.
+const LOOPBACK: &str = "127.0.0.1";
+
 #[derive(Debug)]
 pub struct LocalServer {
     child: Option<Child>,
@@ -36,6 +39,8 @@ pub struct LocalServer {
     data_dir: PathBuf,
     /// A nats-server configuration file (users, permissions), if any.
     config: Option<PathBuf>,
+    /// The address it listens on (127.0.0.1 but for an embedded server told otherwise).
+    addr: String,
     /// The kernel sends the server SIGTERM when the thread that started it exits, even when
     /// this process is killed (`PR_SET_PDEATHSIG`).
     tied: bool,
@@ -76,14 +81,23 @@ impl LocalServer {
     /// a thread that lives as long as the server should (the main thread): a pool thread that
     /// exits when idle would stop the server with it.
     pub fn start_tied(data_dir: &Path) -> Result<LocalServer, BusError> {
-        LocalServer::start_full(&default_binary(), free_port()?, data_dir, None, true)
+        LocalServer::start_full(
+            &default_binary(),
+            free_port()?,
+            data_dir,
+            None,
+            true,
+            LOOPBACK,
+        )
     }
 
     /// The node's embedded server (started like `start_tied`): on the port it had the last
     /// time it ran on `data_dir` (kept in `<data_dir>/port`), else on 4222, so an exported
     /// `AGORA_NATS_URL` stays right across restarts; when that port is taken, on a free one,
     /// saying so.
-    pub fn start_embedded(data_dir: &Path) -> Result<LocalServer, BusError> {
+    /// It listens on `addr` (`[embedded_nats] addr`: 127.0.0.1 unless a container publishes
+    /// the port).
+    pub fn start_embedded(data_dir: &Path, addr: &str) -> Result<LocalServer, BusError> {
         let port_file = data_dir.join(PORT_FILE);
         let remembered = std::fs::read_to_string(&port_file)
             .ok()
@@ -91,7 +105,7 @@ impl LocalServer {
             .filter(|p| *p != 0);
         let preferred = remembered.unwrap_or(EMBEDDED_PORT_DEFAULT);
         let started = if port_free(preferred) {
-            LocalServer::start_full(&default_binary(), preferred, data_dir, None, true)
+            LocalServer::start_full(&default_binary(), preferred, data_dir, None, true, addr)
         } else {
             Err(BusError::ServerStart {
                 reason: format!("port {preferred} is taken"),
@@ -110,7 +124,7 @@ impl LocalServer {
                 tracing::warn!(
                     "the embedded nats-server cannot use {why} ({e}); it listens on {port} instead, so a NATS URL saved from before no longer works"
                 );
-                LocalServer::start_full(&default_binary(), port, data_dir, None, true)?
+                LocalServer::start_full(&default_binary(), port, data_dir, None, true, addr)?
             }
         };
         if remembered != Some(server.port)
@@ -132,7 +146,7 @@ impl LocalServer {
     /// Starts `binary` on `port` with JetStream storing under `data_dir`, and waits until it
     /// answers.
     pub fn start_with(binary: &Path, port: u16, data_dir: &Path) -> Result<LocalServer, BusError> {
-        LocalServer::start_full(binary, port, data_dir, None, false)
+        LocalServer::start_full(binary, port, data_dir, None, false, LOOPBACK)
     }
 
     /// Starts the default binary on a free port with a nats-server configuration file (for
@@ -144,6 +158,7 @@ impl LocalServer {
             data_dir,
             Some(config),
             false,
+            LOOPBACK,
         )
     }
 
@@ -153,6 +168,7 @@ impl LocalServer {
         data_dir: &Path,
         config: Option<&Path>,
         tied: bool,
+        addr: &str,
     ) -> Result<LocalServer, BusError> {
         let mut server = LocalServer {
             child: None,
@@ -160,6 +176,7 @@ impl LocalServer {
             port,
             data_dir: data_dir.to_path_buf(),
             config: config.map(Path::to_path_buf),
+            addr: addr.to_string(),
             tied,
         };
         server.spawn()?;
@@ -214,7 +231,7 @@ impl LocalServer {
         command.arg("--server_name").arg(&name);
         let child = command
             .arg("--addr")
-            .arg("127.0.0.1")
+            .arg(&self.addr)
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--jetstream")

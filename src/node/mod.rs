@@ -52,7 +52,7 @@ async fn nats(config: &Config) -> Result<Nats, NodeError> {
     // Started on this thread (the node's main thread, for the node's whole life), tied to it:
     // even a node killed with SIGKILL takes its server with it, so no orphan keeps writing to
     // the data directory. Nothing else runs yet, so the wait blocks nobody.
-    let server = LocalServer::start_embedded(&dir)?;
+    let server = LocalServer::start_embedded(&dir, &config.embedded_nats.addr)?;
     say!(
         "started nats-server at {} (JetStream data in {}); it stops with this node",
         server.url(),

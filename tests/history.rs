@@ -548,24 +548,9 @@ async fn exercise(mut db: Db) {
     assert_eq!(said["role"], "writer");
     // Every history metric the alert rules look at is exported.
     let metrics = common::scrape(port);
-    let alerts = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/prometheus/alerts.yml"
-    ))
-    .expect("the alert rules");
-    let mut watched: Vec<&str> = alerts
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("history_"))
-        .collect();
-    watched.sort_unstable();
-    watched.dedup();
-    assert_eq!(watched.len(), 3, "{watched:?}");
-    for name in watched {
-        assert!(
-            metrics.lines().any(|l| l.starts_with(name)),
-            "an alert rule looks at {name}, which agora history does not export: {metrics}"
-        );
-    }
+    let watched =
+        common::assert_watched_exported("deploy/prometheus/alerts.yml", "history_", &metrics);
+    assert_eq!(watched, 3, "the alert rules look at 3 history metrics");
     assert!(
         metrics.contains("history_database_up 0"),
         "the database is down: {metrics}"

@@ -438,44 +438,13 @@ async fn a_node_answers_health_and_readiness_on_its_http_port() {
         text.contains("matching_latency_us_bucket{le=\"1000\"}"),
         "{text}"
     );
-    // Every metric the Grafana dashboard plots is one the node exports.
-    let dashboard = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/grafana/agora.json"
-    ))
-    .expect("the dashboard");
-    let mut plotted: Vec<&str> = dashboard
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("matching_"))
-        .collect();
-    plotted.sort_unstable();
-    plotted.dedup();
-    assert!(plotted.len() >= 10, "{plotted:?}");
-    for name in plotted {
-        assert!(
-            text.lines().any(|l| l.starts_with(name)),
-            "the dashboard plots {name}, which the node does not export"
-        );
-    }
-    // And every metric the alert rules look at.
-    let alerts = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/prometheus/alerts.yml"
-    ))
-    .expect("the alert rules");
-    let mut watched: Vec<&str> = alerts
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("matching_"))
-        .collect();
-    watched.sort_unstable();
-    watched.dedup();
-    assert!(watched.len() >= 6, "{watched:?}");
-    for name in watched {
-        assert!(
-            text.lines().any(|l| l.starts_with(name)),
-            "an alert rule looks at {name}, which the node does not export"
-        );
-    }
+    // Every metric the Grafana dashboard plots, and every one the alert rules look at, is one
+    // the node exports.
+    let plotted = common::assert_watched_exported("deploy/grafana/agora.json", "matching_", &text);
+    assert!(plotted >= 10, "the dashboard plots {plotted} metrics");
+    let watched =
+        common::assert_watched_exported("deploy/prometheus/alerts.yml", "matching_", &text);
+    assert!(watched >= 6, "the alert rules look at {watched} metrics");
     let (status, body) = http_get(port, "GET /nothing-here");
     assert_eq!(status, 404);
     assert!(

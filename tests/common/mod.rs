@@ -579,3 +579,23 @@ pub async fn stored_spec(
         .validate()
         .expect("a valid stored spec")
 }
+
+/// Checks that every metric named `prefix*` in the repository file `file` (an alert rule file,
+/// a dashboard) is one `exported` (a /metrics text) has; returns how many names it checked.
+pub fn assert_watched_exported(file: &str, prefix: &str, exported: &str) -> usize {
+    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut watched: Vec<&str> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with(prefix))
+        .collect();
+    watched.sort_unstable();
+    watched.dedup();
+    for name in &watched {
+        assert!(
+            exported.lines().any(|l| l.starts_with(name)),
+            "{file} looks at {name}, which is not exported:\n{exported}"
+        );
+    }
+    watched.len()
+}

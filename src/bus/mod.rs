@@ -13,6 +13,7 @@ pub mod follow;
 pub mod journal;
 pub mod landed;
 pub mod outputs;
+pub mod responder;
 pub mod server;
 pub mod snapshots;
 pub mod streams;
@@ -23,6 +24,7 @@ pub use error::BusError;
 pub use feed::{Delivered, Feed, Pull, PullCap, RangeReader};
 pub use follow::KvFollower;
 pub use journal::Journal;
+pub use responder::Responder;
 pub use server::LocalServer;
 pub use snapshots::{SnapshotBlob, SnapshotStore};
 pub use streams::{

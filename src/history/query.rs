@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -210,7 +209,7 @@ impl HistoryQueries {
     }
 
     /// Subscribes (and makes sure the server has the subscriptions), then serves until `stop`.
-    pub async fn listen(self, mut stop: watch::Receiver<bool>) -> Result<(), HistoryError> {
+    pub async fn listen(self, stop: watch::Receiver<bool>) -> Result<(), HistoryError> {
         let p = self.subjects.prefix().to_string();
         let subjects = [
             format!("{p}.query.*.history"),
@@ -219,41 +218,20 @@ impl HistoryQueries {
             format!("{p}.query.candles.*"),
             format!("{p}.query.ticker.*"),
         ];
-        let mut subscriptions = Vec::new();
-        for s in subjects {
-            subscriptions.push(
-                self.client
-                    .queue_subscribe(s.clone(), QUEUE_GROUP.into())
-                    .await
-                    .map_err(|e| HistoryError::Other(format!("cannot subscribe to {s}: {e}")))?,
-            );
-        }
-        self.client
-            .flush()
+        let responder = crate::bus::Responder::subscribe(&self.client, &subjects, QUEUE_GROUP)
             .await
-            .map_err(|e| HistoryError::Other(format!("cannot subscribe: {e}")))?;
+            .map_err(|e| HistoryError::Other(e.to_string()))?;
         let this = Arc::new(self);
-        actix_rt::spawn(async move {
-            let mut requests = futures::stream::select_all(subscriptions);
-            loop {
-                let message = tokio::select! {
-                    _ = stop.changed() => break,
-                    m = requests.next() => m,
-                };
-                let Some(message) = message else { break };
-                let Some(reply) = message.reply.clone() else {
-                    continue;
-                };
-                let this = this.clone();
-                actix_rt::spawn(async move {
-                    let started = Instant::now();
-                    let answer = this.answer(&message).await;
-                    metrics::histogram!("history_query_duration_us")
-                        .record(started.elapsed().as_micros() as f64);
-                    let _ = this.client.publish(reply, answer).await;
-                });
+        actix_rt::spawn(responder.serve(stop, move |message| {
+            let this = this.clone();
+            async move {
+                let started = Instant::now();
+                let answer = this.answer(&message).await;
+                metrics::histogram!("history_query_duration_us")
+                    .record(started.elapsed().as_micros() as f64);
+                answer
             }
-        });
+        }));
         Ok(())
     }
 

@@ -168,7 +168,7 @@ pub struct QueryFront {
 /// The front, subscribed (`QueryFront::listen`): `serve` answers until told to stop.
 pub struct QueryListening {
     front: QueryFront,
-    subscriptions: Vec<async_nats::Subscriber>,
+    responder: crate::bus::Responder,
 }
 
 impl QueryFront {
@@ -176,60 +176,30 @@ impl QueryFront {
     /// node says it is ready only once it answers queries).
     pub async fn listen(self) -> Result<QueryListening, crate::bus::BusError> {
         // Two subjects, not `query.*.*`: the history store answers the others.
-        let mut subscriptions = Vec::new();
-        for kind in ["orders", "order"] {
-            let subject = format!("{}.query.*.{kind}", self.subjects.prefix());
-            let subscription = self
-                .client
-                .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
-                .await
-                .map_err(|e| crate::bus::BusError::Subscribe {
-                    subject: subject.clone(),
-                    reason: e.to_string(),
-                })?;
-            subscriptions.push(subscription);
-        }
-        self.client
-            .flush()
-            .await
-            .map_err(|e| crate::bus::BusError::Subscribe {
-                subject: format!("{}.query.*", self.subjects.prefix()),
-                reason: e.to_string(),
-            })?;
+        let subjects: Vec<String> = ["orders", "order"]
+            .iter()
+            .map(|kind| format!("{}.query.*.{kind}", self.subjects.prefix()))
+            .collect();
+        let responder =
+            crate::bus::Responder::subscribe(&self.client, &subjects, QUEUE_GROUP).await?;
         Ok(QueryListening {
             front: self,
-            subscriptions,
+            responder,
         })
     }
 }
 
 impl QueryListening {
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
-        let QueryListening {
-            front,
-            subscriptions,
-        } = self;
-        let mut requests = futures::stream::select_all(subscriptions);
-        let front = std::sync::Arc::new(front);
-        loop {
-            let message = tokio::select! {
-                _ = stop.changed() => break,
-                m = requests.next() => m,
-            };
-            let Some(message) = message else { break };
-            let Some(reply) = message.reply.clone() else {
-                continue;
-            };
-            let front = front.clone();
-            // Each request on a task of its own: a slow market delays only its askers.
-            tokio::spawn(async move {
-                let answer = front.answer(&message).await;
-                let _ = front.client.publish(reply, answer).await;
-            });
-        }
-        for mut subscription in requests.into_iter() {
-            let _ = subscription.unsubscribe().await;
-        }
+    /// Answers until `stop`, each request on a task of its own: a slow market delays only its
+    /// askers.
+    pub async fn serve(self, stop: watch::Receiver<bool>) {
+        let front = std::sync::Arc::new(self.front);
+        self.responder
+            .serve(stop, move |message| {
+                let front = front.clone();
+                async move { front.answer(&message).await }
+            })
+            .await;
     }
 }
 

@@ -68,7 +68,7 @@ async fn jetstream_of(url: &str) -> jetstream::Context {
 
 #[test]
 fn nodes_started_together_on_a_fresh_nats_all_run() {
-    // The README's three-node recipe, three times over: every node reaches ready.
+    // The three-node walkthrough of docs/operations.md, three times over: every node reaches ready.
     for attempt in 0..3 {
         let dir = tempfile::tempdir().expect("temp dir");
         let nats = server(dir.path());
@@ -369,7 +369,7 @@ async fn markets_removed_updated_and_checked_as_an_operator_does() {
     let root = env!("CARGO_MANIFEST_DIR");
     let btc = format!("{root}/config/markets/btc-usdc.toml");
 
-    // The shipped spec is what runs: BTC-USDC's max_qty of 1000 holds, and the README's
+    // The shipped spec is what runs: BTC-USDC's max_qty of 1000 holds, and docs/operations.md's
     // market.add of the same file is accepted as the market it already is.
     let (ok, reply) = ctl(&url, &["market.add", "--spec", &btc]);
     assert!(ok, "{reply}");

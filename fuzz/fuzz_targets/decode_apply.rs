@@ -1,6 +1,6 @@
 //! Untrusted bytes through the wire decoder (JSON and MessagePack) into a book with every rule
 //! on; the book's invariants are checked after each command. Run it with the command in the
-//! README ("Fuzzing").
+//! docs/development.md ("Fuzzing").
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

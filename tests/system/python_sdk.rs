@@ -37,7 +37,7 @@ fn the_python_sdk_passes_its_tests_against_a_node() {
         }
     }
     let url = url.expect("the node printed its NATS URL");
-    // The history store beside it, as the README runs it: same data directory, so it finds
+    // The history store beside it, as docs/clients.md runs it: same data directory, so it finds
     // the node's NATS by itself, and SQLite there.
     let history = crate::common::Agora::spawn(&[
         "history".as_ref(),

@@ -205,7 +205,8 @@ pub async fn heartbeat(
             node: node.clone(),
             instance,
             started_unix_ms,
-            commands_per_sec: markets.iter().map(|m| m.commands_per_sec).sum(),
+            // + 0.0: an empty sum of floats is -0.0, which would print as "-0.0".
+            commands_per_sec: markets.iter().map(|m| m.commands_per_sec).sum::<f64>() + 0.0,
             cpu_pct,
             markets,
             following,

@@ -3,7 +3,7 @@
 # the Dockerfile's header says (a node with its own nats-server, ports published on loopback, data
 # in a named volume), and from this host, through the published port, trades with the Python SDK:
 # a sell rests, a buy crosses it, the fill and the rest are reported. Checks the container runs
-# as uid 10001, its healthcheck says healthy, `stop` ends it cleanly (exit 0), and a new container
+# as uid 10001, serves the web page, its healthcheck says healthy, `stop` ends it cleanly (exit 0), and a new container
 # on the same volume still holds the resting order. Removes its container and volume at the end.
 #
 #   bash scripts/image-test.sh [--no-build]
@@ -73,6 +73,11 @@ else
   done
 fi
 "$engine" exec "$name" agora --version | grep -q '^agora ' || fail "agora --version inside the image"
+python3 - "$http_port" <<'PY' || fail "the web page on the published HTTP port"
+import sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=5) as r:
+    assert r.status == 200 and b"/assets/app.js" in r.read()
+PY
 
 echo "==> trading from the host through the published NATS port"
 python3 - "nats://127.0.0.1:$nats_port" <<'PY' || fail "trading through the container"

@@ -228,3 +228,39 @@ need_kubernetes_validate() {
     }
   fi
 }
+
+# Node.js and npm, for the web page's unit tests (node --test web/test/) and its browser test.
+need_node() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install_any nodejs || true
+    apt_install_any npm || true
+    hash -r
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+      echo "could not install Node.js and npm: install them by hand (Debian/Ubuntu, as root:" \
+        "apt-get install nodejs npm; Node.js 18 or newer), then run this again." >&2
+      exit 1
+    fi
+  fi
+}
+
+# The browser test of the web page (tests/web.rs): Debian's chromium, and playwright-core (the
+# version web/browser/package.json pins, into web/browser/node_modules) to drive it. Playwright's own
+# browser download is never used.
+need_playwright() {
+  need_node
+  if [ -z "${AGORA_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+    apt_install_any chromium || true
+    if [ ! -x /usr/bin/chromium ]; then
+      echo "could not install chromium: install it by hand (Debian/Ubuntu, as root: apt-get install chromium)" \
+        "or set AGORA_CHROMIUM to a Chromium or Chrome binary, then run this again." >&2
+      exit 1
+    fi
+  fi
+  if [ ! -d web/browser/node_modules/playwright-core ]; then
+    echo "==> installing playwright-core for the browser test (npm ci in web/browser)"
+    (cd web/browser && npm ci --no-audit --no-fund --silent) || {
+      echo "could not install playwright-core: run (cd web/browser && npm ci) by hand, then run this again." >&2
+      exit 1
+    }
+  fi
+}

@@ -4,8 +4,8 @@
 # the fuzz target must build, and the committed sample must still replay to its recorded hash.
 # The deployment files are validated (compose, Kubernetes schemas, alert rules with promtool) and
 # the container image is built and traded through. Installs what is missing (nats-server, the
-# rotel collector, PostgreSQL, MariaDB, promtool, docker-compose, kubernetes-validate, podman, the
-# clippy and rustfmt components) and says what it cannot install.
+# rotel collector, PostgreSQL, MariaDB, promtool, docker-compose, kubernetes-validate, podman,
+# Node.js, Chromium and playwright-core, the clippy and rustfmt components) and says what it cannot install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,7 @@ need_promtool
 need_compose
 need_kubernetes_validate
 need_container_engine
+need_playwright
 echo "nats-server: $(command -v nats-server) ($(nats-server --version))"
 
 step "alert rules: promtool check rules, promtool test rules"
@@ -40,13 +41,16 @@ step "deployment files: deploy/compose.yaml (docker-compose config and consisten
 bash scripts/check-compose.sh
 python3 scripts/check-k8s.py
 
+step "the web page's book-keeping and candles: node --test web/test/"
+node --test web/test/
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo test --release (unit, scenarios, oracle, samples, allocation, bus, market, node)"
+step "cargo test --release (unit, scenarios, oracle, samples, allocation, bus, market, node, cluster, history, the web page in Chromium)"
 cargo test --release
 
 step "the container image: built (scripts/image.sh), started, traded through from this host"

@@ -1,6 +1,6 @@
 //! Agora: a matching runtime for exchanges. `book` is the pure order book, `wire` the wire
 //! format, `replay`/`workload`/`fuzzing` the offline tools; with the `runtime` feature
-//! (default), `bus`, `actors`, `cluster`, `config`, `query` and `node` make up the NATS-driven runtime, `client`
+//! (default), `bus`, `actors`, `cluster`, `config`, `query`, `node` and `web` (the page) make up the NATS-driven runtime, `client`
 //! talks to it, and `bench` measures it end to end.
 
 #[cfg(feature = "runtime")]
@@ -29,6 +29,8 @@ pub mod query;
 pub mod replay;
 #[cfg(feature = "runtime")]
 pub mod telemetry;
+#[cfg(feature = "runtime")]
+pub mod web;
 pub mod wire;
 pub mod workload;
 

@@ -242,6 +242,7 @@ pub async fn ensure_core_streams(
 }
 
 /// The buckets: market specs, placement, node heartbeats.
+#[derive(Clone)]
 pub struct Buckets {
     pub markets: kv::Store,
     pub placement: kv::Store,

@@ -1,5 +1,6 @@
 //! The node's HTTP port (`--http-port`, bound on `--http-addr`): `/metrics` for Prometheus
-//! (rendered by `telemetry`), `/health` (liveness) and `/ready` (readiness) for orchestrators.
+//! (rendered by `telemetry`), `/health` (liveness) and `/ready` (readiness) for orchestrators,
+//! and the web page (`/`, `/api/...`: `web`).
 //!
 //! `/health`: the process answers and its runtime is responsive (NATS is not looked at: a NATS
 //! blip must not make an orchestrator restart every node). `/ready`: NATS is connected, the
@@ -40,6 +41,8 @@ pub struct Probes {
     pub lease: Lease,
     /// Why the heartbeat fails, when it does.
     pub heartbeat: HeartbeatStatus,
+    /// The web page (`GET /`) and what it reads.
+    pub web: crate::web::Web,
 }
 
 /// How long the runtime may take to answer the liveness probe.
@@ -56,6 +59,10 @@ impl Endpoints for Probes {
 
     fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
         self.metrics.as_ref()
+    }
+
+    async fn other(&self, path: &str, query: &str) -> Option<crate::telemetry::http::Reply> {
+        self.web.route(path, query).await
     }
 }
 

@@ -338,6 +338,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             metrics: metrics.clone(),
             lease: lease.clone(),
             heartbeat: heartbeat_status.clone(),
+            web: crate::web::Web::new(crate::web::Hub::new(
+                client.clone(),
+                subjects.clone(),
+                buckets.clone(),
+                node_id.clone(),
+                cluster.lease,
+            )),
         };
         Some((listener, probes))
     } else {

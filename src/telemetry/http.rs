@@ -1,7 +1,10 @@
 //! The HTTP port of an agora process (`agora node`, `agora history`): `/metrics` for
 //! Prometheus, `/health` (liveness) and `/ready` (readiness), each process saying what they
-//! mean through `Endpoints`. A small HTTP/1.1 responder on tokio: GET only, one request per
-//! connection, bounded request size, so nothing a client sends can hold the process.
+//! mean through `Endpoints`, and whatever else a process serves there (`Endpoints::other`: the
+//! node's web page). A small HTTP/1.1 responder on tokio: GET only, one request per
+//! connection, bounded request size, a deadline on everything but an event stream the process
+//! chose to open (bounded in number by that process), so nothing a client sends can hold the
+//! process.
 
 use std::time::Duration;
 
@@ -23,7 +26,26 @@ pub trait Endpoints: Clone + 'static {
     fn ready(&self) -> impl Future<Output = (bool, Value)>;
     /// Renders the metrics; `None` when no recorder could be installed.
     fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle>;
+    /// Any other GET `path` (with its `query`, the part after `?`); `None`: 404.
+    fn other(&self, path: &str, query: &str) -> impl Future<Output = Option<Reply>> {
+        let _ = (path, query);
+        async { None }
+    }
 }
+
+/// An answer of `Endpoints::other`.
+pub enum Reply {
+    Json(u16, Value),
+    /// A file: its content type and bytes.
+    File(&'static str, &'static [u8]),
+    /// Server-sent events (`text/event-stream`): each item is written as it comes (whole
+    /// `event:`/`data:` frames), with a comment every 15 s so proxies keep the connection,
+    /// until the sender is dropped or the client goes away.
+    Events(tokio::sync::mpsc::Receiver<String>),
+}
+
+/// How often an idle event stream says it is still there.
+const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Binds `addr:port`, failing with what to do when the port is taken.
 pub async fn bind(addr: &str, port: u16) -> Result<TcpListener, String> {
@@ -54,13 +76,20 @@ pub async fn serve<E: Endpoints>(
         };
         let probes = probes.clone();
         actix_rt::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &probes)).await;
+            let answered = tokio::time::timeout(Duration::from_secs(10), answer(stream, &probes));
+            if let Ok(Ok(Some((stream, events)))) = answered.await {
+                let _ = stream_events(stream, events).await;
+            }
         });
     }
 }
 
-/// Reads one request head and answers it.
-async fn answer<E: Endpoints>(mut stream: TcpStream, probes: &E) -> std::io::Result<()> {
+/// An event stream to go on with, past the deadline of the request.
+type Streaming = Option<(TcpStream, tokio::sync::mpsc::Receiver<String>)>;
+
+/// Reads one request head and answers it; an event stream is handed back to be written
+/// without the request's deadline.
+async fn answer<E: Endpoints>(mut stream: TcpStream, probes: &E) -> std::io::Result<Streaming> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -70,28 +99,30 @@ async fn answer<E: Endpoints>(mut stream: TcpStream, probes: &E) -> std::io::Res
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > REQUEST_MAX {
-            return respond(
+            respond(
                 &mut stream,
                 431,
                 &json!({"error": "request head too large"}),
             )
-            .await;
+            .await?;
+            return Ok(None);
         }
     }
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     if method != "GET" {
-        return respond(
+        respond(
             &mut stream,
             405,
             &json!({"error": format!("{method} is not served; use GET /metrics, /health or /ready")}),
         )
-        .await;
+        .await?;
+        return Ok(None);
     }
-    match path {
+    let done = match path {
         "/health" => {
             let (ok, body) = probes.health().await;
             respond(&mut stream, if ok { 200 } else { 503 }, &body).await
@@ -115,14 +146,69 @@ async fn answer<E: Endpoints>(mut stream: TcpStream, probes: &E) -> std::io::Res
                 .await
             }
         },
-        _ => {
-            respond(
+        _ => match probes.other(path, query).await {
+            Some(Reply::Json(status, body)) => respond(&mut stream, status, &body).await,
+            Some(Reply::File(content_type, body)) => {
+                respond_bytes(&mut stream, 200, content_type, body).await
+            }
+            Some(Reply::Events(events)) => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+                stream.write_all(head.as_bytes()).await?;
+                return Ok(Some((stream, events)));
+            }
+            None => respond(
                 &mut stream,
                 404,
                 &json!({"error": format!("{path} is not served; use /metrics, /health or /ready")}),
             )
-            .await
-        }
+            .await,
+        },
+    };
+    done.map(|()| None)
+}
+
+/// Writes an event stream's frames until its sender is done or the client is gone.
+async fn stream_events(
+    mut stream: TcpStream,
+    mut events: tokio::sync::mpsc::Receiver<String>,
+) -> std::io::Result<()> {
+    loop {
+        let frame = match tokio::time::timeout(KEEPALIVE, events.recv()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => ": still here\n\n".to_string(),
+        };
+        stream.write_all(frame.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+async fn respond_bytes(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        reason(status),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.shutdown().await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        504 => "Gateway Timeout",
+        _ => "Service Unavailable",
     }
 }
 
@@ -136,16 +222,10 @@ async fn respond_text(stream: &mut TcpStream, body: &str) -> std::io::Result<()>
 }
 
 async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
     let body = body.to_string();
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason(status),
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -114,6 +114,11 @@ impl Agora {
         wait_on(&self.errors, matches, timeout)
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then the exit status (panics if it takes over `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         // SAFETY: kill with a pid we own and a valid signal.

@@ -446,5 +446,51 @@ fn the_page_s_files_and_api_answer_or_say_what_is_wrong() {
         seen.contains("event: hello\ndata: {\"market\":\"BTC-USDC\",\"node\":\"n1\"}"),
         "{seen}"
     );
+    drop(stream);
+
+    // With agora history beside the node: a trade's candle and the ticker.
+    place(&server.url(), "alice", "sell", "65000.00", "0.5");
+    place(&server.url(), "bob", "buy", "65000.00", "0.2");
+    let db = format!("sqlite://{}", dir.path().join("history.db").display());
+    let history_dir = dir.path().join("history");
+    let _history = Agora::spawn(&[
+        "history",
+        "--nats-url",
+        &server.url(),
+        "--database",
+        &db,
+        "--data-dir",
+        &history_dir.display().to_string(),
+    ]);
+    let started = Instant::now();
+    loop {
+        let (status, candles) = common::http_get(port, "GET /api/candles/BTC-USDC?interval=1m");
+        if status == 200 && candles["candles"][0]["volume"] == "0.20000000" {
+            assert_eq!(candles["candles"][0]["close"], "65000.00", "{candles}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no candle of the trade from the history: {status} {candles}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    loop {
+        let (_, overview) = common::http_get(port, "GET /api/overview");
+        let btc = &overview["markets"][0];
+        if btc["ticker"]["last"] == "65000.00" {
+            assert_eq!(btc["last_price"], "65000.00", "{overview}");
+            assert_eq!(btc["best_ask"], "65000.00", "{overview}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no ticker from the history in the overview: {overview}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (status, trades) = common::http_get(port, "GET /api/trades/BTC-USDC");
+    assert_eq!(status, 200, "{trades}");
+    assert_eq!(trades["trades"][0]["price"], "65000.00", "{trades}");
     drop(server);
 }

@@ -34,6 +34,9 @@ const TAPE_KEPT: usize = 100;
 const EVENTS_KEPT: usize = 50;
 /// The hub stops this long after the last page closed.
 const IDLE_STOP: Duration = Duration::from_secs(60);
+/// Most deltas kept for a market while its book is fetched (past that the oldest go, and
+/// the book is fetched again when they are found missing).
+const WAITING_MAX: usize = 10_000;
 /// How often lags and tickers are read again.
 const SLOW_EVERY: Duration = Duration::from_secs(5);
 /// A node not heard from for this long is dropped from the page.
@@ -67,6 +70,8 @@ struct MarketView {
     placement: Option<Placement>,
     book: Option<L2>,
     fetching: bool,
+    /// Deltas that came while the book was being fetched, applied after it.
+    waiting: VecDeque<BookDelta>,
     last_price: Option<String>,
     tape: VecDeque<TapeTrade>,
     /// The node that last said it runs the market, at which epoch.
@@ -315,13 +320,21 @@ impl Hub {
         let fetch = {
             let mut state = lock(&self.state);
             let view = state.markets.entry(delta.market.clone()).or_default();
-            let in_step = view.book.as_mut().map(|b| b.apply(&delta));
-            if matches!(in_step, None | Some(Err(()))) && !view.fetching {
+            if view.fetching {
+                if view.waiting.len() == WAITING_MAX {
+                    view.waiting.pop_front();
+                }
+                view.waiting.push_back(delta.clone());
+                false
+            } else if view.book.as_mut().is_some_and(|b| b.apply(&delta).is_ok()) {
+                false
+            } else {
+                // No book yet, or a delta missed: fetch it, keeping what comes meanwhile.
                 view.book = None;
                 view.fetching = true;
+                view.waiting.clear();
+                view.waiting.push_back(delta.clone());
                 true
-            } else {
-                false
             }
         };
         if fetch {
@@ -334,15 +347,22 @@ impl Hub {
         }
     }
 
-    /// The market's whole L2 book, for the best prices of the overview.
+    /// The market's whole L2 book, for the best prices of the overview, and the deltas that
+    /// came meanwhile applied over it.
     async fn fetch_book(&self, market: String) {
         let fetched = self.book(&market, None).await.ok();
         let mut state = lock(&self.state);
         let view = state.markets.entry(market).or_default();
         view.fetching = false;
-        if let Some(Ok(snapshot)) = fetched.map(serde_json::from_value::<BookSnapshot>) {
-            view.book = Some(L2::from_snapshot(&snapshot));
-        }
+        let waiting = std::mem::take(&mut view.waiting);
+        let Some(Ok(snapshot)) = fetched.map(serde_json::from_value::<BookSnapshot>) else {
+            // Asked again at the next delta.
+            return;
+        };
+        let mut book = L2::from_snapshot(&snapshot);
+        // A delta that does not follow means one was lost: the next one fetches again.
+        let whole = waiting.iter().all(|d| book.apply(d).is_ok());
+        view.book = whole.then_some(book);
     }
 
     /// Asks the market for its book (`depth` levels a side, or all): its answer as JSON, or

@@ -38,7 +38,7 @@ use crate::bus::{self, BusError, NatsOptions, Subjects};
 mod queries;
 use crate::telemetry::traces;
 use crate::wire::WireCommandOut;
-pub use queries::{OpenOrders, OrderStatus};
+pub use queries::{HistoryAskError, OpenOrders, OrderStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

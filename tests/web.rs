@@ -250,24 +250,15 @@ fn the_page_shows_the_book_and_tape_and_follows_a_move_and_a_failover() {
     browser.screenshot("3-trade");
 
     // A planned move to n2: the page follows.
-    let moved = Command::new(env!("CARGO_BIN_EXE_agora"))
-        .args([
-            "ctl",
-            "market.move",
-            "BTC-USDC",
-            "--to",
-            "n2",
-            "--nats-url",
-            &url,
-        ])
-        .output()
-        .expect("agora ctl runs");
-    assert!(
-        moved.status.success(),
-        "market.move: {} {}",
-        String::from_utf8_lossy(&moved.stdout),
-        String::from_utf8_lossy(&moved.stderr)
-    );
+    common::run_ok(&[
+        "ctl",
+        "market.move",
+        "BTC-USDC",
+        "--to",
+        "n2",
+        "--nats-url",
+        &url,
+    ]);
     browser.wait(
         "BTC-USDC on n2",
         "document.querySelector('#market-owner')?.textContent.includes('n2')",

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 
+use agora::client::Client;
 use agora::config::{Config, Overrides};
 use agora::telemetry::traces;
 
@@ -162,21 +163,23 @@ pub fn history_cmd(args: HistoryArgs) -> Result<()> {
     })
 }
 
-/// Asks a history query (JSON in, JSON out) and prints the items of `list`, page after page
-/// until `limit` are printed or there is no `next`.
+/// How long a history query may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks a history query (`<prefix>.query.<what>`) and prints the items of `list`, page after
+/// page until `limit` are printed or there is no `next`.
 async fn history_pages(
-    client: &async_nats::Client,
-    subject: String,
+    client: &Client,
+    what: &str,
     mut body: serde_json::Value,
     list: &str,
-    cursor: &str,
     limit: usize,
 ) -> Result<()> {
     let mut printed = 0;
     loop {
         let page = (limit - printed).min(agora::history::query::LIMIT_MAX);
         body["limit"] = page.into();
-        let reply = history_request(client, subject.clone(), &body).await?;
+        let reply = client.ask_history(what, &body, ASK_TIMEOUT).await?;
         let items = reply[list].as_array().cloned().unwrap_or_default();
         for item in items.iter().take(limit - printed) {
             print_json(item)?;
@@ -184,39 +187,11 @@ async fn history_pages(
         printed += items.len().min(limit - printed);
         match reply.get("next") {
             Some(next) if !next.is_null() && printed < limit && !items.is_empty() => {
-                body[cursor] = next.clone();
+                body["before"] = next.clone();
             }
             _ => return Ok(()),
         }
     }
-}
-
-async fn history_request(
-    client: &async_nats::Client,
-    subject: String,
-    body: &serde_json::Value,
-) -> Result<serde_json::Value> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", "application/json");
-    let asked = client.request_with_headers(subject.clone(), headers, body.to_string().into());
-    let reply = match tokio::time::timeout(Duration::from_secs(10), asked).await {
-        Err(_) => bail!("no answer on {subject} within 10 s: is `agora history` running?"),
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            bail!("nothing answers {subject}: start `agora history` beside the nodes")
-        }
-        Ok(Err(e)) => bail!("asking {subject}: {e}"),
-        Ok(Ok(reply)) => reply,
-    };
-    let value: serde_json::Value = serde_json::from_slice(&reply.payload)
-        .with_context(|| format!("the answer on {subject} is not JSON"))?;
-    if value["ok"] != serde_json::Value::Bool(true) {
-        bail!(
-            "{}: {}",
-            value["error"].as_str().unwrap_or("refused"),
-            value["message"].as_str().unwrap_or("")
-        );
-    }
-    Ok(value)
 }
 
 /// Prints an account's `list` ("orders" or "fills") from its history query.
@@ -226,8 +201,8 @@ async fn account_history(asked: AccountRange, list: &str) -> Result<()> {
     if let Some(m) = asked.market {
         body["market"] = m.into();
     }
-    let subject = format!("{}.query.{}.history", asked.connect.prefix, asked.account);
-    history_pages(client.nats(), subject, body, list, "before", asked.limit).await
+    let what = format!("{}.history", asked.account);
+    history_pages(&client, &what, body, list, asked.limit).await
 }
 
 /// The `from`/`to` of a query body.
@@ -257,16 +232,8 @@ fn history_query_cmd(cmd: HistoryCmd) -> Result<()> {
                 connect,
             } => {
                 let client = connect.client().await?;
-                let subject = format!("{}.query.trades.{market}", connect.prefix);
-                history_pages(
-                    client.nats(),
-                    subject,
-                    range_body(&r),
-                    "trades",
-                    "before",
-                    limit,
-                )
-                .await
+                let what = format!("trades.{market}");
+                history_pages(&client, &what, range_body(&r), "trades", limit).await
             }
             HistoryCmd::Candles {
                 market,
@@ -277,8 +244,8 @@ fn history_query_cmd(cmd: HistoryCmd) -> Result<()> {
                 let client = connect.client().await?;
                 let mut body = range_body(&r);
                 body["interval"] = interval.into();
-                let subject = format!("{}.query.candles.{market}", connect.prefix);
-                let reply = history_request(client.nats(), subject, &body).await?;
+                let what = format!("candles.{market}");
+                let reply = client.ask_history(&what, &body, ASK_TIMEOUT).await?;
                 for c in reply["candles"].as_array().into_iter().flatten() {
                     print_json(c)?;
                 }
@@ -286,8 +253,10 @@ fn history_query_cmd(cmd: HistoryCmd) -> Result<()> {
             }
             HistoryCmd::Ticker { market, connect } => {
                 let client = connect.client().await?;
-                let subject = format!("{}.query.ticker.{market}", connect.prefix);
-                let reply = history_request(client.nats(), subject, &serde_json::json!({})).await?;
+                let what = format!("ticker.{market}");
+                let reply = client
+                    .ask_history(&what, &serde_json::json!({}), ASK_TIMEOUT)
+                    .await?;
                 print_json(&reply)
             }
         }

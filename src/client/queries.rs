@@ -169,3 +169,84 @@ impl Client {
         decode(subject, &reply.payload)
     }
 }
+
+/// Why a history query (`Client::ask_history`) got no answer to use.
+#[derive(Debug)]
+pub enum HistoryAskError {
+    /// Nothing subscribes there: no `agora history` runs.
+    NotRunning { subject: String },
+    /// No answer within the time given.
+    Timeout { subject: String, waited: Duration },
+    /// It answered `{ok: false, error, message}`: that answer.
+    Refused(serde_json::Value),
+    /// The connection failed, or the answer is not JSON.
+    Failed { subject: String, reason: String },
+}
+
+impl std::fmt::Display for HistoryAskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HistoryAskError::NotRunning { subject } => write!(
+                f,
+                "nothing answers {subject}: agora history is not running; start it beside the nodes"
+            ),
+            HistoryAskError::Timeout { subject, waited } => write!(
+                f,
+                "no answer on {subject} within {waited:?}: is agora history running and its database up?"
+            ),
+            HistoryAskError::Refused(v) => write!(
+                f,
+                "{}: {}",
+                v["error"].as_str().unwrap_or("refused"),
+                v["message"].as_str().unwrap_or("")
+            ),
+            HistoryAskError::Failed { subject, reason } => write!(f, "asking {subject}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for HistoryAskError {}
+
+impl Client {
+    /// Asks a history query, `<prefix>.query.<what>` (`trades.BTC-USDC`, `alice.history`, ...),
+    /// in JSON: its `{ok: true, ...}` answer.
+    pub async fn ask_history(
+        &self,
+        what: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, HistoryAskError> {
+        let subject = format!("{}.query.{what}", self.subjects.prefix());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        let asked =
+            self.nats
+                .request_with_headers(subject.clone(), headers, body.to_string().into());
+        let reply = match tokio::time::timeout(timeout, asked).await {
+            Err(_) => {
+                return Err(HistoryAskError::Timeout {
+                    subject,
+                    waited: timeout,
+                });
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(HistoryAskError::NotRunning { subject });
+            }
+            Ok(Err(e)) => {
+                return Err(HistoryAskError::Failed {
+                    subject,
+                    reason: e.to_string(),
+                });
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
+            Ok(v) if v["ok"] == serde_json::Value::Bool(true) => Ok(v),
+            Ok(v) => Err(HistoryAskError::Refused(v)),
+            Err(e) => Err(HistoryAskError::Failed {
+                subject,
+                reason: format!("the answer is not JSON: {e}"),
+            }),
+        }
+    }
+}

@@ -21,11 +21,13 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::actors::market::MarketStatus;
 use crate::bus::{Buckets, KvFollower, Subjects};
-use crate::client::{BookDelta, BookSnapshot, L2, TapeTrade};
+use crate::client::{BookDelta, BookSnapshot, Client, ClientError, HistoryAskError, L2, TapeTrade};
 use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, unix_ms};
 use crate::cluster::placement::{Placement, PlacementState};
 use crate::history::decimal::Dec;
 
+/// How long a book or history request may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most event streams (open pages) one node serves at once.
 pub const STREAMS_MAX: usize = 64;
 /// Trades kept per market for a page that opens.
@@ -94,6 +96,8 @@ struct State {
 
 pub struct Hub {
     pub(super) client: async_nats::Client,
+    /// The same connection as a client: book and history requests as clients make them.
+    api: Client,
     js: jetstream::Context,
     pub(super) subjects: Subjects,
     buckets: Buckets,
@@ -140,6 +144,7 @@ impl Hub {
         lease: Duration,
     ) -> Arc<Hub> {
         Arc::new(Hub {
+            api: Client::with_connection(client.clone(), subjects.clone()),
             js: jetstream::new(client.clone()),
             client,
             subjects,
@@ -355,7 +360,7 @@ impl Hub {
         let view = state.markets.entry(market).or_default();
         view.fetching = false;
         let waiting = std::mem::take(&mut view.waiting);
-        let Some(Ok(snapshot)) = fetched.map(serde_json::from_value::<BookSnapshot>) else {
+        let Some(snapshot) = fetched else {
             // Asked again at the next delta.
             return;
         };
@@ -365,39 +370,31 @@ impl Hub {
         view.book = whole.then_some(book);
     }
 
-    /// Asks the market for its book (`depth` levels a side, or all): its answer as JSON, or
-    /// (HTTP status, error) when it refused or nobody answered.
-    pub async fn book(&self, market: &str, depth: Option<usize>) -> Result<Value, (u16, Value)> {
-        let body = match depth {
-            Some(d) => format!("{{\"depth\": {d}}}").into(),
-            None => bytes::Bytes::new(),
-        };
-        let subject = self.subjects.book_snapshot(market);
-        let asked = self.client.request(subject, body);
-        let reply = match tokio::time::timeout(Duration::from_secs(2), asked).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) | Err(_) => {
-                return Err((
+    /// Asks the market for its book (`depth` levels a side, or all), as a client does: the
+    /// snapshot, or (HTTP status, error) when it refused or nobody answered.
+    pub async fn book(
+        &self,
+        market: &str,
+        depth: Option<usize>,
+    ) -> Result<BookSnapshot, (u16, Value)> {
+        self.api
+            .book_request(market, depth, ASK_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                ClientError::Refused {
+                    error,
+                    message,
+                    retry_after,
+                    ..
+                } => (
+                    if error == "rate_limited" { 429 } else { 503 },
+                    json!({"error": error, "message": message, "retry_after_ms": retry_after.map(|d| d.as_millis() as u64)}),
+                ),
+                other => (
                     503,
-                    json!({"error": "not_running", "message": format!("{market} does not answer for its book (not running, or moving: ask again)")}),
-                ));
-            }
-        };
-        let value: Value = rmp_serde::from_slice(&reply.payload).map_err(|e| {
-            (
-                503,
-                json!({"error": "bad_answer", "message": format!("{market}'s book could not be read: {e}")}),
-            )
-        })?;
-        if value.get("error").is_some() {
-            let status = if value["error"] == "rate_limited" {
-                429
-            } else {
-                503
-            };
-            return Err((status, value));
-        }
-        Ok(value)
+                    json!({"error": "not_answering", "message": format!("{other} (not running, or moving: ask again)")}),
+                ),
+            })
     }
 
     fn on_trades(&self, tape: Tape) {
@@ -566,35 +563,22 @@ impl Hub {
     /// when no history process runs, (504, why) when it did not answer in time, (400, its
     /// refusal) when it refused.
     pub async fn history(&self, what: &str, body: Value) -> Result<Value, (u16, Value)> {
-        let subject = format!("{}.query.{what}", self.subjects.prefix());
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Content-Type", "application/json");
-        let asked = self
-            .client
-            .request_with_headers(subject, headers, body.to_string().into());
-        let reply = match tokio::time::timeout(Duration::from_secs(2), asked).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                return Err((
+        self.api
+            .ask_history(what, &body, ASK_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                HistoryAskError::NotRunning { .. } => (
                     503,
                     json!({"error": "no_history", "message": "agora history is not running: start it beside the nodes for candles, tickers and older trades"}),
-                ));
-            }
-            _ => {
-                return Err((
-                    504,
-                    json!({"error": "timeout", "message": "agora history did not answer within 2 s"}),
-                ));
-            }
-        };
-        match serde_json::from_slice::<Value>(&reply.payload) {
-            Ok(v) if v["ok"] == Value::Bool(true) => Ok(v),
-            Ok(v) => Err((400, v)),
-            Err(e) => Err((
-                503,
-                json!({"error": "bad_answer", "message": format!("the history's answer is not JSON: {e}")}),
-            )),
-        }
+                ),
+                HistoryAskError::Refused(v) => (400, v),
+                HistoryAskError::Timeout { .. } => {
+                    (504, json!({"error": "timeout", "message": e.to_string()}))
+                }
+                HistoryAskError::Failed { .. } => {
+                    (503, json!({"error": "bad_answer", "message": e.to_string()}))
+                }
+            })
     }
 
     /// The trades this node saw of `market`, newest first.

@@ -88,7 +88,12 @@ impl Web {
             },
             "book" => {
                 let depth = param("depth").and_then(|d| d.parse::<usize>().ok());
-                reply(self.hub.book(market, depth).await)
+                reply(
+                    self.hub
+                        .book(market, depth)
+                        .await
+                        .map(|b| serde_json::to_value(b).unwrap_or(Value::Null)),
+                )
             }
             "trades" => match self
                 .hub

@@ -173,6 +173,23 @@ impl Drop for Agora {
     }
 }
 
+/// Runs `agora <args>` to completion and panics, with what it printed, unless it succeeded;
+/// its standard output.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(args)
+        .output()
+        .expect("agora runs");
+    assert!(
+        out.status.success(),
+        "agora {}: {} {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `agora <args>` to completion: success, stdout lines as JSON, stderr.
 pub fn run(args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_agora"))

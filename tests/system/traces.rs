@@ -448,24 +448,15 @@ fn a_move_is_one_trace_across_both_nodes() {
     std::fs::create_dir_all(&d2).expect("dir");
     let mut n1 = common::Agora::node(&url, &d1, &config("n1"));
     let mut n2 = common::Agora::node(&url, &d2, &config("n2"));
-    let out = Command::new(env!("CARGO_BIN_EXE_agora"))
-        .args([
-            "ctl",
-            "market.move",
-            "TEST-USD",
-            "--to",
-            "n2",
-            "--nats-url",
-            &url,
-        ])
-        .output()
-        .expect("agora ctl runs");
-    assert!(
-        out.status.success(),
-        "market.move: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(&[
+        "ctl",
+        "market.move",
+        "TEST-USD",
+        "--to",
+        "n2",
+        "--nats-url",
+        &url,
+    ]);
     for node in [&mut n1, &mut n2] {
         let status = node.terminate(WAIT);
         assert!(status.success(), "agora node exited with {status}");

@@ -562,6 +562,8 @@ struct ReplayArgs {
 }
 
 #[derive(Args)]
+/// A flag given twice takes its last value, so a script can put its changes after a base.
+#[command(args_override_self = true)]
 struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -582,6 +584,20 @@ struct GenerateArgs {
     /// Percent of cancels aimed at one of the 64 most recently placed open orders (0-100).
     #[arg(long, default_value_t = workload::YOUNG_CANCEL_PCT_DEFAULT, value_parser = clap::value_parser!(u8).range(0..=100))]
     young_cancel_pct: u8,
+    /// Percent of the flow that is cancels (10-60); above 35, cancels drawn while the book is
+    /// short of its resting size target recently closed orders and are rejected.
+    #[arg(long, default_value_t = workload::CANCEL_PCT_DEFAULT, value_parser = clap::value_parser!(u8).range(10..=60))]
+    cancel_pct: u8,
+    /// Percent of cancels that name their order by cid (the rest by oid).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    cancel_by_cid_pct: u8,
+    /// Cids as plain numbers ("1234") instead of "c1234".
+    #[arg(long)]
+    numeric_cids: bool,
+    /// Print what the workload is made of (resting orders, levels, shares of the flow) to
+    /// standard error.
+    #[arg(long)]
+    profile: bool,
     /// Write here instead of standard output (`.gz` is gzip-compressed).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -665,7 +681,26 @@ fn generate_cmd(args: GenerateArgs) -> Result<()> {
         full_mix: args.full_mix,
         young_cancel_pct: args.young_cancel_pct,
     };
-    let w = workload::generate(&params);
+    let shape = workload::FlowShape {
+        cancel_pct: args.cancel_pct,
+        cancel_by_cid_pct: args.cancel_by_cid_pct,
+        numeric_cids: args.numeric_cids,
+    };
+    let w = workload::generate_shaped(&params, &shape);
+    if args.profile {
+        let p = w.profile();
+        eprintln!(
+            "resting {} orders on {} levels ({:.1} a level); flow {} commands: {:.1}% limit, {:.1}% market, {:.1}% cancel ({:.0}% of them by cid)",
+            p.resting,
+            p.levels,
+            p.resting as f64 / p.levels.max(1) as f64,
+            p.commands,
+            p.limit_pct,
+            p.market_pct,
+            p.cancel_pct,
+            p.cancel_by_cid_pct
+        );
+    }
     let mut out = writer(args.out.as_deref())?;
     workload::write_jsonl(&w, &mut out)?;
     out.flush()?;

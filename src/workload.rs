@@ -57,6 +57,37 @@ pub struct FlowParams {
     pub young_cancel_pct: u8,
 }
 
+/// How the flow is shaped beyond `FlowParams`, for the families of flows the book is measured
+/// on (BENCHMARKS.md, "Flow families"); the default is the shape of workloads (a) and (b).
+#[derive(Clone, Debug)]
+pub struct FlowShape {
+    /// Percent of the benchmark mix's commands that are cancels (10-60; default 35). Above 35
+    /// the book cannot keep its size from live cancels alone (adds must outnumber cancels), so
+    /// while it is short of its resting size a drawn cancel targets a recently closed order and
+    /// is rejected, as late cancels are on a real venue.
+    pub cancel_pct: u8,
+    /// Percent of cancels that name their order by cid (the rest by oid; default 50).
+    pub cancel_by_cid_pct: u8,
+    /// Cids as plain numbers (`"1234"`) rather than `"c1234"`.
+    pub numeric_cids: bool,
+}
+
+/// The default cancel share of the benchmark mix.
+pub const CANCEL_PCT_DEFAULT: u8 = 35;
+
+impl Default for FlowShape {
+    fn default() -> FlowShape {
+        FlowShape {
+            cancel_pct: CANCEL_PCT_DEFAULT,
+            cancel_by_cid_pct: 50,
+            numeric_cids: false,
+        }
+    }
+}
+
+/// Recently closed orders kept as targets of late cancels.
+const CLOSED_WINDOW: usize = 256;
+
 /// How many of the most recently placed orders count as young.
 const YOUNG_WINDOW: usize = 64;
 
@@ -112,6 +143,48 @@ impl Workload {
     }
 }
 
+/// What a workload is made of, as `agora generate` reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    pub resting: usize,
+    /// Price levels holding the resting orders (both sides).
+    pub levels: usize,
+    pub commands: usize,
+    /// Shares of the flow, in percent: limit orders, market orders, cancels (by cid among them).
+    pub limit_pct: f64,
+    pub market_pct: f64,
+    pub cancel_pct: f64,
+    pub cancel_by_cid_pct: f64,
+}
+
+impl Workload {
+    pub fn profile(&self) -> Profile {
+        let book = self.prefilled_book();
+        let (mut limit, mut market, mut cancel, mut by_cid) = (0usize, 0usize, 0usize, 0usize);
+        for cmd in &self.commands {
+            match &cmd.op {
+                Op::New(o) if o.order_type == OrderType::Market => market += 1,
+                Op::New(_) => limit += 1,
+                Op::Cancel(target) => {
+                    cancel += 1;
+                    by_cid += usize::from(matches!(target, OrderRef::Cid(_)));
+                }
+                _ => {}
+            }
+        }
+        let pct = |n: usize, of: usize| 100.0 * n as f64 / of.max(1) as f64;
+        Profile {
+            resting: book.order_count(),
+            levels: book.level_count(Side::Buy) + book.level_count(Side::Sell),
+            commands: self.commands.len(),
+            limit_pct: pct(limit, self.commands.len()),
+            market_pct: pct(market, self.commands.len()),
+            cancel_pct: pct(cancel, self.commands.len()),
+            cancel_by_cid_pct: pct(by_cid, cancel),
+        }
+    }
+}
+
 /// The market the generated flow trades: `BENCH-USD`, prices with 2 decimals, whole lots.
 pub fn bench_spec() -> MarketSpec {
     let mut input = MarketSpecInput::new("BENCH-USD", 2, 0);
@@ -132,6 +205,9 @@ struct Live {
 struct Generator {
     rng: Rng,
     params: FlowParams,
+    shape: FlowShape,
+    /// The most recently closed orders (targets of late cancels), oldest first.
+    closed: std::collections::VecDeque<Live>,
     book: OrderBook,
     events: Vec<Event>,
     accounts: Vec<Account>,
@@ -149,7 +225,7 @@ struct Generator {
 const MID_START: u64 = 100_000;
 
 impl Generator {
-    fn new(params: FlowParams, spec: MarketSpec) -> Generator {
+    fn new(params: FlowParams, shape: FlowShape, spec: MarketSpec) -> Generator {
         let accounts = (0..params.accounts.max(1))
             .map(|i| {
                 Account::new(&format!("acct-{i}")).unwrap_or_else(|_| unreachable!("ascii name"))
@@ -159,6 +235,8 @@ impl Generator {
             rng: Rng::new(params.seed),
             book: OrderBook::with_capacity(spec, params.resting * 2 + 1024),
             params,
+            shape,
+            closed: std::collections::VecDeque::with_capacity(CLOSED_WINDOW + 1),
             events: Vec::with_capacity(256),
             accounts,
             live: Vec::new(),
@@ -174,7 +252,13 @@ impl Generator {
 
     fn forget(&mut self, oid: OrderId) {
         if let Some(i) = self.live_index.remove(&oid) {
-            self.live.swap_remove(i);
+            let gone = self.live.swap_remove(i);
+            if self.shape.cancel_pct > CANCEL_PCT_DEFAULT {
+                self.closed.push_back(gone);
+                if self.closed.len() > CLOSED_WINDOW {
+                    self.closed.pop_front();
+                }
+            }
             if let Some(moved) = self.live.get(i) {
                 self.live_index.insert(moved.oid, i);
             }
@@ -239,7 +323,12 @@ impl Generator {
     }
 
     fn cid(&self) -> Cid {
-        Cid::new(&format!("c{}", self.seq + 1)).unwrap_or_else(|_| unreachable!("short ascii"))
+        let text = if self.shape.numeric_cids {
+            format!("{}", self.seq + 1)
+        } else {
+            format!("c{}", self.seq + 1)
+        };
+        Cid::new(&text).unwrap_or_else(|_| unreachable!("short ascii"))
     }
 
     fn passive_price(&mut self, side: Side) -> u64 {
@@ -319,19 +408,33 @@ impl Generator {
 
     fn cancel(&mut self) -> Option<Command> {
         let target = self.cancel_target()?;
-        let by = if self.rng.chance(500) {
+        Some(self.cancel_of(target))
+    }
+
+    /// A cancel of an order that already closed (filled or cancelled): rejected by the book.
+    fn late_cancel(&mut self) -> Option<Command> {
+        if self.closed.is_empty() {
+            return None;
+        }
+        let target = self.closed[self.rng.below(self.closed.len() as u64) as usize];
+        Some(self.cancel_of(target))
+    }
+
+    fn cancel_of(&mut self, target: Live) -> Command {
+        let by_oid_per_mille = 1000 - 10 * u64::from(self.shape.cancel_by_cid_pct.min(100));
+        let by = if self.rng.chance(by_oid_per_mille) {
             OrderRef::Oid(target.oid)
         } else {
             OrderRef::Cid(target.cid)
         };
         let (seq, ts) = self.next_input();
-        Some(Command {
+        Command {
             seq,
             pos: 0,
             ts,
             account: self.accounts[target.account as usize],
             op: Op::Cancel(by),
-        })
+        }
     }
 
     fn bench_step(&mut self) -> Command {
@@ -340,9 +443,10 @@ impl Generator {
         let r = self.rng.below(1000);
         let few = self.live.len() < target * 9 / 10;
         let many = self.live.len() > target * 11 / 10;
+        let adds_end = 1000 - 10 * u64::from(self.shape.cancel_pct.clamp(1, 89));
         if r < 100 {
             self.market(account)
-        } else if r < 650 {
+        } else if r < adds_end {
             if many && let Some(c) = self.cancel() {
                 return c;
             }
@@ -352,6 +456,11 @@ impl Generator {
                 self.passive(account)
             }
         } else if few {
+            if self.shape.cancel_pct > CANCEL_PCT_DEFAULT
+                && let Some(c) = self.late_cancel()
+            {
+                return c;
+            }
             self.passive(account)
         } else {
             self.cancel().unwrap_or_else(|| self.passive(account))
@@ -526,8 +635,13 @@ impl Generator {
 
 /// Generates a workload: a prefill of `resting` passive orders, then `commands` of flow.
 pub fn generate(params: &FlowParams) -> Workload {
+    generate_shaped(params, &FlowShape::default())
+}
+
+/// `generate`, with the flow shaped by `shape`.
+pub fn generate_shaped(params: &FlowParams, shape: &FlowShape) -> Workload {
     let spec = bench_spec();
-    let mut g = Generator::new(params.clone(), spec.clone());
+    let mut g = Generator::new(params.clone(), shape.clone(), spec.clone());
     let mut prefill = Vec::with_capacity(params.resting);
     for _ in 0..params.resting {
         let account = g.rng.below(u64::from(params.accounts.max(1))) as u32;

@@ -1,6 +1,7 @@
 //! Proof that the book allocates nothing per command once warm: a counting allocator (per
 //! thread, so other tests do not disturb it) watches the second half of each benchmark flow,
-//! after the first half has brought every container to its working size.
+//! after the first half has brought every container to its working size. The same allocator
+//! weighs a book restored from a snapshot, as a node holds it after a restart.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -12,6 +13,9 @@ struct Counting;
 
 thread_local! {
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// Bytes allocated and not yet freed by this thread (may go below 0 when it frees what
+    /// another allocated).
+    static LIVE: Cell<i64> = const { Cell::new(0) };
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the counter is a
@@ -19,15 +23,18 @@ thread_local! {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        LIVE.with(|c| c.set(c.get() + layout.size() as i64));
         // SAFETY: same contract as ours.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.with(|c| c.set(c.get() - layout.size() as i64));
         // SAFETY: same contract as ours.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        LIVE.with(|c| c.set(c.get() + new_size as i64 - layout.size() as i64));
         // SAFETY: same contract as ours.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -38,6 +45,10 @@ static COUNTING: Counting = Counting;
 
 fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
+}
+
+fn live_bytes() -> i64 {
+    LIVE.with(Cell::get)
 }
 
 /// `window`: the market's cid window (seconds, entries), or none; `limits`: its per-account
@@ -129,4 +140,82 @@ fn no_heap_allocation_per_command_once_warm() {
             Some((200, 20, 8)),
         );
     }
+}
+
+/// Heap bytes an order of a book restored from a snapshot of `orders` resting limit orders
+/// (over 1,000 levels a side, 8 accounts, as the big node of BENCHMARKS.md holds them), each
+/// with a cid of `cid_len` bytes when given. The snapshot is written out record by record from
+/// one order's (applying 20,000 orders would check every invariant after each in debug
+/// builds).
+fn restored_bytes_an_order(orders: u64, cid_len: Option<usize>) -> f64 {
+    use agora::book::{Account, Cid, Command, NewOrder, Op, OrderBook, OrderId, Price, Qty, Side};
+    let mut book = OrderBook::new(workload::bench_spec());
+    let mut events = Vec::new();
+    let first = NewOrder::limit(Side::Buy, Price(9_999), Qty(1000));
+    book.apply(
+        &Command {
+            seq: 1,
+            pos: 0,
+            ts: 1_700_000_000_000_000_000,
+            account: Account::new("mm-0").expect("account"),
+            op: Op::New(first),
+        },
+        &mut events,
+    );
+    let mut snapshot = book.snapshot();
+    let template = snapshot.bids[0].clone();
+    snapshot.bids.clear();
+    // Levels best first; within a level, oldest (lowest oid) first.
+    let per_side = orders / 2;
+    let levels = 1000u64;
+    for (side, list) in [(Side::Buy, 0u64), (Side::Sell, 1u64)] {
+        for level in 0..levels {
+            let mut k = level * 2 + list;
+            while k < orders && k / 2 < per_side {
+                let mut r = template.clone();
+                r.oid = OrderId::from_input(k + 1, 0);
+                r.account = Account::new(&format!("mm-{}", k % 8)).expect("account");
+                r.cid = cid_len.map(|n| Cid::new(&format!("{k:0n$}")).expect("cid"));
+                r.side = side;
+                r.price = Some(Price(match side {
+                    Side::Buy => 9_999 - level,
+                    Side::Sell => 10_001 + level,
+                }));
+                r.ts = template.ts + k;
+                r.last_seq = k + 1;
+                match side {
+                    Side::Buy => snapshot.bids.push(r),
+                    Side::Sell => snapshot.asks.push(r),
+                }
+                k += levels * 2;
+            }
+        }
+    }
+    snapshot.last_input = Some((orders, 0));
+    drop(book);
+    let before = live_bytes();
+    let restored = OrderBook::restore(&snapshot).expect("restore");
+    let held = live_bytes() - before;
+    assert_eq!(restored.order_count() as u64, orders);
+    held as f64 / orders as f64
+}
+
+/// The memory target of a big node (BENCHMARKS.md: at most 150 bytes an order resident) for
+/// the book itself, as a market holds it after a restart. Deterministic: a count of bytes, not
+/// a timing.
+#[test]
+fn a_restored_book_holds_at_most_150_bytes_an_order() {
+    let plain = restored_bytes_an_order(20_000, None);
+    println!("20,000 orders without cids: {plain:.1} bytes an order");
+    assert!(
+        plain <= 150.0,
+        "a restored book of 20,000 plain orders holds {plain:.1} bytes an order"
+    );
+    // A cid costs its slot (48 bytes) and the cid index.
+    let with_cids = restored_bytes_an_order(20_000, Some(36));
+    println!("20,000 orders with 36-byte cids: {with_cids:.1} bytes an order");
+    assert!(
+        with_cids <= 210.0,
+        "a restored book of 20,000 orders with cids holds {with_cids:.1} bytes an order"
+    );
 }

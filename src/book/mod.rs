@@ -129,6 +129,7 @@ mod ladder;
 pub mod limits;
 pub mod num;
 pub mod reference;
+mod slab;
 pub mod snapshot;
 pub mod spec;
 pub mod types;

@@ -18,6 +18,7 @@ use std::hash::BuildHasher;
 use super::cid_window::CidWindow;
 use super::index::SlotIndex;
 use super::limits::RateLimits;
+use super::slab::Slab;
 
 use super::command::{Amend, Command, NewOrder, Op, OrderRef};
 use super::event::{
@@ -42,6 +43,9 @@ type FixedState = foldhash::fast::FixedState;
 /// The seed never reaches the output: no map here is iterated to decide what is emitted.
 type SeededState = foldhash::fast::RandomState;
 
+/// An open order in the slab: 96 bytes. What most orders lack (a cid; a stop price, an iceberg
+/// peak or an expiry) lives in slabs of its own, named by slot, so that a big book of plain
+/// orders costs less than 150 bytes an order with its indexes.
 #[derive(Clone, Debug)]
 struct Order {
     // Queue links within the level (unused while parked as a stop).
@@ -49,35 +53,74 @@ struct Order {
     next: u32,
     /// Slot of the order's level in its side's ladder (levels never move while they exist).
     level: u32,
+    account: u32,
+    acct_prev: u32,
+    acct_next: u32,
+    /// Slot of the order's cid in `cids`; NIL without one.
+    cid: u32,
+    /// Slot of the order's stop price, iceberg peak and expiry in `extras`; NIL for an order
+    /// with none of them.
+    extra: u32,
     leaves: u64,
     /// Shown part; equals `leaves` unless an iceberg.
     visible: u64,
     /// Limit price (0 for market types).
     price: u64,
     oid: u64,
-    account: u32,
+    /// Total quantity; what is filled is `qty - leaves`.
+    qty: u64,
+    /// When the order was accepted (stream timestamp), and the input sequence of the last
+    /// command that changed it (accepted, filled, amended, reduced, triggered to rest):
+    /// what an order-status query answers.
+    ts: Timestamp,
+    last_seq: Seq,
     side: Side,
     order_type: OrderType,
     tif: Tif,
     stp: StpMode,
     /// A stop order waiting for its trigger.
     parked: bool,
-    /// Total quantity; what is filled is `qty - leaves`.
-    qty: u64,
+}
+
+// The size the doc above promises; a field added here is paid for by every resting order.
+const _: () = assert!(std::mem::size_of::<Order>() == 96);
+
+/// An order's cid, what `by_cid` holds: a lookup by cid compares here and goes straight to
+/// the order.
+#[derive(Clone, Copy, Debug)]
+struct CidSlot {
+    /// Hash of (account, cid) in `by_cid`, kept so removal and growth never hash again.
+    hash: u64,
+    /// The order's slot in the slab, and its account's slot.
+    order: u32,
+    account: u32,
+    cid: Cid,
+}
+
+/// The fields of stops, icebergs and GTD orders.
+#[derive(Clone, Copy, Debug, Default)]
+struct Extra {
     /// Iceberg peak; 0 when not an iceberg.
     display: u64,
+    /// 0 unless a stop type.
     stop_price: u64,
     expire_at: Option<Timestamp>,
-    cid: Option<Cid>,
-    /// Hash of (account, cid) in `by_cid`, kept so removal never hashes again.
-    cid_hash: u64,
-    acct_prev: u32,
-    acct_next: u32,
-    /// When the order was accepted (stream timestamp), and the input sequence of the last
-    /// command that changed it (accepted, filled, amended, reduced, triggered to rest):
-    /// what an order-status query answers.
-    ts: Timestamp,
-    last_seq: Seq,
+}
+
+/// The cid in `slot` of `cids` (NIL: none).
+#[inline(always)]
+fn cid_at(cids: &Slab<CidSlot>, slot: u32) -> Option<Cid> {
+    (slot != NIL).then(|| cids.get(slot).cid)
+}
+
+/// The extra fields in `slot` of `extras` (NIL: all zero).
+#[inline(always)]
+fn extra_at(extras: &Slab<Extra>, slot: u32) -> Extra {
+    if slot == NIL {
+        Extra::default()
+    } else {
+        *extras.get(slot)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -174,9 +217,14 @@ pub struct OrderBook {
     asks: Ladder,
     orders: Vec<Order>,
     free: Vec<u32>,
+    /// The cids of open orders that have one (`Order::cid`).
+    cids: Slab<CidSlot>,
+    /// Stop prices, iceberg peaks and expiries of the open orders that have one
+    /// (`Order::extra`).
+    extras: Slab<Extra>,
     /// Open orders (resting and stops) by oid; entries are slab slots.
     by_oid: SlotIndex,
-    /// Open orders with a cid, by (account slot, cid); entries are slab slots.
+    /// Open orders with a cid, by (account name, cid); entries are slots in `cids`.
     by_cid: SlotIndex,
     oid_hasher: FixedState,
     cid_hasher: SeededState,
@@ -210,6 +258,8 @@ impl OrderBook {
             asks: Ladder::default(),
             orders: Vec::new(),
             free: Vec::new(),
+            cids: Slab::default(),
+            extras: Slab::default(),
             by_oid: SlotIndex::default(),
             by_cid: SlotIndex::default(),
             oid_hasher: FixedState::default(),
@@ -230,7 +280,7 @@ impl OrderBook {
     pub fn with_capacity(spec: MarketSpec, orders: usize) -> OrderBook {
         let mut book = OrderBook::new(spec);
         book.orders.reserve(orders);
-        book.free.reserve(orders);
+        book.cids.reserve(orders);
         book.by_oid = SlotIndex::with_capacity(orders);
         book.by_cid = SlotIndex::with_capacity(orders);
         book.bids.reserve(1024);
@@ -384,7 +434,7 @@ impl OrderBook {
                 Some(oid),
                 found_order
                     .filter(|o| self.accounts[o.account as usize].name == cmd.account)
-                    .and_then(|o| o.cid),
+                    .and_then(|o| cid_at(&self.cids, o.cid)),
             ),
             OrderRef::Cid(cid) => (found_order.map(|o| OrderId(o.oid)), Some(cid)),
         };
@@ -804,7 +854,7 @@ impl OrderBook {
                 taker_side: t.side,
                 maker: OrderTag {
                     oid: OrderId(maker.oid),
-                    cid: maker.cid,
+                    cid: cid_at(&self.cids, maker.cid),
                     account: self.accounts[maker.account as usize].name,
                 },
                 maker_leaves: Qty(maker.leaves),
@@ -816,7 +866,9 @@ impl OrderBook {
                 self.release(mi);
             } else if maker.visible == 0 {
                 // Iceberg: show the next peak and go to the back of the level.
-                let show = maker.display.min(maker.leaves);
+                let show = extra_at(&self.extras, maker.extra)
+                    .display
+                    .min(maker.leaves);
                 maker.visible = show;
                 level.shown += show;
                 if level.count > 1 {
@@ -960,34 +1012,51 @@ impl OrderBook {
     /// with what it shows and whether it waits as a stop.
     fn store(&mut self, t: &Taker, visible: u64, parked: bool) -> u32 {
         let account = self.intern(t.account);
+        let cid = match t.cid {
+            None => NIL,
+            Some(cid) => {
+                let hash = match t.cid_hash {
+                    Some(hash) => hash,
+                    None => self.cid_hash(t.account, cid),
+                };
+                self.cids.insert(CidSlot {
+                    hash,
+                    order: NIL,
+                    account,
+                    cid: *cid,
+                })
+            }
+        };
+        let extra = if t.display > 0 || t.stop_price > 0 || t.expire_at.is_some() {
+            self.extras.insert(Extra {
+                display: t.display,
+                stop_price: t.stop_price,
+                expire_at: t.expire_at,
+            })
+        } else {
+            NIL
+        };
         let order = Order {
             prev: NIL,
             next: NIL,
             level: NIL,
+            account,
+            acct_prev: NIL,
+            acct_next: NIL,
+            cid,
+            extra,
             leaves: t.rem,
             visible,
             price: t.price,
             oid: t.oid.0,
-            account,
+            qty: t.qty,
+            ts: t.created,
+            last_seq: t.oid.seq(),
             side: t.side,
             order_type: t.order_type,
             tif: t.tif,
             stp: t.stp,
             parked,
-            qty: t.qty,
-            display: t.display,
-            stop_price: t.stop_price,
-            expire_at: t.expire_at,
-            cid: *t.cid,
-            cid_hash: match (t.cid, t.cid_hash) {
-                (None, _) => 0,
-                (Some(_), Some(hash)) => hash,
-                (Some(cid), None) => self.cid_hash(t.account, cid),
-            },
-            acct_prev: NIL,
-            acct_next: NIL,
-            ts: t.created,
-            last_seq: t.oid.seq(),
         };
         let idx = match self.free.pop() {
             Some(idx) => {
@@ -1003,10 +1072,11 @@ impl OrderBook {
         self.by_oid.insert(oid_hasher.hash_one(t.oid.0), idx, |s| {
             oid_hasher.hash_one(orders[s as usize].oid)
         });
-        if t.cid.is_some() {
-            let hash = orders[idx as usize].cid_hash;
+        if cid != NIL {
+            self.cids.get_mut(cid).order = idx;
+            let cids = &self.cids;
             self.by_cid
-                .insert(hash, idx, |s| orders[s as usize].cid_hash);
+                .insert(cids.get(cid).hash, cid, |c| cids.get(c).hash);
         }
         if let Some(at) = t.expire_at {
             self.gtd_open += 1;
@@ -1079,11 +1149,13 @@ impl OrderBook {
     /// no account lookup comes first.
     #[inline]
     fn find_cid_hashed(&self, account: &Account, cid: &Cid, hash: u64) -> Option<u32> {
-        let (orders, accounts) = (&self.orders, &self.accounts);
-        self.by_cid.find(hash, |s| {
-            let o = &orders[s as usize];
-            o.cid.as_ref() == Some(cid) && accounts[o.account as usize].name == *account
-        })
+        let (accounts, cids) = (&self.accounts, &self.cids);
+        self.by_cid
+            .find(hash, |c| {
+                let e = cids.get(c);
+                e.cid == *cid && accounts[e.account as usize].name == *account
+            })
+            .map(|c| cids.get(c).order)
     }
 
     #[inline]
@@ -1104,11 +1176,16 @@ impl OrderBook {
     /// Removes an order that is on no level and in no stop map from every index.
     fn release(&mut self, idx: u32) {
         let o = &self.orders[idx as usize];
-        let (oid, account, expire_at, cid_hash) = (o.oid, o.account, o.expire_at, o.cid_hash);
-        let (prev, next, has_cid) = (o.acct_prev, o.acct_next, o.cid.is_some());
+        let (oid, account, cid, extra) = (o.oid, o.account, o.cid, o.extra);
+        let (prev, next) = (o.acct_prev, o.acct_next);
         self.by_oid.remove(self.oid_hasher.hash_one(oid), idx);
-        if has_cid {
-            self.by_cid.remove(cid_hash, idx);
+        if cid != NIL {
+            self.by_cid.remove(self.cids.get(cid).hash, cid);
+            self.cids.remove(cid);
+        }
+        let expire_at = extra_at(&self.extras, extra).expire_at;
+        if extra != NIL {
+            self.extras.remove(extra);
         }
         if prev == NIL {
             self.accounts[account as usize].head = next;
@@ -1206,7 +1283,7 @@ impl OrderBook {
         let o = &self.orders[idx as usize];
         OrderTag {
             oid: OrderId(o.oid),
-            cid: o.cid,
+            cid: cid_at(&self.cids, o.cid),
             account: self.accounts[o.account as usize].name,
         }
     }
@@ -1215,7 +1292,7 @@ impl OrderBook {
     fn remove(&mut self, idx: u32) {
         let o = &self.orders[idx as usize];
         if o.parked {
-            let (side, key) = (o.side, order_stop_key(o));
+            let (side, key) = (o.side, order_stop_key(o, &self.extras));
             self.stops_mut(side).remove(&key);
         } else {
             self.unlink_level(o.side, idx);
@@ -1241,11 +1318,15 @@ impl OrderBook {
     /// The identity of an open order, for a taker made from it to borrow.
     fn identity(&self, idx: u32) -> (Account, Option<Cid>) {
         let o = &self.orders[idx as usize];
-        (self.accounts[o.account as usize].name, o.cid)
+        (
+            self.accounts[o.account as usize].name,
+            cid_at(&self.cids, o.cid),
+        )
     }
 
     fn taker_from<'a>(&self, idx: u32, identity: &'a (Account, Option<Cid>)) -> Taker<'a> {
         let o = &self.orders[idx as usize];
+        let extra = extra_at(&self.extras, o.extra);
         Taker {
             oid: OrderId(o.oid),
             cid: &identity.1,
@@ -1257,12 +1338,12 @@ impl OrderBook {
             price: o.price,
             qty: o.qty,
             rem: o.leaves,
-            display: o.display,
-            stop_price: o.stop_price,
-            expire_at: o.expire_at,
+            display: extra.display,
+            stop_price: extra.stop_price,
+            expire_at: extra.expire_at,
             created: o.ts,
             slot: Some(idx),
-            cid_hash: Some(o.cid_hash),
+            cid_hash: (o.cid != NIL).then(|| self.cids.get(o.cid).hash),
         }
     }
 
@@ -1362,8 +1443,13 @@ impl OrderBook {
             Err((reason, found)) => return self.reject(cmd, at, reason, found, out),
         };
         let o = &self.orders[idx as usize];
-        let (side, filled, old_qty, old_price, display) =
-            (o.side, o.qty - o.leaves, o.qty, o.price, o.display);
+        let (side, filled, old_qty, old_price, display) = (
+            o.side,
+            o.qty - o.leaves,
+            o.qty,
+            o.price,
+            extra_at(&self.extras, o.extra).display,
+        );
         let amended = |book: &OrderBook, leaves: u64, priority_kept: bool| {
             Event::Amended(Amended {
                 seq: at.seq,
@@ -1479,8 +1565,13 @@ impl OrderBook {
             };
             let o = &mut self.orders[idx as usize];
             o.parked = false;
-            let (side, key, stop_price, order_type) =
-                (o.side, order_stop_key(o), o.stop_price, o.order_type);
+            let extra = extra_at(&self.extras, o.extra);
+            let (side, key, stop_price, order_type) = (
+                o.side,
+                order_stop_key(o, &self.extras),
+                extra.stop_price,
+                o.order_type,
+            );
             self.stops_mut(side).remove(&key);
             out.push(Event::Triggered(Triggered {
                 seq: at.seq,
@@ -1501,21 +1592,22 @@ impl OrderBook {
 
     fn record(&self, idx: u32) -> OrderRecord {
         let o = &self.orders[idx as usize];
+        let extra = extra_at(&self.extras, o.extra);
         OrderRecord {
             oid: OrderId(o.oid),
             account: self.accounts[o.account as usize].name,
-            cid: o.cid,
+            cid: cid_at(&self.cids, o.cid),
             side: o.side,
             order_type: o.order_type,
             tif: o.tif,
             price: o.order_type.has_limit_price().then_some(Price(o.price)),
-            stop_price: o.order_type.is_stop().then_some(Price(o.stop_price)),
+            stop_price: o.order_type.is_stop().then_some(Price(extra.stop_price)),
             qty: Qty(o.qty),
             filled: Qty(o.qty - o.leaves),
             leaves: Qty(o.leaves),
             visible: Qty(o.visible),
-            display_qty: (o.display > 0).then_some(Qty(o.display)),
-            expire_at: o.expire_at,
+            display_qty: (extra.display > 0).then_some(Qty(extra.display)),
+            expire_at: extra.expire_at,
             stp: o.stp,
             ts: o.ts,
             last_seq: o.last_seq,
@@ -1667,8 +1759,19 @@ impl OrderBook {
             Ok(_) => return Err(bad("the market spec does not round-trip".into())),
             Err(e) => return Err(bad(format!("the market spec is invalid: {e}"))),
         }
-        let mut book =
-            OrderBook::with_capacity(s.spec.clone(), s.bids.len() + s.asks.len() + s.stops.len());
+        // Sized to what the snapshot holds, no more: a node restarts thousands of these.
+        let records = || s.bids.iter().chain(&s.asks).chain(&s.stops);
+        let with_cid = records().filter(|r| r.cid.is_some()).count();
+        let with_extra = records()
+            .filter(|r| r.display_qty.is_some() || r.stop_price.is_some() || r.expire_at.is_some())
+            .count();
+        let mut book = OrderBook::new(s.spec.clone());
+        book.orders
+            .reserve_exact(s.bids.len() + s.asks.len() + s.stops.len());
+        book.by_oid = SlotIndex::with_capacity(book.orders.capacity());
+        book.cids.reserve(with_cid);
+        book.by_cid = SlotIndex::with_capacity(with_cid);
+        book.extras.reserve(with_extra);
         book.halted = s.halted;
         book.last_trade_price = s.last_trade_price.map(|p| p.0);
         book.last_input = s.last_input;
@@ -1750,7 +1853,7 @@ impl OrderBook {
             let idx = slots[i];
             if list == 2 {
                 book.orders[idx as usize].parked = true;
-                let key = order_stop_key(&book.orders[idx as usize]);
+                let key = order_stop_key(&book.orders[idx as usize], &book.extras);
                 book.stops_mut(r.side).insert(key, idx);
             } else {
                 book.link_level(r.side, idx);
@@ -1849,12 +1952,13 @@ impl OrderBook {
                             o.oid, o.leaves, o.visible
                         ));
                     }
-                    if (o.display == 0 && o.visible != o.leaves)
-                        || (o.display > 0 && o.visible > o.display)
+                    let display = extra_at(&self.extras, o.extra).display;
+                    if (display == 0 && o.visible != o.leaves)
+                        || (display > 0 && o.visible > display)
                     {
                         return Err(format!(
                             "order {} shows {} of display {}",
-                            o.oid, o.visible, o.display
+                            o.oid, o.visible, display
                         ));
                     }
                     // Filled is `qty - leaves`, so quantity is conserved by construction as
@@ -1900,7 +2004,7 @@ impl OrderBook {
                 let o = &self.orders[i as usize];
                 if !o.parked
                     || o.side != side
-                    || order_stop_key(o) != *key
+                    || order_stop_key(o, &self.extras) != *key
                     || self.find_oid(o.oid) != Some(i)
                 {
                     return Err(format!("stop {} is badly indexed", o.oid));
@@ -1921,20 +2025,24 @@ impl OrderBook {
                 seen
             ));
         }
-        for i in self.by_cid.iter() {
-            let o = &self.orders[i as usize];
+        for c in self.by_cid.iter() {
+            let e = self.cids.get(c);
+            let o = &self.orders[e.order as usize];
             let name = self.accounts[o.account as usize].name;
-            let found = o.cid.and_then(|cid| self.find_cid(&name, &cid));
-            if found != Some(i) || self.find_oid(o.oid) != Some(i) {
+            if o.cid != c
+                || e.account != o.account
+                || self.find_cid(&name, &e.cid) != Some(e.order)
+                || self.find_oid(o.oid) != Some(e.order)
+            {
                 return Err(format!("order {} is badly indexed by cid", o.oid));
             }
         }
         let with_cid = self
             .by_oid
             .iter()
-            .filter(|&i| self.orders[i as usize].cid.is_some())
+            .filter(|&i| self.orders[i as usize].cid != NIL)
             .count();
-        if with_cid != self.by_cid.len() {
+        if with_cid != self.by_cid.len() || with_cid != self.cids.len() {
             return Err("cid index size disagrees with the orders".into());
         }
         for id in self.account_index.iter() {
@@ -1981,8 +2089,23 @@ impl OrderBook {
         let gtd = self
             .by_oid
             .iter()
-            .filter(|&i| self.orders[i as usize].expire_at.is_some())
+            .filter(|&i| {
+                extra_at(&self.extras, self.orders[i as usize].extra)
+                    .expire_at
+                    .is_some()
+            })
             .count();
+        let with_extra = self
+            .by_oid
+            .iter()
+            .filter(|&i| self.orders[i as usize].extra != NIL)
+            .count();
+        if with_extra != self.extras.len() {
+            return Err(format!(
+                "{with_extra} open orders have extra fields, {} are stored",
+                self.extras.len()
+            ));
+        }
         if gtd != self.gtd_open {
             return Err(format!("{gtd} gtd orders open, counted {}", self.gtd_open));
         }
@@ -2003,9 +2126,10 @@ fn stop_key(t: &Taker) -> (u64, u64) {
     }
 }
 
-fn order_stop_key(o: &Order) -> (u64, u64) {
+fn order_stop_key(o: &Order, extras: &Slab<Extra>) -> (u64, u64) {
+    let stop_price = extra_at(extras, o.extra).stop_price;
     match o.side {
-        Side::Buy => (o.stop_price, o.oid),
-        Side::Sell => (!o.stop_price, o.oid),
+        Side::Buy => (stop_price, o.oid),
+        Side::Sell => (!stop_price, o.oid),
     }
 }

@@ -1,0 +1,83 @@
+//! `Slab`: values in a `Vec`, addressed by a `u32` slot, with a free list, so a removed value's
+//! slot is taken by the next insert and nothing allocates once the slab has reached its working
+//! size. The book keeps the parts of an order that most orders lack (a cid; a stop price, an
+//! iceberg peak or an expiry) in slabs of their own, so the order itself stays small. This
+//! module must never hand out a slot twice while it is in use.
+
+#[derive(Clone, Debug)]
+pub(super) struct Slab<T> {
+    items: Vec<T>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    /// Room for `n` values before the slab grows.
+    pub fn reserve(&mut self, n: usize) {
+        self.items.reserve_exact(n);
+    }
+
+    /// Stores `value` in a free slot, or a new one.
+    #[inline]
+    pub fn insert(&mut self, value: T) -> u32 {
+        match self.free.pop() {
+            Some(slot) => {
+                self.items[slot as usize] = value;
+                slot
+            }
+            None => {
+                self.items.push(value);
+                (self.items.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Frees `slot` (which must be in use); its value stays until the slot is taken again.
+    #[inline]
+    pub fn remove(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+
+    #[inline(always)]
+    pub fn get(&self, slot: u32) -> &T {
+        &self.items[slot as usize]
+    }
+
+    #[inline(always)]
+    pub fn get_mut(&mut self, slot: u32) -> &mut T {
+        &mut self.items[slot as usize]
+    }
+
+    /// Values in use.
+    pub fn len(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuses_freed_slots_and_keeps_the_others() {
+        let mut s = Slab::default();
+        let a = s.insert("a");
+        let b = s.insert("b");
+        let c = s.insert("c");
+        s.remove(b);
+        assert_eq!(s.len(), 2);
+        let d = s.insert("d");
+        assert_eq!(d, b, "the freed slot is taken first");
+        assert_eq!((*s.get(a), *s.get(d), *s.get(c)), ("a", "d", "c"));
+        assert_eq!(s.insert("e"), 3);
+        assert_eq!(s.len(), 4);
+    }
+}

@@ -5,7 +5,9 @@
 //!   with a book of resting orders that do not cross, idle and under a light order flow;
 //! - **failover**: from `kill -9` of a market's owner to the first execution report received
 //!   after it (the new owner's recovery republish counts), under a light order flow, for each
-//!   heartbeat/lease setting; the killed node is started again between kills;
+//!   heartbeat/lease setting (`AGORA_CBENCH_FAILOVER`, pairs `hb/lease`), with
+//!   `AGORA_CBENCH_STANDBYS` warm copies a market; the killed node is started again between
+//!   kills;
 //! - **startup**: markets × resting orders on one node, stopped cleanly (final snapshots), then
 //!   started again: time to its `ready` line and its RSS.
 //! - **flood**: order → report latency on a market with a deep book (`AGORA_CBENCH_FLOOD_LEVELS`
@@ -47,6 +49,8 @@ struct Settings {
     failover: Vec<(u64, u64)>,
     failover_resting: usize,
     failover_rate: u64,
+    /// Warm standby copies per market during the failover runs (`[cluster] standbys`).
+    failover_standbys: u32,
     /// `markets x orders` pairs.
     startup: Vec<(usize, usize)>,
     flood_levels: usize,
@@ -102,6 +106,7 @@ impl Settings {
             failover: pairs("AGORA_CBENCH_FAILOVER", "100/500,50/300", '/'),
             failover_resting: num("AGORA_CBENCH_FAILOVER_RESTING", 2_000),
             failover_rate: num("AGORA_CBENCH_FAILOVER_RATE", 300),
+            failover_standbys: num("AGORA_CBENCH_STANDBYS", 0),
             startup: pairs("AGORA_CBENCH_STARTUP", "20x2000,200x100", 'x')
                 .into_iter()
                 .map(|(m, o)| (m as usize, o as usize))
@@ -448,7 +453,9 @@ const IN_FLIGHT: Duration = Duration::from_millis(50);
 async fn bench_failover(s: &Settings, heartbeat: u64, lease: u64, out: &mut Vec<String>) {
     let market = "FAIL-USD".to_string();
     let markets = vec![market.clone()];
-    let cluster_lines = format!("heartbeat_ms = {heartbeat}\nlease_ms = {lease}");
+    let standbys = s.failover_standbys;
+    let cluster_lines =
+        format!("heartbeat_ms = {heartbeat}\nlease_ms = {lease}\nstandbys = {standbys}");
     let mut c = Cluster::start().await;
     for id in ["n1", "n2", "n3"] {
         c.start_node(id, &node_config(id, &cluster_lines, &markets));
@@ -509,10 +516,10 @@ async fn bench_failover(s: &Settings, heartbeat: u64, lease: u64, out: &mut Vec<
     let sent = flowing.await.expect("flow");
     println!("failover {heartbeat}/{lease}: flow commands acked {sent}");
     out.push(Stats::of(&to_report).row(&format!(
-        "failover kill->first report ms, hb {heartbeat} lease {lease}"
+        "failover kill->first report ms, hb {heartbeat} lease {lease} standbys {standbys}"
     )));
     out.push(Stats::of(&to_active).row(&format!(
-        "failover kill->active status ms, hb {heartbeat} lease {lease}"
+        "failover kill->active status ms, hb {heartbeat} lease {lease} standbys {standbys}"
     )));
 }
 

@@ -289,6 +289,18 @@ impl NodeView {
             .map(|(r, _)| r)
     }
 
+    /// The first instant after `now` at which a node now live counts as dead (its last renewal
+    /// plus `lease`), if one is live: the rebalancer wakes then rather than at its next
+    /// heartbeat, so a failover starts a whole lease after the last renewal, not up to a
+    /// heartbeat later.
+    pub fn next_expiry(&self, now: Instant, lease: Duration) -> Option<Instant> {
+        self.records
+            .values()
+            .map(|(_, seen)| *seen + lease)
+            .filter(|at| *at > now)
+            .min()
+    }
+
     pub fn is_live_at(&self, now: Instant, node: &str, lease: Duration) -> bool {
         self.records
             .get(node)

@@ -107,6 +107,15 @@ impl Planner {
 
     /// One heartbeat of the active rebalancer at `now`. `moving`: a move is in flight (then no
     /// other starts). At most one `Move` is answered.
+    /// Only the failovers `tick` would start now: what the rebalancer does when a node's lease
+    /// runs out between heartbeats.
+    pub fn fail_overs(seen: &Seen, settings: &ClusterSettings, now: Instant) -> Vec<Action> {
+        let targets = targets(seen, settings, now);
+        let mut actions = Vec::new();
+        fail_over(seen, settings, now, &targets, &mut actions);
+        actions
+    }
+
     pub fn tick(
         &mut self,
         seen: &Seen,
@@ -713,6 +722,67 @@ mod tests {
         assert!(view.is_live_at(seen_at + settings.lease / 2, "n1", settings.lease));
         assert!(!view.is_live_at(seen_at + settings.lease, "n1", settings.lease));
         assert!(!view.is_live_at(seen_at, "n2", settings.lease));
+    }
+
+    /// The rebalancer wakes when the first live node's lease runs out, and the failovers it
+    /// then starts are exactly `tick`'s, with nothing else (no placement, no move).
+    #[test]
+    fn a_lapsed_lease_is_seen_at_its_expiry_and_fails_over_only() {
+        let settings = ClusterSettings {
+            standbys: 0,
+            ..settings()
+        };
+        let t0 = Instant::now();
+        let mut seen = Seen::default();
+        seen.nodes
+            .records
+            .insert("n1".into(), (record("n1", &[]), t0));
+        let n2_seen = t0 + settings.heartbeat;
+        seen.nodes
+            .records
+            .insert("n2".into(), (record("n2", &[]), n2_seen));
+        assert_eq!(
+            seen.nodes.next_expiry(t0, settings.lease),
+            Some(t0 + settings.lease)
+        );
+        // Once n1 lapsed, the next to lapse is n2; once both did, nothing is left to wake for.
+        let lapsed = t0 + settings.lease;
+        assert_eq!(
+            seen.nodes.next_expiry(lapsed, settings.lease),
+            Some(n2_seen + settings.lease)
+        );
+        assert_eq!(
+            seen.nodes
+                .next_expiry(n2_seen + settings.lease, settings.lease),
+            None
+        );
+
+        seen.specs.insert("A-USD".into());
+        seen.specs.insert("NEW-USD".into());
+        seen.placement
+            .insert("A-USD".into(), (Placement::active("n1", 3), 7));
+        // Just before the expiry n1 is live: nothing to do.
+        let before = lapsed - Duration::from_millis(1);
+        assert!(Planner::fail_overs(&seen, &settings, before).is_empty());
+        let after = lapsed + Duration::from_millis(1);
+        let failovers = Planner::fail_overs(&seen, &settings, after);
+        assert_eq!(
+            failovers,
+            [Action::FailOver {
+                market: "A-USD".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+                epoch: 4,
+                revision: 7,
+            }]
+        );
+        // The heartbeat's tick would also place NEW-USD (on its second look); the failover pass
+        // leaves that to it.
+        let mut planner = Planner::new(t0);
+        planner.tick(&seen, &settings, after, false);
+        let ticked = planner.tick(&seen, &settings, after, false);
+        assert!(ticked.contains(&failovers[0]), "{ticked:?}");
+        assert!(ticked.len() > failovers.len(), "{ticked:?}");
     }
 
     /// n1 live at `now`, and n2 (as process `instance`, preferring A-USD) when given.

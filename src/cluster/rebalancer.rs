@@ -2,7 +2,7 @@
 //! `lease.rebalancer` in the nodes bucket (renewed by compare-and-set every heartbeat; taken
 //! over by compare-and-set once it went a whole lease without renewal).
 //!
-//! The active one, every heartbeat:
+//! The active one, every heartbeat (and for failovers also the moment a node's lease runs out):
 //! - places markets that have a spec and no placement (seen so on two heartbeats in a row,
 //!   leaving `market.add` the time to place them on the least loaded node) by rendezvous
 //!   hashing over the live nodes not being drained;
@@ -74,6 +74,12 @@ impl Rebalancer {
         let mut planner = Planner::new(Instant::now());
         let mut moving: Option<MoveTask> = None;
         loop {
+            // When the next live node's lease runs out (a millisecond after, so it counts dead).
+            let expiry = view
+                .seen
+                .nodes
+                .next_expiry(Instant::now(), self.settings.lease)
+                .map(|at| tokio::time::Instant::from_std(at + Duration::from_millis(1)));
             tokio::select! {
                 _ = stop.changed() => {
                     if let Some(l) = leader.take() {
@@ -123,6 +129,23 @@ impl Rebalancer {
                     }
                     Err(e) => tracing::warn!("markets watch: {e}"),
                 },
+                // A node's lease ran out: its markets fail over now, not at the next heartbeat.
+                () = async {
+                    match expiry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some(l) = &leader else { continue };
+                    if !l.lease.valid() {
+                        continue;
+                    }
+                    for action in Planner::fail_overs(&view.seen, &self.settings, Instant::now()) {
+                        if let Some(task) = self.carry_out(&view.seen, action).await {
+                            moving = Some(task);
+                        }
+                    }
+                }
                 _ = follow_check.tick() => {
                     nodes.check().await;
                     placements.check().await;

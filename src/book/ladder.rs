@@ -2,11 +2,14 @@
 //!
 //! Levels are addressed by a `key` that grows toward the better price (the tick index for bids,
 //! its complement for asks). Keys are grouped in pages of 64; each page has an occupancy bitmap
-//! and the level slot of each occupied key. Only the short directory of non-empty pages is kept
-//! sorted, so creating a level deep in the book moves a few page entries instead of every level
-//! above it, and the best level (or the next one) is a bit scan away. Pages and levels live in
+//! and the level slot of each occupied key. Only the directory of non-empty pages is kept sorted
+//! (`directory::Directory`: sorted chunks), so creating a level deep in the book moves at most a
+//! chunk of page entries instead of every level above it, and the best level (or the next one)
+//! is a bit scan away. Pages and levels live in
 //! slabs with free lists: once warm, nothing here allocates. This module must never know about
 //! orders beyond the queue heads and totals a level carries.
+
+use super::directory::Directory;
 
 /// End of an intrusive list, and "no level".
 pub(super) const NIL: u32 = u32::MAX;
@@ -40,7 +43,7 @@ struct Page {
 #[derive(Clone, Debug, Default)]
 pub(super) struct Ladder {
     /// `(page id, page slot)` in ascending page id: the best page is last.
-    dir: Vec<(u64, u32)>,
+    dir: Directory,
     pages: Vec<Page>,
     free_pages: Vec<u32>,
     levels: Vec<Level>,
@@ -65,27 +68,11 @@ impl Ladder {
         self.len
     }
 
-    /// Position of page `id` in the directory; most lookups hit the last few pages.
-    #[inline]
-    fn dir_find(&self, id: u64) -> Result<usize, usize> {
-        let n = self.dir.len();
-        for i in (n.saturating_sub(2)..n).rev() {
-            let found = self.dir[i].0;
-            if found == id {
-                return Ok(i);
-            }
-            if found < id {
-                return Err(i + 1);
-            }
-        }
-        self.dir[..n.saturating_sub(2)].binary_search_by_key(&id, |&(p, _)| p)
-    }
-
     /// The level with this key.
     #[cfg(test)]
     pub fn get(&self, key: u64) -> Option<u32> {
-        let i = self.dir_find(key >> SLOT_BITS).ok()?;
-        let page = &self.pages[self.dir[i].1 as usize];
+        let at = self.dir.find(key >> SLOT_BITS).ok()?;
+        let page = &self.pages[self.dir.get(at).1 as usize];
         let bit = (key & (SLOTS as u64 - 1)) as u32;
         (page.bits & (1 << bit) != 0).then(|| page.slots[bit as usize])
     }
@@ -108,7 +95,7 @@ impl Ladder {
 
     /// The best level, found from the pages.
     fn find_best(&self) -> Option<u32> {
-        let &(_, p) = self.dir.last()?;
+        let (_, p) = self.dir.last()?;
         let page = &self.pages[p as usize];
         Some(page.slots[(63 - page.bits.leading_zeros()) as usize])
     }
@@ -117,9 +104,9 @@ impl Ladder {
     pub fn get_or_insert(&mut self, key: u64, price: u64) -> u32 {
         let id = key >> SLOT_BITS;
         let bit = (key & (SLOTS as u64 - 1)) as usize;
-        let p = match self.dir_find(id) {
-            Ok(i) => self.dir[i].1,
-            Err(i) => {
+        let p = match self.dir.find(id) {
+            Ok(at) => self.dir.get(at).1,
+            Err(at) => {
                 let page = Page {
                     bits: 0,
                     slots: [NIL; SLOTS],
@@ -134,7 +121,7 @@ impl Ladder {
                         (self.pages.len() - 1) as u32
                     }
                 };
-                self.dir.insert(i, (id, p));
+                self.dir.insert(at, (id, p));
                 p
             }
         };
@@ -188,10 +175,10 @@ impl Ladder {
         self.free_levels.push(li);
         self.len -= 1;
         if empty {
-            let Ok(i) = self.dir_find(key >> SLOT_BITS) else {
+            let Ok(at) = self.dir.find(key >> SLOT_BITS) else {
                 unreachable!("the page of level {key} is not in the directory");
             };
-            self.dir.remove(i);
+            self.dir.remove(at);
             self.free_pages.push(p);
         }
         if self.best == Some(li) {
@@ -201,7 +188,7 @@ impl Ladder {
 
     /// Levels from the best down.
     pub fn iter(&self) -> impl Iterator<Item = &Level> + '_ {
-        self.dir.iter().rev().flat_map(move |&(_, p)| {
+        self.dir.iter_rev().flat_map(move |(_, p)| {
             let page = &self.pages[p as usize];
             BitsDown(page.bits).map(move |bit| &self.levels[page.slots[bit as usize] as usize])
         })
@@ -210,12 +197,8 @@ impl Ladder {
     /// Checks that every occupied slot points at a level with the key of its position.
     pub fn check(&self) -> Result<(), String> {
         let mut count = 0;
-        for w in self.dir.windows(2) {
-            if w[0].0 >= w[1].0 {
-                return Err("ladder pages out of order".into());
-            }
-        }
-        for &(id, p) in &self.dir {
+        self.dir.check()?;
+        for (id, p) in self.dir.iter_rev() {
             let page = &self.pages[p as usize];
             if page.bits == 0 {
                 return Err(format!("ladder page {id} is empty but listed"));

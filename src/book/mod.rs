@@ -123,6 +123,7 @@
 
 pub mod cid_window;
 pub mod command;
+mod directory;
 pub mod event;
 mod index;
 mod ladder;

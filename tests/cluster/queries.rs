@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use agora::client::{Client, OpenOrders, Target};
 use agora::query::OrderView;
+use futures::StreamExt;
 
 use crate::common::{offline_replay, stored_spec};
 use crate::{Cluster, JOURNAL_WAIT, load, workload};
@@ -190,6 +191,12 @@ async fn open_orders_and_order_status_answer_from_the_books_across_nodes() {
 
     // While B-USD moves from n1 to n2, every answer either shows its orders as they are or
     // names it missing; it is never silently left out.
+    let mut status = cluster
+        .client
+        .subscribe("agora.status.B-USD")
+        .await
+        .expect("subscribe to B-USD's status");
+    cluster.client.flush().await.expect("flush");
     let url = cluster.url();
     let mut mover = tokio::process::Command::new(env!("CARGO_BIN_EXE_agora"))
         .args([
@@ -233,6 +240,20 @@ async fn open_orders_and_order_status_answer_from_the_books_across_nodes() {
     assert!(moved.success(), "the move failed");
     assert_eq!(cluster.placed("B-USD").await.0, "n2");
     println!("during the move: {answered} answers with B-USD, {missing} naming it missing");
+    // The old owner's query responder ends just before it announces `released` (on the same
+    // connection): until then it may still answer for B-USD, as of where it stopped. The stall
+    // below wants n2 alone to hold B-USD.
+    let released = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = status.next().await {
+            let s: serde_json::Value = rmp_serde::from_slice(&m.payload).expect("status");
+            if s["state"] == "released" && s["node"] == "n1" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(released, Ok(true), "n1 never announced B-USD released");
 
     // n2 (B-USD and C-USD) stalls: its markets are named missing, n1's still answer. The
     // stall stays well under the lease (no failover), and the nodes share the query subject in

@@ -10,6 +10,7 @@
 //! orders beyond the queue heads and totals a level carries.
 
 use super::directory::Directory;
+use super::slab::Slab;
 
 /// End of an intrusive list, and "no level".
 pub(super) const NIL: u32 = u32::MAX;
@@ -44,10 +45,8 @@ struct Page {
 pub(super) struct Ladder {
     /// `(page id, page slot)` in ascending page id: the best page is last.
     dir: Directory,
-    pages: Vec<Page>,
-    free_pages: Vec<u32>,
-    levels: Vec<Level>,
-    free_levels: Vec<u32>,
+    pages: Slab<Page>,
+    levels: Slab<Level>,
     len: usize,
     /// The best level, kept up to date by `get_or_insert` and `remove`: every taker reads it,
     /// and the match loop once per fill.
@@ -57,9 +56,9 @@ pub(super) struct Ladder {
 impl Ladder {
     pub fn reserve(&mut self, levels: usize) {
         self.levels.reserve(levels);
-        self.free_levels.reserve(levels);
+        self.levels.reserve_free(levels);
         self.pages.reserve(levels / 4 + 16);
-        self.free_pages.reserve(levels / 4 + 16);
+        self.pages.reserve_free(levels / 4 + 16);
         self.dir.reserve(levels / 4 + 16);
     }
 
@@ -72,19 +71,19 @@ impl Ladder {
     #[cfg(test)]
     pub fn get(&self, key: u64) -> Option<u32> {
         let at = self.dir.find(key >> SLOT_BITS).ok()?;
-        let page = &self.pages[self.dir.get(at).1 as usize];
+        let page = &self.pages[self.dir.get(at).1];
         let bit = (key & (SLOTS as u64 - 1)) as u32;
         (page.bits & (1 << bit) != 0).then(|| page.slots[bit as usize])
     }
 
     #[inline]
     pub fn level(&self, li: u32) -> &Level {
-        &self.levels[li as usize]
+        &self.levels[li]
     }
 
     #[inline]
     pub fn level_mut(&mut self, li: u32) -> &mut Level {
-        &mut self.levels[li as usize]
+        &mut self.levels[li]
     }
 
     /// The best level.
@@ -96,7 +95,7 @@ impl Ladder {
     /// The best level, found from the pages.
     fn find_best(&self) -> Option<u32> {
         let (_, p) = self.dir.last()?;
-        let page = &self.pages[p as usize];
+        let page = &self.pages[p];
         Some(page.slots[(63 - page.bits.leading_zeros()) as usize])
     }
 
@@ -111,21 +110,12 @@ impl Ladder {
                     bits: 0,
                     slots: [NIL; SLOTS],
                 };
-                let p = match self.free_pages.pop() {
-                    Some(p) => {
-                        self.pages[p as usize] = page;
-                        p
-                    }
-                    None => {
-                        self.pages.push(page);
-                        (self.pages.len() - 1) as u32
-                    }
-                };
+                let p = self.pages.insert(page);
                 self.dir.insert(at, (id, p));
                 p
             }
         };
-        let page = &self.pages[p as usize];
+        let page = &self.pages[p];
         if page.bits & (1 << bit) != 0 {
             return page.slots[bit];
         }
@@ -139,24 +129,12 @@ impl Ladder {
             tail: NIL,
             page: p,
         };
-        let li = match self.free_levels.pop() {
-            Some(li) => {
-                self.levels[li as usize] = level;
-                li
-            }
-            None => {
-                self.levels.push(level);
-                (self.levels.len() - 1) as u32
-            }
-        };
-        let page = &mut self.pages[p as usize];
+        let li = self.levels.insert(level);
+        let page = &mut self.pages[p];
         page.bits |= 1 << bit;
         page.slots[bit] = li;
         self.len += 1;
-        if self
-            .best
-            .is_none_or(|best| key > self.levels[best as usize].key)
-        {
+        if self.best.is_none_or(|best| key > self.levels[best].key) {
             self.best = Some(li);
         }
         li
@@ -164,22 +142,22 @@ impl Ladder {
 
     /// Removes the (empty) level in slot `li`.
     pub fn remove(&mut self, li: u32) {
-        let level = &self.levels[li as usize];
+        let level = &self.levels[li];
         let (key, p) = (level.key, level.page);
         let bit = (key & (SLOTS as u64 - 1)) as usize;
-        let page = &mut self.pages[p as usize];
+        let page = &mut self.pages[p];
         debug_assert!(page.bits & (1 << bit) != 0 && page.slots[bit] == li);
         page.bits &= !(1 << bit);
         page.slots[bit] = NIL;
         let empty = page.bits == 0;
-        self.free_levels.push(li);
+        self.levels.remove(li);
         self.len -= 1;
         if empty {
             let Ok(at) = self.dir.find(key >> SLOT_BITS) else {
                 unreachable!("the page of level {key} is not in the directory");
             };
             self.dir.remove(at);
-            self.free_pages.push(p);
+            self.pages.remove(p);
         }
         if self.best == Some(li) {
             self.best = self.find_best();
@@ -189,8 +167,8 @@ impl Ladder {
     /// Levels from the best down.
     pub fn iter(&self) -> impl Iterator<Item = &Level> + '_ {
         self.dir.iter_rev().flat_map(move |(_, p)| {
-            let page = &self.pages[p as usize];
-            BitsDown(page.bits).map(move |bit| &self.levels[page.slots[bit as usize] as usize])
+            let page = &self.pages[p];
+            BitsDown(page.bits).map(move |bit| &self.levels[page.slots[bit as usize]])
         })
     }
 
@@ -199,12 +177,12 @@ impl Ladder {
         let mut count = 0;
         self.dir.check()?;
         for (id, p) in self.dir.iter_rev() {
-            let page = &self.pages[p as usize];
+            let page = &self.pages[p];
             if page.bits == 0 {
                 return Err(format!("ladder page {id} is empty but listed"));
             }
             for bit in BitsDown(page.bits) {
-                let level = &self.levels[page.slots[bit as usize] as usize];
+                let level = &self.levels[page.slots[bit as usize]];
                 if level.key != (id << SLOT_BITS) | u64::from(bit) {
                     return Err(format!("level {} sits at the wrong key", level.price));
                 }

@@ -215,8 +215,8 @@ pub struct OrderBook {
     trade_n: u32,
     bids: Ladder,
     asks: Ladder,
-    orders: Vec<Order>,
-    free: Vec<u32>,
+    /// Open orders (resting and stops), named by slot everywhere in the book.
+    orders: Slab<Order>,
     /// The cids of open orders that have one (`Order::cid`).
     cids: Slab<CidSlot>,
     /// Stop prices, iceberg peaks and expiries of the open orders that have one
@@ -228,8 +228,8 @@ pub struct OrderBook {
     by_cid: SlotIndex,
     oid_hasher: FixedState,
     cid_hasher: SeededState,
-    accounts: Vec<AccountSlot>,
-    accounts_free: Vec<u32>,
+    /// Accounts with open orders.
+    accounts: Slab<AccountSlot>,
     /// Accounts with open orders, by name; entries are account slots.
     account_index: SlotIndex,
     /// Buy stops by (stop price, oid): the first is the next to trigger.
@@ -256,16 +256,14 @@ impl OrderBook {
             trade_n: 0,
             bids: Ladder::default(),
             asks: Ladder::default(),
-            orders: Vec::new(),
-            free: Vec::new(),
+            orders: Slab::default(),
             cids: Slab::default(),
             extras: Slab::default(),
             by_oid: SlotIndex::default(),
             by_cid: SlotIndex::default(),
             oid_hasher: FixedState::default(),
             cid_hasher: SeededState::default(),
-            accounts: Vec::new(),
-            accounts_free: Vec::new(),
+            accounts: Slab::default(),
             account_index: SlotIndex::default(),
             buy_stops: BTreeMap::new(),
             sell_stops: BTreeMap::new(),
@@ -428,12 +426,12 @@ impl OrderBook {
         found: Option<u32>,
         out: &mut Vec<Event>,
     ) {
-        let found_order = found.map(|i| &self.orders[i as usize]);
+        let found_order = found.map(|i| &self.orders[i]);
         let target = |r: &OrderRef| match *r {
             OrderRef::Oid(oid) => (
                 Some(oid),
                 found_order
-                    .filter(|o| self.accounts[o.account as usize].name == cmd.account)
+                    .filter(|o| self.accounts[o.account].name == cmd.account)
                     .and_then(|o| cid_at(&self.cids, o.cid)),
             ),
             OrderRef::Cid(cid) => (found_order.map(|o| OrderId(o.oid)), Some(cid)),
@@ -590,7 +588,7 @@ impl OrderBook {
             && (o.order_type.is_stop() || (o.order_type == OrderType::Limit && o.tif.rests()))
             && self
                 .find_account(&cmd.account)
-                .is_some_and(|a| self.accounts[a as usize].open >= orders_max)
+                .is_some_and(|a| self.accounts[a].open >= orders_max)
         {
             self.reject(cmd, at, RejectReason::TooManyOpenOrders, None, out);
             return false;
@@ -769,7 +767,7 @@ impl OrderBook {
 
     fn fok_fillable(&self, t: &Taker, min_key: u64) -> bool {
         let stp = t.stp;
-        let own = |o: &Order| self.accounts[o.account as usize].name == *t.account;
+        let own = |o: &Order| self.accounts[o.account].name == *t.account;
         let mut sum: u64 = 0;
         for level in self.ladder(t.side.opposite()).iter() {
             if level.key < min_key {
@@ -780,7 +778,7 @@ impl OrderBook {
                 StpMode::CancelOldest => {
                     let mut i = level.head;
                     while i != NIL {
-                        let o = &self.orders[i as usize];
+                        let o = &self.orders[i];
                         if !own(o) {
                             sum = sum.saturating_add(o.leaves);
                         }
@@ -790,7 +788,7 @@ impl OrderBook {
                 StpMode::CancelNewest | StpMode::CancelBoth | StpMode::DecrementAndCancel => {
                     let mut i = level.head;
                     while i != NIL {
-                        let o = &self.orders[i as usize];
+                        let o = &self.orders[i];
                         if own(o) {
                             return false;
                         }
@@ -828,8 +826,8 @@ impl OrderBook {
                 return Some(Some(level.price));
             }
             let mi = level.head;
-            let maker = &mut self.orders[mi as usize];
-            if t.stp != StpMode::None && self.accounts[maker.account as usize].name == *t.account {
+            let maker = &mut self.orders[mi];
+            if t.stp != StpMode::None && self.accounts[maker.account].name == *t.account {
                 if !self.self_trade(t, mi, at, out) {
                     return None;
                 }
@@ -855,7 +853,7 @@ impl OrderBook {
                 maker: OrderTag {
                     oid: OrderId(maker.oid),
                     cid: cid_at(&self.cids, maker.cid),
-                    account: self.accounts[maker.account as usize].name,
+                    account: self.accounts[maker.account].name,
                 },
                 maker_leaves: Qty(maker.leaves),
                 taker: t.tag(),
@@ -899,13 +897,13 @@ impl OrderBook {
                 false
             }
             StpMode::DecrementAndCancel => {
-                let maker = &self.orders[mi as usize];
+                let maker = &self.orders[mi];
                 let d = t.rem.min(maker.leaves);
                 if d == maker.leaves {
                     self.cancel_order(mi, at, CancelReason::Stp, out);
                 } else {
                     self.reduce_resting(mi, d, at.seq);
-                    let maker = &self.orders[mi as usize];
+                    let maker = &self.orders[mi];
                     out.push(Event::Cancelled(Cancelled {
                         seq: at.seq,
                         ts: at.ts,
@@ -934,7 +932,7 @@ impl OrderBook {
 
     /// Takes `d` (< leaves) off a resting order's leaves and total, keeping its place.
     fn reduce_resting(&mut self, idx: u32, d: u64, seq: Seq) {
-        let o = &mut self.orders[idx as usize];
+        let o = &mut self.orders[idx];
         o.last_seq = seq;
         o.leaves -= d;
         o.qty -= d;
@@ -992,7 +990,7 @@ impl OrderBook {
         }
         let idx = match t.slot {
             Some(idx) => {
-                let o = &mut self.orders[idx as usize];
+                let o = &mut self.orders[idx];
                 o.parked = false;
                 o.qty = t.qty;
                 o.leaves = t.rem;
@@ -1058,19 +1056,10 @@ impl OrderBook {
             stp: t.stp,
             parked,
         };
-        let idx = match self.free.pop() {
-            Some(idx) => {
-                self.orders[idx as usize] = order;
-                idx
-            }
-            None => {
-                self.orders.push(order);
-                (self.orders.len() - 1) as u32
-            }
-        };
+        let idx = self.orders.insert(order);
         let (orders, oid_hasher) = (&self.orders, &self.oid_hasher);
         self.by_oid.insert(oid_hasher.hash_one(t.oid.0), idx, |s| {
-            oid_hasher.hash_one(orders[s as usize].oid)
+            oid_hasher.hash_one(orders[s].oid)
         });
         if cid != NIL {
             self.cids.get_mut(cid).order = idx;
@@ -1083,15 +1072,15 @@ impl OrderBook {
             self.expiries.push(Reverse((at, t.oid.0)));
         }
         // Append to the account's list (oid order: orders are stored in command order).
-        let slot = &mut self.accounts[account as usize];
+        let slot = &mut self.accounts[account];
         slot.open += 1;
         let tail = slot.tail;
         slot.tail = idx;
         if tail == NIL {
             slot.head = idx;
         } else {
-            self.orders[tail as usize].acct_next = idx;
-            self.orders[idx as usize].acct_prev = tail;
+            self.orders[tail].acct_next = idx;
+            self.orders[idx].acct_prev = tail;
         }
         idx
     }
@@ -1106,19 +1095,10 @@ impl OrderBook {
             head: NIL,
             tail: NIL,
         };
-        let id = match self.accounts_free.pop() {
-            Some(id) => {
-                self.accounts[id as usize] = slot;
-                id
-            }
-            None => {
-                self.accounts.push(slot);
-                (self.accounts.len() - 1) as u32
-            }
-        };
+        let id = self.accounts.insert(slot);
         let (accounts, hasher) = (&self.accounts, &self.oid_hasher);
         self.account_index.insert(hasher.hash_one(name), id, |a| {
-            hasher.hash_one(accounts[a as usize].name)
+            hasher.hash_one(accounts[a].name)
         });
         id
     }
@@ -1128,9 +1108,8 @@ impl OrderBook {
     #[inline]
     fn find_oid(&self, oid: u64) -> Option<u32> {
         let orders = &self.orders;
-        self.by_oid.find(self.oid_hasher.hash_one(oid), |s| {
-            orders[s as usize].oid == oid
-        })
+        self.by_oid
+            .find(self.oid_hasher.hash_one(oid), |s| orders[s].oid == oid)
     }
 
     /// The hash of (account, cid) in `by_cid`; hashed through references, so neither id is
@@ -1153,7 +1132,7 @@ impl OrderBook {
         self.by_cid
             .find(hash, |c| {
                 let e = cids.get(c);
-                e.cid == *cid && accounts[e.account as usize].name == *account
+                e.cid == *cid && accounts[e.account].name == *account
             })
             .map(|c| cids.get(c).order)
     }
@@ -1163,7 +1142,7 @@ impl OrderBook {
         let accounts = &self.accounts;
         self.account_index
             .find(self.oid_hasher.hash_one(name), |a| {
-                accounts[a as usize].name == *name
+                accounts[a].name == *name
             })
     }
 
@@ -1175,7 +1154,7 @@ impl OrderBook {
 
     /// Removes an order that is on no level and in no stop map from every index.
     fn release(&mut self, idx: u32) {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         let (oid, account, cid, extra) = (o.oid, o.account, o.cid, o.extra);
         let (prev, next) = (o.acct_prev, o.acct_next);
         self.by_oid.remove(self.oid_hasher.hash_one(oid), idx);
@@ -1188,21 +1167,21 @@ impl OrderBook {
             self.extras.remove(extra);
         }
         if prev == NIL {
-            self.accounts[account as usize].head = next;
+            self.accounts[account].head = next;
         } else {
-            self.orders[prev as usize].acct_next = next;
+            self.orders[prev].acct_next = next;
         }
         if next == NIL {
-            self.accounts[account as usize].tail = prev;
+            self.accounts[account].tail = prev;
         } else {
-            self.orders[next as usize].acct_prev = prev;
+            self.orders[next].acct_prev = prev;
         }
-        let slot = &mut self.accounts[account as usize];
+        let slot = &mut self.accounts[account];
         slot.open -= 1;
         if slot.open == 0 {
             let hash = self.oid_hasher.hash_one(slot.name);
             self.account_index.remove(hash, account);
-            self.accounts_free.push(account);
+            self.accounts.remove(account);
         }
         if expire_at.is_some() {
             self.gtd_open -= 1;
@@ -1210,7 +1189,7 @@ impl OrderBook {
                 self.compact_expiries();
             }
         }
-        self.free.push(idx);
+        self.orders.remove(idx);
     }
 
     fn compact_expiries(&mut self) {
@@ -1221,7 +1200,7 @@ impl OrderBook {
 
     #[inline(always)]
     fn link_level(&mut self, side: Side, idx: u32) {
-        let price = self.orders[idx as usize].price;
+        let price = self.orders[idx].price;
         let key = key_of(side, price, self.spec.tick.0);
         let ladder = match side {
             Side::Buy => &mut self.bids,
@@ -1229,7 +1208,7 @@ impl OrderBook {
         };
         let li = ladder.get_or_insert(key, price);
         let level = ladder.level_mut(li);
-        let o = &mut self.orders[idx as usize];
+        let o = &mut self.orders[idx];
         o.level = li;
         level.shown += o.visible;
         level.total += o.leaves;
@@ -1241,13 +1220,13 @@ impl OrderBook {
         if tail == NIL {
             level.head = idx;
         } else {
-            self.orders[tail as usize].next = idx;
+            self.orders[tail].next = idx;
         }
     }
 
     #[inline(always)]
     fn unlink_level(&mut self, side: Side, idx: u32) {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         let (prev, next, li, visible, leaves) = (o.prev, o.next, o.level, o.visible, o.leaves);
         let ladder = match side {
             Side::Buy => &mut self.bids,
@@ -1257,12 +1236,12 @@ impl OrderBook {
         if prev == NIL {
             level.head = next;
         } else {
-            self.orders[prev as usize].next = next;
+            self.orders[prev].next = next;
         }
         if next == NIL {
             level.tail = prev;
         } else {
-            self.orders[next as usize].prev = prev;
+            self.orders[next].prev = prev;
         }
         level.shown -= visible;
         level.total -= leaves;
@@ -1280,17 +1259,17 @@ impl OrderBook {
     }
 
     fn tag(&self, idx: u32) -> OrderTag {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         OrderTag {
             oid: OrderId(o.oid),
             cid: cid_at(&self.cids, o.cid),
-            account: self.accounts[o.account as usize].name,
+            account: self.accounts[o.account].name,
         }
     }
 
     /// Takes an open order out of its level or the stops, and out of every index.
     fn remove(&mut self, idx: u32) {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         if o.parked {
             let (side, key) = (o.side, order_stop_key(o, &self.extras));
             self.stops_mut(side).remove(&key);
@@ -1302,7 +1281,7 @@ impl OrderBook {
 
     /// Cancels an open order whole.
     fn cancel_order(&mut self, idx: u32, at: At, reason: CancelReason, out: &mut Vec<Event>) {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         out.push(Event::Cancelled(Cancelled {
             seq: at.seq,
             ts: at.ts,
@@ -1317,15 +1296,12 @@ impl OrderBook {
 
     /// The identity of an open order, for a taker made from it to borrow.
     fn identity(&self, idx: u32) -> (Account, Option<Cid>) {
-        let o = &self.orders[idx as usize];
-        (
-            self.accounts[o.account as usize].name,
-            cid_at(&self.cids, o.cid),
-        )
+        let o = &self.orders[idx];
+        (self.accounts[o.account].name, cid_at(&self.cids, o.cid))
     }
 
     fn taker_from<'a>(&self, idx: u32, identity: &'a (Account, Option<Cid>)) -> Taker<'a> {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         let extra = extra_at(&self.extras, o.extra);
         Taker {
             oid: OrderId(o.oid),
@@ -1357,7 +1333,7 @@ impl OrderBook {
                 let idx = self
                     .find_oid(oid.0)
                     .ok_or((RejectReason::UnknownOrder, None))?;
-                let owner = &self.accounts[self.orders[idx as usize].account as usize].name;
+                let owner = &self.accounts[self.orders[idx].account].name;
                 if *owner != cmd.account {
                     return Err((RejectReason::NotOwner, None));
                 }
@@ -1387,7 +1363,7 @@ impl OrderBook {
         }
         let idx = self.lookup(cmd, a.target)?;
         let fail = |r| Err((r, Some(idx)));
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         if o.parked {
             return fail(R::NotAmendable);
         }
@@ -1442,7 +1418,7 @@ impl OrderBook {
             Ok(v) => v,
             Err((reason, found)) => return self.reject(cmd, at, reason, found, out),
         };
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         let (side, filled, old_qty, old_price, display) = (
             o.side,
             o.qty - o.leaves,
@@ -1475,7 +1451,7 @@ impl OrderBook {
             return;
         }
         self.unlink_level(side, idx);
-        let o = &mut self.orders[idx as usize];
+        let o = &mut self.orders[idx];
         o.qty = qty;
         o.leaves = leaves;
         o.price = price;
@@ -1499,10 +1475,10 @@ impl OrderBook {
         let Some(acct) = self.find_account(&cmd.account) else {
             return;
         };
-        let mut idx = self.accounts[acct as usize].head;
+        let mut idx = self.accounts[acct].head;
         while idx != NIL {
             // Read the next link first: cancelling frees this slot (and, last, the account).
-            let next = self.orders[idx as usize].acct_next;
+            let next = self.orders[idx].acct_next;
             self.cancel_order(idx, at, CancelReason::CancelAll, out);
             idx = next;
         }
@@ -1513,7 +1489,7 @@ impl OrderBook {
         let mut all: Vec<(u64, u32)> = self
             .by_oid
             .iter()
-            .map(|idx| (self.orders[idx as usize].oid, idx))
+            .map(|idx| (self.orders[idx].oid, idx))
             .collect();
         all.sort_unstable();
         for (_, idx) in all {
@@ -1563,7 +1539,7 @@ impl OrderBook {
                 (None, Some(s)) => s.1,
                 (None, None) => return,
             };
-            let o = &mut self.orders[idx as usize];
+            let o = &mut self.orders[idx];
             o.parked = false;
             let extra = extra_at(&self.extras, o.extra);
             let (side, key, stop_price, order_type) = (
@@ -1591,11 +1567,11 @@ impl OrderBook {
     // ----- snapshot, restore, hash, invariants ---------------------------------------------
 
     fn record(&self, idx: u32) -> OrderRecord {
-        let o = &self.orders[idx as usize];
+        let o = &self.orders[idx];
         let extra = extra_at(&self.extras, o.extra);
         OrderRecord {
             oid: OrderId(o.oid),
-            account: self.accounts[o.account as usize].name,
+            account: self.accounts[o.account].name,
             cid: cid_at(&self.cids, o.cid),
             side: o.side,
             order_type: o.order_type,
@@ -1620,7 +1596,7 @@ impl OrderBook {
             let mut i = level.head;
             while i != NIL {
                 records.push(self.record(i));
-                i = self.orders[i as usize].next;
+                i = self.orders[i].next;
             }
         }
         records
@@ -1685,9 +1661,9 @@ impl OrderBook {
         let Some(a) = self.find_account(account) else {
             return (orders, false);
         };
-        let mut idx = self.accounts[a as usize].head;
+        let mut idx = self.accounts[a].head;
         while idx != NIL {
-            let o = &self.orders[idx as usize];
+            let o = &self.orders[idx];
             if after.is_none_or(|after| o.oid > after.0) {
                 if orders.len() == limit {
                     return (orders, true);
@@ -1709,8 +1685,8 @@ impl OrderBook {
             OrderRef::Oid(oid) => self.find_oid(oid.0)?,
             OrderRef::Cid(cid) => self.find_cid(account, &cid)?,
         };
-        let o = &self.orders[idx as usize];
-        (self.accounts[o.account as usize].name == *account).then(|| OpenOrder {
+        let o = &self.orders[idx];
+        (self.accounts[o.account].name == *account).then(|| OpenOrder {
             record: self.record(idx),
             waiting: o.parked,
         })
@@ -1767,7 +1743,7 @@ impl OrderBook {
             .count();
         let mut book = OrderBook::new(s.spec.clone());
         book.orders
-            .reserve_exact(s.bids.len() + s.asks.len() + s.stops.len());
+            .reserve(s.bids.len() + s.asks.len() + s.stops.len());
         book.by_oid = SlotIndex::with_capacity(book.orders.capacity());
         book.cids.reserve(with_cid);
         book.by_cid = SlotIndex::with_capacity(with_cid);
@@ -1842,7 +1818,7 @@ impl OrderBook {
             let idx = book.store(&t, r.visible.0, false);
             // Snapshots of older builds have no last sequence: the order's own is the best
             // known.
-            book.orders[idx as usize].last_seq = if r.last_seq == 0 {
+            book.orders[idx].last_seq = if r.last_seq == 0 {
                 r.oid.seq()
             } else {
                 r.last_seq
@@ -1852,8 +1828,8 @@ impl OrderBook {
         for (i, &(r, list)) in all.iter().enumerate() {
             let idx = slots[i];
             if list == 2 {
-                book.orders[idx as usize].parked = true;
-                let key = order_stop_key(&book.orders[idx as usize], &book.extras);
+                book.orders[idx].parked = true;
+                let key = order_stop_key(&book.orders[idx], &book.extras);
                 book.stops_mut(r.side).insert(key, idx);
             } else {
                 book.link_level(r.side, idx);
@@ -1939,7 +1915,7 @@ impl OrderBook {
                 let mut prev = NIL;
                 let mut i = level.head;
                 while i != NIL {
-                    let o = &self.orders[i as usize];
+                    let o = &self.orders[i];
                     if o.prev != prev || o.side != side || o.price != level.price || o.parked {
                         return Err(format!(
                             "order {} is badly linked in level {}",
@@ -1975,7 +1951,7 @@ impl OrderBook {
                     shown += o.visible;
                     total += o.leaves;
                     count += 1;
-                    if self.accounts[o.account as usize].open == 0 {
+                    if self.accounts[o.account].open == 0 {
                         return Err(format!("order {} belongs to a closed account slot", o.oid));
                     }
                     prev = i;
@@ -2001,7 +1977,7 @@ impl OrderBook {
         }
         for (side, stops) in [(Side::Buy, &self.buy_stops), (Side::Sell, &self.sell_stops)] {
             for (key, &i) in stops {
-                let o = &self.orders[i as usize];
+                let o = &self.orders[i];
                 if !o.parked
                     || o.side != side
                     || order_stop_key(o, &self.extras) != *key
@@ -2012,7 +1988,7 @@ impl OrderBook {
                 if o.leaves != o.qty {
                     return Err(format!("stop {} has fills before its trigger", o.oid));
                 }
-                if self.accounts[o.account as usize].open == 0 {
+                if self.accounts[o.account].open == 0 {
                     return Err(format!("stop {} belongs to a closed account slot", o.oid));
                 }
                 seen += 1;
@@ -2027,8 +2003,8 @@ impl OrderBook {
         }
         for c in self.by_cid.iter() {
             let e = self.cids.get(c);
-            let o = &self.orders[e.order as usize];
-            let name = self.accounts[o.account as usize].name;
+            let o = &self.orders[e.order];
+            let name = self.accounts[o.account].name;
             if o.cid != c
                 || e.account != o.account
                 || self.find_cid(&name, &e.cid) != Some(e.order)
@@ -2040,13 +2016,13 @@ impl OrderBook {
         let with_cid = self
             .by_oid
             .iter()
-            .filter(|&i| self.orders[i as usize].cid != NIL)
+            .filter(|&i| self.orders[i].cid != NIL)
             .count();
         if with_cid != self.by_cid.len() || with_cid != self.cids.len() {
             return Err("cid index size disagrees with the orders".into());
         }
         for id in self.account_index.iter() {
-            let slot = &self.accounts[id as usize];
+            let slot = &self.accounts[id];
             let name = slot.name;
             if self.find_account(&name) != Some(id) || slot.open == 0 {
                 return Err(format!(
@@ -2056,7 +2032,7 @@ impl OrderBook {
             in_accounts += slot.open as usize;
             let (mut n, mut prev, mut i, mut last_oid) = (0u32, NIL, slot.head, 0u64);
             while i != NIL {
-                let o = &self.orders[i as usize];
+                let o = &self.orders[i];
                 if o.account != id
                     || o.acct_prev != prev
                     || o.oid <= last_oid
@@ -2090,7 +2066,7 @@ impl OrderBook {
             .by_oid
             .iter()
             .filter(|&i| {
-                extra_at(&self.extras, self.orders[i as usize].extra)
+                extra_at(&self.extras, self.orders[i].extra)
                     .expire_at
                     .is_some()
             })
@@ -2098,7 +2074,7 @@ impl OrderBook {
         let with_extra = self
             .by_oid
             .iter()
-            .filter(|&i| self.orders[i as usize].extra != NIL)
+            .filter(|&i| self.orders[i].extra != NIL)
             .count();
         if with_extra != self.extras.len() {
             return Err(format!(

@@ -1,8 +1,9 @@
 //! `Slab`: values in a `Vec`, addressed by a `u32` slot, with a free list, so a removed value's
 //! slot is taken by the next insert and nothing allocates once the slab has reached its working
-//! size. The book keeps the parts of an order that most orders lack (a cid; a stop price, an
-//! iceberg peak or an expiry) in slabs of their own, so the order itself stays small. This
-//! module must never hand out a slot twice while it is in use.
+//! size. The book keeps its orders, its accounts, each ladder's levels and pages, and the parts
+//! of an order that most orders lack (a cid; a stop price, an iceberg peak or an expiry) in
+//! slabs, so the order itself stays small and every link between them is a `u32`. This module
+//! must never hand out a slot twice while it is in use.
 
 #[derive(Clone, Debug)]
 pub(super) struct Slab<T> {
@@ -20,9 +21,20 @@ impl<T> Default for Slab<T> {
 }
 
 impl<T> Slab<T> {
-    /// Room for `n` values before the slab grows.
+    /// Room for `n` more values before the slab grows (exactly: a node restores thousands of
+    /// books sized to their snapshots).
     pub fn reserve(&mut self, n: usize) {
         self.items.reserve_exact(n);
+    }
+
+    /// Room for `n` freed slots before the free list grows.
+    pub fn reserve_free(&mut self, n: usize) {
+        self.free.reserve(n);
+    }
+
+    /// Values the slab holds before it grows.
+    pub fn capacity(&self) -> usize {
+        self.items.capacity()
     }
 
     /// Stores `value` in a free slot, or a new one.
@@ -59,6 +71,21 @@ impl<T> Slab<T> {
     /// Values in use.
     pub fn len(&self) -> usize {
         self.items.len() - self.free.len()
+    }
+}
+
+impl<T> std::ops::Index<u32> for Slab<T> {
+    type Output = T;
+    #[inline(always)]
+    fn index(&self, slot: u32) -> &T {
+        self.get(slot)
+    }
+}
+
+impl<T> std::ops::IndexMut<u32> for Slab<T> {
+    #[inline(always)]
+    fn index_mut(&mut self, slot: u32) -> &mut T {
+        self.get_mut(slot)
     }
 }
 

@@ -140,11 +140,8 @@ impl Rebalancer {
                     if !l.lease.valid() {
                         continue;
                     }
-                    for action in Planner::fail_overs(&view.seen, &self.settings, Instant::now()) {
-                        if let Some(task) = self.carry_out(&view.seen, action).await {
-                            moving = Some(task);
-                        }
-                    }
+                    let actions = Planner::fail_overs(&view.seen, &self.settings, Instant::now());
+                    self.carry_out_all(&view.seen, actions, &mut moving).await;
                 }
                 _ = follow_check.tick() => {
                     nodes.check().await;
@@ -169,11 +166,7 @@ impl Rebalancer {
                         }
                     }
                     let actions = planner.tick(&view.seen, &self.settings, Instant::now(), moving.is_some());
-                    for action in actions {
-                        if let Some(task) = self.carry_out(&view.seen, action).await {
-                            moving = Some(task);
-                        }
-                    }
+                    self.carry_out_all(&view.seen, actions, &mut moving).await;
                 }
             }
         }
@@ -270,6 +263,20 @@ impl Rebalancer {
 
     /// Makes one of the planner's writes, by compare-and-set (a lost race changes nothing;
     /// the watch brings what won). Answers the task of a move it started.
+    /// Carries out `actions` in order; a move started among them becomes `moving`.
+    async fn carry_out_all(
+        &self,
+        seen: &Seen,
+        actions: Vec<Action>,
+        moving: &mut Option<MoveTask>,
+    ) {
+        for action in actions {
+            if let Some(task) = self.carry_out(seen, action).await {
+                *moving = Some(task);
+            }
+        }
+    }
+
     async fn carry_out(&self, seen: &Seen, action: Action) -> Option<MoveTask> {
         match action {
             Action::Place { market, node } => {

@@ -148,6 +148,8 @@ pub struct ClusterConfig {
 pub struct SnapshotsConfig {
     pub every_commands: u64,
     pub every_secs: u64,
+    /// The node's snapshot bytes a second (0: unbounded): due snapshots wait while it is spent.
+    pub max_bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -702,3 +702,115 @@ async fn ready_turns_false_while_a_market_lags_or_stops_and_true_after() {
     wait_journal(&js, "GONE-USD", 1, JOURNAL_WAIT).await;
     assert!(node.terminate().success());
 }
+
+/// Four markets whose snapshots are due every 20 commands, under a node budget of 50,000
+/// snapshot bytes a second: the bytes written stay under the budget (plus one second's worth
+/// and one snapshot a market, the most the estimates can miss by), the waits are counted, and
+/// once the flow stops every market's deferred snapshot still lands, covering its last command.
+#[tokio::test]
+async fn snapshot_writes_stay_within_the_nodes_budget() {
+    const RATE: f64 = 50_000.0;
+    let markets = ["SNAP1-USD", "SNAP2-USD", "SNAP3-USD", "SNAP4-USD"];
+    let mut config = String::from(
+        "node_id = \"n1\"\n[snapshots]\nevery_commands = 20\nevery_secs = 30\nmax_bytes_per_sec = 50000\n",
+    );
+    for m in markets {
+        config.push_str(&format!(
+            "[[markets]]\nsymbol = \"{m}\"\nprice_decimals = 2\nsize_decimals = 0\n"
+        ));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, mut args) = server_and_args(dir.path(), &config);
+    let port = bus::server::free_port().unwrap_or_else(|e| panic!("{e}"));
+    args.extend(["--http-port".to_string(), port.to_string()]);
+    let started = Instant::now();
+    let node = Node::start(&args);
+    node.wait_line("ready");
+    let js = jetstream::new(
+        bus::connect(&server.url(), "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    // 2,500 resting buys a market, published 200 at a time without waiting for each ack, over
+    // about four seconds (so that the budget, not its first second, decides what is written).
+    let per_market = 2_500u64;
+    let mut acks = Vec::new();
+    for i in 0..per_market {
+        for m in markets {
+            let price = format!("{}.{:02}", 100 + i % 400, i % 100);
+            let value = order(&format!("acct{}", i % 50), &format!("c{i}"), "buy", &price);
+            let bytes = rmp_serde::to_vec_named(&value).expect("msgpack");
+            acks.push(
+                js.publish(format!("agora.orders.{m}"), bytes.into())
+                    .await
+                    .expect("publish sent"),
+            );
+        }
+        if acks.len() >= 200 {
+            for ack in acks.drain(..) {
+                ack.await.expect("publish acknowledged");
+            }
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await.expect("publish acknowledged");
+    }
+    for m in markets {
+        wait_journal(&js, m, per_market, JOURNAL_WAIT).await;
+    }
+    let sum = |text: &str, name: &str| -> f64 {
+        markets
+            .iter()
+            .map(|m| series(text, &format!("{name}{{market=\"{m}\"}}")).unwrap_or(0.0))
+            .sum()
+    };
+    let text = scrape(port);
+    let elapsed = started.elapsed().as_secs_f64();
+    let written = sum(&text, "matching_snapshot_bytes_total");
+    let deferred = sum(&text, "matching_snapshots_deferred_total");
+    let taken = sum(&text, "matching_snapshots_total");
+
+    // Once the flow stops, each market's waiting snapshot is written within a few seconds
+    // (a market asks the budget again every second), covering every command.
+    let store = agora::bus::SnapshotStore::open(
+        &js,
+        &agora::bus::Subjects::default(),
+        &agora::bus::StreamSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut largest = 0usize;
+    for m in markets {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let blob = store.load(m).await.unwrap_or_else(|e| panic!("{e}"));
+            if let Some(blob) = blob.filter(|b| b.last_seq == per_market) {
+                largest = largest.max(blob.bytes.len());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{m}: no snapshot covering command {per_market} 60 s after the flow stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let most = RATE * (elapsed + 1.0) + (markets.len() * largest) as f64;
+    eprintln!(
+        "{taken} snapshots, {written} bytes in {elapsed:.1} s (at most {most}); {deferred} waits; largest {largest} bytes"
+    );
+    assert!(
+        written <= most,
+        "{written} snapshot bytes in {elapsed:.1} s under a budget of {RATE} a second: at most {most}"
+    );
+    assert!(
+        written > 0.0 && taken >= markets.len() as f64,
+        "{taken} snapshots, {written} bytes: each market must have written one"
+    );
+    assert!(
+        deferred > 0.0,
+        "{taken} snapshots ({written} bytes) in {elapsed:.1} s and none waited for the budget"
+    );
+    assert!(node.terminate().success());
+}

@@ -12,7 +12,9 @@
 //! `matching_market_bid_levels`, `matching_market_ask_levels`, `matching_market_resting_orders`,
 //! `matching_market_consumer_lag` (commands waiting in its stream), `matching_rejects_total`
 //! (by reason), `matching_publish_errors_total`, `matching_snapshots_total`,
-//! `matching_snapshot_duration_us`, `matching_market_running` (1 while running). This module
+//! `matching_snapshot_duration_us`, `matching_snapshot_bytes_total`,
+//! `matching_snapshots_deferred_total` (due snapshots that waited for the node's budget),
+//! `matching_market_running` (1 while running). This module
 //! must never decide anything: it only counts.
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
@@ -40,6 +42,8 @@ pub struct MarketMetrics {
     publish_errors: Counter,
     snapshots: Counter,
     snapshot_duration: Histogram,
+    snapshot_bytes: Counter,
+    snapshots_deferred: Counter,
     running: Gauge,
     /// This market's share of `matching_orderbook_depth`, to move the node total by deltas.
     counted_depth: f64,
@@ -67,6 +71,8 @@ impl MarketMetrics {
             publish_errors: counter!("matching_publish_errors_total", "market" => m.clone()),
             snapshots: counter!("matching_snapshots_total", "market" => m.clone()),
             snapshot_duration: histogram!("matching_snapshot_duration_us", "market" => m.clone()),
+            snapshot_bytes: counter!("matching_snapshot_bytes_total", "market" => m.clone()),
+            snapshots_deferred: counter!("matching_snapshots_deferred_total", "market" => m.clone()),
             running: gauge!("matching_market_running", "market" => m.clone()),
             market: m,
             counted_depth: 0.0,
@@ -106,9 +112,16 @@ impl MarketMetrics {
         self.publish_errors.increment(1);
     }
 
-    pub fn snapshot(&self, micros: u64) {
+    /// A snapshot saved: how long it took and its size.
+    pub fn snapshot(&self, micros: u64, bytes: u64) {
         self.snapshots.increment(1);
         self.snapshot_duration.record(micros as f64);
+        self.snapshot_bytes.increment(bytes);
+    }
+
+    /// A due snapshot began to wait for the node's snapshot budget.
+    pub fn snapshot_deferred(&self) {
+        self.snapshots_deferred.increment(1);
     }
 
     pub fn running(&self, yes: bool) {

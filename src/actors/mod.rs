@@ -16,6 +16,7 @@ pub use self::core::{Incoming, MarketCore};
 pub use lease::Lease;
 pub use market::{
     MarketActor, MarketBus, MarketControl, MarketError, MarketSettings, RunningMarket,
+    SnapshotBudget,
 };
 pub use supervisor::{
     Follow, FollowerLag, Held, ListMarkets, MarketInfo, Shutdown, StartMarket, StopMarket,

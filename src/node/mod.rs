@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use actix::Actor;
 use async_nats::jetstream;
 
-use crate::actors::{Held, MarketBus, MarketSettings, Shutdown, Supervisor};
+use crate::actors::{Held, MarketBus, MarketSettings, Shutdown, SnapshotBudget, Supervisor};
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{self, BusError, LocalServer, SnapshotStore};
 use crate::cluster::agent::Agent;
@@ -260,6 +260,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         node_id: node_id.clone(),
         snapshot_every_commands: config.snapshots.every_commands,
         snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
+        snapshot_budget: SnapshotBudget::per_second(config.snapshots.max_bytes_per_sec),
         lease: Some(lease.clone()),
         takeover: Default::default(),
     };

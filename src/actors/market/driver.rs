@@ -12,6 +12,8 @@ use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::{HeaderMap, HeaderValue};
 use futures::FutureExt;
+
+use super::snapshots::{Saved, SnapshotBudget};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -57,7 +59,12 @@ pub(super) struct Driver {
     pub(super) snapshot_at: Instant,
     /// The snapshot being written (one at a time, so they land in order): its sequence and
     /// how long it took.
-    pub(super) snapshot_task: Option<tokio::task::JoinHandle<Result<(Seq, u64), String>>>,
+    pub(super) snapshot_task: Option<tokio::task::JoinHandle<Result<Saved, String>>>,
+    /// The last snapshot's size in bytes (the estimate of the next against the budget), the
+    /// estimate the one in flight took, and whether a due one is waiting for the budget.
+    pub(super) snapshot_bytes: u64,
+    pub(super) snapshot_estimate: u64,
+    pub(super) snapshot_deferred: bool,
     pub(super) metrics: MarketMetrics,
     /// A warm copy's order feed, read ahead of the book; recovery and then the driver go on
     /// with it.
@@ -194,6 +201,9 @@ impl Driver {
             since_snapshot: 0,
             snapshot_at: Instant::now(),
             snapshot_task: None,
+            snapshot_bytes: 0,
+            snapshot_estimate: 0,
+            snapshot_deferred: false,
             recovered_at: None,
             book_seq: Default::default(),
             feed: None,
@@ -336,11 +346,15 @@ impl Driver {
                 .await?
             }
         };
-        let tick = if self.settings.snapshot_every.is_zero() {
+        let mut tick = if self.settings.snapshot_every.is_zero() {
             Duration::from_secs(3600)
         } else {
             self.settings.snapshot_every
         };
+        if self.settings.snapshot_budget.bounded() {
+            // A snapshot waiting for the budget is not left until the next interval.
+            tick = tick.min(SnapshotBudget::RETRY);
+        }
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -38,6 +38,7 @@ mod queries;
 mod recovery;
 mod snapshots;
 mod status;
+pub use snapshots::SnapshotBudget;
 pub use status::MarketStatus;
 mod warm;
 
@@ -73,6 +74,8 @@ pub struct MarketSettings {
     pub snapshot_every_commands: u64,
     /// A snapshot after this long with commands since the last one (zero: not by time).
     pub snapshot_every: Duration,
+    /// The node's snapshot bytes a second, shared by every market it runs.
+    pub snapshot_budget: SnapshotBudget,
     /// The node's lease: checked before every journal publish (`None`: not checked).
     pub lease: Option<Lease>,
     /// How this node came to run it: epoch, trace, and whether its previous owner released
@@ -89,6 +92,7 @@ impl Default for MarketSettings {
             node_id: String::new(),
             snapshot_every_commands: 100_000,
             snapshot_every: Duration::from_secs(30),
+            snapshot_budget: SnapshotBudget::default(),
             lease: None,
             takeover: Takeover::standalone(),
         }

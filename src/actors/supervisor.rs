@@ -114,8 +114,13 @@ async fn arbiter_bus(shared: MarketBus, own: Option<OwnConnection>, slot: Arbite
     if let Some(bus) = slot.as_ref() {
         return bus.clone();
     }
+    let started = std::time::Instant::now();
     match crate::bus::connect_with(&own.url, &own.name, &own.options).await {
         Ok(client) => {
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "arbiter's own NATS connection made"
+            );
             let bus = MarketBus {
                 js: async_nats::jetstream::new(client.clone()),
                 client,

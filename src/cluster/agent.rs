@@ -349,6 +349,7 @@ impl Agent {
                 Some(spec) => Ok(spec),
                 None => spec_of(&markets, &market).await,
             };
+            tracing::debug!(market = %market, epoch, kind, spec_ms = claimed.elapsed().as_secs_f64() * 1e3, "claimed; starting");
             let result = match spec {
                 Ok(spec) => supervisor
                     .send(StartMarket { spec, takeover })

@@ -306,6 +306,7 @@ impl Rebalancer {
                 {
                     Ok(_) => {
                         metrics::counter!("matching_failovers_total").increment(1);
+                        tracing::info!(market = %market, from = %from, to = %to, epoch, "failover written");
                         say!(
                             "agora node {}: failover: {market} from {from} (not heard from for {:?}) to {to} at epoch {epoch}",
                             self.node,

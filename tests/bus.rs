@@ -530,3 +530,131 @@ async fn older_streams_get_capture_subjects_and_republish_each_stored_message_on
     assert!(!stored_forged, "a message on a public subject was stored");
     assert_eq!(execs.info().await.expect("info").state.messages, 2);
 }
+
+/// A feed whose connection came back opens a new consumer (in case the end of a burst was lost
+/// on the way, with nothing after it to show the gap). Callers that keep giving up on `next`
+/// after 2 ms (as a market's `select!` with its 1 s timer, a warm copy's 20 ms poll, or the
+/// backlog wait do) must neither keep the check from coming nor cancel the opening: the feed
+/// notices the reconnect once and goes on from where it was, in order. (That a burst's end
+/// really is lost when the server drops a slow client is what the cluster bench's start-up
+/// fill showed; here the old consumer may deliver too, and either way nothing repeats.)
+#[tokio::test]
+async fn a_feed_reopened_after_a_reconnect_goes_on_under_callers_that_give_up() {
+    let (mut server, _dir) = server();
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client.clone());
+    let subjects = Subjects::default();
+    let settings = StreamSettings::default();
+    bus::ensure_market_stream(&js, &subjects, "BTC-USDC", &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let publish = |i: u64| {
+        let js = js.clone();
+        let subject = subjects.orders("BTC-USDC");
+        async move {
+            // Right after the restart JetStream may not answer yet: try again for 30 s.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let sent = js
+                    .publish(subject.clone(), order_bytes(&format!("c-{i}")).into())
+                    .await;
+                if let Ok(ack) = sent
+                    && let Ok(ack) = ack.await
+                {
+                    return ack.sequence;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "publish {i} not taken in 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for i in 1..=20 {
+        assert_eq!(publish(i).await, i);
+    }
+    let stream = js
+        .get_stream("ORDERS_BTC-USDC")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut feed = bus::Feed::open(
+        &stream,
+        &client,
+        "BTC-USDC",
+        1,
+        bus::Pull::Consume(64),
+        &bus::PullCap::new(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 1..=20 {
+        let m = feed.next().await.expect("a message").expect("no error");
+        assert_eq!(m.seq(), Some(i));
+    }
+
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client
+        .statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Acquire)
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client did not reconnect in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 21..=40 {
+        assert_eq!(publish(i).await, i);
+    }
+    // Each caller gives up long before the feed's reconnect check is due: the check must
+    // still come (its time is kept across callers), and the consumer it opens must outlive them.
+    feed.check_reconnects_every(Duration::from_millis(50));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 s after the reconnect the feed had yielded {got:?} of 21..=40"
+        );
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(2), feed.next()).await {
+            got.push(m.expect("a message").expect("no error").seq());
+        }
+    }
+    assert_eq!(got, (21..=40).map(Some).collect::<Vec<_>>());
+    // Nothing more comes: 300 ms more of callers giving up after 2 ms, during which the
+    // feed's check (due after 50 ms of waiting) must come and find the reconnect.
+    let quiet = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < quiet {
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(2), feed.next()).await {
+            panic!(
+                "nothing more was published, yet the feed yielded {:?}",
+                m.map(|m| m.map(|m| m.seq()))
+            );
+        }
+    }
+    assert_eq!(
+        feed.reopens(),
+        1,
+        "the feed must notice the reconnect once, though no caller waited as long as its check"
+    );
+    // One consumer opened after the reconnect, not one per caller that gave up (each of
+    // those was created on the server and then dropped unread).
+    let mut stream = stream;
+    let consumers = stream
+        .info()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .state
+        .consumer_count;
+    eprintln!("consumers on the stream: {consumers}");
+    assert!(
+        consumers <= 2,
+        "{consumers} consumers on the stream: the feed opened one for each caller that gave up"
+    );
+}

@@ -107,6 +107,17 @@ pub struct Feed {
     connection: Arc<async_nats::Statistics>,
     /// The connection's count of connects when the consumer was opened.
     connects: u64,
+    /// A new consumer being opened (`replace`).
+    opening: Option<Opening>,
+    /// Consumers opened again after a loss or a reconnect.
+    reopens: u64,
+    /// How often a waiting feed checks whether its connection was re-established.
+    reconnect_check: Duration,
+    /// When the wait under way checks next. Kept here, not in the waiting future: a caller
+    /// that stops waiting sooner than `reconnect_check` (a market's `select!` with a 1 s
+    /// timer, a warm copy's 20 ms poll) would otherwise start the wait over every time, and
+    /// the check would never come.
+    check_at: Option<tokio::time::Instant>,
     /// Gaps in a row at the same sequence (new consumers that did not help).
     gaps: u32,
     /// A gap seen where no new consumer could be opened (`ready`): the next wait opens one.
@@ -115,6 +126,17 @@ pub struct Feed {
     batch: usize,
     /// The connection's cap on `batch`.
     cap: PullCap,
+}
+
+/// A new consumer being opened, in a task of its own: a caller that stops waiting for the feed
+/// (a `select!` whose timer fired first, a timeout) does not cancel it, and the feed's next
+/// call takes it up. Opened in the caller's future instead, a consumer that took longer than
+/// the caller's timer (JetStream's API slow under a flood, after a reconnect) was cancelled at
+/// every tick and opened again, and the feed never read another message.
+struct Opening {
+    task: tokio::task::JoinHandle<Result<pull::Stream, BusError>>,
+    batch: usize,
+    connects: u64,
 }
 
 /// Messages each feed on one NATS connection may pull at a time: lowered by a loss on the
@@ -177,11 +199,27 @@ impl Feed {
             pull,
             connection,
             connects,
+            opening: None,
+            reopens: 0,
+            reconnect_check: Self::RECONNECT_CHECK,
+            check_at: None,
             gaps: 0,
             broken: false,
             batch,
             cap,
         })
+    }
+
+    /// Consumers opened again after a loss or a reconnect.
+    pub fn reopens(&self) -> u64 {
+        self.reopens
+    }
+
+    /// Checks for a re-established connection this often while waiting (tests: to make the
+    /// check, and the new consumer it opens, happen inside a caller's short timeout).
+    #[doc(hidden)]
+    pub fn check_reconnects_every(&mut self, every: Duration) {
+        self.reconnect_check = every;
     }
 
     /// A new consumer's messages from `from` on.
@@ -236,17 +274,44 @@ impl Feed {
         let lowered = (self.batch / 4).max(1);
         let batch = self.cap.0.fetch_min(lowered, Ordering::AcqRel).min(lowered);
         tracing::warn!(market = %self.market, from = self.expected(), batch, "{why}; opening the order consumer again");
+        self.reopens += 1;
         self.replace(self.expected(), batch).await
     }
 
     /// A new consumer from `from` pulling `batch` messages at a time, in place of the current
-    /// one. (Cancelled, it leaves the current one: a message lost with it shows as a gap.)
+    /// one. Cancelled, the consumer is still opened (`Opening`), and the next `receive` reads
+    /// from it; a message dropped with the cancelled caller shows as a gap.
     async fn replace(&mut self, from: Seq, batch: usize) -> Result<(), BusError> {
-        let connects = self.connection.connects.load(Ordering::Acquire);
-        self.messages = Self::consume(&self.orders, &self.market, from, self.pull, batch).await?;
-        self.connects = connects;
+        if self.opening.is_none() {
+            let connects = self.connection.connects.load(Ordering::Acquire);
+            let (orders, market, pull) = (self.orders.clone(), self.market.clone(), self.pull);
+            let task =
+                tokio::spawn(
+                    async move { Self::consume(&orders, &market, from, pull, batch).await },
+                );
+            self.opening = Some(Opening {
+                task,
+                batch,
+                connects,
+            });
+        }
+        self.finish_opening().await
+    }
+
+    /// Waits for the consumer being opened, if any, and reads from it from then on.
+    async fn finish_opening(&mut self) -> Result<(), BusError> {
+        let Some(opening) = self.opening.as_mut() else {
+            return Ok(());
+        };
+        let opened = (&mut opening.task).await;
+        let Some(opening) = self.opening.take() else {
+            return Ok(());
+        };
+        self.messages =
+            opened.map_err(|e| feed_err(&self.market, "creating the order consumer", e))??;
+        self.connects = opening.connects;
         self.broken = false;
-        self.batch = batch;
+        self.batch = opening.batch;
         Ok(())
     }
 
@@ -304,6 +369,9 @@ impl Feed {
     /// consumer ended.
     async fn receive(&mut self) -> Option<Result<Delivered, BusError>> {
         loop {
+            if let Err(e) = self.finish_opening().await {
+                return Some(Err(e));
+            }
             if self.broken
                 && let Err(e) = self.reopen("a gap was seen").await
             {
@@ -312,9 +380,13 @@ impl Feed {
             let got = match self.messages.next().now_or_never() {
                 Some(got) => got,
                 None => {
+                    let check_at = *self
+                        .check_at
+                        .get_or_insert_with(|| tokio::time::Instant::now() + self.reconnect_check);
                     tokio::select! {
                         got = self.messages.next() => got,
-                        _ = tokio::time::sleep(Self::RECONNECT_CHECK) => {
+                        _ = tokio::time::sleep_until(check_at) => {
+                            self.check_at = None;
                             if self.connection.connects.load(Ordering::Acquire) != self.connects
                                 && let Err(e) = self.reopen("the connection to NATS was established again").await
                             {
@@ -325,6 +397,8 @@ impl Feed {
                     }
                 }
             };
+            // Messages flow: the next wait starts its own count.
+            self.check_at = None;
             match got?.map(Delivered::new) {
                 Err(e) => {
                     return Some(Err(feed_err(&self.market, "consuming the order stream", e)));
@@ -371,6 +445,13 @@ impl Feed {
         let m = match self.ahead.pop_front() {
             Some(m) => Ok(m),
             None => loop {
+                if self.opening.is_some() {
+                    match self.finish_opening().now_or_never() {
+                        None => return None,
+                        Some(Err(e)) => break Err(e),
+                        Some(Ok(())) => {}
+                    }
+                }
                 if self.broken {
                     return None;
                 }

@@ -7,9 +7,10 @@
 //! attempts, each of which fails while the stream elects a new leader. Meanwhile the watcher
 //! sees nothing: a rebalancer sees every node dead, a node does not see the market it was
 //! assigned. `check` compares the bucket's last stream sequence (a fresh stream info, bounded
-//! by a timeout) with the last revision delivered; behind on two checks in a row, the watch is
-//! replaced by one that starts right after that revision, so nothing is skipped and nothing
-//! delivered twice. This module must never decide what an entry means: callers do.
+//! by a timeout) with the last revision delivered; behind on two checks in a row with nothing
+//! delivered between them (a busy bucket is behind at every check by the put in flight), the
+//! watch is replaced by one that starts right after that revision, so nothing is skipped and
+//! nothing delivered twice. This module must never decide what an entry means: callers do.
 
 use std::time::Duration;
 
@@ -27,8 +28,8 @@ pub struct KvFollower {
     /// The stream's last sequence when the watch was last opened: a sequence not above it
     /// that never arrives (an entry removed by age) does not count as falling behind.
     opened_at: u64,
-    /// The last check found the watch behind.
-    behind: bool,
+    /// The last check found the watch behind, having delivered up to this revision.
+    behind: Option<u64>,
     reopened: u64,
 }
 
@@ -42,7 +43,7 @@ impl KvFollower {
             watch,
             last_revision: 0,
             opened_at,
-            behind: false,
+            behind: None,
             reopened: 0,
         })
     }
@@ -72,11 +73,13 @@ impl KvFollower {
         };
         let behind = last > self.last_revision.max(self.opened_at);
         if !behind {
-            self.behind = false;
+            self.behind = None;
             return false;
         }
-        if !self.behind {
-            self.behind = true;
+        // Behind twice with entries delivered in between is a busy bucket (a heartbeat's put
+        // in flight at each check), not a silent watch.
+        if self.behind != Some(self.last_revision) {
+            self.behind = Some(self.last_revision);
             return false;
         }
         let from = self.last_revision + 1;
@@ -91,7 +94,7 @@ impl KvFollower {
                 );
                 self.watch = watch;
                 self.opened_at = last;
-                self.behind = false;
+                self.behind = None;
                 self.reopened += 1;
                 true
             }

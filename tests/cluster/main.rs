@@ -71,27 +71,44 @@ impl Cluster {
     async fn replicated(n: usize, cluster_lines: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let free = || bus::server::free_port().unwrap_or_else(|e| panic!("{e}"));
-        let routes: Vec<u16> = (0..3).map(|_| free()).collect();
-        let list = routes
-            .iter()
-            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut servers = Vec::new();
-        for (i, port) in routes.iter().enumerate() {
-            let config = dir.path().join(format!("nats{i}.conf"));
-            std::fs::write(
-                &config,
-                format!(
-                    "cluster {{\n  name: \"agora-test\"\n  listen: \"127.0.0.1:{port}\"\n  no_advertise: true\n  routes: [{list}]\n}}\n"
-                ),
-            )
-            .expect("write nats config");
-            servers.push(
-                LocalServer::start_with_config(&dir.path().join(format!("nats{i}")), &config)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            );
-        }
+        // A route port picked free can be taken before its server binds it: by the other
+        // servers' own outgoing route connections, whose local ports come from the same
+        // range. Then the three start again on new ports (a few times; then the error stands).
+        let mut attempt = 0;
+        let servers = 'start: loop {
+            attempt += 1;
+            let routes: Vec<u16> = (0..3).map(|_| free()).collect();
+            let list = routes
+                .iter()
+                .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut servers = Vec::new();
+            for (i, port) in routes.iter().enumerate() {
+                let config = dir.path().join(format!("nats{i}-{attempt}.conf"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "cluster {{\n  name: \"agora-test\"\n  listen: \"127.0.0.1:{port}\"\n  no_advertise: true\n  routes: [{list}]\n}}\n"
+                    ),
+                )
+                .expect("write nats config");
+                match LocalServer::start_with_config(
+                    &dir.path().join(format!("nats{i}-{attempt}")),
+                    &config,
+                ) {
+                    Ok(server) => servers.push(server),
+                    Err(e) if attempt < 4 && e.to_string().contains("address already in use") => {
+                        eprintln!(
+                            "nats-server {i} could not bind its port, starting the three again: {e}"
+                        );
+                        continue 'start;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            break servers;
+        };
         Cluster::start_on(dir, servers, n, "", cluster_lines).await
     }
 

@@ -11,6 +11,7 @@
 //! node: this module acts through the buckets, the streams and the nodes' own requests, never
 //! on a market directly.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
@@ -277,6 +278,20 @@ impl Control {
         }
     }
 
+    /// How many markets the placement bucket gives each node.
+    async fn placed_per_node(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for key in bus::bucket_keys(&self.placement).await.unwrap_or_default() {
+            if key.contains('.') {
+                continue;
+            }
+            if let Ok(Some((p, _))) = self.placement_of(&key).await {
+                *out.entry(p.node).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
     async fn drained(&self) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
         for key in bus::bucket_keys(&self.placement).await.unwrap_or_default() {
@@ -392,12 +407,26 @@ impl Control {
             Some(_) => {}
             None => {
                 let drained = self.drained().await;
+                // Markets placed on each node, from the placement bucket: a node's own record
+                // says what it ran at its last heartbeat, so a node that has just started (or
+                // been given markets) looks emptier than it is there.
+                let placed = self.placed_per_node().await;
+                let load = |n: &NodeEntry| {
+                    (
+                        placed
+                            .get(&n.record.node)
+                            .copied()
+                            .unwrap_or(0)
+                            .max(n.record.markets.len()),
+                        n.record.commands_per_sec,
+                    )
+                };
                 let node = nodes
                     .iter()
                     .filter(|n| n.alive && !drained.contains(&n.record.node))
                     .min_by(|a, b| {
-                        (a.record.markets.len(), a.record.commands_per_sec)
-                            .partial_cmp(&(b.record.markets.len(), b.record.commands_per_sec))
+                        load(a)
+                            .partial_cmp(&load(b))
                             .unwrap_or(std::cmp::Ordering::Equal)
                     })
                     .map(|n| n.record.node.clone())
@@ -837,7 +866,15 @@ impl Control {
                     left.push(key.clone());
                 }
             }
-            if listed.is_ok() && left.is_empty() {
+            // Placed elsewhere, and the node says (at its next heartbeat) that it runs none of
+            // them: then `node.list` shows it empty too. A dead node's record never changes.
+            let still_running = || async {
+                self.node_entries()
+                    .await
+                    .into_iter()
+                    .any(|n| n.alive && n.record.node == node && !n.record.markets.is_empty())
+            };
+            if listed.is_ok() && left.is_empty() && !still_running().await {
                 return Ok(NodeDrained {
                     node: node.to_string(),
                     markets_left: 0,
@@ -847,10 +884,16 @@ impl Control {
             if started.elapsed() > DRAIN_TIMEOUT {
                 return Err(Failure::new(
                     "drain_incomplete",
-                    format!(
-                        "{node} still holds {} after {DRAIN_TIMEOUT:?} (moves go one at a time); ask again to keep waiting",
-                        left.join(", ")
-                    ),
+                    if left.is_empty() {
+                        format!(
+                            "{node}'s markets are placed elsewhere, but its heartbeat still lists some after {DRAIN_TIMEOUT:?}; node.list shows them, its log why"
+                        )
+                    } else {
+                        format!(
+                            "{node} still holds {} after {DRAIN_TIMEOUT:?} (moves go one at a time); ask again to keep waiting",
+                            left.join(", ")
+                        )
+                    },
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -330,6 +330,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let rebalancer = actix_rt::spawn(rebalancer.run(cluster_stopped));
     let symbols = settle(&buckets.placement, &supervisor, &node_id, &known).await;
+    // Ready means joined: this node's record is in the nodes bucket (its first renewal is
+    // acknowledged), so `node.list` and `market.move --to` see it once the ready line is out.
+    // A node with markets has waited for that already; without, the wait is one KV put. If
+    // the heartbeat fails, its own warnings say why and the node goes on after 5 s.
+    let joining = std::time::Instant::now();
+    while !lease.valid() && joining.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let http = if let Some(listener) = listener {
         let probes = http::Probes {
             client: client.clone(),

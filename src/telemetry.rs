@@ -95,6 +95,14 @@ const FAMILIES: &[(&str, &str)] = &[
         "Microseconds to write a book snapshot, per market.",
     ),
     (
+        "matching_snapshot_bytes_total",
+        "Bytes of book snapshots written, per market ([snapshots] max_bytes_per_sec bounds the node's).",
+    ),
+    (
+        "matching_snapshots_deferred_total",
+        "Due book snapshots that waited for the node's snapshot budget, per market.",
+    ),
+    (
         "matching_handoffs_total",
         "Planned moves of a market to another node.",
     ),

@@ -1306,7 +1306,8 @@ async fn a_backlog_is_taken_in_full_batches() {
 }
 
 /// A market that ran on "n1" until released, and the warm copy "n2" kept meanwhile; the copy
-/// is held back behind the journal's last batches, as warm copies are.
+/// is held back behind the journal's last batches, as warm copies are, unless `ahead` (told
+/// that a move is coming, it applied them too).
 struct Released {
     env: Env,
     spec: agora::book::MarketSpec,
@@ -1317,6 +1318,10 @@ struct Released {
 }
 
 async fn released(market: &str) -> Released {
+    released_with(market, false).await
+}
+
+async fn released_with(market: &str, ahead: bool) -> Released {
     let env = env(market).await;
     let spec = MarketSpecInput::new(market, 2, 0).validate().expect("spec");
     let order = |i: usize| {
@@ -1359,6 +1364,27 @@ async fn released(market: &str) -> Released {
             "the warm copy never looked at the journal"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Held back: the journal's last batches are not applied, so the copy could rebuild them.
+    assert!(
+        copy.lag() > 0,
+        "a warm copy applied the journal's last batches"
+    );
+    if ahead {
+        copy.go_ahead();
+        assert_eq!(
+            copy.lag(),
+            u64::MAX,
+            "the lag is unknown until the copy looked"
+        );
+        while copy.lag() != 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the warm copy did not go ahead: lag {}",
+                copy.lag()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     let owner = running.addr.clone();
     let at = running
@@ -1434,6 +1460,34 @@ async fn a_released_market_is_taken_over_where_its_release_record_says() {
     let r = released("HAND-USD").await;
     let at = r.at;
     take_over(r, Some(at)).await;
+}
+
+#[actix_rt::test]
+async fn a_warm_copy_gone_ahead_for_a_move_takes_the_market_over_at_the_same_book() {
+    let r = released_with("AHEAD-USD", true).await;
+    let at = r.at;
+    take_over(r, Some(at)).await;
+}
+
+#[actix_rt::test]
+async fn a_warm_copy_gone_ahead_is_not_promoted_at_a_failover() {
+    // It applied the journal's last batches silently, so it cannot rebuild their outputs,
+    // which a failover must republish: promoting it is refused (the supervisor then starts
+    // the market from its snapshot and the stream).
+    let r = released_with("AHEAD2-USD", true).await;
+    let refused = r
+        .copy
+        .promote(market::Takeover::at(2, market::TakeoverKind::Failover))
+        .await;
+    match refused {
+        Err(market::MarketError::Recovery { reason, .. }) => {
+            assert!(reason.contains("went ahead"), "{reason}")
+        }
+        other => panic!(
+            "an ahead copy was promoted at a failover: {:?}",
+            other.map(|r| r.market)
+        ),
+    }
 }
 
 #[actix_rt::test]

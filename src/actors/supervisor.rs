@@ -198,6 +198,12 @@ pub struct Unfollow(pub String);
 #[rtype(result = "Option<u64>")]
 pub struct FollowerLag(pub String);
 
+/// A planned move of this market to this node is coming: its warm copy goes ahead to the
+/// journal's head (`market::Follower::go_ahead`). No effect without a copy.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FollowAhead(pub String);
+
 /// Stop every market at a batch boundary and wait for them.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -594,6 +600,16 @@ impl Handler<FollowerLag> for Supervisor {
             .get(&msg.0)
             .and_then(|e| e.follower.as_ref())
             .map(market::Follower::lag)
+    }
+}
+
+impl Handler<FollowAhead> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FollowAhead, _: &mut Self::Context) {
+        if let Some(follower) = self.markets.get(&msg.0).and_then(|e| e.follower.as_ref()) {
+            follower.go_ahead();
+        }
     }
 }
 

@@ -28,7 +28,8 @@ use super::{ClusterSettings, Lease};
 use crate::actors::market::MarketStatus;
 use crate::actors::takeover::{Takeover, TakeoverKind};
 use crate::actors::{
-    Follow, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor, Unfollow,
+    Follow, FollowAhead, FollowerLag, Held, ListMarkets, StartMarket, StopMarket, Supervisor,
+    Unfollow,
 };
 use crate::book::{MarketSpec, MarketSpecInput};
 use crate::bus::{KvFollower, Subjects};
@@ -533,6 +534,9 @@ impl Agent {
             }
             Err(e) => return Err(Failure::new("node", format!("the supervisor is gone: {e}"))),
         }
+        // Only a move asks (`move_market`): the copy applies the journal's last batches now,
+        // outside the move's pause, and is answered for once it has.
+        let _ = self.supervisor.send(FollowAhead(r.market.clone())).await;
         let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(30_000));
         let deadline = Instant::now() + timeout;
         loop {

@@ -69,6 +69,9 @@ pub(super) struct Driver {
     /// A warm copy's order feed, read ahead of the book; recovery and then the driver go on
     /// with it.
     pub(super) feed: Option<Feed>,
+    /// A warm copy that went ahead for a planned move: it applied commands of the journal's
+    /// last two batches, so it cannot rebuild their outputs (only a handoff may promote it).
+    pub(super) ahead: bool,
     /// Where recovery ended, announced with `active`; the book's state hash there follows in a
     /// second `active`, computed on a copy once the first is out (`launch`).
     pub(super) recovered_at: Option<Seq>,
@@ -207,6 +210,7 @@ impl Driver {
             recovered_at: None,
             book_seq: Default::default(),
             feed: None,
+            ahead: false,
         })
     }
 

@@ -69,6 +69,14 @@ impl Driver {
         let mut from = 1;
         if warm {
             let applied = self.send(LastSeq).await?;
+            if !self.settings.takeover.kind.handed_over() && self.ahead {
+                return Err(MarketError::Recovery {
+                    market: self.market.clone(),
+                    reason: format!(
+                        "the warm copy went ahead for a planned move (it is at {applied}, past the start of the journal's last batches), so it cannot rebuild their outputs"
+                    ),
+                });
+            }
             if !self.settings.takeover.kind.handed_over()
                 && let Some(b) = inside(applied)
             {

@@ -2,7 +2,7 @@
 //! stream so that taking it over needs no snapshot load and almost no replay.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -21,11 +21,21 @@ const FOLLOW_POLL: Duration = Duration::from_millis(20);
 /// A warm copy of a market on a node that does not own it: its actor holds the book as of the
 /// journal's last two batches, kept current by applying the order stream silently, so taking
 /// the market over needs no snapshot load and almost no replay. It publishes nothing.
+///
+/// A copy told that a planned move is coming (`go_ahead`) applies the journal's last two
+/// batches too and keeps up with its head, so the move's pause replays only what the owner did
+/// since the copy's last look (nothing, when idle). Such a copy can no longer rebuild those
+/// batches' outputs, so a failover does not promote it (recovery refuses, and the market
+/// starts from its snapshot and the stream instead).
 pub struct Follower {
     pub market: String,
     /// Commands the owner has applied that this copy has not (`u64::MAX` before the first
-    /// look at the journal).
+    /// look at the journal, and after `go_ahead` until the copy has looked ahead once).
     lag: Arc<AtomicU64>,
+    /// `BEHIND`, `AHEAD_ASKED` or `AHEAD`.
+    ahead: Arc<AtomicU8>,
+    /// Wakes the copy for a look at the journal now rather than at its next poll.
+    wake: Arc<tokio::sync::Notify>,
     promote: Option<tokio::sync::oneshot::Sender<Promotion>>,
     stop: watch::Sender<bool>,
 }
@@ -35,9 +45,31 @@ struct Promotion {
     reply: tokio::sync::oneshot::Sender<Result<RunningMarket, MarketError>>,
 }
 
+/// The copy holds back the journal's last two batches (it can serve a failover).
+const BEHIND: u8 = 0;
+/// Asked to go ahead; its lag is not known until it has looked at the journal again.
+const AHEAD_ASKED: u8 = 1;
+/// Applied up to the journal's head at its last look.
+const AHEAD: u8 = 2;
+
 impl Follower {
     pub fn lag(&self) -> u64 {
+        if self.ahead.load(Ordering::Acquire) == AHEAD_ASKED {
+            return u64::MAX;
+        }
         self.lag.load(Ordering::Acquire)
+    }
+
+    /// A planned move to this node is coming: apply up to the journal's head from now on (see
+    /// the type's notes), looking at once. `lag` says `u64::MAX` until the copy has.
+    pub fn go_ahead(&self) {
+        if self
+            .ahead
+            .compare_exchange(BEHIND, AHEAD_ASKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.wake.notify_one();
+        }
     }
 
     /// Turns the copy into the running market as `takeover` says: it applies what the journal
@@ -103,10 +135,12 @@ pub async fn follow(
         .await?,
     );
     let lag = Arc::new(AtomicU64::new(u64::MAX));
+    let ahead = Arc::new(AtomicU8::new(BEHIND));
+    let wake = Arc::new(tokio::sync::Notify::new());
     let (promote, mut promoted) = tokio::sync::oneshot::channel::<Promotion>();
     let (stop, mut stopped) = watch::channel(false);
     let market = driver.market.clone();
-    let following = lag.clone();
+    let (following, going_ahead, woken) = (lag.clone(), ahead.clone(), wake.clone());
     actix_rt::spawn(async move {
         let mut timer = tokio::time::interval(FOLLOW_POLL);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,8 +155,13 @@ pub async fn follow(
                     return;
                 }
                 _ = stopped.changed() => return,
-                _ = timer.tick() => {
-                    if let Err(e) = driver.follow_step(&following).await {
+                _ = async {
+                    tokio::select! {
+                        _ = timer.tick() => {}
+                        _ = woken.notified() => {}
+                    }
+                } => {
+                    if let Err(e) = driver.follow_step(&following, &going_ahead).await {
                         tracing::warn!(market = %driver.market, "following: {e}");
                     }
                 }
@@ -144,6 +183,8 @@ pub async fn follow(
     Ok(Follower {
         market,
         lag,
+        ahead,
+        wake,
         promote: Some(promote),
         stop,
     })
@@ -151,8 +192,14 @@ pub async fn follow(
 
 impl Driver {
     /// Applies, silently, the commands of every journal batch but the last two (whose outputs
-    /// a new owner must rebuild), and records how far behind the owner this copy is.
-    pub(super) async fn follow_step(&mut self, lag: &AtomicU64) -> Result<(), MarketError> {
+    /// a new owner must rebuild; with `ahead` asked, those too), and records how far behind
+    /// the owner this copy is.
+    pub(super) async fn follow_step(
+        &mut self,
+        lag: &AtomicU64,
+        ahead: &AtomicU8,
+    ) -> Result<(), MarketError> {
+        let going_ahead = ahead.load(Ordering::Acquire) != BEHIND;
         let applied = self.send(LastSeq).await?;
         if self.feed.is_none() {
             let feed = Feed::open(
@@ -176,19 +223,32 @@ impl Driver {
             .await?
         else {
             lag.store(0, Ordering::Release);
+            if going_ahead {
+                let _ =
+                    ahead.compare_exchange(AHEAD_ASKED, AHEAD, Ordering::AcqRel, Ordering::Acquire);
+            }
             return Ok(());
         };
         self.tail_seen = Some(tail);
         let mut applied = applied;
-        if tail.rebuild_from() > applied + 1 {
-            applied += self
-                .replay_range(applied + 1, tail.rebuild_from() - 1)
-                .await?;
+        let until = if going_ahead {
+            tail.head.last_seq
+        } else {
+            tail.rebuild_from().saturating_sub(1)
+        };
+        if until > applied {
+            applied += self.replay_range(applied + 1, until).await?;
+            if applied >= tail.rebuild_from() {
+                self.ahead = true;
+            }
         }
         lag.store(
             tail.head.last_seq.saturating_sub(applied),
             Ordering::Release,
         );
+        if going_ahead {
+            let _ = ahead.compare_exchange(AHEAD_ASKED, AHEAD, Ordering::AcqRel, Ordering::Acquire);
+        }
         Ok(())
     }
 

@@ -658,3 +658,82 @@ async fn a_feed_reopened_after_a_reconnect_goes_on_under_callers_that_give_up() 
         "{consumers} consumers on the stream: the feed opened one for each caller that gave up"
     );
 }
+
+/// `bucket_entries` reads every key's last value in one pass, as `agora ctl market.list`,
+/// `market.add` and `node.drain` use it: updated keys give their newest value and revision,
+/// deleted and purged keys are left out, an empty bucket answers empty.
+#[tokio::test]
+async fn a_bucket_is_read_in_one_pass_with_each_keys_last_value() {
+    let (server, _dir) = server();
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = jetstream::new(client.clone());
+    let kv = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: "entries".into(),
+            history: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("bucket");
+    // (Waiting for a value that never comes would end in an error after three stalls.)
+    let empty = bus::bucket_entries(&client, &kv)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(empty.is_empty(), "{empty:?}");
+    for i in 0..300 {
+        kv.put(format!("M{i:03}"), format!("v{i}").into())
+            .await
+            .expect("put");
+    }
+    let newest = kv.put("M007", "again".into()).await.expect("put");
+    kv.delete("M010").await.expect("delete");
+    kv.purge("M011").await.expect("purge");
+    kv.put("node.drained.n1", "1".into()).await.expect("put");
+    let mut entries = bus::bucket_entries(&client, &kv)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys.len(), 299, "300 keys, two gone, one more: {keys:?}");
+    assert!(!keys.contains(&"M010") && !keys.contains(&"M011"));
+    assert!(keys.contains(&"node.drained.n1"));
+    let m7 = entries.iter().find(|e| e.key == "M007").expect("M007");
+    assert_eq!((&m7.value[..], m7.revision), (&b"again"[..], newest));
+    let m8 = entries.iter().find(|e| e.key == "M008").expect("M008");
+    assert_eq!(&m8.value[..], b"v8");
+    assert!(m8.created_ms > 1_700_000_000_000, "{}", m8.created_ms);
+    // The same as a listing of keys and a get for each.
+    for key in bus::bucket_keys(&kv)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    {
+        let got = kv.get(&key).await.expect("get");
+        let read = entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone());
+        assert_eq!(got, read, "{key}");
+    }
+    // A key written again while a read goes on (a node's heartbeat) is listed once.
+    let writer = {
+        let kv = kv.clone();
+        tokio::spawn(async move {
+            for i in 0..400 {
+                kv.put("HOT", format!("{i}").into()).await.expect("put");
+            }
+        })
+    };
+    for _ in 0..20 {
+        let entries = bus::bucket_entries(&client, &kv)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+        keys.sort();
+        let before = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), before, "a key listed twice");
+    }
+    writer.await.expect("writer");
+}

@@ -28,7 +28,7 @@ pub use responder::Responder;
 pub use server::LocalServer;
 pub use snapshots::{SnapshotBlob, SnapshotStore};
 pub use streams::{
-    Buckets, StreamSettings, bucket_keys, connect, detach_market_stream, ensure_buckets,
-    ensure_core_streams, ensure_market_stream,
+    BucketEntry, Buckets, StreamSettings, bucket_entries, bucket_keys, connect,
+    detach_market_stream, ensure_buckets, ensure_core_streams, ensure_market_stream,
 };
 pub use subjects::Subjects;

@@ -289,6 +289,101 @@ pub async fn ensure_buckets(
     })
 }
 
+/// A key's last value in a KV bucket, as `bucket_entries` reads it.
+#[derive(Clone, Debug)]
+pub struct BucketEntry {
+    pub key: String,
+    pub value: bytes::Bytes,
+    pub revision: u64,
+    /// When it was written (the server's time), Unix milliseconds.
+    pub created_ms: u64,
+}
+
+/// The last value of every key of a KV bucket that holds one (deleted and purged keys left
+/// out), in one pass over the bucket's stream: one consumer delivering the last message of
+/// each key, instead of a listing and then one request a key (the consumer goes on with what
+/// is written meanwhile, up to the last message it knows of; a key written twice gives its
+/// newer value). Retried like `bucket_keys`; a delivery that stalls (a value expiring under
+/// it, as node records do) starts it again. In no particular order.
+/// `client` is the connection whose inbox the values are delivered to.
+pub async fn bucket_entries(
+    client: &async_nats::Client,
+    store: &kv::Store,
+) -> Result<Vec<BucketEntry>, BusError> {
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        match read_entries(client, store).await {
+            Ok(entries) => return Ok(entries),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(BusError::Bucket {
+        bucket: store.name.clone(),
+        reason: format!("reading its entries failed three times: {last_error}"),
+    })
+}
+
+async fn read_entries(
+    client: &async_nats::Client,
+    store: &kv::Store,
+) -> Result<Vec<BucketEntry>, String> {
+    use futures::StreamExt;
+    const STALL: Duration = Duration::from_secs(2);
+    let consumer = store
+        .stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            description: Some("agora bucket read".to_string()),
+            filter_subject: format!("{}>", store.prefix),
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = std::collections::HashMap::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(Vec::new());
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    loop {
+        let message = match tokio::time::timeout(STALL, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("the consumer ended early".to_string()),
+            Err(_) => return Err(format!("no message for {STALL:?} before the last")),
+        };
+        let info = message.info().map_err(|e| e.to_string())?;
+        let (pending, revision) = (info.pending, info.stream_sequence);
+        let created_ms =
+            u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let operation = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .map(|v| v.as_str().to_string());
+        // A key written again while the read goes on comes again, later: the newer wins.
+        if let Some(key) = message.subject.as_str().strip_prefix(&store.prefix) {
+            if operation.is_none_or(|op| op == "PUT") {
+                out.insert(
+                    key.to_string(),
+                    BucketEntry {
+                        key: key.to_string(),
+                        value: message.payload.clone(),
+                        revision,
+                        created_ms,
+                    },
+                );
+            } else {
+                out.remove(key);
+            }
+        }
+        if pending == 0 {
+            return Ok(out.into_values().collect());
+        }
+    }
+}
+
 /// Every key of a KV bucket. A listing is a consumer over the bucket's stream; one that fails
 /// part way (its consumer reset under load, a lost heartbeat) would otherwise end early and
 /// silently leave keys out, so a failed listing is started again, three times at most.

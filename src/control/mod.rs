@@ -124,6 +124,14 @@ enum AdminOp {
     Resume,
 }
 
+/// The placement bucket read once: each market's placement with its revision, and the
+/// drained nodes.
+#[derive(Default)]
+struct Placements {
+    markets: HashMap<String, (Placement, u64)>,
+    drained: std::collections::BTreeSet<String>,
+}
+
 /// A node's record and whether it is alive (renewed within twice the lease, by the server's
 /// timestamps: this is for choosing and showing, never for ownership).
 struct NodeEntry {
@@ -234,28 +242,20 @@ impl Control {
         }
     }
 
-    /// Every node record, alive or not.
+    /// Every node record, alive or not, by node name.
     async fn node_entries(&self) -> Vec<NodeEntry> {
         let mut out = Vec::new();
-        let Ok(keys) = bus::bucket_keys(&self.nodes).await else {
+        let Ok(mut entries) = bus::bucket_entries(&self.client, &self.nodes).await else {
             return out;
         };
-        let mut names: Vec<String> = keys.into_iter().filter(|k| !k.contains('.')).collect();
-        names.sort();
+        entries.retain(|e| !e.key.contains('.'));
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
         let now = unix_ms();
-        for key in names {
-            let Ok(Some(entry)) = self.nodes.entry(key).await else {
-                continue;
-            };
-            if entry.operation != kv::Operation::Put {
-                continue;
-            }
+        for entry in entries {
             let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) else {
                 continue;
             };
-            let created =
-                u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            let age_ms = now.saturating_sub(created);
+            let age_ms = now.saturating_sub(entry.created_ms);
             out.push(NodeEntry {
                 record,
                 alive: u128::from(age_ms) < 2 * self.lease.as_millis(),
@@ -278,28 +278,38 @@ impl Control {
         }
     }
 
+    /// Every market's placement and every drained node, read in one pass over the bucket.
+    async fn placements(&self) -> Result<Placements, bus::BusError> {
+        let mut out = Placements::default();
+        for e in bus::bucket_entries(&self.client, &self.placement).await? {
+            if let Some(node) = placement::drained_node(&e.key) {
+                out.drained.insert(node.to_string());
+            } else if !e.key.contains('.')
+                && let Some(p) = Placement::decode(&e.value)
+            {
+                out.markets.insert(e.key, (p, e.revision));
+            }
+        }
+        Ok(out)
+    }
+
     /// How many markets the placement bucket gives each node.
     async fn placed_per_node(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
-        for key in bus::bucket_keys(&self.placement).await.unwrap_or_default() {
-            if key.contains('.') {
-                continue;
-            }
-            if let Ok(Some((p, _))) = self.placement_of(&key).await {
-                *out.entry(p.node).or_insert(0) += 1;
-            }
+        for (p, _) in self
+            .placements()
+            .await
+            .unwrap_or_default()
+            .markets
+            .into_values()
+        {
+            *out.entry(p.node).or_insert(0) += 1;
         }
         out
     }
 
     async fn drained(&self) -> std::collections::BTreeSet<String> {
-        let mut out = std::collections::BTreeSet::new();
-        for key in bus::bucket_keys(&self.placement).await.unwrap_or_default() {
-            if let Some(node) = placement::drained_node(&key) {
-                out.insert(node.to_string());
-            }
-        }
-        out
+        self.placements().await.unwrap_or_default().drained
     }
 
     /// The spec stored for `symbol`: `None` when none is, `Some(None)` when the stored one
@@ -679,19 +689,12 @@ impl Control {
         // Each market as the node running it (or restarting it) says, with that node's name.
         let mut running: std::collections::BTreeMap<String, (MarketInfo, String)> =
             Default::default();
-        for n in nodes.iter().filter(|n| n.alive) {
-            let subject = self.subjects.node(&n.record.node, "markets");
-            let asked = tokio::time::timeout(
-                Duration::from_secs(2),
-                self.client.request(subject, "{}".into()),
-            )
-            .await;
-            let Ok(Ok(answer)) = asked else { continue };
-            let Ok(answer) = serde_json::from_slice::<protocol::node::Markets>(&answer.payload)
-            else {
-                continue;
-            };
-            for m in answer.markets {
+        let alive: Vec<&NodeEntry> = nodes.iter().filter(|n| n.alive).collect();
+        let asked =
+            futures::future::join_all(alive.iter().map(|n| self.markets_of(&n.record.node))).await;
+        for (n, markets) in alive.into_iter().zip(asked) {
+            let Some(markets) = markets else { continue };
+            for m in markets {
                 // A node that runs the market wins over one restarting it or following it.
                 if m.following && !m.running {
                     continue;
@@ -701,9 +704,10 @@ impl Control {
                 }
             }
         }
+        let mut placements = self.placements().await.unwrap_or_default().markets;
         let mut markets = Vec::new();
         for symbol in symbols {
-            let placed = self.placement_of(&symbol).await.ok().flatten();
+            let placed = placements.remove(&symbol);
             let state = if placed.is_some() {
                 MarketState::Starting
             } else {
@@ -774,20 +778,49 @@ impl Control {
             _ => None,
         };
         let now = unix_ms();
-        let nodes = self
-            .node_entries()
-            .await
+        let entries = self.node_entries().await;
+        // What each live node runs, as it says now: its record says it as of its last
+        // heartbeat, which misses a market started since (one placed by `market.add` just now).
+        let asked = futures::future::join_all(entries.iter().map(|n| async move {
+            if n.alive {
+                self.markets_of(&n.record.node).await
+            } else {
+                None
+            }
+        }))
+        .await;
+        let nodes = entries
             .into_iter()
-            .map(|n| {
+            .zip(asked)
+            .map(|(n, asked)| {
                 let r = n.record;
+                let (market_names, following) = match asked {
+                    Some(markets) => {
+                        let running = markets
+                            .iter()
+                            .filter(|m| m.running)
+                            .map(|m| m.symbol.clone())
+                            .collect::<Vec<_>>();
+                        let following = markets
+                            .iter()
+                            .filter(|m| m.following && !m.running)
+                            .map(|m| m.symbol.clone())
+                            .collect();
+                        (running, following)
+                    }
+                    None => (
+                        r.markets.iter().map(|m| m.symbol.clone()).collect(),
+                        r.following,
+                    ),
+                };
                 NodeRow {
                     alive: n.alive,
                     last_heartbeat_ms_ago: n.age_ms,
                     draining: drained.contains(&r.node),
                     rebalancer: rebalancer.as_deref() == Some(r.node.as_str()),
-                    markets: r.markets.len(),
-                    market_names: r.markets.iter().map(|m| m.symbol.clone()).collect(),
-                    following: r.following,
+                    markets: market_names.len(),
+                    market_names,
+                    following,
                     commands_per_sec: r.commands_per_sec,
                     cpu_pct: r.cpu_pct,
                     uptime_secs: now.saturating_sub(r.started_unix_ms) / 1000,
@@ -796,6 +829,21 @@ impl Control {
             })
             .collect();
         NodeList { nodes, rebalancer }
+    }
+
+    /// What a node runs and follows, as it answers `<prefix>.node.<ID>.markets` (`None`: no
+    /// answer within 2 s).
+    async fn markets_of(&self, node: &str) -> Option<Vec<MarketInfo>> {
+        let subject = self.subjects.node(node, "markets");
+        let asked = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.client.request(subject, "{}".into()),
+        )
+        .await;
+        let Ok(Ok(answer)) = asked else { return None };
+        serde_json::from_slice::<protocol::node::Markets>(&answer.payload)
+            .ok()
+            .map(|a| a.markets)
     }
 
     async fn move_market(&self, symbol: &str, node: &str) -> Result<MarketMoved, Failure> {
@@ -855,17 +903,18 @@ impl Control {
             .map_err(|e| Failure::new("kv", format!("cannot mark {node} drained: {e}")))?;
         let started = Instant::now();
         loop {
-            let mut left = Vec::new();
-            // A listing that failed says nothing: the drain is not over until one says so.
-            let listed = bus::bucket_keys(&self.placement).await;
-            for key in listed.as_deref().unwrap_or_default() {
-                if placement::drained_node(key).is_none()
-                    && let Ok(Some((p, _))) = self.placement_of(key).await
-                    && p.node == node
-                {
-                    left.push(key.clone());
-                }
-            }
+            // A reading that failed says nothing: the drain is not over until one says so.
+            let listed = self.placements().await;
+            let left: Vec<String> = listed
+                .as_ref()
+                .map(|p| {
+                    p.markets
+                        .iter()
+                        .filter(|(_, (p, _))| p.node == node)
+                        .map(|(market, _)| market.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
             // Placed elsewhere, and the node says (at its next heartbeat) that it runs none of
             // them: then `node.list` shows it empty too. A dead node's record never changes.
             let still_running = || async {

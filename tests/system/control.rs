@@ -159,8 +159,8 @@ async fn operators_control_markets_through_agora_ctl() {
     assert!(markets.iter().any(|m| m["symbol"] == "TEST-USD"));
     let (ok, reply, _) = ctl(&url, &["node.list"]);
     assert!(ok);
-    assert_eq!(reply["nodes"][0]["node"], "n1");
-    assert_eq!(reply["nodes"][0]["markets"], 2);
+    assert_eq!(reply["nodes"][0]["node"], "n1", "{reply}");
+    assert_eq!(reply["nodes"][0]["markets"], 2, "{reply}");
 
     // A trader cannot halt a market: halt on the orders subject is refused.
     publish(

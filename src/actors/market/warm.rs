@@ -237,10 +237,12 @@ impl Driver {
             tail.rebuild_from().saturating_sub(1)
         };
         if until > applied {
-            applied += self.replay_range(applied + 1, until).await?;
-            if applied >= tail.rebuild_from() {
+            // Marked before the replay: one that fails part way may still have applied some
+            // of those batches.
+            if until >= tail.rebuild_from() {
                 self.ahead = true;
             }
+            applied += self.replay_range(applied + 1, until).await?;
         }
         lag.store(
             tail.head.last_seq.saturating_sub(applied),

@@ -132,6 +132,17 @@ struct Placements {
     drained: std::collections::BTreeSet<String>,
 }
 
+impl Placements {
+    /// How many markets the placement bucket gives each node.
+    fn placed_per_node(&self) -> HashMap<&str, usize> {
+        let mut out = HashMap::new();
+        for (p, _) in self.markets.values() {
+            *out.entry(p.node.as_str()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
 /// A node's record and whether it is alive (renewed within twice the lease, by the server's
 /// timestamps: this is for choosing and showing, never for ownership).
 struct NodeEntry {
@@ -293,21 +304,6 @@ impl Control {
         Ok(out)
     }
 
-    /// How many markets the placement bucket gives each node.
-    async fn placed_per_node(&self) -> HashMap<String, usize> {
-        let mut out = HashMap::new();
-        for (p, _) in self
-            .placements()
-            .await
-            .unwrap_or_default()
-            .markets
-            .into_values()
-        {
-            *out.entry(p.node).or_insert(0) += 1;
-        }
-        out
-    }
-
     async fn drained(&self) -> std::collections::BTreeSet<String> {
         self.placements().await.unwrap_or_default().drained
     }
@@ -416,15 +412,17 @@ impl Control {
             }
             Some(_) => {}
             None => {
-                let drained = self.drained().await;
-                // Markets placed on each node, from the placement bucket: a node's own record
-                // says what it ran at its last heartbeat, so a node that has just started (or
-                // been given markets) looks emptier than it is there.
-                let placed = self.placed_per_node().await;
+                // Markets placed on each node, from the placement bucket (read once, with the
+                // drained nodes): a node's own record says what it ran at its last heartbeat,
+                // so a node that has just started (or been given markets) looks emptier than
+                // it is there.
+                let placements = self.placements().await.unwrap_or_default();
+                let drained = &placements.drained;
+                let placed = placements.placed_per_node();
                 let load = |n: &NodeEntry| {
                     (
                         placed
-                            .get(&n.record.node)
+                            .get(n.record.node.as_str())
                             .copied()
                             .unwrap_or(0)
                             .max(n.record.markets.len()),

@@ -641,16 +641,17 @@ async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
     let running = market::start(bus.clone(), spec.clone(), settings.clone())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    // 100,000 resting orders on 2,000 price levels, many accounts: a snapshot over 1 MiB
-    // even compressed (about 11 bytes an order).
+    // 100,000 resting orders on 2,000 price levels, many accounts, cids with 12 random-looking
+    // bytes each: a snapshot over 1 MiB even in columns and compressed.
     let orders: Vec<Value> = (0..100_000u32)
         .map(|i| {
+            let mixed = u64::from(i).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let (side, price) = if i % 2 == 0 {
                 ("buy", 1000 + (i / 2) % 1000)
             } else {
                 ("sell", 3000 + (i / 2) % 1000)
             };
-            json!({"op": "new", "account": format!("trader-{:04}", i % 997), "cid": format!("order-{i:08}"),
+            json!({"op": "new", "account": format!("trader-{:04}", i % 997), "cid": format!("{mixed:016x}{:08x}", mixed.rotate_left(29) as u32),
                    "side": side, "price": format!("{price}.00"), "qty": format!("{}", 1 + i % 50)})
         })
         .collect();

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::book::columns::BookColumns;
 use crate::book::{BookSnapshot, Event, MarketSpec, OrderBook, Seq, StateHash, Timestamp};
 use crate::bus::Subjects;
 use crate::bus::outputs::{self, Batch, BatchOutputs, Entry, Outcome};
@@ -56,6 +57,22 @@ pub struct MarketSnapshot {
     /// The book's state hash, checked again after restoring.
     pub state_hash: StateHash,
     pub book: BookSnapshot,
+}
+
+/// A market's snapshot whose state hash is not computed yet; `hash` completes it.
+#[derive(Debug)]
+pub struct UnhashedSnapshot(MarketSnapshot);
+
+impl UnhashedSnapshot {
+    /// The snapshot, with the hash of the book it holds.
+    pub fn hash(mut self) -> MarketSnapshot {
+        self.0.state_hash = self.0.book.state_hash();
+        self.0
+    }
+
+    pub fn last_seq(&self) -> Seq {
+        self.0.last_seq
+    }
 }
 
 /// A snapshot that cannot be restored, and why.
@@ -198,15 +215,21 @@ impl MarketCore {
 
     /// The market's whole state as of the last applied message.
     pub fn snapshot(&self, epoch: u64) -> MarketSnapshot {
-        MarketSnapshot {
+        self.unhashed_snapshot(epoch).hash()
+    }
+
+    /// The same, its state hash still to compute: the copy is what needs the book (about
+    /// 30 ns an order), the hash takes five times that and is better taken off the actor.
+    pub fn unhashed_snapshot(&self, epoch: u64) -> UnhashedSnapshot {
+        UnhashedSnapshot(MarketSnapshot {
             format_version: MARKET_SNAPSHOT_VERSION,
             market: self.book.spec().symbol.clone(),
             last_seq: self.last_seq,
             epoch,
             book_seq: self.book_seq,
-            state_hash: self.book.state_hash(),
+            state_hash: StateHash(0),
             book: self.book.snapshot(),
-        }
+        })
     }
 
     /// What the last `process` did.
@@ -380,13 +403,40 @@ impl MarketCore {
     }
 }
 
-/// How snapshots are encoded: named-field MessagePack (readable by any tool), gzip-compressed.
-pub const SNAPSHOT_ENCODING: &str = "msgpack+gzip";
+/// How snapshots are written: named-field MessagePack (readable by any tool) of the market's
+/// sequences and its book with each field of the orders as one column (`book::columns`),
+/// gzip-compressed. About a fifth of the bytes of records before compression, and several
+/// times faster to decode, which is most of a restart.
+pub const SNAPSHOT_ENCODING: &str = "msgpack-columns+gzip";
 
-/// Encodes a snapshot for the snapshot store.
+/// What builds before the columns wrote: the same, with the orders as records. Still read.
+pub const SNAPSHOT_ENCODING_RECORDS: &str = "msgpack+gzip";
+
+/// `MarketSnapshot` as `SNAPSHOT_ENCODING` stores it.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    format_version: u32,
+    market: String,
+    last_seq: Seq,
+    epoch: u64,
+    book_seq: Seq,
+    state_hash: StateHash,
+    book: BookColumns,
+}
+
+/// Encodes a snapshot for the snapshot store, in `SNAPSHOT_ENCODING`.
 pub fn encode_snapshot(snapshot: &MarketSnapshot) -> Result<Vec<u8>, String> {
     use std::io::Write;
-    let raw = rmp_serde::to_vec_named(snapshot).map_err(|e| e.to_string())?;
+    let stored = StoredSnapshot {
+        format_version: snapshot.format_version,
+        market: snapshot.market.clone(),
+        last_seq: snapshot.last_seq,
+        epoch: snapshot.epoch,
+        book_seq: snapshot.book_seq,
+        state_hash: snapshot.state_hash,
+        book: BookColumns::from(&snapshot.book),
+    };
+    let raw = rmp_serde::to_vec_named(&stored).map_err(|e| e.to_string())?;
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 4),
         flate2::Compression::fast(),
@@ -395,19 +445,39 @@ pub fn encode_snapshot(snapshot: &MarketSnapshot) -> Result<Vec<u8>, String> {
     gz.finish().map_err(|e| e.to_string())
 }
 
-/// Decodes what `encode_snapshot` wrote.
+/// Decodes what `encode_snapshot` wrote, or a snapshot of older builds
+/// (`SNAPSHOT_ENCODING_RECORDS`).
 pub fn decode_snapshot(bytes: &[u8], encoding: &str) -> Result<MarketSnapshot, String> {
     use std::io::Read;
-    if encoding != SNAPSHOT_ENCODING {
+    if encoding != SNAPSHOT_ENCODING && encoding != SNAPSHOT_ENCODING_RECORDS {
         return Err(format!(
-            "snapshot encoding {encoding:?} is not supported; this build reads {SNAPSHOT_ENCODING:?}"
+            "snapshot encoding {encoding:?} is not supported; this build reads \
+             {SNAPSHOT_ENCODING:?} and {SNAPSHOT_ENCODING_RECORDS:?}"
         ));
     }
-    let mut raw = Vec::with_capacity(bytes.len() * 4);
+    // gzip checks its CRC-32 and length at the end of the stream: bytes changed anywhere
+    // after they were written fail here.
+    let mut raw = Vec::with_capacity(bytes.len() * 6);
     flate2::read::GzDecoder::new(bytes)
         .read_to_end(&mut raw)
         .map_err(|e| format!("the snapshot does not decompress: {e}"))?;
-    rmp_serde::from_slice(&raw).map_err(|e| format!("the snapshot does not decode: {e}"))
+    let undecodable = |e: rmp_serde::decode::Error| format!("the snapshot does not decode: {e}");
+    if encoding == SNAPSHOT_ENCODING_RECORDS {
+        return rmp_serde::from_slice(&raw).map_err(undecodable);
+    }
+    let stored: StoredSnapshot = rmp_serde::from_slice(&raw).map_err(undecodable)?;
+    Ok(MarketSnapshot {
+        format_version: stored.format_version,
+        market: stored.market,
+        last_seq: stored.last_seq,
+        epoch: stored.epoch,
+        book_seq: stored.book_seq,
+        state_hash: stored.state_hash,
+        book: stored
+            .book
+            .into_snapshot()
+            .map_err(|e| format!("the snapshot does not decode: {e}"))?,
+    })
 }
 
 #[cfg(test)]
@@ -551,5 +621,54 @@ mod tests {
         assert!(e.contains("decompress"), "{e}");
         let e = decode_snapshot(b"", "json").expect_err("refused");
         assert!(e.contains("not supported"), "{e}");
+    }
+
+    /// What builds before the columns wrote: the records, named, gzip-compressed.
+    fn encode_records(snapshot: &MarketSnapshot) -> Vec<u8> {
+        use std::io::Write;
+        let raw = rmp_serde::to_vec_named(snapshot).expect("encodes");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).expect("compresses");
+        gz.finish().expect("compresses")
+    }
+
+    #[test]
+    fn snapshots_of_older_builds_still_restore_and_the_new_ones_are_more_compact() {
+        let (spec, msgs) = messages();
+        let mut core = MarketCore::new(Subjects::default(), spec, 100);
+        core.process(&msgs[..1500]);
+        let snapshot = core.snapshot(2);
+        let old = encode_records(&snapshot);
+        let new = encode_snapshot(&snapshot).expect("encodes");
+        assert_eq!(
+            decode_snapshot(&old, SNAPSHOT_ENCODING_RECORDS).expect("decodes"),
+            snapshot
+        );
+        assert_eq!(
+            decode_snapshot(&new, SNAPSHOT_ENCODING).expect("decodes"),
+            snapshot
+        );
+        // Less to inflate and to decode (on a book this small the spec weighs as much as the
+        // orders; 20,000 orders take 35 bytes an order against 184, `benches/restart.rs`).
+        let inflated = |bytes: &[u8]| {
+            use std::io::Read;
+            let mut raw = Vec::new();
+            flate2::read::GzDecoder::new(bytes)
+                .read_to_end(&mut raw)
+                .expect("inflates");
+            raw.len()
+        };
+        let (old_raw, new_raw) = (inflated(&old), inflated(&new));
+        assert!(new_raw < old_raw, "{new_raw} against {old_raw}");
+        // Each encoding is read as what it says it is.
+        assert!(decode_snapshot(&old, SNAPSHOT_ENCODING).is_err());
+        assert!(decode_snapshot(&new, SNAPSHOT_ENCODING_RECORDS).is_err());
+        // A byte changed after writing is caught by gzip's check, whatever it hits.
+        for at in [new.len() / 3, new.len() / 2, new.len() - 6] {
+            let mut spoiled = new.clone();
+            spoiled[at] ^= 0x20;
+            let e = decode_snapshot(&spoiled, SNAPSHOT_ENCODING).expect_err("refused");
+            assert!(e.contains("decompress") || e.contains("decode"), "{e}");
+        }
     }
 }

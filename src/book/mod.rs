@@ -122,6 +122,7 @@
 //! sender's), and for amend its price and qty.
 
 pub mod cid_window;
+pub mod columns;
 pub mod command;
 mod directory;
 pub mod event;

@@ -1758,10 +1758,17 @@ impl OrderBook {
         all.extend(s.bids.iter().map(|r| (r, 0)));
         all.extend(s.asks.iter().map(|r| (r, 1)));
         all.extend(s.stops.iter().map(|r| (r, 2)));
-        let mut by_oid_order: Vec<usize> = (0..all.len()).collect();
-        by_oid_order.sort_by_key(|&i| all[i].0.oid);
+        // Sorted with each key beside its index, not read through it: a fifth of a restore
+        // went into that sort when it followed the index to the record.
+        let mut by_oid_order: Vec<(u64, u32)> = all
+            .iter()
+            .enumerate()
+            .map(|(i, (r, _))| (r.oid.0, i as u32))
+            .collect();
+        by_oid_order.sort_unstable();
         let mut slots = vec![NIL; all.len()];
-        for &i in &by_oid_order {
+        for &(_, i) in &by_oid_order {
+            let i = i as usize;
             let (r, list) = all[i];
             let expected_side = match list {
                 0 => Some(Side::Buy),
@@ -1837,9 +1844,16 @@ impl OrderBook {
         }
         // Queue order must follow the listing: best price first on each side.
         for (side, list) in [(Side::Buy, &s.bids), (Side::Sell, &s.asks)] {
-            let listed: Vec<OrderId> = list.iter().map(|r| r.oid).collect();
-            let rebuilt: Vec<OrderId> = book.side_records(side).iter().map(|r| r.oid).collect();
-            if listed != rebuilt {
+            let mut listed = list.iter().map(|r| r.oid.0);
+            let mut in_order = true;
+            for level in book.ladder(side).iter() {
+                let mut i = level.head;
+                while i != NIL && in_order {
+                    in_order = listed.next() == Some(book.orders[i].oid);
+                    i = book.orders[i].next;
+                }
+            }
+            if !in_order || listed.next().is_some() {
                 return Err(bad(format!(
                     "{} are not listed best price first",
                     side.as_str()

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::actors::core::{BatchStats, Incoming, MarketCore};
 use crate::actors::metrics::MarketMetrics;
-use crate::book::{MarketSpec, Seq};
+use crate::book::{MarketSpec, Seq, StateHash};
 use crate::bus::acks::{ACK_TIMEOUT, AckedPublisher};
 use crate::bus::journal::JournalTail;
 use crate::bus::outputs::{BatchOutputs, Outgoing};
@@ -72,9 +72,11 @@ pub(super) struct Driver {
     /// A warm copy that went ahead for a planned move: it applied commands of the journal's
     /// last two batches, so it cannot rebuild their outputs (only a handoff may promote it).
     pub(super) ahead: bool,
-    /// Where recovery ended, announced with `active`; the book's state hash there follows in a
-    /// second `active`, computed on a copy once the first is out (`launch`).
-    pub(super) recovered_at: Option<Seq>,
+    /// Where recovery ended, announced with `active`, with the book's state hash there when
+    /// recovery already knows it (a snapshot restored, nothing after it: restore checked the
+    /// snapshot's hash against the book). Otherwise the hash follows in a second `active`,
+    /// computed on a copy once the first is out (`launch`).
+    pub(super) recovered_at: Option<(Seq, Option<StateHash>)>,
     /// The last input sequence the book has applied, for book requests answered without the
     /// actor (`book_requests`).
     pub(super) book_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -229,7 +231,12 @@ impl Driver {
         // `active` once computed (a move compares it with the old owner's), so hashing the
         // whole book never delays the first command.
         let hashed = match self.recovered_at.take() {
-            Some(seq) => {
+            Some((seq, Some(hash))) => {
+                tracing::info!(market = %self.market, seq, state_hash = %hash, "market recovered: book hashed by its snapshot");
+                self.announce_at("active", Some(seq), Some(hash)).await;
+                None
+            }
+            Some((seq, None)) => {
                 self.announce_at("active", Some(seq), None).await;
                 // Copied after the announcement (a clone of 20,000 orders takes a millisecond
                 // or two here): nothing is consumed before `run`, so the book is still at `seq`.

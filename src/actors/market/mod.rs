@@ -248,9 +248,9 @@ impl Handler<Stats> for MarketActor {
     }
 }
 
-/// The market's whole state, for the snapshot store.
+/// The market's whole state, for the snapshot store (hashed by the writer, off the actor).
 #[derive(Message)]
-#[rtype(result = "MarketSnapshot")]
+#[rtype(result = "core::UnhashedSnapshot")]
 pub struct TakeSnapshot {
     pub epoch: u64,
 }
@@ -258,7 +258,7 @@ pub struct TakeSnapshot {
 impl Handler<TakeSnapshot> for MarketActor {
     type Result = MessageResult<TakeSnapshot>;
     fn handle(&mut self, msg: TakeSnapshot, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.core.snapshot(msg.epoch))
+        MessageResult(self.core.unhashed_snapshot(msg.epoch))
     }
 }
 

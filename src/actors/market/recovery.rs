@@ -10,7 +10,7 @@ use super::driver::Driver;
 use super::driver::Routes;
 use super::{LastSeq, MarketError, Process, Replay, Restore, Stats, incoming};
 use crate::actors::core::{BatchStats, Incoming};
-use crate::book::Seq;
+use crate::book::{Seq, StateHash};
 use crate::bus::journal::JournalTail;
 use crate::bus::landed::Landed;
 use crate::bus::{Feed, Pull, RangeReader};
@@ -22,6 +22,8 @@ struct Recovered {
     /// Taken over from a warm copy (no snapshot loaded).
     warm: bool,
     snapshot_seq: Option<Seq>,
+    /// The restored snapshot's state hash (checked against the book by the restore).
+    snapshot_hash: Option<StateHash>,
     replayed: u64,
     republished: u64,
     /// Views of the rebuilt batches found already stored, and so not sent again.
@@ -91,7 +93,7 @@ impl Driver {
             done.warm = true;
             from = applied + 1;
         } else if let Some(snapshot) = self.load_snapshot().await {
-            let seq = snapshot.last_seq;
+            let (seq, hash) = (snapshot.last_seq, snapshot.state_hash);
             // A snapshot inside the last batches cannot rebuild their outputs; snapshots are
             // taken at batch boundaries, so this means the journal and the snapshot disagree:
             // trust the stream.
@@ -103,6 +105,7 @@ impl Driver {
                     }
                 })?;
                 done.snapshot_seq = Some(seq);
+                done.snapshot_hash = Some(hash);
                 from = seq + 1;
             } else {
                 tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batches; recovering from the stream alone");
@@ -161,8 +164,12 @@ impl Driver {
         }
         let stats = self.send(Stats).await?;
         let last_seq = stats.last_seq;
-        // The book's hash there is computed once it is announced (`launch`).
-        self.recovered_at = Some(last_seq);
+        // The book's hash there: the snapshot's, which restore checked, when nothing came
+        // after it; otherwise computed once the market is announced (`launch`).
+        let known_hash = done
+            .snapshot_hash
+            .filter(|_| done.snapshot_seq == Some(last_seq));
+        self.recovered_at = Some((last_seq, known_hash));
         self.book_seq
             .store(last_seq, std::sync::atomic::Ordering::Release);
         self.since_snapshot = if done.warm {

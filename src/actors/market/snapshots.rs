@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::driver::Driver;
 use super::{MarketError, SnapshotSaved, TakeSnapshot};
-use crate::actors::core::{self, MarketSnapshot};
+use crate::actors::core::{self, MarketSnapshot, UnhashedSnapshot};
 use crate::book::Seq;
 use crate::bus::{SnapshotBlob, SnapshotStore};
 
@@ -147,21 +147,21 @@ pub(super) struct Saved {
     bytes: u64,
 }
 
-/// Encodes a snapshot (off the actor threads) and saves it.
+/// Hashes and encodes a snapshot (off the actor threads) and saves it.
 async fn write_snapshot(
     store: SnapshotStore,
     market: String,
-    snapshot: MarketSnapshot,
+    snapshot: UnhashedSnapshot,
 ) -> Result<Saved, String> {
     let started = Instant::now();
-    let (last_seq, epoch, orders) = (
-        snapshot.last_seq,
-        snapshot.epoch,
-        snapshot.book.bids.len() + snapshot.book.asks.len() + snapshot.book.stops.len(),
-    );
-    let bytes = tokio::task::spawn_blocking(move || core::encode_snapshot(&snapshot))
-        .await
-        .map_err(|e| e.to_string())??;
+    let encoded = tokio::task::spawn_blocking(move || {
+        let snapshot = snapshot.hash();
+        let b = &snapshot.book;
+        let orders = b.bids.len() + b.asks.len() + b.stops.len();
+        core::encode_snapshot(&snapshot)
+            .map(|bytes| (snapshot.last_seq, snapshot.epoch, orders, bytes))
+    });
+    let (last_seq, epoch, orders, bytes) = encoded.await.map_err(|e| e.to_string())??;
     let size = bytes.len();
     let blob = SnapshotBlob {
         last_seq,

@@ -92,7 +92,8 @@ impl Driver {
             }
             done.warm = true;
             from = applied + 1;
-        } else if let Some(snapshot) = self.load_snapshot().await {
+        } else if let Some(loaded) = self.load_snapshot().await {
+            let snapshot = loaded.snapshot;
             let (seq, hash) = (snapshot.last_seq, snapshot.state_hash);
             // A snapshot inside the last batches cannot rebuild their outputs; snapshots are
             // taken at batch boundaries, so this means the journal and the snapshot disagree:

@@ -12,10 +12,29 @@ use crate::actors::core::{self, MarketSnapshot, UnhashedSnapshot};
 use crate::book::Seq;
 use crate::bus::{SnapshotBlob, SnapshotStore};
 
+/// A snapshot read and decoded, and its slot among the snapshots being restored at once
+/// (`restore_slots`): kept until the market has restored it and dropped the decoded copy.
+pub(super) struct Loaded {
+    pub snapshot: MarketSnapshot,
+    pub _slot: Option<tokio::sync::SemaphorePermit<'static>>,
+}
+
+/// How many snapshots this process decodes and restores at once: one a core. The work is
+/// all CPU, so more at once finishes none sooner, while each holds its bytes, its columns and
+/// its records (~400 bytes an order) until restored: at a restart of 200 markets together,
+/// the allocator kept ~300 MB of that after the start.
+fn restore_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
 impl Driver {
     /// The latest snapshot, or `None` when there is none or it cannot be used (then the
     /// stream is replayed from its start, and the log says why).
-    pub(super) async fn load_snapshot(&self) -> Option<MarketSnapshot> {
+    pub(super) async fn load_snapshot(&self) -> Option<Loaded> {
         let store = self.snapshots.as_ref()?;
         let blob = match store.load(&self.market).await {
             Ok(blob) => blob?,
@@ -24,11 +43,16 @@ impl Driver {
                 return None;
             }
         };
+        // Never closed, so this cannot fail; without a slot the restore would go on regardless.
+        let slot = restore_slots().acquire().await.ok();
         let decoded =
             tokio::task::spawn_blocking(move || core::decode_snapshot(&blob.bytes, &blob.encoding))
                 .await;
         match decoded {
-            Ok(Ok(snapshot)) => Some(snapshot),
+            Ok(Ok(snapshot)) => Some(Loaded {
+                snapshot,
+                _slot: slot,
+            }),
             Ok(Err(e)) => {
                 tracing::warn!(market = %self.market, "{e}; recovering from the stream alone");
                 None

@@ -112,10 +112,10 @@ pub async fn follow(
     settings: MarketSettings,
 ) -> Result<Follower, MarketError> {
     let mut driver = Driver::open(bus, spec, settings).await?;
-    if let Some(snapshot) = driver.load_snapshot().await {
-        let seq = snapshot.last_seq;
+    if let Some(loaded) = driver.load_snapshot().await {
+        let seq = loaded.snapshot.last_seq;
         driver
-            .send(Restore(Box::new(snapshot)))
+            .send(Restore(Box::new(loaded.snapshot)))
             .await?
             .map_err(|e| MarketError::Recovery {
                 market: driver.market.clone(),

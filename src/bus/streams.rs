@@ -310,16 +310,29 @@ pub async fn bucket_entries(
     client: &async_nats::Client,
     store: &kv::Store,
 ) -> Result<Vec<BucketEntry>, BusError> {
+    three_tries(store, "reading its entries", || read_entries(client, store)).await
+}
+
+/// `attempt` until it succeeds, at most three times; the last error names the bucket.
+async fn three_tries<T, F, Fut>(
+    store: &kv::Store,
+    doing: &str,
+    mut attempt: F,
+) -> Result<T, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let mut last_error = String::new();
     for _ in 0..3 {
-        match read_entries(client, store).await {
-            Ok(entries) => return Ok(entries),
+        match attempt().await {
+            Ok(done) => return Ok(done),
             Err(e) => last_error = e,
         }
     }
     Err(BusError::Bucket {
         bucket: store.name.clone(),
-        reason: format!("reading its entries failed three times: {last_error}"),
+        reason: format!("{doing} failed three times: {last_error}"),
     })
 }
 
@@ -388,34 +401,15 @@ async fn read_entries(
 /// part way (its consumer reset under load, a lost heartbeat) would otherwise end early and
 /// silently leave keys out, so a failed listing is started again, three times at most.
 pub async fn bucket_keys(store: &kv::Store) -> Result<Vec<String>, BusError> {
+    three_tries(store, "listing its keys", || read_keys(store)).await
+}
+
+async fn read_keys(store: &kv::Store) -> Result<Vec<String>, String> {
     use futures::StreamExt;
-    let mut last_error = String::new();
-    for _ in 0..3 {
-        let mut keys = match store.keys().await {
-            Ok(keys) => keys,
-            Err(e) => {
-                last_error = e.to_string();
-                continue;
-            }
-        };
-        let mut out = Vec::new();
-        let mut failed = None;
-        while let Some(key) = keys.next().await {
-            match key {
-                Ok(key) => out.push(key),
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        match failed {
-            None => return Ok(out),
-            Some(e) => last_error = e,
-        }
+    let mut keys = store.keys().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(key) = keys.next().await {
+        out.push(key.map_err(|e| e.to_string())?);
     }
-    Err(BusError::Bucket {
-        bucket: store.name.clone(),
-        reason: format!("listing its keys failed three times: {last_error}"),
-    })
+    Ok(out)
 }

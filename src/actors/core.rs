@@ -69,10 +69,6 @@ impl UnhashedSnapshot {
         self.0.state_hash = self.0.book.state_hash();
         self.0
     }
-
-    pub fn last_seq(&self) -> Seq {
-        self.0.last_seq
-    }
 }
 
 /// A snapshot that cannot be restored, and why.

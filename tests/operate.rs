@@ -51,13 +51,6 @@ fn node(url: &str, dir: &Path, config: &str) -> Agora {
     Agora::node(url, dir, config)
 }
 
-fn signal(agora: &Agora, signal: libc::c_int) {
-    // SAFETY: kill with a pid we own and a valid signal.
-    unsafe {
-        libc::kill(agora.child.id() as libc::pid_t, signal);
-    }
-}
-
 async fn jetstream_of(url: &str) -> jetstream::Context {
     jetstream::new(
         bus::connect(url, "test")
@@ -606,11 +599,11 @@ fn a_control_request_taken_late_is_not_carried_out() {
     let url = nats.url();
     let n1 = node(&url, &dir.path().join("n1"), "node_id = \"n1\"\n");
     // One node stalled: a halt sent meanwhile times out, and must not happen when it wakes.
-    signal(&n1, libc::SIGSTOP);
+    n1.signal(libc::SIGSTOP);
     let (ok, reply) = ctl(&url, &["market.halt", "ETH-USDC", "--timeout-secs", "2"]);
     assert!(!ok, "{reply}");
     println!("the halt sent to the stalled node: {reply}");
-    signal(&n1, libc::SIGCONT);
+    n1.signal(libc::SIGCONT);
     // Woken, the node finds the request past its deadline and drops it; on a loaded machine
     // the server may instead have closed the stalled connection, and the request died with
     // it. Either way it cannot happen later, which the state below checks.
@@ -646,9 +639,9 @@ fn a_control_request_taken_late_is_not_carried_out() {
 
     // Two nodes, one stalled: a read-only verb is asked again until the other answers.
     let n2 = node(&url, &dir.path().join("n2"), "node_id = \"n2\"\n");
-    signal(&n2, libc::SIGSTOP);
+    n2.signal(libc::SIGSTOP);
     let (ok, reply) = ctl(&url, &["node.list", "--timeout-secs", "45"]);
-    signal(&n2, libc::SIGCONT);
+    n2.signal(libc::SIGCONT);
     assert!(ok, "{reply}");
 }
 

@@ -252,11 +252,7 @@ impl Cluster {
     }
 
     fn signal(&self, id: &str, signal: libc::c_int) {
-        let pid = self.nodes[id].child.id();
-        // SAFETY: kill with a pid we own and a valid signal.
-        unsafe {
-            libc::kill(pid as libc::pid_t, signal);
-        }
+        self.nodes[id].signal(signal);
     }
 
     /// `agora ctl <args>`: whether it succeeded, and the reply.

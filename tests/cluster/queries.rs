@@ -276,6 +276,13 @@ async fn open_orders_and_order_status_answer_from_the_books_across_nodes() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    for market in ["B-USD", "C-USD"] {
+        assert_eq!(
+            cluster.placed(market).await.0,
+            "n2",
+            "{market} failed over during the stall: the test stalled n2 past its lease"
+        );
+    }
     let reply: serde_json::Value =
         serde_json::from_slice(&answer.expect("n1's front answered").payload)
             .expect("a JSON request gets a JSON reply");

@@ -10,6 +10,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses and may hold any
+            // character: read it after the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
+}
+
 /// An `agora` child process whose stdout and stderr lines arrive on channels.
 pub struct Agora {
     pub child: Child,
@@ -117,6 +133,29 @@ impl Agora {
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends `signal`. A SIGSTOP returns only once every thread of the child has stopped:
+    /// the kernel stops a process's threads one after the other, and on a loaded machine the
+    /// thread picked to start the stop can wait for a core while the others go on serving
+    /// requests for milliseconds.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id();
+        // SAFETY: kill with a pid we own and a valid signal.
+        unsafe {
+            libc::kill(pid as libc::pid_t, signal);
+        }
+        if signal != libc::SIGSTOP {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "agora {pid} did not stop within 10 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGTERM, then the exit status (panics if it takes over `timeout`).

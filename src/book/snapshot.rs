@@ -210,10 +210,47 @@ impl BookSnapshot {
     }
 
     /// FNV-1a 64 over the spec, the market state, every open order in canonical order, and
-    /// the cid window when the market has one.
+    /// the cid window when the market has one (`StateHasher`).
     pub fn state_hash(&self) -> StateHash {
+        let mut h = StateHasher::new(
+            &self.spec,
+            self.halted,
+            self.last_trade_price,
+            self.last_input,
+            self.trade_n,
+        );
+        h.orders("bids", self.bids.len(), self.bids.iter());
+        h.orders("asks", self.asks.len(), self.asks.iter());
+        h.orders("stops", self.stops.len(), self.stops.iter());
+        h.finish(
+            self.cid_window.len(),
+            self.cid_window.iter(),
+            self.rate_clock,
+            &self.rate_debts,
+        )
+    }
+}
+
+/// The state hash, fed part by part in canonical order: the head (`new`), the bids, asks and
+/// stops (`orders`, in that order), then the cid window and the account limits (`finish`). A
+/// snapshot feeds it from its records; a live book from its own structures, one order at a
+/// time, without first copying itself into a snapshot. Both must give the same value: the
+/// cluster compares hashes across nodes and stores them with snapshots.
+pub(super) struct StateHasher<'a> {
+    h: Fnv,
+    spec: &'a MarketSpec,
+}
+
+impl<'a> StateHasher<'a> {
+    pub(super) fn new(
+        spec: &'a MarketSpec,
+        halted: bool,
+        last_trade_price: Option<Price>,
+        last_input: Option<(Seq, u16)>,
+        trade_n: u32,
+    ) -> StateHasher<'a> {
         let mut h = Fnv::new();
-        let s = &self.spec;
+        let s = spec;
         h.str(&s.symbol);
         h.str(&s.base_token);
         h.str(&s.quote_token);
@@ -226,30 +263,44 @@ impl BookSnapshot {
         h.opt(s.price_band_bps.map(u64::from));
         h.str(s.stp_default.as_str());
         h.u64(u64::from(s.orders_max));
-        h.u64(u64::from(self.halted));
-        h.opt(self.last_trade_price.map(|p| p.0));
-        h.opt(self.last_input.map(|(seq, _)| seq));
-        h.opt(self.last_input.map(|(_, pos)| u64::from(pos)));
-        h.u64(u64::from(self.trade_n));
-        for (tag, orders) in [
-            ("bids", &self.bids),
-            ("asks", &self.asks),
-            ("stops", &self.stops),
-        ] {
-            h.str(tag);
-            h.u64(orders.len() as u64);
-            for o in orders.iter() {
-                hash_order(&mut h, o);
-            }
+        h.u64(u64::from(halted));
+        h.opt(last_trade_price.map(|p| p.0));
+        h.opt(last_input.map(|(seq, _)| seq));
+        h.opt(last_input.map(|(_, pos)| u64::from(pos)));
+        h.u64(u64::from(trade_n));
+        StateHasher { h, spec }
+    }
+
+    /// One list of orders: `tag` ("bids", "asks", "stops"), how many, and each in order.
+    pub(super) fn orders<R: std::borrow::Borrow<OrderRecord>>(
+        &mut self,
+        tag: &str,
+        len: usize,
+        orders: impl Iterator<Item = R>,
+    ) {
+        self.h.str(tag);
+        self.h.u64(len as u64);
+        for o in orders {
+            hash_order(&mut self.h, o.borrow());
         }
+    }
+
+    pub(super) fn finish<'c>(
+        mut self,
+        cid_window_len: usize,
+        cid_window: impl Iterator<Item = &'c CidSeen>,
+        rate_clock: Timestamp,
+        rate_debts: &[RateDebt],
+    ) -> StateHash {
+        let (h, s) = (&mut self.h, self.spec);
         // Only a market with a cid window hashes it, so books without one (every book of
         // older builds) keep their hashes.
         if s.cid_window_secs > 0 {
             h.str("cid_window");
             h.u64(u64::from(s.cid_window_secs));
             h.u64(u64::from(s.cid_window_orders));
-            h.u64(self.cid_window.len() as u64);
-            for seen in &self.cid_window {
+            h.u64(cid_window_len as u64);
+            for seen in cid_window {
                 h.str(seen.account.as_str());
                 h.str(seen.cid.as_str());
                 h.u64(seen.ts);
@@ -261,9 +312,9 @@ impl BookSnapshot {
             h.u64(u64::from(s.account_rate));
             h.u64(u64::from(s.account_burst));
             h.u64(u64::from(s.account_orders_max));
-            h.u64(self.rate_clock);
-            h.u64(self.rate_debts.len() as u64);
-            for d in &self.rate_debts {
+            h.u64(rate_clock);
+            h.u64(rate_debts.len() as u64);
+            for d in rate_debts {
                 h.str(d.account.as_str());
                 h.u64(d.tat);
             }

@@ -9,7 +9,8 @@
 //!   `AGORA_CBENCH_STANDBYS` warm copies a market; the killed node is started again between
 //!   kills;
 //! - **startup**: markets × resting orders on one node, stopped cleanly (final snapshots), then
-//!   started again: time to its `ready` line and its RSS.
+//!   started again: time to its `ready` line and its RSS. The fill goes
+//!   `AGORA_CBENCH_FILL_WAVE` markets at a time (100).
 //! - **flood**: order → report latency on a market with a deep book (`AGORA_CBENCH_FLOOD_LEVELS`
 //!   price levels) and on a shallow market of the same node, before, during and after a flood
 //!   of book snapshot requests (`AGORA_CBENCH_FLOOD_CONNS` connections × 8 requests in flight,
@@ -53,6 +54,8 @@ struct Settings {
     failover_standbys: u32,
     /// `markets x orders` pairs.
     startup: Vec<(usize, usize)>,
+    /// Markets the start-up bench fills at once.
+    startup_fill_wave: u64,
     flood_levels: usize,
     flood_conns: usize,
     flood_secs: u64,
@@ -111,6 +114,7 @@ impl Settings {
                 .into_iter()
                 .map(|(m, o)| (m as usize, o as usize))
                 .collect(),
+            startup_fill_wave: num("AGORA_CBENCH_FILL_WAVE", 100),
             flood_levels: num("AGORA_CBENCH_FLOOD_LEVELS", 40_000),
             flood_conns: num("AGORA_CBENCH_FLOOD_CONNS", 8),
             flood_secs: num("AGORA_CBENCH_FLOOD_SECS", 20),
@@ -750,7 +754,7 @@ fn wait_ready(port: u16, timeout: Duration) -> bool {
     false
 }
 
-async fn bench_startup(markets: usize, orders: usize, out: &mut Vec<String>) {
+async fn bench_startup(markets: usize, orders: usize, fill_wave: usize, out: &mut Vec<String>) {
     let symbols: Vec<String> = (0..markets).map(|i| format!("S{i:04}-USD")).collect();
     // Node records carry every market's figures: with many markets, slower heartbeats.
     let cluster_lines = if markets > 200 {
@@ -775,9 +779,15 @@ async fn bench_startup(markets: usize, orders: usize, out: &mut Vec<String>) {
     let batches = resting_batches(orders);
     let per_market = batches.len() as u64;
     let filling = Instant::now();
-    publish_all(&c.js, &symbols, &batches).await;
-    for m in &symbols {
-        wait_journal(&c.js, m, per_market, Duration::from_secs(1800)).await;
+    // In waves of markets, each wave's journals complete before the next starts: nats-server
+    // holds a write buffer (up to 8 MB) for each stream being written or read, and with
+    // thousands of order streams filled at once while the node's consumers lag it outgrew
+    // this machine's memory (20 GB at 2,000 markets).
+    for wave in symbols.chunks(fill_wave.max(1)) {
+        publish_all(&c.js, wave, &batches).await;
+        for m in wave {
+            wait_journal(&c.js, m, per_market, Duration::from_secs(1800)).await;
+        }
     }
     let fill = filling.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -862,7 +872,7 @@ fn main() {
         let mut startup = Vec::new();
         if s.runs("startup") {
             for &(m, o) in &s.startup {
-                bench_startup(m, o, &mut startup).await;
+                bench_startup(m, o, s.startup_fill_wave as usize, &mut startup).await;
             }
         }
         println!();

@@ -55,7 +55,7 @@ struct Settings {
     /// `markets x orders` pairs.
     startup: Vec<(usize, usize)>,
     /// Markets the start-up bench fills at once.
-    startup_fill_wave: u64,
+    startup_fill_wave: usize,
     flood_levels: usize,
     flood_conns: usize,
     flood_secs: u64,
@@ -796,10 +796,7 @@ async fn bench_startup(markets: usize, orders: usize, fill_wave: usize, out: &mu
     // A clean stop: every market writes its final snapshot.
     let mut node = node;
     let stopping = Instant::now();
-    // SAFETY: a signal to our own child.
-    unsafe {
-        libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM);
-    }
+    node.signal(libc::SIGTERM);
     let status = node.child.wait().expect("wait");
     let stop = stopping.elapsed();
     if !status.success() {
@@ -872,7 +869,7 @@ fn main() {
         let mut startup = Vec::new();
         if s.runs("startup") {
             for &(m, o) in &s.startup {
-                bench_startup(m, o, s.startup_fill_wave as usize, &mut startup).await;
+                bench_startup(m, o, s.startup_fill_wave, &mut startup).await;
             }
         }
         println!();

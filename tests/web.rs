@@ -278,10 +278,7 @@ fn the_page_shows_the_book_and_tape_and_follows_a_move_and_a_failover() {
     browser.screenshot("4-moved");
 
     // n2 killed: the market fails over to n1, and the page recovers by itself.
-    // SAFETY: kill with a pid we own and a valid signal.
-    unsafe {
-        libc::kill(n2.pid() as libc::pid_t, libc::SIGKILL);
-    }
+    n2.signal(libc::SIGKILL);
     browser.wait(
         "BTC-USDC back on n1",
         "document.querySelector('#market-owner')?.textContent.includes('n1')",

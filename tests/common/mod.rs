@@ -160,10 +160,7 @@ impl Agora {
 
     /// SIGTERM, then the exit status (panics if it takes over `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        // SAFETY: kill with a pid we own and a valid signal.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {

@@ -60,7 +60,7 @@ impl Directory {
         self.chunks.last().and_then(|c| c.last()).copied()
     }
 
-    #[inline]
+    #[cfg(test)]
     pub fn get(&self, at: At) -> (u64, u32) {
         self.chunks[at.0][at.1]
     }

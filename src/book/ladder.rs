@@ -5,12 +5,21 @@
 //! and the level slot of each occupied key. Only the directory of non-empty pages is kept sorted
 //! (`directory::Directory`: sorted chunks), so creating a level deep in the book moves at most a
 //! chunk of page entries instead of every level above it, and the best level (or the next one)
-//! is a bit scan away. Pages and levels live in
-//! slabs with free lists: once warm, nothing here allocates. This module must never know about
-//! orders beyond the queue heads and totals a level carries.
+//! is a bit scan away. A hash index from page id to page finds the page of a price in one probe;
+//! the directory is searched only to place a new page or drop an emptied one. Pages and levels
+//! live in slabs with free lists: once warm, nothing here allocates. This module must never know
+//! about orders beyond the queue heads and totals a level carries.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 use super::directory::Directory;
 use super::slab::Slab;
+
+/// Page ids come from the prices clients choose: a per-process random seed, so that no one can
+/// precompute ids that collide. The seed decides nothing but where an entry sits in the index.
+type PageHasher = foldhash::fast::RandomState;
 
 /// End of an intrusive list, and "no level".
 pub(super) const NIL: u32 = u32::MAX;
@@ -45,6 +54,10 @@ struct Page {
 pub(super) struct Ladder {
     /// `(page id, page slot)` in ascending page id: the best page is last.
     dir: Directory,
+    /// `(page id, page slot)` of every page in `dir`, by id: where a price's page is without a
+    /// search of `dir` (a binary search over hundreds of pages on a deep book).
+    by_id: HashTable<(u64, u32)>,
+    hasher: PageHasher,
     pages: Slab<Page>,
     levels: Slab<Level>,
     len: usize,
@@ -60,6 +73,9 @@ impl Ladder {
         self.pages.reserve(levels / 4 + 16);
         self.pages.reserve_free(levels / 4 + 16);
         self.dir.reserve(levels / 4 + 16);
+        let hasher = &self.hasher;
+        self.by_id
+            .reserve(levels / 4 + 16, |&(id, _)| hasher.hash_one(id));
     }
 
     /// Number of levels.
@@ -70,8 +86,8 @@ impl Ladder {
     /// The level with this key.
     #[cfg(test)]
     pub fn get(&self, key: u64) -> Option<u32> {
-        let at = self.dir.find(key >> SLOT_BITS).ok()?;
-        let page = &self.pages[self.dir.get(at).1];
+        let p = self.page_of(key >> SLOT_BITS)?;
+        let page = &self.pages[p];
         let bit = (key & (SLOTS as u64 - 1)) as u32;
         (page.bits & (1 << bit) != 0).then(|| page.slots[bit as usize])
     }
@@ -99,21 +115,22 @@ impl Ladder {
         Some(page.slots[(63 - page.bits.leading_zeros()) as usize])
     }
 
+    /// The slot of page `id`, if it holds a level.
+    #[inline]
+    fn page_of(&self, id: u64) -> Option<u32> {
+        self.by_id
+            .find(self.hasher.hash_one(id), |&(i, _)| i == id)
+            .map(|&(_, p)| p)
+    }
+
     /// The level with this key, created empty if there is none.
     pub fn get_or_insert(&mut self, key: u64, price: u64) -> u32 {
         let id = key >> SLOT_BITS;
         let bit = (key & (SLOTS as u64 - 1)) as usize;
-        let p = match self.dir.find(id) {
-            Ok(at) => self.dir.get(at).1,
-            Err(at) => {
-                let page = Page {
-                    bits: 0,
-                    slots: [NIL; SLOTS],
-                };
-                let p = self.pages.insert(page);
-                self.dir.insert(at, (id, p));
-                p
-            }
+        let hash = self.hasher.hash_one(id);
+        let p = match self.by_id.find(hash, |&(i, _)| i == id) {
+            Some(&(_, p)) => p,
+            None => self.insert_page(id, hash),
         };
         let page = &self.pages[p];
         if page.bits & (1 << bit) != 0 {
@@ -140,6 +157,23 @@ impl Ladder {
         li
     }
 
+    /// A new, empty page `id` (not yet in the ladder), placed in the directory and the index.
+    #[cold]
+    fn insert_page(&mut self, id: u64, hash: u64) -> u32 {
+        let p = self.pages.insert(Page {
+            bits: 0,
+            slots: [NIL; SLOTS],
+        });
+        match self.dir.find(id) {
+            Err(at) => self.dir.insert(at, (id, p)),
+            Ok(_) => unreachable!("page {id} is in the directory but not in its index"),
+        }
+        let hasher = &self.hasher;
+        self.by_id
+            .insert_unique(hash, (id, p), |&(i, _)| hasher.hash_one(i));
+        p
+    }
+
     /// Removes the (empty) level in slot `li`.
     pub fn remove(&mut self, li: u32) {
         let level = &self.levels[li];
@@ -153,10 +187,18 @@ impl Ladder {
         self.levels.remove(li);
         self.len -= 1;
         if empty {
-            let Ok(at) = self.dir.find(key >> SLOT_BITS) else {
+            let id = key >> SLOT_BITS;
+            let Ok(at) = self.dir.find(id) else {
                 unreachable!("the page of level {key} is not in the directory");
             };
             self.dir.remove(at);
+            let Ok(entry) = self
+                .by_id
+                .find_entry(self.hasher.hash_one(id), |&(i, _)| i == id)
+            else {
+                unreachable!("the page of level {key} is not in the index");
+            };
+            entry.remove();
             self.pages.remove(p);
         }
         if self.best == Some(li) {
@@ -176,7 +218,17 @@ impl Ladder {
     pub fn check(&self) -> Result<(), String> {
         let mut count = 0;
         self.dir.check()?;
+        if self.by_id.len() != self.dir.iter_rev().count() {
+            return Err(format!(
+                "ladder indexes {} pages, lists {}",
+                self.by_id.len(),
+                self.dir.iter_rev().count()
+            ));
+        }
         for (id, p) in self.dir.iter_rev() {
+            if self.page_of(id) != Some(p) {
+                return Err(format!("ladder page {id} is missing from the index"));
+            }
             let page = &self.pages[p];
             if page.bits == 0 {
                 return Err(format!("ladder page {id} is empty but listed"));

@@ -561,7 +561,7 @@ impl OrderBook {
     /// The per-account limits on a `new` or an `amend` (`new` is the order, if one): `Ok` when
     /// they pass, with what to charge once they all do; otherwise the rejection, already
     /// pushed, and nothing changed.
-    #[inline]
+    #[inline(always)]
     fn check_account_limits(
         &mut self,
         cmd: &Command,
@@ -569,10 +569,23 @@ impl OrderBook {
         new: Option<&NewOrder>,
         out: &mut Vec<Event>,
     ) -> bool {
-        let orders_max = self.spec.account_orders_max;
-        if !self.rate_limits.is_on() && orders_max == 0 {
+        // Most markets run without limits: that answer costs two loads, not a call.
+        if !self.rate_limits.is_on() && self.spec.account_orders_max == 0 {
             return true;
         }
+        self.check_account_limits_on(cmd, at, new, out)
+    }
+
+    /// `check_account_limits` on a market that has them.
+    #[inline(never)]
+    fn check_account_limits_on(
+        &mut self,
+        cmd: &Command,
+        at: At,
+        new: Option<&NewOrder>,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        let orders_max = self.spec.account_orders_max;
         let hash = self.cid_hasher.hash_one(cmd.account);
         let charge = match self.rate_limits.check(&cmd.account, hash) {
             Ok(charge) => charge,

@@ -30,15 +30,6 @@ fn snapshot() -> MarketSnapshot {
     }
 }
 
-/// What builds before the columns wrote (`SNAPSHOT_ENCODING_RECORDS`), for comparison.
-fn encode_records(snapshot: &MarketSnapshot) -> Vec<u8> {
-    use std::io::Write;
-    let raw = rmp_serde::to_vec_named(snapshot).expect("encodes");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw).expect("compresses");
-    gz.finish().expect("compresses")
-}
-
 fn restart(c: &mut Criterion) {
     let snapshot = snapshot();
     let orders = (snapshot.book.bids.len() + snapshot.book.asks.len()) as u64;
@@ -76,7 +67,7 @@ fn restart(c: &mut Criterion) {
             black_box(core::decode_snapshot(&bytes, core::SNAPSHOT_ENCODING).expect("decodes"))
         })
     });
-    let records = encode_records(&snapshot);
+    let records = core::encode_snapshot_records(&snapshot).expect("encodes");
     eprintln!(
         "restart: the same as records ({}): {} bytes stored ({:.1} an order)",
         core::SNAPSHOT_ENCODING_RECORDS,

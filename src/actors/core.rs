@@ -422,7 +422,6 @@ struct StoredSnapshot {
 
 /// Encodes a snapshot for the snapshot store, in `SNAPSHOT_ENCODING`.
 pub fn encode_snapshot(snapshot: &MarketSnapshot) -> Result<Vec<u8>, String> {
-    use std::io::Write;
     let stored = StoredSnapshot {
         format_version: snapshot.format_version,
         market: snapshot.market.clone(),
@@ -432,7 +431,19 @@ pub fn encode_snapshot(snapshot: &MarketSnapshot) -> Result<Vec<u8>, String> {
         state_hash: snapshot.state_hash,
         book: BookColumns::from(&snapshot.book),
     };
-    let raw = rmp_serde::to_vec_named(&stored).map_err(|e| e.to_string())?;
+    gzip_named(&stored)
+}
+
+/// Encodes a snapshot as builds before the columns wrote it (`SNAPSHOT_ENCODING_RECORDS`):
+/// what the tests and the restart bench compare the columns with. Nothing stores it.
+pub fn encode_snapshot_records(snapshot: &MarketSnapshot) -> Result<Vec<u8>, String> {
+    gzip_named(snapshot)
+}
+
+/// MessagePack with named fields, gzip-compressed (fast).
+fn gzip_named(value: &impl serde::Serialize) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    let raw = rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?;
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 4),
         flate2::Compression::fast(),
@@ -619,22 +630,13 @@ mod tests {
         assert!(e.contains("not supported"), "{e}");
     }
 
-    /// What builds before the columns wrote: the records, named, gzip-compressed.
-    fn encode_records(snapshot: &MarketSnapshot) -> Vec<u8> {
-        use std::io::Write;
-        let raw = rmp_serde::to_vec_named(snapshot).expect("encodes");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&raw).expect("compresses");
-        gz.finish().expect("compresses")
-    }
-
     #[test]
     fn snapshots_of_older_builds_still_restore_and_the_new_ones_are_more_compact() {
         let (spec, msgs) = messages();
         let mut core = MarketCore::new(Subjects::default(), spec, 100);
         core.process(&msgs[..1500]);
         let snapshot = core.snapshot(2);
-        let old = encode_records(&snapshot);
+        let old = encode_snapshot_records(&snapshot).expect("encodes");
         let new = encode_snapshot(&snapshot).expect("encodes");
         assert_eq!(
             decode_snapshot(&old, SNAPSHOT_ENCODING_RECORDS).expect("decodes"),

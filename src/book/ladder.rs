@@ -218,11 +218,11 @@ impl Ladder {
     pub fn check(&self) -> Result<(), String> {
         let mut count = 0;
         self.dir.check()?;
-        if self.by_id.len() != self.dir.iter_rev().count() {
+        let listed = self.dir.iter_rev().count();
+        if self.by_id.len() != listed {
             return Err(format!(
-                "ladder indexes {} pages, lists {}",
-                self.by_id.len(),
-                self.dir.iter_rev().count()
+                "ladder indexes {} pages, lists {listed}",
+                self.by_id.len()
             ));
         }
         for (id, p) in self.dir.iter_rev() {

@@ -191,8 +191,22 @@ async fn run(
         sent += k;
     }
     if variant == Variant::NoAck {
+        // Nothing answers these: wait until the stream holds them all, or say what is missing
+        // (a publisher this fast can be cut off as a slow consumer of its own subscription).
         client.flush().await?;
-        while (stream.info().await?.state.messages as usize) < total {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stored = stream.info().await?.state.messages as usize;
+            if stored >= total {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{variant:?}: the stream holds {stored} of {total} messages after 30 s \
+                     (nats-server dropped the rest; its log says why)"
+                )
+                .into());
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -272,4 +272,64 @@ mod tests {
         slots.sort_unstable();
         assert_eq!(slots, live.into_iter().collect::<Vec<_>>());
     }
+    /// As the book uses it: keys live in a slab whose freed slots keep their old key until
+    /// taken again, so an entry left behind the cursor names a slot that may hold a removed
+    /// key, or a new one. A removed key is never found, a live one always is.
+    #[test]
+    fn removed_keys_stay_gone_while_growing() {
+        let hash_of = |k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17);
+        let mut slab: Vec<u64> = Vec::new();
+        let mut free: Vec<u32> = Vec::new();
+        let mut index = SlotIndex::default();
+        let mut live = std::collections::BTreeMap::new();
+        let mut removed: Vec<u64> = Vec::new();
+        let mut x: u64 = 3;
+        let mut next_key = 1u64;
+        for step in 0..300_000u32 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if x % 5 < 3 || live.is_empty() {
+                let key = next_key;
+                next_key += 1;
+                let slot = match free.pop() {
+                    Some(s) => {
+                        slab[s as usize] = key;
+                        s
+                    }
+                    None => {
+                        slab.push(key);
+                        (slab.len() - 1) as u32
+                    }
+                };
+                let slab_ref = &slab;
+                index.insert(hash_of(key), slot, |s| hash_of(slab_ref[s as usize]));
+                live.insert(key, slot);
+            } else {
+                let pick = 1 + (x >> 24) % next_key;
+                let (&key, &slot) = live
+                    .range(pick..)
+                    .next()
+                    .or_else(|| live.iter().next())
+                    .expect("live");
+                assert!(index.remove(hash_of(key), slot), "step {step}");
+                live.remove(&key);
+                free.push(slot);
+                removed.push(key);
+                // Its slot still holds it: only the index can say it is gone.
+                let found = index.find(hash_of(key), |s| slab[s as usize] == key);
+                assert_eq!(found, None, "removed key {key} found at step {step}");
+            }
+            if step % 499 == 0 {
+                let find = |k: u64| index.find(hash_of(k), |s| slab[s as usize] == k);
+                for &k in removed.iter().rev().take(50) {
+                    assert_eq!(find(k), None, "removed key {k} found at step {step}");
+                }
+                for (&k, &slot) in live.iter().step_by(97) {
+                    assert_eq!(find(k), Some(slot), "live key {k} lost at step {step}");
+                }
+            }
+        }
+        assert_eq!(index.len(), live.len());
+    }
 }

@@ -32,7 +32,7 @@ use crate::actors::{
     Unfollow,
 };
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::{KvFollower, Subjects};
+use crate::bus::{BusError, KvFollower, Subjects};
 use crate::control::protocol::node::{self, MarketRequest, ReleaseRequest};
 use crate::control::protocol::{Failure, Reply, reply_value};
 use crate::telemetry::traces;
@@ -121,20 +121,53 @@ pub async fn spec_of(markets: &kv::Store, market: &str) -> Result<MarketSpec, St
         .map_err(|e| format!("{market}: the stored spec is not valid: {e}"))
 }
 
-impl Agent {
+/// An agent whose request subject is subscribed on the server: `market.move --to` this node,
+/// sent once the node says it is ready, finds it answering.
+pub struct Listening {
+    agent: Agent,
+    requests: async_nats::Subscriber,
+}
+
+impl Listening {
     /// Runs until `stop` flips (markets are left to the supervisor's shutdown).
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+    pub async fn run(self, stop: watch::Receiver<bool>) -> Result<(), String> {
+        self.agent.run(self.requests, stop).await
+    }
+}
+
+impl Agent {
+    /// Subscribes to `<prefix>.node.<NODE>.*` and waits until the server has the
+    /// subscription, so the node's ready line is not printed before it can be asked to follow.
+    pub async fn listen(self) -> Result<Listening, BusError> {
+        let subject = self.subjects.node(&self.node, "*");
+        let requests =
+            self.client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| BusError::Subscribe {
+                    subject: subject.clone(),
+                    reason: e.to_string(),
+                })?;
+        self.client.flush().await.map_err(|e| BusError::Subscribe {
+            subject,
+            reason: e.to_string(),
+        })?;
+        Ok(Listening {
+            agent: self,
+            requests,
+        })
+    }
+
+    async fn run(
+        self,
+        mut requests: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
         let mut entries = KvFollower::open(self.placement.clone())
             .await
             .map_err(|e| format!("cannot watch the placement bucket: {e}"))?;
         let mut follow_check = tokio::time::interval(FOLLOW_CHECK);
         follow_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let subject = self.subjects.node(&self.node, "*");
-        let mut requests = self
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
         let mut timer = tokio::time::interval(self.settings.heartbeat);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let (started_tx, mut started) = mpsc::unbounded_channel::<Started>();

@@ -47,6 +47,10 @@ pub struct Moved {
 /// How long a move waits, after the target runs the market, for its book's state hash.
 const HASH_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a node request that nobody hears is asked again before the node counts as
+/// unreachable.
+const NO_RESPONDERS_FOR: Duration = Duration::from_secs(2);
+
 /// Why a move did not happen: an error code and what to do.
 #[derive(Debug)]
 pub struct MoveError {
@@ -72,18 +76,38 @@ async fn request<T: serde::de::DeserializeOwned>(
     // The handoff's trace context rides along, so each node's part joins its trace.
     let mut headers = async_nats::HeaderMap::new();
     traces::inject(&tracing::Span::current(), &mut headers);
-    let answer = tokio::time::timeout(
-        timeout,
-        client.request_with_headers(subject.clone(), headers, bytes.into()),
-    )
-    .await
-    .map_err(|_| {
-        fail(
-            "timeout",
-            format!("{subject} did not answer within {timeout:?}"),
+    // "No responders" means nobody got the request, so asking again is safe. A node that has
+    // just joined may not be heard yet through the server the asker is connected to: in a
+    // NATS cluster a subscription reaches the other servers a moment after its own.
+    let asking = Instant::now();
+    let answer = loop {
+        let answer = tokio::time::timeout(
+            timeout,
+            client.request_with_headers(subject.clone(), headers.clone(), bytes.clone().into()),
         )
-    })?
-    .map_err(|e| fail("node_unreachable", format!("{subject}: {e}")))?;
+        .await
+        .map_err(|_| {
+            fail(
+                "timeout",
+                format!("{subject} did not answer within {timeout:?}"),
+            )
+        })?;
+        match answer {
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && asking.elapsed() < NO_RESPONDERS_FOR =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(fail(
+                    "node_unreachable",
+                    format!("{subject}: {e} (asked for {:?})", asking.elapsed()),
+                ));
+            }
+            Ok(answer) => break answer,
+        }
+    };
     let value: Value = serde_json::from_slice(&answer.payload).map_err(|e| {
         fail(
             "bad_answer",

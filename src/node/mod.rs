@@ -318,7 +318,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         settings: cluster.clone(),
         specs: Default::default(),
     };
-    let agent = actix_rt::spawn(agent.run(cluster_stopped.clone()));
+    let agent = actix_rt::spawn(agent.listen().await?.run(cluster_stopped.clone()));
     let rebalancer = Rebalancer {
         node: node_id.clone(),
         client: client.clone(),

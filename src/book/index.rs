@@ -163,12 +163,13 @@ impl SlotIndex {
 
     /// Every slot, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        let old = (self.cursor..if self.growing {
+        // The old table's buckets not copied yet (none once growth is over).
+        let end = if self.growing {
             self.old.num_buckets()
         } else {
             0
-        })
-            .filter_map(|b| self.old.get_bucket(b).copied());
+        };
+        let old = (self.cursor..end).filter_map(|b| self.old.get_bucket(b).copied());
         self.table.iter().copied().chain(old)
     }
 }
@@ -177,6 +178,12 @@ impl SlotIndex {
 mod tests {
     use super::*;
 
+    /// The next state of a 64-bit linear congruential generator (Knuth's MMIX constants).
+    fn lcg(x: u64) -> u64 {
+        x.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    }
+
     /// Against a plain map, with hashes forced to collide into few home positions.
     #[test]
     fn agrees_with_a_map_under_collisions() {
@@ -184,9 +191,7 @@ mod tests {
         let mut model = std::collections::HashMap::new();
         let mut x: u64 = 7;
         for step in 0..200_000u64 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = lcg(x);
             let key = (x >> 33) % 500;
             // Few distinct hashes: long runs that wrap around the table end.
             let hash = (key % 37).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 0xffff_ff00;
@@ -210,6 +215,7 @@ mod tests {
         keys.sort_unstable();
         assert_eq!(slots, keys);
     }
+
     /// No insert rehashes more than one chunk of stored slots, whether the table grows for size or
     /// fills with tombstones, and every slot stays findable while the old table empties.
     #[test]
@@ -227,9 +233,7 @@ mod tests {
         let mut x: u64 = 11;
         let mut next = 0u32;
         for step in 0..400_000u32 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = lcg(x);
             // Grow to ~100,000, then churn at that size (tombstones), then shrink a little.
             let add = match step {
                 0..150_000 => !x.is_multiple_of(4),
@@ -272,6 +276,7 @@ mod tests {
         slots.sort_unstable();
         assert_eq!(slots, live.into_iter().collect::<Vec<_>>());
     }
+
     /// As the book uses it: keys live in a slab whose freed slots keep their old key until
     /// taken again, so an entry left behind the cursor names a slot that may hold a removed
     /// key, or a new one. A removed key is never found, a live one always is.
@@ -286,9 +291,7 @@ mod tests {
         let mut x: u64 = 3;
         let mut next_key = 1u64;
         for step in 0..300_000u32 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = lcg(x);
             if x % 5 < 3 || live.is_empty() {
                 let key = next_key;
                 next_key += 1;

@@ -2,7 +2,9 @@
 //! (the patterns of `tests/cluster/`):
 //!
 //! - **moves**: the pause of a planned `market.move` (the reply's `pause_ms`) between two nodes
-//!   with a book of resting orders that do not cross, idle and under a light order flow;
+//!   with a book of resting orders that do not cross, idle and under a light order flow; with
+//!   `AGORA_CBENCH_MOVE_WINDOW` orders with a cid sent first (IOC, far from the book), so the
+//!   market's cid window holds that many entries when it moves;
 //! - **failover**: from `kill -9` of a market's owner to the first execution report received
 //!   after it (the new owner's recovery republish counts), under a light order flow, for each
 //!   heartbeat/lease setting (`AGORA_CBENCH_FAILOVER`, pairs `hb/lease`), with
@@ -44,6 +46,8 @@ struct Settings {
     moves: usize,
     /// Commands a second of the flow during moves.
     move_rate: u64,
+    /// Orders with a cid sent before the moves: entries in the moved market's cid window.
+    move_window: usize,
     /// Kills per failover setting.
     kills: usize,
     /// `heartbeat_ms/lease_ms` pairs.
@@ -105,6 +109,7 @@ impl Settings {
             resting: num("AGORA_CBENCH_RESTING", 20_000),
             moves: num("AGORA_CBENCH_MOVES", 20),
             move_rate: num("AGORA_CBENCH_MOVE_RATE", 500),
+            move_window: num("AGORA_CBENCH_MOVE_WINDOW", 0),
             kills: num("AGORA_CBENCH_KILLS", 5),
             failover: pairs("AGORA_CBENCH_FAILOVER", "100/500,50/300", '/'),
             failover_resting: num("AGORA_CBENCH_FAILOVER_RESTING", 2_000),
@@ -288,6 +293,57 @@ fn resting_batches(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `n` IOC buys with a cid, far below the book (each is cancelled at once and leaves its
+/// (account, cid) in the market's cid window), over 100 accounts, as batch messages of 100.
+fn window_batches(n: usize) -> Vec<Vec<u8>> {
+    let orders: Vec<Value> = (0..n)
+        .map(|k| {
+            json!({
+                "op": "new",
+                "account": format!("w-{}", k % 100),
+                "cid": format!("w{k}"),
+                "side": "buy",
+                "type": "limit",
+                "tif": "ioc",
+                "price": "1.00",
+                "qty": "1",
+            })
+        })
+        .collect();
+    orders
+        .chunks(100)
+        .map(|c| rmp_serde::to_vec_named(&json!({"op": "batch", "commands": c})).expect("msgpack"))
+        .collect()
+}
+
+/// Checks that the window filled by `window_batches` still holds its first order: sent
+/// again, it is refused `duplicate_cid`.
+async fn window_holds_first(c: &Cluster, market: &str) {
+    let mut reports = c
+        .client
+        .subscribe(format!("agora.execs.w-0.{market}"))
+        .await
+        .expect("subscribe");
+    c.client.flush().await.expect("flush");
+    let again = json!({"op": "new", "account": "w-0", "cid": "w0", "side": "buy",
+        "type": "limit", "tif": "ioc", "price": "1.00", "qty": "1"});
+    let bytes = rmp_serde::to_vec_named(&again).expect("msgpack");
+    c.js.publish(format!("agora.orders.{market}"), bytes.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let m = tokio::time::timeout(Duration::from_secs(30), reports.next())
+        .await
+        .expect("a report within 30 s")
+        .expect("subscription");
+    let v: Value = rmp_serde::from_slice(&m.payload).unwrap_or(Value::Null);
+    assert!(
+        v.to_string().contains("duplicate_cid"),
+        "the cid window does not hold the first order: {v}"
+    );
+}
+
 /// Publishes `messages` to each market's order subject with JetStream, acks pipelined.
 async fn publish_all(js: &jetstream::Context, markets: &[String], messages: &[Vec<u8>]) {
     let mut acks = Vec::new();
@@ -397,16 +453,21 @@ async fn bench_moves(s: &Settings, out: &mut Vec<String>) {
     for id in ["n1", "n2"] {
         c.start_node(id, &node_config(id, cluster_lines, &markets));
     }
-    let batches = resting_batches(s.resting);
+    let mut batches = resting_batches(s.resting);
+    batches.extend(window_batches(s.move_window));
     let n = batches.len() as u64;
     let filling = Instant::now();
     publish_all(&c.js, &markets, &batches).await;
     wait_journal(&c.js, &market, n, Duration::from_secs(300)).await;
     println!(
-        "moves: {} resting orders in {n} batches, journaled in {:.1} s",
+        "moves: {} resting orders and {} in the cid window in {n} batches, journaled in {:.1} s",
         s.resting,
+        s.move_window,
         filling.elapsed().as_secs_f64()
     );
+    if s.move_window > 0 {
+        window_holds_first(&c, &market).await;
+    }
     for (phase, rate) in [("idle", 0), ("flow", s.move_rate)] {
         let stop = Arc::new(AtomicBool::new(false));
         let flowing = (rate > 0).then(|| flow(&c.js, &market, rate, stop.clone()));
@@ -441,11 +502,13 @@ async fn bench_moves(s: &Settings, out: &mut Vec<String>) {
         } else {
             "idle".into()
         };
-        out.push(Stats::of(&pauses).row(&format!("move pause_ms, {} resting, {label}", s.resting)));
-        out.push(Stats::of(&walls).row(&format!(
-            "move request wall ms, {} resting, {label}",
-            s.resting
-        )));
+        let book = if s.move_window > 0 {
+            format!("{} resting, {} in the cid window", s.resting, s.move_window)
+        } else {
+            format!("{} resting", s.resting)
+        };
+        out.push(Stats::of(&pauses).row(&format!("move pause_ms, {book}, {label}")));
+        out.push(Stats::of(&walls).row(&format!("move request wall ms, {book}, {label}")));
     }
 }
 

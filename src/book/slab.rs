@@ -22,7 +22,7 @@ impl<T> Default for Slab<T> {
 
 impl<T> Slab<T> {
     /// Room for `n` more values before the slab grows (exactly: a node restores thousands of
-    /// books sized to their snapshots).
+    /// books, each sized to its snapshot and an eighth more).
     pub fn reserve(&mut self, n: usize) {
         self.items.reserve_exact(n);
     }

@@ -253,12 +253,15 @@ impl Control {
         }
     }
 
-    /// Every node record, alive or not, by node name.
+    /// Every node record, alive or not, by node name (none when the bucket cannot be read).
     async fn node_entries(&self) -> Vec<NodeEntry> {
+        self.read_node_entries().await.unwrap_or_default()
+    }
+
+    /// Every node record, alive or not, by node name.
+    async fn read_node_entries(&self) -> Result<Vec<NodeEntry>, BusError> {
         let mut out = Vec::new();
-        let Ok(mut entries) = bus::bucket_entries(&self.client, &self.nodes).await else {
-            return out;
-        };
+        let mut entries = bus::bucket_entries(&self.client, &self.nodes).await?;
         entries.retain(|e| !e.key.contains('.'));
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         let now = unix_ms();
@@ -273,7 +276,43 @@ impl Control {
                 age_ms,
             });
         }
-        out
+        Ok(out)
+    }
+
+    /// Waits until `node` is alive, for up to one lease: a busy node renews its record late, and a
+    /// busy server reads the bucket slowly, and neither makes a known node unknown. A node the
+    /// bucket has no record of is refused at once.
+    async fn live_node(&self, node: &str) -> Result<(), Failure> {
+        let deadline = Instant::now() + self.lease;
+        loop {
+            let refusal = match self.read_node_entries().await {
+                Ok(nodes) => match nodes.iter().find(|n| n.record.node == node) {
+                    Some(n) if n.alive => return Ok(()),
+                    Some(n) => Failure::new(
+                        "unknown_node",
+                        format!(
+                            "{node} is not a live node: its last heartbeat is {} ms old (alive means within {} ms); node.list shows them",
+                            n.age_ms,
+                            2 * self.lease.as_millis()
+                        ),
+                    ),
+                    None => {
+                        return Err(Failure::new(
+                            "unknown_node",
+                            format!("{node} is not a node; node.list shows them"),
+                        ));
+                    }
+                },
+                Err(e) => Failure::new(
+                    "kv",
+                    format!("cannot tell whether {node} is alive: {e}; ask again"),
+                ),
+            };
+            if Instant::now() >= deadline {
+                return Err(refusal);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn placement_of(&self, market: &str) -> Result<Option<(Placement, u64)>, Failure> {
@@ -845,13 +884,7 @@ impl Control {
     }
 
     async fn move_market(&self, symbol: &str, node: &str) -> Result<MarketMoved, Failure> {
-        let nodes = self.node_entries().await;
-        if !nodes.iter().any(|n| n.alive && n.record.node == node) {
-            return Err(Failure::new(
-                "unknown_node",
-                format!("{node} is not a live node; node.list shows them"),
-            ));
-        }
+        self.live_node(node).await?;
         let moved = handoff::move_market(
             &self.client,
             &self.subjects,

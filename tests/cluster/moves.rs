@@ -157,6 +157,37 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     wait_journal(&cluster.js, "B-USD", n, JOURNAL_WAIT).await;
     check_exactly_once(&cluster.js, "B-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
+    // A market is not moved to a dead node: once node.list shows n1 dead, a move there is
+    // refused (after waiting one lease for a heartbeat that does not come), saying how old
+    // its last one is.
+    let dead_since = Instant::now();
+    loop {
+        let (ok, nodes) = cluster.ctl(&["node.list"]);
+        assert!(ok, "{nodes}");
+        let n1 = nodes["nodes"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["node"] == "n1"))
+            .cloned()
+            .unwrap_or_else(|| panic!("node.list keeps a dead node's row: {nodes}"));
+        if n1["alive"] == false {
+            break;
+        }
+        assert!(
+            dead_since.elapsed() < Duration::from_secs(20),
+            "n1 still alive in node.list 20 s after its kill: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, reply) = cluster.ctl(&["market.move", "B-USD", "--to", "n1"]);
+    assert!(!ok, "{reply}");
+    assert_eq!(reply["error"], "unknown_node", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("last heartbeat")),
+        "{reply}"
+    );
+
     // Two kills, and a plain subscriber of the public subjects saw each trade and fill once.
     let trades = stored_trades(&cluster.js).await;
     let fills = tally.check(trades, Duration::from_secs(10)).await;

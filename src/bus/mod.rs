@@ -24,7 +24,7 @@ pub use error::BusError;
 pub use feed::{Delivered, Feed, Pull, PullCap, RangeReader};
 pub use follow::KvFollower;
 pub use journal::Journal;
-pub use responder::Responder;
+pub use responder::{Responder, subscribe_flushed};
 pub use server::LocalServer;
 pub use snapshots::{SnapshotBlob, SnapshotStore};
 pub use streams::{

@@ -32,7 +32,7 @@ use crate::actors::{
     Unfollow,
 };
 use crate::book::{MarketSpec, MarketSpecInput};
-use crate::bus::{BusError, KvFollower, Subjects};
+use crate::bus::{self, BusError, KvFollower, Subjects};
 use crate::control::protocol::node::{self, MarketRequest, ReleaseRequest};
 use crate::control::protocol::{Failure, Reply, reply_value};
 use crate::telemetry::traces;
@@ -140,18 +140,7 @@ impl Agent {
     /// subscription, so the node's ready line is not printed before it can be asked to follow.
     pub async fn listen(self) -> Result<Listening, BusError> {
         let subject = self.subjects.node(&self.node, "*");
-        let requests =
-            self.client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| BusError::Subscribe {
-                    subject: subject.clone(),
-                    reason: e.to_string(),
-                })?;
-        self.client.flush().await.map_err(|e| BusError::Subscribe {
-            subject,
-            reason: e.to_string(),
-        })?;
+        let requests = bus::subscribe_flushed(&self.client, &subject, None).await?;
         Ok(Listening {
             agent: self,
             requests,

@@ -158,18 +158,8 @@ impl Control {
     /// (a node says it is ready only once it answers control requests).
     pub async fn listen(self) -> Result<Listening, BusError> {
         let subject = self.subjects.ctl(">");
-        let requests = self
-            .client
-            .queue_subscribe(subject.clone(), format!("{}-ctl", self.subjects.prefix()))
-            .await
-            .map_err(|e| BusError::Subscribe {
-                subject: subject.clone(),
-                reason: e.to_string(),
-            })?;
-        self.client.flush().await.map_err(|e| BusError::Subscribe {
-            subject,
-            reason: e.to_string(),
-        })?;
+        let group = format!("{}-ctl", self.subjects.prefix());
+        let requests = bus::subscribe_flushed(&self.client, &subject, Some(&group)).await?;
         Ok(Listening {
             control: self,
             requests,

@@ -901,22 +901,43 @@ impl Control {
     /// Marks the node drained (nothing is placed on it) and waits until the rebalancer moved
     /// its markets away.
     async fn drain(&self, node: &str) -> Result<NodeDrained, Failure> {
-        let nodes = self.node_entries().await;
-        if !nodes.iter().any(|n| n.record.node == node) {
-            return Err(Failure::new(
-                "unknown_node",
-                format!("{node} is not a node; node.list shows them"),
-            ));
-        }
-        let drained = self.drained().await;
-        if !nodes
-            .iter()
-            .any(|n| n.alive && n.record.node != node && !drained.contains(&n.record.node))
-        {
-            return Err(Failure::new(
-                "no_target",
-                format!("no other live node can take the markets of {node}; start one first"),
-            ));
+        // Another node must be alive to take the markets; as for a move, a heartbeat late by
+        // less than one lease does not count as none.
+        let deadline = Instant::now() + self.lease;
+        loop {
+            let nodes = match self.read_node_entries().await {
+                Ok(nodes) => nodes,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Failure::new(
+                        "kv",
+                        format!("cannot read the node records to drain {node}: {e}; ask again"),
+                    ));
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if !nodes.iter().any(|n| n.record.node == node) {
+                return Err(Failure::new(
+                    "unknown_node",
+                    format!("{node} is not a node; node.list shows them"),
+                ));
+            }
+            let drained = self.drained().await;
+            if nodes
+                .iter()
+                .any(|n| n.alive && n.record.node != node && !drained.contains(&n.record.node))
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::new(
+                    "no_target",
+                    format!("no other live node can take the markets of {node}; start one first"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.placement
             .put(placement::drain_key(node), "1".into())

@@ -243,7 +243,7 @@ need_node() {
   fi
 }
 
-# The browser test of the web page (tests/web.rs): Debian's chromium, and playwright-core (the
+# The browser test of the web page (tests/system/web.rs): Debian's chromium, and playwright-core (the
 # version web/browser/package.json pins, into web/browser/node_modules) to drive it. Playwright's own
 # browser download is never used.
 need_playwright() {

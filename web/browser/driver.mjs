@@ -1,4 +1,4 @@
-// Drives a headless Chromium for tests/web.rs, one JSON command a line on stdin, one JSON answer
+// Drives a headless Chromium for tests/system/web.rs, one JSON command a line on stdin, one JSON answer
 // a line on stdout ({ok: true, value} or {ok: false, error}):
 //   {op: "open", url, width?, height?}    a new page at url
 //   {op: "wait", expr, timeout_ms?}       evaluates expr in the page until it is truthy: its value

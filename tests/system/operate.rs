@@ -5,7 +5,7 @@
 //! format, the shipped market specs and `market.update`, and the command line's help. Each
 //! against real nats-servers and the `agora` binary.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! n2 killed and the market back on n1, the page recovers; n1 stopped, the page says it lost
 //! its connection. A screenshot of each state goes to `target/web-test/`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;

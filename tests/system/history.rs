@@ -4,7 +4,7 @@
 //! then every table is checked against an offline replay of the order streams, a `--rebuild`
 //! into a second database gives the same tables, and the queries answer from them.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

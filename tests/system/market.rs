@@ -2,7 +2,7 @@
 //! execution reports, tape and book out; stopped and restarted mid-flow, it loses and repeats
 //! nothing, and its book equals an offline replay of the stream.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

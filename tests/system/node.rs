@@ -4,7 +4,7 @@
 //! Its HTTP port serves metrics, and `/ready` says no while a market lags or is down, and yes
 //! again after.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

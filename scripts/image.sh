@@ -11,6 +11,10 @@
 #   same Dockerfile then runs with BINARIES=prebuilt. The runtime stage is the same either way.
 # Neither: --pull when the registry answers within 20 s, else --local.
 #
+# AGORA_IMAGE_BINARY=PATH (--local only): an agora binary already built from this checkout goes
+# into the image instead of a fresh `cargo build --release` (the test suite hands in the one
+# `cargo test --release` built: a plain build resolves the crates' features without the
+# dev-dependencies, so it would compile agora and ~30 crates again).
 # AGORA_CONTAINER_ENGINE=podman|docker picks the engine (default: podman if installed). With
 # podman, builds and runs use --runtime runc where crun is refused by the machine's cgroups (set
 # AGORA_CONTAINER_RUNTIME to override).
@@ -25,7 +29,7 @@ while [ $# -gt 0 ]; do
     --local) mode=local ;;
     --pull) mode=pull ;;
     --tag) tag="${2:?--tag needs a name}"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "image.sh: unknown argument $1 (use --local, --pull or --tag NAME)" >&2; exit 2 ;;
   esac
   shift
@@ -69,13 +73,22 @@ fi
 
 need_cargo
 need_nats_server
-echo "==> cargo build --release --bin agora"
-cargo build --release --quiet --bin agora
+binary="${AGORA_IMAGE_BINARY:-}"
+if [ -z "$binary" ]; then
+  echo "==> cargo build --release --bin agora"
+  cargo build --release --quiet --bin agora
+  binary=target/release/agora
+elif [ ! -x "$binary" ]; then
+  echo "image.sh: AGORA_IMAGE_BINARY=$binary is not an executable file; build it or unset the variable" >&2
+  exit 2
+else
+  echo "==> the agora binary from $binary (AGORA_IMAGE_BINARY)"
+fi
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 mkdir "$context/prebuilt"
 cp Dockerfile "$context/"
-objcopy --strip-debug target/release/agora "$context/prebuilt/agora"
+objcopy --strip-debug "$binary" "$context/prebuilt/agora"
 cp "$(command -v nats-server)" "$context/prebuilt/nats-server"
 # pip's nats-server on PATH may be a shim script: the binary is what `nats-server` finally runs.
 if ! head -c 4 "$context/prebuilt/nats-server" | grep -q ELF; then

@@ -107,6 +107,23 @@ impl Agora {
         node
     }
 
+    /// `agora node` as the quick start runs it, with a nats-server of its own and its data in
+    /// `data`; returns once it printed its ready line, with the URL of that server.
+    pub fn embedded_node(data: &std::path::Path) -> (Agora, String) {
+        let node = Agora::spawn(&["node".as_ref(), "--data-dir".as_ref(), data.as_os_str()]);
+        let started = node.wait_line(
+            |l| l.contains("started nats-server at "),
+            Duration::from_secs(30),
+        );
+        let url = started
+            .split_whitespace()
+            .find(|w| w.starts_with("nats://"))
+            .unwrap_or_else(|| panic!("no URL in {started:?}"))
+            .to_string();
+        node.wait_line(|l| l.contains("ready"), Duration::from_secs(30));
+        (node, url)
+    }
+
     /// The next line that `matches`, skipping others (panics after `timeout`).
     pub fn wait_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> String {
         wait_on(&self.lines, matches, timeout)

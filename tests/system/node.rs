@@ -6,9 +6,7 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agora::bus::{self, LocalServer};
@@ -16,68 +14,26 @@ use async_nats::jetstream;
 use common::{http_get, publish, scrape, wait_journal};
 use serde_json::{Value, json};
 
-struct Node {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
+/// An `agora node` child (`common::Agora`: its output lines on channels, killed when dropped),
+/// waited on by the text of its lines.
+struct Node(common::Agora);
 
 impl Node {
     fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agora"))
-            .arg("node")
-            .args(args)
-            .env("AGORA_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("agora node starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Node { child, lines }
+        let mut all: Vec<&std::ffi::OsStr> = vec!["node".as_ref()];
+        all.extend(args.iter().map(AsRef::as_ref));
+        Node(common::Agora::spawn(&all))
     }
 
     /// The first stdout line containing `needle` (panics after 30 s).
     fn wait_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("agora node never printed {needle:?}"),
-            }
-        }
+        self.0
+            .wait_line(|l| l.contains(needle), Duration::from_secs(30))
     }
 
     /// SIGTERM, then the exit status (panics if it takes over 20 s).
     fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill with a pid we own and a valid signal.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agora node did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.terminate(Duration::from_secs(20))
     }
 }
 
@@ -203,15 +159,12 @@ async fn a_killed_node_takes_its_own_server_with_it() {
     // orphan keeps the port and writes to the data directory after it.
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let mut node = Node::start(&["--data-dir", data.to_str().expect("utf-8 path")]);
-    let started = node.wait_line("started nats-server at ");
-    let port: u16 = started
-        .split_whitespace()
-        .find(|w| w.starts_with("nats://"))
-        .and_then(|url| url.rsplit(':').next())
+    let (mut node, url) = common::Agora::embedded_node(&data);
+    let port: u16 = url
+        .rsplit(':')
+        .next()
         .and_then(|p| p.parse().ok())
-        .expect("the line names the URL");
-    node.wait_line("ready");
+        .expect("the URL names a port");
     node.child.kill().expect("SIGKILL sent");
     node.child.wait().expect("the node is gone");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -284,8 +237,8 @@ async fn a_node_killed_mid_stream_loses_and_repeats_nothing() {
         publish(&js, "SAMPLE-USD", line.clone()).await;
         // Kill the node twice while orders are flowing, and start it again.
         if i == 700 || i == 1400 {
-            let _ = node.child.kill(); // SIGKILL: no clean shutdown
-            let _ = node.child.wait();
+            let _ = node.0.child.kill(); // SIGKILL: no clean shutdown
+            let _ = node.0.child.wait();
             node = Node::start(&args);
             node.wait_line("ready");
         }

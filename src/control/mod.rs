@@ -143,6 +143,16 @@ impl Placements {
     }
 }
 
+/// One try of a request that waits up to a lease for the nodes bucket to agree
+/// (`Control::within_one_lease`).
+enum Attempt<T> {
+    Done(T),
+    /// Refused for good: waiting would not change the answer.
+    Refuse(Failure),
+    /// Refused for now, with the answer should the lease run out.
+    Retry(Failure),
+}
+
 /// A node's record and whether it is alive (renewed within twice the lease, by the server's
 /// timestamps: this is for choosing and showing, never for ownership).
 struct NodeEntry {
@@ -269,40 +279,49 @@ impl Control {
         Ok(out)
     }
 
-    /// Waits until `node` is alive, for up to one lease: a busy node renews its record late, and a
-    /// busy server reads the bucket slowly, and neither makes a known node unknown. A node the
-    /// bucket has no record of is refused at once.
-    async fn live_node(&self, node: &str) -> Result<(), Failure> {
+    /// Tries `attempt` every 100 ms for up to one lease, until it is done or refuses; then
+    /// the last reason to try again is the answer. A busy node renews its record late and a
+    /// busy server reads the bucket slowly: neither may make a live node look dead.
+    async fn within_one_lease<T>(
+        &self,
+        mut attempt: impl AsyncFnMut() -> Attempt<T>,
+    ) -> Result<T, Failure> {
         let deadline = Instant::now() + self.lease;
         loop {
-            let refusal = match self.read_node_entries().await {
-                Ok(nodes) => match nodes.iter().find(|n| n.record.node == node) {
-                    Some(n) if n.alive => return Ok(()),
-                    Some(n) => Failure::new(
-                        "unknown_node",
-                        format!(
-                            "{node} is not a live node: its last heartbeat is {} ms old (alive means within {} ms); node.list shows them",
-                            n.age_ms,
-                            2 * self.lease.as_millis()
-                        ),
-                    ),
-                    None => {
-                        return Err(Failure::new(
-                            "unknown_node",
-                            format!("{node} is not a node; node.list shows them"),
-                        ));
-                    }
-                },
-                Err(e) => Failure::new(
-                    "kv",
-                    format!("cannot tell whether {node} is alive: {e}; ask again"),
-                ),
-            };
-            if Instant::now() >= deadline {
-                return Err(refusal);
+            match attempt().await {
+                Attempt::Done(value) => return Ok(value),
+                Attempt::Refuse(failure) => return Err(failure),
+                Attempt::Retry(failure) if Instant::now() >= deadline => return Err(failure),
+                Attempt::Retry(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits until `node` is alive, for up to one lease. A node the bucket has no record of is
+    /// refused at once.
+    async fn live_node(&self, node: &str) -> Result<(), Failure> {
+        self.within_one_lease(async || match self.read_node_entries().await {
+            Ok(nodes) => match nodes.iter().find(|n| n.record.node == node) {
+                Some(n) if n.alive => Attempt::Done(()),
+                Some(n) => Attempt::Retry(Failure::new(
+                    "unknown_node",
+                    format!(
+                        "{node} is not a live node: its last heartbeat is {} ms old (alive means within {} ms); node.list shows them",
+                        n.age_ms,
+                        2 * self.lease.as_millis()
+                    ),
+                )),
+                None => Attempt::Refuse(Failure::new(
+                    "unknown_node",
+                    format!("{node} is not a node; node.list shows them"),
+                )),
+            },
+            Err(e) => Attempt::Retry(Failure::new(
+                "kv",
+                format!("cannot tell whether {node} is alive: {e}; ask again"),
+            )),
+        })
+        .await
     }
 
     async fn placement_of(&self, market: &str) -> Result<Option<(Placement, u64)>, Failure> {
@@ -903,23 +922,18 @@ impl Control {
     async fn drain(&self, node: &str) -> Result<NodeDrained, Failure> {
         // Another node must be alive to take the markets; as for a move, a heartbeat late by
         // less than one lease does not count as none.
-        let deadline = Instant::now() + self.lease;
-        loop {
+        self.within_one_lease(async || {
             let nodes = match self.read_node_entries().await {
                 Ok(nodes) => nodes,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(Failure::new(
+                Err(e) => {
+                    return Attempt::Retry(Failure::new(
                         "kv",
                         format!("cannot read the node records to drain {node}: {e}; ask again"),
                     ));
                 }
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
             };
             if !nodes.iter().any(|n| n.record.node == node) {
-                return Err(Failure::new(
+                return Attempt::Refuse(Failure::new(
                     "unknown_node",
                     format!("{node} is not a node; node.list shows them"),
                 ));
@@ -929,16 +943,15 @@ impl Control {
                 .iter()
                 .any(|n| n.alive && n.record.node != node && !drained.contains(&n.record.node))
             {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(Failure::new(
+                Attempt::Done(())
+            } else {
+                Attempt::Retry(Failure::new(
                     "no_target",
                     format!("no other live node can take the markets of {node}; start one first"),
-                ));
+                ))
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await?;
         self.placement
             .put(placement::drain_key(node), "1".into())
             .await

@@ -514,6 +514,15 @@ async fn markets_removed_updated_and_checked_as_an_operator_does() {
     }
     let (ok, reply) = ctl(&url, &["node.undrain", "nope"]);
     assert!(!ok && reply["error"] == "unknown_node", "{reply}");
+    let (ok, reply) = ctl(&url, &["node.drain", "nope"]);
+    assert!(!ok && reply["error"] == "unknown_node", "{reply}");
+    // The only node cannot be drained: nothing could take its markets. The refusal comes
+    // after a lease of looking, and leaves the node as it was.
+    let (ok, reply) = ctl(&url, &["node.drain", "n1"]);
+    assert!(!ok && reply["error"] == "no_target", "{reply}");
+    let (ok, reply) = ctl(&url, &["node.list"]);
+    assert!(ok, "{reply}");
+    assert_eq!(reply["nodes"][0]["draining"], false, "{reply}");
     // Watching an unknown market is an error at once, not a silent wait.
     let (ok, _, err) = agora(&["watch", "trades", "--market", "NOPE", "--nats-url", &url]);
     assert!(!ok && err.contains("no market NOPE"), "{err}");

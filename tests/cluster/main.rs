@@ -300,6 +300,40 @@ impl Cluster {
         reply["pause_ms"].as_f64().expect("pause")
     }
 
+    /// `node`'s row in `node.list` (panics, with the list, if it has none).
+    fn node_row(&self, node: &str) -> Value {
+        let (ok, nodes) = self.ctl(&["node.list"]);
+        assert!(ok, "{nodes}");
+        nodes["nodes"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["node"] == node))
+            .cloned()
+            .unwrap_or_else(|| panic!("node.list has no row for {node}: {nodes}"))
+    }
+
+    /// Asks `node.list` every 200 ms until `node`'s row is as `wanted`; returns that row
+    /// (panics after `timeout`, saying `what` was awaited).
+    async fn wait_node_row(
+        &self,
+        node: &str,
+        wanted: impl Fn(&Value) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let row = self.node_row(node);
+            if wanted(&row) {
+                return row;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{node} not {what} in node.list after {timeout:?}: {row}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until `market` announces itself active on a node other than `not`, at least at
     /// `epoch`; returns that node.
     async fn wait_active(
@@ -323,6 +357,44 @@ impl Cluster {
             {
                 return s["node"].as_str().expect("node").to_string();
             }
+        }
+    }
+}
+
+/// Waits until `flow` sent `n` commands; panics instead of hanging if it ended first or took
+/// over a minute.
+async fn wait_sent(sent: &AtomicU64, n: u64, flow: &tokio::task::JoinHandle<()>) {
+    let started = Instant::now();
+    while sent.load(Ordering::Relaxed) < n {
+        assert!(
+            !flow.is_finished(),
+            "the flow ended after {} of the {n} commands awaited",
+            sent.load(Ordering::Relaxed)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the flow sent {} of the {n} commands awaited in a minute",
+            sent.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads the market's status announcements until `until`: `node`, which lost the market (and
+/// then woke, or came back from a partition), must never announce it active again.
+async fn assert_never_active_again(
+    status: &mut async_nats::Subscriber,
+    node: &str,
+    until: Instant,
+    after: &str,
+) {
+    while Instant::now() < until {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), status.next()).await {
+            let s: Value = rmp_serde::from_slice(&m.payload).expect("status");
+            assert!(
+                !(s["node"] == node && s["state"] == "active"),
+                "{node} ran the market again after {after}: {s}"
+            );
         }
     }
 }

@@ -4,14 +4,16 @@
 //! node; all on one nats-server.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::Value;
 
 use crate::common::{PublicTally, stored_trades, wait_journal};
-use crate::{Cluster, JOURNAL_WAIT, check_exactly_once, check_journal, load, workload};
+use crate::{
+    Cluster, JOURNAL_WAIT, assert_never_active_again, check_exactly_once, check_journal, load,
+    wait_sent, workload,
+};
 
 #[tokio::test]
 async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() {
@@ -35,9 +37,7 @@ async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() 
     let flow = load(&cluster.js, "A-USD", commands, 1500, sent.clone());
     let mut pauses = Vec::new();
     for to in ["n2", "n3", "n1"] {
-        while sent.load(Ordering::Relaxed) < total * (pauses.len() as u64 + 1) / 4 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_sent(&sent, total * (pauses.len() as u64 + 1) / 4, &flow).await;
         pauses.push(cluster.move_market("A-USD", to));
     }
     flow.await.expect("load");
@@ -55,19 +55,10 @@ async fn a_market_moves_between_nodes_under_load_losing_and_repeating_nothing() 
     let fills = tally.check(trades, Duration::from_secs(10)).await;
     println!("a plain subscriber saw {trades} trades and {fills} fills, each once");
 
-    let (ok, nodes) = cluster.ctl(&["node.list"]);
-    assert!(ok, "{nodes}");
-    let count = |id: &str| {
-        nodes["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .find(|n| n["node"] == id)
-            .map(|n| n["markets"].as_u64().unwrap_or(0))
-    };
-    assert_eq!(count("n1"), Some(1));
-    assert_eq!(count("n2"), Some(1));
-    assert_eq!(count("n3"), Some(0));
+    for (node, markets) in [("n1", 1), ("n2", 1), ("n3", 0)] {
+        let row = cluster.node_row(node);
+        assert_eq!(row["markets"], markets, "{row}");
+    }
     // The nodes that answered the moves counted them, with their pauses.
     assert_eq!(cluster.metric("matching_handoffs_total"), 4.0);
     assert_eq!(cluster.metric("matching_handoff_pause_us_count"), 4.0);
@@ -90,9 +81,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 1500, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 3, &flow).await;
     let killed = Instant::now();
     cluster.kill("n2");
     let new_owner = cluster
@@ -160,24 +149,14 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     // A market is not moved to a dead node: once node.list shows n1 dead, a move there is
     // refused (after waiting one lease for a heartbeat that does not come), saying how old
     // its last one is.
-    let dead_since = Instant::now();
-    loop {
-        let (ok, nodes) = cluster.ctl(&["node.list"]);
-        assert!(ok, "{nodes}");
-        let n1 = nodes["nodes"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["node"] == "n1"))
-            .cloned()
-            .unwrap_or_else(|| panic!("node.list keeps a dead node's row: {nodes}"));
-        if n1["alive"] == false {
-            break;
-        }
-        assert!(
-            dead_since.elapsed() < Duration::from_secs(20),
-            "n1 still alive in node.list 20 s after its kill: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster
+        .wait_node_row(
+            "n1",
+            |n1| n1["alive"] == false,
+            Duration::from_secs(20),
+            "dead",
+        )
+        .await;
     let (ok, reply) = cluster.ctl(&["market.move", "B-USD", "--to", "n1"]);
     assert!(!ok, "{reply}");
     assert_eq!(reply["error"], "unknown_node", "{reply}");
@@ -208,9 +187,7 @@ async fn a_paused_owner_publishes_nothing_after_it_lost_the_market() {
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 1200, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 4 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 4, &flow).await;
     cluster.signal("n2", libc::SIGSTOP);
     let owner = cluster
         .wait_active(&mut status, "n2", epoch + 1, Duration::from_secs(20))
@@ -220,35 +197,14 @@ async fn a_paused_owner_publishes_nothing_after_it_lost_the_market() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.signal("n2", libc::SIGCONT);
     let woke = Instant::now();
-    let zombie = Arc::new(AtomicBool::new(false));
     flow.await.expect("load");
-    // Whatever n2 announces after waking, it is never "active" for A-USD.
-    while woke.elapsed() < Duration::from_secs(3) {
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), status.next()).await {
-            let s: Value = rmp_serde::from_slice(&m.payload).expect("status");
-            if s["node"] == "n2" && s["state"] == "active" {
-                zombie.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-    assert!(
-        !zombie.load(Ordering::Relaxed),
-        "n2 ran A-USD again after losing it"
-    );
+    assert_never_active_again(&mut status, "n2", woke + Duration::from_secs(3), "waking").await;
     assert_eq!(cluster.placed("A-USD").await.0, "n1");
     wait_journal(&cluster.js, "A-USD", total, JOURNAL_WAIT).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
     // n2 is a member again, with nothing.
-    let (ok, nodes) = cluster.ctl(&["node.list"]);
-    assert!(ok);
-    let n2 = nodes["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .find(|n| n["node"] == "n2")
-        .cloned()
-        .expect("n2 listed");
+    let n2 = cluster.node_row("n2");
     assert_eq!(n2["alive"], true, "{n2}");
     assert_eq!(n2["markets"], 0, "{n2}");
 }
@@ -288,14 +244,9 @@ async fn drained_nodes_empty_and_new_markets_go_to_the_least_loaded() {
         .expect("load");
     let (ok, reply) = cluster.ctl(&["node.drain", "n1"]);
     assert!(ok, "{reply}");
-    let (ok, nodes) = cluster.ctl(&["node.list"]);
-    assert!(ok);
-    for n in nodes["nodes"].as_array().expect("nodes") {
-        if n["node"] == "n1" {
-            assert_eq!(n["markets"], 0, "{n}");
-            assert_eq!(n["draining"], true, "{n}");
-        }
-    }
+    let n1 = cluster.node_row("n1");
+    assert_eq!(n1["markets"], 0, "{n1}");
+    assert_eq!(n1["draining"], true, "{n1}");
     assert_ne!(cluster.placed("A-USD").await.0, "n1");
     assert_ne!(cluster.placed("B-USD").await.0, "n1");
     // The market list shows each market running where placement says.
@@ -446,23 +397,13 @@ async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 1500, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 2 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let (ok, nodes) = cluster.ctl(&["node.list"]);
-    assert!(ok);
-    let following = nodes["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .find(|n| n["node"] == standby.as_str())
-        .map(|n| n["following"].clone())
-        .expect("standby listed");
+    wait_sent(&sent, total / 2, &flow).await;
+    let row = cluster.node_row(&standby);
     assert!(
-        following
+        row["following"]
             .as_array()
             .is_some_and(|f| f.iter().any(|m| m == "A-USD")),
-        "{standby} keeps no warm copy of A-USD: {nodes}"
+        "{standby} keeps no warm copy of A-USD: {row}"
     );
     let mut status = cluster
         .client
@@ -509,9 +450,7 @@ async fn a_node_joining_a_loaded_cluster_takes_a_hot_market_by_a_load_move() {
     let sent = Arc::new(AtomicU64::new(0));
     let flow_a = load(&cluster.js, "A-USD", a, 400, sent.clone());
     let flow_b = load(&cluster.js, "B-USD", b, 400, Arc::default());
-    while sent.load(Ordering::Relaxed) < 400 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_sent(&sent, 400, &flow_a).await;
     cluster.start_node("n2", "");
     let started = Instant::now();
     let moved = loop {
@@ -593,9 +532,7 @@ async fn a_market_runs_on_the_node_that_prefers_it_and_comes_back_after_a_failov
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "B-USD", commands, 1000, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 4 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 4, &flow).await;
     cluster.kill("n2");
     let failed_over = wait_placed_on(&cluster, "B-USD", "n1", Duration::from_secs(20)).await;
     assert!(failed_over > epoch);

@@ -10,12 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{http_get, run};
-use crate::{Cluster, JOURNAL_WAIT, check_exactly_once, check_journal, load, workload};
+use crate::{
+    Cluster, JOURNAL_WAIT, assert_never_active_again, check_exactly_once, check_journal, load,
+    wait_sent, workload,
+};
 
 /// Three servers and their nodes per test are a lot for two cores: these tests run one at a
 /// time (beside the one-server tests).
@@ -123,9 +125,7 @@ async fn the_order_stream_leader_dies_under_load_and_every_report_is_there_once(
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 1000, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 3, &flow).await;
     let (leader, _) = replicas_of(&cluster.js, stream).await;
     let leader = leader.expect("the order stream has a leader");
     let victim = server_named(&cluster, &leader);
@@ -176,9 +176,7 @@ async fn without_quorum_the_engine_stops_accepting_and_resumes_when_quorum_retur
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 800, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 4 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 4, &flow).await;
     // Two of three down: no stream or bucket has a quorum.
     cluster.servers[1].stop();
     cluster.servers[2].stop();
@@ -306,9 +304,7 @@ async fn a_node_and_a_nats_server_die_together_and_nothing_is_lost() {
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 1000, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 3, &flow).await;
     let (leader, _) = replicas_of(&cluster.js, "ORDERS_A-USD").await;
     let victim = server_named(&cluster, &leader.expect("leader"));
     let killed = Instant::now();
@@ -447,9 +443,7 @@ async fn a_node_cut_off_from_nats_loses_its_markets_and_rejoins_without_publishi
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let flow = load(&cluster.js, "A-USD", commands, 1000, sent.clone());
-    while sent.load(Ordering::Relaxed) < total / 4 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_sent(&sent, total / 4, &flow).await;
     let cut = Instant::now();
     for p in &proxies {
         p.cut();
@@ -468,44 +462,28 @@ async fn a_node_cut_off_from_nats_loses_its_markets_and_rejoins_without_publishi
         p.heal();
     }
     let healed = Instant::now();
-    let zombie = Arc::new(AtomicBool::new(false));
     flow.await.expect("load");
-    while healed.elapsed() < Duration::from_secs(4) {
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), status.next()).await {
-            let s: Value = rmp_serde::from_slice(&m.payload).expect("status");
-            if s["node"] == "n2" && s["state"] == "active" {
-                zombie.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-    assert!(
-        !zombie.load(Ordering::Relaxed),
-        "n2 ran A-USD again after the partition healed"
-    );
+    assert_never_active_again(
+        &mut status,
+        "n2",
+        healed + Duration::from_secs(4),
+        "the partition healed",
+    )
+    .await;
     assert_eq!(cluster.placed("A-USD").await.0, "n1");
     cluster.wait_journal("A-USD", total, JOURNAL_WAIT).await;
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
     // n2 is back as a member, with nothing.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (ok, nodes) = cluster.ctl(&["node.list"]);
-        assert!(ok, "{nodes}");
-        let n2 = nodes["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .find(|n| n["node"] == "n2")
-            .cloned();
-        if let Some(n2) = n2
-            && n2["alive"] == true
-        {
-            assert_eq!(n2["markets"], 0, "{n2}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "n2 did not rejoin: {nodes}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let n2 = cluster
+        .wait_node_row(
+            "n2",
+            |n2| n2["alive"] == true,
+            Duration::from_secs(20),
+            "rejoined",
+        )
+        .await;
+    assert_eq!(n2["markets"], 0, "{n2}");
 }
 
 #[test]

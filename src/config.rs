@@ -141,6 +141,10 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub prefer: Vec<String>,
     pub failback_after_secs: u64,
+    /// How often a node writes its load into its record (0: with every renewal); the
+    /// renewals between carry none.
+    #[serde(default)]
+    pub load_every_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -378,6 +382,15 @@ impl Config {
                 3 * c.heartbeat_ms
             )));
         }
+        let ttl_ms = (4 * c.lease_ms).max(3000);
+        if c.load_every_ms != 0 && !(c.heartbeat_ms..=ttl_ms / 2).contains(&c.load_every_ms) {
+            return Err(ConfigError(format!(
+                "cluster.load_every_ms = {}: use 0 (the load with every renewal) or {} to {} (a heartbeat to half the records' lifetime, max(4 x lease_ms, 3000) ms)",
+                c.load_every_ms,
+                c.heartbeat_ms,
+                ttl_ms / 2
+            )));
+        }
         if c.imbalance_ratio.is_nan() || c.imbalance_ratio < 1.0 {
             return Err(ConfigError(format!(
                 "cluster.imbalance_ratio = {}: use 1.0 or more (1.5: a node 50% above the mean)",
@@ -465,6 +478,7 @@ impl Config {
             standbys: c.standbys,
             prefer: c.prefer.clone(),
             failback_after: std::time::Duration::from_secs(c.failback_after_secs),
+            load_every: std::time::Duration::from_millis(c.load_every_ms),
         }
     }
 
@@ -573,6 +587,21 @@ mod tests {
             };
             refused("[market]\nfetch_max = \"lots\"\n", "fetch_max")?;
             refused("[market]\nfetch_max = 0\n", "market.fetch_max = 0")?;
+            // The load at most every load_every_ms: a heartbeat at least, and half the
+            // records' lifetime (max(4 x lease, 3 s)) at most, so a record never expires.
+            refused(
+                "[cluster]\nload_every_ms = 50\n",
+                "cluster.load_every_ms = 50: use 0 (the load with every renewal) or 100 to 1500",
+            )?;
+            refused(
+                "[cluster]\nheartbeat_ms = 500\nlease_ms = 2000\nload_every_ms = 5000\n",
+                "or 500 to 4000",
+            )?;
+            write("[cluster]\nheartbeat_ms = 25\nlease_ms = 150\nload_every_ms = 1000\n")?;
+            let light = Config::load(Some(&file), &Overrides::default())
+                .map_err(|e| e.to_string())?
+                .cluster_settings();
+            assert_eq!(light.load_every, std::time::Duration::from_secs(1));
             refused(
                 "[market]\nbacklog_wait_us = 500000\n",
                 "market.backlog_wait_us = 500000: use 0 (never wait) to 100000",

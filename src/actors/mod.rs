@@ -19,7 +19,7 @@ pub use market::{
     SnapshotBudget,
 };
 pub use supervisor::{
-    Follow, FollowAhead, FollowerLag, Held, ListMarkets, MarketInfo, Shutdown, StartMarket,
-    StopMarket, Supervisor, Unfollow,
+    Follow, FollowAhead, FollowerLag, Held, ListMarkets, ListMarketsBrief, MarketInfo, Shutdown,
+    StartMarket, StopMarket, Supervisor, Unfollow,
 };
 pub use takeover::{StopPoint, Takeover, TakeoverKind};

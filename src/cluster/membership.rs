@@ -3,8 +3,11 @@
 //!
 //! A renewal acknowledged by JetStream extends the node's lease to the time it was sent plus
 //! three quarters of `lease`; the others declare the node dead only after `lease` without
-//! seeing a renewal, so a node stops publishing before its markets are given away. The same
-//! bucket holds the rebalancer's lease (`lease.rebalancer`; node ids have no dots).
+//! seeing a renewal, so a node stops publishing before its markets are given away. With
+//! `load_every` set, the record (and its load) is written at most that often, and at the next
+//! heartbeat when the markets it runs or follows change; the renewals between are a few dozen bytes at `alive.<node>`,
+//! which count for the record of the same instance. The same bucket holds the rebalancer's
+//! lease (`lease.rebalancer`; node ids have no dots).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,10 +18,31 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{ClusterSettings, Lease};
-use crate::actors::{ListMarkets, Supervisor};
+use crate::actors::{ListMarkets, ListMarketsBrief, Supervisor};
 
 /// The key of the rebalancer's lease in the nodes bucket.
 pub const REBALANCER_KEY: &str = "lease.rebalancer";
+
+/// Where a node renews between writes of its record when `load_every` is set.
+pub const ALIVE_PREFIX: &str = "alive.";
+
+/// The key of `node`'s renewals without load.
+pub fn alive_key(node: &str) -> String {
+    format!("{ALIVE_PREFIX}{node}")
+}
+
+/// The node whose renewal `key` is, if it is one.
+pub fn renewed_node(key: &str) -> Option<&str> {
+    key.strip_prefix(ALIVE_PREFIX)
+}
+
+/// A renewal without load (`alive.<node>`): it keeps alive the record of the same instance,
+/// and no other (a restarted node is known by its record first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    pub node: String,
+    pub instance: u64,
+}
 
 /// Why the heartbeat is failing, if it is: shared with the HTTP probes, so `/ready` can say
 /// why a node runs nothing (NATS's own error, such as "no space left on device").
@@ -97,9 +121,24 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The node's load as the supervisor knows it.
-async fn load(supervisor: &Addr<Supervisor>) -> (Vec<MarketLoad>, Vec<String>) {
-    let markets = supervisor.send(ListMarkets).await.unwrap_or_default();
+/// What the supervisor says runs here: with every market's figures, or (`figures` false) only
+/// which markets run, at which epochs, and which are followed.
+#[derive(Clone, Debug, Default)]
+struct Load {
+    markets: Vec<MarketLoad>,
+    following: Vec<String>,
+    figures: bool,
+}
+
+/// The node's load as the supervisor knows it; without `figures`, from the supervisor's own
+/// list, no market asked.
+async fn load(supervisor: &Addr<Supervisor>, figures: bool) -> Load {
+    let markets = if figures {
+        supervisor.send(ListMarkets).await
+    } else {
+        supervisor.send(ListMarketsBrief).await
+    }
+    .unwrap_or_default();
     let following = markets
         .iter()
         .filter(|m| m.following && !m.running)
@@ -120,18 +159,22 @@ async fn load(supervisor: &Addr<Supervisor>) -> (Vec<MarketLoad>, Vec<String>) {
             }
         })
         .collect();
-    (running, following)
+    Load {
+        markets: running,
+        following,
+        figures,
+    }
 }
 
-/// Asks the supervisor for the node's load each time `wanted` changes, until `stop`, and
-/// sends it to `latest`. Apart from the renewals: a market busy recovering or matching a large
-/// batch answers late, and a lease must never wait for that (a lapse stops every market here,
-/// whose restarts load the node further, so the renewals would lapse again). Requests made
-/// while one is answered are answered together.
+/// Asks the supervisor for the node's load each time `wanted` changes (with the figures when
+/// it holds true), until `stop`, and sends it to `latest`. Apart from the renewals: a market
+/// busy recovering or matching a large batch answers late, and a lease must never wait for
+/// that (a lapse stops every market here, whose restarts load the node further, so the
+/// renewals would lapse again). Requests made while one is answered are answered together.
 async fn watch_load(
     supervisor: Addr<Supervisor>,
-    mut wanted: watch::Receiver<u64>,
-    latest: watch::Sender<(Vec<MarketLoad>, Vec<String>)>,
+    mut wanted: watch::Receiver<bool>,
+    latest: watch::Sender<Load>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -139,10 +182,10 @@ async fn watch_load(
             _ = stop.changed() => break,
             asked = wanted.changed() => if asked.is_err() { break },
         }
-        wanted.borrow_and_update();
+        let figures = *wanted.borrow_and_update();
         let now = tokio::select! {
             _ = stop.changed() => break,
-            now = load(&supervisor) => now,
+            now = load(&supervisor, figures) => now,
         };
         if latest.send(now).is_err() {
             break;
@@ -181,18 +224,39 @@ pub async fn heartbeat(
     );
     let mut cpu_pct = 0.0;
     let mut failing_since: Option<Instant> = None;
-    let (want, wanted) = watch::channel(0u64);
-    let (latest, mut known) = watch::channel((Vec::new(), Vec::new()));
+    let (want, wanted) = watch::channel(true);
+    let (latest, mut known) = watch::channel(Load::default());
     let loads = actix_rt::spawn(watch_load(supervisor, wanted, latest, stop.clone()));
+    let light = !settings.load_every.is_zero();
+    let alive = alive_key(&node);
+    // When the record was last written, and what it said beyond its figures. Between records
+    // each heartbeat asks only what runs here; a change (a move, a new warm copy) makes the
+    // next heartbeat write the record.
+    let mut written: Option<(Instant, Shape)> = None;
+    let mut changed = false;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = timer.tick() => {}
         }
+        let due = !light
+            || changed
+            || written
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= settings.load_every);
         // A fresh load if it comes within half a heartbeat; else the last one known.
-        want.send_modify(|n| *n += 1);
+        want.send_modify(|figures| *figures = due);
         let _ = tokio::time::timeout(settings.heartbeat / 2, known.changed()).await;
-        let (markets, following) = known.borrow_and_update().clone();
+        let Load {
+            markets,
+            following,
+            figures,
+        } = known.borrow_and_update().clone();
+        let shape = Shape::of(&markets, &following);
+        let with_load = !light || (due && figures);
+        if !with_load && written.as_ref().is_some_and(|(_, was)| *was != shape) {
+            changed = true;
+        }
         // CPU over at least a second (the kernel counts it in 10 ms ticks).
         let now = Instant::now();
         if now.duration_since(cpu.0) >= Duration::from_secs(1) {
@@ -212,11 +276,24 @@ pub async fn heartbeat(
             following,
             prefers: settings.prefer.clone(),
         };
-        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        let (key, bytes) = if with_load {
+            (&node, serde_json::to_vec(&record))
+        } else {
+            let renewal = Renewal {
+                node: node.clone(),
+                instance,
+            };
+            (&alive, serde_json::to_vec(&renewal))
+        };
+        let bytes = bytes.unwrap_or_default();
         let sent = Instant::now();
-        match tokio::time::timeout(settings.lease, nodes.put(&node, bytes.into())).await {
+        match tokio::time::timeout(settings.lease, nodes.put(key, bytes.into())).await {
             Ok(Ok(_)) => {
                 lease.extend_to(sent + settings.own_lease());
+                if with_load {
+                    written = Some((sent, shape));
+                    changed = false;
+                }
                 healthy.set(1.0);
                 if let Some(since) = failing_since.take() {
                     status.set(None);
@@ -242,6 +319,29 @@ pub async fn heartbeat(
     }
     loads.abort();
     let _ = nodes.delete(&node).await;
+    if light {
+        let _ = nodes.delete(&alive).await;
+    }
+}
+
+/// What a node record says beyond its figures: the markets run (at which epoch) and followed,
+/// which the supervisor knows without asking them.
+#[derive(Debug, PartialEq)]
+struct Shape {
+    running: Vec<(String, u64)>,
+    following: Vec<String>,
+}
+
+impl Shape {
+    fn of(markets: &[MarketLoad], following: &[String]) -> Shape {
+        Shape {
+            running: markets
+                .iter()
+                .map(|m| (m.symbol.clone(), m.epoch))
+                .collect(),
+            following: following.to_vec(),
+        }
+    }
 }
 
 /// The nodes bucket as one node sees it: every record, and when it was last seen renewed by
@@ -255,6 +355,12 @@ pub struct NodeView {
 impl NodeView {
     /// Takes one entry of a watch on the bucket.
     pub fn apply(&mut self, entry: &kv::Entry) {
+        if let Some(node) = renewed_node(&entry.key) {
+            if entry.operation == kv::Operation::Put {
+                self.renewed(node, &entry.value);
+            }
+            return;
+        }
         if entry.key.contains('.') {
             return;
         }
@@ -268,6 +374,18 @@ impl NodeView {
             kv::Operation::Delete | kv::Operation::Purge => {
                 self.records.remove(&entry.key);
             }
+        }
+    }
+
+    /// A renewal without load: `node`'s record, if of the same instance, is seen now.
+    pub fn renewed(&mut self, node: &str, value: &[u8]) {
+        let Ok(renewal) = serde_json::from_slice::<Renewal>(value) else {
+            return;
+        };
+        if let Some((record, seen)) = self.records.get_mut(node)
+            && record.instance == renewal.instance
+        {
+            *seen = Instant::now();
         }
     }
 
@@ -305,5 +423,83 @@ impl NodeView {
         self.records
             .get(node)
             .is_some_and(|(_, seen)| now.saturating_duration_since(*seen) < lease)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(node: &str, instance: u64) -> NodeRecord {
+        NodeRecord {
+            node: node.into(),
+            instance,
+            started_unix_ms: 0,
+            commands_per_sec: 0.0,
+            cpu_pct: 0.0,
+            markets: Vec::new(),
+            following: Vec::new(),
+            prefers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_renewal_keeps_alive_only_the_record_of_its_instance() {
+        let lease = Duration::from_millis(500);
+        let long_ago = Instant::now() - Duration::from_secs(2);
+        let mut view = NodeView::default();
+        view.records
+            .insert("n1".into(), (record("n1", 7), long_ago));
+        view.records
+            .insert("n2".into(), (record("n2", 8), long_ago));
+        assert_eq!(view.live(lease).count(), 0);
+        let renewal = |node: &str, instance| {
+            serde_json::to_vec(&Renewal {
+                node: node.into(),
+                instance,
+            })
+            .expect("json")
+        };
+        // A renewal of another instance (the node before a restart) does not count; nor does a
+        // value that is not a renewal; nor a renewal of a node without a record.
+        view.renewed("n1", &renewal("n1", 6));
+        view.renewed("n1", b"{\"node\": 1}");
+        view.renewed("n3", &renewal("n3", 9));
+        assert!(!view.is_live("n1", lease));
+        assert!(!view.records.contains_key("n3"));
+        view.renewed("n1", &renewal("n1", 7));
+        assert!(view.is_live("n1", lease));
+        assert!(!view.is_live("n2", lease));
+        assert_eq!(renewed_node(&alive_key("n2")), Some("n2"));
+        assert_eq!(renewed_node("n2"), None);
+        assert_eq!(renewed_node(REBALANCER_KEY), None);
+    }
+
+    #[test]
+    fn a_record_is_written_again_when_what_it_runs_changes() {
+        let load = |symbol: &str, epoch, halted| MarketLoad {
+            symbol: symbol.into(),
+            epoch,
+            last_seq: 10,
+            commands_per_sec: 5.0,
+            resting_orders: 3,
+            halted,
+        };
+        let base = Shape::of(&[load("A-USD", 1, false)], &[]);
+        // Figures (a halt among them) wait for the next load.
+        let mut busier = load("A-USD", 1, true);
+        busier.commands_per_sec = 900.0;
+        busier.last_seq = 5000;
+        assert_eq!(Shape::of(&[busier], &[]), base);
+        // A new epoch (a move), another market or a warm copy go with the next heartbeat.
+        assert_ne!(Shape::of(&[load("A-USD", 2, false)], &[]), base);
+        assert_ne!(
+            Shape::of(&[load("A-USD", 1, false), load("B-USD", 1, false)], &[]),
+            base
+        );
+        assert_ne!(
+            Shape::of(&[load("A-USD", 1, false)], &["B-USD".into()]),
+            base
+        );
     }
 }

@@ -62,6 +62,11 @@ pub struct ClusterSettings {
     /// How long a node that prefers a market must have been live before the market moves
     /// back to it (hysteresis: a node that flaps does not drag markets back and forth).
     pub failback_after: Duration,
+    /// How often the node's record is written with its load (zero: at every renewal). Between
+    /// those, renewals go to `alive.<node>` and carry no load: a node of thousands of markets
+    /// writes a few dozen bytes a heartbeat instead of its whole record. Every node of the
+    /// cluster must read such renewals (this build and later) before one writes them.
+    pub load_every: Duration,
 }
 
 impl ClusterSettings {
@@ -90,6 +95,7 @@ impl Default for ClusterSettings {
             standbys: 0,
             prefer: Vec::new(),
             failback_after: Duration::from_secs(30),
+            load_every: Duration::ZERO,
         }
     }
 }

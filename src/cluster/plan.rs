@@ -430,6 +430,7 @@ mod tests {
             standbys: 1,
             prefer: Vec::new(),
             failback_after: Duration::from_secs(5),
+            load_every: Duration::ZERO,
         }
     }
 

@@ -28,7 +28,7 @@ pub mod protocol;
 
 use crate::bus::{self, BusError, Journal, StreamSettings, Subjects};
 use crate::cluster::handoff;
-use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, unix_ms};
+use crate::cluster::membership::{self, NodeRecord, REBALANCER_KEY, Renewal, unix_ms};
 use crate::cluster::placement::{self, Placement, PlacementState};
 use protocol::{
     Failure, MarketAdded, MarketHalted, MarketList, MarketMoved, MarketRemoved, MarketRow,
@@ -262,6 +262,15 @@ impl Control {
     async fn read_node_entries(&self) -> Result<Vec<NodeEntry>, BusError> {
         let mut out = Vec::new();
         let mut entries = bus::bucket_entries(&self.client, &self.nodes).await?;
+        // Renewals without load (`load_every_ms`): (instance, when) by node.
+        let renewed: std::collections::HashMap<String, (u64, u64)> = entries
+            .iter()
+            .filter_map(|e| {
+                let node = membership::renewed_node(&e.key)?;
+                let renewal = serde_json::from_slice::<Renewal>(&e.value).ok()?;
+                Some((node.to_string(), (renewal.instance, e.created_ms)))
+            })
+            .collect();
         entries.retain(|e| !e.key.contains('.'));
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         let now = unix_ms();
@@ -269,7 +278,11 @@ impl Control {
             let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) else {
                 continue;
             };
-            let age_ms = now.saturating_sub(entry.created_ms);
+            let last = match renewed.get(&entry.key) {
+                Some(&(instance, at)) if instance == record.instance => at.max(entry.created_ms),
+                _ => entry.created_ms,
+            };
+            let age_ms = now.saturating_sub(last);
             out.push(NodeEntry {
                 record,
                 alive: u128::from(age_ms) < 2 * self.lease.as_millis(),

@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::actors::market::MarketStatus;
 use crate::bus::{Buckets, KvFollower, Subjects};
 use crate::client::{BookDelta, BookSnapshot, Client, ClientError, HistoryAskError, L2, TapeTrade};
-use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, unix_ms};
+use crate::cluster::membership::{NodeRecord, REBALANCER_KEY, Renewal, renewed_node, unix_ms};
 use crate::cluster::placement::{Placement, PlacementState};
 use crate::history::decimal::Dec;
 
@@ -248,6 +248,16 @@ impl Hub {
                     view.owner = Some((p.node.clone(), p.epoch));
                 }
                 view.placement = placement;
+            }
+            Bucket::Nodes if let Some(node) = renewed_node(&entry.key) => {
+                // A renewal without load keeps alive the record of the same instance.
+                if !gone
+                    && let Ok(renewal) = serde_json::from_slice::<Renewal>(&entry.value)
+                    && let Some(n) = state.nodes.get_mut(node)
+                    && n.record.instance == renewal.instance
+                {
+                    n.seen = Instant::now();
+                }
             }
             Bucket::Nodes if entry.key == REBALANCER_KEY => {
                 state.rebalancer = (!gone).then(|| String::from_utf8_lossy(&entry.value).into());

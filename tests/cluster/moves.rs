@@ -3,10 +3,12 @@
 //! rebalancer's node can die, nodes drain, and a hot-added market goes to the least loaded
 //! node; all on one nats-server.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::Value;
 
 use crate::common::{PublicTally, stored_trades, wait_journal};
@@ -553,4 +555,92 @@ async fn a_market_runs_on_the_node_that_prefers_it_and_comes_back_after_a_failov
     check_journal(&cluster.js, "B-USD").await;
     check_exactly_once(&cluster.js, "B-USD").await;
     assert_eq!(cluster.placed("A-USD").await.0, "n1", "A-USD stayed");
+}
+
+#[tokio::test]
+async fn renewals_without_load_keep_nodes_alive_and_a_dead_one_still_fails_over() {
+    // load_every_ms = 3000 at heartbeat 100 and lease 1.5 s: a node writes its record with its
+    // load every 3 s (and at the next heartbeat when what it runs changes); the renewals
+    // between, a few dozen bytes at alive.<node>, are all that keeps it alive meanwhile.
+    // Liveness, node.list and failover must not notice.
+    let mut cluster =
+        Cluster::start_with(2, "", "rebalance_every_secs = 0\nload_every_ms = 3000").await;
+    cluster.move_market("B-USD", "n2");
+    let placed = [cluster.placed("A-USD").await, cluster.placed("B-USD").await];
+    // What each node writes, as a plain subscriber of the bucket's subjects sees it, for
+    // longer than two leases: node.list shows both nodes alive all along.
+    let mut puts = cluster
+        .client
+        .subscribe("$KV.agora_nodes.>")
+        .await
+        .expect("subscribe");
+    let mut written: BTreeMap<String, (u64, usize)> = BTreeMap::new();
+    let watched = Instant::now();
+    let mut asked = Instant::now();
+    while watched.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), puts.next()).await {
+            let kind = written.entry(m.subject.to_string()).or_default();
+            kind.0 += 1;
+            kind.1 = kind.1.max(m.payload.len());
+        }
+        if asked.elapsed() > Duration::from_millis(500) {
+            asked = Instant::now();
+            for node in ["n1", "n2"] {
+                let row = cluster.node_row(node);
+                assert_eq!(row["alive"], true, "{row}");
+            }
+        }
+    }
+    for node in ["n1", "n2"] {
+        let (records, _) = written[&format!("$KV.agora_nodes.{node}")];
+        let (renewals, renewal_bytes) = written[&format!("$KV.agora_nodes.alive.{node}")];
+        println!(
+            "{node} in 5 s: {records} records, {renewals} renewals of at most {renewal_bytes} bytes"
+        );
+        assert!((1..=4).contains(&records), "{node}: {written:?}");
+        assert!(renewals > 4 * records, "{node}: {written:?}");
+        assert!(renewal_bytes < 100, "{node}: {written:?}");
+    }
+    // The rebalancer saw both alive throughout: nothing failed over.
+    assert_eq!(
+        [cluster.placed("A-USD").await, cluster.placed("B-USD").await],
+        placed
+    );
+    assert_eq!(cluster.metric("matching_failovers_total"), 0.0);
+    // A move is in node.list at once, not at the next load.
+    cluster.move_market("A-USD", "n2");
+    cluster
+        .wait_node_row(
+            "n2",
+            |n2| {
+                n2["market_names"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m == "A-USD"))
+            },
+            Duration::from_secs(2),
+            "listing A-USD",
+        )
+        .await;
+    // n2 dies: the lease runs out on its renewals as it did on its records.
+    let (_, epoch) = cluster.placed("A-USD").await;
+    let mut status = cluster
+        .client
+        .subscribe("agora.status.A-USD")
+        .await
+        .expect("subscribe");
+    cluster.kill("n2");
+    let owner = cluster
+        .wait_active(&mut status, "n2", epoch + 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(owner, "n1");
+    cluster
+        .wait_node_row(
+            "n2",
+            |n2| n2["alive"] == false,
+            Duration::from_secs(20),
+            "dead",
+        )
+        .await;
+    let n1 = cluster.node_row("n1");
+    assert_eq!(n1["alive"], true, "{n1}");
 }

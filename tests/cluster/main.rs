@@ -334,6 +334,26 @@ impl Cluster {
         }
     }
 
+    /// Waits up to 20 s until `node.list` shows `node` alive (or dead); returns its row.
+    async fn wait_node_alive(&self, node: &str, alive: bool) -> Value {
+        let what = if alive { "alive" } else { "dead" };
+        self.wait_node_row(
+            node,
+            |row| row["alive"] == alive,
+            Duration::from_secs(20),
+            what,
+        )
+        .await
+    }
+
+    /// A subscription to `market`'s status announcements.
+    async fn status(&self, market: &str) -> async_nats::Subscriber {
+        self.client
+            .subscribe(format!("agora.status.{market}"))
+            .await
+            .expect("subscribe")
+    }
+
     /// Waits until `market` announces itself active on a node other than `not`, at least at
     /// `epoch`; returns that node.
     async fn wait_active(

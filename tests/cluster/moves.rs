@@ -72,11 +72,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     let mut cluster = Cluster::start(3, "").await;
     cluster.move_market("A-USD", "n2");
     let (_, epoch) = cluster.placed("A-USD").await;
-    let mut status = cluster
-        .client
-        .subscribe("agora.status.A-USD")
-        .await
-        .expect("subscribe");
+    let mut status = cluster.status("A-USD").await;
 
     let tally = PublicTally::start(&cluster.url()).await;
     let commands = workload(12, 2500);
@@ -115,11 +111,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     );
     let (b_owner, b_epoch) = cluster.placed("B-USD").await;
     assert_eq!(b_owner, "n1");
-    let mut b_status = cluster
-        .client
-        .subscribe("agora.status.B-USD")
-        .await
-        .expect("subscribe");
+    let mut b_status = cluster.status("B-USD").await;
     let survivor = if new_owner == "n1" {
         "n3"
     } else {
@@ -151,14 +143,7 @@ async fn a_killed_node_s_markets_resume_elsewhere_with_every_order_once() {
     // A market is not moved to a dead node: once node.list shows n1 dead, a move there is
     // refused (after waiting one lease for a heartbeat that does not come), saying how old
     // its last one is.
-    cluster
-        .wait_node_row(
-            "n1",
-            |n1| n1["alive"] == false,
-            Duration::from_secs(20),
-            "dead",
-        )
-        .await;
+    cluster.wait_node_alive("n1", false).await;
     let (ok, reply) = cluster.ctl(&["market.move", "B-USD", "--to", "n1"]);
     assert!(!ok, "{reply}");
     assert_eq!(reply["error"], "unknown_node", "{reply}");
@@ -180,11 +165,7 @@ async fn a_paused_owner_publishes_nothing_after_it_lost_the_market() {
     let cluster = Cluster::start(2, "").await;
     cluster.move_market("A-USD", "n2");
     let (_, epoch) = cluster.placed("A-USD").await;
-    let mut status = cluster
-        .client
-        .subscribe("agora.status.A-USD")
-        .await
-        .expect("subscribe");
+    let mut status = cluster.status("A-USD").await;
     let commands = workload(14, 2500);
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
@@ -407,11 +388,7 @@ async fn a_standby_takes_over_from_its_warm_copy_when_the_owner_dies() {
             .is_some_and(|f| f.iter().any(|m| m == "A-USD")),
         "{standby} keeps no warm copy of A-USD: {row}"
     );
-    let mut status = cluster
-        .client
-        .subscribe("agora.status.A-USD")
-        .await
-        .expect("subscribe");
+    let mut status = cluster.status("A-USD").await;
     let killed = Instant::now();
     cluster.kill(&owner);
     let new_owner = cluster
@@ -623,24 +600,13 @@ async fn renewals_without_load_keep_nodes_alive_and_a_dead_one_still_fails_over(
         .await;
     // n2 dies: the lease runs out on its renewals as it did on its records.
     let (_, epoch) = cluster.placed("A-USD").await;
-    let mut status = cluster
-        .client
-        .subscribe("agora.status.A-USD")
-        .await
-        .expect("subscribe");
+    let mut status = cluster.status("A-USD").await;
     cluster.kill("n2");
     let owner = cluster
         .wait_active(&mut status, "n2", epoch + 1, Duration::from_secs(20))
         .await;
     assert_eq!(owner, "n1");
-    cluster
-        .wait_node_row(
-            "n2",
-            |n2| n2["alive"] == false,
-            Duration::from_secs(20),
-            "dead",
-        )
-        .await;
+    cluster.wait_node_alive("n2", false).await;
     let n1 = cluster.node_row("n1");
     assert_eq!(n1["alive"], true, "{n1}");
 }

@@ -434,11 +434,7 @@ async fn a_node_cut_off_from_nats_loses_its_markets_and_rejoins_without_publishi
     cluster.start_node_at("n2", "", &via);
     cluster.move_market("A-USD", "n2");
     let (_, epoch) = cluster.placed("A-USD").await;
-    let mut status = cluster
-        .client
-        .subscribe("agora.status.A-USD")
-        .await
-        .expect("subscribe");
+    let mut status = cluster.status("A-USD").await;
     let commands = workload(34, 2400);
     let total = commands.len() as u64;
     let sent = Arc::new(AtomicU64::new(0));
@@ -475,14 +471,7 @@ async fn a_node_cut_off_from_nats_loses_its_markets_and_rejoins_without_publishi
     check_journal(&cluster.js, "A-USD").await;
     check_exactly_once(&cluster.js, "A-USD").await;
     // n2 is back as a member, with nothing.
-    let n2 = cluster
-        .wait_node_row(
-            "n2",
-            |n2| n2["alive"] == true,
-            Duration::from_secs(20),
-            "rejoined",
-        )
-        .await;
+    let n2 = cluster.wait_node_alive("n2", true).await;
     assert_eq!(n2["markets"], 0, "{n2}");
 }
 

@@ -337,7 +337,10 @@ fn the_page_s_files_and_api_answer_or_say_what_is_wrong() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = LocalServer::start(&dir.path().join("nats")).unwrap_or_else(|e| panic!("{e}"));
     let port = agora::bus::server::free_port().unwrap_or_else(|e| panic!("{e}"));
-    let _node = Agora::node(&server.url(), dir.path(), &node_config("n1", port));
+    // Its load every 3 s, with renewals without load between (`load_every_ms`): the page must
+    // count those, or the node would flicker dead for half of every 3 s (lease 1.5 s).
+    let config = format!("{}load_every_ms = 3000\n", node_config("n1", port));
+    let _node = Agora::node(&server.url(), dir.path(), &config);
 
     // The page and its modules, compiled in, with their types.
     let (head, body) = get_raw(port, "/");
@@ -375,6 +378,32 @@ fn the_page_s_files_and_api_answer_or_say_what_is_wrong() {
     assert_eq!(overview["markets"][0]["state"], "active", "{overview}");
     assert_eq!(overview["rebalancer"], "n1", "{overview}");
     assert_eq!(overview["nodes"][0]["node"], "n1", "{overview}");
+    // Its record lists its markets from the first heartbeat after they started (ready was
+    // printed once they run); then the node stays live all along, through more than a lease
+    // between records.
+    let listed = Instant::now();
+    loop {
+        let (_, overview) = common::http_get(port, "GET /api/overview");
+        if overview["nodes"][0]["markets"] == json!(["BTC-USDC", "ETH-USDC", "SOL-USDC"]) {
+            break;
+        }
+        assert!(
+            listed.elapsed() < Duration::from_secs(2),
+            "the node's markets are not in its record: {overview}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..8 {
+        let (status, overview) = common::http_get(port, "GET /api/overview");
+        assert_eq!(status, 200, "{overview}");
+        assert_eq!(overview["nodes"][0]["live"], true, "{overview}");
+        assert_eq!(
+            overview["nodes"][0]["markets"],
+            json!(["BTC-USDC", "ETH-USDC", "SOL-USDC"]),
+            "{overview}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // The book of a market, and refusals that say what to do.
     let (status, book) = common::http_get(port, "GET /api/book/BTC-USDC?depth=20");

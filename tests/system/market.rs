@@ -152,7 +152,26 @@ async fn orders_in_give_journal_reports_tape_out() {
     .await;
     wait_journal(&env.js, "BTC-USDC", 3, JOURNAL_WAIT).await;
 
-    let execs = read_all(&env, "EXECS").await;
+    // The views follow the journal (published once it is acknowledged): wait until the last
+    // command's report and the trade are stored too.
+    let stored = Instant::now();
+    let execs = loop {
+        let execs = read_all(&env, "EXECS").await;
+        let rejected = execs.iter().any(|(subject, v)| {
+            subject == "agora.execs.bob.BTC-USDC"
+                && v["reports"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["type"] == "rejected"))
+        });
+        if rejected && !read_all(&env, "TRADES").await.is_empty() {
+            break execs;
+        }
+        assert!(
+            stored.elapsed() < JOURNAL_WAIT,
+            "reports of commands the journal covers were not stored: {execs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let reports = |who: &str| -> Vec<Value> {
         execs
             .iter()

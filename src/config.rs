@@ -202,8 +202,11 @@ pub struct HistoryConfig {
     pub database: String,
     /// `/metrics`, `/health` and `/ready` of the history process (0: off).
     pub http_port: u16,
-    /// Most journal messages one transaction writes.
+    /// Most journal messages one run (one transaction a part) writes.
     pub batch_max: usize,
+    /// PostgreSQL: transactions written at once, a run's markets split among them (each
+    /// market in one). SQLite and MySQL write a run in one transaction.
+    pub parallel_transactions: usize,
     /// How long a writer that stops renewing keeps the role before a standby takes it.
     pub lease_ms: u64,
     /// Whether this process answers the history queries (every instance may, writer or not).
@@ -216,6 +219,7 @@ impl Default for HistoryConfig {
             database: String::new(),
             http_port: 0,
             batch_max: 1000,
+            parallel_transactions: 4,
             lease_ms: 2000,
             queries: true,
         }
@@ -238,6 +242,12 @@ impl HistoryConfig {
             return Err(format!(
                 "history.batch_max = {}: use 1 to 10000",
                 self.batch_max
+            ));
+        }
+        if !(1..=64).contains(&self.parallel_transactions) {
+            return Err(format!(
+                "history.parallel_transactions = {}: use 1 to 64",
+                self.parallel_transactions
             ));
         }
         if !(1000..=60_000).contains(&self.lease_ms) {

@@ -176,12 +176,13 @@ pub fn nats_url(config: &Config) -> String {
 /// URL or schema it cannot use fails at once.
 async fn open_waiting(
     url: &str,
+    writers: usize,
     health: &Health,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<Store>, HistoryError> {
     let mut wait = Duration::from_millis(250);
     loop {
-        match Store::open(url).await {
+        match Store::open_with(url, writers).await {
             Ok(store) => {
                 health.database_ok();
                 return Ok(Some(store));
@@ -264,7 +265,9 @@ pub async fn run(
             }
         };
         health.with(|h| h.nats = Some(client.clone()));
-        let Some(store) = open_waiting(&url, &health, &mut stop).await? else {
+        let Some(store) =
+            open_waiting(&url, settings.parallel_transactions, &health, &mut stop).await?
+        else {
             return Ok(());
         };
         println!(

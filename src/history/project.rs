@@ -256,6 +256,65 @@ impl Changes {
     pub fn rows(&self) -> usize {
         self.orders.len() + self.fills.len() + self.trades.len() + self.candles.len()
     }
+
+    /// These changes as at most `parts` changes that share no market (every row and progress
+    /// row of a market in one part), balanced by rows, largest markets first. Parts can be
+    /// written by concurrent transactions: no two touch the same row.
+    pub fn split(self, parts: usize) -> Vec<Changes> {
+        if parts <= 1 || self.progress.len() <= 1 {
+            return vec![self];
+        }
+        let mut rows: HashMap<&str, usize> = HashMap::new();
+        for (market, _) in self.orders.keys() {
+            *rows.entry(market).or_default() += 1;
+        }
+        for f in &self.fills {
+            *rows.entry(&f.market).or_default() += 1;
+        }
+        for t in &self.trades {
+            *rows.entry(&t.market).or_default() += 1;
+        }
+        for (market, _) in self.candles.keys() {
+            *rows.entry(market).or_default() += 1;
+        }
+        let mut markets: Vec<(&str, usize)> = self
+            .progress
+            .keys()
+            .map(|m| (m.as_str(), rows.get(m.as_str()).copied().unwrap_or(0) + 1))
+            .collect();
+        markets.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let n = parts.min(markets.len());
+        let mut load = vec![0usize; n];
+        let mut part_of: HashMap<String, usize> = HashMap::new();
+        for (market, r) in markets {
+            let (i, _) = load
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, l)| **l)
+                .unwrap_or((0, &0));
+            load[i] += r;
+            part_of.insert(market.to_string(), i);
+        }
+        let mut out: Vec<Changes> = (0..n).map(|_| Changes::default()).collect();
+        let at = |market: &str| part_of.get(market).copied().unwrap_or(0);
+        for (key, row) in self.orders {
+            out[at(&key.0)].orders.insert(key, row);
+        }
+        for f in self.fills {
+            out[at(&f.market)].fills.push(f);
+        }
+        for t in self.trades {
+            out[at(&t.market)].trades.push(t);
+        }
+        for (key, c) in self.candles {
+            out[at(&key.0)].candles.insert(key, c);
+        }
+        for (market, p) in self.progress {
+            out[at(&market)].progress.insert(market, p);
+        }
+        out[0].unreadable = self.unreadable;
+        out
+    }
 }
 
 /// Rows the projection must see before it can apply a run of messages.
@@ -315,6 +374,11 @@ impl Projector {
         let mut opened: BTreeSet<(String, u64)> = BTreeSet::new();
         for m in messages {
             let Ok(b) = &m.batch else { continue };
+            // A message written already is skipped by `apply`: the orders it opens are not
+            // opened again, so they are read like any other.
+            if self.written(&b.market, m.events_seq) {
+                continue;
+            }
             for e in &b.events {
                 let mut wanted: [Option<u64>; 2] = [None, None];
                 match e {
@@ -752,6 +816,15 @@ mod tests {
     /// A generated flow with every order type and rule, cut into journal messages of 1 to 40
     /// commands, as the engine would publish them; and the book after it.
     fn journal(seed: u64, commands: usize) -> (Vec<Vec<u8>>, OrderBook, usize) {
+        journal_named(seed, commands, None)
+    }
+
+    /// `journal`, its messages naming `market` instead of the flow's own symbol.
+    fn journal_named(
+        seed: u64,
+        commands: usize,
+        market: Option<&str>,
+    ) -> (Vec<Vec<u8>>, OrderBook, usize) {
         let w = workload::generate(&FlowParams {
             full_mix: true,
             ..FlowParams::small_book(seed, commands)
@@ -777,7 +850,7 @@ mod tests {
                 .filter(|e| matches!(e, crate::book::Event::Trade(_)))
                 .count();
             let j = Journal {
-                market: &w.spec.symbol,
+                market: market.unwrap_or(&w.spec.symbol),
                 first_seq: all[i].seq,
                 last_seq: all[end - 1].seq,
                 events: batch.iter().map(|e| EventView::new(&w.spec, e)).collect(),
@@ -920,6 +993,115 @@ mod tests {
         assert_eq!(volume, candle_volume);
         let candle_trades: u64 = tables.candles.values().map(|c| c.trades).sum();
         assert_eq!(candle_trades as usize, trade_count);
+    }
+
+    /// Three markets' journals interleaved into one stream, each market's messages in order.
+    fn three_markets(commands: usize) -> Vec<(String, Vec<u8>)> {
+        let mut queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)> = (0..3)
+            .map(|k| {
+                let market = format!("M{k}");
+                let (msgs, _, _) = journal_named(20 + k as u64, commands, Some(&market));
+                (market, msgs.into())
+            })
+            .collect();
+        let mut rng = Rng::new(3);
+        let mut out = Vec::new();
+        while queues.iter().any(|(_, q)| !q.is_empty()) {
+            let k = rng.below(3) as usize;
+            let (market, q) = &mut queues[k];
+            if let Some(m) = q.pop_front() {
+                out.push((market.clone(), m));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn runs_split_by_market_and_written_in_part_before_a_restart_give_the_same_tables() {
+        let stream = three_markets(10_000);
+        let message = |i: usize| Message {
+            events_seq: i as u64 + 1,
+            batch: JournalBatch::decode(&stream[i].1),
+        };
+        // One transaction a run.
+        let mut whole = Tables::default();
+        let mut projector = Projector::new(HashMap::new());
+        let mut rng = Rng::new(8);
+        let mut at = 0;
+        while at < stream.len() {
+            let end = (at + 1 + rng.below(40) as usize).min(stream.len());
+            let run: Vec<Message> = (at..end).map(message).collect();
+            whole.provide(&mut projector, &run);
+            whole.write(projector.apply(run));
+            at = end;
+        }
+        // Each run split into up to three transactions, each of its own markets; sometimes
+        // the process dies with only some parts written, and starts again from the position
+        // every market is written through.
+        let mut split = Tables::default();
+        let mut projector = Projector::new(HashMap::new());
+        let (mut through, mut crashes, mut parts_seen) = (0usize, 0, 0);
+        let mut rng = Rng::new(8);
+        while through < stream.len() {
+            let end = (through + 1 + rng.below(40) as usize).min(stream.len());
+            let run: Vec<Message> = (through..end).map(message).collect();
+            split.provide(&mut projector, &run);
+            let changes = projector.apply(run);
+            let (rows, markets) = (changes.rows(), changes.progress.len());
+            let parts = changes.split(3);
+            assert_eq!(parts.len(), markets.clamp(1, 3));
+            assert_eq!(parts.iter().map(Changes::rows).sum::<usize>(), rows);
+            let mut seen = BTreeSet::new();
+            for p in &parts {
+                let mine: BTreeSet<&String> = p.progress.keys().collect();
+                assert!(p.orders.keys().all(|(m, _)| mine.contains(m)));
+                assert!(p.fills.iter().all(|f| mine.contains(&f.market)));
+                assert!(p.trades.iter().all(|t| mine.contains(&t.market)));
+                assert!(p.candles.keys().all(|(m, _)| mine.contains(m)));
+                for m in mine {
+                    assert!(seen.insert(m.clone()), "{m} in two parts");
+                }
+            }
+            parts_seen += parts.len();
+            if parts.len() > 1 && rng.chance(250) {
+                // Killed mid-run: a random part is lost, the others committed.
+                let lost = rng.below(parts.len() as u64) as usize;
+                for (i, p) in parts.into_iter().enumerate() {
+                    if i != lost {
+                        split.write(p);
+                    }
+                }
+                crashes += 1;
+                projector = Projector::new(split.progress.clone());
+                continue;
+            }
+            for p in parts {
+                split.write(p);
+            }
+            through = end;
+        }
+        assert!(
+            crashes >= 8 && parts_seen > 2 * crashes,
+            "{crashes} crashes"
+        );
+        let sort = |t: &mut Tables| {
+            t.fills.sort_by(|a, b| {
+                (&a.market, &a.trade_id, a.liquidity).cmp(&(&b.market, &b.trade_id, b.liquidity))
+            });
+            t.trades
+                .sort_by(|a, b| (&a.market, &a.trade_id).cmp(&(&b.market, &b.trade_id)));
+        };
+        sort(&mut whole);
+        sort(&mut split);
+        assert!(whole.fills.len() > 1000, "the flows trade");
+        for (k, o) in &whole.orders {
+            assert_eq!(Some(o), split.orders.get(k), "order {k:?}");
+        }
+        assert_eq!(whole.orders.len(), split.orders.len());
+        assert_eq!(whole.fills, split.fills);
+        assert_eq!(whole.trades, split.trades);
+        assert_eq!(whole.candles, split.candles);
+        assert_eq!(whole.progress, split.progress);
     }
 
     #[test]

@@ -30,6 +30,9 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// Rows one PostgreSQL statement carries (arrays, a bind a column).
 const PG_ROWS_PER_STATEMENT: usize = 5000;
 
+/// The `history_meta` row holding the journal position every market is written through.
+const READ_THROUGH: &str = "read_through";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -541,6 +544,14 @@ impl Store {
     /// Connects (creating a SQLite file and its directory if missing) and creates the tables
     /// that are missing. Fails at once if the database cannot be reached.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with(url, 1).await
+    }
+
+    /// `open`, with room in the pool for `writers` transactions at once besides the
+    /// projection's reads, the lag and the queries (PostgreSQL; the others write one at a
+    /// time whatever `writers` is).
+    pub async fn open_with(url: &str, writers: usize) -> Result<Store, StoreError> {
+        let connections = u32::try_from(writers).unwrap_or(64).clamp(1, 64) + 3;
         let dialect = Dialect::of_url(url).map_err(StoreError::Schema)?;
         let shown = redact_url(url);
         let bad_url = |e: sqlx::Error| {
@@ -583,7 +594,7 @@ impl Store {
             }
             Dialect::Postgres => Pool::Postgres(
                 PgPoolOptions::new()
-                    .max_connections(4)
+                    .max_connections(connections)
                     .acquire_timeout(Duration::from_secs(5))
                     .connect_with(PgConnectOptions::from_str(url).map_err(bad_url)?)
                     .await
@@ -666,6 +677,47 @@ impl Store {
         self.meta("store_id")
             .await?
             .ok_or_else(|| StoreError::Schema("history_meta lost its store_id".into()))
+    }
+
+    /// The journal position every market is written through (`history_meta`
+    /// `read_through`): the writer reads on from the message after it. Set to `fallback`
+    /// (the highest `events_seq` written: what a database written one transaction a run
+    /// implies) when the database has none yet.
+    pub async fn read_through(&self, fallback: u64) -> Result<u64, StoreError> {
+        if self.meta(READ_THROUGH).await?.is_none() {
+            self.set_meta(READ_THROUGH, &fallback.to_string()).await?;
+        }
+        let value = self.meta(READ_THROUGH).await?.unwrap_or_default();
+        value.parse().map_err(|_| {
+            StoreError::Schema(format!(
+                "history_meta {READ_THROUGH} is {value:?}, not a journal sequence: --rebuild into a new database"
+            ))
+        })
+    }
+
+    /// Moves `read_through` from `from` to `to`, once every market's rows up to `to` are
+    /// committed. Fenced like the progress rows: `Fenced` when another writer (or a rebuild)
+    /// moved it meanwhile.
+    pub async fn advance_read_through(&self, from: u64, to: u64) -> Result<(), StoreError> {
+        let sql = "UPDATE history_meta SET value = ";
+        let done = on_pool!(&self.pool, p => {
+            let mut b = QueryBuilder::new(sql);
+            b.push_bind(to.to_string())
+                .push(" WHERE name = ")
+                .push_bind(READ_THROUGH)
+                .push(" AND value = ")
+                .push_bind(from.to_string());
+            b.build().execute(p).await.map(|r| r.rows_affected())
+        })
+        .map_err(db_err("cannot write history_meta"))?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced {
+                market: format!("history_meta {READ_THROUGH}"),
+                expected: Some(from),
+            })
+        }
     }
 
     /// Every market's progress.
@@ -968,6 +1020,7 @@ impl Store {
             for t in ["orders", "fills", "trades", "candles", "history_progress"] {
                 sqlx::query(&format!("DELETE FROM {t}")).execute(&mut *tx).await.map_err(db_err("cannot empty the tables"))?;
             }
+            sqlx::query(&format!("DELETE FROM history_meta WHERE name = '{READ_THROUGH}'")).execute(&mut *tx).await.map_err(db_err("cannot empty the tables"))?;
             tx.commit().await.map_err(db_err("cannot commit"))
         })
     }

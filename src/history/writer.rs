@@ -19,7 +19,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::project::{Changes, Message, Projector};
-use super::store::{Store, StoreError};
+use super::store::{Dialect, Store, StoreError};
 use super::{Health, HistoryConfig, HistoryError};
 use crate::actors::Lease;
 use crate::bus::{Journal, Subjects};
@@ -245,15 +245,22 @@ impl Writer {
         }
     }
 
-    /// Reads progress until the database answers (or the lease is lost meanwhile).
+    /// Reads progress, and the journal position every market is written through, until the
+    /// database answers (or the lease is lost meanwhile).
     async fn progress_waiting(
         &self,
         lease: &mut WriterLease,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<Option<HashMap<String, super::project::Progress>>, HistoryError> {
+    ) -> Result<Option<(HashMap<String, super::project::Progress>, u64)>, HistoryError> {
         let mut wait = Duration::from_millis(100);
         loop {
-            match self.store.progress().await {
+            let read = async {
+                let progress = self.store.progress().await?;
+                let highest = progress.values().map(|p| p.events_seq).max().unwrap_or(0);
+                let through = self.store.read_through(highest).await?;
+                Ok::<_, StoreError>((progress, through))
+            };
+            match read.await {
                 Ok(p) => {
                     self.health.database_ok();
                     return Ok(Some(p));
@@ -280,14 +287,17 @@ impl Writer {
         lease: &mut WriterLease,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Stopped, HistoryError> {
-        let Some(progress) = self.progress_waiting(lease, stop).await? else {
+        let Some((progress, through)) = self.progress_waiting(lease, stop).await? else {
             return Ok(if *stop.borrow() {
                 Stopped::Shutdown
             } else {
                 Stopped::Lost("the lease lapsed while the database was down".into())
             });
         };
-        let start = progress.values().map(|p| p.events_seq).max().unwrap_or(0) + 1;
+        // From the first message not yet written for every market: transactions written at
+        // once may have left some markets of the last run written and others not, and the
+        // projection skips what a market has already.
+        let start = through + 1;
         let mut projector = Projector::new(progress);
         let stream = js
             .get_stream(self.subjects.events_stream())
@@ -314,6 +324,12 @@ impl Writer {
             store: self.store.clone(),
             health: self.health.clone(),
             lease: lease.lease.clone(),
+            parts: if self.store.dialect == Dialect::Postgres {
+                self.settings.parallel_transactions
+            } else {
+                1
+            },
+            through: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(through)),
         };
         // One transaction in flight while the next run is read and projected.
         let mut inflight: Option<tokio::task::JoinHandle<Commit>> = None;
@@ -367,6 +383,7 @@ impl Writer {
                 continue;
             }
             let count = run.len() as u64;
+            let run_end = run.iter().map(|m| m.events_seq).max().unwrap_or(0);
             let prepared = Instant::now();
             let changes = match committer.prepare(&mut projector, run, stop).await? {
                 Ok(changes) => changes,
@@ -389,9 +406,11 @@ impl Writer {
             );
             metrics::counter!("history_journal_messages_total").increment(count);
             if !changes.is_empty() {
-                inflight = Some(actix_rt::spawn(
-                    committer.clone().commit(changes, stop.clone()),
-                ));
+                inflight = Some(actix_rt::spawn(committer.clone().commit(
+                    changes,
+                    run_end,
+                    stop.clone(),
+                )));
             }
         }
     }
@@ -450,12 +469,16 @@ async fn settle(inflight: &mut Option<tokio::task::JoinHandle<Commit>>) -> Commi
     }
 }
 
-/// Prepares and commits runs: what the writer's loop and its transaction in flight share.
+/// Prepares and commits runs: what the writer's loop and its transactions in flight share.
 #[derive(Clone)]
 struct Committer {
     store: Store,
     health: Health,
     lease: Lease,
+    /// Transactions a run is split into, each for different markets, written at once.
+    parts: usize,
+    /// The journal position every market is written through (`Store::read_through`).
+    through: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Committer {
@@ -503,8 +526,57 @@ impl Committer {
         Ok(Ok(changes))
     }
 
+    /// Writes the changes of a run ending at journal message `run_end`: split among
+    /// `parts` transactions by market, written at once, then (all committed) the journal
+    /// position moved to the run's end.
+    async fn commit(self, changes: Changes, run_end: u64, stop: watch::Receiver<bool>) -> Commit {
+        let parts = changes.split(self.parts);
+        let written = futures::future::join_all(
+            parts
+                .into_iter()
+                .map(|part| self.clone().commit_part(part, stop.clone())),
+        )
+        .await;
+        for outcome in written {
+            if let Some(stopped) = outcome? {
+                return Ok(Some(stopped));
+            }
+        }
+        self.advance(run_end, stop).await
+    }
+
+    /// Moves the journal position to `run_end`, again after a back-off while the database
+    /// fails.
+    async fn advance(self, run_end: u64, mut stop: watch::Receiver<bool>) -> Commit {
+        use std::sync::atomic::Ordering;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let from = self.through.load(Ordering::Acquire);
+            if run_end <= from {
+                return Ok(None);
+            }
+            match self.store.advance_read_through(from, run_end).await {
+                Ok(()) => {
+                    self.through.store(run_end, Ordering::Release);
+                    return Ok(None);
+                }
+                Err(StoreError::Fenced { market, .. }) => {
+                    return Ok(Some(Stopped::Lost(format!(
+                        "another writer moved {market} past journal message {from}"
+                    ))));
+                }
+                Err(StoreError::Database { what, reason }) => {
+                    if let Some(s) = self.back_off(what, &reason, &mut wait, &mut stop).await {
+                        return Ok(Some(s));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Writes `changes` in one transaction, again after a back-off while the database fails.
-    async fn commit(self, changes: Changes, mut stop: watch::Receiver<bool>) -> Commit {
+    async fn commit_part(self, changes: Changes, mut stop: watch::Receiver<bool>) -> Commit {
         let mut wait = Duration::from_millis(100);
         loop {
             if !self.lease.valid() {

@@ -94,22 +94,7 @@ impl Db {
     /// as a back office would read the tables: the first column of each row.
     fn client_query(&self, sql: &str) -> Vec<String> {
         let text = match self {
-            Db::Sqlite(p) => {
-                let script = format!(
-                    "import sqlite3\nfor r in sqlite3.connect({:?}).execute({sql:?}): print(r[0])\n",
-                    p.join("history.db").display().to_string()
-                );
-                let out = std::process::Command::new("python3")
-                    .args(["-c", &script])
-                    .output()
-                    .expect("python3 runs");
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            }
+            Db::Sqlite(p) => python_sqlite(p, &format!("for r in c.execute({sql:?}): print(r[0])")),
             Db::Postgres(pg) => pg.psql(sql),
             Db::MariaDb(m) => m.sql(sql),
         };
@@ -120,19 +105,7 @@ impl Db {
     fn client_exec(&self, sql: &str) {
         match self {
             Db::Sqlite(p) => {
-                let script = format!(
-                    "import sqlite3\nc = sqlite3.connect({:?})\nc.executescript({sql:?})\nc.commit()\n",
-                    p.join("history.db").display().to_string()
-                );
-                let out = std::process::Command::new("python3")
-                    .args(["-c", &script])
-                    .output()
-                    .expect("python3 runs");
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                python_sqlite(p, &format!("c.executescript({sql:?})"));
             }
             Db::Postgres(pg) => {
                 pg.psql(sql);
@@ -503,6 +476,25 @@ async fn dump(store: &Store) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// Python's sqlite3 on the test's `history.db` in `dir`: `body` runs with the connection as
+/// `c`, then commits; what it prints.
+fn python_sqlite(dir: &Path, body: &str) -> String {
+    let script = format!(
+        "import sqlite3\nc = sqlite3.connect({:?})\n{body}\nc.commit()\n",
+        dir.join("history.db").display().to_string()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Two dumps hold the same rows; else the first few rows only one of them has.

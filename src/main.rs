@@ -559,6 +559,11 @@ struct ReplayArgs {
     /// With --bench: also time the naive reference book on the same commands, as a baseline.
     #[arg(long, requires = "bench")]
     baseline: bool,
+    /// With --bench: apply each command without telling the book of the next ones (a market
+    /// tells it of the next three, so that it fetches what they read ahead of time), to see
+    /// what that look-ahead gains.
+    #[arg(long, requires = "bench")]
+    no_lookahead: bool,
 }
 
 #[derive(Args)]
@@ -626,11 +631,11 @@ fn replay_cmd(args: ReplayArgs) -> Result<()> {
     let inputs = replay::read_inputs(reader, &spec)?;
     if let Some(k) = args.bench {
         let commands = replay::commands(&inputs);
-        let report = replay::bench::<OrderBook>(&spec, &commands, k)?;
+        let report = replay::bench::<OrderBook>(&spec, &commands, k, !args.no_lookahead)?;
         let mut stdout = io::stdout().lock();
         report.print(&mut stdout, "")?;
         if args.baseline {
-            let baseline = replay::bench::<ReferenceBook>(&spec, &commands, k)?;
+            let baseline = replay::bench::<ReferenceBook>(&spec, &commands, k, !args.no_lookahead)?;
             baseline.print(&mut stdout, "baseline_")?;
             writeln!(
                 stdout,

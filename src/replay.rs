@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use flate2::read::MultiGzDecoder;
 use hdrhistogram::Histogram;
 
-use crate::book::{Account, Command, Event, MarketSpec, Matching, OrderBook, StateHash};
+use crate::book::{Account, Command, Event, LOOKAHEAD, MarketSpec, Matching, OrderBook, StateHash};
 use crate::wire::{self, DecodeContext, EventView, RejectView, WireReject};
 
 /// One input line, decoded.
@@ -194,11 +194,13 @@ pub fn commands(inputs: &[Input]) -> Vec<&Command> {
 }
 
 /// Times only the book `B`: `repetitions` runs over the commands, each on a fresh book, then
-/// one more run timing every command on its own for the latency percentiles.
+/// one more run timing every command on its own for the latency percentiles. With `lookahead`
+/// the book is told of the next `LOOKAHEAD` commands before each one, as a market does.
 pub fn bench<B: Matching>(
     spec: &MarketSpec,
     commands: &[&Command],
     repetitions: usize,
+    lookahead: bool,
 ) -> Result<BenchReport> {
     if repetitions == 0 {
         bail!("--bench needs at least 1 repetition");
@@ -206,15 +208,26 @@ pub fn bench<B: Matching>(
     if commands.is_empty() {
         bail!("the file holds no valid command to time");
     }
+    let ahead = if lookahead { LOOKAHEAD } else { 0 };
+    let step = |book: &mut B, i: usize, events: &mut Vec<Event>| {
+        if ahead > 0 && book.prefetches() {
+            for k in (1..=ahead).rev() {
+                if let Some(c) = commands.get(i + k) {
+                    book.prefetch(c, k);
+                }
+            }
+        }
+        events.clear();
+        book.apply(commands[i], events);
+    };
     let mut events: Vec<Event> = Vec::with_capacity(1024);
     let mut rates = Vec::with_capacity(repetitions);
     let mut hash = None;
     for _ in 0..repetitions {
         let mut book = B::with_spec(spec.clone());
         let started = Instant::now();
-        for cmd in commands {
-            events.clear();
-            book.apply(cmd, &mut events);
+        for i in 0..commands.len() {
+            step(&mut book, i, &mut events);
         }
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         rates.push(commands.len() as f64 / seconds);
@@ -223,10 +236,9 @@ pub fn bench<B: Matching>(
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .context("cannot build the latency histogram")?;
     let mut book = B::with_spec(spec.clone());
-    for cmd in commands {
-        events.clear();
+    for i in 0..commands.len() {
         let started = Instant::now();
-        book.apply(cmd, &mut events);
+        step(&mut book, i, &mut events);
         let ns = started.elapsed().as_nanos() as u64;
         latency.saturating_record(ns.max(1));
     }

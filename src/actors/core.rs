@@ -5,10 +5,14 @@
 //! which is what makes recovery by replay and republishing with the same `Nats-Msg-Id`s work.
 //! This module must never publish, wait, or read anything but its arguments.
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 use crate::book::columns::BookColumns;
-use crate::book::{BookSnapshot, Event, MarketSpec, OrderBook, Seq, StateHash, Timestamp};
+use crate::book::{
+    BookSnapshot, Event, LOOKAHEAD, MarketSpec, OrderBook, Seq, StateHash, Timestamp,
+};
 use crate::bus::Subjects;
 use crate::bus::outputs::{self, Batch, BatchOutputs, Entry, Outcome};
 use crate::wire::{self, DecodeContext};
@@ -20,6 +24,10 @@ pub const TOP_LEVELS_DEFAULT: usize = 50;
 /// (~150-250 bytes an event) stays well under NATS' 1 MiB payload limit; the rest of the
 /// messages form the next batch.
 pub const BATCH_EVENTS_MAX: usize = 2_000;
+
+/// A message decoded: its commands (or their rejections), or the rejection of its subject's
+/// account.
+type Decoded = Result<Vec<Result<crate::book::Command, wire::WireReject>>, wire::WireReject>;
 
 /// One message of the market's order stream.
 #[derive(Clone, Debug)]
@@ -254,13 +262,14 @@ impl MarketCore {
         self.last_seq
     }
 
-    /// Decodes and applies one message, appending what it produced to `entries`.
-    fn apply(&mut self, msg: &Incoming, entries: &mut Vec<Entry>) {
+    /// Decodes one message: its commands (or their rejections), or the rejection of the
+    /// account its subject names.
+    fn decode(&self, msg: &Incoming) -> Decoded {
         let bound_account = match &msg.account {
             None => None,
             Some(Ok(account)) => Some(*account),
             Some(Err(token)) => {
-                entries.push(Entry::Reject(wire::WireReject {
+                return Err(wire::WireReject {
                     seq: msg.seq,
                     pos: 0,
                     ts: msg.ts,
@@ -271,10 +280,7 @@ impl MarketCore {
                     message: format!(
                         "the subject names account {token:?}, which is not a valid account (letters, digits, '-', '_'; at most 36)"
                     ),
-                }));
-                self.stats.commands += 1;
-                self.last_seq = self.last_seq.max(msg.seq);
-                return;
+                });
             }
         };
         let ctx = DecodeContext {
@@ -286,31 +292,99 @@ impl MarketCore {
             batch_max: self.batch_max,
             operator: msg.operator,
         };
-        let decoded = wire::decode(&msg.payload, msg.json, &ctx);
-        self.stats.commands += decoded.len() as u64;
-        for decoded in decoded {
+        Ok(wire::decode(&msg.payload, msg.json, &ctx))
+    }
+
+    /// Decodes and applies messages in order, appending what they produced to `entries`, until
+    /// `entries` reaches `events_max` (the message that reaches it included); returns how many
+    /// messages it took. The next few messages are decoded ahead of their turn, so that the
+    /// book can be told which commands come next (`OrderBook::prefetch`) and fetch what they
+    /// read while it works on the one before: on a deep book, the orders a cancel names are
+    /// cache misses. A market-spec change is decoded against: the messages after it are
+    /// decoded again with the new spec.
+    fn apply_run(
+        &mut self,
+        msgs: &[Incoming],
+        entries: &mut Vec<Entry>,
+        events_max: usize,
+    ) -> usize {
+        let mut window: VecDeque<Decoded> = VecDeque::with_capacity(LOOKAHEAD + 1);
+        let mut decoded_to = 0;
+        let mut taken = 0;
+        while taken < msgs.len() {
+            while decoded_to < msgs.len() && decoded_to <= taken + LOOKAHEAD {
+                window.push_back(self.decode(&msgs[decoded_to]));
+                decoded_to += 1;
+            }
+            let Some(decoded) = window.pop_front() else {
+                break;
+            };
+            let spec_changed = self.apply_decoded(decoded, &window, entries);
+            self.last_seq = self.last_seq.max(msgs[taken].seq);
+            taken += 1;
+            if spec_changed {
+                window.clear();
+                decoded_to = taken;
+            }
+            if entries.len() >= events_max {
+                break;
+            }
+        }
+        taken
+    }
+
+    /// Applies one decoded message; `next` are the messages decoded after it. Returns whether
+    /// it changed the market's spec.
+    fn apply_decoded(
+        &mut self,
+        decoded: Decoded,
+        next: &VecDeque<Decoded>,
+        entries: &mut Vec<Entry>,
+    ) -> bool {
+        let cmds = match decoded {
+            Ok(cmds) => cmds,
+            Err(reject) => {
+                entries.push(Entry::Reject(reject));
+                self.stats.commands += 1;
+                return false;
+            }
+        };
+        self.stats.commands += cmds.len() as u64;
+        let mut spec_changed = false;
+        for (i, decoded) in cmds.iter().enumerate() {
             match decoded {
                 Ok(cmd) => {
+                    if self.book.prefetches() {
+                        let coming = cmds[i + 1..]
+                            .iter()
+                            .chain(next.iter().filter_map(|d| d.as_ref().ok()).flatten())
+                            .filter_map(|c| c.as_ref().ok())
+                            .take(LOOKAHEAD);
+                        for (ahead, c) in coming.enumerate() {
+                            self.book.prefetch(c, ahead + 1);
+                        }
+                    }
                     self.events.clear();
-                    self.book.apply(&cmd, &mut self.events);
+                    self.book.apply(cmd, &mut self.events);
                     if matches!(cmd.op, crate::book::command::Op::UpdateSpec(_)) {
                         self.spec = self.book.spec().clone();
+                        spec_changed = true;
                     }
                     entries.extend(self.events.drain(..).map(Entry::Event));
                 }
-                Err(reject) => entries.push(Entry::Reject(reject)),
+                Err(reject) => entries.push(Entry::Reject(reject.clone())),
             }
         }
-        self.last_seq = self.last_seq.max(msg.seq);
+        spec_changed
     }
 
     /// Applies messages already processed before (recovery), building nothing.
     pub fn replay(&mut self, msgs: &[Incoming]) {
         self.top = None;
         let mut scratch = Vec::new();
-        for msg in msgs {
+        for chunk in msgs.chunks(256) {
             scratch.clear();
-            self.apply(msg, &mut scratch);
+            self.apply_run(chunk, &mut scratch, usize::MAX);
         }
     }
 
@@ -366,14 +440,7 @@ impl MarketCore {
         };
         let mut entries = Vec::with_capacity(msgs.len() * 2);
         self.stats.commands = 0;
-        let mut taken = 0;
-        for msg in msgs {
-            self.apply(msg, &mut entries);
-            taken += 1;
-            if entries.len() >= events_max {
-                break;
-            }
-        }
+        let taken = self.apply_run(msgs, &mut entries, events_max);
         self.stats.count(&entries, &self.book);
         if !traced.is_empty() {
             Outcome::add(&entries, traced, outcomes);
@@ -493,13 +560,24 @@ mod tests {
     use crate::workload::{self, FlowParams};
 
     fn messages() -> (MarketSpec, Vec<Incoming>) {
+        messages_on(200, 30, 2000, true)
+    }
+
+    /// A flow of `commands` (of every type with `full_mix`) on a book of `resting` orders over
+    /// `spread_ticks`.
+    fn messages_on(
+        resting: usize,
+        spread_ticks: u64,
+        commands: usize,
+        full_mix: bool,
+    ) -> (MarketSpec, Vec<Incoming>) {
         let w = workload::generate(&FlowParams {
             seed: 3,
-            resting: 200,
-            spread_ticks: 30,
-            commands: 2000,
+            resting,
+            spread_ticks,
+            commands,
             accounts: 5,
-            full_mix: true,
+            full_mix,
             young_cancel_pct: 80,
         });
         let msgs = w
@@ -579,6 +657,91 @@ mod tests {
             small.process(chunk);
         }
         assert_eq!(whole.book().state_hash(), small.book().state_hash());
+    }
+
+    /// Messages are decoded a few ahead of their turn, so that the book can fetch what the next
+    /// commands read. Applied all in one go or one message at a time, the same messages give
+    /// the same events and rejections and end in the same book, an operator's spec change among
+    /// them (after which the messages decoded ahead are decoded again) included.
+    #[test]
+    fn decoding_ahead_changes_nothing_a_market_sends() {
+        let (spec, msgs) = messages();
+        decoded_ahead_or_not_the_same(spec, msgs, 1500);
+    }
+
+    /// The same on a book deep enough for the book's prefetch hints all along
+    /// (`OrderBook::prefetches`), whose cancels look orders up by oid and by cid: one message
+    /// at a time, there is no next command to hint.
+    #[test]
+    fn prefetch_hints_change_nothing_a_market_sends() {
+        let (spec, msgs) = messages_on(20_000, 4_000, 6_000, false);
+        let whole = decoded_ahead_or_not_the_same(spec, msgs, 23_000);
+        assert!(
+            whole.book().prefetches(),
+            "{} orders",
+            whole.book().order_count()
+        );
+    }
+
+    /// `msgs` with a spec change inserted at `at`, applied in one go and one at a time.
+    fn decoded_ahead_or_not_the_same(
+        spec: MarketSpec,
+        mut msgs: Vec<Incoming>,
+        at: usize,
+    ) -> MarketCore {
+        let mut rules = spec.rules();
+        // Orders over 5 lots are refused from here on.
+        rules.max_qty = Some(crate::book::Qty(spec.lot.0 * 5));
+        let change = crate::book::Command {
+            seq: 0,
+            pos: 0,
+            ts: 0,
+            account: crate::book::Account::new("ops").expect("account"),
+            op: crate::book::Op::UpdateSpec(rules),
+        };
+        let payload = serde_json::to_vec(&crate::wire::WireCommandOut::from_command(
+            &spec, &change, false,
+        ))
+        .expect("json");
+        msgs.insert(
+            at,
+            Incoming {
+                payload,
+                operator: true,
+                ..msgs[at].clone()
+            },
+        );
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.seq = i as u64 + 1;
+        }
+        // Every event and rejection, in order: what reports and trades are built from (their
+        // messages group a batch's events, so differ with the batching).
+        let sent = |o: &BatchOutputs| {
+            let journal: serde_json::Value =
+                rmp_serde::from_slice(&o.journal.payload).expect("journal decodes");
+            journal["events"].as_array().expect("events").clone()
+        };
+        let mut whole = MarketCore::new(Subjects::default(), spec.clone(), 100);
+        let batches = whole.process_split(&msgs);
+        let all: Vec<_> = batches.iter().flat_map(|(o, _)| sent(o)).collect();
+        let mut single = MarketCore::new(Subjects::default(), spec.clone(), 100);
+        let mut one_by_one = Vec::new();
+        for m in &msgs {
+            if let Some(o) = single.process(std::slice::from_ref(m)) {
+                one_by_one.extend(sent(&o));
+            }
+        }
+        assert!(all.len() > msgs.len(), "{} events", all.len());
+        assert_eq!(all.len(), one_by_one.len());
+        assert!(all == one_by_one, "events differ");
+        assert_eq!(
+            whole.book().spec().max_qty,
+            rules.max_qty,
+            "the change applied"
+        );
+        assert_eq!(whole.book().state_hash(), single.book().state_hash());
+        assert_eq!(whole.last_seq(), msgs.len() as u64);
+        whole
     }
 
     #[test]

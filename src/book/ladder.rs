@@ -97,6 +97,12 @@ impl Ladder {
         &self.levels[li]
     }
 
+    /// Asks the CPU to fetch level `li` (a hint).
+    #[inline(always)]
+    pub fn prefetch_level(&self, li: u32) {
+        self.levels.prefetch(li);
+    }
+
     #[inline]
     pub fn level_mut(&mut self, li: u32) -> &mut Level {
         &mut self.levels[li]

@@ -138,6 +138,20 @@ pub mod types;
 
 mod order_book;
 
+/// Asks the CPU to bring the cache line at `addr` into its caches. A hint: it never faults and
+/// reads nothing the program sees, so any address will do (a wrong one only wastes the hint).
+#[inline(always)]
+fn prefetch(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch dereferences nothing and cannot fault, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(addr as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 pub use cid_window::CidSeen;
 pub use command::{Amend, Command, NewOrder, Op, OpKind, OrderRef};
 pub use event::{
@@ -151,10 +165,21 @@ pub use snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, StateHash};
 pub use spec::{MarketSpec, MarketSpecInput, SpecError, SpecRules};
 pub use types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
+/// Commands a driver tells the book of before their turn (`Matching::prefetch`, with `ahead`
+/// 1 to `LOOKAHEAD`): enough for a fetch from memory to finish during the commands between.
+pub const LOOKAHEAD: usize = 3;
+
 /// What both books offer a driver (replay, benches): a fresh book, commands in, events out.
 pub trait Matching {
     fn with_spec(spec: MarketSpec) -> Self;
     fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>);
+    /// A hint that `cmd` is applied `ahead` commands after the next `apply` (1 to
+    /// `LOOKAHEAD`): the book may ask the CPU for what it will read. Changes nothing.
+    fn prefetch(&self, _cmd: &Command, _ahead: usize) {}
+    /// Whether `prefetch` is worth calling now (drivers skip it otherwise).
+    fn prefetches(&self) -> bool {
+        false
+    }
     fn state_hash(&self) -> StateHash;
 }
 
@@ -164,6 +189,12 @@ impl Matching for OrderBook {
     }
     fn apply(&mut self, cmd: &Command, out: &mut Vec<Event>) {
         OrderBook::apply(self, cmd, out)
+    }
+    fn prefetch(&self, cmd: &Command, ahead: usize) {
+        OrderBook::prefetch(self, cmd, ahead)
+    }
+    fn prefetches(&self) -> bool {
+        OrderBook::prefetches(self)
     }
     fn state_hash(&self) -> StateHash {
         OrderBook::state_hash(self)

@@ -38,6 +38,11 @@ use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Ti
 #[cfg(debug_assertions)]
 const DEBUG_CHECK_ORDERS_MAX: usize = 20_000;
 
+/// Open orders from which `prefetch` asks the CPU for anything: about where the orders and
+/// their indexes outgrow a core's 1 MB second-level cache. On a book of 1,000 orders the hints
+/// cost 16% of the commands a second; on one of 100,000 they gain 8-32%.
+const PREFETCH_FROM_ORDERS: usize = 16_384;
+
 /// Engine-generated keys (oids, exchange-assigned accounts): a fixed seed is enough.
 type FixedState = foldhash::fast::FixedState;
 /// Client-chosen keys (cids): a per-process random seed, so collisions cannot be precomputed.
@@ -414,6 +419,102 @@ impl OrderBook {
                 cmd.seq, cmd.pos
             );
         }
+    }
+
+    /// A hint that `cmd` is applied `ahead` commands after the next `apply` (called with 3,
+    /// then 2, then 1, so each step finds in cache what the step before asked for): at 3 the
+    /// CPU is asked for the index lines a lookup of its order or cid reads; at 2 for the order
+    /// (or cid slot) the lookup will compare; at 1, for a cancel or amend, for what removing the
+    /// order touches (its level, its neighbours in the level and the account, its cid slot),
+    /// and for a `new`, the free slots it will be written to. Reads only what an earlier step
+    /// asked for; changes nothing.
+    /// Drivers call it only while `prefetches` says so.
+    #[inline]
+    pub fn prefetch(&self, cmd: &Command, ahead: usize) {
+        match &cmd.op {
+            Op::Cancel(target) | Op::Amend(Amend { target, .. }) => match target {
+                OrderRef::Oid(oid) => {
+                    let hash = self.oid_hasher.hash_one(oid.0);
+                    match ahead {
+                        3.. => self.by_oid.prefetch(hash),
+                        2 => {
+                            if let Some(slot) = self.by_oid.candidate(hash) {
+                                self.orders.prefetch(slot);
+                            }
+                        }
+                        _ => {
+                            if let Some(slot) = self.by_oid.candidate(hash) {
+                                self.prefetch_around(slot, oid.0);
+                            }
+                        }
+                    }
+                }
+                OrderRef::Cid(cid) => {
+                    let hash = self.cid_hash(&cmd.account, cid);
+                    match ahead {
+                        3.. => self.by_cid.prefetch(hash),
+                        2 => {
+                            if let Some(slot) = self.by_cid.candidate(hash) {
+                                self.cids.prefetch(slot);
+                            }
+                        }
+                        _ => {
+                            if let Some(slot) = self.by_cid.candidate(hash)
+                                && let Some(e) = self.cids.try_get(slot)
+                                && e.cid == *cid
+                            {
+                                self.orders.prefetch(e.order);
+                            }
+                        }
+                    }
+                }
+            },
+            Op::New(o) => match ahead {
+                3.. => {
+                    if let Some(cid) = &o.cid {
+                        self.by_cid.prefetch(self.cid_hash(&cmd.account, cid));
+                    }
+                }
+                2 => {}
+                _ => {
+                    self.orders.prefetch_free();
+                    if o.cid.is_some() {
+                        self.cids.prefetch_free();
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Whether `prefetch` is worth calling: on a book of `PREFETCH_FROM_ORDERS` open orders or
+    /// more. A smaller one stays in the caches, where the hints cost more than they save.
+    #[inline]
+    pub fn prefetches(&self) -> bool {
+        self.by_oid.len() >= PREFETCH_FROM_ORDERS
+    }
+
+    /// `prefetch` of what removing the order in `slot` touches, if it is order `oid`.
+    #[inline]
+    fn prefetch_around(&self, slot: u32, oid: u64) {
+        let Some(o) = self.orders.try_get(slot) else {
+            return;
+        };
+        if o.oid != oid {
+            return;
+        }
+        for s in [o.prev, o.next, o.acct_prev, o.acct_next] {
+            if s != NIL {
+                self.orders.prefetch(s);
+            }
+        }
+        if o.cid != NIL {
+            self.cids.prefetch(o.cid);
+        }
+        if o.level != NIL {
+            self.ladder(o.side).prefetch_level(o.level);
+        }
+        self.accounts.prefetch(o.account);
     }
 
     // ----- rejections ---------------------------------------------------------------------

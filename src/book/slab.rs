@@ -68,6 +68,30 @@ impl<T> Slab<T> {
         &mut self.items[slot as usize]
     }
 
+    /// The value in `slot`, if the slab has reached it.
+    #[inline(always)]
+    pub fn try_get(&self, slot: u32) -> Option<&T> {
+        self.items.get(slot as usize)
+    }
+
+    /// Asks the CPU to fetch `slot`'s value (a hint: any slot, nothing read).
+    #[inline(always)]
+    pub fn prefetch(&self, slot: u32) {
+        super::prefetch(self.items.as_ptr().wrapping_add(slot as usize) as usize);
+    }
+
+    /// Asks the CPU to fetch the slots the next two inserts take.
+    #[inline(always)]
+    pub fn prefetch_free(&self) {
+        let n = self.free.len();
+        if n > 0 {
+            self.prefetch(self.free[n - 1]);
+        }
+        if n > 1 {
+            self.prefetch(self.free[n - 2]);
+        }
+    }
+
     /// Values in use.
     pub fn len(&self) -> usize {
         self.items.len() - self.free.len()

@@ -40,7 +40,8 @@ const DEBUG_CHECK_ORDERS_MAX: usize = 20_000;
 
 /// Open orders from which `prefetch` asks the CPU for anything: about where the orders and
 /// their indexes outgrow a core's 1 MB second-level cache. On a book of 1,000 orders the hints
-/// cost 16% of the commands a second; on one of 100,000 they gain 8-32%.
+/// cost ~16% of the commands a second; on one of 100,000 whose cancels reach cold orders they
+/// gain ~30% (BENCHMARKS.md, "The look-ahead").
 const PREFETCH_FROM_ORDERS: usize = 16_384;
 
 /// Engine-generated keys (oids, exchange-assigned accounts): a fixed seed is enough.
@@ -428,6 +429,7 @@ impl OrderBook {
     /// order touches (its level, its neighbours in the level and the account, its cid slot),
     /// and for a `new`, the free slots it will be written to. Reads only what an earlier step
     /// asked for; changes nothing.
+    ///
     /// Drivers call it only while `prefetches` says so.
     #[inline]
     pub fn prefetch(&self, cmd: &Command, ahead: usize) {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All the tests, as CI runs them: formatting, lints, every test (release build, so the oracle
+# All the tests, as CI runs them: formatting, lints, every test (optimized build, so the oracle
 # test runs its full million commands; the bus tests start real nats-servers), the fuzz target
 # must build (the benches are compiled by clippy), and the committed sample must still replay to
 # its recorded hash. The deployment files are validated (compose, Kubernetes schemas, alert rules
@@ -51,12 +51,13 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo test --release (unit, scenarios, oracle, samples, allocation, bus, market, node, cluster, history, the web page in Chromium)"
-cargo test --release
+# Optimized like release, without its link-time optimization (Cargo.toml, `[profile.suite]`).
+step "cargo test --profile suite (unit, scenarios, oracle, samples, allocation, bus, market, node, cluster, history, the web page in Chromium)"
+cargo test --profile suite
 
 step "the container image: built (scripts/image.sh), started, traded through from this host"
 # The binary the tests just ran: a plain build would compile it again with other features.
-AGORA_IMAGE_BINARY=target/release/agora bash scripts/image-test.sh
+AGORA_IMAGE_BINARY=target/suite/agora bash scripts/image-test.sh
 
 # The benches are compiled by clippy above (--all-targets: types, borrows, lints); a release
 # link of all five took 4-5 minutes of the budget and checks nothing more. The fuzz target is

@@ -302,7 +302,7 @@ pub struct BucketEntry {
 /// The last value of every key of a KV bucket that holds one (deleted and purged keys left
 /// out), in one pass over the bucket's stream: one consumer delivering the last message of
 /// each key, instead of a listing and then one request a key (the consumer goes on with what
-/// is written meanwhile, up to the last message it knows of; a key written twice gives its
+/// is written meanwhile, up to the stream's last message; a key written twice gives its
 /// newer value). Retried like `bucket_keys`; a delivery that stalls (a value expiring under
 /// it, as node records do) starts it again. In no particular order.
 /// `client` is the connection whose inbox the values are delivered to.
@@ -310,7 +310,18 @@ pub async fn bucket_entries(
     client: &async_nats::Client,
     store: &kv::Store,
 ) -> Result<Vec<BucketEntry>, BusError> {
-    three_tries(store, "reading its entries", || read_entries(client, store)).await
+    three_tries(store, "reading its entries", || {
+        read_entries(client, store, Read::Values)
+    })
+    .await
+}
+
+/// What a reading of a bucket delivers.
+#[derive(Clone, Copy, PartialEq)]
+enum Read {
+    Values,
+    /// The keys only (`BucketEntry::value` left empty).
+    Keys,
 }
 
 /// `attempt` until it succeeds, at most three times; the last error names the bucket.
@@ -336,9 +347,22 @@ where
     })
 }
 
+/// One reading of a bucket: an ordered consumer over the last message of each key, then
+/// everything written after, until it has delivered the stream's last message.
+///
+/// The end is not taken from the consumer's count of pending messages alone: when a key is
+/// written again, its previous message is deleted (one value a key), and nats-server 2.15 can
+/// then count one message short for a moment and deliver a message with "0 pending" while a
+/// newer one is already stored. A reading that stopped there left out the key whose older
+/// value it had not reached yet (three keys rewritten every 5 ms: one reading in 30). So
+/// "0 pending" is checked against the stream's last sequence; while that is further on, the
+/// reading goes on until it has delivered a message at or past it. Every key's newest value
+/// at that moment is at or before it and was still stored when the consumer passed it, so it
+/// was delivered.
 async fn read_entries(
     client: &async_nats::Client,
     store: &kv::Store,
+    read: Read,
 ) -> Result<Vec<BucketEntry>, String> {
     use futures::StreamExt;
     const STALL: Duration = Duration::from_secs(2);
@@ -350,6 +374,7 @@ async fn read_entries(
             filter_subject: format!("{}>", store.prefix),
             deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
             replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+            headers_only: read == Read::Keys,
             ..Default::default()
         })
         .await
@@ -358,6 +383,8 @@ async fn read_entries(
     if consumer.cached_info().num_pending == 0 {
         return Ok(Vec::new());
     }
+    // The stream's last sequence when the consumer last said "0 pending" and was behind it.
+    let mut until: Option<u64> = None;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     loop {
         let message = match tokio::time::timeout(STALL, messages.next()).await {
@@ -391,25 +418,38 @@ async fn read_entries(
                 out.remove(key);
             }
         }
-        if pending == 0 {
+        let past_the_end = until.is_some_and(|last| revision >= last);
+        if past_the_end {
             return Ok(out.into_values().collect());
+        }
+        if pending == 0 {
+            let last = store
+                .stream
+                .get_info()
+                .await
+                .map_err(|e| format!("cannot read the stream's last sequence: {e}"))?
+                .state
+                .last_sequence;
+            if revision >= last {
+                return Ok(out.into_values().collect());
+            }
+            until = Some(last);
         }
     }
 }
 
-/// Every key of a KV bucket. A listing is a consumer over the bucket's stream; one that fails
-/// part way (its consumer reset under load, a lost heartbeat) would otherwise end early and
-/// silently leave keys out, so a failed listing is started again, three times at most.
-pub async fn bucket_keys(store: &kv::Store) -> Result<Vec<String>, BusError> {
-    three_tries(store, "listing its keys", || read_keys(store)).await
-}
-
-async fn read_keys(store: &kv::Store) -> Result<Vec<String>, String> {
-    use futures::StreamExt;
-    let mut keys = store.keys().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    while let Some(key) = keys.next().await {
-        out.push(key.map_err(|e| e.to_string())?);
-    }
-    Ok(out)
+/// Every key of a KV bucket (deleted and purged keys left out), read like `bucket_entries`
+/// without the values. A listing that fails part way (its consumer reset under load, a lost
+/// heartbeat) would otherwise end early and silently leave keys out, so a failed listing is
+/// started again, three times at most. (The client library's own listing stops at the first
+/// "0 pending", which can leave out a key written during the listing: see `read_entries`.)
+pub async fn bucket_keys(
+    client: &async_nats::Client,
+    store: &kv::Store,
+) -> Result<Vec<String>, BusError> {
+    let entries = three_tries(store, "listing its keys", || {
+        read_entries(client, store, Read::Keys)
+    })
+    .await?;
+    Ok(entries.into_iter().map(|e| e.key).collect())
 }

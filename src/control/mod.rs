@@ -147,6 +147,8 @@ impl Placements {
 /// (`Control::within_one_lease`).
 enum Attempt<T> {
     Done(T),
+    /// Refused for good: waiting would not change the answer.
+    Refuse(Failure),
     /// Refused for now, with the answer should the lease run out.
     Retry(Failure),
 }
@@ -290,8 +292,8 @@ impl Control {
         Ok(out)
     }
 
-    /// Tries `attempt` every 100 ms for up to one lease, until it is done; then the last
-    /// reason to try again is the answer. A busy node renews its record late and a
+    /// Tries `attempt` every 100 ms for up to one lease, until it is done or refuses; then
+    /// the last reason to try again is the answer. A busy node renews its record late and a
     /// busy server reads the bucket slowly: neither may make a live node look dead.
     async fn within_one_lease<T>(
         &self,
@@ -301,6 +303,7 @@ impl Control {
         loop {
             match attempt().await {
                 Attempt::Done(value) => return Ok(value),
+                Attempt::Refuse(failure) => return Err(failure),
                 Attempt::Retry(failure) if Instant::now() >= deadline => return Err(failure),
                 Attempt::Retry(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -308,9 +311,7 @@ impl Control {
     }
 
     /// Waits until `node` is alive, for up to one lease. A node the bucket has no record of is
-    /// looked for again too, and refused after the lease: a reading of the bucket while every
-    /// node rewrites its record has been seen, once in the cluster tests under load, to come
-    /// back without a live node's record, and a name that is not a node costs one lease.
+    /// refused at once.
     async fn live_node(&self, node: &str) -> Result<(), Failure> {
         self.within_one_lease(async || match self.read_node_entries().await {
             Ok(nodes) => match nodes.iter().find(|n| n.record.node == node) {
@@ -323,7 +324,7 @@ impl Control {
                         2 * self.lease.as_millis()
                     ),
                 )),
-                None => Attempt::Retry(Failure::new(
+                None => Attempt::Refuse(Failure::new(
                     "unknown_node",
                     format!("{node} is not a node; node.list shows them"),
                 )),
@@ -738,7 +739,7 @@ impl Control {
 
     /// Every market: its placement, and its figures from the node running it.
     async fn list(&self) -> MarketList {
-        let (mut symbols, listing) = match bus::bucket_keys(&self.markets).await {
+        let (mut symbols, listing) = match bus::bucket_keys(&self.client, &self.markets).await {
             Ok(keys) => (keys, None),
             Err(e) => (Vec::new(), Some(e.to_string())),
         };
@@ -944,10 +945,8 @@ impl Control {
                     ));
                 }
             };
-            // A node missing from one reading is asked about again for a lease, as in
-            // `live_node`.
             if !nodes.iter().any(|n| n.record.node == node) {
-                return Attempt::Retry(Failure::new(
+                return Attempt::Refuse(Failure::new(
                     "unknown_node",
                     format!("{node} is not a node; node.list shows them"),
                 ));

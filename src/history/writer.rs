@@ -419,7 +419,8 @@ impl Writer {
     fn spawn_lag(&self, journal: Journal, mut stop: watch::Receiver<bool>) {
         let store = self.store.clone();
         let health = self.health.clone();
-        let js = jetstream::new(self.client.clone());
+        let client = self.client.clone();
+        let js = jetstream::new(client.clone());
         let subjects = self.subjects.clone();
         actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -437,7 +438,7 @@ impl Writer {
                 };
                 let mut markets: Vec<String> = progress.keys().cloned().collect();
                 if let Ok(kv) = js.get_key_value(subjects.bucket("markets")).await
-                    && let Ok(keys) = crate::bus::streams::bucket_keys(&kv).await
+                    && let Ok(keys) = crate::bus::streams::bucket_keys(&client, &kv).await
                 {
                     markets.extend(keys);
                 }

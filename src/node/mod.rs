@@ -104,20 +104,23 @@ async fn spec_for(
     )))
 }
 
-/// Every spec in the markets bucket.
-async fn stored_specs(store: &jetstream::kv::Store) -> Result<Vec<MarketSpec>, NodeError> {
-    let keys = crate::bus::bucket_keys(store)
+/// Every spec in the markets bucket, read in one pass.
+async fn stored_specs(
+    client: &async_nats::Client,
+    store: &jetstream::kv::Store,
+) -> Result<Vec<MarketSpec>, NodeError> {
+    let entries = crate::bus::bucket_entries(client, store)
         .await
         .map_err(|e| NodeError::Market(format!("cannot list the stored markets: {e}")))?;
     let mut specs = Vec::new();
-    for key in keys {
-        if let Ok(Some(bytes)) = store.get(&key).await {
-            match serde_json::from_slice::<MarketSpecInput>(&bytes).map(|i| i.validate()) {
-                Ok(Ok(spec)) => specs.push(spec),
-                _ => tracing::warn!(market = %key, "the stored spec cannot be used; skipped"),
-            }
+    for entry in entries {
+        match serde_json::from_slice::<MarketSpecInput>(&entry.value).map(|i| i.validate()) {
+            Ok(Ok(spec)) => specs.push(spec),
+            _ => tracing::warn!(market = %entry.key, "the stored spec cannot be used; skipped"),
         }
     }
+    // In the order of their keys, as the listing gave them.
+    specs.sort_by(|a, b| a.symbol.cmp(&b.symbol));
     Ok(specs)
 }
 
@@ -283,7 +286,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         specs.push(spec_for(&buckets.markets, configured).await?);
     }
     // Markets added at run time (market.add) are in the bucket too: they come back.
-    for spec in stored_specs(&buckets.markets).await? {
+    for spec in stored_specs(&client, &buckets.markets).await? {
         if !specs.iter().any(|s| s.symbol == spec.symbol) {
             specs.push(spec);
         }

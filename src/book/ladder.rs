@@ -84,7 +84,7 @@ impl Ladder {
     }
 
     /// The level with this key.
-    #[cfg(test)]
+    #[inline]
     pub fn get(&self, key: u64) -> Option<u32> {
         let p = self.page_of(key >> SLOT_BITS)?;
         let page = &self.pages[p];

@@ -477,11 +477,36 @@ impl OrderBook {
                         self.by_cid.prefetch(self.cid_hash(&cmd.account, cid));
                     }
                 }
-                2 => {}
+                2 => {
+                    if let Some((level, account)) = self.resting_at(cmd, o) {
+                        if let Some(li) = level {
+                            self.ladder(o.side).prefetch_level(li);
+                        }
+                        if let Some(a) = account {
+                            self.accounts.prefetch(a);
+                        }
+                    }
+                }
                 _ => {
                     self.orders.prefetch_free();
                     if o.cid.is_some() {
                         self.cids.prefetch_free();
+                    }
+                    // The orders a resting order is linked after: its level's tail and its
+                    // account's newest order.
+                    if let Some((level, account)) = self.resting_at(cmd, o) {
+                        if let Some(li) = level {
+                            let tail = self.ladder(o.side).level(li).tail;
+                            if tail != NIL {
+                                self.orders.prefetch(tail);
+                            }
+                        }
+                        if let Some(a) = account
+                            && let Some(slot) = self.accounts.try_get(a)
+                            && slot.tail != NIL
+                        {
+                            self.orders.prefetch(slot.tail);
+                        }
                     }
                 }
             },
@@ -494,6 +519,35 @@ impl OrderBook {
     #[inline]
     pub fn prefetches(&self) -> bool {
         self.by_oid.len() >= PREFETCH_FROM_ORDERS
+    }
+
+    /// For a `prefetch` of a limit order that would rest on the book as it is now (it does not
+    /// reach the other side's best price): the level it would join, if there is one, and its
+    /// account, if it has orders here. `None` for any other order.
+    #[inline]
+    fn resting_at(&self, cmd: &Command, o: &NewOrder) -> Option<(Option<u32>, Option<u32>)> {
+        if o.order_type != OrderType::Limit {
+            return None;
+        }
+        let price = o.price?.0;
+        let other = match o.side {
+            Side::Buy => &self.asks,
+            Side::Sell => &self.bids,
+        };
+        if let Some(best) = other.best() {
+            let best = other.level(best).price;
+            let crosses = match o.side {
+                Side::Buy => price >= best,
+                Side::Sell => price <= best,
+            };
+            if crosses {
+                return None;
+            }
+        }
+        let level = self
+            .ladder(o.side)
+            .get(key_of(o.side, price, self.spec.tick.0));
+        Some((level, self.find_account(&cmd.account)))
     }
 
     /// `prefetch` of what removing the order in `slot` touches, if it is order `oid`.

@@ -119,7 +119,7 @@ async fn stored_specs(
             _ => tracing::warn!(market = %entry.key, "the stored spec cannot be used; skipped"),
         }
     }
-    // In the order of their keys, as the listing gave them.
+    // A reading comes in no particular order: start them in the order of their names.
     specs.sort_by(|a, b| a.symbol.cmp(&b.symbol));
     Ok(specs)
 }

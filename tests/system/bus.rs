@@ -659,24 +659,36 @@ async fn a_feed_reopened_after_a_reconnect_goes_on_under_callers_that_give_up() 
     );
 }
 
+/// A connection to `server` and a bucket created on it with `config`.
+async fn bucket_on(
+    server: &LocalServer,
+    config: jetstream::kv::Config,
+) -> (async_nats::Client, jetstream::kv::Store) {
+    let client = bus::connect(&server.url(), "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let kv = jetstream::new(client.clone())
+        .create_key_value(config)
+        .await
+        .expect("bucket");
+    (client, kv)
+}
+
 /// `bucket_entries` reads every key's last value in one pass, as `agora ctl market.list`,
 /// `market.add` and `node.drain` use it: updated keys give their newest value and revision,
 /// deleted and purged keys are left out, an empty bucket answers empty.
 #[tokio::test]
 async fn a_bucket_is_read_in_one_pass_with_each_keys_last_value() {
     let (server, _dir) = server();
-    let client = bus::connect(&server.url(), "test")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let js = jetstream::new(client.clone());
-    let kv = js
-        .create_key_value(jetstream::kv::Config {
+    let (client, kv) = bucket_on(
+        &server,
+        jetstream::kv::Config {
             bucket: "entries".into(),
             history: 5,
             ..Default::default()
-        })
-        .await
-        .expect("bucket");
+        },
+    )
+    .await;
     // (Waiting for a value that never comes would end in an error after three stalls.)
     let empty = bus::bucket_entries(&client, &kv)
         .await
@@ -746,19 +758,16 @@ async fn a_bucket_is_read_in_one_pass_with_each_keys_last_value() {
 #[tokio::test]
 async fn keys_rewritten_during_a_reading_are_never_left_out() {
     let (server, _dir) = server();
-    let client = bus::connect(&server.url(), "test")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let js = jetstream::new(client.clone());
-    let kv = js
-        .create_key_value(jetstream::kv::Config {
+    let (client, kv) = bucket_on(
+        &server,
+        jetstream::kv::Config {
             bucket: "beats".into(),
             history: 1,
             max_age: Duration::from_secs(3),
             ..Default::default()
-        })
-        .await
-        .expect("bucket");
+        },
+    )
+    .await;
     const WRITERS: usize = 3;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();

@@ -1147,7 +1147,20 @@ fn node_cmd(args: NodeArgs) -> Result<()> {
     })
 }
 
+/// A panic on any thread ends the process, as the release profile's `panic = "abort"` does, in
+/// every build (the test suite's profile unwinds, for its harness): a node whose market thread
+/// died must not live on half-working, holding its lease while the cluster waits for it. The
+/// message is printed first by the default hook.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 fn main() {
+    abort_on_panic();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Node(args) => node_cmd(args),

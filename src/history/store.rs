@@ -6,8 +6,13 @@
 //!
 //! Decimals are exact: `NUMERIC` in PostgreSQL, `DECIMAL(65,30)` in MySQL, and in SQLite the
 //! decimal string as the engine wrote it plus the value in the market's integer units
-//! (`price_units`, ...) for sorting and sums. Never a float. This module must never decide
-//! what a row holds (the projection does) or print a database password.
+//! (`price_units`, ...) for sorting and sums. Never a float. Text compares byte for byte on
+//! every database (`Dialect::key_type`), and text columns are read with `try_get_unchecked`:
+//! MySQL and MariaDB report a `VARCHAR` with a binary collation as `VARBINARY`, which sqlx will
+//! not decode as a string (its issue 3387) though the bytes are the text's UTF-8; the columns
+//! read so are the schema's own text columns, and the decode still refuses bytes that are not
+//! UTF-8. This module must never decide what a row holds (the projection does) or print a
+//! database password.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -20,8 +25,20 @@ use sqlx::{QueryBuilder, Row};
 use super::decimal::{Dec, with_scale};
 use super::project::{CandleRow, Changes, FillRow, OrderRow, Progress, Status, TradeRow};
 
-/// The schema this build writes (`history_meta.schema_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this build writes (`history_meta.schema_version`). Version 2: every text column
+/// compares byte for byte (`Dialect::key_type`); a version-1 database is converted in place
+/// when a store opens it (`Store::migrate_from_1`).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The tables of the schema, in creation order.
+const TABLES: [&str; 6] = [
+    "history_meta",
+    "history_progress",
+    "orders",
+    "fills",
+    "trades",
+    "candles",
+];
 
 /// Most rows one multi-row statement carries (24 columns × 500 stays under every database's
 /// limit on bound values).
@@ -147,10 +164,18 @@ impl Dialect {
         }
     }
 
+    /// A text column: ids (markets, accounts, cids, trade ids) and short words. Compared byte
+    /// for byte on every database, whatever its default: accounts and cids are case-sensitive
+    /// (`alice` and `Alice` are two accounts), and MySQL's and MariaDB's default collations
+    /// ignore case, so a query for one account would find the other's orders. On PostgreSQL
+    /// the default collation only orders differently, but a locale's comparisons cost: with
+    /// an `en_US.UTF-8` database, index inserts into `fills` took twice as long (BENCHMARKS,
+    /// "The history store"). SQLite compares text byte for byte unless told otherwise.
     fn key_type(self, len: usize) -> String {
         match self {
-            Dialect::Sqlite | Dialect::Postgres => "TEXT".into(),
-            Dialect::MySql => format!("VARCHAR({len})"),
+            Dialect::Sqlite => "TEXT".into(),
+            Dialect::Postgres => "TEXT COLLATE \"C\"".into(),
+            Dialect::MySql => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
         }
     }
 
@@ -632,10 +657,71 @@ impl Store {
                     .await
             }
             Some(Ok(v)) if v == SCHEMA_VERSION => Ok(()),
+            Some(Ok(1)) => self.migrate_from_1().await,
             Some(v) => Err(StoreError::Schema(format!(
                 "the history database has schema version {v:?}; this build writes {SCHEMA_VERSION}: use the build that wrote it, or --rebuild into a new database"
             ))),
         }
+    }
+
+    /// Schema 1 left text columns in the database's default collation, which on MySQL and
+    /// MariaDB ignores case (a query for `alice` found `Alice`'s orders too; a lookup by cid
+    /// `k-1` found `K-1`). Converts every text column to the byte-for-byte collation of
+    /// schema 2, in place: no row is lost or merged, since a binary collation tells apart
+    /// everything the old one did. Rewrites the tables (MySQL) or their indexes (PostgreSQL),
+    /// so a big database takes a while once; two processes opening it together both convert,
+    /// the second finding nothing left to change.
+    async fn migrate_from_1(&self) -> Result<(), StoreError> {
+        let statements: Vec<String> = match &self.pool {
+            Pool::Sqlite(_) => Vec::new(),
+            Pool::MySql(_) => TABLES
+                .iter()
+                .map(|t| {
+                    format!("ALTER TABLE {t} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+                })
+                .collect(),
+            Pool::Postgres(p) => {
+                let columns: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT table_name::text, column_name::text FROM information_schema.columns WHERE table_schema = current_schema() AND data_type = 'text' AND table_name = ANY($1) AND collation_name IS DISTINCT FROM 'C' ORDER BY table_name, ordinal_position",
+                )
+                .bind(TABLES.map(String::from).to_vec())
+                .fetch_all(p)
+                .await
+                .map_err(db_err("cannot read the history tables' columns"))?;
+                let mut by_table: Vec<(String, Vec<String>)> = Vec::new();
+                for (table, column) in columns {
+                    let change = format!("ALTER COLUMN \"{column}\" TYPE TEXT COLLATE \"C\"");
+                    match by_table.last_mut() {
+                        Some((t, changes)) if *t == table => changes.push(change),
+                        _ => by_table.push((table, vec![change])),
+                    }
+                }
+                by_table
+                    .into_iter()
+                    .map(|(table, changes)| format!("ALTER TABLE {table} {}", changes.join(", ")))
+                    .collect()
+            }
+        };
+        tracing::info!(
+            database = %self.shown,
+            tables = statements.len(),
+            "converting the history database from schema 1 to 2 (text compared byte for byte)"
+        );
+        for sql in &statements {
+            on_pool!(&self.pool, p => sqlx::query(sql).execute(p).await.map(|_| ()))
+                .map_err(db_err("cannot convert the history tables to schema 2"))?;
+        }
+        let sql = "UPDATE history_meta SET value = ";
+        on_pool!(&self.pool, p => {
+            let mut b = QueryBuilder::new(sql);
+            b.push_bind(SCHEMA_VERSION.to_string())
+                .push(" WHERE name = ")
+                .push_bind("schema_version")
+                .push(" AND value = ")
+                .push_bind("1");
+            b.build().execute(p).await.map(|_| ())
+        })
+        .map_err(db_err("cannot write history_meta"))
     }
 
     /// Every market's progress.
@@ -648,7 +734,7 @@ impl Store {
                 rows.iter()
                     .map(|r| {
                         Ok((
-                            r.try_get("market")?,
+                            r.try_get_unchecked("market")?,
                             r.try_get("last_seq")?,
                             r.try_get("events_seq")?,
                             r.try_get("price_decimals")?,
@@ -736,7 +822,7 @@ impl Store {
                 let mut b = QueryBuilder::new(select.as_str());
                 b.push("market = ").push_bind(market.clone()).push(" AND t = ").push_bind(*t);
                 b.build().fetch_optional(p).await.and_then(|r| r.map(|r| Ok::<_, sqlx::Error>((
-                    r.try_get("market")?,
+                    r.try_get_unchecked("market")?,
                     r.try_get("t")?,
                     [r.try_get("open")?, r.try_get("high")?, r.try_get("low")?, r.try_get("close")?, r.try_get("volume")?],
                     r.try_get("trades")?,
@@ -972,7 +1058,9 @@ impl Store {
                         if let Ok(v) = r.try_get::<Option<i64>, _>(i) {
                             return Ok(v.map_or(Cell::Null, Cell::Int));
                         }
-                        r.try_get::<Option<String>, _>(i).map(|v| v.map_or(Cell::Null, Cell::Text))
+                        // Decimals are selected as text (`dec_text`), so what is not an integer
+                        // is text (read unchecked: the module doc).
+                        r.try_get_unchecked::<Option<String>, _>(i).map(|v| v.map_or(Cell::Null, Cell::Text))
                     }).collect::<Result<Vec<_>, sqlx::Error>>()
                 }).collect::<Result<Vec<_>, sqlx::Error>>()
             })
@@ -1043,13 +1131,13 @@ impl RawOrder {
         for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     {
         Ok(RawOrder {
-            market: r.try_get("market")?,
+            market: r.try_get_unchecked("market")?,
             oid: r.try_get("oid")?,
-            account: r.try_get("account")?,
-            cid: r.try_get("cid")?,
-            side: r.try_get("side")?,
-            order_type: r.try_get("order_type")?,
-            tif: r.try_get("tif")?,
+            account: r.try_get_unchecked("account")?,
+            cid: r.try_get_unchecked("cid")?,
+            side: r.try_get_unchecked("side")?,
+            order_type: r.try_get_unchecked("order_type")?,
+            tif: r.try_get_unchecked("tif")?,
             decs: [
                 r.try_get("price")?,
                 r.try_get("stop_price")?,
@@ -1059,8 +1147,8 @@ impl RawOrder {
                 r.try_get("notional")?,
                 r.try_get("avg_price")?,
             ],
-            status: r.try_get("status")?,
-            reason: r.try_get("reason")?,
+            status: r.try_get_unchecked("status")?,
+            reason: r.try_get_unchecked("reason")?,
             seqs: [
                 r.try_get("created_seq")?,
                 r.try_get("updated_seq")?,

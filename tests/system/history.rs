@@ -17,7 +17,7 @@ use agora::history::store::Cell;
 use async_nats::jetstream;
 use common::db::{MariaDb, Postgres};
 use common::{Agora, offline_replay, publish, stored_spec, wait_journal};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const MARKETS: [&str; 2] = ["H-ONE", "H-TWO"];
 const WAIT: Duration = Duration::from_secs(60);
@@ -99,6 +99,36 @@ impl Db {
             Db::MariaDb(m) => m.sql(sql),
         };
         text.lines().map(|l| l.trim().to_string()).collect()
+    }
+
+    /// Makes the tables look as schema 1 left them: text in the database's default collation
+    /// (MariaDB's ignores case), `schema_version` 1.
+    fn back_to_schema_1(&self) {
+        let sql = match self {
+            Db::Sqlite(_) => String::new(),
+            Db::Postgres(_) => "DO $$ DECLARE r record; BEGIN FOR r IN SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema() AND data_type = 'text' LOOP EXECUTE format('ALTER TABLE %I ALTER COLUMN %I TYPE TEXT COLLATE \"default\"', r.table_name, r.column_name); END LOOP; END $$;".into(),
+            Db::MariaDb(_) => ["history_meta", "history_progress", "orders", "fills", "trades", "candles"]
+                .iter()
+                .map(|t| format!("ALTER TABLE {t} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci;"))
+                .collect(),
+        };
+        self.client_exec(&format!(
+            "{sql} UPDATE history_meta SET value = '1' WHERE name = 'schema_version';"
+        ));
+    }
+
+    /// Text columns of the history tables that do not compare byte for byte (SQLite's always
+    /// do: it has no per-column default to check).
+    fn text_columns_not_binary(&self) -> Option<Vec<String>> {
+        match self {
+            Db::Sqlite(_) => None,
+            Db::Postgres(_) => Some(self.client_query(
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() AND data_type = 'text' AND collation_name IS DISTINCT FROM 'C'",
+            )),
+            Db::MariaDb(_) => Some(self.client_query(
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() AND collation_name IS NOT NULL AND collation_name <> 'utf8mb4_bin'",
+            )),
+        }
     }
 
     /// Runs `sql` (statements separated by `;`) as a back office would, committed.
@@ -184,6 +214,18 @@ fn flows() -> Vec<Vec<Value>> {
                 .collect()
         })
         .collect()
+}
+
+/// Two accounts whose names differ only in case, one of them with two cids that differ only
+/// in case, buying far below H-ONE's book (its flow trades around 1000.00), after its flow:
+/// `twin`'s `k-1` (cancelled), then `TWIN`'s `k-1` and `twin`'s `K-1` (resting, newer).
+fn case_twins() -> Vec<Value> {
+    vec![
+        json!({"op": "new", "account": "twin", "cid": "k-1", "side": "buy", "price": "900.00", "qty": "1"}),
+        json!({"op": "cancel", "account": "twin", "cid": "k-1"}),
+        json!({"op": "new", "account": "TWIN", "cid": "k-1", "side": "buy", "price": "900.00", "qty": "2"}),
+        json!({"op": "new", "account": "twin", "cid": "K-1", "side": "buy", "price": "900.00", "qty": "3"}),
+    ]
 }
 
 async fn publish_range(js: &jetstream::Context, flows: &[Vec<Value>], from: usize, to: usize) {
@@ -535,7 +577,8 @@ async fn exercise(mut db: Db) {
             .unwrap_or_else(|e| panic!("{e}")),
     );
     let db_url = db.url();
-    let flows = flows();
+    let mut flows = flows();
+    flows[0].extend(case_twins());
     let len = flows.iter().map(Vec::len).max().unwrap_or(0);
 
     // A writer and a standby on one database.
@@ -722,6 +765,44 @@ async fn exercise(mut db: Db) {
         .filter(|((m, _), _)| m == "H-TWO")
         .collect();
     assert_eq!(candles.len(), want_two.len());
+    // Accounts and cids are case-sensitive: `twin` is shown its own two orders, not `TWIN`'s,
+    // and its cancelled `k-1` is found by that cid, not the newer `K-1` or `TWIN`'s `k-1`.
+    let twin = agora_json(&[
+        "history",
+        "orders",
+        "--account",
+        "twin",
+        "--limit",
+        "100",
+        "--nats-url",
+        &url,
+    ]);
+    let named: std::collections::BTreeSet<String> = twin
+        .iter()
+        .map(|o| format!("{} {}", o["account"], o["cid"]))
+        .collect();
+    assert_eq!(
+        named,
+        ["\"twin\" \"K-1\"", "\"twin\" \"k-1\""]
+            .map(String::from)
+            .into(),
+        "{twin:?}"
+    );
+    let status = agora_json(&[
+        "order",
+        "status",
+        "--account",
+        "twin",
+        "--market",
+        "H-ONE",
+        "--cid",
+        "k-1",
+        "--nats-url",
+        &url,
+    ]);
+    assert_eq!(status[0]["order"]["cid"], "k-1", "{status:?}");
+    assert_eq!(status[0]["order"]["account"], "twin", "{status:?}");
+    assert_eq!(status[0]["order"]["status"], "cancelled", "{status:?}");
     let ticker = agora_json(&["history", "ticker", "--market", "H-ONE", "--nats-url", &url]);
     assert!(ticker[0]["last"].is_string(), "{ticker:?}");
     // A closed order's status comes from the history.
@@ -777,6 +858,31 @@ async fn exercise(mut db: Db) {
         "the tables written again after a lost part",
     );
     kill9(&mut fourth);
+
+    // A database of schema 1 is converted in place when a store opens it, nothing lost.
+    db.back_to_schema_1();
+    let twins = "SELECT COUNT(*) FROM orders WHERE account = 'twin'";
+    if matches!(db, Db::MariaDb(_)) {
+        assert_eq!(
+            db.client_query(twins),
+            vec!["3"],
+            "MariaDB's default collation takes TWIN for twin"
+        );
+    }
+    let converted = Store::open(&db_url).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        db.client_query("SELECT value FROM history_meta WHERE name = 'schema_version'"),
+        vec!["2"]
+    );
+    assert_eq!(db.client_query(twins), vec!["2"]);
+    if let Some(left) = db.text_columns_not_binary() {
+        assert_eq!(left, vec!["0"], "text columns left in another collation");
+    }
+    assert_same(
+        &a,
+        &dump(&converted).await,
+        "the tables converted from schema 1",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ impl Store {
         on_pool!(&self.pool, p => {
             let mut b = QueryBuilder::new(sql);
             b.push_bind(name.to_string());
-            b.build().fetch_optional(p).await.and_then(|r| r.map(|r| r.try_get::<String, _>("value")).transpose())
+            b.build().fetch_optional(p).await.and_then(|r| r.map(|r| r.try_get_unchecked::<String, _>("value")).transpose())
         })
         .map_err(db_err("cannot read history_meta"))
     }

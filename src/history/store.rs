@@ -669,8 +669,8 @@ impl Store {
     /// `k-1` found `K-1`). Converts every text column to the byte-for-byte collation of
     /// schema 2, in place: no row is lost or merged, since a binary collation tells apart
     /// everything the old one did. Rewrites the tables (MySQL) or their indexes (PostgreSQL),
-    /// so a big database takes a while once; two processes opening it together both convert,
-    /// the second finding nothing left to change.
+    /// so a big database takes a while once; two processes opening it together may both
+    /// convert it, and converting twice changes nothing more.
     async fn migrate_from_1(&self) -> Result<(), StoreError> {
         let statements: Vec<String> = match &self.pool {
             Pool::Sqlite(_) => Vec::new(),

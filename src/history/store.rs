@@ -702,10 +702,12 @@ impl Store {
                     .collect()
             }
         };
-        tracing::info!(
+        // A warning, so that it shows at `agora history`'s default level: on a big MySQL
+        // database the start waits for this.
+        tracing::warn!(
             database = %self.shown,
             tables = statements.len(),
-            "converting the history database from schema 1 to 2 (text compared byte for byte)"
+            "converting the history database from schema 1 to 2 (text compared byte for byte); a big database takes a while"
         );
         for sql in &statements {
             on_pool!(&self.pool, p => sqlx::query(sql).execute(p).await.map(|_| ()))

@@ -1,11 +1,75 @@
-//! `history_meta`: the database's schema version, its id, and `read_through`, the journal
-//! position every market is written through.
+//! `history_meta`: the database's schema version (and the conversion from version 1), its id,
+//! and `read_through`, the journal position every market is written through.
 
 use sqlx::{QueryBuilder, Row};
 
-use super::{Dialect, Pool, READ_THROUGH, Store, StoreError, db_err, getrandom};
+use super::{
+    Dialect, Pool, READ_THROUGH, SCHEMA_VERSION, Store, StoreError, TABLES, db_err, getrandom,
+};
 
 impl Store {
+    /// Schema 1 left text columns in the database's default collation, which on MySQL and
+    /// MariaDB ignores case (a query for `alice` found `Alice`'s orders too; a lookup by cid
+    /// `k-1` found `K-1`). Converts every text column to the byte-for-byte collation of
+    /// schema 2, in place: no row is lost or merged, since a binary collation tells apart
+    /// everything the old one did. Rewrites the tables (MySQL) or their indexes (PostgreSQL),
+    /// so a big database takes a while once; two processes opening it together may both
+    /// convert it, and converting twice changes nothing more.
+    pub(super) async fn migrate_from_1(&self) -> Result<(), StoreError> {
+        let statements: Vec<String> = match &self.pool {
+            Pool::Sqlite(_) => Vec::new(),
+            Pool::MySql(_) => TABLES
+                .iter()
+                .map(|t| {
+                    format!("ALTER TABLE {t} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+                })
+                .collect(),
+            Pool::Postgres(p) => {
+                let columns: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT table_name::text, column_name::text FROM information_schema.columns WHERE table_schema = current_schema() AND data_type = 'text' AND table_name = ANY($1) AND collation_name IS DISTINCT FROM 'C' ORDER BY table_name, ordinal_position",
+                )
+                .bind(TABLES.map(String::from).to_vec())
+                .fetch_all(p)
+                .await
+                .map_err(db_err("cannot read the history tables' columns"))?;
+                let mut by_table: Vec<(String, Vec<String>)> = Vec::new();
+                for (table, column) in columns {
+                    let change = format!("ALTER COLUMN \"{column}\" TYPE TEXT COLLATE \"C\"");
+                    match by_table.last_mut() {
+                        Some((t, changes)) if *t == table => changes.push(change),
+                        _ => by_table.push((table, vec![change])),
+                    }
+                }
+                by_table
+                    .into_iter()
+                    .map(|(table, changes)| format!("ALTER TABLE {table} {}", changes.join(", ")))
+                    .collect()
+            }
+        };
+        // A warning, so that it shows at `agora history`'s default level: on a big MySQL
+        // database the start waits for this.
+        tracing::warn!(
+            database = %self.shown,
+            tables = statements.len(),
+            "converting the history database from schema 1 to 2 (text compared byte for byte); a big database takes a while"
+        );
+        for sql in &statements {
+            on_pool!(&self.pool, p => sqlx::query(sql).execute(p).await.map(|_| ()))
+                .map_err(db_err("cannot convert the history tables to schema 2"))?;
+        }
+        let sql = "UPDATE history_meta SET value = ";
+        on_pool!(&self.pool, p => {
+            let mut b = QueryBuilder::new(sql);
+            b.push_bind(SCHEMA_VERSION.to_string())
+                .push(" WHERE name = ")
+                .push_bind("schema_version")
+                .push(" AND value = ")
+                .push_bind("1");
+            b.build().execute(p).await.map(|_| ())
+        })
+        .map_err(db_err("cannot write history_meta"))
+    }
+
     pub(super) async fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
         let sql = "SELECT value FROM history_meta WHERE name = ";
         on_pool!(&self.pool, p => {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use agora::actors::core::{self, MARKET_SNAPSHOT_VERSION, MarketCore, MarketSnapshot};
-use agora::book::{Command, Event, NewOrder, Op, OrderBook};
+use agora::book::{Command, Event, HashVersion, NewOrder, Op, OrderBook};
 use agora::bus::subjects::Subjects;
 use agora::workload::{self, FlowParams};
 
@@ -152,6 +152,10 @@ fn restart(c: &mut Criterion) {
     group.bench_function("book_snapshot", |b| b.iter(|| black_box(book.snapshot())));
     group.bench_function("book_state_hash", |b| {
         b.iter(|| black_box(book.state_hash()))
+    });
+    // The version snapshots of format 1 hold, timed beside the current one.
+    group.bench_function("book_state_hash_fnv1", |b| {
+        b.iter(|| black_box(book.state_hash_as(HashVersion::Fnv1)))
     });
     group.bench_function("market_restore", |b| {
         b.iter(|| {

@@ -154,6 +154,14 @@ pub struct SnapshotsConfig {
     pub every_secs: u64,
     /// The node's snapshot bytes a second (0: unbounded): due snapshots wait while it is spent.
     pub max_bytes_per_sec: u64,
+    /// The snapshot format written: 2, or 1 (what builds before 2 read and write, with their
+    /// state hash) while a rolling upgrade still has such nodes.
+    #[serde(default = "snapshot_format_default")]
+    pub format: u32,
+}
+
+fn snapshot_format_default() -> u32 {
+    crate::actors::core::MARKET_SNAPSHOT_VERSION
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -370,6 +378,13 @@ impl Config {
             return Err(ConfigError(format!(
                 "streams.max_age_secs = {} must be above streams.duplicate_window_secs = {} (or 0: keep forever)",
                 s.max_age_secs, s.duplicate_window_secs
+            )));
+        }
+        if crate::actors::core::snapshot_hash_version(self.snapshots.format).is_none() {
+            return Err(ConfigError(format!(
+                "snapshots.format = {}: use {} (1 only while nodes of builds before format 2 still run)",
+                self.snapshots.format,
+                crate::actors::core::MARKET_SNAPSHOT_VERSION
             )));
         }
         if self.snapshots.every_secs > 86_400 {
@@ -634,6 +649,7 @@ mod tests {
                 "nats.creds_file",
             )?;
             refused("[snapshots]\nevery_secs = 100000\n", "snapshots.every_secs")?;
+            refused("[snapshots]\nformat = 3\n", "snapshots.format = 3")?;
             refused("http_port = 70000\n", "http_port")?;
             refused("http_addr = \"localhost:80\"\n", "http_addr")?;
             refused("[embedded_nats]\naddr = \"any\"\n", "embedded_nats.addr")?;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::columns::BookColumns;
 use crate::book::{
-    BookSnapshot, Event, LOOKAHEAD, MarketSpec, OrderBook, Seq, StateHash, Timestamp,
+    BookSnapshot, Event, HashVersion, LOOKAHEAD, MarketSpec, OrderBook, Seq, StateHash, Timestamp,
 };
 use crate::bus::Subjects;
 use crate::bus::outputs::{self, Batch, BatchOutputs, Entry, Outcome};
@@ -47,8 +47,20 @@ pub struct Incoming {
     pub account: Option<Result<crate::book::Account, String>>,
 }
 
-/// Bumped whenever the layout of `MarketSnapshot` changes; restore refuses other versions.
-pub const MARKET_SNAPSHOT_VERSION: u32 = 1;
+/// Bumped whenever the layout of `MarketSnapshot` changes, or how its state hash is computed.
+/// 2: the hash is `HashVersion::Words2`. Restore reads 1 (its hash `Fnv1`) and 2, and refuses
+/// others.
+pub const MARKET_SNAPSHOT_VERSION: u32 = 2;
+
+/// How the state hash of a snapshot of `format_version` was computed; `None` for a version
+/// this build does not read.
+pub fn snapshot_hash_version(format_version: u32) -> Option<HashVersion> {
+    match format_version {
+        1 => Some(HashVersion::Fnv1),
+        2 => Some(HashVersion::Words2),
+        _ => None,
+    }
+}
 
 /// Everything a market needs to go on from a stream sequence: the book and the sequences its
 /// outputs follow. One object, so the book and the sequence it covers can never disagree.
@@ -62,7 +74,8 @@ pub struct MarketSnapshot {
     pub epoch: u64,
     /// `seq` of the last L2 delta published, so deltas go on without a gap.
     pub book_seq: Seq,
-    /// The book's state hash, checked again after restoring.
+    /// The book's state hash (`snapshot_hash_version` of `format_version`), checked again
+    /// after restoring.
     pub state_hash: StateHash,
     pub book: BookSnapshot,
 }
@@ -72,9 +85,10 @@ pub struct MarketSnapshot {
 pub struct UnhashedSnapshot(MarketSnapshot);
 
 impl UnhashedSnapshot {
-    /// The snapshot, with the hash of the book it holds.
+    /// The snapshot, with the hash of the book it holds in its format's version.
     pub fn hash(mut self) -> MarketSnapshot {
-        self.0.state_hash = self.0.book.state_hash();
+        let version = snapshot_hash_version(self.0.format_version).unwrap_or(HashVersion::CURRENT);
+        self.0.state_hash = self.0.book.state_hash_as(version);
         self.0
     }
 }
@@ -83,7 +97,7 @@ impl UnhashedSnapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(
-        "snapshot format version {found} is not supported; this build reads version {expected}"
+        "snapshot format version {found} is not supported; this build reads versions 1 to {expected}"
     )]
     Version { found: u32, expected: u32 },
     #[error("snapshot of {found} cannot restore market {expected}")]
@@ -182,12 +196,12 @@ impl MarketCore {
         snapshot: &MarketSnapshot,
         batch_max: u16,
     ) -> Result<MarketCore, SnapshotError> {
-        if snapshot.format_version != MARKET_SNAPSHOT_VERSION {
+        let Some(hash_version) = snapshot_hash_version(snapshot.format_version) else {
             return Err(SnapshotError::Version {
                 found: snapshot.format_version,
                 expected: MARKET_SNAPSHOT_VERSION,
             });
-        }
+        };
         if snapshot.market != snapshot.book.spec.symbol {
             return Err(SnapshotError::WrongMarket {
                 found: snapshot.book.spec.symbol.clone(),
@@ -195,7 +209,7 @@ impl MarketCore {
             });
         }
         let book = OrderBook::restore(&snapshot.book)?;
-        let got = book.state_hash();
+        let got = book.state_hash_as(hash_version);
         if got != snapshot.state_hash {
             return Err(SnapshotError::Hash {
                 seq: snapshot.last_seq,
@@ -219,14 +233,19 @@ impl MarketCore {
 
     /// The market's whole state as of the last applied message.
     pub fn snapshot(&self, epoch: u64) -> MarketSnapshot {
-        self.unhashed_snapshot(epoch).hash()
+        self.unhashed_snapshot(epoch, MARKET_SNAPSHOT_VERSION)
+            .hash()
     }
 
     /// The same, its state hash still to compute: the copy is what needs the book (about
     /// 30 ns an order), the hash takes five times that and is better taken off the actor.
-    pub fn unhashed_snapshot(&self, epoch: u64) -> UnhashedSnapshot {
+    /// `format_version` is one `snapshot_hash_version` knows (an older one only while nodes
+    /// of older builds still run); any other gets the current one.
+    pub fn unhashed_snapshot(&self, epoch: u64, format_version: u32) -> UnhashedSnapshot {
+        let format_version = snapshot_hash_version(format_version)
+            .map_or(MARKET_SNAPSHOT_VERSION, |_| format_version);
         UnhashedSnapshot(MarketSnapshot {
-            format_version: MARKET_SNAPSHOT_VERSION,
+            format_version,
             market: self.book.spec().symbol.clone(),
             last_seq: self.last_seq,
             epoch,
@@ -775,6 +794,21 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("does not add up"), "{e}");
+
+        // Format 1, its hash the older version's: restored, and checked in that version.
+        let mut format_1 = good.clone();
+        format_1.format_version = 1;
+        format_1.state_hash = good.book.state_hash_as(HashVersion::Fnv1);
+        assert_ne!(format_1.state_hash, good.state_hash);
+        let restored = MarketCore::restore(Subjects::default(), &format_1, 100).expect("restores");
+        assert_eq!(restored.book().state_hash(), good.state_hash);
+        // A format-1 snapshot with the current version's hash was not written by anyone.
+        let mut mixed = format_1.clone();
+        mixed.state_hash = good.state_hash;
+        let e = MarketCore::restore(Subjects::default(), &mixed, 100)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("state hash"), "{e}");
 
         let mut newer = good.clone();
         newer.format_version += 1;

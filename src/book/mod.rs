@@ -134,6 +134,7 @@ pub mod reference;
 mod slab;
 pub mod snapshot;
 pub mod spec;
+pub mod state_hash;
 pub mod types;
 
 mod order_book;
@@ -161,8 +162,9 @@ pub use event::{
 pub use limits::RateDebt;
 pub use num::{Price, Qty};
 pub use order_book::{OpenOrder, OrderBook};
-pub use snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, StateHash};
+pub use snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError};
 pub use spec::{MarketSpec, MarketSpecInput, SpecError, SpecRules};
+pub use state_hash::{HashVersion, StateHash};
 pub use types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 /// Commands a driver tells the book of before their turn (`Matching::prefetch`, with `ahead`

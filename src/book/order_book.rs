@@ -27,11 +27,9 @@ use super::event::{
 };
 use super::ladder::{Ladder, NIL};
 use super::num::{Price, Qty};
-use super::snapshot::{
-    BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION, StateHash,
-    StateHasher,
-};
+use super::snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION};
 use super::spec::{MarketSpec, SpecRules};
+use super::state_hash::{Digest, Fnv, HashVersion, OrderSet, Place, StateHash, StateHasher, Words};
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 /// Debug builds check every invariant after each command up to this many open orders.
@@ -1880,16 +1878,34 @@ impl OrderBook {
         }
     }
 
-    /// The hash of `snapshot()`, computed from the book as it stands, one order at a time:
-    /// no copy of the book into records first (a book of 20,000 orders would copy ~3 MB).
+    /// The hash of `snapshot()` (`HashVersion::CURRENT`), computed from the book as it stands,
+    /// one order at a time: no copy of the book into records first (a book of 20,000 orders
+    /// would copy ~3 MB).
     pub fn state_hash(&self) -> StateHash {
-        let mut h = StateHasher::new(
+        self.state_hash_as(HashVersion::CURRENT)
+    }
+
+    /// The same in `version`: a snapshot's restore checks the hash it stores in its own.
+    pub fn state_hash_as(&self, version: HashVersion) -> StateHash {
+        match version {
+            HashVersion::Fnv1 => self.hash_fnv1(),
+            HashVersion::Words2 => self.hash_words2(),
+        }
+    }
+
+    fn hash_with<D: Digest>(&self, digest: D) -> StateHasher<'_, D> {
+        StateHasher::new(
+            digest,
             &self.spec,
             self.halted,
             self.last_trade_price.map(Price),
             self.last_input,
             self.trade_n,
-        );
+        )
+    }
+
+    fn hash_fnv1(&self) -> StateHash {
+        let mut h = self.hash_with(Fnv::new());
         for (tag, side) in [("bids", Side::Buy), ("asks", Side::Sell)] {
             let ladder = self.ladder(side);
             let len = ladder.iter().map(|l| l.count as usize).sum();
@@ -1907,6 +1923,27 @@ impl OrderBook {
             stops.len(),
             stops.iter().map(|&(_, i)| self.record(i)),
         );
+        self.finish_hash(h)
+    }
+
+    /// The orders as they lie in the slab, each with its place (`state_hash::Place`).
+    fn hash_words2(&self) -> StateHash {
+        let mut h = self.hash_with(Words::new());
+        let mut set = OrderSet::default();
+        for (i, o) in self.orders.iter() {
+            let at = if o.parked {
+                Place::Stop
+            } else {
+                let prev = (o.prev != NIL).then(|| self.orders[o.prev].oid);
+                Place::Rests { prev }
+            };
+            set.add(&self.record(i), at);
+        }
+        h.order_set(set);
+        self.finish_hash(h)
+    }
+
+    fn finish_hash<D: Digest>(&self, h: StateHasher<'_, D>) -> StateHash {
         let debts = self.rate_limits.debts();
         h.finish(
             self.cid_window.len(),

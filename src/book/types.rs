@@ -226,6 +226,9 @@ impl ShortStr {
             bytes,
         }
     }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
     pub fn as_str(&self) -> &str {
         // Only ever built from a validated ASCII `&str`, so this cannot fail; fall back to ""
         // rather than panic.
@@ -287,6 +290,10 @@ macro_rules! short_id {
             }
             pub fn as_str(&self) -> &str {
                 self.0.as_str()
+            }
+            /// The same bytes, unchecked (what a hash reads).
+            pub fn as_bytes(&self) -> &[u8] {
+                self.0.as_bytes()
             }
         }
 

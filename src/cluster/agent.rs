@@ -771,8 +771,8 @@ impl Stopped {
             let _ = status.unsubscribe().await;
         }
         // A copy, hashed off the market's arbiter (other markets run there).
-        let (_, book) = self.addr.send(crate::actors::market::Fork).await.ok()?;
-        let hash = crate::actors::market::hash_aside(book).await.ok()?;
+        let forked = self.addr.send(crate::actors::market::Fork).await.ok()?;
+        let hash = crate::actors::market::hash_aside(forked).await.ok()?;
         Some(hash.to_string())
     }
 }

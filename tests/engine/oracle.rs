@@ -17,9 +17,9 @@ use agora::book::num::format_decimal;
 use agora::book::reference::ReferenceBook;
 use agora::book::snapshot::SNAPSHOT_FORMAT_VERSION;
 use agora::book::{
-    Account, Amend, BookSnapshot, CancelReason, Cid, Command, Event, MarketSpec, MarketSpecInput,
-    NewOrder, Op, OpenOrder, OrderBook, OrderId, OrderRef, OrderType, Price, Qty, RejectReason,
-    RestoreError, Side, StpMode, Tif,
+    Account, Amend, BookSnapshot, CancelReason, Cid, Command, Event, HashVersion, MarketSpec,
+    MarketSpecInput, NewOrder, Op, OpenOrder, OrderBook, OrderId, OrderRef, OrderType, Price, Qty,
+    RejectReason, RestoreError, Side, StpMode, Tif,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -970,6 +970,11 @@ fn compare_books(seed: u64, index: u64, fast: &OrderBook, reference: &ReferenceB
         fast.state_hash(),
         fs.state_hash(),
         "seed {seed}: fast state_hash != snapshot's"
+    );
+    assert_eq!(
+        fast.state_hash_as(HashVersion::Fnv1),
+        fs.state_hash_as(HashVersion::Fnv1),
+        "seed {seed}: fast state_hash != snapshot's in the version of format-1 snapshots"
     );
     assert_eq!(
         (fast.best_bid(), fast.best_ask(), fast.order_count()),

@@ -724,6 +724,95 @@ async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
     running.stop().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A rolling upgrade across snapshot format 2: a node set to `[snapshots] format = 1` writes
+/// what builds before it read (the `Fnv1` hash) and announces that hash, so a move's hashes
+/// compare with an older node's; a node of format 2 restores that snapshot, checks it in its
+/// own version, and announces the book hashed again in the current one.
+#[actix_rt::test]
+async fn a_format_1_snapshot_is_written_for_older_nodes_and_restored_by_format_2() {
+    use agora::actors::core::{MARKET_SNAPSHOT_VERSION, decode_snapshot};
+    use agora::book::HashVersion;
+    let env = env("OLD-USD").await;
+    let spec = MarketSpecInput::new("OLD-USD", 2, 0)
+        .validate()
+        .expect("spec");
+    let bus = env.bus(true).await;
+    let old = MarketSettings {
+        node_id: "n1".into(),
+        snapshot_every_commands: 0,
+        snapshot_every: Duration::ZERO,
+        snapshot_format: 1,
+        ..MarketSettings::default()
+    };
+    let running = market::start(bus.clone(), spec.clone(), old)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let orders: Vec<Value> = (0..400u32)
+        .map(|i| {
+            let (side, price) = if i % 2 == 0 { ("buy", 100 + i % 7) } else { ("sell", 110 + i % 7) };
+            json!({"op": "new", "account": format!("t{}", i % 5), "cid": format!("c{i}"), "side": side,
+                   "price": format!("{price}.00"), "qty": "3"})
+        })
+        .collect();
+    let last = publish_batches(&env, "OLD-USD", &orders, 50).await;
+    wait_journal(&env.js, "OLD-USD", last, JOURNAL_WAIT).await;
+    let (_, announced_old) = running.addr.send(State).await.expect("actor answers");
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+
+    let blob = bus
+        .snapshots
+        .as_ref()
+        .expect("store")
+        .load("OLD-USD")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("a snapshot at the stop");
+    let stored = decode_snapshot(&blob.bytes, &blob.encoding).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored.format_version, 1);
+    assert_eq!(stored.last_seq, last);
+    let fnv1 = stored.book.state_hash_as(HashVersion::Fnv1);
+    let words2 = stored.book.state_hash_as(HashVersion::Words2);
+    assert_ne!(fnv1, words2);
+    assert_eq!(stored.state_hash, fnv1, "the hash older builds check");
+    assert_eq!(announced_old, fnv1, "the hash older builds compare");
+
+    // A node of the current format: restored from it, announced in its own version.
+    let mut status = env
+        .client
+        .subscribe("agora.status.OLD-USD")
+        .await
+        .expect("subscribe");
+    let new = MarketSettings {
+        node_id: "n2".into(),
+        ..MarketSettings::default()
+    };
+    assert_eq!(new.snapshot_format, MARKET_SNAPSHOT_VERSION);
+    let running = market::start(bus, spec, new)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (seq, announced) = running.addr.send(State).await.expect("actor answers");
+    assert_eq!((seq, announced), (last, words2));
+    let stats = running
+        .addr
+        .send(market::Stats)
+        .await
+        .expect("actor answers");
+    assert_eq!(stats.snapshot_seq, last, "restored from the snapshot");
+    let hashed = loop {
+        let next = futures::StreamExt::next(&mut status);
+        let msg = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("status announced")
+            .expect("subscription open");
+        let v: Value = rmp_serde::from_slice(&msg.payload).expect("decodes");
+        if let Some(h) = v.get("state_hash") {
+            break h.clone();
+        }
+    };
+    assert_eq!(hashed, words2.to_string());
+    running.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// A batch of quotes, and retries made safe by the market's cid window rather than by
 /// JetStream's shared `Nats-Msg-Id` space: another account that publishes with a `Nats-Msg-Id`
 /// equal to a taker's cid does not make the taker's order disappear, and a taker that

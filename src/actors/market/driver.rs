@@ -172,6 +172,7 @@ impl Driver {
             core,
             applied: std::collections::VecDeque::new(),
             snapshot_seq: 0,
+            snapshot_format: settings.snapshot_format,
         }
         .start();
         let orders = bus
@@ -240,8 +241,8 @@ impl Driver {
                 self.announce_at("active", Some(seq), None).await;
                 // Copied after the announcement (a clone of 20,000 orders takes a millisecond
                 // or two here): nothing is consumed before `run`, so the book is still at `seq`.
-                let (_, book) = self.send(Fork).await?;
-                let hashing = hash_aside(book);
+                let forked = self.send(Fork).await?;
+                let hashing = hash_aside(forked);
                 let announcer = self.announcer();
                 Some(actix_rt::spawn(async move {
                     match hashing.await {

@@ -26,7 +26,7 @@ use async_nats::jetstream;
 use super::core::{self, BatchStats, Incoming, MarketCore, MarketSnapshot};
 use super::lease::Lease;
 pub use super::takeover::{StopPoint, Takeover, TakeoverKind};
-use crate::book::{MarketSpec, OrderBook, Seq, StateHash};
+use crate::book::{HashVersion, MarketSpec, OrderBook, Seq, StateHash};
 use crate::bus::outputs::{self, BatchOutputs, Outcome, Top};
 use crate::bus::{BusError, PullCap, SnapshotStore, Subjects};
 use crate::telemetry::traces::{Matching, TracedCommand};
@@ -76,6 +76,9 @@ pub struct MarketSettings {
     pub snapshot_every: Duration,
     /// The node's snapshot bytes a second, shared by every market it runs.
     pub snapshot_budget: SnapshotBudget,
+    /// The snapshot format written (`[snapshots] format`): 2, or 1 while nodes of builds
+    /// before format 2 still run; its state hash version is also what the market announces.
+    pub snapshot_format: u32,
     /// The node's lease: checked before every journal publish (`None`: not checked).
     pub lease: Option<Lease>,
     /// How this node came to run it: epoch, trace, and whether its previous owner released
@@ -93,6 +96,7 @@ impl Default for MarketSettings {
             snapshot_every_commands: 100_000,
             snapshot_every: Duration::from_secs(30),
             snapshot_budget: SnapshotBudget::default(),
+            snapshot_format: core::MARKET_SNAPSHOT_VERSION,
             lease: None,
             takeover: Takeover::standalone(),
         }
@@ -131,9 +135,17 @@ pub struct MarketActor {
     applied: std::collections::VecDeque<(std::time::Instant, usize)>,
     /// The stream sequence of the last snapshot saved.
     snapshot_seq: Seq,
+    /// The snapshot format it writes (`MarketSettings::snapshot_format`), whose state hash
+    /// version is also the one it announces and compares.
+    snapshot_format: u32,
 }
 
 impl MarketActor {
+    /// The state hash version of the snapshots it writes.
+    fn hash_version(&self) -> HashVersion {
+        core::snapshot_hash_version(self.snapshot_format).unwrap_or(HashVersion::CURRENT)
+    }
+
     fn count(&mut self, n: usize) {
         let now = std::time::Instant::now();
         self.applied.push_back((now, n));
@@ -258,7 +270,7 @@ pub struct TakeSnapshot {
 impl Handler<TakeSnapshot> for MarketActor {
     type Result = MessageResult<TakeSnapshot>;
     fn handle(&mut self, msg: TakeSnapshot, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.core.unhashed_snapshot(msg.epoch))
+        MessageResult(self.core.unhashed_snapshot(msg.epoch, self.snapshot_format))
     }
 }
 
@@ -303,27 +315,41 @@ impl Handler<L2Book> for MarketActor {
 impl Handler<State> for MarketActor {
     type Result = MessageResult<State>;
     fn handle(&mut self, _: State, _: &mut Self::Context) -> Self::Result {
-        MessageResult((self.core.last_seq(), self.core.book().state_hash()))
+        MessageResult((
+            self.core.last_seq(),
+            self.core.book().state_hash_as(self.hash_version()),
+        ))
     }
 }
 
 /// The last applied stream sequence and a copy of the book, to hash away from the actor: a
 /// clone costs a fraction of the hash (0.4 against 3.9 ms with 20,000 orders).
 #[derive(Message)]
-#[rtype(result = "(Seq, Box<OrderBook>)")]
+#[rtype(result = "Forked")]
 pub struct Fork;
+
+/// What `Fork` answers: the copy, and the state hash version the market announces.
+pub struct Forked {
+    pub seq: Seq,
+    pub book: Box<OrderBook>,
+    pub hash_version: HashVersion,
+}
 
 impl Handler<Fork> for MarketActor {
     type Result = MessageResult<Fork>;
     fn handle(&mut self, _: Fork, _: &mut Self::Context) -> Self::Result {
-        MessageResult((self.core.last_seq(), Box::new(self.core.book().clone())))
+        MessageResult(Forked {
+            seq: self.core.last_seq(),
+            book: Box::new(self.core.book().clone()),
+            hash_version: self.hash_version(),
+        })
     }
 }
 
 /// Computes a copy's state hash on a thread of its own at a lower priority (nice 10 on
 /// Linux): hashing 20,000 orders takes a core for about 4 ms, and on a small machine a move's
 /// new owner, its announcement's readers and nats-server need the cores more right then.
-pub fn hash_aside(book: Box<OrderBook>) -> tokio::sync::oneshot::Receiver<StateHash> {
+pub fn hash_aside(forked: Forked) -> tokio::sync::oneshot::Receiver<StateHash> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let hashing = move || {
         #[cfg(target_os = "linux")]
@@ -332,7 +358,7 @@ pub fn hash_aside(book: Box<OrderBook>) -> tokio::sync::oneshot::Receiver<StateH
         unsafe {
             libc::setpriority(libc::PRIO_PROCESS, 0, 10);
         }
-        let _ = tx.send(book.state_hash());
+        let _ = tx.send(forked.book.state_hash_as(forked.hash_version));
     };
     if let Err(e) = std::thread::Builder::new()
         .name("agora-hash".into())

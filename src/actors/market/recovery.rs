@@ -94,7 +94,11 @@ impl Driver {
             from = applied + 1;
         } else if let Some(loaded) = self.load_snapshot().await {
             let snapshot = loaded.snapshot;
-            let (seq, hash) = (snapshot.last_seq, snapshot.state_hash);
+            let seq = snapshot.last_seq;
+            // Announced as the book's hash only when in the version this node announces (a
+            // snapshot of another format: the book is hashed again).
+            let hash = (snapshot.format_version == self.settings.snapshot_format)
+                .then_some(snapshot.state_hash);
             // A snapshot inside the last batches cannot rebuild their outputs; snapshots are
             // taken at batch boundaries, so this means the journal and the snapshot disagree:
             // trust the stream.
@@ -106,7 +110,7 @@ impl Driver {
                     }
                 })?;
                 done.snapshot_seq = Some(seq);
-                done.snapshot_hash = Some(hash);
+                done.snapshot_hash = hash;
                 from = seq + 1;
             } else {
                 tracing::warn!(market = %self.market, snapshot_seq = seq, "the snapshot falls inside the journal's last batches; recovering from the stream alone");

@@ -20,10 +20,9 @@ use super::event::{
 };
 use super::limits::RateDebt;
 use super::num::{Price, Qty};
-use super::snapshot::{
-    BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION, StateHash,
-};
+use super::snapshot::{BookSnapshot, L2Level, OrderRecord, RestoreError, SNAPSHOT_FORMAT_VERSION};
 use super::spec::{MarketSpec, SpecRules};
+use super::state_hash::StateHash;
 use super::types::{Account, Cid, OrderId, OrderType, Seq, Side, StpMode, Tif, Timestamp};
 
 mod state;

@@ -149,6 +149,11 @@ fn restart(c: &mut Criterion) {
         b.iter(|| black_box(OrderBook::restore(&snapshot.book).expect("restores")))
     });
     let book = OrderBook::restore(&snapshot.book).expect("restores");
+    // What a release restore leaves out: the structures it built, walked whole (debug
+    // builds, and tests after every command, still do).
+    group.bench_function("book_check_invariants", |b| {
+        b.iter(|| black_box(book.check_invariants()).expect("holds"))
+    });
     group.bench_function("book_snapshot", |b| b.iter(|| black_box(book.snapshot())));
     group.bench_function("book_state_hash", |b| {
         b.iter(|| black_box(book.state_hash()))

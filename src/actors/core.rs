@@ -793,7 +793,7 @@ mod tests {
         let e = MarketCore::restore(Subjects::default(), &broken, 100)
             .err()
             .expect("refused");
-        assert!(e.to_string().contains("does not add up"), "{e}");
+        assert!(e.to_string().contains("do not add up"), "{e}");
 
         // Format 1, its hash the older version's: restored, and checked in that version.
         let mut format_1 = good.clone();

@@ -150,6 +150,89 @@ impl BookSnapshot {
         Ok(())
     }
 
+    /// The rules each record keeps alone or beside its neighbour in its list: in the list of
+    /// its side, able to rest, showing what its display allows, on the tick, best price first;
+    /// a stop waiting untouched, in oid order. Both books check these before they build
+    /// anything, so they refuse the same snapshots with the same words, in one pass over the
+    /// records as they lie in memory. What needs the whole book (an oid or an open cid twice,
+    /// a crossed book, the cid window's keys) each book checks as it builds.
+    pub fn check_records(&self) -> Result<(), RestoreError> {
+        let bad = |m: String| Err(RestoreError::Inconsistent(m));
+        let tick = self.spec.tick.0;
+        let off_tick =
+            |p: Option<Price>| p.is_some_and(|p| p.0.checked_rem(tick).unwrap_or(0) != 0);
+        for (side, records) in [(Side::Buy, &self.bids), (Side::Sell, &self.asks)] {
+            let mut previous: Option<Price> = None;
+            for o in records {
+                check_record(o)?;
+                let oid = o.oid;
+                if o.side != side {
+                    return bad(format!(
+                        "order {oid} is a {} order in the {} list",
+                        o.side.as_str(),
+                        side.as_str()
+                    ));
+                }
+                let Some(price) = o.price else {
+                    return bad(format!("resting order {oid} has no price"));
+                };
+                if !o.order_type.has_limit_price() || !o.tif.rests() {
+                    return bad(format!(
+                        "order {oid} ({} {}) cannot rest",
+                        o.order_type.as_str(),
+                        o.tif.as_str()
+                    ));
+                }
+                let visible_ok = match o.display_qty {
+                    Some(d) => o.visible > Qty::ZERO && o.visible <= d.min(o.leaves),
+                    None => o.visible == o.leaves,
+                };
+                if !visible_ok {
+                    return bad(format!(
+                        "order {oid} shows {} of leaves {}",
+                        o.visible.0, o.leaves.0
+                    ));
+                }
+                if off_tick(o.price) || off_tick(o.stop_price) {
+                    return bad(format!("order {oid} is off the tick {tick}"));
+                }
+                let in_order = previous.is_none_or(|p| match side {
+                    Side::Buy => price <= p,
+                    Side::Sell => price >= p,
+                });
+                if !in_order {
+                    return bad(format!(
+                        "{} are not best price first at order {oid}",
+                        side.as_str()
+                    ));
+                }
+                previous = Some(price);
+            }
+        }
+        let mut previous: Option<OrderId> = None;
+        for o in &self.stops {
+            check_record(o)?;
+            let oid = o.oid;
+            if !o.order_type.is_stop() || o.stop_price.is_none() {
+                return bad(format!("order {oid} among the stops is no stop order"));
+            }
+            if o.filled != Qty::ZERO || o.visible != o.leaves {
+                return bad(format!(
+                    "waiting stop {oid} has filled {} and shows {} of {}",
+                    o.filled.0, o.visible.0, o.leaves.0
+                ));
+            }
+            if off_tick(o.price) || off_tick(o.stop_price) {
+                return bad(format!("order {oid} is off the tick {tick}"));
+            }
+            if previous.is_some_and(|p| p >= oid) {
+                return bad(format!("stops are not in oid order at {oid}"));
+            }
+            previous = Some(oid);
+        }
+        Ok(())
+    }
+
     /// The state hash of this content, in the current version (`HashVersion::CURRENT`).
     pub fn state_hash(&self) -> StateHash {
         self.state_hash_as(HashVersion::CURRENT)
@@ -210,4 +293,35 @@ impl BookSnapshot {
             &self.rate_debts,
         )
     }
+}
+
+/// The rules of one record, whatever list it is in.
+fn check_record(o: &OrderRecord) -> Result<(), RestoreError> {
+    let oid = o.oid;
+    if o.leaves == Qty::ZERO || o.filled.0.checked_add(o.leaves.0) != Some(o.qty.0) {
+        return Err(RestoreError::Inconsistent(format!(
+            "order {oid}: filled {} and leaves {} do not add up to qty {}",
+            o.filled.0, o.leaves.0, o.qty.0
+        )));
+    }
+    let bad = |what: &str| Err(RestoreError::Inconsistent(format!("order {oid}: {what}")));
+    let limit = o.order_type.has_limit_price();
+    if limit != o.price.is_some() || o.price == Some(Price(0)) {
+        return bad("a price goes with limit and stop_limit orders only, and is above 0");
+    }
+    if o.order_type.is_stop() != o.stop_price.is_some() || o.stop_price == Some(Price(0)) {
+        return bad("a stop price goes with stop orders only, and is above 0");
+    }
+    if !limit && !matches!(o.tif, Tif::Ioc | Tif::Fok) {
+        return bad("an order without a limit price is ioc or fok");
+    }
+    if o.display_qty
+        .is_some_and(|d| d == Qty::ZERO || !limit || !o.tif.rests())
+    {
+        return bad("a display quantity goes with limit orders that rest only, and is above 0");
+    }
+    if (o.tif == Tif::Gtd) != o.expire_at.is_some() {
+        return bad("expire_at goes with gtd and only gtd");
+    }
+    Ok(())
 }

@@ -1394,10 +1394,14 @@ fn reference_restore_goes_on_identically() {
     ));
 }
 
-/// The reference book refuses snapshots that break the book's invariants, naming the break.
+/// Both books refuse snapshots that break the book's invariants, with the same words. A
+/// break one record shows is refused by `check_records` alone, before either book builds
+/// anything: release builds check nothing more of the structures they build from them.
 #[test]
-fn reference_restore_refuses_inconsistent_snapshots() {
-    let spec = MarketSpecInput::new("BTC-USDC", 0, 0).validate().unwrap();
+fn both_books_refuse_inconsistent_snapshots_alike() {
+    let mut input = MarketSpecInput::new("BTC-USDC", 0, 0);
+    input.tick_size = Some("2".into());
+    let spec = input.validate().unwrap();
     let mut book = ReferenceBook::new(spec);
     let sell_stop = |stop_price| NewOrder {
         order_type: OrderType::StopMarket,
@@ -1407,11 +1411,11 @@ fn reference_restore_refuses_inconsistent_snapshots() {
         ..NewOrder::limit(Side::Sell, Price(0), Qty(1))
     };
     let orders = [
-        ("a", NewOrder::limit(Side::Buy, Price(99), Qty(5))),
         ("a", NewOrder::limit(Side::Buy, Price(98), Qty(5))),
-        ("b", NewOrder::limit(Side::Sell, Price(101), Qty(5))),
+        ("a", NewOrder::limit(Side::Buy, Price(96), Qty(5))),
+        ("b", NewOrder::limit(Side::Sell, Price(102), Qty(5))),
         ("b", sell_stop(90)),
-        ("b", sell_stop(91)),
+        ("b", sell_stop(92)),
     ];
     for (seq, (account, order)) in (1..).zip(orders) {
         let cmd = Command {
@@ -1425,27 +1429,193 @@ fn reference_restore_refuses_inconsistent_snapshots() {
         book.check_invariants().unwrap();
     }
     let good = book.snapshot();
+    assert_eq!(good.bids.len() + good.asks.len() + good.stops.len(), 5);
+    good.check_records().unwrap();
     assert!(ReferenceBook::restore(&good).is_ok());
-    let refused = |change: &dyn Fn(&mut BookSnapshot), says: &str| {
+    OrderBook::restore(&good)
+        .expect("restores")
+        .check_invariants()
+        .expect("the restored book holds");
+    let refused = |change: &dyn Fn(&mut BookSnapshot), says: &str, one_record: bool| {
         let mut bad = good.clone();
         change(&mut bad);
-        match ReferenceBook::restore(&bad) {
+        let reference = ReferenceBook::restore(&bad).map(|_| ());
+        let fast = OrderBook::restore(&bad).map(|_| ());
+        match &reference {
             Err(RestoreError::Inconsistent(message)) => {
                 assert!(message.contains(says), "{message:?} should say {says:?}")
             }
             other => panic!("expected a refusal saying {says:?}, got {other:?}"),
         }
+        assert_eq!(fast, reference, "the fast book refuses alike");
+        assert_eq!(bad.check_records().is_err(), one_record, "{says}");
     };
-    refused(&|b| b.bids.swap(0, 1), "best price first");
-    refused(&|b| b.asks[0].price = Some(Price(99)), "crossed");
-    refused(&|b| b.asks[0].side = Side::Buy, "list");
-    refused(&|b| b.bids[1].oid = b.bids[0].oid, "twice");
-    refused(&|b| b.stops.swap(0, 1), "oid order");
-    refused(&|b| b.bids[0].leaves = Qty(0), "add up");
-    refused(&|b| b.bids[0].visible = Qty(4), "shows");
-    refused(&|b| b.bids[0].tif = Tif::Ioc, "cannot rest");
-    refused(&|b| b.stops[0].order_type = OrderType::Limit, "no stop");
-    refused(&|b| b.bids[0].expire_at = Some(1), "gtd");
+    refused(&|b| b.bids.swap(0, 1), "best price first", true);
+    refused(&|b| b.asks[0].price = Some(Price(98)), "crossed", false);
+    refused(&|b| b.asks[0].side = Side::Buy, "list", true);
+    refused(&|b| b.bids[1].oid = b.bids[0].oid, "twice", false);
+    refused(
+        &|b| {
+            b.bids[1].cid = Some(Cid::new("c1").unwrap());
+            b.bids[0].cid = b.bids[1].cid;
+        },
+        "two open orders with cid",
+        false,
+    );
+    refused(&|b| b.stops.swap(0, 1), "oid order", true);
+    refused(&|b| b.bids[0].leaves = Qty(0), "add up", true);
+    refused(&|b| b.bids[0].visible = Qty(4), "shows", true);
+    refused(
+        &|b| b.bids[0].display_qty = Some(Qty(0)),
+        "display quantity",
+        true,
+    );
+    refused(
+        &|b| b.stops[0].display_qty = Some(Qty(1)),
+        "display quantity",
+        true,
+    );
+    refused(&|b| b.stops[0].tif = Tif::Gtc, "ioc or fok", true);
+    refused(&|b| b.bids[0].price = Some(Price(97)), "off the tick", true);
+    refused(
+        &|b| b.stops[0].stop_price = Some(Price(91)),
+        "off the tick",
+        true,
+    );
+    refused(&|b| b.bids[0].tif = Tif::Ioc, "cannot rest", true);
+    refused(&|b| b.bids[0].price = None, "a price goes with", true);
+    refused(
+        &|b| b.bids[0].price = Some(Price(0)),
+        "a price goes with",
+        true,
+    );
+    refused(
+        &|b| {
+            let bid = b.bids.remove(1);
+            b.stops.insert(0, bid);
+        },
+        "no stop",
+        true,
+    );
+    refused(
+        &|b| b.stops[0].stop_price = None,
+        "a stop price goes with",
+        true,
+    );
+    refused(
+        &|b| {
+            b.stops[0].qty = Qty(2);
+            b.stops[0].filled = Qty(1);
+        },
+        "waiting stop",
+        true,
+    );
+    refused(&|b| b.bids[0].expire_at = Some(1), "gtd", true);
+}
+
+/// One random change to a snapshot's records: a field of one order, or two orders swapped.
+fn damage(s: &mut BookSnapshot, rng: &mut Rng) {
+    let lists = [s.bids.len(), s.asks.len(), s.stops.len()];
+    let total: usize = lists.iter().sum();
+    if total < 2 {
+        return;
+    }
+    let pick = |rng: &mut Rng| {
+        let mut n = rng.below(total as u64) as usize;
+        for (list, &len) in lists.iter().enumerate() {
+            if n < len {
+                return (list, n);
+            }
+            n -= len;
+        }
+        unreachable!("n is below the total")
+    };
+    let (list, i) = pick(rng);
+    let (other_list, j) = pick(rng);
+    let other = [&s.bids, &s.asks, &s.stops][other_list][j].clone();
+    let what = rng.below(14);
+    if what == 13 {
+        if list == other_list {
+            [&mut s.bids, &mut s.asks, &mut s.stops][list].swap(i, j);
+        }
+        return;
+    }
+    let o = match list {
+        0 => &mut s.bids[i],
+        1 => &mut s.asks[i],
+        _ => &mut s.stops[i],
+    };
+    let step = |v: u64, rng: &mut Rng| v.wrapping_add_signed(rng.range(-3, 3));
+    match what {
+        0 => o.oid = other.oid,
+        1 => o.cid = other.cid,
+        2 => o.account = other.account,
+        3 => o.side = other.side,
+        4 => o.price = o.price.map(|p| Price(step(p.0, rng))),
+        5 => o.stop_price = o.stop_price.map(|p| Price(step(p.0, rng))),
+        6 => o.visible = Qty(step(o.visible.0, rng)),
+        7 => o.leaves = Qty(step(o.leaves.0, rng)),
+        8 => o.qty = Qty(step(o.qty.0, rng)),
+        9 => o.display_qty = Some(Qty(rng.below(4))).filter(|_| rng.chance(500)),
+        10 => o.tif = other.tif,
+        11 => o.order_type = other.order_type,
+        _ => o.price = other.price,
+    }
+}
+
+/// Real snapshots, damaged at random: the fast book accepts exactly the snapshots the
+/// reference accepts (so its release restore, which checks the records and what needs the
+/// whole book but not the structures it builds, stands on the same rules), and what both
+/// accept restores to the same content.
+#[test]
+fn damaged_snapshots_are_accepted_and_refused_alike() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 0..24 {
+        let mut generator = Gen::new(seed);
+        let mut book = ReferenceBook::new(generator.spec.clone());
+        let mut events = Vec::new();
+        for _ in 0..400 {
+            let cmd = generator.next_command();
+            events.clear();
+            book.apply(&cmd, &mut events);
+            generator.observe(&events);
+        }
+        let good = book.snapshot();
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        for round in 0..150 {
+            let mut bad = good.clone();
+            damage(&mut bad, &mut rng);
+            match (OrderBook::restore(&bad), ReferenceBook::restore(&bad)) {
+                (Ok(fast), Ok(reference)) => {
+                    accepted += 1;
+                    if let Err(e) = fast.check_invariants() {
+                        panic!("seed {seed} round {round}: the restored book is broken: {e}");
+                    }
+                    let (f, r) = (fast.snapshot(), reference.snapshot());
+                    if f != r {
+                        let first = [(&f.bids, &r.bids), (&f.asks, &r.asks), (&f.stops, &r.stops)]
+                            .into_iter()
+                            .find(|(a, b)| a != b);
+                        panic!(
+                            "seed {seed} round {round}: the books restored differently ({first:?}), \
+                             from {bad:?}"
+                        );
+                    }
+                }
+                (Err(_), Err(_)) => refused += 1,
+                (fast, reference) => panic!(
+                    "seed {seed} round {round}: the fast book {:?}, the reference {:?}",
+                    fast.map(|_| ()),
+                    reference.map(|_| ())
+                ),
+            }
+        }
+    }
+    // Both outcomes were tried many times.
+    assert!(
+        accepted > 300 && refused > 300,
+        "{accepted} accepted, {refused} refused"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 //! The reference book's canonical content: its snapshot, the state hash, the restore that
 //! refuses an inconsistent snapshot, and the invariants checked after commands in tests.
 
-use std::cmp::min;
-
 use super::*;
 
 /// A record as the book keeps it: one from an older build, without a last sequence, has its
@@ -69,74 +67,18 @@ impl ReferenceBook {
         book.last_trade_price = s.last_trade_price;
         book.last_input = s.last_input;
         book.trade_n = s.trade_n;
-        for (side, records) in [(Side::Buy, &s.bids), (Side::Sell, &s.asks)] {
-            let mut previous: Option<Price> = None;
+        s.check_records()?;
+        for records in [&s.bids, &s.asks] {
             for o in records {
-                book.check_record(o)?;
-                let oid = o.oid;
-                if o.side != side {
-                    return Err(inconsistent(format!(
-                        "order {oid} is a {} order in the {} list",
-                        o.side.as_str(),
-                        side.as_str()
-                    )));
-                }
-                let Some(price) = o.price else {
-                    return Err(inconsistent(format!("resting order {oid} has no price")));
-                };
-                if !o.order_type.has_limit_price() || !o.tif.rests() {
-                    return Err(inconsistent(format!(
-                        "order {oid} ({} {}) cannot rest",
-                        o.order_type.as_str(),
-                        o.tif.as_str()
-                    )));
-                }
-                let visible_ok = match o.display_qty {
-                    Some(d) => o.visible > Qty::ZERO && o.visible <= min(d, o.leaves),
-                    None => o.visible == o.leaves,
-                };
-                if !visible_ok {
-                    return Err(inconsistent(format!(
-                        "order {oid} shows {} of leaves {}",
-                        o.visible.0, o.leaves.0
-                    )));
-                }
-                let in_order = previous.is_none_or(|p| match side {
-                    Side::Buy => price <= p,
-                    Side::Sell => price >= p,
-                });
-                if !in_order {
-                    return Err(inconsistent(format!(
-                        "{} are not best price first at order {oid}",
-                        side.as_str()
-                    )));
-                }
-                previous = Some(price);
+                book.check_unique(o)?;
                 book.insert_resting(with_last_seq(o));
             }
         }
-        let mut previous: Option<OrderId> = None;
         for o in &s.stops {
-            book.check_record(o)?;
-            let oid = o.oid;
-            if !o.order_type.is_stop() || o.stop_price.is_none() {
-                return Err(inconsistent(format!(
-                    "order {oid} among the stops is no stop order"
-                )));
-            }
-            if o.filled != Qty::ZERO || o.visible != o.leaves {
-                return Err(inconsistent(format!(
-                    "waiting stop {oid} has filled {} and shows {} of {}",
-                    o.filled.0, o.visible.0, o.leaves.0
-                )));
-            }
-            if previous.is_some_and(|p| p >= oid) {
-                return Err(inconsistent(format!("stops are not in oid order at {oid}")));
-            }
-            previous = Some(oid);
-            book.stops.insert(oid);
+            book.check_unique(o)?;
+            book.stops.insert(o.oid);
             book.index(o);
-            book.orders.insert(oid, with_last_seq(o));
+            book.orders.insert(o.oid, with_last_seq(o));
         }
         if let (Some(bid), Some(ask)) = (book.best_bid(), book.best_ask())
             && bid >= ask
@@ -162,22 +104,12 @@ impl ReferenceBook {
         Ok(book)
     }
 
-    /// The checks every snapshot record must pass, whatever list it is in.
-    fn check_record(&self, o: &OrderRecord) -> Result<(), RestoreError> {
+    /// An order's oid and its open cid are not taken already (`BookSnapshot::check_records`
+    /// has checked each record alone).
+    fn check_unique(&self, o: &OrderRecord) -> Result<(), RestoreError> {
         let oid = o.oid;
         if self.orders.contains_key(&oid) {
             return Err(inconsistent(format!("order {oid} appears twice")));
-        }
-        if o.leaves == Qty::ZERO || o.filled.0.checked_add(o.leaves.0) != Some(o.qty.0) {
-            return Err(inconsistent(format!(
-                "order {oid}: filled {} and leaves {} do not add up to qty {}",
-                o.filled.0, o.leaves.0, o.qty.0
-            )));
-        }
-        if (o.tif == Tif::Gtd) != o.expire_at.is_some() {
-            return Err(inconsistent(format!(
-                "order {oid}: expire_at goes with gtd and only gtd"
-            )));
         }
         if let Some(cid) = o.cid
             && self.cids.contains_key(&(o.account, cid))

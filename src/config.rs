@@ -380,13 +380,7 @@ impl Config {
                 s.max_age_secs, s.duplicate_window_secs
             )));
         }
-        if crate::actors::core::snapshot_hash_version(self.snapshots.format).is_none() {
-            return Err(ConfigError(format!(
-                "snapshots.format = {}: use {} (1 only while nodes of builds before format 2 still run)",
-                self.snapshots.format,
-                crate::actors::core::MARKET_SNAPSHOT_VERSION
-            )));
-        }
+        self.snapshot_format()?;
         if self.snapshots.every_secs > 86_400 {
             return Err(ConfigError(format!(
                 "snapshots.every_secs = {}: use 0 (off) to 86400",
@@ -505,6 +499,18 @@ impl Config {
             failback_after: std::time::Duration::from_secs(c.failback_after_secs),
             load_every: std::time::Duration::from_millis(c.load_every_ms),
         }
+    }
+
+    /// The snapshot format the node writes (`[snapshots] format`), refused when this build
+    /// does not read it.
+    pub fn snapshot_format(&self) -> Result<crate::actors::core::SnapshotFormat, ConfigError> {
+        crate::actors::core::SnapshotFormat::of(self.snapshots.format).ok_or_else(|| {
+            ConfigError(format!(
+                "snapshots.format = {}: use {} (1 only while nodes of builds before format 2 still run)",
+                self.snapshots.format,
+                crate::actors::core::MARKET_SNAPSHOT_VERSION
+            ))
+        })
     }
 
     /// This node's id: configured, or generated once and kept in `<data_dir>/node-id`.

@@ -62,6 +62,43 @@ pub fn snapshot_hash_version(format_version: u32) -> Option<HashVersion> {
     }
 }
 
+/// A snapshot format this build reads and writes, with the state hash version its snapshots
+/// hold: one checked value, so no later step falls back on a default for a format it does
+/// not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotFormat {
+    version: u32,
+    hash: HashVersion,
+}
+
+impl SnapshotFormat {
+    /// `MARKET_SNAPSHOT_VERSION`.
+    pub const CURRENT: SnapshotFormat = SnapshotFormat {
+        version: MARKET_SNAPSHOT_VERSION,
+        hash: HashVersion::CURRENT,
+    };
+
+    /// The format of `version`; `None` for one this build does not read.
+    pub fn of(version: u32) -> Option<SnapshotFormat> {
+        snapshot_hash_version(version).map(|hash| SnapshotFormat { version, hash })
+    }
+
+    pub fn version(self) -> u32 {
+        self.version
+    }
+
+    /// The state hash version its snapshots hold.
+    pub fn hash_version(self) -> HashVersion {
+        self.hash
+    }
+}
+
+impl Default for SnapshotFormat {
+    fn default() -> SnapshotFormat {
+        SnapshotFormat::CURRENT
+    }
+}
+
 /// Everything a market needs to go on from a stream sequence: the book and the sequences its
 /// outputs follow. One object, so the book and the sequence it covers can never disagree.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -82,13 +119,12 @@ pub struct MarketSnapshot {
 
 /// A market's snapshot whose state hash is not computed yet; `hash` completes it.
 #[derive(Debug)]
-pub struct UnhashedSnapshot(MarketSnapshot);
+pub struct UnhashedSnapshot(MarketSnapshot, HashVersion);
 
 impl UnhashedSnapshot {
     /// The snapshot, with the hash of the book it holds in its format's version.
     pub fn hash(mut self) -> MarketSnapshot {
-        let version = snapshot_hash_version(self.0.format_version).unwrap_or(HashVersion::CURRENT);
-        self.0.state_hash = self.0.book.state_hash_as(version);
+        self.0.state_hash = self.0.book.state_hash_as(self.1);
         self.0
     }
 }
@@ -233,26 +269,26 @@ impl MarketCore {
 
     /// The market's whole state as of the last applied message.
     pub fn snapshot(&self, epoch: u64) -> MarketSnapshot {
-        self.unhashed_snapshot(epoch, MARKET_SNAPSHOT_VERSION)
+        self.unhashed_snapshot(epoch, SnapshotFormat::CURRENT)
             .hash()
     }
 
-    /// The same, its state hash still to compute: the copy is what needs the book (about
-    /// 30 ns an order), the hash takes five times that and is better taken off the actor.
-    /// `format_version` is one `snapshot_hash_version` knows (an older one only while nodes
-    /// of older builds still run); any other gets the current one.
-    pub fn unhashed_snapshot(&self, epoch: u64, format_version: u32) -> UnhashedSnapshot {
-        let format_version = snapshot_hash_version(format_version)
-            .map_or(MARKET_SNAPSHOT_VERSION, |_| format_version);
-        UnhashedSnapshot(MarketSnapshot {
-            format_version,
-            market: self.book.spec().symbol.clone(),
-            last_seq: self.last_seq,
-            epoch,
-            book_seq: self.book_seq,
-            state_hash: StateHash(0),
-            book: self.book.snapshot(),
-        })
+    /// The same in `format` (an older one only while nodes of older builds still run), its
+    /// state hash still to compute: the copy is what needs the book (about 30 ns an order);
+    /// the hash is better taken off the actor.
+    pub fn unhashed_snapshot(&self, epoch: u64, format: SnapshotFormat) -> UnhashedSnapshot {
+        UnhashedSnapshot(
+            MarketSnapshot {
+                format_version: format.version(),
+                market: self.book.spec().symbol.clone(),
+                last_seq: self.last_seq,
+                epoch,
+                book_seq: self.book_seq,
+                state_hash: StateHash(0),
+                book: self.book.snapshot(),
+            },
+            format.hash_version(),
+        )
     }
 
     /// What the last `process` did.

@@ -264,7 +264,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         snapshot_every_commands: config.snapshots.every_commands,
         snapshot_every: std::time::Duration::from_secs(config.snapshots.every_secs),
         snapshot_budget: SnapshotBudget::per_second(config.snapshots.max_bytes_per_sec),
-        snapshot_format: config.snapshots.format,
+        snapshot_format: config.snapshot_format()?,
         lease: Some(lease.clone()),
         takeover: Default::default(),
     };

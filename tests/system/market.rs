@@ -730,7 +730,7 @@ async fn a_large_book_snapshots_to_the_object_store_and_comes_back() {
 /// own version, and announces the book hashed again in the current one.
 #[actix_rt::test]
 async fn a_format_1_snapshot_is_written_for_older_nodes_and_restored_by_format_2() {
-    use agora::actors::core::{MARKET_SNAPSHOT_VERSION, decode_snapshot};
+    use agora::actors::core::{MARKET_SNAPSHOT_VERSION, SnapshotFormat, decode_snapshot};
     use agora::book::HashVersion;
     let env = env("OLD-USD").await;
     let spec = MarketSpecInput::new("OLD-USD", 2, 0)
@@ -741,7 +741,7 @@ async fn a_format_1_snapshot_is_written_for_older_nodes_and_restored_by_format_2
         node_id: "n1".into(),
         snapshot_every_commands: 0,
         snapshot_every: Duration::ZERO,
-        snapshot_format: 1,
+        snapshot_format: SnapshotFormat::of(1).expect("format 1 is read"),
         ..MarketSettings::default()
     };
     let running = market::start(bus.clone(), spec.clone(), old)
@@ -786,7 +786,8 @@ async fn a_format_1_snapshot_is_written_for_older_nodes_and_restored_by_format_2
         node_id: "n2".into(),
         ..MarketSettings::default()
     };
-    assert_eq!(new.snapshot_format, MARKET_SNAPSHOT_VERSION);
+    assert_eq!(new.snapshot_format, SnapshotFormat::CURRENT);
+    assert_eq!(new.snapshot_format.version(), MARKET_SNAPSHOT_VERSION);
     let running = market::start(bus, spec, new)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -78,7 +78,7 @@ pub struct MarketSettings {
     pub snapshot_budget: SnapshotBudget,
     /// The snapshot format written (`[snapshots] format`): 2, or 1 while nodes of builds
     /// before format 2 still run; its state hash version is also what the market announces.
-    pub snapshot_format: u32,
+    pub snapshot_format: core::SnapshotFormat,
     /// The node's lease: checked before every journal publish (`None`: not checked).
     pub lease: Option<Lease>,
     /// How this node came to run it: epoch, trace, and whether its previous owner released
@@ -96,7 +96,7 @@ impl Default for MarketSettings {
             snapshot_every_commands: 100_000,
             snapshot_every: Duration::from_secs(30),
             snapshot_budget: SnapshotBudget::default(),
-            snapshot_format: core::MARKET_SNAPSHOT_VERSION,
+            snapshot_format: core::SnapshotFormat::CURRENT,
             lease: None,
             takeover: Takeover::standalone(),
         }
@@ -137,13 +137,13 @@ pub struct MarketActor {
     snapshot_seq: Seq,
     /// The snapshot format it writes (`MarketSettings::snapshot_format`), whose state hash
     /// version is also the one it announces and compares.
-    snapshot_format: u32,
+    snapshot_format: core::SnapshotFormat,
 }
 
 impl MarketActor {
     /// The state hash version of the snapshots it writes.
     fn hash_version(&self) -> HashVersion {
-        core::snapshot_hash_version(self.snapshot_format).unwrap_or(HashVersion::CURRENT)
+        self.snapshot_format.hash_version()
     }
 
     fn count(&mut self, n: usize) {

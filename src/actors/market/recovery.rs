@@ -97,7 +97,7 @@ impl Driver {
             let seq = snapshot.last_seq;
             // Announced as the book's hash only when in the version this node announces (a
             // snapshot of another format: the book is hashed again).
-            let hash = (snapshot.format_version == self.settings.snapshot_format)
+            let hash = (snapshot.format_version == self.settings.snapshot_format.version())
                 .then_some(snapshot.state_hash);
             // A snapshot inside the last batches cannot rebuild their outputs; snapshots are
             // taken at batch boundaries, so this means the journal and the snapshot disagree:

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::book::columns::BookColumns;
+use crate::book::columns_read::{self, Reader};
 use crate::book::{
     BookSnapshot, Event, HashVersion, LOOKAHEAD, MarketSpec, OrderBook, Seq, StateHash, Timestamp,
 };
@@ -531,7 +532,7 @@ pub const SNAPSHOT_ENCODING: &str = "msgpack-columns+gzip";
 pub const SNAPSHOT_ENCODING_RECORDS: &str = "msgpack+gzip";
 
 /// `MarketSnapshot` as `SNAPSHOT_ENCODING` stores it.
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct StoredSnapshot {
     format_version: u32,
     market: String,
@@ -540,6 +541,40 @@ struct StoredSnapshot {
     book_seq: Seq,
     state_hash: StateHash,
     book: BookColumns,
+}
+
+impl StoredSnapshot {
+    /// What `encode_snapshot` wrote, read straight from the bytes (`book::columns_read`);
+    /// `None` where rmp_serde must decide, for a value or an error.
+    fn read(raw: &[u8]) -> Option<StoredSnapshot> {
+        let mut r = Reader::new(raw);
+        let mut format_version = None;
+        let mut market = None;
+        let mut last_seq = None;
+        let mut epoch = None;
+        let mut book_seq = None;
+        let mut state_hash = None;
+        let mut book = None;
+        r.fields(|r, name| match name {
+            "format_version" => columns_read::once(&mut format_version, r.int()),
+            "market" => columns_read::once(&mut market, r.str().map(str::to_owned)),
+            "last_seq" => columns_read::once(&mut last_seq, r.int()),
+            "epoch" => columns_read::once(&mut epoch, r.int()),
+            "book_seq" => columns_read::once(&mut book_seq, r.int()),
+            "state_hash" => columns_read::once(&mut state_hash, r.int().map(StateHash)),
+            "book" => columns_read::once(&mut book, BookColumns::read(r)),
+            _ => None,
+        })?;
+        Some(StoredSnapshot {
+            format_version: format_version?,
+            market: market?,
+            last_seq: last_seq?,
+            epoch: epoch?,
+            book_seq: book_seq?,
+            state_hash: state_hash?,
+            book: book?,
+        })
+    }
 }
 
 /// Encodes a snapshot for the snapshot store, in `SNAPSHOT_ENCODING`.
@@ -594,7 +629,10 @@ pub fn decode_snapshot(bytes: &[u8], encoding: &str) -> Result<MarketSnapshot, S
     if encoding == SNAPSHOT_ENCODING_RECORDS {
         return rmp_serde::from_slice(&raw).map_err(undecodable);
     }
-    let stored: StoredSnapshot = rmp_serde::from_slice(&raw).map_err(undecodable)?;
+    let stored = match StoredSnapshot::read(&raw) {
+        Some(stored) => stored,
+        None => rmp_serde::from_slice(&raw).map_err(undecodable)?,
+    };
     Ok(MarketSnapshot {
         format_version: stored.format_version,
         market: stored.market,
@@ -901,5 +939,67 @@ mod tests {
             let e = decode_snapshot(&spoiled, SNAPSHOT_ENCODING).expect_err("refused");
             assert!(e.contains("decompress") || e.contains("decode"), "{e}");
         }
+    }
+
+    /// The direct reader of stored snapshots gives what rmp_serde gives, or leaves the bytes
+    /// to it: it reads real snapshots whole, and of damaged ones never a value rmp_serde would
+    /// not decode the same (so the values and the error words stay rmp_serde's).
+    #[test]
+    fn stored_snapshots_read_directly_decode_as_rmp_serde_decodes_them() {
+        use std::io::Read;
+        let (mut same, mut left) = (0, 0);
+        for (seed, resting, full_mix) in [(1u64, 300, true), (2, 40, false)] {
+            let (mut spec, msgs) = messages_on(resting, 30, 1500, full_mix);
+            spec.cid_window_secs = 60;
+            spec.cid_window_orders = 1_000;
+            let mut core = MarketCore::new(Subjects::default(), spec, 100);
+            for chunk in msgs.chunks(7) {
+                core.process(chunk);
+            }
+            let snapshot = core.snapshot(3);
+            let book = &snapshot.book;
+            assert!(!book.bids.is_empty() && !book.asks.is_empty());
+            assert!(!book.cid_window.is_empty());
+            assert_eq!(full_mix, !book.stops.is_empty());
+            let mut raw = Vec::new();
+            flate2::read::GzDecoder::new(&encode_snapshot(&snapshot).expect("encodes")[..])
+                .read_to_end(&mut raw)
+                .expect("inflates");
+            let decoded: StoredSnapshot = rmp_serde::from_slice(&raw).expect("decodes");
+            assert_eq!(StoredSnapshot::read(&raw).as_ref(), Some(&decoded));
+            let mut rng = seed;
+            let mut next = |below: usize| {
+                // splitmix64
+                rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = rng;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                ((z ^ (z >> 31)) % below as u64) as usize
+            };
+            for round in 0..3_000 {
+                let mut bad = raw.clone();
+                let at = next(bad.len());
+                match next(4) {
+                    0 => bad[at] = next(256) as u8,
+                    1 => bad.truncate(at),
+                    2 => bad.insert(at, next(256) as u8),
+                    _ => {
+                        bad.remove(at);
+                    }
+                }
+                let slow = rmp_serde::from_slice::<StoredSnapshot>(&bad).ok();
+                match StoredSnapshot::read(&bad) {
+                    Some(direct) => {
+                        assert_eq!(Some(&direct), slow.as_ref(), "seed {seed} round {round}");
+                        same += 1;
+                    }
+                    None => left += 1,
+                }
+            }
+        }
+        assert!(
+            same > 500 && left > 500,
+            "{same} read directly, {left} left"
+        );
     }
 }

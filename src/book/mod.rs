@@ -123,6 +123,7 @@
 
 pub mod cid_window;
 pub mod columns;
+pub mod columns_read;
 pub mod command;
 mod directory;
 pub mod event;

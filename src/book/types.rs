@@ -268,7 +268,10 @@ fn check_short(s: &str, allowed: impl Fn(u8) -> bool) -> Result<(), IdError> {
     if s.is_empty() {
         return Err(IdError::Empty);
     }
-    if let Some(ch) = s.chars().find(|c| !c.is_ascii() || !allowed(*c as u8)) {
+    // Byte by byte: every allowed byte is ASCII, so the first refused byte starts the first
+    // refused character (a char boundary), and ids are checked on every order and restore.
+    if let Some(at) = s.bytes().position(|b| !b.is_ascii() || !allowed(b)) {
+        let ch = s[at..].chars().next().unwrap_or('\u{fffd}');
         return Err(IdError::BadChar { ch });
     }
     if s.len() > SHORT_STR_MAX {
@@ -348,6 +351,7 @@ mod tests {
         assert_eq!(Account::new("a.b"), Err(IdError::BadChar { ch: '.' }));
         assert_eq!(Account::new("a>b"), Err(IdError::BadChar { ch: '>' }));
         assert_eq!(Account::new("a b"), Err(IdError::BadChar { ch: ' ' }));
+        assert_eq!(Account::new("ab€c"), Err(IdError::BadChar { ch: '€' }));
         assert_eq!(
             Account::new(&"a".repeat(37)),
             Err(IdError::TooLong { len: 37 })

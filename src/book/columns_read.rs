@@ -65,24 +65,25 @@ impl<'a> Reader<'a> {
         Some(u32::from_be_bytes(self.be()?) as usize)
     }
 
-    /// The number of entries of the map that comes next.
-    pub(crate) fn map_len(&mut self) -> Option<usize> {
+    /// A length of a map or an array: `fix` the marker's high nibble for up to 15, then the
+    /// markers of a 16-bit and a 32-bit length.
+    fn len(&mut self, fix: u8, long16: u8, long32: u8) -> Option<usize> {
         match self.byte()? {
-            b @ 0x80..=0x8f => Some((b & 0x0f) as usize),
-            0xde => self.len16(),
-            0xdf => self.len32(),
+            b if b & 0xf0 == fix => Some((b & 0x0f) as usize),
+            b if b == long16 => self.len16(),
+            b if b == long32 => self.len32(),
             _ => None,
         }
     }
 
+    /// The number of entries of the map that comes next.
+    pub(crate) fn map_len(&mut self) -> Option<usize> {
+        self.len(0x80, 0xde, 0xdf)
+    }
+
     /// The number of values of the array that comes next.
     pub(crate) fn array_len(&mut self) -> Option<usize> {
-        match self.byte()? {
-            b @ 0x90..=0x9f => Some((b & 0x0f) as usize),
-            0xdc => self.len16(),
-            0xdd => self.len32(),
-            _ => None,
-        }
+        self.len(0x90, 0xdc, 0xdd)
     }
 
     /// A string (valid UTF-8; rmp_serde would offer invalid bytes to the visitor instead).
